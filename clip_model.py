@@ -279,7 +279,10 @@ CONFIGS = {
     "ViT-B/32": CLIPConfig(512, 224, 12, 768, 32),
     "ViT-B/16": CLIPConfig(512, 224, 12, 768, 16),
     "ViT-L/14": CLIPConfig(768, 224, 24, 1024, 14, transformer_width=768, transformer_heads=12),
-    # Tiny stand-ins with the real key layout: tests and the offline demo (32x32 images).
+    # The offline demo's stand-in, pretrained by us on rendered digits (see `standin`).
+    "demo": CLIPConfig(128, 32, 4, 128, 8, context_length=16, transformer_width=128, transformer_heads=2,
+                       transformer_layers=3),
+    # Tiny models with the real key layout for tests (32x32 images).
     "tiny-vit": CLIPConfig(64, 32, 2, 64, 8, context_length=16, vocab_size=49408,
                            transformer_width=64, transformer_heads=1, transformer_layers=2),
     "tiny-rn": CLIPConfig(64, 32, (1, 1, 1, 1), 8, None, context_length=16, vocab_size=49408,
@@ -625,9 +628,12 @@ def read_state_dict(path):
 
 
 def load(name_or_path, device="cpu", cache_dir=None, url=None):
-    """(model, preprocess) from a model name (RN50 ... ViT-L/14@336px) or a checkpoint path.
-    The model is in eval mode with fp32 parameters; preprocess is CLIP's test transform."""
-    if name_or_path in CHECKPOINTS:
+    """(model, preprocess) from a model name (RN50 ... ViT-L/14@336px, or "demo" for the offline
+    stand-in) or a checkpoint path. The model is in eval mode with fp32 parameters; preprocess is
+    CLIP's test transform."""
+    if name_or_path == "demo":
+        path = standin(cache_dir=cache_dir)
+    elif name_or_path in CHECKPOINTS:
         path = checkpoint_path(name_or_path, cache_dir, url)
     elif Path(name_or_path).exists():
         path = Path(name_or_path)
@@ -651,6 +657,73 @@ def transform(resolution):
         T.ToTensor(),
         T.Normalize(CLIP_MEAN, CLIP_STD),
     ])
+
+
+# -----------------------------------------------------------------------------
+# The offline stand-in: a tiny CLIP pretrained by us on rendered, captioned digits
+
+STANDIN = dict(config="demo", steps=400, batch=256, lr=1e-3, weight_decay=0.1, warmup=40, seed=0, version=1)
+
+
+def clip_loss(v, t, logit_scale, labels):
+    """CLIP's symmetric contrastive loss where every caption of the same digit counts as a match:
+    soft targets spread evenly over the batch's same-label pairs (the diagonal included)."""
+    logits = logit_scale * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).t()  # [B, B]
+    match = (labels[:, None] == labels[None, :]).float()
+    target = match / match.sum(1, keepdim=True)  # symmetric label structure: rows and columns alike
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def pretrain(model, steps, batch, lr, weight_decay, warmup, seed, log_every=50, **_):
+    """Contrastive pretraining on the rendered digits of data.py (AdamW, warm-up + cosine).
+    Returns the loss history."""
+    import data
+    torch.manual_seed(seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    model.train()
+    history, t0 = [], time.time()
+    for step, (images, labels, captions) in enumerate(data.rendered_batches(batch, steps, seed, model.visual.resolution)):
+        tokens = tokenize(captions, model.context_length, truncate=True)
+        loss = clip_loss(model.encode_image((images - mean) / std), model.encode_text(tokens),
+                         model.logit_scale.exp(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        history.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            el = time.time() - t0
+            print(f"  pretrain step {step + 1}/{steps} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} "
+                  f"{(step + 1) * batch / el:.0f} img/s eta {el / (step + 1) * (steps - step - 1):.0f}s", flush=True)
+    return history
+
+
+def standin(cache_dir=None, rebuild=False, settings=None):
+    """Path of the stand-in's checkpoint (a plain state dict), pretraining it first if it is not
+    in the cache. The file name carries a hash of the settings, so changing them retrains."""
+    settings = {**STANDIN, **(settings or {})}
+    key = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:12]
+    path = Path(cache_dir or default_cache_dir()) / f"standin-{key}.pt"
+    if path.exists() and not rebuild:
+        return path
+    print(f"pretraining the offline stand-in CLIP on rendered digits ({settings['steps']} steps of "
+          f"{settings['batch']}; cached at {path})", flush=True)
+    model = tiny_clip(settings["config"], seed=settings["seed"])
+    t0 = time.time()
+    pretrain(model, **settings)
+    print(f"  pretraining took {time.time() - t0:.0f}s", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written checkpoint
+    return path
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,10 @@ so the gap between them is the glyph style only.
 
 import csv
 import gzip
+import json
+import os
 import math
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -54,7 +57,7 @@ def digits_split(seed=0):
     """
     Fixed stratified split of the 1,797 UCI digits into index tensors.
     Per class: 10% dev, 40% test, the rest (~50%) train, the unlabelled pool a
-    method adapts on. Sizes for seed 0 (any seed): train 903, dev 176, test 718.
+    method adapts on. Sizes (the same for any seed): train 899, dev 179, test 719.
     """
     _, y = load_uci_digits()
     g = torch.Generator().manual_seed(seed)
@@ -161,7 +164,8 @@ def _stroke_glyph(strokes, noise, aspect, width):
         if kind != "L":
             pts = _spline(pts, closed=(kind == "O"))
         pts = [(ox + x * w, oy + y * h) for x, y in pts]
-        draw.line(pts, fill=255, width=width, joint="curve")
+        # round joints only where corners are sharp; splines are dense enough without
+        draw.line(pts, fill=255, width=width, joint="curve" if kind == "L" else None)
         for x, y in (pts[0], pts[-1]):  # round caps
             r = width / 2
             draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
@@ -186,18 +190,18 @@ def _font_glyphs():
     return out
 
 
-@lru_cache(maxsize=4)
-def _glyph_bank(seed, per_digit=400):
+@lru_cache(maxsize=2)
+def _glyph_bank(seed, per_digit=400, font_share=0.1):
     """
-    Base glyphs, drawn with PIL once per seed (~0.5 s); all per-image variety
+    Base glyphs, drawn with PIL once per seed (~1 s); all per-image variety
     comes later, from torch. Returns
       soft: float [B, 1, 48, 48], the glyphs Gaussian-blurred, so that the final
             threshold sets the stroke thickness (low threshold = bold)
-      hull: float [B, 32, 2], extreme ink points (x, y) in 32 directions, to find
+      hull: float [B, 16, 2], extreme ink points (x, y) in 16 directions, to find
             the bounding box of a transformed glyph without rendering it
       labels: int64 [B]
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(2**32 + seed)  # a stream apart from render_digits'
     ims, labels = [], []
     for c in range(10):
         styles = STROKES[c]
@@ -206,64 +210,77 @@ def _glyph_bank(seed, per_digit=400):
             n_pts = sum(len(p) for _, p in strokes)
             noise = (0.045 * torch.randn(n_pts, 2, generator=g)).tolist()
             aspect = 0.45 + 0.3 * torch.rand(1, generator=g).item()
-            width = int(torch.randint(3, 8, (1,), generator=g))
+            width = int(torch.randint(3, 7, (1,), generator=g))
             ims.append(_stroke_glyph(strokes, noise, aspect, width))
             labels.append(c)
-    # the font glyphs are few; repeat them so they make ~10% of the bank
+    # the font glyphs are few (one face); repeat them to make font_share of the bank.
+    # Kept small: alone they transfer poorly to handwriting (~42% vs ~92% for strokes)
     font = _font_glyphs()
-    for im, c in font * max(1, round(0.1 * len(ims) / max(1, len(font)))):
+    for im, c in font * round(font_share * len(ims) / max(1, len(font))):
         ims.append(im)
         labels.append(c)
     ink = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8) for im in ims])
     ink = ink.view(-1, CANVAS * CANVAS) > 127  # [B, 2304]
-    # support points: for each of 32 directions, the ink pixel furthest along it
+    # support points: for each of 16 directions, the ink pixel furthest along it
     yx = torch.stack(torch.meshgrid(torch.arange(float(CANVAS)), torch.arange(float(CANVAS)),
                                     indexing="ij"), -1).view(-1, 2).flip(1)  # [2304, 2] as (x, y)
-    ang = torch.arange(32) * (2 * math.pi / 32)
-    proj = yx @ torch.stack([ang.cos(), ang.sin()])  # [2304, 32]
+    ang = torch.arange(16) * (2 * math.pi / 16)
+    proj = yx @ torch.stack([ang.cos(), ang.sin()])  # [2304, 16]
     best = torch.cat([torch.where(m[:, :, None], proj, -1e9).argmax(1)
-                      for m in ink.split(256)])  # [B, 32], chunked to bound memory
-    hull = yx[best]  # [B, 32, 2]
-    # blur: sigma 1.2 px, separable
-    k = torch.exp(-0.5 * (torch.arange(-3.0, 4.0) / 1.2) ** 2)
-    k = k / k.sum()
-    soft = ink.float().view(-1, 1, CANVAS, CANVAS)
-    soft = F.conv2d(F.conv2d(soft, k.view(1, 1, 1, 7), padding=(0, 3)), k.view(1, 1, 7, 1), padding=(3, 0))
+                      for m in ink.split(256)])  # [B, 16], chunked to bound memory
+    hull = yx[best]  # [B, 16, 2]
+    # blur: a 5x5 box filter twice, about a Gaussian with sigma 2 px; wide enough
+    # that a low threshold can thicken a stroke by ~3 px on either side
+    soft = ink.float().view(-1, 1, CANVAS, CANVAS)  # [B, 1, 48, 48]
+    soft = F.avg_pool2d(F.avg_pool2d(soft, 5, 1, 2), 5, 1, 2)
     return soft, hull, torch.tensor(labels)
 
 
 def _augment(soft, hull, g):
     """
-    Randomly warps base glyphs and acquires them like UCI did: size-normalise
-    into a 32x32 binary bitmap, then count the ink in each 4x4 block.
-    soft [N, 1, 48, 48], hull [N, 32, 2] -> uint8 [N, 8, 8] with values 0..16.
+    Randomly warps base glyphs and acquires them the way the UCI data was made.
+    The UCI bitmaps show NIST's normalisation: every digit, a 1 included, fills
+    the full height and ~20-24 of the 32 columns (the aspect is not kept), and
+    holds ~30% ink whatever its shape (the stroke width is normalised). So:
+    fit the bounding box to ~20 pixels wide by the full height, binarise at
+    32x32 with the threshold that gives the ink count, then count the ink in
+    each 4x4 block.
+    soft [N, 1, 48, 48], hull [N, 16, 2] -> uint8 [N, 8, 8] with values 0..16.
     """
     n = soft.shape[0]
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=g)
-    # forward affine A: stretch @ rotation @ slant (overall size is normalised away below)
-    rot, shear, stretch = u(-0.25, 0.25), u(-0.4, 0.4), torch.exp(u(-0.3, 0.15))
+    # forward affine A: stretch @ rotation (radians) @ slant, before the normalisation
+    rot, shear, stretch = u(-0.25, 0.25), u(-0.35, 0.35), torch.exp(u(-0.3, 0.3))
     cos, sin, zero, one = torch.cos(rot), torch.sin(rot), torch.zeros(n), torch.ones(n)
     mat = lambda a, b, c, d: torch.stack([torch.stack([a, b], 1), torch.stack([c, d], 1)], 1)
     A = mat(stretch, zero, zero, one) @ mat(cos, -sin, sin, cos) @ mat(one, -shear, zero, one)
-    # size normalisation like NIST's: fit the bounding box into 32x32, keep the aspect
-    q = hull @ A.transpose(1, 2)  # [N, 32, 2] transformed support points
+    # bounding box of the transformed glyph from its support points, no rendering needed
+    q = hull @ A.transpose(1, 2)  # [N, 16, 2]
     lo, hi = q.min(1).values, q.max(1).values  # [N, 2]
-    side = (hi - lo).max(1).values + 1 + u(0, 4)  # source pixels that span the 32 output pixels
+    size = hi - lo + 1  # [N, 2] glyph width, height in source pixels
+    scale_y = u(30, 33) / size[:, 1]  # output pixels per source pixel
+    # a plain 1 is too thin to be stretched to full width; cap the anisotropy
+    scale_x = torch.minimum(u(15, 24) / size[:, 0], scale_y * u(1.2, 2.5))
     mid = (lo + hi) / 2 + torch.stack([u(-1, 1), u(-1, 1)], 1)  # centre, with a little jitter
-    # output coords v in [-1, 1] -> glyph space mid + v * side / 2 -> source pixel A^-1(...)
+    # output coords v in [-1, 1] -> glyph space mid + 16 v / scale -> source pixels A^-1(...)
     Ainv = torch.linalg.inv(A)
-    theta = torch.cat([Ainv * (side / CANVAS).view(n, 1, 1),
-                       (2 * Ainv @ mid[:, :, None] + 1) / CANVAS - 1], 2)  # [N, 2, 3]
+    S = mat(16 / scale_x, zero, zero, 16 / scale_y)
+    # and source pixel p -> grid_sample's normalised coords (2p + 1) / CANVAS - 1
+    theta = torch.cat([2 * Ainv @ S / CANVAS, (2 * Ainv @ mid[:, :, None] + 1) / CANVAS - 1], 2)
     grid = F.affine_grid(theta, (n, 1, 32, 32), align_corners=False)  # [N, 32, 32, 2]
     # light elastic warp: a smooth random displacement field (4x4 knots, bicubic)
-    amp = (u(0.0, 0.05) * side / CANVAS).view(n, 1, 1, 1)
+    amp = (u(0.0, 0.06) * 32 / scale_y / CANVAS).view(n, 1, 1, 1)
     field = F.interpolate(torch.randn(n, 2, 4, 4, generator=g), size=(32, 32), mode="bicubic",
                           align_corners=True)  # [N, 2, 32, 32]
-    x = F.grid_sample(soft, grid + amp * field.permute(0, 2, 3, 1), align_corners=False)  # [N, 1, 32, 32]
-    # binary bitmap like the scans; the threshold thickens (low) or thins (high) the strokes
-    bits = (x > u(0.15, 0.6).view(n, 1, 1, 1)).float()
-    flip = torch.rand(n, 1, 32, 32, generator=g) < u(0.0, 0.01).view(n, 1, 1, 1)  # speckle noise
-    bits = torch.where(flip, 1 - bits, bits)
+    x = F.grid_sample(soft, grid + amp * field.permute(0, 2, 3, 1), align_corners=False)
+    x = x.view(n, 1024)  # [N, 32*32]
+    # stroke width normalisation: threshold at the k-th brightest value, k = target ink count.
+    # A low threshold thickens the blurred strokes, a high one thins them.
+    k = (u(0.23, 0.39) * 1024).long()
+    t = x.sort(1, descending=True).values.gather(1, k[:, None]).clamp(0.03, 0.9)  # [N, 1]
+    bits = (x > t).float()  # the binary 32x32 bitmap, as scanned
+    flip = torch.rand(n, 1024, generator=g) < u(0.0, 0.003)[:, None]  # sparse speckle noise
+    bits = torch.where(flip, 1 - bits, bits).view(n, 1, 32, 32)
     counts = F.avg_pool2d(bits, 4) * 16  # [N, 1, 8, 8], ink pixels per 4x4 block
     return counts.round().to(torch.uint8).view(n, 8, 8)
 
@@ -298,9 +315,11 @@ def _caption(label, g):
 
 
 def _render(n, bank_seed, g, size):
+    """n digits from the glyph bank of bank_seed, all randomness drawn from g."""
     soft, hull, bank_labels = _glyph_bank(bank_seed)
     idx = torch.randint(len(soft), (n,), generator=g)
-    x8 = _augment(soft[idx], hull[idx], g)  # [n, 8, 8]
+    # chunks of 4096 bound the memory (and stay in cache) when n is large
+    x8 = torch.cat([_augment(soft[i], hull[i], g) for i in idx.split(4096)])  # [n, 8, 8]
     labels = bank_labels[idx]
     captions = [_caption(c, g) for c in labels.tolist()]
     return digits_to_images(x8, size), labels, captions
@@ -308,8 +327,8 @@ def _render(n, bank_seed, g, size):
 
 def render_digits(n, seed, size=32):
     """
-    n rendered, captioned digits, deterministic for a seed on any machine (no
-    system fonts). Returns images float [n, 3, size, size] in [0, 1] (17 levels,
+    n rendered, captioned digits. Deterministic for a seed: no system fonts are
+    used, only procedural strokes and Pillow's built-in face. Returns images float [n, 3, size, size] in [0, 1] (17 levels,
     exactly like digits_to_images on UCI data), labels int64 [n], captions list[str].
     """
     return _render(n, seed, torch.Generator().manual_seed(seed), size)
@@ -320,3 +339,542 @@ def rendered_batches(batch_size, steps, seed, size=32):
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         yield _render(batch_size, seed, g, size)
+
+
+# -----------------------------------------------------------------------------
+# Tasks: what the methods see. A task is class names, hand-written templates, and lists of
+# (source, label) items per split, a source being an image path or a uint8 tensor [3, H, W].
+
+@dataclass
+class Task:
+    name: str
+    classnames: list
+    templates: list  # hand-written prompt templates with "{}"; templates[0] is the primary one
+    train: list  # [(source, label)]: labels are for diagnosis only, no method reads them
+    test: list
+    dev: list = field(default_factory=list)  # labelled, only for choosing hyperparameters
+    flip: bool = True  # whether horizontal flips respect the data (not for digits, text, ...)
+
+
+def digits_task(root=None):
+    """The offline demo's task: real handwritten digits (UCI), split train/dev/test."""
+    x8, y = load_uci_digits()
+    images = (digits_to_images(x8) * 255).round().to(torch.uint8)  # [1797, 3, 32, 32]
+    split = digits_split(0)
+    items = lambda idx: [(images[i], int(y[i])) for i in idx.tolist()]  # noqa: E731
+    return Task("digits", list(DIGIT_CLASSNAMES), [DIGITS_TEMPLATE], items(split["train"]), items(split["test"]),
+                items(split["dev"]), flip=False)
+
+
+def load_image(source):
+    """A uint8 tensor image as is, a path opened with PIL (errors name the file)."""
+    if torch.is_tensor(source):
+        return source
+    try:
+        with Image.open(source) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {source} ({e}); remove or replace the file") from None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(transform(image), label, index) over a list of (source, label) items; `labels`, if given,
+    replaces the items' labels (pseudo-labels)."""
+
+    def __init__(self, items, transform, labels=None):
+        self.items, self.transform = items, transform
+        self.labels = [label for _, label in items] if labels is None else list(labels)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.items[i][0])), self.labels[i], i
+
+
+class TwoViews:
+    """Two independent draws of a transform (e.g. a query and a key view)."""
+
+    def __init__(self, t1, t2):
+        self.t1, self.t2 = t1, t2
+
+    def __call__(self, img):
+        return self.t1(img), self.t2(img)
+
+
+def make_transform(kind, resolution, task):
+    """test: CLIP's transform (bicubic resize of the short side, center crop, normalise).
+    weak: DeFT's (resize to 8/7 of the resolution, random crop, flip where the data allows).
+    strong: random resized crop, flip where allowed, RandAugment.
+    Works on PIL images and on uint8 tensors alike (torchvision.transforms.v2)."""
+    from torchvision.transforms import v2
+    from clip_model import CLIP_MEAN, CLIP_STD
+    bicubic = v2.InterpolationMode.BICUBIC
+    head = [v2.ToImage()]
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)]
+    flip = [v2.RandomHorizontalFlip()] if task.flip else []
+    if kind == "test":
+        body = [v2.Resize(resolution, interpolation=bicubic, antialias=True), v2.CenterCrop(resolution)]
+    elif kind == "weak":
+        body = [v2.Resize(round(resolution * 8 / 7), interpolation=bicubic, antialias=True),
+                v2.RandomCrop(resolution)] + flip
+    elif kind == "strong":
+        body = [v2.RandomResizedCrop(resolution, scale=(0.5, 1.0), interpolation=bicubic, antialias=True)] + flip + \
+               [v2.RandAugment()]
+    else:
+        raise ValueError(f"unknown transform {kind!r}")
+    return v2.Compose(head + body + tail)
+
+
+# -----------------------------------------------------------------------------
+# Datasets on disk: the CoOp layout, image folders, CIFAR
+# imports the merged section needs (move to the top of data.py on merge)
+
+
+# -----------------------------------------------------------------------------
+# real datasets on disk: the CoOp benchmark, any ImageFolder, CIFAR
+#
+# Every loader returns a Task whose train/dev/test items are (source, label),
+# with source an absolute image path (str) or, for CIFAR, a uint8 tensor
+# [3, 32, 32] held in memory. Loaders only list and check files; images are
+# decoded later by the dataset class, which names any file it cannot read.
+# All problems the user can fix raise DataError with a one-line message that
+# says what is wrong and what to do, so the CLI can print it without a traceback.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# Extra templates for template ensembles, appended after a task's primary one.
+# They are a few of CLIP's ImageNet prompts that read well for any object class.
+GENERIC_TEMPLATES = [
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of a {}.",
+    "a low resolution photo of a {}.",
+    "itap of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+]
+
+
+def _templates(primary, extras=GENERIC_TEMPLATES):
+    """The primary (hand-written, dataset-specific) template first, then the extras minus duplicates."""
+    return [primary] + [t for t in extras if t != primary]
+
+
+# The CoOp benchmark (Zhou et al., "Learning to Prompt for Vision-Language Models"),
+# laid out as in CoOp's DATASETS.md: DATA/<folder>/<image dir>/... and, beside
+# the images, a split file split_zhou_<Name>.json with CoOp's fixed train/val/test
+# splits. The primary templates are CoOp's hand-written ones. The split files already
+# carry CoOp's cleaned class names (e.g. EuroSAT "Annual Crop Land", Caltech "face"
+# for "Faces"), so the only fix left is "_" -> " ".
+# name: (folder, image dir inside the folder, split file, primary template)
+COOP_DATASETS = {
+    "caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", "a photo of a {}."),
+    "oxford_pets": ("oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet."),
+    "stanford_cars": ("stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {}."),
+    "oxford_flowers": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", "a photo of a {}, a type of flower."),
+    "food101": ("food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
+    "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json", "{} texture."),
+    "eurosat": ("eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
+    "ucf101": ("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}."),
+    "sun397": ("sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
+}
+# Two CoOp datasets come without a split file; their own layouts are read below.
+FGVC_AIRCRAFT_TEMPLATE = "a photo of a {}, a type of aircraft."
+IMAGENET_TEMPLATE = "a photo of a {}."
+
+# For classes that are not objects the generic extras read badly ("a photo of a banded."),
+# so these datasets get extras in their own words instead.
+EXTRA_TEMPLATES = {
+    "dtd": ["a photo of a {} texture.", "a photo of a {} pattern.", "a close-up photo of a {} texture."],
+    "eurosat": ["a satellite photo of {}.", "an aerial photo of {}.", "a low resolution satellite photo of {}."],
+    "ucf101": ["a video frame of a person doing {}.", "a blurry photo of a person doing {}.",
+               "a photo of people doing {}."],
+}
+
+# Horizontal flips: every CoOp dataset is natural photos (or satellite views, or video
+# frames) whose class survives a mirror image, so flip=True for all of them, as in
+# CoOp's own training augmentation. (Text-like data such as digits sets flip=False.)
+COOP_FLIP = True
+
+# One-line layout descriptions for error messages; {data} stands for --data-root.
+FGVC_LAYOUT = ("{data}/fgvc_aircraft/images/<id>.jpg, {data}/fgvc_aircraft/variants.txt and "
+               "{data}/fgvc_aircraft/images_variant_{{train,val,test}}.txt "
+               "(from fgvc-aircraft-2013b/data, see CoOp's DATASETS.md)")
+IMAGENET_LAYOUT = ("{data}/imagenet/images/train/<wnid>/*.JPEG, {data}/imagenet/images/val/<wnid>/*.JPEG and "
+                   "{data}/imagenet/classnames.txt with lines '<wnid> <class name>' (see CoOp's DATASETS.md)")
+IMAGEFOLDER_LAYOUT = ("{data}/train/<class>/<images>, {data}/test/<class>/<images>, "
+                      "optionally {data}/val/<class>/<images>")
+
+
+def _layout(name, data="DATA"):
+    """The expected on-disk layout for a task name in one line, with the data root spelled `data`."""
+    if name in COOP_DATASETS:
+        folder, image_dir, split_file, _ = COOP_DATASETS[name]
+        images = os.path.join(data, folder, image_dir, "...")
+        split = os.path.join(data, folder, split_file)
+        return f"{images} and {split} (CoOp layout, see CoOp's DATASETS.md)"
+    if name in CIFAR:
+        return f"{os.path.join(data, CIFAR[name][1])}/ as written by torchvision's download=True"
+    layout = {"fgvc_aircraft": FGVC_LAYOUT, "imagenet": IMAGENET_LAYOUT, "imagefolder": IMAGEFOLDER_LAYOUT}[name]
+    return layout.format(data=data)
+
+
+def _check_root(name, root):
+    """The data root as an absolute str path; DataError if it is not given or not a directory."""
+    if root is None or str(root) == "":
+        raise DataError(f"--data-root is required for {name}; expected layout: {_layout(name)}")
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        raise DataError(f"--data-root {root} is not a directory; expected layout for {name}: {_layout(name)}")
+    return root
+
+
+def _short(x, n=100):
+    """repr(x) cut to n characters, so a bad item cannot blow up a one-line message."""
+    r = repr(x)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+
+def missing_files(paths):
+    """
+    The paths (in input order) that are not existing files.
+    One os.stat per file is slow on network file systems and with cold caches, so
+    instead each directory that the paths mention is listed once (os.scandir) and
+    names are looked up in a set; for 100k files in 200 folders this takes ~0.15 s
+    (vs ~0.3 s for os.path.isfile per path, warm local disk). A name not in the
+    listing is confirmed with os.path.isfile, which keeps the answer exact on
+    case-insensitive file systems and for odd paths ("a/../b").
+    """
+    listings = {}  # directory -> set of file names in it
+    missing = []
+    for p in paths:
+        d, f = os.path.split(p)
+        names = listings.get(d)
+        if names is None:
+            try:
+                with os.scandir(d) as it:
+                    names = {e.name for e in it if e.is_file()}  # is_file follows symlinks, like isfile
+            except OSError:  # directory missing or unreadable: every file in it counts as missing
+                names = set()
+            listings[d] = names
+        if f not in names and not os.path.isfile(p):
+            missing.append(p)
+    return missing
+
+
+def _check_exist(items, listed_in, base):
+    """DataError naming the count and the first few missing images, if any item's file is missing."""
+    missing = missing_files([p for p, _ in items])
+    if missing:
+        shown = ", ".join(os.path.relpath(p, base) for p in missing[:3])
+        raise DataError(f"{listed_in} lists {len(missing)} of {len(items)} images that do not exist under {base} "
+                        f"(e.g. {shown}); re-extract the images there or fix the data root")
+
+
+def _classnames_from_labels(label_names, source):
+    """{label: name} -> [name of label 0, name of label 1, ...]; every label 0..C-1 must be present."""
+    n = max(label_names) + 1
+    gaps = [c for c in range(n) if c not in label_names]
+    if gaps:
+        raise DataError(f"{source} has labels up to {n - 1} but no item with label(s) {gaps[:5]}; "
+                        f"labels must be 0..C-1 with C the number of classes")
+    return [label_names[c].replace("_", " ") for c in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# CoOp datasets with a split_zhou_*.json file
+
+def _read_coop_split(split_path, image_dir):
+    """
+    Reads a CoOp split file: {"train"|"val"|"test": [[relative_path, label, classname], ...]}.
+    Returns ({split: [(absolute path, label)]}, {label: classname}); DataError on any malformed entry.
+    """
+    try:
+        with open(split_path, encoding="utf-8") as f:
+            splits = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise DataError(f"{split_path} is not valid JSON ({e}); download the split file again") from None
+    except OSError as e:
+        raise DataError(f"cannot read {split_path}: {e.strerror}") from None
+    if not isinstance(splits, dict) or not all(k in splits for k in ("train", "val", "test")):
+        have = sorted(splits) if isinstance(splits, dict) else type(splits).__name__
+        raise DataError(f"{split_path} must be a JSON object with keys 'train', 'val', 'test' (found {_short(have)}); "
+                        f"download the split file again")
+    out, label_names = {}, {}
+    for split in ("train", "val", "test"):
+        entries = splits[split]
+        if not isinstance(entries, list):
+            raise DataError(f"{split_path}: '{split}' must be a list of [relative_path, label, classname]")
+        items = []
+        for i, e in enumerate(entries):
+            # bool is an int in Python; a true/false label is still malformed
+            ok = (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[2], str)
+                  and isinstance(e[1], int) and not isinstance(e[1], bool) and e[1] >= 0)
+            if not ok:
+                raise DataError(f"{split_path}: item {i} of '{split}' is {_short(e)}, "
+                                f"expected [relative_path, label >= 0, classname]")
+            rel, label, cname = e
+            if label_names.setdefault(label, cname) != cname:
+                raise DataError(f"{split_path}: label {label} is named both {label_names[label]!r} and {cname!r}")
+            # normpath so that the existence check and later users see one spelling per file
+            items.append((os.path.normpath(os.path.join(image_dir, rel)), label))
+        out[split] = items
+    if not out["train"] or not out["test"]:
+        raise DataError(f"{split_path} has an empty 'train' or 'test' split; download the split file again")
+    return out, label_names
+
+
+def coop_task(name, root):
+    """
+    One of the CoOp benchmark datasets from the CoOp layout under root (the DATA folder):
+    split 'train' -> Task.train, 'val' -> Task.dev, 'test' -> Task.test.
+    """
+    if name == "fgvc_aircraft":
+        return fgvc_aircraft_task(root)
+    if name == "imagenet":
+        return imagenet_task(root)
+    if name not in COOP_DATASETS:
+        raise DataError(f"unknown CoOp dataset {name!r}; known: {', '.join(COOP_NAMES)}")
+    root = _check_root(name, root)
+    folder, image_dir, split_file, template = COOP_DATASETS[name]
+    image_dir = os.path.join(root, folder, image_dir)  # image_dir "" (stanford_cars): the folder itself
+    split_path = os.path.join(root, folder, split_file)
+    for p in (image_dir, split_path):
+        if not os.path.exists(p):
+            hint = ""
+            if os.path.exists(os.path.join(root, split_file)):  # a common slip: --data-root DATA/dtd for DATA
+                hint = f"; --data-root should be the folder that contains {folder}/"
+            raise DataError(f"{name}: {p} not found; expected {_layout(name, root)}{hint}")
+
+    splits, label_names = _read_coop_split(split_path, image_dir)
+    classnames = _classnames_from_labels(label_names, split_path)
+    _check_exist(splits["train"] + splits["val"] + splits["test"], split_path, image_dir)
+    templates = _templates(template, EXTRA_TEMPLATES.get(name, GENERIC_TEMPLATES))
+    return Task(name=name, classnames=classnames, templates=templates,
+                train=splits["train"], test=splits["test"], dev=splits["val"], flip=COOP_FLIP)
+
+
+# -----------------------------------------------------------------------------
+# FGVC-Aircraft: the dataset's own list files (CoOp uses them as is)
+
+def fgvc_aircraft_task(root):
+    """
+    FGVC-Aircraft (variant level, 100 classes) under root/fgvc_aircraft: variants.txt gives
+    the classes in label order, images_variant_{train,val,test}.txt give '<id> <variant>' lines.
+    """
+    name = "fgvc_aircraft"
+    root = _check_root(name, root)
+    base = os.path.join(root, "fgvc_aircraft")
+    image_dir = os.path.join(base, "images")
+    lists = {s: os.path.join(base, f"images_variant_{s}.txt") for s in ("train", "val", "test")}
+    variants_path = os.path.join(base, "variants.txt")
+    for p in [image_dir, variants_path, *lists.values()]:
+        if not os.path.exists(p):
+            raise DataError(f"{name}: {p} not found; expected {_layout(name, root)}")
+
+    with open(variants_path, encoding="utf-8") as f:
+        variants = [line.strip() for line in f if line.strip()]
+    if not variants or len(set(variants)) != len(variants):
+        raise DataError(f"{variants_path} must list each class name once, one per line")
+    label_of = {v: i for i, v in enumerate(variants)}
+
+    splits = {}
+    for split, path in lists.items():
+        items = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                # the variant name may itself contain spaces ("Cessna 172"): split once
+                parts = line.strip().split(" ", 1)
+                if len(parts) != 2 or parts[1] not in label_of:
+                    raise DataError(f"{path}:{lineno}: {_short(line.strip())} is not '<image id> <variant>' "
+                                    f"with a variant from variants.txt")
+                items.append((os.path.join(image_dir, parts[0] + ".jpg"), label_of[parts[1]]))
+        splits[split] = items
+    if not splits["train"] or not splits["test"]:
+        raise DataError(f"{name}: the train or test list in {base} is empty; download the dataset again")
+    _check_exist(splits["train"] + splits["val"] + splits["test"], f"{base}/images_variant_*.txt", image_dir)
+    return Task(name=name, classnames=[v.replace("_", " ") for v in variants],
+                templates=_templates(FGVC_AIRCRAFT_TEMPLATE), train=splits["train"], test=splits["test"],
+                dev=splits["val"], flip=COOP_FLIP)
+
+
+# -----------------------------------------------------------------------------
+# folders of class folders: ImageNet (CoOp layout) and any ImageFolder
+
+def _is_image(filename):
+    return filename.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_class_folder(class_dir):
+    """All image files under class_dir (recursively, like torchvision's ImageFolder), sorted."""
+    files = []
+    for d, subdirs, names in os.walk(class_dir, followlinks=True):
+        subdirs.sort()  # os.walk visits subdirectories in this order: keep the listing deterministic
+        files.extend(os.path.join(d, n) for n in sorted(names) if _is_image(n) and not n.startswith("."))
+    return files
+
+
+def _read_class_folders(split_dir, class_folders, what):
+    """[(path, label)] for the images in split_dir/<class_folders[label]>/; every class must have images."""
+    items = []
+    for label, c in enumerate(class_folders):
+        files = _list_class_folder(os.path.join(split_dir, c))
+        if not files:
+            raise DataError(f"{what}: {os.path.join(split_dir, c)} has no images "
+                            f"(looked for {' '.join(IMAGE_EXTENSIONS)}); every class needs at least one")
+        items.extend((p, label) for p in files)
+    return items
+
+
+def _subfolders(d):
+    """Sorted names of the (non-hidden) subdirectories of d."""
+    with os.scandir(d) as it:
+        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+def _check_same_classes(split_dir, classes, reference, what):
+    """DataError unless split_dir has exactly the class folders `classes` (those of `reference`)."""
+    have = _subfolders(split_dir)
+    if have != classes:
+        only_here = sorted(set(have) - set(classes))[:3]
+        absent = sorted(set(classes) - set(have))[:3]
+        raise DataError(f"{what}: the class folders of {split_dir} differ from those of {reference} "
+                        f"(missing {absent}, extra {only_here}); every split needs the same class folders")
+
+
+def imagenet_task(root):
+    """
+    ImageNet-1k in the CoOp layout under root/imagenet: train = images/train, test = images/val
+    (the usual 50k validation images), no dev split. Class names from classnames.txt
+    ('<wnid> <name>' lines; CoOp's file holds CLIP's cleaned names); labels follow its order.
+    """
+    name = "imagenet"
+    root = _check_root(name, root)
+    base = os.path.join(root, "imagenet")
+    names_path = os.path.join(base, "classnames.txt")
+    train_dir, val_dir = os.path.join(base, "images", "train"), os.path.join(base, "images", "val")
+    for p in (train_dir, val_dir, names_path):
+        if not os.path.exists(p):
+            raise DataError(f"{name}: {p} not found; expected {_layout(name, root)}")
+
+    wnids, classnames = [], []
+    with open(names_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().split(" ", 1)
+            if len(parts) != 2:
+                raise DataError(f"{names_path}:{lineno}: {_short(line.strip())} is not '<wnid> <class name>'")
+            wnids.append(parts[0])
+            classnames.append(parts[1].strip().replace("_", " "))
+    if len(set(wnids)) != len(wnids):
+        raise DataError(f"{names_path} lists a wnid twice; each class must appear once")
+
+    # the class folders must be exactly the wnids of classnames.txt, in both splits
+    for d in (train_dir, val_dir):
+        _check_same_classes(d, sorted(wnids), names_path, name)
+    train = _read_class_folders(train_dir, wnids, name)
+    test = _read_class_folders(val_dir, wnids, name)
+    return Task(name=name, classnames=classnames, templates=_templates(IMAGENET_TEMPLATE),
+                train=train, test=test, dev=[], flip=COOP_FLIP)
+
+
+def imagefolder_task(root):
+    """
+    Any dataset as root/train/<class>/*, root/test/<class>/* and optionally root/val/<class>/*
+    (-> dev). Classes are the sorted folder names of train ("_" -> " " in the class names the
+    text tower sees); test and val must have the same class folders.
+    """
+    name = "imagefolder"
+    root = _check_root(name, root)
+    train_dir, test_dir, val_dir = (os.path.join(root, s) for s in ("train", "test", "val"))
+    for p in (train_dir, test_dir):
+        if not os.path.isdir(p):
+            raise DataError(f"imagefolder: {p} not found; expected {_layout(name, root)}")
+    classes = _subfolders(train_dir)
+    if not classes:
+        raise DataError(f"imagefolder: {train_dir} has no class folders; expected {_layout(name, root)}")
+    splits = {}
+    for split, d in (("train", train_dir), ("test", test_dir), ("val", val_dir)):
+        if split == "val" and not os.path.isdir(d):
+            splits[split] = []  # val is optional
+            continue
+        if split != "train":
+            _check_same_classes(d, classes, train_dir, name)
+        splits[split] = _read_class_folders(d, classes, name)
+    return Task(name=name, classnames=[c.replace("_", " ") for c in classes],
+                templates=_templates("a photo of a {}."), train=splits["train"], test=splits["test"],
+                dev=splits["val"], flip=True)
+
+
+# -----------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 via torchvision (python version), held in memory
+
+# name: (torchvision class name, folder torchvision expects under root)
+CIFAR = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py"),
+    "cifar100": ("CIFAR100", "cifar-100-python"),
+    # CIFAR-100N (Wei et al. 2022) re-labels CIFAR-100's training images by human annotators.
+    # Its images and test set are CIFAR-100's, and a label-free method never reads training
+    # labels (they are for diagnosis only), so here it is CIFAR-100 under another name.
+    "cifar100n": ("CIFAR100", "cifar-100-python"),
+}
+
+
+def cifar_task(name, root):
+    """
+    CIFAR-10/100 from torchvision's on-disk format under root (root/cifar-10-batches-py or
+    root/cifar-100-python). Never downloads: a missing or corrupt copy is a DataError that
+    says how to fetch it. Items are uint8 tensors [3, 32, 32]; no dev split.
+    """
+    import torchvision  # lazily: only CIFAR needs it
+
+    root = _check_root(name, root)
+    cls_name, folder = CIFAR[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    fetch = (f"python -c \"import torchvision; torchvision.datasets.{cls_name}('{root}', download=True)\" "
+             f"(on a machine with internet, then copy {folder}/ into {root})")
+    if not os.path.isdir(os.path.join(root, folder)):
+        raise DataError(f"{name}: {os.path.join(root, folder)} not found; download it with {fetch}")
+
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            # download=False: torchvision verifies the md5 of every file and raises RuntimeError
+            ds = cls(root, train=(split == "train"), download=False)
+        except RuntimeError:
+            raise DataError(f"{name}: {os.path.join(root, folder)} is incomplete or corrupted (md5 check failed); "
+                            f"delete it and download again with {fetch}") from None
+        # ds.data: uint8 numpy [N, 32, 32, 3]; one contiguous [N, 3, 32, 32] tensor, then per-image
+        # views of it, so the items share one block of memory (50k images = 150 MB)
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        splits[split] = list(zip(x.unbind(0), (int(t) for t in ds.targets)))
+        classes = ds.classes
+    return Task(name=name, classnames=[c.replace("_", " ") for c in classes],
+                templates=_templates("a photo of a {}."), train=splits["train"], test=splits["test"],
+                dev=[], flip=True)
+
+
+# -----------------------------------------------------------------------------
+# one entry point for the CLI
+
+COOP_NAMES = list(COOP_DATASETS) + ["fgvc_aircraft", "imagenet"]
+TASK_NAMES = ["digits"] + COOP_NAMES + ["imagefolder"] + list(CIFAR)
+
+
+def load_task(name, root=None):
+    """The Task called `name` (see TASK_NAMES), with its data under root (--data-root)."""
+    key = name.lower()
+    if key == "digits":
+        return digits_task(root)  # vendored in assets/; root is not needed
+    if key in COOP_NAMES:
+        return coop_task(key, root)
+    if key == "imagefolder":
+        return imagefolder_task(root)
+    if key in CIFAR:
+        return cifar_task(key, root)
+    raise DataError(f"unknown dataset {name!r}; known: {', '.join(TASK_NAMES)}")

@@ -3,14 +3,23 @@ Run: python -m pytest -q test_coft.py"""
 import gzip
 import hashlib
 import http.server
+import json
+import os
+import pickle
+import re
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
 
 import clip_model as cm
+import coft
+import data
 
 torch.set_num_threads(2)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
@@ -325,3 +334,621 @@ def test_matches_open_clip_reference(name):
         for ours, theirs in ((m.encode_image(x), ref.encode_image(x)), (m.encode_text(t), ref.encode_text(t))):
             assert ours.abs().mean() > 0.05  # unit-scale features, not all zeros
             assert (ours - theirs).abs().max() < 1e-4
+
+
+# --------------------------------------------------------------------------- CoFT: building blocks
+
+def test_topk_per_class_ties_and_short_classes():
+    probs = torch.tensor([
+        [0.9, 0.1, 0.0],   # 0 -> class 0
+        [0.6, 0.4, 0.0],   # 1 -> class 0
+        [0.6, 0.3, 0.1],   # 2 -> class 0, ties with 1 on confidence
+        [0.2, 0.8, 0.0],   # 3 -> class 1
+        [0.7, 0.2, 0.1],   # 4 -> class 0
+    ])
+    idx, y = coft.topk_per_class(probs, K=3)
+    # class 0: 0 (0.9), 4 (0.7), then the tie 1/2 at 0.6 goes to the lower index; class 1 has 1 < K;
+    # class 2 has no candidate at all
+    assert idx.tolist() == [0, 4, 1, 3] and y.tolist() == [0, 0, 0, 1]
+
+
+def random_scores(B=6, C=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, C, generator=g) * 2 - 1, torch.rand(B, C, generator=g) * 2 - 1, \
+        torch.randint(0, C, (B,), generator=g)
+
+
+def test_losses_match_direct_recomputation():
+    s_pos, s_neg, y = random_scores()
+    tau = 0.1  # direct exp() below stays finite; the implementation is stable at any tau
+    yc = coft.complement_labels(y, 5, torch.Generator().manual_seed(1))
+    assert (yc != y).all() and (yc >= 0).all() and (yc < 5).all()
+    # L1: -log softmax of the true class, written out
+    l1 = torch.stack([-(s_pos[i, y[i]] / tau - torch.logsumexp(s_pos[i] / tau, 0)) for i in range(6)]).mean()
+    assert torch.allclose(coft.loss_l1(s_pos, y, tau), l1, atol=1e-5)
+    # p_clean from its definition, then L2 = -[log p_y + log(1 - p_y')]
+    e_pos, e_neg = torch.exp(s_pos.double() / tau), torch.exp(s_neg.double() / tau)
+    p = e_pos / (e_pos + e_neg)
+    assert torch.allclose(coft.p_clean(s_pos, s_neg, tau).double(), p, atol=1e-6)
+    l2 = -(torch.log(p[torch.arange(6), y]) + torch.log(1 - p[torch.arange(6), yc])).mean()
+    assert torch.allclose(coft.loss_l2(s_pos, s_neg, y, yc, tau).double(), l2, rtol=1e-5)
+    # at CLIP's temperature the direct formula overflows in float32; ours stays finite
+    assert torch.isfinite(coft.loss_l2(s_pos, s_neg, y, yc, 0.01))
+
+
+def test_complement_labels_are_uniform_over_other_classes():
+    y = torch.zeros(20000, dtype=torch.long)
+    yc = coft.complement_labels(y, 5, torch.Generator().manual_seed(0))
+    counts = torch.bincount(yc, minlength=5)
+    assert counts[0] == 0 and (counts[1:] - 5000).abs().max() < 300
+
+
+def test_l2_sign_lowers_complement_p_clean():
+    """One gradient step on L2 must raise p_clean of the label and lower that of the complement."""
+    s_pos, s_neg, y = random_scores(B=1, C=4, seed=3)
+    s_pos = (s_pos * 0.01).requires_grad_(True)
+    s_neg = (s_neg * 0.01).requires_grad_(True)
+    yc = (y + 1) % 4
+    tau = 0.01
+    before = coft.p_clean(s_pos, s_neg, tau).detach()
+    coft.loss_l2(s_pos, s_neg, y, yc, tau).backward()
+    with torch.no_grad():
+        after = coft.p_clean(s_pos - 1e-3 * s_pos.grad, s_neg - 1e-3 * s_neg.grad, tau)
+    assert after[0, y] > before[0, y] and after[0, yc] < before[0, yc]
+
+
+def test_collaborative_filter_is_exactly_peer_margin():
+    s_pos_b, s_neg_b, y_a = random_scores(B=50, C=7, seed=4)
+    mask = coft.collaborative_filter(y_a, s_pos_b, s_neg_b)
+    expected = [bool(s_pos_b[i, y_a[i]] > s_neg_b[i, y_a[i]]) for i in range(50)]
+    assert mask.tolist() == expected and 0 < sum(expected) < 50
+
+
+def tiny_backbone(name="tiny-vit", seed=0):
+    return randomized(name, seed=seed).requires_grad_(False)
+
+
+CLASSES = ["zero", "one", "two"]
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_phase1_trains_only_prompts_and_vpt(name):
+    clip = tiny_backbone(name)
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    torch.manual_seed(0)
+    model = coft.DualPromptModel(clip, CLASSES, M=4, vpt_tokens=3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"prompts.ctx_pos", "prompts.ctx_neg"} | (
+        {"vpt.prompts"} if name == "tiny-vit" else {"adapter.down.weight", "adapter.down.bias",
+                                                     "adapter.up.weight", "adapter.up.bias"})
+    assert trainable == expected  # the frozen CLIP is not part of the model's parameters
+    assert all(not k.startswith(("visual", "transformer")) for k in model.state_dict())
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # two steps: the adapter's zero-initialised `up` blocks `down`'s first gradient
+        opt.zero_grad()
+        loss, terms = coft.phase1_loss(model, x, y, tau=0.01)
+        loss.backward()
+        opt.step()
+    assert all(not torch.equal(start[n], p) for n, p in model.named_parameters()), "every Phase-I part moves"
+    assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items()), "the backbone must stay frozen"
+
+
+def test_l2_reaches_visual_prompts_unless_detached():
+    """VPT gradient of L1 + L2 vs L1 alone: they differ by default (L2 regularises the visual
+    prompts), and are identical with detach_neg (DeFT); the contexts get L2's gradient either way."""
+    clip = tiny_backbone()
+    model = coft.DualPromptModel(clip, CLASSES, M=4, vpt_tokens=3)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))
+
+    def grads(lam, detach):
+        model.zero_grad()
+        loss, _ = coft.phase1_loss(model, x, y, 0.01, lam, detach, torch.Generator().manual_seed(0))
+        loss.backward()
+        return model.vpt.prompts.grad.clone(), model.prompts.ctx_neg.grad
+
+    g_l1, ctx_l1 = grads(0.0, False)
+    assert ctx_l1 is None or ctx_l1.abs().sum() == 0  # L1 never sees the negative prompts
+    g_both, ctx_both = grads(1.0, False)
+    assert not torch.allclose(g_both, g_l1) and ctx_both.abs().sum() > 0
+    g_det, ctx_det = grads(1.0, True)
+    assert torch.allclose(g_det, g_l1) and ctx_det.abs().sum() > 0
+
+
+def test_prompt_learner_matches_hand_built_prompts():
+    """The learner's 2C prompts equal encoding 'X X X X name.' with X's embedding swapped out."""
+    clip = tiny_backbone()
+    pl = coft.PromptLearner(clip, CLASSES, M=4)
+    with torch.no_grad():
+        t_pos, t_neg = pl(clip)
+        tokens = cm.tokenize([f"X X X X {c}." for c in CLASSES], clip.context_length)
+        emb = clip.token_embedding(tokens)
+        emb[:, 1:5] = pl.ctx_neg
+        ref = F.normalize(clip.encode_text(tokens, embeddings=emb), dim=-1)
+    assert (t_neg - ref).abs().max() < 1e-5 and not torch.allclose(t_pos, t_neg)
+    pl2 = coft.PromptLearner(clip, CLASSES, ctx_init="a photo of a")
+    assert pl2.M == 4 and torch.equal(pl2.ctx_pos, pl2.ctx_neg)
+
+
+def test_head_init_reproduces_prompt_classifier():
+    clip = tiny_backbone()
+    text = F.normalize(torch.randn(3, clip.cfg.embed_dim), dim=-1)
+    ft = coft.FineTuned(clip.visual, 3, text, clip.logit_scale.exp().item())
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        ref = clip.logit_scale.exp() * F.normalize(clip.encode_image(x), dim=-1) @ text.t()
+        assert (ft(x) - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_phase2_changes_the_encoder_not_the_frozen_backbone(name):
+    clip = tiny_backbone(name)
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    ft = coft.FineTuned(clip.visual, 3, None).train()
+    enc0 = {k: v.clone() for k, v in ft.visual.state_dict().items()}
+    opt = torch.optim.SGD(ft.parameters(), lr=0.1)
+    F.cross_entropy(ft(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    assert all(p.grad is not None for p in ft.visual.parameters() if p.requires_grad)
+    changed = [k for k, v in ft.visual.state_dict().items() if not torch.equal(enc0[k], v)]
+    assert len(changed) > len(enc0) // 2  # the encoder itself is fine-tuned, not just the head
+    assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items())
+    # Phase II never touches the text tower: it has no text parameters at all
+    assert not any(k.startswith(("transformer.", "token_embedding", "ln_final")) for k in ft.state_dict())
+
+
+def test_cosine_with_warmup():
+    lrs = [coft.cosine_with_warmup(s, 100, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+
+
+# --------------------------------------------------------------------------- data: the offline digits
+
+def _names_in(caption):
+    """Digits a caption names, by word or by numeral (whole words only)."""
+    found = set()
+    for c, word in enumerate(data.DIGIT_NAMES):
+        if re.search(rf"\b({word}|{c})\b", caption, flags=re.IGNORECASE):
+            found.add(c)
+    return found
+
+
+def test_render_is_deterministic_per_seed():
+    a = data.render_digits(64, seed=0)
+    b = data.render_digits(64, seed=0)
+    c = data.render_digits(64, seed=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    assert not torch.equal(a[0], c[0])
+    assert a[2] != c[2]
+
+
+def test_rendered_batches_are_deterministic_per_seed():
+    run = lambda seed: list(data.rendered_batches(16, 3, seed))
+    a, b, c = run(0), run(0), run(1)
+    assert len(a) == 3
+    for (xa, ya, ca), (xb, yb, cb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and ca == cb
+    assert not torch.equal(a[0][0], a[1][0])  # the stream moves on from batch to batch
+    assert not torch.equal(a[0][0], c[0][0])
+
+
+def test_rendered_images_labels_and_levels():
+    x, y, caps = data.render_digits(500, seed=0)
+    assert x.shape == (500, 3, 32, 32) and x.dtype == torch.float32
+    assert y.shape == (500,) and y.dtype == torch.int64 and len(caps) == 500
+    assert x.min() >= 0 and x.max() <= 1
+    assert torch.equal(x * 16, (x * 16).round())  # only the 17 levels k/16
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])
+    assert set(y.tolist()) == set(range(10))
+    ink = x[:, 0].mean((1, 2))
+    assert (ink > 0.1).all()  # no blank images
+    assert 0.25 < ink.mean() < 0.36  # about the UCI ink density (0.31)
+    assert data.render_digits(4, seed=0, size=64)[0].shape == (4, 3, 64, 64)
+
+
+def test_every_caption_names_its_digit_and_only_it():
+    _, y, caps = data.render_digits(500, seed=0)
+    for c, cap in zip(y.tolist(), caps):
+        assert _names_in(cap) == {c}, cap
+    assert len(set(caps)) > 50  # varied
+    words = sum(any(w in cap for w in data.DIGIT_NAMES) for cap in caps)
+    assert 150 < words < 350  # both words and numerals are used
+
+
+def test_zero_shot_prompts_match_the_captions():
+    assert len(data.CAPTION_TEMPLATES) >= 12
+    assert data.DIGITS_TEMPLATE.replace("{}", "{d}") in data.CAPTION_TEMPLATES
+    for c, name in enumerate(data.DIGIT_CLASSNAMES):
+        assert _names_in(data.DIGITS_TEMPLATE.format(name)) == {c}
+
+
+def test_uci_digits_load():
+    x, y = data.load_uci_digits()
+    assert x.shape == (1797, 8, 8) and x.dtype == torch.uint8
+    assert y.shape == (1797,) and y.dtype == torch.int64
+    assert x.min() == 0 and x.max() == 16
+    counts = torch.bincount(y, minlength=10)
+    assert len(counts) == 10 and ((counts >= 170) & (counts <= 190)).all()
+
+
+def test_missing_file_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "ASSETS", tmp_path)
+    with pytest.raises(data.DataError, match="missing"):
+        data.load_uci_digits()
+
+
+def test_digits_to_images_is_nearest_upsampling():
+    x, _ = data.load_uci_digits()
+    im = data.digits_to_images(x[:10])
+    assert im.shape == (10, 3, 32, 32) and im.dtype == torch.float32
+    assert torch.equal(im[:, 0, ::4, ::4], x[:10].float() / 16)
+    assert torch.equal(im[:, 0, 3::4, 3::4], x[:10].float() / 16)
+
+
+def test_split_is_disjoint_complete_stratified_and_deterministic():
+    _, y = data.load_uci_digits()
+    s = data.digits_split(seed=0)
+    parts = [s["train"], s["dev"], s["test"]]
+    allidx = torch.cat(parts)
+    assert len(allidx) == 1797 and torch.equal(allidx.sort().values, torch.arange(1797))
+    for p in parts:
+        assert set(y[p].tolist()) == set(range(10))
+    assert 850 < len(s["train"]) < 950 and 160 < len(s["dev"]) < 200 and 680 < len(s["test"]) < 760
+    again, other = data.digits_split(seed=0), data.digits_split(seed=1)
+    assert all(torch.equal(s[k], again[k]) for k in s)
+    assert not torch.equal(s["test"], other["test"])
+
+
+# --------------------------------------------------------------------------- data: datasets on disk
+
+def write_image(path, color=(200, 30, 30), size=(8, 6)):
+    """A tiny real image file (format from the extension), creating its folders."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def data_error(fn, *args):
+    """Calls fn(*args), expects a DataError, checks its message is one line, returns the message."""
+    with pytest.raises(data.DataError) as e:
+        fn(*args)
+    msg = str(e.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+# -----------------------------------------------------------------------------
+# CoOp layout
+
+DTD_CLASSES = ["banded", "blotchy", "cross_hatched"]  # label order; "_" must become " "
+
+
+def make_dtd(root, per_split=dict(train=2, val=1, test=1)):
+    """
+    A fake DATA/dtd in the CoOp layout: images/<class>/<class>_<i>.jpg and split_zhou_DescribableTextures.json.
+    The split file lists classes in an order other than by label, so the loader must sort by label.
+    """
+    entries, i = {s: [] for s in per_split}, 0
+    for label in [2, 0, 1]:
+        c = DTD_CLASSES[label]
+        for split, n in per_split.items():
+            for _ in range(n):
+                rel = f"{c}/{c}_{i:04d}.jpg"
+                write_image(os.path.join(root, "dtd", "images", rel), color=(10 * label, 0, 0))
+                entries[split].append([rel, label, c])
+                i += 1
+    split_path = os.path.join(root, "dtd", "split_zhou_DescribableTextures.json")
+    with open(split_path, "w") as f:
+        json.dump(entries, f)
+    return split_path
+
+
+def test_coop_dtd_loads(tmp_path):
+    make_dtd(tmp_path)
+    task = data.load_task("dtd", tmp_path)
+    assert task.name == "dtd"
+    assert task.classnames == ["banded", "blotchy", "cross hatched"]
+    assert task.templates[0] == "{} texture."
+    assert len(set(task.templates)) == len(task.templates) and all("{}" in t for t in task.templates)
+    assert (len(task.train), len(task.dev), len(task.test)) == (6, 3, 3)
+    assert task.flip is True
+    for items in (task.train, task.dev, task.test):
+        for path, label in items:
+            assert isinstance(path, str) and os.path.isabs(path) and os.path.isfile(path)
+            assert path.startswith(str(tmp_path / "dtd" / "images"))
+            # the image's folder is its class: the labels went with the right files
+            assert os.path.basename(os.path.dirname(path)) == DTD_CLASSES[label]
+    # train, dev and test are disjoint
+    paths = [p for items in (task.train, task.dev, task.test) for p, _ in items]
+    assert len(set(paths)) == len(paths)
+
+
+def test_coop_templates_and_table():
+    """Every CoOp dataset has its hand-written template first and no duplicates."""
+    assert data.COOP_DATASETS["oxford_pets"][3] == "a photo of a {}, a type of pet."
+    assert data.COOP_DATASETS["eurosat"][3] == "a centered satellite photo of {}."
+    for name in data.COOP_NAMES + ["imagefolder", "cifar10"]:
+        # the layout help is one line and names the data root placeholder
+        assert "\n" not in data._layout(name) and "DATA" in data._layout(name)
+        # the real root replaces the placeholder only, not the "DATA" of "DATASETS.md"
+        assert "DATA" not in data._layout(name, "/r").replace("DATASETS.md", "")
+    t = data._templates("a photo of a {}.")
+    assert t[0] == "a photo of a {}." and t.count("a photo of a {}.") == 1
+
+
+def test_coop_stanford_cars_images_in_folder_itself(tmp_path):
+    """stanford_cars has no image subfolder: paths are relative to DATA/stanford_cars."""
+    base = tmp_path / "stanford_cars"
+    write_image(str(base / "cars_train" / "00001.jpg"))
+    write_image(str(base / "cars_test" / "00001.jpg"))
+    split = {"train": [["cars_train/00001.jpg", 0, "2012 Tesla Model S"]], "val": [],
+             "test": [["cars_test/00001.jpg", 0, "2012 Tesla Model S"]]}
+    (base / "split_zhou_StanfordCars.json").write_text(json.dumps(split))
+    task = data.load_task("stanford_cars", tmp_path)
+    assert task.classnames == ["2012 Tesla Model S"] and task.dev == []
+    assert task.train == [(str(base / "cars_train" / "00001.jpg"), 0)]
+
+
+def test_fgvc_aircraft_loads(tmp_path):
+    base = tmp_path / "fgvc_aircraft"
+    variants = ["707-320", "Cessna 172", "F/A-18"]  # names with spaces and slashes
+    (base / "images").mkdir(parents=True)
+    (base / "variants.txt").write_text("\n".join(variants) + "\n")
+    ids = dict(train=["1000001", "1000002", "1000003"], val=["1000004"], test=["1000005", "1000006"])
+    labels = dict(train=[1, 0, 2], val=[2], test=[0, 1])
+    for split in ids:
+        lines = [f"{i} {variants[y]}" for i, y in zip(ids[split], labels[split])]
+        (base / f"images_variant_{split}.txt").write_text("\n".join(lines) + "\n")
+        for i in ids[split]:
+            write_image(str(base / "images" / f"{i}.jpg"))
+    task = data.load_task("fgvc_aircraft", tmp_path)
+    assert task.classnames == variants
+    assert task.templates[0] == "a photo of a {}, a type of aircraft."
+    assert task.train == [(str(base / "images" / f"{i}.jpg"), y) for i, y in zip(ids["train"], labels["train"])]
+    assert [y for _, y in task.dev] == [2] and [y for _, y in task.test] == [0, 1]
+
+    # a variant not in variants.txt names the file and line
+    (base / "images_variant_test.txt").write_text("1000005 Boeing 999\n")
+    msg = data_error(data.load_task, "fgvc_aircraft", tmp_path)
+    assert "images_variant_test.txt:1" in msg and "Boeing 999" in msg
+
+
+def test_imagenet_loads(tmp_path):
+    base = tmp_path / "imagenet"
+    wnids = ["n01440764", "n01443537"]
+    (base / "images").mkdir(parents=True)
+    (base / "classnames.txt").write_text("n01440764 tench\nn01443537 goldfish_fish\n")
+    for split, n in (("train", 3), ("val", 2)):
+        for w in wnids:
+            for i in range(n):
+                write_image(str(base / "images" / split / w / f"{w}_{i}.JPEG"))
+    task = data.load_task("imagenet", tmp_path)
+    assert task.classnames == ["tench", "goldfish fish"]
+    assert task.templates[0] == "a photo of a {}."
+    assert (len(task.train), len(task.dev), len(task.test)) == (6, 0, 4)
+    assert [y for _, y in task.train] == [0, 0, 0, 1, 1, 1]
+    assert all(p.endswith(".JPEG") and f"/{wnids[y]}/" in p for p, y in task.train + task.test)
+
+    # a class folder that classnames.txt does not know about
+    (base / "images" / "val" / "n99999999").mkdir()
+    msg = data_error(data.load_task, "imagenet", tmp_path)
+    assert "n99999999" in msg and "images/val" in msg
+
+
+# -----------------------------------------------------------------------------
+# ImageFolder
+
+def make_imagefolder(root, splits=("train", "test"), classes=("cat", "dog_big")):
+    for split in splits:
+        for c in classes:
+            for i, ext in enumerate([".png", ".JPG"]):  # extensions are case-insensitive
+                write_image(os.path.join(root, split, c, f"{i}{ext}"))
+            # files that are not images are skipped
+            with open(os.path.join(root, split, c, "notes.txt"), "w") as f:
+                f.write("not an image")
+
+
+def test_imagefolder_loads(tmp_path):
+    make_imagefolder(tmp_path, splits=("train", "test", "val"))
+    task = data.load_task("imagefolder", tmp_path)
+    assert task.classnames == ["cat", "dog big"]
+    assert task.templates[0] == "a photo of a {}."
+    assert (len(task.train), len(task.dev), len(task.test)) == (4, 4, 4)
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p, _ in task.train + task.dev + task.test)
+    assert [os.path.basename(os.path.dirname(p)) for p, _ in task.train] == ["cat", "cat", "dog_big", "dog_big"]
+
+
+def test_imagefolder_without_val(tmp_path):
+    make_imagefolder(tmp_path)
+    assert data.load_task("imagefolder", tmp_path).dev == []
+
+
+def test_imagefolder_errors(tmp_path):
+    make_imagefolder(tmp_path / "a", splits=("train",), classes=("cat", "dog"))
+    make_imagefolder(tmp_path / "a", splits=("test",), classes=("cat", "cow"))
+    msg = data_error(data.load_task, "imagefolder", tmp_path / "a")
+    assert "dog" in msg and "cow" in msg and "same class folders" in msg
+
+    make_imagefolder(tmp_path / "b", splits=("train", "test"))
+    os.makedirs(tmp_path / "b" / "train" / "empty")
+    os.makedirs(tmp_path / "b" / "test" / "empty")
+    msg = data_error(data.load_task, "imagefolder", tmp_path / "b")
+    assert "empty" in msg and "no images" in msg
+
+    make_imagefolder(tmp_path / "c", splits=("train",))
+    msg = data_error(data.load_task, "imagefolder", tmp_path / "c")
+    assert str(tmp_path / "c" / "test") in msg
+
+
+# -----------------------------------------------------------------------------
+# clear, one-line errors
+
+def test_error_missing_root():
+    msg = data_error(data.load_task, "dtd", None)
+    assert "--data-root is required for dtd" in msg and "split_zhou_DescribableTextures.json" in msg
+    msg = data_error(data.load_task, "imagefolder", "")
+    assert "--data-root is required for imagefolder" in msg
+
+
+def test_error_root_not_a_directory(tmp_path):
+    msg = data_error(data.load_task, "dtd", tmp_path / "nope")
+    assert "nope" in msg and "not a directory" in msg
+
+
+def test_error_missing_split_file(tmp_path):
+    make_dtd(tmp_path)
+    os.remove(tmp_path / "dtd" / "split_zhou_DescribableTextures.json")
+    msg = data_error(data.load_task, "dtd", tmp_path)
+    assert str(tmp_path / "dtd" / "split_zhou_DescribableTextures.json") in msg
+    assert str(tmp_path / "dtd" / "images") in msg and "CoOp layout" in msg
+    # a missing dataset folder names the folder it looked for
+    msg = data_error(data.load_task, "oxford_pets", tmp_path)
+    assert str(tmp_path / "oxford_pets" / "images") in msg and "split_zhou_OxfordPets.json" in msg
+
+
+def test_error_root_is_the_dataset_folder(tmp_path):
+    """Pointing --data-root at DATA/dtd instead of DATA gets a hint."""
+    make_dtd(tmp_path)
+    msg = data_error(data.load_task, "dtd", tmp_path / "dtd")
+    assert "should be the folder that contains dtd/" in msg
+
+
+@pytest.mark.parametrize("content, expect", [
+    ("{not json", "not valid JSON"),
+    ('{"train": [], "test": []}', "keys 'train', 'val', 'test'"),
+    ('[1, 2]', "keys 'train', 'val', 'test'"),
+    ('{"train": [["a.jpg", 0]], "val": [], "test": []}', "item 0 of 'train'"),
+    ('{"train": [["a.jpg", "0", "x"]], "val": [], "test": []}', "item 0 of 'train'"),
+    ('{"train": [["a.jpg", true, "x"]], "val": [], "test": []}', "item 0 of 'train'"),
+    ('{"train": {"a": 1}, "val": [], "test": []}', "'train' must be a list"),
+    ('{"train": [["a.jpg", 0, "x"], ["b.jpg", 0, "y"]], "val": [], "test": [["c.jpg", 0, "x"]]}', "named both"),
+    ('{"train": [["a.jpg", 1, "x"]], "val": [], "test": [["c.jpg", 1, "x"]]}', "no item with label(s) [0]"),
+    ('{"train": [], "val": [], "test": [["c.jpg", 0, "x"]]}', "empty 'train' or 'test'"),
+])
+def test_error_malformed_split_file(tmp_path, content, expect):
+    make_dtd(tmp_path)
+    split_path = tmp_path / "dtd" / "split_zhou_DescribableTextures.json"
+    split_path.write_text(content)
+    msg = data_error(data.load_task, "dtd", tmp_path)
+    assert str(split_path) in msg and expect in msg
+
+
+def test_error_split_names_missing_images(tmp_path):
+    make_dtd(tmp_path)
+    gone = ["banded/banded_0006.jpg", "blotchy/blotchy_0008.jpg"]
+    for rel in gone:
+        os.remove(tmp_path / "dtd" / "images" / rel)
+    os.rename(tmp_path / "dtd" / "images" / "cross_hatched", tmp_path / "dtd" / "images" / "moved")  # 4 more
+    msg = data_error(data.load_task, "dtd", tmp_path)
+    assert "split_zhou_DescribableTextures.json lists 6 of 12 images that do not exist" in msg
+    assert "cross_hatched/cross_hatched_0000.jpg" in msg  # the first few, relative to the image dir
+
+
+def test_missing_files_is_exact(tmp_path):
+    """The directory-listing shortcut agrees with os.path.isfile, folders and '..' included."""
+    write_image(str(tmp_path / "a" / "x.png"))
+    os.makedirs(tmp_path / "a" / "sub")
+    paths = [str(tmp_path / "a" / "x.png"), str(tmp_path / "a" / "y.png"), str(tmp_path / "a" / "sub"),
+             str(tmp_path / "a" / "sub" / ".." / "x.png"), str(tmp_path / "nodir" / "x.png")]
+    assert data.missing_files(paths) == [p for p in paths if not os.path.isfile(p)]
+    assert data.missing_files(paths) == paths[1:3] + paths[4:]
+
+
+def test_error_unknown_dataset():
+    msg = data_error(data.load_task, "mnist", None)
+    assert "unknown dataset 'mnist'" in msg
+    for name in ("digits", "dtd", "imagenet", "fgvc_aircraft", "imagefolder", "cifar10", "cifar100n"):
+        assert name in msg
+
+
+# -----------------------------------------------------------------------------
+# CIFAR: a tiny fake in torchvision's on-disk format
+#
+# torchvision verifies the md5 of every batch file (CIFAR10._check_integrity, and
+# _load_meta for batches.meta) against the real files' md5s, held in the class
+# attributes train_list, test_list and meta. The fake files cannot match those, so
+# the test computes the fake files' own md5s and swaps them into the class attributes
+# with monkeypatch (undone after the test). torchvision's own integrity code still
+# runs, so a corrupted fake is still caught (test_cifar_corrupted).
+
+def make_fake_cifar(root, cls, n_train=(3, 2, 2, 1, 2), n_test=4, seed=0):
+    """
+    Writes root/<cls.base_folder>/ with pickled batches like the real ones
+    ({"data": uint8 [N, 3072] in CHW order, "labels" or "fine_labels": [N]}) plus the meta file.
+    Returns {name: md5} of the written files.
+    """
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, cls.base_folder)
+    os.makedirs(folder, exist_ok=True)
+    label_key = "fine_labels" if cls is torchvision.datasets.CIFAR100 else "labels"
+    classes = ["airplane", "pickup_truck", "cat"]  # "_" must become " "
+    sizes = dict(zip([f for f, _ in cls.train_list], n_train)) if len(cls.train_list) > 1 else \
+        {cls.train_list[0][0]: sum(n_train)}
+    sizes[cls.test_list[0][0]] = n_test
+    md5 = {}
+    for fname, n in sizes.items():
+        batch = {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                 label_key: [int(y) for y in rng.integers(0, len(classes), size=n)]}
+        with open(os.path.join(folder, fname), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, cls.meta["filename"]), "wb") as f:
+        pickle.dump({cls.meta["key"]: classes}, f)
+    for fname in os.listdir(folder):
+        with open(os.path.join(folder, fname), "rb") as f:
+            md5[fname] = hashlib.md5(f.read()).hexdigest()
+    return md5
+
+
+def trust_fake_cifar(monkeypatch, cls, md5):
+    """Makes torchvision's md5 checks of `cls` expect the fake files' md5s."""
+    monkeypatch.setattr(cls, "train_list", [[f, md5[f]] for f, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[f, md5[f]] for f, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", dict(cls.meta, md5=md5[cls.meta["filename"]]))
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Any attempt to download fails the test: loaders must never fetch data by themselves."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a loader tried to download")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", refuse)
+
+
+def test_cifar10_fake_loads(tmp_path, monkeypatch, no_download):
+    cls = torchvision.datasets.CIFAR10
+    trust_fake_cifar(monkeypatch, cls, make_fake_cifar(tmp_path, cls))
+    task = data.load_task("cifar10", tmp_path)
+    assert task.classnames == ["airplane", "pickup truck", "cat"]
+    assert task.templates[0] == "a photo of a {}."
+    assert (len(task.train), len(task.dev), len(task.test)) == (10, 0, 4)
+    x, y = task.train[0]
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32) and isinstance(y, int)
+    # the pixels are the file's, in CHW order: image 0 of data_batch_1 reshaped to [3, 32, 32]
+    with open(tmp_path / cls.base_folder / "data_batch_1", "rb") as f:
+        batch = pickle.load(f)
+    assert torch.equal(x, torch.from_numpy(batch["data"][0].reshape(3, 32, 32)))
+    assert y == batch["labels"][0]
+
+
+def test_cifar100n_is_cifar100(tmp_path, monkeypatch, no_download):
+    cls = torchvision.datasets.CIFAR100
+    trust_fake_cifar(monkeypatch, cls, make_fake_cifar(tmp_path, cls))
+    a, b = data.load_task("cifar100", tmp_path), data.load_task("cifar100n", tmp_path)
+    assert b.name == "cifar100n" and a.classnames == b.classnames
+    assert len(b.train) == 10 and len(b.test) == 4
+    assert all(torch.equal(x1, x2) and y1 == y2 for (x1, y1), (x2, y2) in zip(a.test, b.test))
+
+
+def test_cifar_missing(tmp_path, no_download):
+    msg = data_error(data.load_task, "cifar10", tmp_path)
+    assert str(tmp_path / "cifar-10-batches-py") in msg and "download=True" in msg
+    msg = data_error(data.load_task, "cifar100n", None)
+    assert "--data-root is required for cifar100n" in msg and "cifar-100-python" in msg
+
+
+def test_cifar_corrupted(tmp_path, no_download):
+    """Without the md5 swap, torchvision rejects the fake: reported as corrupted, not as a traceback."""
+    make_fake_cifar(tmp_path, torchvision.datasets.CIFAR10)
+    msg = data_error(data.load_task, "cifar10", tmp_path)
+    assert "corrupted" in msg and "download=True" in msg

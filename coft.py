@@ -1,0 +1,593 @@
+"""
+CoFT: Collaborative Fine-Tuning of CLIP without human labels.
+
+Wang, Meng, Cai, Song, Xia, "Fine-tuning Pre-trained Vision-Language Models in a
+Human-Annotation-Free Manner", arXiv 2602.04337 (2026). Equations and the choices where the
+paper is silent: ../shared/spec/coft.md (summarised in the README).
+
+    0. zero-shot pseudo-labels on the unlabelled train split; top-K per class = seed set S*
+    1. Phase I: two PEFT models (positive/negative prompts + VPT), differing only by seed,
+       trained on S* with L1 + lambda * L2
+    2. Phase II: model a labels everything, model b validates (s+ > s-), and a fully fine-tuned
+       visual encoder + linear head is trained per branch on its clean set; test = ensemble
+
+Every building block (PromptLearner, VPT, the losses, collaborative_filter, fit) works on its
+own; the CLI at the bottom strings them together:
+
+    python coft.py --dataset digits --clip demo --out runs/digits
+    python coft.py --dataset dtd --data-root DATA --clip ViT-B/16 --out runs/dtd
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip_model
+import data
+
+# -----------------------------------------------------------------------------
+# Phase I modules: dual prompts, VPT, adapter
+
+
+class PromptLearner(nn.Module):
+    """CoOp-style learnable contexts, class token at the end (spec, Phase I):
+        positive  [V+_1 .. V+_M] [CLASS_k] .      negative  [V-_1 .. V-_M] [CLASS_k] .
+    Both context sets are shared by all classes. The 2C prompts go through the text tower in one
+    batched call, which runs only up to the longest EOT (clip_model.CLIP.encode_text)."""
+
+    def __init__(self, clip, classnames, M=16, ctx_init=None, std=0.02):
+        super().__init__()
+        width = clip.cfg.transformer_width
+        tok = clip_model.tokenizer()
+        if ctx_init:  # e.g. "a photo of a": both contexts start from these words' embeddings
+            init_ids = tok.encode(ctx_init)
+            M = len(init_ids)
+            with torch.no_grad():
+                init = clip.token_embedding.weight[init_ids].clone()  # [M, width]
+            ctx_pos, ctx_neg = init.clone(), init.clone()
+        else:
+            ctx_pos, ctx_neg = std * torch.randn(M, width), std * torch.randn(M, width)
+        self.M = M
+        self.ctx_pos, self.ctx_neg = nn.Parameter(ctx_pos), nn.Parameter(ctx_neg)
+        # "X X ... X classname." : the M placeholder embeddings are replaced by the contexts
+        texts = [" ".join(["X"] * M) + " " + name.replace("_", " ") + "." for name in classnames]
+        tokens = clip_model.tokenize(texts, clip.context_length)  # [C, L]
+        with torch.no_grad():
+            emb = clip.token_embedding(tokens)  # [C, L, width]
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # SOT
+        self.register_buffer("suffix", emb[:, 1 + M:].clone(), persistent=False)  # class name, ".", EOT, pad
+
+    def forward(self, clip):
+        """-> (t_pos, t_neg): normalised text embeddings [C, D] of the two prompt sets."""
+        C = self.tokens.shape[0]
+        ctx = torch.stack([self.ctx_pos, self.ctx_neg])  # [2, M, width]
+        ctx = ctx[:, None].expand(2, C, -1, -1).flatten(0, 1)  # [2C, M, width]
+        emb = torch.cat([self.prefix.repeat(2, 1, 1), ctx.to(self.prefix.dtype), self.suffix.repeat(2, 1, 1)], dim=1)
+        t = F.normalize(clip.encode_text(self.tokens.repeat(2, 1), embeddings=emb), dim=-1)  # [2C, D]
+        return t[:C], t[C:]
+
+
+class VPT(nn.Module):
+    """Visual prompt tuning (Jia et al. 2022): P learnable tokens per block (deep) or before the
+    first block only (shallow), inserted by clip_model.VisionTransformer after the class token.
+    Initialised uniformly with VPT's xavier bound over the patch embedding's fan-in."""
+
+    def __init__(self, clip, P=20, deep=True):
+        super().__init__()
+        v = clip.visual
+        width, patch = v.conv1.out_channels, v.patch_size
+        bound = math.sqrt(6.0 / (3 * patch * patch + width))
+        depth = v.transformer.layers if deep else 1
+        self.prompts = nn.Parameter(torch.empty(depth, P, width).uniform_(-bound, bound))  # [D, P, width]
+
+
+class Adapter(nn.Module):
+    """For ResNet backbones, where VPT does not apply [choice]: a residual bottleneck on the image
+    embedding, v + up(relu(down(v))), with `up` zero-initialised so it starts as the identity."""
+
+    def __init__(self, dim, reduction=4):
+        super().__init__()
+        self.down = nn.Linear(dim, dim // reduction)
+        self.up = nn.Linear(dim // reduction, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, v):
+        return v + self.up(F.relu(self.down(v)))
+
+
+class DualPromptModel(nn.Module):
+    """One of CoFT's two Phase-I models: a frozen CLIP shared with its peer (not part of this
+    module's state: it is never trained and never saved here) plus its own prompts and VPT."""
+
+    def __init__(self, clip, classnames, M=16, ctx_init=None, vpt_tokens=20, vpt_deep=True):
+        super().__init__()
+        object.__setattr__(self, "clip", clip)  # a plain attribute: excluded from parameters()/state_dict()
+        self.prompts = PromptLearner(clip, classnames, M, ctx_init)
+        is_vit = clip.cfg.is_vit
+        self.vpt = VPT(clip, vpt_tokens, vpt_deep) if is_vit and vpt_tokens > 0 else None
+        self.adapter = None if is_vit else Adapter(clip.cfg.embed_dim)
+
+    def image_features(self, x):
+        v = self.clip.encode_image(x, vpt=None if self.vpt is None else self.vpt.prompts)
+        if self.adapter is not None:
+            v = self.adapter(v)
+        return F.normalize(v, dim=-1)  # [B, D]
+
+    def forward(self, x):
+        """-> (v, t_pos, t_neg), all normalised; s+ = v @ t_pos.T, s- = v @ t_neg.T."""
+        t_pos, t_neg = self.prompts(self.clip)
+        return self.image_features(x), t_pos, t_neg
+
+
+# -----------------------------------------------------------------------------
+# Losses (spec, Phase I)
+
+
+def p_clean(s_pos, s_neg, tau):
+    """p_clean_k(x) = exp(s+_k/tau) / (exp(s+_k/tau) + exp(s-_k/tau)) = sigmoid((s+_k - s-_k)/tau)."""
+    return torch.sigmoid((s_pos - s_neg) / tau)
+
+
+def complement_labels(y, C, generator=None):
+    """y' drawn uniformly from the C-1 classes other than y (redrawn at every step)."""
+    shift = torch.randint(1, C, y.shape, generator=generator, device="cpu").to(y.device)
+    return (y + shift) % C
+
+
+def loss_l1(s_pos, y, tau):
+    """L1 = CE(softmax_k(s+_k / tau), y)."""
+    return F.cross_entropy(s_pos / tau, y)
+
+
+def loss_l2(s_pos, s_neg, y, y_comp, tau):
+    """L2 = -[log p_clean_y(x) + log(1 - p_clean_y'(x))], batch mean. The paper prints the second
+    term with the opposite sign; this is the form its text (and DeFT) intend: the true class's
+    positive prompt should beat its negative prompt, and a complement class's should not.
+    log p = logsigmoid(d/tau), log(1 - p) = logsigmoid(-d/tau): stable for any margin d."""
+    d = (s_pos - s_neg) / tau  # [B, C]
+    d_y = d.gather(1, y[:, None]).squeeze(1)
+    d_c = d.gather(1, y_comp[:, None]).squeeze(1)
+    return -(F.logsigmoid(d_y) + F.logsigmoid(-d_c)).mean()
+
+
+def phase1_loss(model, x, y, tau, lam=1.0, detach_neg=False, generator=None):
+    """Loss = L1 + lambda * L2 on a batch of S*. Gradients of L2 reach the visual prompts (the
+    paper calls the negative prompt a regulariser of the visual modules); `detach_neg` stops
+    them there, as DeFT does."""
+    v, t_pos, t_neg = model(x)
+    s_pos = v @ t_pos.t()  # [B, C]
+    v2 = v.detach() if detach_neg else v
+    s_pos2, s_neg = v2 @ t_pos.t(), v2 @ t_neg.t()
+    l1 = loss_l1(s_pos, y, tau)
+    l2 = loss_l2(s_pos2, s_neg, y, complement_labels(y, s_pos.shape[1], generator), tau)
+    return l1 + lam * l2, {"L1": l1.detach(), "L2": l2.detach()}
+
+
+# -----------------------------------------------------------------------------
+# Pseudo-labels: zero-shot classifier, seed set, collaborative filter
+
+
+@torch.no_grad()
+def text_classifier(clip, classnames, templates, device):
+    """Zero-shot weights [C, D]: per class the mean of its prompts' normalised embeddings,
+    renormalised (one template = the plain embedding)."""
+    W = []
+    for name in classnames:
+        tokens = clip_model.tokenize([t.format(name.replace("_", " ")) for t in templates], clip.context_length,
+                                     truncate=True).to(device)
+        W.append(F.normalize(F.normalize(clip.encode_text(tokens), dim=-1).mean(0), dim=0))
+    return torch.stack(W)
+
+
+def topk_per_class(probs, K):
+    """Seed set S*: per class k the (at most) K images whose pseudo-label is k, ranked by p(k|x);
+    ties go to the lower index. Returns (indices [<=C*K], pseudo-labels)."""
+    conf, y = probs.max(1)
+    keep = []
+    for k in range(probs.shape[1]):
+        idx = (y == k).nonzero().squeeze(1)
+        order = torch.sort(-conf[idx], stable=True).indices  # stable: equal confidences keep index order
+        keep.append(idx[order[:K]])
+    idx = torch.cat(keep)
+    return idx, y[idx]
+
+
+def collaborative_filter(y_a, s_pos_b, s_neg_b):
+    """Model b validates model a's labels: keep x iff s+_{y_a(x)}(x) > s-_{y_a(x)}(x) under model b.
+    No threshold: b's negative prompt is the per-sample threshold. Returns a bool mask [N]."""
+    i = torch.arange(len(y_a), device=y_a.device)
+    return s_pos_b[i, y_a] > s_neg_b[i, y_a]
+
+
+# -----------------------------------------------------------------------------
+# Phase II: full fine-tuning of the visual encoder + linear head
+
+
+class FineTuned(nn.Module):
+    """Phase II's classifier: a fully trainable copy of a CLIP image tower plus a linear head on
+    its normalised projected embedding. With W = logit_scale * t (rows: class text embeddings)
+    the head makes step 0 reproduce the prompt classifier logit_scale * cos(v, t_k).
+    `vpt` / `adapter` (from a Phase-I model, --fft-init phase1) are copied and trained too."""
+
+    def __init__(self, visual, num_classes, text_weights=None, logit_scale=100.0, vpt=None, adapter=None):
+        super().__init__()
+        self.visual = copy.deepcopy(visual).requires_grad_(True)  # a copy: the frozen Phase-I backbone stays frozen
+        self.vpt = None if vpt is None else nn.Parameter(vpt.detach().clone())
+        self.adapter = None if adapter is None else copy.deepcopy(adapter).requires_grad_(True)
+        D = self.visual.proj.shape[1] if hasattr(self.visual, "proj") else self.visual.attnpool.c_proj.out_features
+        self.head = nn.Linear(D, num_classes)
+        if text_weights is not None:
+            with torch.no_grad():
+                self.head.weight.copy_(logit_scale * text_weights)
+                self.head.bias.zero_()
+
+    def features(self, x):
+        v = self.visual(x, self.vpt)
+        if self.adapter is not None:
+            v = self.adapter(v)
+        return F.normalize(v, dim=-1)  # [B, D]
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+# -----------------------------------------------------------------------------
+# The training loop shared by both phases
+
+
+def amp_settings(device):
+    """bf16 autocast where the GPU supports it, fp16 + GradScaler on older GPUs, fp32 on CPU."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return dict(device_type="cuda", dtype=torch.bfloat16), None
+        return dict(device_type="cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    return dict(device_type="cpu", enabled=False), None
+
+
+def cosine_with_warmup(step, total, warmup):
+    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def atomic_save(obj, path):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous file intact
+
+
+def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume=False, tag="train",
+        weight_decay=5e-4, momentum=0.9, warmup_epochs=1, clip_grad=1.0, log_every=20, meta=None):
+    """The plain loop used by both phases: SGD with momentum, per-step cosine schedule with
+    warm-up, autocast (bf16 / fp16 + GradScaler / fp32), gradient clipping, a progress line,
+    and an atomic checkpoint after every epoch.
+
+    step_fn(model, batch, generator) -> (loss, {name: value}); make_loader(epoch) -> an iterable.
+    Randomness is re-seeded from (seed, epoch) at every epoch start, so a run resumed from an
+    epoch checkpoint replays the same batches, augmentations and complement labels as an
+    uninterrupted one. `meta` (e.g. the backbone's name) is stored in the checkpoint and must
+    match on resume."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    amp, scaler = amp_settings(device)
+    steps_per_epoch = len(make_loader(0))
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_with_warmup(s, total, warmup_epochs * steps_per_epoch))
+    start = 0
+    if resume and ckpt and Path(ckpt).exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("meta") != meta:
+            raise data.DataError(f"checkpoint {ckpt} was written for {state.get('meta')}, not {meta}: "
+                                 f"use another --out or drop --resume")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start = state["epoch"] + 1
+        print(f"{tag}: resumed from {ckpt} after epoch {start}", flush=True)
+    model.train()
+    t0, seen = time.time(), 0
+    for epoch in range(start, epochs):
+        torch.manual_seed(seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        for i, batch in enumerate(make_loader(epoch)):
+            batch = [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
+            with torch.autocast(**amp):
+                loss, terms = step_fn(model, batch, gen)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            seen += len(batch[0])
+            step = epoch * steps_per_epoch + i + 1
+            if log_every and (step % log_every == 0 or step == total):
+                el = time.time() - t0
+                rate = seen / el
+                eta = el / max(step - start * steps_per_epoch, 1) * (total - step)
+                extra = " ".join(f"{k} {float(v):.3f}" for k, v in terms.items())
+                print(f"{tag} ep {epoch + 1}/{epochs} step {step}/{total} loss {loss.item():.3f} {extra} "
+                      f"lr {sched.get_last_lr()[0]:.2e} {rate:.0f} img/s eta {eta:.0f}s", flush=True)
+        if ckpt:
+            atomic_save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+                         "sched": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                         "meta": meta}, ckpt)
+    model.eval()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Inference helpers
+
+
+@torch.no_grad()
+def run_over(fn, loader, device, amp):
+    """Apply fn to every batch of a (x, y, index) loader and concatenate: (outputs, labels)."""
+    outs, ys = [], []
+    for x, y, _ in loader:
+        with torch.autocast(**amp):
+            out = fn(x.to(device, non_blocking=True))
+        outs.append(out.float().cpu() if torch.is_tensor(out) else tuple(o.float().cpu() for o in out))
+        ys.append(y)
+    if torch.is_tensor(outs[0]):
+        return torch.cat(outs), torch.cat(ys)
+    return tuple(torch.cat(o) for o in zip(*outs)), torch.cat(ys)
+
+
+def accuracy(probs_or_logits, y):
+    return 100.0 * (probs_or_logits.argmax(1) == y).float().mean().item()
+
+
+def precision(pseudo, true):
+    return 100.0 * (pseudo == true).float().mean().item() if len(pseudo) else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# The method, end to end
+
+
+def loader(dataset, batch, shuffle, args, epoch=0, drop_last=False):
+    gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    gpu = args.device.startswith("cuda")
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=shuffle, generator=gen, drop_last=drop_last,
+                                       num_workers=args.workers, pin_memory=gpu,
+                                       persistent_workers=args.workers > 0 and not shuffle)
+
+
+def run(args):
+    """Zero-shot -> S* -> Phase I (two models) -> collaborative filter -> Phase II -> ensemble."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    device = torch.device(args.device)
+    amp, _ = amp_settings(device)
+    torch.manual_seed(args.seed)
+    T0 = time.time()
+    metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed}
+    times = metrics.setdefault("time_s", {})
+
+    task = data.load_task(args.dataset, args.data_root)
+    clip, _ = clip_model.load(args.clip, device)
+    clip.requires_grad_(False)
+    R = clip.visual.resolution
+    C = len(task.classnames)
+    test_tf = data.make_transform("test", R, task)
+    train_eval = data.ImageDataset(task.train, test_tf)  # unlabelled images, test transform
+    test_set = data.ImageDataset(task.test, test_tf)
+    y_true_train = torch.tensor([label for _, label in task.train])  # diagnosis only
+    ev = lambda ds: loader(ds, args.eval_batch, False, args)  # noqa: E731
+    print(f"{args.dataset}: {C} classes, {len(task.train)} unlabelled train images, {len(task.test)} test images; "
+          f"backbone {args.clip} ({R}px) on {device}", flush=True)
+
+    # 0. zero-shot pseudo-labels and the seed set S*
+    t = time.time()
+    tau = 1.0 / clip.logit_scale.exp().item()  # CLIP's own temperature everywhere
+    W = text_classifier(clip, task.classnames, task.templates[:1], device)
+    zs = lambda x: F.normalize(clip.encode_image(x), dim=-1) @ W.t() / tau  # noqa: E731
+    zs_train, _ = run_over(zs, ev(train_eval), device, amp)
+    zs_test, y_test = run_over(zs, ev(test_set), device, amp)
+    metrics["zero_shot_acc"] = accuracy(zs_test, y_test)
+    metrics["zero_shot_train_label_precision"] = precision(zs_train.argmax(1), y_true_train)
+    seed_idx, seed_y = topk_per_class(zs_train.softmax(1), args.K)
+    metrics["seed_set"] = {"size": len(seed_idx), "precision": precision(seed_y, y_true_train[seed_idx])}
+    times["zero_shot"] = time.time() - t
+    print(f"zero-shot test acc {metrics['zero_shot_acc']:.2f}; seed set S*: {len(seed_idx)} images, "
+          f"precision {metrics['seed_set']['precision']:.2f}", flush=True)
+
+    train_tf = data.make_transform(args.fft_aug, R, task)
+    if args.method == "topk":
+        # UPL-like self-training baseline: fine-tune on S* with its zero-shot labels, one branch
+        t = time.time()
+        branch = train_branch(clip, W if args.head_init == "text" else None, seed_idx, seed_y, task, train_tf,
+                              device, args, out, "topk")
+        logits, _ = run_over(branch, ev(test_set), device, amp)
+        metrics["topk_acc"] = accuracy(logits, y_test)
+        times["fine_tune"] = time.time() - t
+        return finish(metrics, out, T0)
+
+    # 1. Phase I: two PEFT models on S*, differing only by seed
+    t = time.time()
+    weak_tf = data.make_transform("weak", R, task)
+    peft = []
+    for m in (1, 2):
+        torch.manual_seed(args.seed * 100 + m)
+        model = DualPromptModel(clip, task.classnames, args.M, args.ctx_init, args.vpt_tokens,
+                                args.vpt == "deep").to(device)
+        ds = data.ImageDataset([task.train[i] for i in seed_idx.tolist()], weak_tf, labels=seed_y.tolist())
+        final = out / f"phase1_model{m}.pt"
+        if args.resume and final.exists():
+            model.load_state_dict(torch.load(final, map_location=device, weights_only=True))
+        else:
+            step = lambda mdl, b, g: phase1_loss(mdl, b[0], b[1], tau, args.lam, args.detach_neg, g)  # noqa: E731
+            fit(model, step, lambda e, ds=ds: loader(ds, args.batch, True, args, e * 10 + m), args.p1_epochs,
+                args.p1_lr, device, args.seed * 10 + m, out / f"ckpt_phase1_model{m}.pt", args.resume,
+                f"phase I model {m}", meta=args.clip, log_every=args.log_every)
+            atomic_save(model.state_dict(), final)
+        peft.append(model.eval())
+    times["phase1"] = time.time() - t
+
+    # 2a. Generation and validation: each model's scores on all unlabelled images, computed once
+    t = time.time()
+    scores = []
+    for m, model in enumerate(peft, 1):
+        (v,), _ = run_over(lambda x, model=model: (model.image_features(x),), ev(train_eval), device, amp)
+        vt, _ = run_over(lambda x, model=model: (model.image_features(x),), ev(test_set), device, amp)
+        with torch.no_grad(), torch.autocast(**amp):
+            t_pos, t_neg = model.prompts(clip)
+        t_pos, t_neg = t_pos.float().cpu(), t_neg.float().cpu()
+        metrics[f"phase1_model{m}_acc"] = accuracy(vt @ t_pos.t(), y_test)
+        scores.append((v @ t_pos.t(), v @ t_neg.t(), t_pos))
+    y_gen = [s[0].argmax(1) for s in scores]
+    metrics["phase1_agreement"] = 100.0 * (y_gen[0] == y_gen[1]).float().mean().item()
+    clean = []
+    for a, b in ((0, 1), (1, 0)):
+        mask = collaborative_filter(y_gen[a], scores[b][0], scores[b][1])
+        idx = mask.nonzero().squeeze(1)
+        clean.append(idx)
+        metrics[f"clean_set_{a + 1}"] = {
+            "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(mask),
+            "precision": precision(y_gen[a][idx], y_true_train[idx]),
+            "all_labels_precision": precision(y_gen[a], y_true_train)}
+        print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(mask)} kept, "
+              f"precision {metrics[f'clean_set_{a + 1}']['precision']:.2f} "
+              f"(all labels {metrics[f'clean_set_{a + 1}']['all_labels_precision']:.2f})", flush=True)
+    times["filter"] = time.time() - t
+    atomic_save({"clean": clean, "labels": y_gen}, out / "clean_sets.pt")
+
+    # 2b. Full fine-tuning per branch, then the test-time ensemble. The encoder is a fresh copy of
+    # the pre-trained tower (or of --fft-backbone's, the paper's distillation setting).
+    t = time.time()
+    if args.fft_backbone:
+        ft_clip, _ = clip_model.load(args.fft_backbone, device)
+        ft_clip.requires_grad_(False)
+        R2 = ft_clip.visual.resolution
+        ft_train_tf, ft_test = data.make_transform(args.fft_aug, R2, task), data.ImageDataset(
+            task.test, data.make_transform("test", R2, task))
+        heads = [text_classifier(ft_clip, task.classnames, task.templates[:1], device)] * 2  # its zero-shot weights
+    else:
+        ft_clip, ft_train_tf, ft_test = clip, train_tf, test_set
+        heads = [s[2].to(device) for s in scores]  # the Phase-I model's positive prompts
+    probs = []
+    for a in range(args.branches):
+        idx = clean[a]
+        init = dict(vpt=None if peft[a].vpt is None else peft[a].vpt.prompts, adapter=peft[a].adapter) \
+            if args.fft_init == "phase1" else {}
+        branch = train_branch(ft_clip, heads[a] if args.head_init == "text" else None, idx, y_gen[a][idx], task,
+                              ft_train_tf, device, args, out, f"branch{a + 1}", **init)
+        logits, _ = run_over(branch, ev(ft_test), device, amp)
+        metrics[f"branch{a + 1}_acc"] = accuracy(logits, y_test)
+        probs.append(logits.softmax(1))
+    metrics["ensemble_acc"] = accuracy(torch.stack(probs).mean(0), y_test)
+    times["phase2"] = time.time() - t
+    return finish(metrics, out, T0)
+
+
+def train_branch(clip, text_weights, idx, labels, task, train_tf, device, args, out, tag, vpt=None, adapter=None):
+    """Phase II for one branch: fine-tune a copy of clip's image tower and a linear head with
+    cross-entropy on (x, y_a(x)) for x in the clean set. Also the top-K baseline's trainer."""
+    model = FineTuned(clip.visual, len(task.classnames), text_weights, clip.logit_scale.exp().item(),
+                      vpt, adapter).to(device)
+    final = out / f"{tag}.pt"
+    if args.resume and final.exists():
+        model.load_state_dict(torch.load(final, map_location=device, weights_only=True))
+        return model.eval()
+    ds = data.ImageDataset([task.train[i] for i in idx.tolist()], train_tf, labels=labels.tolist())
+
+    def step(mdl, b, g):
+        return F.cross_entropy(mdl(b[0]), b[1]), {}
+
+    drop = len(ds) > args.batch  # no tiny last batch (BatchNorm, noisy steps) unless it is the only one
+    fit(model, step, lambda e: loader(ds, args.batch, True, args, e * 10 + 7, drop_last=drop), args.fft_epochs,
+        args.fft_lr, device, args.seed * 10 + 7, out / f"ckpt_{tag}.pt", args.resume, f"phase II {tag}",
+        meta=args.fft_backbone or args.clip, log_every=args.log_every)
+    atomic_save(model.state_dict(), final)
+    return model.eval()
+
+
+def finish(metrics, out, T0):
+    metrics["time_s"]["total"] = time.time() - T0
+    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print("metrics: " + json.dumps({k: v for k, v in metrics.items() if k.endswith("acc")}), flush=True)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def parser():
+    p = argparse.ArgumentParser(description="CoFT: label-free collaborative fine-tuning of CLIP",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="digits", help="digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
+    a("--data-root", default=None, help="root of the CoOp layout / image folder / CIFAR download dir")
+    a("--clip", default="demo", help="RN50 ... ViT-L/14@336px, a checkpoint path, or demo (offline stand-in)")
+    a("--out", default="runs/coft")
+    a("--method", default="coft", choices=["coft", "topk"], help="topk: the UPL-like self-training baseline")
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--workers", type=int, default=0)
+    a("--resume", action="store_true", help="continue from the checkpoints and stage files in --out")
+    a("--log-every", type=int, default=20)
+    a("--eval-batch", type=int, default=256)
+    # seed set
+    a("--K", type=int, default=16, help="seed-set images per class")
+    # Phase I
+    a("--M", type=int, default=16, help="context tokens per prompt")
+    a("--ctx-init", default=None, help='initialise both contexts from words, e.g. "a photo of a"')
+    a("--vpt-tokens", type=int, default=20)
+    a("--vpt", default="deep", choices=["deep", "shallow"])
+    a("--lam", type=float, default=1.0, help="weight of L2")
+    a("--detach-neg", action="store_true", help="DeFT: L2 does not reach the image side")
+    a("--p1-epochs", type=int, default=20)
+    a("--p1-lr", type=float, default=0.03)
+    a("--batch", type=int, default=64)
+    # Phase II
+    a("--branches", type=int, default=2, choices=[1, 2])
+    a("--fft-epochs", type=int, default=10)
+    a("--fft-lr", type=float, default=None, help="default 5e-4 (published), 5e-3 for the tiny demo backbone")
+    a("--fft-aug", default="strong", choices=["strong", "weak"])
+    a("--fft-init", default="pretrained", choices=["pretrained", "phase1"],
+      help="phase1: also carry (and train) the Phase-I VPT / adapter in the fine-tuned encoder")
+    a("--fft-backbone", default=None, help="Phase II on another backbone (distillation), e.g. ViT-B/16")
+    a("--head-init", default="text", choices=["text", "random"])
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.fft_lr is None:
+        args.fft_lr = 5e-3 if args.clip == "demo" else 5e-4
+    try:
+        run(args)
+    except (data.DataError, clip_model.CLIPError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
