@@ -280,7 +280,7 @@ CONFIGS = {
     "ViT-B/16": CLIPConfig(512, 224, 12, 768, 16),
     "ViT-L/14": CLIPConfig(768, 224, 24, 1024, 14, transformer_width=768, transformer_heads=12),
     # The offline demo's stand-in, pretrained by us on rendered digits (see `standin`).
-    "demo": CLIPConfig(128, 32, 4, 128, 8, context_length=16, transformer_width=128, transformer_heads=2,
+    "demo": CLIPConfig(128, 32, 4, 128, 8, context_length=24, transformer_width=128, transformer_heads=2,
                        transformer_layers=3),
     # Tiny models with the real key layout for tests (32x32 images).
     "tiny-vit": CLIPConfig(64, 32, 2, 64, 8, context_length=16, vocab_size=49408,
@@ -709,7 +709,8 @@ def standin(cache_dir=None, rebuild=False, settings=None):
     """Path of the stand-in's checkpoint (a plain state dict), pretraining it first if it is not
     in the cache. The file name carries a hash of the settings, so changing them retrains."""
     settings = {**STANDIN, **(settings or {})}
-    key = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:12]
+    # the key covers the architecture too; bump STANDIN["version"] when the rendered data changes
+    key = hashlib.sha256(repr((sorted(settings.items()), asdict(CONFIGS[settings["config"]]))).encode()).hexdigest()[:12]
     path = Path(cache_dir or default_cache_dir()) / f"standin-{key}.pt"
     if path.exists() and not rebuild:
         return path
@@ -777,15 +778,19 @@ def bench(names=("ViT-B/16", "RN50"), batch=32, prompts=256, steps=3, device=Non
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="CLIP towers: benchmark")
+    p = argparse.ArgumentParser(description="CLIP: benchmark the towers, or build the offline stand-in")
     p.add_argument("--bench", action="store_true", help="time the towers (random weights of real size)")
     p.add_argument("--models", default="ViT-B/16,RN50")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default=None)
+    p.add_argument("--standin", action="store_true", help="pretrain (or find in the cache) the offline stand-in")
+    p.add_argument("--rebuild", action="store_true", help="with --standin: pretrain again even if cached")
     args = p.parse_args()
     if args.bench:
         bench(args.models.split(","), args.batch, args.prompts, args.steps, args.device)
+    elif args.standin:
+        print(f"stand-in checkpoint: {standin(rebuild=args.rebuild)}")
     else:
         p.print_help()

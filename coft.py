@@ -350,20 +350,21 @@ def run_over(fn, loader, device, amp):
     outs, ys = [], []
     for x, y, _ in loader:
         with torch.autocast(**amp):
-            out = fn(x.to(device, non_blocking=True))
-        outs.append(out.float().cpu() if torch.is_tensor(out) else tuple(o.float().cpu() for o in out))
+            outs.append(fn(x.to(device, non_blocking=True)).float().cpu())
         ys.append(y)
-    if torch.is_tensor(outs[0]):
-        return torch.cat(outs), torch.cat(ys)
-    return tuple(torch.cat(o) for o in zip(*outs)), torch.cat(ys)
+    return torch.cat(outs), torch.cat(ys)
 
 
 def accuracy(probs_or_logits, y):
     return 100.0 * (probs_or_logits.argmax(1) == y).float().mean().item()
 
 
+def fmt(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
 def precision(pseudo, true):
-    return 100.0 * (pseudo == true).float().mean().item() if len(pseudo) else float("nan")
+    return 100.0 * (pseudo == true).float().mean().item() if len(pseudo) else None  # None: empty set (JSON has no NaN)
 
 
 # -----------------------------------------------------------------------------
@@ -374,8 +375,7 @@ def loader(dataset, batch, shuffle, args, epoch=0, drop_last=False):
     gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
     gpu = args.device.startswith("cuda")
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=shuffle, generator=gen, drop_last=drop_last,
-                                       num_workers=args.workers, pin_memory=gpu,
-                                       persistent_workers=args.workers > 0 and not shuffle)
+                                       num_workers=args.workers, pin_memory=gpu)
 
 
 def run(args):
@@ -387,7 +387,8 @@ def run(args):
     amp, _ = amp_settings(device)
     torch.manual_seed(args.seed)
     T0 = time.time()
-    metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed}
+    metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed,
+               "eval_split": args.eval_split}
     times = metrics.setdefault("time_s", {})
 
     task = data.load_task(args.dataset, args.data_root)
@@ -397,10 +398,14 @@ def run(args):
     C = len(task.classnames)
     test_tf = data.make_transform("test", R, task)
     train_eval = data.ImageDataset(task.train, test_tf)  # unlabelled images, test transform
-    test_set = data.ImageDataset(task.test, test_tf)
+    if args.eval_split == "dev" and not task.dev:
+        raise data.DataError(f"{args.dataset} has no labelled dev split; use --eval-split test")
+    eval_items = task.dev if args.eval_split == "dev" else task.test
+    test_set = data.ImageDataset(eval_items, test_tf)
     y_true_train = torch.tensor([label for _, label in task.train])  # diagnosis only
     ev = lambda ds: loader(ds, args.eval_batch, False, args)  # noqa: E731
-    print(f"{args.dataset}: {C} classes, {len(task.train)} unlabelled train images, {len(task.test)} test images; "
+    print(f"{args.dataset}: {C} classes, {len(task.train)} unlabelled train images, {len(eval_items)} "
+          f"{args.eval_split} images; "
           f"backbone {args.clip} ({R}px) on {device}", flush=True)
 
     # 0. zero-shot pseudo-labels and the seed set S*
@@ -415,8 +420,14 @@ def run(args):
     seed_idx, seed_y = topk_per_class(zs_train.softmax(1), args.K)
     metrics["seed_set"] = {"size": len(seed_idx), "precision": precision(seed_y, y_true_train[seed_idx])}
     times["zero_shot"] = time.time() - t
-    print(f"zero-shot test acc {metrics['zero_shot_acc']:.2f}; seed set S*: {len(seed_idx)} images, "
-          f"precision {metrics['seed_set']['precision']:.2f}", flush=True)
+    print(f"zero-shot {args.eval_split} acc {metrics['zero_shot_acc']:.2f}; seed set S*: {len(seed_idx)} images, "
+          f"precision {fmt(metrics['seed_set']['precision'])}", flush=True)
+
+    if args.method == "probe":
+        metrics["probe_acc"] = linear_probe(clip, train_eval, y_true_train, test_set, y_test, ev, device, amp)
+        print(f"linear probe on frozen features, trained with the TRUE train labels (a ceiling for reference, "
+              f"not a label-free method): {metrics['probe_acc']:.2f}", flush=True)
+        return finish(metrics, out, T0)
 
     train_tf = data.make_transform(args.fft_aug, R, task)
     if args.method == "topk":
@@ -439,13 +450,13 @@ def run(args):
                                 args.vpt == "deep").to(device)
         ds = data.ImageDataset([task.train[i] for i in seed_idx.tolist()], weak_tf, labels=seed_y.tolist())
         final = out / f"phase1_model{m}.pt"
-        if args.resume and final.exists():
+        if reuse_stage(final, args, later_phase=args.phase == "2"):
             model.load_state_dict(torch.load(final, map_location=device, weights_only=True))
         else:
             step = lambda mdl, b, g: phase1_loss(mdl, b[0], b[1], tau, args.lam, args.detach_neg, g)  # noqa: E731
             fit(model, step, lambda e, ds=ds: loader(ds, args.batch, True, args, e * 10 + m), args.p1_epochs,
                 args.p1_lr, device, args.seed * 10 + m, out / f"ckpt_phase1_model{m}.pt", args.resume,
-                f"phase I model {m}", meta=args.clip, log_every=args.log_every)
+                f"phase I model {m}", meta=backbone_id(args.clip, clip), log_every=args.log_every)
             atomic_save(model.state_dict(), final)
         peft.append(model.eval())
     times["phase1"] = time.time() - t
@@ -454,8 +465,8 @@ def run(args):
     t = time.time()
     scores = []
     for m, model in enumerate(peft, 1):
-        (v,), _ = run_over(lambda x, model=model: (model.image_features(x),), ev(train_eval), device, amp)
-        vt, _ = run_over(lambda x, model=model: (model.image_features(x),), ev(test_set), device, amp)
+        v, _ = run_over(model.image_features, ev(train_eval), device, amp)  # [N, D], reused by both directions
+        vt, _ = run_over(model.image_features, ev(test_set), device, amp)
         with torch.no_grad(), torch.autocast(**amp):
             t_pos, t_neg = model.prompts(clip)
         t_pos, t_neg = t_pos.float().cpu(), t_neg.float().cpu()
@@ -472,11 +483,13 @@ def run(args):
             "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(mask),
             "precision": precision(y_gen[a][idx], y_true_train[idx]),
             "all_labels_precision": precision(y_gen[a], y_true_train)}
+        c = metrics[f"clean_set_{a + 1}"]
         print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(mask)} kept, "
-              f"precision {metrics[f'clean_set_{a + 1}']['precision']:.2f} "
-              f"(all labels {metrics[f'clean_set_{a + 1}']['all_labels_precision']:.2f})", flush=True)
+              f"precision {fmt(c['precision'])} (all labels {fmt(c['all_labels_precision'])})", flush=True)
     times["filter"] = time.time() - t
     atomic_save({"clean": clean, "labels": y_gen}, out / "clean_sets.pt")
+    if args.phase == "1":
+        return finish(metrics, out, T0)
 
     # 2b. Full fine-tuning per branch, then the test-time ensemble. The encoder is a fresh copy of
     # the pre-trained tower (or of --fft-backbone's, the paper's distillation setting).
@@ -486,7 +499,7 @@ def run(args):
         ft_clip.requires_grad_(False)
         R2 = ft_clip.visual.resolution
         ft_train_tf, ft_test = data.make_transform(args.fft_aug, R2, task), data.ImageDataset(
-            task.test, data.make_transform("test", R2, task))
+            eval_items, data.make_transform("test", R2, task))
         heads = [text_classifier(ft_clip, task.classnames, task.templates[:1], device)] * 2  # its zero-shot weights
     else:
         ft_clip, ft_train_tf, ft_test = clip, train_tf, test_set
@@ -506,14 +519,34 @@ def run(args):
     return finish(metrics, out, T0)
 
 
+def linear_probe(clip, train_set, y_train, test_set, y_test, ev, device, amp, steps=500, weight_decay=1e-4):
+    """Reference ceiling: multinomial logistic regression on the frozen, normalised image
+    features, fitted with the true train labels (full batch, Adam). Returns test accuracy."""
+    encode = lambda x: F.normalize(clip.encode_image(x), dim=-1)  # noqa: E731
+    f_train, _ = run_over(encode, ev(train_set), device, amp)
+    f_test, _ = run_over(encode, ev(test_set), device, amp)
+    head = nn.Linear(f_train.shape[1], int(y_train.max()) + 1)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(head(f_train * 10), y_train).backward()  # x10: unit-norm features need a larger scale
+        opt.step()
+    with torch.no_grad():
+        return accuracy(head(f_test * 10), y_test)
+
+
 def train_branch(clip, text_weights, idx, labels, task, train_tf, device, args, out, tag, vpt=None, adapter=None):
     """Phase II for one branch: fine-tune a copy of clip's image tower and a linear head with
     cross-entropy on (x, y_a(x)) for x in the clean set. Also the top-K baseline's trainer."""
     model = FineTuned(clip.visual, len(task.classnames), text_weights, clip.logit_scale.exp().item(),
                       vpt, adapter).to(device)
     final = out / f"{tag}.pt"
-    if args.resume and final.exists():
+    if reuse_stage(final, args):
         model.load_state_dict(torch.load(final, map_location=device, weights_only=True))
+        return model.eval()
+    if len(idx) == 0:  # the validator rejected every label: nothing to fine-tune on
+        print(f"warning: {tag} has an empty training set; it stays at its initialisation", flush=True)
+        atomic_save(model.state_dict(), final)
         return model.eval()
     ds = data.ImageDataset([task.train[i] for i in idx.tolist()], train_tf, labels=labels.tolist())
 
@@ -523,9 +556,26 @@ def train_branch(clip, text_weights, idx, labels, task, train_tf, device, args, 
     drop = len(ds) > args.batch  # no tiny last batch (BatchNorm, noisy steps) unless it is the only one
     fit(model, step, lambda e: loader(ds, args.batch, True, args, e * 10 + 7, drop_last=drop), args.fft_epochs,
         args.fft_lr, device, args.seed * 10 + 7, out / f"ckpt_{tag}.pt", args.resume, f"phase II {tag}",
-        meta=args.fft_backbone or args.clip, log_every=args.log_every)
+        meta=backbone_id(args.fft_backbone or args.clip, clip), log_every=args.log_every)
     atomic_save(model.state_dict(), final)
     return model.eval()
+
+
+def backbone_id(name, clip):
+    """What a checkpoint must agree on to be resumed: the backbone's name (file name for paths)
+    and its architecture."""
+    return f"{Path(name).name} {clip.cfg}"
+
+
+def reuse_stage(final, args, later_phase=False):
+    """Whether a stage's saved result is loaded instead of trained: with --resume (finished stages
+    are kept), --eval-only (nothing is trained), or when only a later phase is run."""
+    if final.exists() and (args.resume or args.eval_only or later_phase):
+        return True
+    if args.eval_only or later_phase:
+        raise data.DataError(f"{final} not found: {'--eval-only needs a finished run' if args.eval_only else '--phase 2 needs Phase I'} "
+                             f"in --out {final.parent} (run without --eval-only / with --phase 1 first)")
+    return False
 
 
 def finish(metrics, out, T0):
@@ -547,13 +597,20 @@ def parser():
     a("--data-root", default=None, help="root of the CoOp layout / image folder / CIFAR download dir")
     a("--clip", default="demo", help="RN50 ... ViT-L/14@336px, a checkpoint path, or demo (offline stand-in)")
     a("--out", default="runs/coft")
-    a("--method", default="coft", choices=["coft", "topk"], help="topk: the UPL-like self-training baseline")
+    a("--method", default="coft", choices=["coft", "topk", "probe"],
+      help="topk: the UPL-like self-training baseline; probe: linear probe with TRUE labels (ceiling, reference only)")
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--workers", type=int, default=0)
+    a("--workers", type=int, default=None, help="DataLoader workers (default: 8 on CUDA, 0 on CPU)")
     a("--resume", action="store_true", help="continue from the checkpoints and stage files in --out")
+    a("--phase", default="all", choices=["all", "1", "2"],
+      help="1: zero-shot + Phase I (+ filter) only; 2: Phase II from the Phase-I models saved in --out")
+    a("--eval-only", action="store_true", help="evaluate the models saved in --out, train nothing")
+    a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
     a("--log-every", type=int, default=20)
     a("--eval-batch", type=int, default=256)
+    a("--eval-split", default="test", choices=["test", "dev"],
+      help="dev: report on the labelled dev split instead (for choosing hyperparameters; never tune on test)")
     # seed set
     a("--K", type=int, default=16, help="seed-set images per class")
     # Phase I
@@ -578,12 +635,38 @@ def parser():
     return p
 
 
+def table(run_dirs):
+    """One line per run from its metrics.json: accuracy, pseudo-label precisions, time."""
+    rows = [("run", "method", "zero-shot", "S* prec", "clean prec", "phase I", "branches", "final acc", "time s")]
+    f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731  (None: an empty set)
+    for d in run_dirs:
+        path = Path(d) / "metrics.json"
+        if not path.exists():
+            rows.append((str(d), "(no metrics.json: unfinished)") + ("",) * 7)
+            continue
+        m = json.loads(path.read_text())
+        clean = [m[k]["precision"] for k in ("clean_set_1", "clean_set_2") if k in m]
+        p1 = [m[k] for k in ("phase1_model1_acc", "phase1_model2_acc") if k in m]
+        br = [m[k] for k in ("branch1_acc", "branch2_acc") if k in m]
+        final = m.get("ensemble_acc", m.get("topk_acc", m.get("probe_acc")))
+        rows.append((Path(d).name, m["method"], f(m["zero_shot_acc"]), f(m["seed_set"]["precision"]),
+                     "/".join(f(c) for c in clean) or "-", "/".join(f(a) for a in p1) or "-",
+                     "/".join(f(a) for a in br) or "-", f(final), f(m["time_s"]["total"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.table:
+        return table(args.table)
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
     if args.fft_lr is None:
         args.fft_lr = 5e-3 if args.clip == "demo" else 5e-4
     try:
-        run(args)
+        return run(args)
     except (data.DataError, clip_model.CLIPError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -504,6 +504,172 @@ def test_cosine_with_warmup():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
 
 
+# --------------------------------------------------------------------------- CoFT: end to end (tiny)
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tmp_path_factory):
+    """tiny-vit pretrained on rendered digits for a few seconds (the stand-in recipe, tiny settings):
+    a backbone whose pseudo-labels mean something, shared by the end-to-end tests."""
+    torch.manual_seed(0)
+    model = cm.tiny_clip("tiny-vit", seed=0)
+    history = cm.pretrain(model, steps=150, batch=64, lr=7e-4, weight_decay=0.0, warmup=20, seed=0, log_every=0)
+    path = tmp_path_factory.mktemp("standin") / "tiny-pretrained.pt"
+    torch.save(model.state_dict(), path)
+    return path, history, model.eval()
+
+
+def test_standin_pretraining_learns(pretrained_tiny):
+    path, history, model = pretrained_tiny
+    assert sum(history[-10:]) / 10 < history[0] - 0.3  # the contrastive loss goes down
+    # zero-shot on held-out rendered digits (a seed the training stream never used): well above 10%
+    x, y, _ = data.render_digits(500, seed=12345)
+    mean, std = torch.tensor(cm.CLIP_MEAN).view(3, 1, 1), torch.tensor(cm.CLIP_STD).view(3, 1, 1)
+    with torch.no_grad():
+        W = coft.text_classifier(model, data.DIGIT_CLASSNAMES, [data.DIGITS_TEMPLATE], "cpu")
+        acc = (F.normalize(model.encode_image((x - mean) / std), dim=-1) @ W.t()).argmax(1).eq(y).float().mean()
+    assert acc > 0.2, acc
+
+
+def test_clip_loss_counts_same_digit_captions_as_matches():
+    g = torch.Generator().manual_seed(0)
+    v, t = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    labels = torch.tensor([0, 0, 1, 2, 1])
+    logits = 10.0 * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).t()
+
+    def soft_ce(rows):  # each row's target: uniform over the columns with the same digit
+        total = 0.0
+        for i in range(5):
+            matches = [j for j in range(5) if labels[j] == labels[i]]
+            total += -sum(rows[i].log_softmax(0)[j] for j in matches) / len(matches)
+        return total / 5
+
+    assert torch.isclose(cm.clip_loss(v, t, 10.0, labels), (soft_ce(logits) + soft_ce(logits.t())) / 2)
+
+
+def test_standin_is_cached_by_settings(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cm, "pretrain", lambda model, **kw: calls.append(kw) or [0.0])
+    s = dict(config="tiny-vit", steps=3, batch=4)
+    p1 = cm.standin(cache_dir=tmp_path, settings=s)
+    p2 = cm.standin(cache_dir=tmp_path, settings=s)
+    assert p1 == p2 and len(calls) == 1 and p1.exists()  # the second call loads the cache
+    cm.standin(cache_dir=tmp_path, settings=s, rebuild=True)
+    assert len(calls) == 2
+    p3 = cm.standin(cache_dir=tmp_path, settings=dict(s, steps=4))
+    assert p3 != p1 and len(calls) == 3  # other settings, other file
+    model, _ = cm.load(str(p1))
+    assert model.cfg == cm.CONFIGS["tiny-vit"]
+
+
+def run_coft(tmp_path, *extra, name="tiny-vit", out="run", ckpt=None):
+    if ckpt is None:
+        ckpt = tmp_path / f"{name}.pt"
+        torch.save(randomized(name).state_dict(), ckpt)
+    args = ["--dataset", "digits", "--clip", str(ckpt), "--out", str(tmp_path / out), "--M", "4", "--K", "4",
+            "--vpt-tokens", "2", "--p1-epochs", "2", "--fft-epochs", "2", "--batch", "64", "--fft-lr", "1e-3",
+            "--log-every", "0", "--fft-aug", "weak"]
+    return coft.main(args + list(extra))
+
+
+def numbers(metrics):
+    """Every metric but the timings."""
+    return {k: v for k, v in metrics.items() if k != "time_s"}
+
+
+def test_end_to_end_writes_every_metric(tmp_path, pretrained_tiny):
+    m = run_coft(tmp_path, ckpt=pretrained_tiny[0])
+    for key in ("zero_shot_acc", "phase1_model1_acc", "phase1_model2_acc", "branch1_acc", "branch2_acc",
+                "ensemble_acc", "phase1_agreement"):
+        assert 0 <= m[key] <= 100, key
+    assert m["seed_set"]["size"] <= 10 * 4
+    for a in (1, 2):
+        c = m[f"clean_set_{a}"]
+        assert 0 <= c["size"] <= 899 and c["kept_fraction"] == pytest.approx(100 * c["size"] / 899)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(m))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["K"] == 4
+    # --eval-only reloads the saved models and reproduces every number without training
+    assert m["zero_shot_acc"] > 15 and m["seed_set"]["size"] > 10  # a backbone that means something
+    again = run_coft(tmp_path, "--eval-only", ckpt=pretrained_tiny[0])
+    assert numbers(again) == numbers(m)
+
+
+def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, pretrained_tiny):
+    ckpt = pretrained_tiny[0]
+    full = run_coft(tmp_path, out="full", ckpt=ckpt)
+    real_save, calls = coft.atomic_save, []
+
+    def dying_save(obj, path):
+        calls.append(Path(path).name)
+        real_save(obj, path)
+        if Path(path).name == "ckpt_branch1.pt":  # killed right after branch 1's first epoch checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(coft, "atomic_save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_coft(tmp_path, out="killed", ckpt=ckpt)
+    monkeypatch.setattr(coft, "atomic_save", real_save)
+    assert not (tmp_path / "killed" / "branch1.pt").exists()
+    resumed = run_coft(tmp_path, "--resume", out="killed", ckpt=ckpt)
+    assert numbers(resumed) == numbers(full)
+
+
+def test_phase_flag_runs_phases_separately(tmp_path, pretrained_tiny):
+    ckpt = pretrained_tiny[0]
+    full = run_coft(tmp_path, out="full", ckpt=ckpt)
+    p1 = run_coft(tmp_path, "--phase", "1", out="split", ckpt=ckpt)
+    assert "branch1_acc" not in p1 and p1["phase1_model1_acc"] == full["phase1_model1_acc"]
+    p2 = run_coft(tmp_path, "--phase", "2", out="split", ckpt=ckpt)
+    assert numbers(p2) == numbers(full)
+
+
+def test_topk_baseline_and_resnet_backbone(tmp_path):
+    m = run_coft(tmp_path, "--method", "topk", name="tiny-rn")
+    assert 0 <= m["topk_acc"] <= 100 and "phase1_model1_acc" not in m
+    m = run_coft(tmp_path, "--branches", "1", name="tiny-rn", out="rn")
+    assert "branch2_acc" not in m and 0 <= m["ensemble_acc"] <= 100
+
+
+def cli_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        coft.main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert "--data-root is required" in cli_error(capsys, "--dataset", "dtd", "--out", str(tmp_path / "a"))
+    assert "unknown dataset" in cli_error(capsys, "--dataset", "mnist", "--out", str(tmp_path / "b"))
+    # a split file that names missing images
+    root = tmp_path / "DATA"
+    write_image(str(root / "dtd" / "images" / "banded" / "a.jpg"))
+    split = {"train": [["banded/a.jpg", 0, "banded"], ["banded/gone.jpg", 0, "banded"]],
+             "val": [], "test": [["banded/a.jpg", 0, "banded"]]}
+    (root / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    err = cli_error(capsys, "--dataset", "dtd", "--data-root", str(root), "--out", str(tmp_path / "c"))
+    assert "do not exist" in err and "gone.jpg" in err
+    # a checkpoint path that does not exist
+    assert "unknown model" in cli_error(capsys, "--clip", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "d"))
+    # --eval-only / --phase 2 without the saved state they need
+    torch.save(randomized("tiny-vit").state_dict(), tmp_path / "tiny.pt")
+    small = ["--clip", str(tmp_path / "tiny.pt"), "--M", "4", "--K", "2", "--vpt-tokens", "2"]
+    assert "--eval-only needs a finished run" in cli_error(capsys, *small, "--eval-only", "--out", str(tmp_path / "e"))
+    assert "--phase 2 needs Phase I" in cli_error(capsys, *small, "--phase", "2", "--out", str(tmp_path / "f"))
+
+
+def test_resume_refuses_a_checkpoint_of_another_backbone(tmp_path, capsys):
+    run_coft(tmp_path, "--phase", "1", "--p1-epochs", "1")
+    (tmp_path / "run" / "phase1_model1.pt").unlink()  # as if killed: only the epoch checkpoint is left
+    torch.save(randomized("tiny-vit", seed=0, vision_layers=3).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(SystemExit):
+        coft.main(["--dataset", "digits", "--clip", str(tmp_path / "other.pt"), "--out", str(tmp_path / "run"),
+                   "--M", "4", "--K", "4", "--vpt-tokens", "2", "--p1-epochs", "1", "--resume", "--log-every", "0"])
+    err = capsys.readouterr().err
+    assert "was written for" in err and "\n" not in err.strip()
+
+
 # --------------------------------------------------------------------------- data: the offline digits
 
 def _names_in(caption):
