@@ -630,6 +630,30 @@ def test_topk_baseline_and_resnet_backbone(tmp_path):
     assert "branch2_acc" not in m and 0 <= m["ensemble_acc"] <= 100
 
 
+def test_fft_init_phase1_and_distillation_backbone(tmp_path, pretrained_tiny):
+    rn = tmp_path / "rn.pt"
+    torch.save(randomized("tiny-rn").state_dict(), rn)
+    # Phase I on the ViT, Phase II on a ResNet: the branch's encoder is the other backbone
+    m = run_coft(tmp_path, "--fft-backbone", str(rn), "--branches", "1", ckpt=pretrained_tiny[0], out="distil")
+    keys = torch.load(tmp_path / "distil" / "branch1.pt", weights_only=True)
+    assert any(k.startswith("visual.layer1.") for k in keys) and "vpt" not in keys and 0 <= m["ensemble_acc"] <= 100
+    # --fft-init phase1 carries the Phase-I VPT into the fine-tuned encoder, where it keeps training
+    run_coft(tmp_path, "--fft-init", "phase1", "--branches", "1", ckpt=pretrained_tiny[0], out="p1init")
+    p1 = torch.load(tmp_path / "p1init" / "phase1_model1.pt", weights_only=True)["vpt.prompts"]
+    ft = torch.load(tmp_path / "p1init" / "branch1.pt", weights_only=True)["vpt"]
+    assert ft.shape == p1.shape and not torch.equal(ft, p1)
+
+
+def test_digit_transforms_never_flip():
+    task = data.digits_task()
+    assert task.flip is False
+    for kind in ("weak", "strong"):
+        names = [type(t).__name__ for t in data.make_transform(kind, 32, task).transforms]
+        assert "RandomHorizontalFlip" not in names
+    assert "RandomHorizontalFlip" in [type(t).__name__ for t in data.make_transform(
+        "strong", 32, data.Task("x", ["a"], ["{}"], [], [], flip=True)).transforms]
+
+
 def cli_error(capsys, *argv):
     with pytest.raises(SystemExit) as e:
         coft.main(list(argv))
