@@ -178,15 +178,19 @@ def phase1_loss(model, x, y, tau, lam=1.0, detach_neg=False, generator=None):
 # Pseudo-labels: zero-shot classifier, seed set, collaborative filter
 
 
+def class_prompts(classnames, templates):
+    """Per class, its name in every template: [[str]] (C lists)."""
+    return [[t.format(name.replace("_", " ")) for t in templates] for name in classnames]
+
+
 @torch.no_grad()
-def text_classifier(clip, classnames, templates, device):
-    """Zero-shot weights [C, D]: per class the mean of its prompts' normalised embeddings,
-    renormalised (one template = the plain embedding)."""
+def text_classifier(clip, prompts, device):
+    """Zero-shot weights [C, D] from per-class prompt lists: the mean of each class's
+    normalised prompt embeddings, renormalised (one prompt = its plain embedding)."""
     W = []
-    for name in classnames:
-        tokens = clip_model.tokenize([t.format(name.replace("_", " ")) for t in templates], clip.context_length,
-                                     truncate=True).to(device)
-        W.append(F.normalize(F.normalize(clip.encode_text(tokens), dim=-1).mean(0), dim=0))
+    for texts in prompts:
+        tokens = clip_model.tokenize(texts, clip.context_length, truncate=True).to(device)
+        W.append(F.normalize(F.normalize(clip.encode_text(tokens).float(), dim=-1).mean(0), dim=0))
     return torch.stack(W)
 
 
@@ -240,6 +244,161 @@ class FineTuned(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+
+# -----------------------------------------------------------------------------
+# CoFT+: momentum contrast in Phase II, LLM-written class prompts (spec, "CoFT+")
+
+
+class MomentumContrast(nn.Module):
+    """Phase II of CoFT+ (spec, CoFT+ 3): a momentum (EMA) copy of the fine-tuned model gives the
+    keys, theta_m <- mu * theta_m + (1 - mu) * theta; keys of past batches wait in a queue; the
+    loss is InfoNCE with temperature tau' over [positive key, queued keys]. No projection head:
+    queries and keys are the normalised visual embeddings. The queue holds only real keys (no
+    random initial entries), wraps around overwriting the oldest, and takes any batch size;
+    its contents and the EMA model are buffers, so checkpoints carry them."""
+
+    def __init__(self, model, size, mu=0.999, tau=0.07):
+        super().__init__()
+        self.model = model  # the online FineTuned (trained)
+        self.key_model = copy.deepcopy(model).requires_grad_(False)  # the momentum copy (never trained)
+        self.mu, self.tau = mu, tau
+        dim = model.head.in_features
+        self.register_buffer("queue", torch.zeros(size, dim))  # [Q, D] normalised keys
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next slot to write
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # slots holding a real key
+
+    @torch.no_grad()
+    def momentum_update(self):
+        for p_m, p in zip(self.key_model.parameters(), self.model.parameters()):
+            p_m.mul_(self.mu).add_(p.detach(), alpha=1 - self.mu)
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        keys = keys[-len(self.queue):].float()  # a batch larger than the queue keeps its newest keys
+        Q, n, p = len(self.queue), len(keys), int(self.ptr)
+        first = min(n, Q - p)
+        self.queue[p:p + first] = keys[:first]
+        self.queue[:n - first] = keys[first:]  # wrap around: overwrite the oldest
+        self.ptr.fill_((p + n) % Q)
+        self.count.fill_(min(int(self.count) + n, Q))
+
+    def info_nce(self, q, k):
+        """-log( exp(q.k/tau') / (exp(q.k/tau') + sum_queue exp(q.k_j/tau')) ), batch mean;
+        logits have the positive in column 0."""
+        l_pos = (q * k).sum(1, keepdim=True)  # [B, 1]
+        # a copy: enqueue() overwrites the queue in place before backward needs these keys
+        l_neg = q @ self.queue[:int(self.count)].clone().t().to(q.dtype)  # [B, count]
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.tau
+        return F.cross_entropy(logits.float(), torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+    def forward(self, x_q, x_k):
+        """L_Cont for a batch of two views; updates the momentum model first, then the queue."""
+        q = self.model.features(x_q)  # [B, D]
+        with torch.no_grad():
+            self.momentum_update()
+            k = self.key_model.features(x_k).detach()  # keys never carry gradients
+        loss = self.info_nce(q, k)
+        self.enqueue(k)
+        return loss
+
+
+class WithUnlabelled:
+    """Phase II batches for CoFT+: each clean-set batch (x, y, i) comes with a batch of two views
+    (x_q, x_k) of *all* unlabelled images, drawn from a second loader that cycles."""
+
+    def __init__(self, clean_loader, unlabelled_loader):
+        self.clean, self.unlabelled = clean_loader, unlabelled_loader
+
+    def __len__(self):
+        return len(self.clean)
+
+    def __iter__(self):
+        it = iter(self.unlabelled)
+        for x, y, i in self.clean:
+            try:
+                (xq, xk), _, _ = next(it)
+            except StopIteration:
+                it = iter(self.unlabelled)
+                (xq, xk), _, _ = next(it)
+            yield x, y, i, xq, xk
+
+
+def read_llm_prompts(path, classnames):
+    """A JSON file {class name: [prompt, ...]} -> per-class prompt lists in class order."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise data.DataError(f"cannot read the prompt file {path} ({e}); write it with --write-llm-prompts") from None
+    return [validated_prompts(table, classnames, str(path))[c] for c in classnames]
+
+
+def validated_prompts(table, classnames, source):
+    """Every class present with a non-empty list of non-empty strings, else one clear line."""
+    if not isinstance(table, dict):
+        raise data.DataError(f"{source}: expected a JSON object {{class name: [prompts]}}, got {type(table).__name__}")
+    missing = [c for c in classnames if c not in table]
+    if missing:
+        raise data.DataError(f"{source}: no prompts for {len(missing)} class(es), e.g. {missing[:3]}")
+    bad = [c for c in classnames if not isinstance(table[c], list) or not table[c]
+           or not all(isinstance(p, str) and p.strip() for p in table[c])]
+    if bad:
+        raise data.DataError(f"{source}: class(es) {bad[:3]} need a non-empty list of non-empty strings")
+    return {c: [p.strip() for p in table[c]] for c in classnames}
+
+
+def ask_llm(classnames, api_base, model, api_key=None, n=10, chunk=25, retries=3, timeout=120):
+    """Ask an OpenAI-compatible chat endpoint (POST {api_base}/chat/completions, standard-library
+    HTTP only) for n short visual descriptions per class, `chunk` classes per request. Returns
+    {class name: [prompts]}, validated; retries transient failures, then fails in one line."""
+    import urllib.error
+    import urllib.request
+    url = api_base.rstrip("/") + "/chat/completions"
+    table = {}
+    for start in range(0, len(classnames), chunk):
+        names = classnames[start:start + chunk]
+        ask = (f"For each of these image classes, write {n} short, varied sentences describing what a photo of it "
+               f"looks like, each naming the class. Answer with only a JSON object mapping each class name, "
+               f"exactly as given, to a list of {n} strings. Classes: {json.dumps(names)}")
+        body = json.dumps({"model": model, "temperature": 0.7,
+                           "messages": [{"role": "user", "content": ask}]}).encode()
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        for attempt in range(retries):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as r:
+                    reply = json.loads(r.read().decode())
+                break
+            except urllib.error.HTTPError as e:
+                if e.code < 500 and e.code != 429 or attempt + 1 == retries:  # a client error will not improve
+                    raise data.DataError(f"{url} answered HTTP {e.code} ({e.reason}); check --api-base, --model "
+                                         f"and the API key") from None
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                if attempt + 1 == retries:
+                    raise data.DataError(f"cannot get a reply from {url} ({getattr(e, 'reason', e)}) after "
+                                         f"{retries} tries; is the endpoint up and --api-base right?") from None
+            time.sleep(2 ** attempt)
+        try:
+            content = reply["choices"][0]["message"]["content"].strip()
+            if content.startswith("```"):  # tolerate a fenced code block around the JSON
+                content = content.strip("`").removeprefix("json").strip()
+            part = json.loads(content)
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise data.DataError(f"{url} sent a malformed reply (expected a chat completion whose message is a "
+                                 f"JSON object of prompt lists): {str(reply)[:120]}") from None
+        table.update(validated_prompts(part, names, f"the reply from {url}"))
+    return table
+
+
+def write_llm_prompts(path, classnames, api_base, model, api_key=None, n=10):
+    """Generate, validate, then write atomically: a bad reply never leaves a partial file."""
+    table = ask_llm(classnames, api_base, model, api_key, n)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -379,7 +538,8 @@ def loader(dataset, batch, shuffle, args, epoch=0, drop_last=False):
 
 
 def run(args):
-    """Zero-shot -> S* -> Phase I (two models) -> collaborative filter -> Phase II -> ensemble."""
+    """Zero-shot -> S* -> Phase I (two models; CoFT+: R rounds) -> collaborative filter ->
+    Phase II (CoFT+: + momentum contrast) -> ensemble. Writes metrics.json and config.json."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(vars(args), indent=2))
@@ -387,11 +547,14 @@ def run(args):
     amp, _ = amp_settings(device)
     torch.manual_seed(args.seed)
     T0 = time.time()
-    metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed,
-               "eval_split": args.eval_split}
+    zs_source = "llm" if args.llm_prompts else "ensemble" if args.template_ensemble else "template"
+    metrics = {"dataset": args.dataset, "clip": args.clip, "method": "coft+" if args.plus else args.method,
+               "seed": args.seed, "eval_split": args.eval_split,
+               "parts": {"rounds": args.rounds, "contrast": args.contrast, "zero_shot_prompts": zs_source}}
     times = metrics.setdefault("time_s", {})
 
     task = data.load_task(args.dataset, args.data_root)
+    prompts = zero_shot_prompts(task, args)
     clip, _ = clip_model.load(args.clip, device)
     clip.requires_grad_(False)
     R = clip.visual.resolution
@@ -402,29 +565,28 @@ def run(args):
         raise data.DataError(f"{args.dataset} has no labelled dev split; use --eval-split test")
     eval_items = task.dev if args.eval_split == "dev" else task.test
     test_set = data.ImageDataset(eval_items, test_tf)
-    y_true_train = torch.tensor([label for _, label in task.train])  # diagnosis only
+    y_true = torch.tensor([label for _, label in task.train])  # diagnosis only: precisions
     ev = lambda ds: loader(ds, args.eval_batch, False, args)  # noqa: E731
     print(f"{args.dataset}: {C} classes, {len(task.train)} unlabelled train images, {len(eval_items)} "
-          f"{args.eval_split} images; "
-          f"backbone {args.clip} ({R}px) on {device}", flush=True)
+          f"{args.eval_split} images; backbone {args.clip} ({R}px) on {device}", flush=True)
 
     # 0. zero-shot pseudo-labels and the seed set S*
     t = time.time()
     tau = 1.0 / clip.logit_scale.exp().item()  # CLIP's own temperature everywhere
-    W = text_classifier(clip, task.classnames, task.templates[:1], device)
+    W = text_classifier(clip, prompts, device)
     zs = lambda x: F.normalize(clip.encode_image(x), dim=-1) @ W.t() / tau  # noqa: E731
     zs_train, _ = run_over(zs, ev(train_eval), device, amp)
     zs_test, y_test = run_over(zs, ev(test_set), device, amp)
     metrics["zero_shot_acc"] = accuracy(zs_test, y_test)
-    metrics["zero_shot_train_label_precision"] = precision(zs_train.argmax(1), y_true_train)
+    metrics["zero_shot_train_label_precision"] = precision(zs_train.argmax(1), y_true)
     seed_idx, seed_y = topk_per_class(zs_train.softmax(1), args.K)
-    metrics["seed_set"] = {"size": len(seed_idx), "precision": precision(seed_y, y_true_train[seed_idx])}
+    metrics["seed_set"] = {"size": len(seed_idx), "precision": precision(seed_y, y_true[seed_idx])}
     times["zero_shot"] = time.time() - t
     print(f"zero-shot {args.eval_split} acc {metrics['zero_shot_acc']:.2f}; seed set S*: {len(seed_idx)} images, "
           f"precision {fmt(metrics['seed_set']['precision'])}", flush=True)
 
     if args.method == "probe":
-        metrics["probe_acc"] = linear_probe(clip, train_eval, y_true_train, test_set, y_test, ev, device, amp)
+        metrics["probe_acc"] = linear_probe(clip, train_eval, y_true, test_set, y_test, ev, device, amp)
         print(f"linear probe on frozen features, trained with the TRUE train labels (a ceiling for reference, "
               f"not a label-free method): {metrics['probe_acc']:.2f}", flush=True)
         return finish(metrics, out, T0)
@@ -434,56 +596,68 @@ def run(args):
         # UPL-like self-training baseline: fine-tune on S* with its zero-shot labels, one branch
         t = time.time()
         branch = train_branch(clip, W if args.head_init == "text" else None, seed_idx, seed_y, task, train_tf,
-                              device, args, out, "topk")
+                              train_eval, device, args, out, "topk")
         logits, _ = run_over(branch, ev(test_set), device, amp)
         metrics["topk_acc"] = accuracy(logits, y_test)
         times["fine_tune"] = time.time() - t
         return finish(metrics, out, T0)
 
-    # 1. Phase I: two PEFT models on S*, differing only by seed
+    # 1. Phase I: two PEFT models differing only by seed. Round 1 trains on S*; CoFT+ round r
+    # relabels everything with each model's round r-1 model, takes that model's own top-K, and
+    # restarts from pre-trained CLIP with fresh prompts and VPT.
     t = time.time()
     weak_tf = data.make_transform("weak", R, task)
-    peft = []
-    for m in (1, 2):
-        torch.manual_seed(args.seed * 100 + m)
-        model = DualPromptModel(clip, task.classnames, args.M, args.ctx_init, args.vpt_tokens,
-                                args.vpt == "deep").to(device)
-        ds = data.ImageDataset([task.train[i] for i in seed_idx.tolist()], weak_tf, labels=seed_y.tolist())
-        final = out / f"phase1_model{m}.pt"
-        if reuse_stage(final, args, later_phase=args.phase == "2"):
-            model.load_state_dict(torch.load(final, map_location=device, weights_only=True))
-        else:
-            step = lambda mdl, b, g: phase1_loss(mdl, b[0], b[1], tau, args.lam, args.detach_neg, g)  # noqa: E731
-            fit(model, step, lambda e, ds=ds: loader(ds, args.batch, True, args, e * 10 + m), args.p1_epochs,
-                args.p1_lr, device, args.seed * 10 + m, out / f"ckpt_phase1_model{m}.pt", args.resume,
-                f"phase I model {m}", meta=backbone_id(args.clip, clip), log_every=args.log_every)
-            atomic_save(model.state_dict(), final)
-        peft.append(model.eval())
+    sets = [(seed_idx, seed_y), (seed_idx, seed_y)]
+    metrics["rounds"] = []
+    for r in range(1, args.rounds + 1):
+        peft, scores, log = [], [], {}
+        for m in (1, 2):
+            idx, y = sets[m - 1]
+            log[f"model{m}_seed_set"] = {"size": len(idx), "precision": precision(y, y_true[idx])}
+            torch.manual_seed(args.seed * 100 + 10 * r + m)  # fresh prompts / VPT every round
+            model = DualPromptModel(clip, task.classnames, args.M, args.ctx_init, args.vpt_tokens,
+                                    args.vpt == "deep").to(device)
+            ds = data.ImageDataset([task.train[i] for i in idx.tolist()], weak_tf, labels=y.tolist())
+            final = out / f"phase1_round{r}_model{m}.pt"
+            if reuse_stage(final, args, later_phase=args.phase == "2"):
+                model.load_state_dict(torch.load(final, map_location=device, weights_only=True))
+            else:
+                step = lambda mdl, b, g: phase1_loss(mdl, b[0], b[1], tau, args.lam, args.detach_neg, g)  # noqa: E731
+                fit(model, step, lambda e, ds=ds, k=10 * r + m: loader(ds, args.batch, True, args, 100 * e + k),
+                    args.p1_epochs, args.p1_lr, device, args.seed * 100 + 10 * r + m,
+                    out / f"ckpt_phase1_round{r}_model{m}.pt", args.resume, f"phase I round {r} model {m}",
+                    meta=backbone_id(args.clip, clip), log_every=args.log_every)
+                atomic_save(model.state_dict(), final)
+            model.eval()
+            # each model's scores on all unlabelled images, computed once and used for relabelling
+            # (next round) or for both directions of the collaborative filter (last round)
+            s_pos, s_neg, t_pos = peft_scores(model, clip, ev(train_eval), device, amp)
+            test_scores = peft_scores(model, clip, ev(test_set), device, amp)[0]
+            log[f"model{m}_acc"] = accuracy(test_scores, y_test)
+            peft.append(model)
+            scores.append((s_pos, s_neg, t_pos))
+            if r < args.rounds:
+                sets[m - 1] = topk_per_class((s_pos / tau).softmax(1), args.K)
+        metrics["rounds"].append(log)
+        print(f"phase I round {r}: " + "; ".join(
+            f"model {m}: seed set {log[f'model{m}_seed_set']['size']} (precision "
+            f"{fmt(log[f'model{m}_seed_set']['precision'])}), acc {log[f'model{m}_acc']:.2f}" for m in (1, 2)),
+            flush=True)
+    metrics["phase1_model1_acc"], metrics["phase1_model2_acc"] = log["model1_acc"], log["model2_acc"]
     times["phase1"] = time.time() - t
 
-    # 2a. Generation and validation: each model's scores on all unlabelled images, computed once
+    # 2a. Generation (model a labels) and validation (model b keeps s+ > s-), both directions
     t = time.time()
-    scores = []
-    for m, model in enumerate(peft, 1):
-        v, _ = run_over(model.image_features, ev(train_eval), device, amp)  # [N, D], reused by both directions
-        vt, _ = run_over(model.image_features, ev(test_set), device, amp)
-        with torch.no_grad(), torch.autocast(**amp):
-            t_pos, t_neg = model.prompts(clip)
-        t_pos, t_neg = t_pos.float().cpu(), t_neg.float().cpu()
-        metrics[f"phase1_model{m}_acc"] = accuracy(vt @ t_pos.t(), y_test)
-        scores.append((v @ t_pos.t(), v @ t_neg.t(), t_pos))
-    y_gen = [s[0].argmax(1) for s in scores]
+    y_gen = [sc[0].argmax(1) for sc in scores]
     metrics["phase1_agreement"] = 100.0 * (y_gen[0] == y_gen[1]).float().mean().item()
     clean = []
     for a, b in ((0, 1), (1, 0)):
         mask = collaborative_filter(y_gen[a], scores[b][0], scores[b][1])
         idx = mask.nonzero().squeeze(1)
         clean.append(idx)
-        metrics[f"clean_set_{a + 1}"] = {
+        c = metrics[f"clean_set_{a + 1}"] = {
             "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(mask),
-            "precision": precision(y_gen[a][idx], y_true_train[idx]),
-            "all_labels_precision": precision(y_gen[a], y_true_train)}
-        c = metrics[f"clean_set_{a + 1}"]
+            "precision": precision(y_gen[a][idx], y_true[idx]), "all_labels_precision": precision(y_gen[a], y_true)}
         print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(mask)} kept, "
               f"precision {fmt(c['precision'])} (all labels {fmt(c['all_labels_precision'])})", flush=True)
     times["filter"] = time.time() - t
@@ -498,25 +672,49 @@ def run(args):
         ft_clip, _ = clip_model.load(args.fft_backbone, device)
         ft_clip.requires_grad_(False)
         R2 = ft_clip.visual.resolution
-        ft_train_tf, ft_test = data.make_transform(args.fft_aug, R2, task), data.ImageDataset(
-            eval_items, data.make_transform("test", R2, task))
-        heads = [text_classifier(ft_clip, task.classnames, task.templates[:1], device)] * 2  # its zero-shot weights
+        ft_train_tf = data.make_transform(args.fft_aug, R2, task)
+        ft_test = data.ImageDataset(eval_items, data.make_transform("test", R2, task))
+        ft_unlabelled = data.ImageDataset(task.train, data.make_transform("test", R2, task))
+        heads = [text_classifier(ft_clip, prompts, device)] * 2  # the new backbone's zero-shot weights
     else:
-        ft_clip, ft_train_tf, ft_test = clip, train_tf, test_set
-        heads = [s[2].to(device) for s in scores]  # the Phase-I model's positive prompts
+        ft_clip, ft_train_tf, ft_test, ft_unlabelled = clip, train_tf, test_set, train_eval
+        heads = [sc[2].to(device) for sc in scores]  # each Phase-I model's positive prompts
     probs = []
     for a in range(args.branches):
-        idx = clean[a]
         init = dict(vpt=None if peft[a].vpt is None else peft[a].vpt.prompts, adapter=peft[a].adapter) \
             if args.fft_init == "phase1" else {}
-        branch = train_branch(ft_clip, heads[a] if args.head_init == "text" else None, idx, y_gen[a][idx], task,
-                              ft_train_tf, device, args, out, f"branch{a + 1}", **init)
+        branch = train_branch(ft_clip, heads[a] if args.head_init == "text" else None, clean[a], y_gen[a][clean[a]],
+                              task, ft_train_tf, ft_unlabelled, device, args, out, f"branch{a + 1}", **init)
         logits, _ = run_over(branch, ev(ft_test), device, amp)
         metrics[f"branch{a + 1}_acc"] = accuracy(logits, y_test)
         probs.append(logits.softmax(1))
     metrics["ensemble_acc"] = accuracy(torch.stack(probs).mean(0), y_test)
     times["phase2"] = time.time() - t
     return finish(metrics, out, T0)
+
+
+def zero_shot_prompts(task, args):
+    """The zero-shot pass's prompts per class: the dataset's hand-written template (CoFT); with
+    CoFT+ the LLM-written prompts of --llm-prompts, or else the ensemble of hand-written
+    templates (said so on the console)."""
+    if args.llm_prompts:
+        return read_llm_prompts(args.llm_prompts, task.classnames)
+    if args.template_ensemble:
+        if args.plus:
+            print(f"CoFT+ without --llm-prompts: the zero-shot pass uses the ensemble of {len(task.templates)} "
+                  f"hand-written templates instead of LLM-written prompts", flush=True)
+        return class_prompts(task.classnames, task.templates)
+    return class_prompts(task.classnames, task.templates[:1])
+
+
+@torch.no_grad()
+def peft_scores(model, clip, loader_, device, amp):
+    """A Phase-I model over a loader: (s+ [N, C], s- [N, C], t+ [C, D]), image features computed once."""
+    v, _ = run_over(model.image_features, loader_, device, amp)  # [N, D]
+    with torch.autocast(**amp):
+        t_pos, t_neg = model.prompts(clip)
+    t_pos, t_neg = t_pos.float().cpu(), t_neg.float().cpu()
+    return v @ t_pos.t(), v @ t_neg.t(), t_pos
 
 
 def linear_probe(clip, train_set, y_train, test_set, y_test, ev, device, amp, steps=500, weight_decay=1e-4):
@@ -535,9 +733,11 @@ def linear_probe(clip, train_set, y_train, test_set, y_test, ev, device, amp, st
         return accuracy(head(f_test * 10), y_test)
 
 
-def train_branch(clip, text_weights, idx, labels, task, train_tf, device, args, out, tag, vpt=None, adapter=None):
+def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, device, args, out, tag, vpt=None,
+                 adapter=None):
     """Phase II for one branch: fine-tune a copy of clip's image tower and a linear head with
-    cross-entropy on (x, y_a(x)) for x in the clean set. Also the top-K baseline's trainer."""
+    cross-entropy on (x, y_a(x)) for x in the clean set (also the top-K baseline's trainer).
+    CoFT+ (--contrast): + gamma * InfoNCE on two views of *all* unlabelled images."""
     model = FineTuned(clip.visual, len(task.classnames), text_weights, clip.logit_scale.exp().item(),
                       vpt, adapter).to(device)
     final = out / f"{tag}.pt"
@@ -549,14 +749,28 @@ def train_branch(clip, text_weights, idx, labels, task, train_tf, device, args, 
         atomic_save(model.state_dict(), final)
         return model.eval()
     ds = data.ImageDataset([task.train[i] for i in idx.tolist()], train_tf, labels=labels.tolist())
-
-    def step(mdl, b, g):
-        return F.cross_entropy(mdl(b[0]), b[1]), {}
-
     drop = len(ds) > args.batch  # no tiny last batch (BatchNorm, noisy steps) unless it is the only one
-    fit(model, step, lambda e: loader(ds, args.batch, True, args, e * 10 + 7, drop_last=drop), args.fft_epochs,
-        args.fft_lr, device, args.seed * 10 + 7, out / f"ckpt_{tag}.pt", args.resume, f"phase II {tag}",
-        meta=backbone_id(args.fft_backbone or args.clip, clip), log_every=args.log_every)
+    clean_loader = lambda e: loader(ds, args.batch, True, args, 100 * e + 7, drop_last=drop)  # noqa: E731
+    if args.contrast:
+        views = data.ImageDataset(unlabelled.items, data.TwoViews(train_tf, data.make_transform("strong",
+                                  clip.visual.resolution, task)))
+        trained = MomentumContrast(model, min(args.queue, len(views)), args.mu, args.tau_c).to(device)
+        make_loader = lambda e: WithUnlabelled(clean_loader(e), loader(views, args.batch, True, args, 100 * e + 8,  # noqa: E731
+                                                                       drop_last=len(views) > args.batch))
+
+        def step(mdl, b, g):
+            l_fft = F.cross_entropy(mdl.model(b[0]), b[1])
+            l_cont = mdl(b[3], b[4])
+            return l_fft + args.gamma * l_cont, {"L_FFT": l_fft.detach(), "L_Cont": l_cont.detach()}
+    else:
+        trained, make_loader = model, clean_loader
+
+        def step(mdl, b, g):
+            return F.cross_entropy(mdl(b[0]), b[1]), {}
+
+    fit(trained, step, make_loader, args.fft_epochs, args.fft_lr, device, args.seed * 100 + 7, out / f"ckpt_{tag}.pt",
+        args.resume, f"phase II {tag}", meta=backbone_id(args.fft_backbone or args.clip, clip),
+        log_every=args.log_every)
     atomic_save(model.state_dict(), final)
     return model.eval()
 
@@ -631,6 +845,21 @@ def parser():
     a("--fft-init", default="pretrained", choices=["pretrained", "phase1"],
       help="phase1: also carry (and train) the Phase-I VPT / adapter in the fine-tuned encoder")
     a("--fft-backbone", default=None, help="Phase II on another backbone (distillation), e.g. ViT-B/16")
+    # CoFT+
+    a("--plus", action="store_true", help="CoFT+: --rounds 3 --contrast, and LLM prompts (or the template ensemble)")
+    a("--rounds", type=int, default=None, help="Phase-I rounds R (default 1; 3 with --plus)")
+    a("--contrast", action="store_true", help="momentum contrastive loss on all unlabelled images in Phase II")
+    a("--gamma", type=float, default=1.0, help="weight of L_Cont")
+    a("--mu", type=float, default=0.999, help="EMA momentum of the key encoder")
+    a("--tau-c", type=float, default=0.07, help="InfoNCE temperature tau'")
+    a("--queue", type=int, default=4096, help="key queue size (capped to the number of unlabelled images)")
+    a("--llm-prompts", default=None, help="JSON {class: [prompts]} for the zero-shot pass (CoFT+)")
+    a("--template-ensemble", action="store_true", help="zero-shot pass with all hand-written templates")
+    a("--write-llm-prompts", default=None, metavar="FILE",
+      help="ask an OpenAI-compatible endpoint for class prompts, write FILE and exit (key: $OPENAI_API_KEY)")
+    a("--api-base", default="https://api.openai.com/v1")
+    a("--llm", default="gpt-4o-mini", help="model name for --write-llm-prompts")
+    a("--prompts-per-class", type=int, default=10)
     a("--head-init", default="text", choices=["text", "random"])
     return p
 
@@ -661,11 +890,22 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.table:
         return table(args.table)
+    if args.plus:  # CoFT+ = all three parts; each part alone is its own flag
+        args.contrast = True
+        args.rounds = args.rounds or 3
+        args.template_ensemble = args.template_ensemble or not args.llm_prompts
+    args.rounds = args.rounds or 1
     if args.workers is None:
         args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
     if args.fft_lr is None:
         args.fft_lr = 5e-3 if args.clip == "demo" else 5e-4
     try:
+        if args.write_llm_prompts:
+            task = data.load_task(args.dataset, args.data_root)
+            path = write_llm_prompts(args.write_llm_prompts, task.classnames, args.api_base, args.llm,
+                                     os.environ.get("OPENAI_API_KEY"), args.prompts_per_class)
+            print(f"wrote prompts for {len(task.classnames)} classes to {path}")
+            return None
         return run(args)
     except (data.DataError, clip_model.CLIPError) as e:
         print(f"error: {e}", file=sys.stderr)

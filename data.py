@@ -362,7 +362,9 @@ def digits_task(root=None):
     images = (digits_to_images(x8) * 255).round().to(torch.uint8)  # [1797, 3, 32, 32]
     split = digits_split(0)
     items = lambda idx: [(images[i], int(y[i])) for i in idx.tolist()]  # noqa: E731
-    return Task("digits", list(DIGIT_CLASSNAMES), [DIGITS_TEMPLATE], items(split["train"]), items(split["test"]),
+    templates = [DIGITS_TEMPLATE, "a handwritten {}.", "the digit {}", "an image of the digit {}.",
+                 "a drawing of the numeral {}."]  # [0] for CoFT; all for CoFT+'s template ensemble
+    return Task("digits", list(DIGIT_CLASSNAMES), templates, items(split["train"]), items(split["test"]),
                 items(split["dev"]), flip=False)
 
 

@@ -525,7 +525,7 @@ def test_standin_pretraining_learns(pretrained_tiny):
     x, y, _ = data.render_digits(500, seed=12345)
     mean, std = torch.tensor(cm.CLIP_MEAN).view(3, 1, 1), torch.tensor(cm.CLIP_STD).view(3, 1, 1)
     with torch.no_grad():
-        W = coft.text_classifier(model, data.DIGIT_CLASSNAMES, [data.DIGITS_TEMPLATE], "cpu")
+        W = coft.text_classifier(model, coft.class_prompts(data.DIGIT_CLASSNAMES, [data.DIGITS_TEMPLATE]), "cpu")
         acc = (F.normalize(model.encode_image((x - mean) / std), dim=-1) @ W.t()).argmax(1).eq(y).float().mean()
     assert acc > 0.2, acc
 
@@ -639,7 +639,7 @@ def test_fft_init_phase1_and_distillation_backbone(tmp_path, pretrained_tiny):
     assert any(k.startswith("visual.layer1.") for k in keys) and "vpt" not in keys and 0 <= m["ensemble_acc"] <= 100
     # --fft-init phase1 carries the Phase-I VPT into the fine-tuned encoder, where it keeps training
     run_coft(tmp_path, "--fft-init", "phase1", "--branches", "1", ckpt=pretrained_tiny[0], out="p1init")
-    p1 = torch.load(tmp_path / "p1init" / "phase1_model1.pt", weights_only=True)["vpt.prompts"]
+    p1 = torch.load(tmp_path / "p1init" / "phase1_round1_model1.pt", weights_only=True)["vpt.prompts"]
     ft = torch.load(tmp_path / "p1init" / "branch1.pt", weights_only=True)["vpt"]
     assert ft.shape == p1.shape and not torch.equal(ft, p1)
 
@@ -685,13 +685,191 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_resume_refuses_a_checkpoint_of_another_backbone(tmp_path, capsys):
     run_coft(tmp_path, "--phase", "1", "--p1-epochs", "1")
-    (tmp_path / "run" / "phase1_model1.pt").unlink()  # as if killed: only the epoch checkpoint is left
+    (tmp_path / "run" / "phase1_round1_model1.pt").unlink()  # as if killed: only the epoch checkpoint is left
     torch.save(randomized("tiny-vit", seed=0, vision_layers=3).state_dict(), tmp_path / "other.pt")
     with pytest.raises(SystemExit):
         coft.main(["--dataset", "digits", "--clip", str(tmp_path / "other.pt"), "--out", str(tmp_path / "run"),
                    "--M", "4", "--K", "4", "--vpt-tokens", "2", "--p1-epochs", "1", "--resume", "--log-every", "0"])
     err = capsys.readouterr().err
     assert "was written for" in err and "\n" not in err.strip()
+
+
+# --------------------------------------------------------------------------- CoFT+
+
+def tiny_finetuned(seed=0):
+    clip = tiny_backbone(seed=seed)
+    return coft.FineTuned(clip.visual, 3, F.normalize(torch.randn(3, clip.cfg.embed_dim), dim=-1))
+
+
+def test_queue_wraps_around_and_overwrites_the_oldest():
+    mc = coft.MomentumContrast(tiny_finetuned(), size=5)
+    keys = torch.arange(1, 8).float()[:, None].expand(7, mc.queue.shape[1])  # key i is all i's
+    mc.enqueue(keys[:3])
+    assert mc.count == 3 and mc.ptr == 3 and mc.queue[:3, 0].tolist() == [1, 2, 3]
+    mc.enqueue(keys[3:7])  # 4 more: two fill the end, two overwrite the oldest (1 and 2)
+    assert mc.count == 5 and mc.ptr == 2 and mc.queue[:, 0].tolist() == [6, 7, 3, 4, 5]
+    mc.enqueue(torch.arange(10, 22).float()[:, None].expand(12, mc.queue.shape[1]))  # larger than the queue
+    assert sorted(mc.queue[:, 0].tolist()) == [17, 18, 19, 20, 21]
+
+
+def test_ema_update_is_exact():
+    mc = coft.MomentumContrast(tiny_finetuned(), size=4, mu=0.9)
+    with torch.no_grad():
+        for p in mc.model.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in mc.key_model.parameters()]
+    mc.momentum_update()
+    for p_m, p_m0, p in zip(mc.key_model.parameters(), before, mc.model.parameters()):
+        assert torch.allclose(p_m, 0.9 * p_m0 + 0.1 * p, atol=1e-6)
+    assert not any(p.requires_grad for p in mc.key_model.parameters())
+
+
+def test_info_nce_matches_direct_recomputation_and_keys_carry_no_gradient():
+    mc = coft.MomentumContrast(tiny_finetuned(), size=6, tau=0.07)
+    g = torch.Generator().manual_seed(0)
+    mc.enqueue(F.normalize(torch.randn(4, mc.queue.shape[1], generator=g), dim=-1))
+    q = F.normalize(torch.randn(3, mc.queue.shape[1], generator=g), dim=-1)
+    k = F.normalize(torch.randn(3, mc.queue.shape[1], generator=g), dim=-1)
+    queue = mc.queue[:4]
+    direct = torch.stack([-torch.log(torch.exp(q[i] @ k[i] / 0.07) / (torch.exp(q[i] @ k[i] / 0.07) + torch.exp(
+        queue @ q[i] / 0.07).sum())) for i in range(3)]).mean()
+    assert torch.allclose(mc.info_nce(q, k), direct, atol=1e-5)
+    # the full forward: gradients reach the online model only; the keys enter the queue detached
+    x = torch.randn(2, 3, 32, 32)
+    loss = mc(x, x.flip(-1))
+    loss.backward()
+    assert all(p.grad is None for p in mc.key_model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mc.model.visual.parameters())
+    assert not mc.queue.requires_grad and mc.count == 6
+
+
+class ChatHandler(http.server.BaseHTTPRequestHandler):
+    """A stand-in OpenAI-compatible endpoint: answers POST /v1/chat/completions with `reply`."""
+    reply, seen = None, []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ChatHandler.seen.append((self.path, body, self.headers.get("Authorization")))
+        content = ChatHandler.reply(body) if callable(ChatHandler.reply) else ChatHandler.reply
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def chat_server():
+    server = http.server.HTTPServer(("127.0.0.1", 0), ChatHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ChatHandler.seen = []
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_llm_prompt_file_good_reply(chat_server, tmp_path):
+    def good(body):  # every class asked for gets two prompts (inside a code fence, as LLMs do)
+        names = json.loads(body["messages"][0]["content"].split("Classes: ")[1])
+        return "```json\n" + json.dumps({n: [f"a photo of a {n}.", f"a {n} in the wild."] for n in names}) + "\n```"
+    ChatHandler.reply = good
+    path = coft.write_llm_prompts(tmp_path / "p.json", ["cat", "dog", "sea lion"], chat_server, "m", "KEY", n=2)
+    table = json.loads(path.read_text())
+    assert table["sea lion"] == ["a photo of a sea lion.", "a sea lion in the wild."]
+    assert ChatHandler.seen[0][0] == "/v1/chat/completions" and ChatHandler.seen[0][2] == "Bearer KEY"
+    assert coft.read_llm_prompts(path, ["dog", "cat"])[0] == ["a photo of a dog.", "a dog in the wild."]
+
+
+@pytest.mark.parametrize("reply, message", [
+    ("Sure! Here are some prompts: cat, dog", "malformed reply"),
+    (json.dumps({"cat": ["a cat."]}), "no prompts for 1 class"),
+    (json.dumps({"cat": ["a cat."], "dog": []}), "non-empty list"),
+])
+def test_llm_prompt_file_bad_replies_write_nothing(chat_server, tmp_path, reply, message):
+    ChatHandler.reply = reply
+    with pytest.raises(data.DataError, match=message) as e:
+        coft.write_llm_prompts(tmp_path / "p.json", ["cat", "dog"], chat_server, "m")
+    assert "\n" not in str(e.value) and not (tmp_path / "p.json").exists()
+
+
+def test_llm_prompt_file_refused_connection(tmp_path, monkeypatch):
+    monkeypatch.setattr(coft.time, "sleep", lambda s: None)  # no back-off waits in the test
+    with pytest.raises(data.DataError, match="cannot get a reply .* after 3 tries"):
+        coft.write_llm_prompts(tmp_path / "p.json", ["cat"], "http://127.0.0.1:1/v1", "m")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_llm_prompts_drive_the_zero_shot_pass(tmp_path, pretrained_tiny):
+    prompts = {c: [f"a photo of the number {c}.", f"the digit {c}"] for c in data.DIGIT_CLASSNAMES}
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    m = run_coft(tmp_path, "--llm-prompts", str(tmp_path / "p.json"), "--phase", "1", ckpt=pretrained_tiny[0])
+    clip, _ = cm.load(str(pretrained_tiny[0]))
+    W = coft.text_classifier(clip, [prompts[c] for c in data.DIGIT_CLASSNAMES], "cpu")
+    task = data.digits_task()
+    x = torch.stack([data.make_transform("test", 32, task)(img) for img, _ in task.test])
+    y = torch.tensor([label for _, label in task.test])
+    with torch.no_grad():
+        acc = 100.0 * (F.normalize(clip.encode_image(x), dim=-1) @ W.t()).argmax(1).eq(y).float().mean().item()
+    assert m["zero_shot_acc"] == pytest.approx(acc) and m["parts"]["zero_shot_prompts"] == "llm"
+    (tmp_path / "bad.json").write_text(json.dumps({"zero": ["x"]}))
+    with pytest.raises(SystemExit):
+        run_coft(tmp_path, "--llm-prompts", str(tmp_path / "bad.json"), ckpt=pretrained_tiny[0], out="bad")
+
+
+def test_rounds_restart_from_pretrained_weights(tmp_path, pretrained_tiny, monkeypatch):
+    """Every round's models start from a fresh initialisation (not the previous round's prompts),
+    over a backbone that is still the pre-trained one, and train on their own new seed set."""
+    starts, real_fit = [], coft.fit
+
+    def recording_fit(model, *a, **kw):
+        if isinstance(model, coft.DualPromptModel):
+            starts.append(({k: v.clone() for k, v in model.state_dict().items()},
+                           {k: v.clone() for k, v in model.clip.state_dict().items()}))
+        out = real_fit(model, *a, **kw)
+        if isinstance(model, coft.DualPromptModel):
+            starts[-1] += ({k: v.clone() for k, v in model.state_dict().items()},)
+        return out
+
+    monkeypatch.setattr(coft, "fit", recording_fit)
+    m = run_coft(tmp_path, "--rounds", "2", "--phase", "1", ckpt=pretrained_tiny[0])
+    assert len(starts) == 4 and len(m["rounds"]) == 2  # 2 rounds x 2 models
+    pretrained = cm.load(str(pretrained_tiny[0]))[0].state_dict()
+    for start, backbone, _ in starts:
+        assert all(torch.equal(pretrained[k], v) for k, v in backbone.items())
+    r1m1_end, r2m1_start = starts[0][2], starts[2][0]
+    for k in r2m1_start:
+        assert not torch.equal(r2m1_start[k], r1m1_end[k])  # no carry-over of trained prompts / VPT
+    # round 2's start is a fresh draw: re-creating the model under round 2's seed gives it exactly
+    clip = cm.load(str(pretrained_tiny[0]))[0]  # (building a model draws random numbers: before seeding)
+    torch.manual_seed(0 * 100 + 10 * 2 + 1)
+    fresh = coft.DualPromptModel(clip, data.DIGIT_CLASSNAMES, 4, None, 2, True)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in r2m1_start.items())
+    assert m["rounds"][1]["model1_seed_set"]["size"] > 0
+
+
+def test_plus_end_to_end_and_resume_restores_queue_and_momentum_encoder(tmp_path, monkeypatch, pretrained_tiny):
+    ckpt = pretrained_tiny[0]
+    plus = ("--plus", "--rounds", "2", "--queue", "100")
+    full = run_coft(tmp_path, *plus, out="full", ckpt=ckpt)
+    assert full["method"] == "coft+" and full["parts"] == {"rounds": 2, "contrast": True,
+                                                           "zero_shot_prompts": "ensemble"}
+    state = torch.load(tmp_path / "full" / "ckpt_branch1.pt", weights_only=False)["model"]
+    assert state["count"] == 100 and any(k.startswith("key_model.visual.") for k in state)
+    real_save = coft.atomic_save
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "ckpt_branch1.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(coft, "atomic_save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_coft(tmp_path, *plus, out="killed", ckpt=ckpt)
+    monkeypatch.setattr(coft, "atomic_save", real_save)
+    resumed = run_coft(tmp_path, *plus, "--resume", out="killed", ckpt=ckpt)
+    assert numbers(resumed) == numbers(full)
 
 
 # --------------------------------------------------------------------------- data: the offline digits
