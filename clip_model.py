@@ -106,7 +106,7 @@ class Transformer(nn.Module):
 
     def run_block(self, i, x, causal):
         block = self.resblocks[i]
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if self.grad_checkpointing and torch.is_grad_enabled():  # also for a frozen tower that passes gradients to prompts
             return torch.utils.checkpoint.checkpoint(block, x, causal, use_reentrant=False)
         return block(x, causal)
 
@@ -339,14 +339,15 @@ class CLIP(nn.Module):
         """images: [B, 3, R, R] normalised; vpt: optional [D, P, width] visual prompts (ViT)."""
         return self.visual(images.to(self.visual.conv1.weight.dtype), vpt)
 
-    def encode_text(self, tokens, embeddings=None):
+    def encode_text(self, tokens, embeddings=None, full_length=False):
         """tokens: [N, L] ids (EOT = the largest id, found by argmax). embeddings: optional
         [N, L, width] input embeddings to use instead of looking the ids up (learnable prompt
         contexts); the ids then only locate the EOT. Because attention is causal, positions after
         the last EOT cannot reach any EOT feature, so we run only the first max(EOT)+1 positions:
-        exactly the full-length result, for less work. Returns [N, embed_dim]."""
+        exactly the full-length result, for less work (`full_length=True` runs all L, for
+        benchmarks). Returns [N, embed_dim]."""
         eot = tokens.argmax(dim=-1)  # [N]
-        L = int(eot.max()) + 1
+        L = tokens.shape[1] if full_length else int(eot.max()) + 1
         x = self.token_embedding(tokens[:, :L]) if embeddings is None else embeddings[:, :L]
         x = x + self.positional_embedding[:L].to(x.dtype)  # [N, L, width]
         x = self.ln_final(self.transformer(x, causal=True))

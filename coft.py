@@ -67,13 +67,19 @@ class PromptLearner(nn.Module):
         self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # SOT
         self.register_buffer("suffix", emb[:, 1 + M:].clone(), persistent=False)  # class name, ".", EOT, pad
 
-    def forward(self, clip):
-        """-> (t_pos, t_neg): normalised text embeddings [C, D] of the two prompt sets."""
+    def prompt_embeddings(self):
+        """-> (tokens [2C, L], input embeddings [2C, L, width]): C positive prompts, then C negative."""
         C = self.tokens.shape[0]
         ctx = torch.stack([self.ctx_pos, self.ctx_neg])  # [2, M, width]
         ctx = ctx[:, None].expand(2, C, -1, -1).flatten(0, 1)  # [2C, M, width]
         emb = torch.cat([self.prefix.repeat(2, 1, 1), ctx.to(self.prefix.dtype), self.suffix.repeat(2, 1, 1)], dim=1)
-        t = F.normalize(clip.encode_text(self.tokens.repeat(2, 1), embeddings=emb), dim=-1)  # [2C, D]
+        return self.tokens.repeat(2, 1), emb
+
+    def forward(self, clip):
+        """-> (t_pos, t_neg): normalised text embeddings [C, D] of the two prompt sets."""
+        tokens, emb = self.prompt_embeddings()
+        t = F.normalize(clip.encode_text(tokens, embeddings=emb), dim=-1)  # [2C, D]
+        C = self.tokens.shape[0]
         return t[:C], t[C:]
 
 
@@ -119,7 +125,11 @@ class DualPromptModel(nn.Module):
         self.adapter = None if is_vit else Adapter(clip.cfg.embed_dim)
 
     def image_features(self, x):
-        v = self.clip.encode_image(x, vpt=None if self.vpt is None else self.vpt.prompts)
+        if self.vpt is not None:
+            v = self.clip.encode_image(x, vpt=self.vpt.prompts)
+        else:  # nothing trainable inside the tower (ResNet + adapter): no graph through it
+            with torch.no_grad():
+                v = self.clip.encode_image(x)
         if self.adapter is not None:
             v = self.adapter(v)
         return F.normalize(v, dim=-1)  # [B, D]
@@ -557,6 +567,7 @@ def run(args):
     prompts = zero_shot_prompts(task, args)
     clip, _ = clip_model.load(args.clip, device)
     clip.requires_grad_(False)
+    set_grad_checkpointing(clip, args.grad_checkpointing)
     R = clip.visual.resolution
     C = len(task.classnames)
     test_tf = data.make_transform("test", R, task)
@@ -671,6 +682,7 @@ def run(args):
     if args.fft_backbone:
         ft_clip, _ = clip_model.load(args.fft_backbone, device)
         ft_clip.requires_grad_(False)
+        set_grad_checkpointing(ft_clip, args.grad_checkpointing)
         R2 = ft_clip.visual.resolution
         ft_train_tf = data.make_transform(args.fft_aug, R2, task)
         ft_test = data.ImageDataset(eval_items, data.make_transform("test", R2, task))
@@ -691,6 +703,14 @@ def run(args):
     metrics["ensemble_acc"] = accuracy(torch.stack(probs).mean(0), y_test)
     times["phase2"] = time.time() - t
     return finish(metrics, out, T0)
+
+
+def set_grad_checkpointing(clip, on):
+    """Recompute transformer blocks in the backward pass (memory for ViT-L/14); ResNet stages are
+    not checkpointed."""
+    clip.transformer.grad_checkpointing = on
+    if clip.cfg.is_vit:
+        clip.visual.transformer.grad_checkpointing = on
 
 
 def zero_shot_prompts(task, args):
@@ -768,6 +788,10 @@ def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, de
         def step(mdl, b, g):
             return F.cross_entropy(mdl(b[0]), b[1]), {}
 
+    if args.compile:  # after every copy is made: a compiled forward is bound to its own module
+        for m in ([trained.model.visual, trained.key_model.visual] if args.contrast else [model.visual]):
+            m.compile()
+
     fit(trained, step, make_loader, args.fft_epochs, args.fft_lr, device, args.seed * 100 + 7, out / f"ckpt_{tag}.pt",
         args.resume, f"phase II {tag}", meta=backbone_id(args.fft_backbone or args.clip, clip),
         log_every=args.log_every)
@@ -800,6 +824,247 @@ def finish(metrics, out, T0):
 
 
 # -----------------------------------------------------------------------------
+# Benchmark: python coft.py --bench
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
+
+
+def device_peak_tflops(device):
+    """The GPU's dense bf16 peak (for MFU), looked up by name; None where unknown (and on CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def peak_rss_mib():
+    """The process's peak resident memory (CPU runs; monotonic over the whole run)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def vit_flops(cfg, tokens_extra=0, layers=None):
+    """Forward FLOPs of the ViT image tower for one image (2 per multiply-add): patch embedding,
+    then per block QKV/out projections, attention and the 4x MLP."""
+    n = (cfg.image_resolution // cfg.vision_patch_size) ** 2 + 1 + tokens_extra
+    w, L = cfg.vision_width, layers or cfg.vision_layers
+    patch = 2 * (n - 1) * 3 * cfg.vision_patch_size ** 2 * w
+    block = 2 * n * w * (3 * w + w + 8 * w) + 2 * 2 * n * n * w
+    return patch + L * block
+
+
+def bench(args):
+    """Times the work of each stage on random weights of real size and synthetic images:
+    (a) image tower forward+backward, (b) a Phase-I step (2C prompts, VPT-deep / adapter) broken
+    down into text tower, image tower, losses and optimizer, (c) a Phase-II step with and
+    without the CoFT+ momentum encoder and queue, (d) the generation pass over N images.
+    Prints ms/step, images/s or prompts/s, peak memory, and MFU on GPUs with a known peak."""
+    device = torch.device(args.device)
+    amp, _ = amp_settings(device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    peak = device_peak_tflops(device)
+    print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}, "
+          f"{'bf16' if amp.get('dtype') == torch.bfloat16 else 'fp16' if cuda else 'fp32'}, threads "
+          f"{torch.get_num_threads()}, peak bf16 {peak or '-'} TFLOP/s", flush=True)
+
+    def timed(fn, steps=args.bench_steps):
+        fn()  # warm-up (and compilation, with --compile)
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else peak_rss_mib()
+        return (time.perf_counter() - t0) / steps, mem
+
+    def report(what, sec, mem, n=None, unit="images/s", flops=None):
+        rate = f"{n / sec:9.1f} {unit}" if n else " " * 19
+        mfu = f"  MFU {100 * flops / sec / (peak * 1e12):5.1f}%" if flops and peak else ""
+        mem = "" if mem != mem else f"  peak {mem:8.0f} MiB" + (" (GPU)" if cuda else " (RSS)")
+        print(f"  {what:58s} {1000 * sec:9.1f} ms  {rate}{mem}{mfu}", flush=True)
+
+    for name in args.bench_models.split(","):
+        torch.manual_seed(0)
+        cfg = clip_model.CONFIGS[name]
+        clip = clip_model.CLIP(cfg).to(device).eval().requires_grad_(False)
+        if args.grad_checkpointing:
+            clip.transformer.grad_checkpointing = True
+            if cfg.is_vit:
+                clip.visual.transformer.grad_checkpointing = True
+        R, B = cfg.image_resolution, args.bench_batch
+        x = torch.randn(B, 3, R, R, device=device)
+        img_flops = vit_flops(cfg) if cfg.is_vit else None
+        M = 16 if clip.context_length >= 32 else 4  # the tiny test configurations have a short context
+        print(f"{name}: batch {B}, {R}px", flush=True)
+
+        # (a) image tower forward + backward (all weights trainable)
+        tower = copy.deepcopy(clip.visual).train().requires_grad_(True)
+
+        def image_step():
+            with torch.autocast(**amp):
+                loss = tower(x).float().pow(2).mean()
+            loss.backward()
+        sec, mem = timed(image_step)
+        report("(a) image tower fwd+bwd", sec, mem, B, flops=3 * B * img_flops if img_flops else None)
+        del tower
+
+        # (b) Phase-I step per class count: text side, image side, loss, optimizer
+        for C in [int(c) for c in args.bench_classes.split(",")]:
+            names = [f"class number {i}" for i in range(C)]
+            model = DualPromptModel(clip, names, M, None, 20, True).to(device)
+            y = torch.randint(0, C, (B,), device=device)
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+            tokens, _ = model.prompts.prompt_embeddings()
+
+            def text_step(full=False):
+                with torch.autocast(**amp):
+                    tok, emb = model.prompts.prompt_embeddings()
+                    t = clip.encode_text(tok, embeddings=emb, full_length=full).float()
+                t.pow(2).mean().backward()
+
+            def img_step():
+                with torch.autocast(**amp):
+                    v = model.image_features(x).float()
+                if v.requires_grad:
+                    v.pow(2).mean().backward()
+
+            def full_step():
+                with torch.autocast(**amp):
+                    loss, _ = phase1_loss(model, x, y, 0.01)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            t_text, _ = timed(text_step)
+            t_text_full, _ = timed(lambda: text_step(True))
+            t_img, _ = timed(img_step)
+            s_pos = torch.randn(B, C, device=device, requires_grad=True)
+            s_neg = torch.randn(B, C, device=device, requires_grad=True)
+            t_loss, _ = timed(lambda: (loss_l1(s_pos, y, 0.01) + loss_l2(s_pos, s_neg, y, complement_labels(
+                y, C), 0.01)).backward())
+            t_opt, _ = timed(opt.step)
+            t_step, mem = timed(full_step)
+            L = int(tokens.argmax(-1).max()) + 1
+            report(f"(b) Phase-I step, C={C} (2C={2 * C} prompts, {L}/{clip.context_length} tokens)", t_step, mem, B)
+            report(f"      text tower fwd+bwd up to EOT", t_text, float("nan"), 2 * C, "prompts/s")
+            report(f"      text tower fwd+bwd at full length (x{t_text_full / t_text:.1f} slower)", t_text_full,
+                   float("nan"), 2 * C, "prompts/s")
+            report("      image tower with VPT / adapter fwd+bwd", t_img, float("nan"), B)
+            report("      losses fwd+bwd", t_loss, float("nan"))
+            report("      optimizer step", t_opt, float("nan"))
+            del model, opt
+
+        # (c) Phase-II full fine-tuning step, batch B and 2B, with and without momentum contrast
+        for b in (B, 2 * B):
+            xb = torch.randn(b, 3, R, R, device=device)
+            yb = torch.randint(0, 10, (b,), device=device)
+            for contrast in (False, True):
+                ft = FineTuned(clip.visual, 10).to(device).train()
+                mc = MomentumContrast(ft, 4096).to(device).train() if contrast else None
+                opt = torch.optim.SGD(ft.parameters(), lr=1e-3, momentum=0.9)
+
+                def ft_step():
+                    with torch.autocast(**amp):
+                        loss = F.cross_entropy(ft(xb), yb)
+                        if mc is not None:
+                            loss = loss + mc(xb, xb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                sec, mem = timed(ft_step)
+                # CE: fwd+bwd of b images; contrast: + fwd+bwd of b queries + fwd of b keys
+                flops = (3 * b + (4 * b if contrast else 0)) * img_flops if img_flops else None
+                report(f"(c) Phase-II step, batch {b}" + (" + momentum encoder & queue" if contrast else ""),
+                       sec, mem, b, flops=flops)
+                del ft, mc, opt
+
+        # (d) generation pass: two Phase-I models' image features over N images (inference mode)
+        models = [DualPromptModel(clip, ["a", "b"], M, None, 20, True).to(device) for _ in range(2)]
+        n_batches = max(args.bench_images // B, 1)
+
+        def generation():
+            with torch.inference_mode(), torch.autocast(**amp):
+                for _ in range(n_batches):
+                    for mdl in models:
+                        mdl.image_features(x)
+        sec, mem = timed(generation, 1)
+        report(f"(d) generation pass, 2 models x {n_batches * B} images", sec, mem, 2 * n_batches * B,
+               flops=2 * n_batches * B * img_flops if img_flops else None)
+        del clip, models
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def bench_reference(args):
+    """Side by side in one process, same weights and inputs: our image tower vs open-clip-torch's
+    (forward+backward), and our Phase-I text step (learnable contexts, up to the EOT) vs the same
+    prompt embeddings encoded at full length by open-clip-torch's text tower. Needs the package
+    open-clip-torch (a test-only dependency)."""
+    try:
+        import open_clip
+    except ImportError:
+        raise data.DataError("--bench-ref needs open-clip-torch: pip install open-clip-torch") from None
+    device = torch.device(args.device)
+    amp, _ = amp_settings(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.bench_steps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / args.bench_steps
+
+    def fwd_bwd(fn, *inputs):
+        def step():
+            with torch.autocast(**amp):
+                out = fn(*inputs).float()
+            out.pow(2).mean().backward()
+        return step
+
+    for name in args.bench_models.split(","):
+        torch.manual_seed(0)
+        ours = clip_model.CLIP(clip_model.CONFIGS[name]).to(device)
+        sd = ours.state_dict()
+        ref = open_clip.model.build_model_from_openai_state_dict({k: v.clone() for k, v in sd.items()},
+                                                                 cast_dtype=torch.float32).float().to(device)
+        ref.load_state_dict(sd)
+        B, R = args.bench_batch, ours.visual.resolution
+        x = torch.randn(B, 3, R, R, device=device)
+        t_ours, t_ref = timed(fwd_bwd(ours.encode_image, x)), timed(fwd_bwd(ref.encode_image, x))
+        print(f"{name} image tower fwd+bwd, batch {B}: ours {B / t_ours:.2f} images/s, open_clip "
+              f"{B / t_ref:.2f} images/s (ours x{t_ref / t_ours:.2f})", flush=True)
+        ours.requires_grad_(False)
+        ref.requires_grad_(False)
+        M = 16 if ours.context_length >= 32 else 4
+        for C in [int(c) for c in args.bench_classes.split(",")]:
+            pl = PromptLearner(ours, [f"class number {i}" for i in range(C)], M).to(device)
+
+            def ours_text():
+                tok, emb = pl.prompt_embeddings()
+                return ours.encode_text(tok, embeddings=emb)
+
+            def ref_text():  # open_clip's text tower on the same embeddings, all 77 positions
+                tok, emb = pl.prompt_embeddings()
+                h = ref.transformer(emb + ref.positional_embedding, attn_mask=ref.attn_mask)
+                h = ref.ln_final(h)
+                return h[torch.arange(len(tok), device=device), tok.argmax(-1)] @ ref.text_projection
+
+            with torch.no_grad():
+                diff = (ours_text() - ref_text()).abs().max().item()
+            t_ours, t_ref = timed(fwd_bwd(ours_text)), timed(fwd_bwd(ref_text))
+            print(f"{name} Phase-I text step, {2 * C} prompts with learnable contexts: ours (to EOT) "
+                  f"{2 * C / t_ours:.1f} prompts/s, open_clip at full length {2 * C / t_ref:.1f} prompts/s "
+                  f"(ours x{t_ref / t_ours:.2f}; max feature difference {diff:.1e})", flush=True)
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 
@@ -821,6 +1086,15 @@ def parser():
       help="1: zero-shot + Phase I (+ filter) only; 2: Phase II from the Phase-I models saved in --out")
     a("--eval-only", action="store_true", help="evaluate the models saved in --out, train nothing")
     a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
+    a("--bench", action="store_true", help="time each stage on random weights of real size and exit")
+    a("--bench-ref", action="store_true", help="with --bench: compare with open-clip-torch side by side instead")
+    a("--bench-models", default="ViT-B/16,RN50")
+    a("--bench-batch", type=int, default=None, help="default 64 on GPU, 8 on CPU")
+    a("--bench-classes", default=None, help="Phase-I class counts (default 10,100,1000 on GPU, 10,100 on CPU)")
+    a("--bench-images", type=int, default=None, help="images in the generation pass (default 4096 GPU, 32 CPU)")
+    a("--bench-steps", type=int, default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
+    a("--compile", action="store_true", help="torch.compile the towers' forward passes")
+    a("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (memory)")
     a("--log-every", type=int, default=20)
     a("--eval-batch", type=int, default=256)
     a("--eval-split", default="test", choices=["test", "dev"],
@@ -890,6 +1164,17 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.table:
         return table(args.table)
+    if args.bench:
+        gpu = args.device.startswith("cuda")
+        args.bench_batch = args.bench_batch or (64 if gpu else 8)
+        args.bench_classes = args.bench_classes or ("10,100,1000" if gpu else "10,100")
+        args.bench_images = args.bench_images or (4096 if gpu else 32)
+        args.bench_steps = args.bench_steps or (10 if gpu else 2)
+        try:
+            return bench_reference(args) if args.bench_ref else bench(args)
+        except data.DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     if args.plus:  # CoFT+ = all three parts; each part alone is its own flag
         args.contrast = True
         args.rounds = args.rounds or 3

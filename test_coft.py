@@ -872,6 +872,31 @@ def test_plus_end_to_end_and_resume_restores_queue_and_momentum_encoder(tmp_path
     assert numbers(resumed) == numbers(full)
 
 
+def test_bench_prints_every_stage(capsys):
+    coft.main(["--bench", "--bench-models", "tiny-vit,tiny-rn", "--bench-batch", "2", "--bench-classes", "3",
+               "--bench-images", "4", "--bench-steps", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    for stage in ("(a) image tower", "(b) Phase-I step, C=3", "text tower fwd+bwd up to EOT", "at full length",
+                  "losses", "optimizer", "(c) Phase-II step, batch 4 + momentum", "(d) generation pass"):
+        assert out.count(stage) == 2, stage  # once per model
+    assert "images/s" in out and "prompts/s" in out and "MiB (RSS)" in out
+
+
+def test_bench_reference_side_by_side(capsys):
+    pytest.importorskip("open_clip")
+    coft.main(["--bench", "--bench-ref", "--bench-models", "tiny-vit", "--bench-batch", "2", "--bench-classes", "3",
+               "--bench-steps", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "open_clip" in out
+    diff = float(re.search(r"max feature difference ([0-9.e+-]+)", out).group(1))
+    assert diff < 1e-4  # both sides encode the same prompts to the same features
+
+
+def test_vit_flops_known_value():
+    # ViT-B/16 at 224px: ~35.1 GFLOPs forward (../shared/spec/clip-and-data.md) without the projection
+    assert coft.vit_flops(cm.CONFIGS["ViT-B/16"]) / 1e9 == pytest.approx(35.1, rel=0.02)
+
+
 # --------------------------------------------------------------------------- data: the offline digits
 
 def _names_in(caption):
