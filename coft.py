@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -1138,26 +1139,56 @@ def parser():
     return p
 
 
+def run_summary(m):
+    """The numbers of one run that a results table shows (None where they do not apply)."""
+    pair = lambda *keys: [m[k] for k in keys if k in m]  # noqa: E731
+    kept = [m[f"clean_set_{a}"]["kept_fraction"] for a in (1, 2) if f"clean_set_{a}" in m]
+    return {"zero-shot": m["zero_shot_acc"], "S* prec": m["seed_set"]["precision"],
+            "kept %": sum(kept) / len(kept) if kept else None,
+            "clean prec": [m[f"clean_set_{a}"]["precision"] for a in (1, 2) if f"clean_set_{a}" in m],
+            "agree %": m.get("phase1_agreement"),
+            "phase I": pair("phase1_model1_acc", "phase1_model2_acc"),
+            "branches": pair("branch1_acc", "branch2_acc"),
+            "final acc": m.get("ensemble_acc", m.get("topk_acc", m.get("probe_acc"))),
+            "time s": m["time_s"]["total"]}
+
+
 def table(run_dirs):
-    """One line per run from its metrics.json: accuracy, pseudo-label precisions, time."""
-    rows = [("run", "method", "zero-shot", "S* prec", "clean prec", "phase I", "branches", "final acc", "time s")]
-    f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731  (None: an empty set)
+    """One line per run (from its metrics.json), then, for runs named <name>-s<seed>, one line per
+    name with the mean and standard deviation over seeds."""
+    def f(x, sd=None):
+        if x is None or x == []:
+            return "-"
+        if isinstance(x, list):
+            return "/".join(f(v) for v in x)
+        return f"{x:.1f}" + ("" if sd is None else f"±{sd:.1f}")
+
+    runs, groups = [], {}
     for d in run_dirs:
         path = Path(d) / "metrics.json"
         if not path.exists():
-            rows.append((str(d), "(no metrics.json: unfinished)") + ("",) * 7)
+            print(f"{d}: no metrics.json (unfinished run)")
             continue
         m = json.loads(path.read_text())
-        clean = [m[k]["precision"] for k in ("clean_set_1", "clean_set_2") if k in m]
-        p1 = [m[k] for k in ("phase1_model1_acc", "phase1_model2_acc") if k in m]
-        br = [m[k] for k in ("branch1_acc", "branch2_acc") if k in m]
-        final = m.get("ensemble_acc", m.get("topk_acc", m.get("probe_acc")))
-        rows.append((Path(d).name, m["method"], f(m["zero_shot_acc"]), f(m["seed_set"]["precision"]),
-                     "/".join(f(c) for c in clean) or "-", "/".join(f(a) for a in p1) or "-",
-                     "/".join(f(a) for a in br) or "-", f(final), f(m["time_s"]["total"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        name = Path(d).name
+        runs.append((name, m["method"], run_summary(m)))
+        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(runs[-1][2])
+    cols = list(runs[0][2]) if runs else []
+    rows = [("run", "method", *cols)] + [(n, meth, *(f(v) for v in s.values())) for n, meth, s in runs]
+    if any(len(g) > 1 for g in groups.values()):
+        rows.append(("", "", *[""] * len(cols)))
+        rows.append((f"mean±sd over seeds", "n", *cols))
+        for name, g in groups.items():
+            cells = []
+            for c in cols:
+                vals = [sum(v) / len(v) if isinstance(v, list) and v else v for v in (r[c] for r in g)]  # pairs: mean
+                vals = [v for v in vals if v is not None and v != []]
+                t = torch.tensor(vals, dtype=torch.float64)
+                cells.append(f(t.mean().item(), t.std().item() if len(vals) > 1 else None) if vals else "-")
+            rows.append((name, str(len(g)), *cells))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))] if rows[1:] else []
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def main(argv=None):

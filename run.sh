@@ -19,7 +19,8 @@ demo)
   python coft.py "${common[@]}" --method probe --out "$OUT/demo/probe-s$SEED"
   python coft.py "${common[@]}" --method topk --fft-lr 1e-3 --out "$OUT/demo/topk-s$SEED"
   python coft.py "${common[@]}" --method coft --fft-lr 2e-2 --out "$OUT/demo/coft-s$SEED"
-  python coft.py --table "$OUT/demo/probe-s$SEED" "$OUT/demo/topk-s$SEED" "$OUT/demo/coft-s$SEED"
+  python coft.py "${common[@]}" --method coft --fft-lr 2e-2 --plus --out "$OUT/demo/coftplus-s$SEED"
+  python coft.py --table "$OUT/demo/"{probe,topk,coft,coftplus}-s"$SEED"
   echo "demo done in $(( $(date +%s) - start ))s"
   ;;
 paper)

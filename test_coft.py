@@ -897,6 +897,24 @@ def test_vit_flops_known_value():
     assert coft.vit_flops(cm.CONFIGS["ViT-B/16"]) / 1e9 == pytest.approx(35.1, rel=0.02)
 
 
+def test_table_groups_seeds(tmp_path, capsys):
+    base = {"method": "coft", "zero_shot_acc": 50.0, "seed_set": {"size": 10, "precision": 90.0},
+            "clean_set_1": {"kept_fraction": 80.0, "precision": 70.0},
+            "clean_set_2": {"kept_fraction": 90.0, "precision": 72.0}, "phase1_agreement": 95.0,
+            "phase1_model1_acc": 60.0, "phase1_model2_acc": 62.0, "branch1_acc": 64.0, "branch2_acc": 66.0,
+            "time_s": {"total": 10.0}}
+    for s, acc in ((0, 70.0), (1, 74.0)):
+        (tmp_path / f"coft-s{s}").mkdir()
+        (tmp_path / f"coft-s{s}" / "metrics.json").write_text(json.dumps(dict(base, ensemble_acc=acc)))
+    coft.main(["--table", str(tmp_path / "coft-s0"), str(tmp_path / "coft-s1"), str(tmp_path / "missing")])
+    out = capsys.readouterr().out
+    assert "missing: no metrics.json" in out
+    mean_row = [line for line in out.splitlines() if line.startswith("coft ")][0].split()
+    # n, zero-shot, S* prec, kept %, clean prec, agree %, phase I, branches, final acc (mean±sd of 70, 74)
+    assert mean_row[1] == "2" and mean_row[4] == "85.0±0.0" and mean_row[5] == "71.0±0.0"
+    assert mean_row[9] == "72.0±2.8"
+
+
 # --------------------------------------------------------------------------- data: the offline digits
 
 def _names_in(caption):
