@@ -1036,6 +1036,7 @@ def bench_reference(args):
         ref = open_clip.model.build_model_from_openai_state_dict({k: v.clone() for k, v in sd.items()},
                                                                  cast_dtype=torch.float32).float().to(device)
         ref.load_state_dict(sd)
+        ours.train(), ref.train()  # the same mode on both sides (open_clip's builder returns eval mode)
         B, R = args.bench_batch, ours.visual.resolution
         x = torch.randn(B, 3, R, R, device=device)
         t_ours, t_ref = timed(fwd_bwd(ours.encode_image, x)), timed(fwd_bwd(ref.encode_image, x))
