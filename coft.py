@@ -541,8 +541,10 @@ def precision(pseudo, true):
 # The method, end to end
 
 
-def loader(dataset, batch, shuffle, args, epoch=0, drop_last=False):
-    gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+def loader(dataset, batch, shuffle, args, key=0, drop_last=False):
+    """A DataLoader whose order and augmentations depend only on (--seed, key): each stage and
+    epoch passes its own key, so a resumed run replays exactly the batches of an uninterrupted one."""
+    gen = torch.Generator().manual_seed(args.seed * 1_000_000 + key)  # keys stay below 10^6: no overlap across seeds
     gpu = args.device.startswith("cuda")
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=shuffle, generator=gen, drop_last=drop_last,
                                        num_workers=args.workers, pin_memory=gpu)
