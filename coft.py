@@ -1227,7 +1227,8 @@ def main(argv=None):
             return None
         return run(args)
     except (data.DataError, clip_model.CLIPError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # raised in a DataLoader worker, the message carries the worker's traceback: keep its last line
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}", file=sys.stderr)
         sys.exit(2)
 
 

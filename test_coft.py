@@ -915,6 +915,19 @@ def test_table_groups_seeds(tmp_path, capsys):
     assert mean_row[9] == "72.0±2.8"
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_names_the_file(tmp_path, capsys, workers):
+    root = tmp_path / "DATA"
+    for c in ("banded", "dotted"):
+        write_image(str(root / "train" / c / "a.png"))
+        write_image(str(root / "test" / c / "a.png"))
+    (root / "train" / "dotted" / "broken.png").write_bytes(b"not a png")
+    torch.save(randomized("tiny-vit").state_dict(), tmp_path / "tiny.pt")
+    err = cli_error(capsys, "--dataset", "imagefolder", "--data-root", str(root), "--clip", str(tmp_path / "tiny.pt"),
+                    "--M", "4", "--out", str(tmp_path / "run"), "--workers", str(workers))
+    assert "cannot read image" in err and "broken.png" in err
+
+
 # --------------------------------------------------------------------------- data: the offline digits
 
 def _names_in(caption):
