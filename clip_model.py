@@ -556,6 +556,8 @@ def download(url, dest, sha256, retries=3, progress=True):
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    if progress:
+        print(f"downloading {url} to {dest}", file=sys.stderr, flush=True)
     last_error = None
     for attempt in range(retries):
         have = part.stat().st_size if part.exists() else 0

@@ -640,7 +640,7 @@ def run(args):
                 fit(model, step, lambda e, ds=ds, k=10 * r + m: loader(ds, args.batch, True, args, 100 * e + k),
                     args.p1_epochs, args.p1_lr, device, args.seed * 100 + 10 * r + m,
                     out / f"ckpt_phase1_round{r}_model{m}.pt", args.resume, f"phase I round {r} model {m}",
-                    meta=backbone_id(args.clip, clip), log_every=args.log_every)
+                    meta=backbone_id(args.clip, clip), log_every=args.log_every, **sgd_settings(args))
                 atomic_save(model.state_dict(), final)
             model.eval()
             # each model's scores on all unlabelled images, computed once and used for relabelling
@@ -706,6 +706,11 @@ def run(args):
     metrics["ensemble_acc"] = accuracy(torch.stack(probs).mean(0), y_test)
     times["phase2"] = time.time() - t
     return finish(metrics, out, T0)
+
+
+def sgd_settings(args):
+    return dict(weight_decay=args.weight_decay, momentum=args.momentum, warmup_epochs=args.warmup_epochs,
+                clip_grad=args.clip_grad)
 
 
 def set_grad_checkpointing(clip, on):
@@ -797,7 +802,7 @@ def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, de
 
     fit(trained, step, make_loader, args.fft_epochs, args.fft_lr, device, args.seed * 100 + 7, out / f"ckpt_{tag}.pt",
         args.resume, f"phase II {tag}", meta=backbone_id(args.fft_backbone or args.clip, clip),
-        log_every=args.log_every)
+        log_every=args.log_every, **sgd_settings(args))
     atomic_save(model.state_dict(), final)
     return model.eval()
 
@@ -1115,6 +1120,10 @@ def parser():
     a("--p1-epochs", type=int, default=20)
     a("--p1-lr", type=float, default=0.03)
     a("--batch", type=int, default=64)
+    a("--weight-decay", type=float, default=5e-4, help="SGD weight decay, both phases")
+    a("--momentum", type=float, default=0.9, help="SGD momentum, both phases")
+    a("--warmup-epochs", type=int, default=1, help="linear warm-up before the cosine decay, both phases")
+    a("--clip-grad", type=float, default=1.0, help="gradient-norm clipping, both phases (0: off)")
     # Phase II
     a("--branches", type=int, default=2, choices=[1, 2])
     a("--fft-epochs", type=int, default=10)
