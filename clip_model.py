@@ -724,31 +724,49 @@ def standin(cache_dir=None, rebuild=False, settings=None):
     pretrain(model, **settings)
     print(f"  pretraining took {time.time() - t0:.0f}s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written checkpoint
+    atomic_save(model.state_dict(), path)
     return path
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
 # Benchmark: python clip_model.py --bench
 
+def time_per_call(fn, steps, device):
+    """(seconds per call of fn after one warm-up call, peak memory in MiB): the GPU allocator's
+    peak over the timed calls on CUDA, the process's peak resident memory on CPU."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()  # warm-up (and compilation, with torch.compile)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    if cuda:
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:
+        import resource
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return (time.perf_counter() - t0) / steps, mem
+
+
 def bench(names=("ViT-B/16", "RN50"), batch=32, prompts=256, steps=3, device=None):
     """Time encode_image and encode_text forward+backward on random weights of real size."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     amp = dict(device_type="cuda", dtype=torch.bfloat16) if device == "cuda" else dict(device_type="cpu", enabled=False)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{'bf16 autocast' if device == 'cuda' else 'fp32'}")
-
-    def timeit(fn):
-        fn()  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / steps
+    timeit = lambda fn: time_per_call(fn, steps, torch.device(device))[0]  # noqa: E731
 
     texts = [f"a photo of a {w}." for w in ("cat", "dog", "airplane", "red car")] * (prompts // 4)
     for name in names:

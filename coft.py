@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import clip_model
 import data
+from clip_model import atomic_save, time_per_call
 
 # -----------------------------------------------------------------------------
 # Phase I modules: dual prompts, VPT, adapter
@@ -430,13 +431,6 @@ def cosine_with_warmup(step, total, warmup):
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
-def atomic_save(obj, path):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous file intact
 
 
 def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume=False, tag="train",
@@ -846,12 +840,6 @@ def device_peak_tflops(device):
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def peak_rss_mib():
-    """The process's peak resident memory (CPU runs; monotonic over the whole run)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def vit_flops(cfg, tokens_extra=0, layers=None):
     """Forward FLOPs of the ViT image tower for one image (2 per multiply-add): patch embedding,
     then per block QKV/out projections, attention and the 4x MLP."""
@@ -871,23 +859,13 @@ def bench(args):
     device = torch.device(args.device)
     amp, _ = amp_settings(device)
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     peak = device_peak_tflops(device)
     print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}, "
           f"{'bf16' if amp.get('dtype') == torch.bfloat16 else 'fp16' if cuda else 'fp32'}, threads "
           f"{torch.get_num_threads()}, peak bf16 {peak or '-'} TFLOP/s", flush=True)
 
     def timed(fn, steps=args.bench_steps):
-        fn()  # warm-up (and compilation, with --compile)
-        sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync()
-        mem = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else peak_rss_mib()
-        return (time.perf_counter() - t0) / steps, mem
+        return time_per_call(fn, steps, device)
 
     def report(what, sec, mem, n=None, unit="images/s", flops=None):
         rate = f"{n / sec:9.1f} {unit}" if n else " " * 19
@@ -1018,16 +996,9 @@ def bench_reference(args):
         raise data.DataError("--bench-ref needs open-clip-torch: pip install open-clip-torch") from None
     device = torch.device(args.device)
     amp, _ = amp_settings(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(fn):
-        fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.bench_steps):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / args.bench_steps
+        return time_per_call(fn, args.bench_steps, device)[0]
 
     def fwd_bwd(fn, *inputs):
         def step():
