@@ -464,11 +464,10 @@ class Tokenizer:
             return self.cache[word]
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
-            pairs = [(self.rank.get(p, math.inf), i) for i, p in enumerate(zip(parts, parts[1:]))]
-            best, _ = min(pairs)
+            best, i = min((self.rank.get(p, math.inf), i) for i, p in enumerate(zip(parts, parts[1:])))
             if best == math.inf:
                 break
-            a, b = next(p for p in zip(parts, parts[1:]) if self.rank.get(p) == best)
+            a, b = parts[i], parts[i + 1]  # the first occurrence of the best-ranked pair
             merged, i = [], 0
             while i < len(parts):  # merge every occurrence of (a, b), left to right
                 if i + 1 < len(parts) and parts[i] == a and parts[i + 1] == b:
