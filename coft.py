@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -35,6 +36,24 @@ import torch.nn.functional as F
 import clip_model
 import data
 from clip_model import atomic_save, time_per_call
+
+# -----------------------------------------------------------------------------
+# Similarities in fp32
+
+
+def unit(x):
+    """Rows scaled to unit norm, in fp32 (features leave a bf16 tower in bf16)."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def similarity(v, t):
+    """v @ t.T in fp32, also under autocast. Every logit in CoFT is a cosine times 1/tau ~= 100
+    (zero-shot, s+ / s-, the head, InfoNCE's 1/tau' ~= 14): in bf16 a logit near 30 is off by up to
+    0.06-0.125 (its spacing), enough to flip an argmax or a top-K near a tie. The matrix product
+    is tiny next to the towers, so it always runs in fp32."""
+    with torch.autocast(v.device.type, enabled=False):
+        return v.float() @ t.float().t()
+
 
 # -----------------------------------------------------------------------------
 # Phase I modules: dual prompts, VPT, adapter
@@ -80,7 +99,7 @@ class PromptLearner(nn.Module):
     def forward(self, clip):
         """-> (t_pos, t_neg): normalised text embeddings [C, D] of the two prompt sets."""
         tokens, emb = self.prompt_embeddings()
-        t = F.normalize(clip.encode_text(tokens, embeddings=emb), dim=-1)  # [2C, D]
+        t = unit(clip.encode_text(tokens, embeddings=emb))  # [2C, D]
         C = self.tokens.shape[0]
         return t[:C], t[C:]
 
@@ -134,10 +153,10 @@ class DualPromptModel(nn.Module):
                 v = self.clip.encode_image(x)
         if self.adapter is not None:
             v = self.adapter(v)
-        return F.normalize(v, dim=-1)  # [B, D]
+        return unit(v)  # [B, D]
 
     def forward(self, x):
-        """-> (v, t_pos, t_neg), all normalised; s+ = v @ t_pos.T, s- = v @ t_neg.T."""
+        """-> (v, t_pos, t_neg), all normalised fp32; s+ = similarity(v, t_pos), s- = similarity(v, t_neg)."""
         t_pos, t_neg = self.prompts(self.clip)
         return self.image_features(x), t_pos, t_neg
 
@@ -174,15 +193,20 @@ def loss_l2(s_pos, s_neg, y, y_comp, tau):
 
 
 def phase1_loss(model, x, y, tau, lam=1.0, detach_neg=False, generator=None):
-    """Loss = L1 + lambda * L2 on a batch of S*. Gradients of L2 reach the visual prompts (the
-    paper calls the negative prompt a regulariser of the visual modules); `detach_neg` stops
-    them there, as DeFT does."""
+    """Loss = L1 + lambda * L2 on a batch of S* (paper Eq. 4-6). By default L2's gradient reaches
+    everything it depends on: the negative context, the positive context and the visual prompts
+    (the paper calls the negative prompt a regulariser of the visual modules).
+    detach_neg = DeFT exactly: p_clean is computed from a *detached* s+ and from an s- of
+    *detached* image features, so L2 trains only the negative context, and the positive context
+    and the visual prompts learn from L1 alone. The loss values are the same either way."""
     v, t_pos, t_neg = model(x)
-    s_pos = v @ t_pos.t()  # [B, C]
-    v2 = v.detach() if detach_neg else v
-    s_pos2, s_neg = v2 @ t_pos.t(), v2 @ t_neg.t()
+    s_pos = similarity(v, t_pos)  # [B, C]
+    if detach_neg:
+        s_pos_l2, s_neg = s_pos.detach(), similarity(v.detach(), t_neg)
+    else:
+        s_pos_l2, s_neg = s_pos, similarity(v, t_neg)
     l1 = loss_l1(s_pos, y, tau)
-    l2 = loss_l2(s_pos2, s_neg, y, complement_labels(y, s_pos.shape[1], generator), tau)
+    l2 = loss_l2(s_pos_l2, s_neg, y, complement_labels(y, s_pos.shape[1], generator), tau)
     return l1 + lam * l2, {"L1": l1.detach(), "L2": l2.detach()}
 
 
@@ -204,6 +228,12 @@ def text_classifier(clip, prompts, device):
         tokens = clip_model.tokenize(texts, clip.context_length, truncate=True).to(device)
         W.append(F.normalize(F.normalize(clip.encode_text(tokens).float(), dim=-1).mean(0), dim=0))
     return torch.stack(W)
+
+
+def zero_shot_logits(clip, W, x, tau):
+    """Eq. 1's logits cos(v(x), t(c_k)) / tau for images x [B, 3, R, R], W [C, D] from
+    text_classifier; fp32 even under autocast (see similarity)."""
+    return similarity(unit(clip.encode_image(x)), W) / tau
 
 
 def topk_per_class(probs, K):
@@ -252,10 +282,12 @@ class FineTuned(nn.Module):
         v = self.visual(x, self.vpt)
         if self.adapter is not None:
             v = self.adapter(v)
-        return F.normalize(v, dim=-1)  # [B, D]
+        return unit(v)  # [B, D] fp32
 
     def forward(self, x):
-        return self.head(self.features(x))
+        f = self.features(x)
+        with torch.autocast(f.device.type, enabled=False):  # fp32 logits, see similarity()
+            return self.head(f)
 
 
 # -----------------------------------------------------------------------------
@@ -263,12 +295,16 @@ class FineTuned(nn.Module):
 
 
 class MomentumContrast(nn.Module):
-    """Phase II of CoFT+ (spec, CoFT+ 3): a momentum (EMA) copy of the fine-tuned model gives the
-    keys, theta_m <- mu * theta_m + (1 - mu) * theta; keys of past batches wait in a queue; the
-    loss is InfoNCE with temperature tau' over [positive key, queued keys]. No projection head:
-    queries and keys are the normalised visual embeddings. The queue holds only real keys (no
-    random initial entries), wraps around overwriting the oldest, and takes any batch size;
-    its contents and the EMA model are buffers, so checkpoints carry them."""
+    """Phase II of CoFT+ (paper Sec. 3.3.2, Eq. 8-9): a momentum (EMA) copy of the fine-tuned
+    model gives the keys, theta_m <- mu * theta_m + (1 - mu) * theta (Eq. 8); keys of past batches
+    wait in a queue; the loss is InfoNCE with temperature tau' over [positive key, queued keys]
+    (Eq. 9). No projection head: queries and keys are the normalised visual embeddings.
+
+    The queue holds only real keys (no random initial entries), wraps around overwriting the
+    oldest, and takes any batch size. Each key is stored with the index of its image: a query
+    never meets an older key of *its own image* among its negatives (with a queue as large as a
+    small dataset, most queries would: an older view of the same image is a positive, not a
+    negative). Queue, indices and the EMA model are buffers, so checkpoints carry them."""
 
     def __init__(self, model, size, mu=0.999, tau=0.07):
         super().__init__()
@@ -277,6 +313,7 @@ class MomentumContrast(nn.Module):
         self.mu, self.tau = mu, tau
         dim = model.head.in_features
         self.register_buffer("queue", torch.zeros(size, dim))  # [Q, D] normalised keys
+        self.register_buffer("queue_idx", torch.full((size,), -1, dtype=torch.long))  # [Q] image of each key
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next slot to write
         self.register_buffer("count", torch.zeros((), dtype=torch.long))  # slots holding a real key
 
@@ -286,54 +323,69 @@ class MomentumContrast(nn.Module):
             p_m.mul_(self.mu).add_(p.detach(), alpha=1 - self.mu)
 
     @torch.no_grad()
-    def enqueue(self, keys):
-        keys = keys[-len(self.queue):].float()  # a batch larger than the queue keeps its newest keys
-        Q, n, p = len(self.queue), len(keys), int(self.ptr)
+    def enqueue(self, keys, idx):
+        """keys [n, D] of the images idx [n]; a batch larger than the queue keeps its newest keys."""
+        Q = len(self.queue)
+        keys, idx = keys[-Q:].float(), idx[-Q:]
+        n, p = len(keys), int(self.ptr)
         first = min(n, Q - p)
-        self.queue[p:p + first] = keys[:first]
-        self.queue[:n - first] = keys[first:]  # wrap around: overwrite the oldest
+        self.queue[p:p + first], self.queue_idx[p:p + first] = keys[:first], idx[:first]
+        self.queue[:n - first], self.queue_idx[:n - first] = keys[first:], idx[first:]  # wrap: overwrite the oldest
         self.ptr.fill_((p + n) % Q)
         self.count.fill_(min(int(self.count) + n, Q))
 
-    def info_nce(self, q, k):
-        """-log( exp(q.k/tau') / (exp(q.k/tau') + sum_queue exp(q.k_j/tau')) ), batch mean;
-        logits have the positive in column 0."""
-        l_pos = (q * k).sum(1, keepdim=True)  # [B, 1]
+    def info_nce(self, q, k, idx):
+        """Eq. 9 per query, batch mean: -log( exp(q.k/tau') / (exp(q.k/tau') + sum_j exp(q.k_j/tau')) )
+        over the queued keys k_j of *other* images than the query's own (idx); fp32 logits, the
+        positive in column 0."""
+        n = int(self.count)
+        l_pos = (q.float() * k.float()).sum(1, keepdim=True)  # [B, 1]
         # a copy: enqueue() overwrites the queue in place before backward needs these keys
-        l_neg = q @ self.queue[:int(self.count)].clone().t().to(q.dtype)  # [B, count]
+        l_neg = similarity(q, self.queue[:n].clone())  # [B, n]
+        own = self.queue_idx[:n][None, :] == idx[:, None]  # [B, n] stale keys of the query's image
+        l_neg = l_neg.masked_fill(own, float("-inf"))
         logits = torch.cat([l_pos, l_neg], dim=1) / self.tau
-        return F.cross_entropy(logits.float(), torch.zeros(len(q), dtype=torch.long, device=q.device))
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
-    def forward(self, x_q, x_k):
-        """L_Cont for a batch of two views; updates the momentum model first, then the queue."""
+    def forward(self, x_q, x_k, idx):
+        """L_Cont for two views of the images idx. Order: momentum update, keys, the loss against
+        the queue as it was before this batch, and only then this batch's keys enter the queue."""
         q = self.model.features(x_q)  # [B, D]
         with torch.no_grad():
             self.momentum_update()
             k = self.key_model.features(x_k).detach()  # keys never carry gradients
-        loss = self.info_nce(q, k)
-        self.enqueue(k)
+        loss = self.info_nce(q, k, idx)
+        self.enqueue(k, idx)
         return loss
 
 
 class WithUnlabelled:
-    """Phase II batches for CoFT+: each clean-set batch (x, y, i) comes with a batch of two views
-    (x_q, x_k) of *all* unlabelled images, drawn from a second loader that cycles."""
+    """Phase II batches for CoFT+ (paper Eq. 10: L_FFT on the clean set, L_Cont on *all*
+    unlabelled images). An epoch is one pass over all unlabelled images, in batches of two views
+    (x_q, x_k) with their indices; each comes with a clean-set batch (x, y, i) from a loader that
+    cycles, reshuffled every cycle. So every unlabelled image enters L_Cont once per epoch, and
+    L_FFT gets at least one full pass of the clean loader (CoFT's epoch): the clean set is a
+    subset of the unlabelled one.
 
-    def __init__(self, clean_loader, unlabelled_loader):
-        self.clean, self.unlabelled = clean_loader, unlabelled_loader
+    make_clean(cycle) -> the clean loader of that cycle; unlabelled: a loader of ((x_q, x_k), _, idx)."""
+
+    def __init__(self, make_clean, unlabelled):
+        self.make_clean, self.unlabelled = make_clean, unlabelled
 
     def __len__(self):
-        return len(self.clean)
+        return len(self.unlabelled)
 
     def __iter__(self):
-        it = iter(self.unlabelled)
-        for x, y, i in self.clean:
+        cycle = 0
+        clean = iter(self.make_clean(cycle))
+        for (xq, xk), _, j in self.unlabelled:
             try:
-                (xq, xk), _, _ = next(it)
+                x, y, i = next(clean)
             except StopIteration:
-                it = iter(self.unlabelled)
-                (xq, xk), _, _ = next(it)
-            yield x, y, i, xq, xk
+                cycle += 1
+                clean = iter(self.make_clean(cycle))
+                x, y, i = next(clean)
+            yield x, y, i, xq, xk, j
 
 
 def read_llm_prompts(path, classnames):
@@ -426,6 +478,28 @@ def amp_settings(device):
     return dict(device_type="cpu", enabled=False), None
 
 
+def seed_of(*keys):
+    """A random stream's seed from (run seed, stage, epoch, ...): ints and strings mixed by a
+    fixed polynomial hash (strings by CRC-32, never Python's per-process hash), so each stage,
+    branch, epoch and cycle draws its own stream and a rerun draws the same one."""
+    h = 0
+    for k in keys:
+        k = zlib.crc32(k.encode()) if isinstance(k, str) else int(k)
+        h = (h * 1_000_003 + k + 1) % (1 << 63)
+    return h
+
+
+def grad_norm_summary(norms, clip_grad):
+    """What gradient clipping did in a stage: per-step total gradient norms before clipping ->
+    their median and maximum, and the fraction of steps whose norm exceeded the threshold."""
+    if not norms:
+        return {"steps": 0}
+    t = torch.tensor(norms, dtype=torch.float64)
+    return {"steps": len(norms), "clip_threshold": clip_grad or None, "median_norm": t.median().item(),
+            "max_norm": t.max().item(),
+            "clipped_fraction": (t > clip_grad).double().mean().item() if clip_grad else 0.0}
+
+
 def cosine_with_warmup(step, total, warmup):
     """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to 0."""
     if step < warmup:
@@ -434,16 +508,17 @@ def cosine_with_warmup(step, total, warmup):
 
 
 def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume=False, tag="train",
-        weight_decay=5e-4, momentum=0.9, warmup_epochs=1, clip_grad=1.0, log_every=20, meta=None):
+        weight_decay=5e-4, momentum=0.9, warmup_epochs=1, clip_grad=0.0, log_every=20, meta=None):
     """The plain loop used by both phases: SGD with momentum, per-step cosine schedule with
-    warm-up, autocast (bf16 / fp16 + GradScaler / fp32), gradient clipping, a progress line,
-    and an atomic checkpoint after every epoch.
+    warm-up, autocast (bf16 / fp16 + GradScaler / fp32), optional gradient-norm clipping, a
+    progress line, and an atomic checkpoint after every epoch.
 
     step_fn(model, batch, generator) -> (loss, {name: value}); make_loader(epoch) -> an iterable.
     Randomness is re-seeded from (seed, epoch) at every epoch start, so a run resumed from an
     epoch checkpoint replays the same batches, augmentations and complement labels as an
     uninterrupted one. `meta` (e.g. the backbone's name) is stored in the checkpoint and must
-    match on resume."""
+    match on resume. Returns the total gradient norm of every step, before clipping (also kept
+    in the checkpoints, so a resumed run returns them all)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     amp, scaler = amp_settings(device)
@@ -451,7 +526,7 @@ def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_with_warmup(s, total, warmup_epochs * steps_per_epoch))
-    start = 0
+    start, norms = 0, []
     if resume and ckpt and Path(ckpt).exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state.get("meta") != meta:
@@ -462,13 +537,14 @@ def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume
         sched.load_state_dict(state["sched"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start = state["epoch"] + 1
+        start, norms = state["epoch"] + 1, state["grad_norms"]
         print(f"{tag}: resumed from {ckpt} after epoch {start}", flush=True)
     model.train()
     t0, seen = time.time(), 0
     for epoch in range(start, epochs):
-        torch.manual_seed(seed * 1000 + epoch)
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        torch.manual_seed(seed_of(seed, epoch))
+        gen = torch.Generator().manual_seed(seed_of(seed, epoch, "step"))
+        epoch_norms = []  # kept on the device until the epoch ends: no host sync per step
         for i, batch in enumerate(make_loader(epoch)):
             batch = [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
             with torch.autocast(**amp):
@@ -479,8 +555,8 @@ def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume
                 scaler.unscale_(opt)
             else:
                 loss.backward()
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            # the total norm before clipping; max_norm = inf measures without rescaling
+            epoch_norms.append(torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf")).detach())
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
@@ -495,13 +571,15 @@ def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume
                 eta = el / max(step - start * steps_per_epoch, 1) * (total - step)
                 extra = " ".join(f"{k} {float(v):.3f}" for k, v in terms.items())
                 print(f"{tag} ep {epoch + 1}/{epochs} step {step}/{total} loss {loss.item():.3f} {extra} "
-                      f"lr {sched.get_last_lr()[0]:.2e} {rate:.0f} img/s eta {eta:.0f}s", flush=True)
+                      f"grad norm {epoch_norms[-1].item():.2f} lr {sched.get_last_lr()[0]:.2e} {rate:.0f} img/s "
+                      f"eta {eta:.0f}s", flush=True)
+        norms += torch.stack(epoch_norms).float().cpu().tolist() if epoch_norms else []
         if ckpt:
             atomic_save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
                          "sched": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                         "meta": meta}, ckpt)
+                         "meta": meta, "grad_norms": norms}, ckpt)
     model.eval()
-    return model
+    return norms
 
 
 # -----------------------------------------------------------------------------
@@ -535,18 +613,68 @@ def precision(pseudo, true):
 # The method, end to end
 
 
-def loader(dataset, batch, shuffle, args, key=0, drop_last=False):
-    """A DataLoader whose order and augmentations depend only on (--seed, key): each stage and
-    epoch passes its own key, so a resumed run replays exactly the batches of an uninterrupted one."""
-    gen = torch.Generator().manual_seed(args.seed * 1_000_000 + key)  # keys stay below 10^6: no overlap across seeds
+def loader(dataset, batch, shuffle, args, key=(), drop_last=False):
+    """A DataLoader whose order and augmentations depend only on (--seed, *key): each stage,
+    branch, epoch and cycle passes its own key, so a resumed run replays exactly the batches of
+    an uninterrupted one and no two stages share a stream."""
+    gen = torch.Generator().manual_seed(seed_of(args.seed, *key))
     gpu = args.device.startswith("cuda")
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=shuffle, generator=gen, drop_last=drop_last,
                                        num_workers=args.workers, pin_memory=gpu)
 
 
+def labelled_shots(y_true, n, seed):
+    """The paper's semi-supervised setting (Sec. 4.4): n true-labelled train images per class
+    (all of a class's images where it has fewer), drawn at random with `seed`. Returns indices."""
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for k in range(int(y_true.max()) + 1):
+        idx = (y_true == k).nonzero().squeeze(1)
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    return torch.cat(picked)
+
+
+def with_labelled(idx, y, labelled, y_true):
+    """A pseudo-labelled set (idx, y) joined with the labelled shots, which carry their true
+    labels (replacing a pseudo-label where a labelled image was already in the set)."""
+    keep = ~torch.isin(idx, labelled)
+    return torch.cat([idx[keep], labelled]), torch.cat([y[keep], y_true[labelled]])
+
+
+def check_args(args):
+    """Flag combinations that cannot work, refused before anything is loaded or trained."""
+    if args.labelled_shots < 0:
+        raise data.DataError(f"--labelled-shots must be >= 0, got {args.labelled_shots}")
+    if args.method == "shots" and not args.labelled_shots:
+        raise data.DataError("--method shots fine-tunes on the labelled shots only: give --labelled-shots N (N > 0)")
+
+
+def check_fft_init(args, clip, ft_clip):
+    """--fft-init phase1 carries the Phase-I VPT (ViT) or adapter (ResNet) into the Phase-II
+    encoder; with --fft-backbone that encoder is another model, which they must fit."""
+    if args.fft_init != "phase1" or ft_clip is None:
+        return
+    a, b = clip.cfg, ft_clip.cfg
+    if a.is_vit and args.vpt_tokens > 0:
+        depth = a.vision_layers if args.vpt == "deep" else 1
+        if not (b.is_vit and b.vision_width == a.vision_width and b.vision_layers >= depth):
+            raise data.DataError(
+                f"--fft-init phase1 carries {args.clip}'s VPT ({depth} x {args.vpt_tokens} tokens, "
+                f"{a.vision_width} wide) into --fft-backbone {args.fft_backbone}, which "
+                f"{'is a ResNet' if not b.is_vit else f'has width {b.vision_width} and {b.vision_layers} blocks'}: "
+                f"use --fft-init pretrained with --fft-backbone")
+    elif not a.is_vit and b.embed_dim != a.embed_dim:
+        raise data.DataError(
+            f"--fft-init phase1 carries {args.clip}'s adapter ({a.embed_dim}-d) onto --fft-backbone "
+            f"{args.fft_backbone}'s {b.embed_dim}-d embedding: use --fft-init pretrained with --fft-backbone")
+
+
 def run(args):
     """Zero-shot -> S* -> Phase I (two models; CoFT+: R rounds) -> collaborative filter ->
-    Phase II (CoFT+: + momentum contrast) -> ensemble. Writes metrics.json and config.json."""
+    Phase II (CoFT+: + momentum contrast) -> ensemble. Writes metrics.json, config.json,
+    pseudo_labels.pt (every seed set and clean set) and predictions.pt (eval-split predictions of
+    every model)."""
+    check_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(vars(args), indent=2))
@@ -557,7 +685,8 @@ def run(args):
     zs_source = "llm" if args.llm_prompts else "ensemble" if args.template_ensemble else "template"
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": "coft+" if args.plus else args.method,
                "seed": args.seed, "eval_split": args.eval_split,
-               "parts": {"rounds": args.rounds, "contrast": args.contrast, "zero_shot_prompts": zs_source}}
+               "parts": {"rounds": args.rounds, "contrast": args.contrast, "zero_shot_prompts": zs_source},
+               "grad_norms": {}}
     times = metrics.setdefault("time_s", {})
 
     task = data.load_task(args.dataset, args.data_root)
@@ -565,6 +694,10 @@ def run(args):
     clip, _ = clip_model.load(args.clip, device)
     clip.requires_grad_(False)
     set_grad_checkpointing(clip, args.grad_checkpointing)
+    ft_clip = None  # Phase II on another backbone (distillation): loaded and checked now, used in Phase II
+    if args.fft_backbone and args.method == "coft":
+        ft_clip, _ = clip_model.load(args.fft_backbone, "cpu")
+        check_fft_init(args, clip, ft_clip)
     R = clip.visual.resolution
     C = len(task.classnames)
     test_tf = data.make_transform("test", R, task)
@@ -573,21 +706,28 @@ def run(args):
         raise data.DataError(f"{args.dataset} has no labelled dev split; use --eval-split test")
     eval_items = task.dev if args.eval_split == "dev" else task.test
     test_set = data.ImageDataset(eval_items, test_tf)
-    y_true = torch.tensor([label for _, label in task.train])  # diagnosis only: precisions
+    # the train split's labels: for the precision diagnostics, and the --labelled-shots images only
+    y_true = torch.tensor([label for _, label in task.train])
+    labelled = labelled_shots(y_true, args.labelled_shots, seed_of(args.seed, "labelled shots")) \
+        if args.labelled_shots else torch.zeros(0, dtype=torch.long)
+    if args.labelled_shots:
+        metrics["labelled_shots"] = {"per_class": args.labelled_shots, "size": len(labelled)}
     ev = lambda ds: loader(ds, args.eval_batch, False, args)  # noqa: E731
+    preds = {}  # eval-split predictions (argmax) of every model, saved for per-image analysis
     print(f"{args.dataset}: {C} classes, {len(task.train)} unlabelled train images, {len(eval_items)} "
           f"{args.eval_split} images; backbone {args.clip} ({R}px) on {device}", flush=True)
 
-    # 0. zero-shot pseudo-labels and the seed set S*
+    # 0. zero-shot pseudo-labels (Eq. 1) and the seed set S*, joined by any labelled shots
     t = time.time()
     tau = 1.0 / clip.logit_scale.exp().item()  # CLIP's own temperature everywhere
     W = text_classifier(clip, prompts, device)
-    zs = lambda x: F.normalize(clip.encode_image(x), dim=-1) @ W.t() / tau  # noqa: E731
+    zs = lambda x: zero_shot_logits(clip, W, x, tau)  # noqa: E731
     zs_train, _ = run_over(zs, ev(train_eval), device, amp)
     zs_test, y_test = run_over(zs, ev(test_set), device, amp)
+    preds["y"], preds["zero_shot"] = y_test, zs_test.argmax(1)
     metrics["zero_shot_acc"] = accuracy(zs_test, y_test)
     metrics["zero_shot_train_label_precision"] = precision(zs_train.argmax(1), y_true)
-    seed_idx, seed_y = topk_per_class(zs_train.softmax(1), args.K)
+    seed_idx, seed_y = with_labelled(*topk_per_class(zs_train.softmax(1), args.K), labelled, y_true)
     metrics["seed_set"] = {"size": len(seed_idx), "precision": precision(seed_y, y_true[seed_idx])}
     times["zero_shot"] = time.time() - t
     print(f"zero-shot {args.eval_split} acc {metrics['zero_shot_acc']:.2f}; seed set S*: {len(seed_idx)} images, "
@@ -597,44 +737,51 @@ def run(args):
         metrics["probe_acc"] = linear_probe(clip, train_eval, y_true, test_set, y_test, ev, device, amp)
         print(f"linear probe on frozen features, trained with the TRUE train labels (a ceiling for reference, "
               f"not a label-free method): {metrics['probe_acc']:.2f}", flush=True)
-        return finish(metrics, out, T0)
+        return finish(metrics, out, T0, preds)
 
     train_tf = data.make_transform(args.fft_aug, R, task)
-    if args.method == "topk":
-        # UPL-like self-training baseline: fine-tune on S* with its zero-shot labels, one branch
+    if args.method in ("topk", "shots"):
+        # topk: UPL-like self-training baseline, fine-tuned on S* with its zero-shot labels (and any
+        # labelled shots); shots: fine-tuned on the labelled shots alone. One branch, same recipe.
         t = time.time()
-        branch = train_branch(clip, W if args.head_init == "text" else None, seed_idx, seed_y, task, train_tf,
-                              train_eval, device, args, out, "topk")
+        idx, y = (seed_idx, seed_y) if args.method == "topk" else (labelled, y_true[labelled])
+        branch = train_branch(clip, W if args.head_init == "text" else None, idx, y, task, train_tf,
+                              train_eval, device, args, out, args.method, metrics)
         logits, _ = run_over(branch, ev(test_set), device, amp)
-        metrics["topk_acc"] = accuracy(logits, y_test)
+        metrics[f"{args.method}_acc"] = accuracy(logits, y_test)
+        preds[args.method] = logits.argmax(1)
         times["fine_tune"] = time.time() - t
-        return finish(metrics, out, T0)
+        return finish(metrics, out, T0, preds)
 
-    # 1. Phase I: two PEFT models differing only by seed. Round 1 trains on S*; CoFT+ round r
-    # relabels everything with each model's round r-1 model, takes that model's own top-K, and
-    # restarts from pre-trained CLIP with fresh prompts and VPT.
+    # 1. Phase I: two PEFT models differing only by seed (Sec. 3.1). Round 1 trains on S*; CoFT+
+    # round r (Sec. 3.3.1) relabels everything with each model's round r-1 model, takes that
+    # model's own top-K, and restarts from pre-trained CLIP with fresh prompts and VPT.
     t = time.time()
     weak_tf = data.make_transform("weak", R, task)
     sets = [(seed_idx, seed_y), (seed_idx, seed_y)]
-    metrics["rounds"] = []
+    metrics["rounds"], seed_sets = [], []
     for r in range(1, args.rounds + 1):
         peft, scores, log = [], [], {}
+        seed_sets.append(list(sets))
         for m in (1, 2):
             idx, y = sets[m - 1]
             log[f"model{m}_seed_set"] = {"size": len(idx), "precision": precision(y, y_true[idx])}
-            torch.manual_seed(args.seed * 100 + 10 * r + m)  # fresh prompts / VPT every round
+            torch.manual_seed(seed_of(args.seed, "init", r, m))  # fresh prompts / VPT every round
             model = DualPromptModel(clip, task.classnames, args.M, args.ctx_init, args.vpt_tokens,
                                     args.vpt == "deep").to(device)
             ds = data.ImageDataset([task.train[i] for i in idx.tolist()], weak_tf, labels=y.tolist())
-            final = out / f"phase1_round{r}_model{m}.pt"
+            tag = f"phase1_round{r}_model{m}"
+            final = out / f"{tag}.pt"
             if reuse_stage(final, args, later_phase=args.phase == "2"):
                 model.load_state_dict(torch.load(final, map_location=device, weights_only=True))
+                metrics["grad_norms"][tag] = saved_grad_norms(out, tag)
             else:
                 step = lambda mdl, b, g: phase1_loss(mdl, b[0], b[1], tau, args.lam, args.detach_neg, g)  # noqa: E731
-                fit(model, step, lambda e, ds=ds, k=10 * r + m: loader(ds, args.batch, True, args, 100 * e + k),
-                    args.p1_epochs, args.p1_lr, device, args.seed * 100 + 10 * r + m,
-                    out / f"ckpt_phase1_round{r}_model{m}.pt", args.resume, f"phase I round {r} model {m}",
-                    meta=backbone_id(args.clip, clip), log_every=args.log_every, **sgd_settings(args))
+                norms = fit(model, step, lambda e, ds=ds, tag=tag: loader(ds, args.batch, True, args, (tag, e)),
+                            args.p1_epochs, args.p1_lr, device, seed_of(args.seed, tag), out / f"ckpt_{tag}.pt",
+                            args.resume, f"phase I round {r} model {m}", meta=backbone_id(args.clip, clip),
+                            log_every=args.log_every, **sgd_settings(args))
+                metrics["grad_norms"][tag] = save_grad_norms(out, tag, norms, args.clip_grad)
                 atomic_save(model.state_dict(), final)
             model.eval()
             # each model's scores on all unlabelled images, computed once and used for relabelling
@@ -642,10 +789,11 @@ def run(args):
             s_pos, s_neg, t_pos = peft_scores(model, clip, ev(train_eval), device, amp)
             test_scores = peft_scores(model, clip, ev(test_set), device, amp)[0]
             log[f"model{m}_acc"] = accuracy(test_scores, y_test)
+            preds[f"round{r}_model{m}"] = test_scores.argmax(1)
             peft.append(model)
             scores.append((s_pos, s_neg, t_pos))
-            if r < args.rounds:
-                sets[m - 1] = topk_per_class((s_pos / tau).softmax(1), args.K)
+            if r < args.rounds:  # this model's own top-K by its positive-prompt softmax
+                sets[m - 1] = with_labelled(*topk_per_class((s_pos / tau).softmax(1), args.K), labelled, y_true)
         metrics["rounds"].append(log)
         print(f"phase I round {r}: " + "; ".join(
             f"model {m}: seed set {log[f'model{m}_seed_set']['size']} (precision "
@@ -655,30 +803,34 @@ def run(args):
     times["phase1"] = time.time() - t
 
     # 2a. Generation (model a labels) and validation (model b keeps s+ > s-), both directions
+    # (Sec. 3.2.1); labelled shots are kept, with their true labels, in both clean sets.
     t = time.time()
     y_gen = [sc[0].argmax(1) for sc in scores]
     metrics["phase1_agreement"] = 100.0 * (y_gen[0] == y_gen[1]).float().mean().item()
-    clean = []
+    clean, clean_y = [], []
     for a, b in ((0, 1), (1, 0)):
         mask = collaborative_filter(y_gen[a], scores[b][0], scores[b][1])
+        labels = y_gen[a].clone()
+        mask[labelled], labels[labelled] = True, y_true[labelled]
         idx = mask.nonzero().squeeze(1)
         clean.append(idx)
+        clean_y.append(labels[idx])
         c = metrics[f"clean_set_{a + 1}"] = {
             "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(mask),
-            "precision": precision(y_gen[a][idx], y_true[idx]), "all_labels_precision": precision(y_gen[a], y_true)}
+            "precision": precision(labels[idx], y_true[idx]), "all_labels_precision": precision(y_gen[a], y_true)}
         print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(mask)} kept, "
               f"precision {fmt(c['precision'])} (all labels {fmt(c['all_labels_precision'])})", flush=True)
     times["filter"] = time.time() - t
-    atomic_save({"clean": clean, "labels": y_gen}, out / "clean_sets.pt")
+    atomic_save({"labelled": labelled, "seed_sets": seed_sets, "generated": y_gen, "clean": clean,
+                 "clean_labels": clean_y}, out / "pseudo_labels.pt")
     if args.phase == "1":
-        return finish(metrics, out, T0)
+        return finish(metrics, out, T0, preds)
 
-    # 2b. Full fine-tuning per branch, then the test-time ensemble. The encoder is a fresh copy of
-    # the pre-trained tower (or of --fft-backbone's, the paper's distillation setting).
+    # 2b. Full fine-tuning per branch (Sec. 3.2.2), then the test-time ensemble. The encoder is a
+    # fresh copy of the pre-trained tower (or of --fft-backbone's, the paper's distillation setting).
     t = time.time()
-    if args.fft_backbone:
-        ft_clip, _ = clip_model.load(args.fft_backbone, device)
-        ft_clip.requires_grad_(False)
+    if ft_clip is not None:
+        ft_clip = ft_clip.to(device)
         set_grad_checkpointing(ft_clip, args.grad_checkpointing)
         R2 = ft_clip.visual.resolution
         ft_train_tf = data.make_transform(args.fft_aug, R2, task)
@@ -687,19 +839,22 @@ def run(args):
         heads = [text_classifier(ft_clip, prompts, device)] * 2  # the new backbone's zero-shot weights
     else:
         ft_clip, ft_train_tf, ft_test, ft_unlabelled = clip, train_tf, test_set, train_eval
-        heads = [sc[2].to(device) for sc in scores]  # each Phase-I model's positive prompts
+        heads = [sc[2].to(device) for sc in scores]  # each Phase-I model's own positive prompts
     probs = []
     for a in range(args.branches):
         init = dict(vpt=None if peft[a].vpt is None else peft[a].vpt.prompts, adapter=peft[a].adapter) \
             if args.fft_init == "phase1" else {}
-        branch = train_branch(ft_clip, heads[a] if args.head_init == "text" else None, clean[a], y_gen[a][clean[a]],
-                              task, ft_train_tf, ft_unlabelled, device, args, out, f"branch{a + 1}", **init)
+        branch = train_branch(ft_clip, heads[a] if args.head_init == "text" else None, clean[a], clean_y[a],
+                              task, ft_train_tf, ft_unlabelled, device, args, out, f"branch{a + 1}", metrics, **init)
         logits, _ = run_over(branch, ev(ft_test), device, amp)
         metrics[f"branch{a + 1}_acc"] = accuracy(logits, y_test)
+        preds[f"branch{a + 1}"] = logits.argmax(1)
         probs.append(logits.softmax(1))
-    metrics["ensemble_acc"] = accuracy(torch.stack(probs).mean(0), y_test)
+    ensemble = torch.stack(probs).mean(0)  # the mean of the branches' softmax outputs
+    metrics["ensemble_acc"] = accuracy(ensemble, y_test)
+    preds["ensemble"] = ensemble.argmax(1)
     times["phase2"] = time.time() - t
-    return finish(metrics, out, T0)
+    return finish(metrics, out, T0, preds)
 
 
 def sgd_settings(args):
@@ -736,13 +891,13 @@ def peft_scores(model, clip, loader_, device, amp):
     with torch.autocast(**amp):
         t_pos, t_neg = model.prompts(clip)
     t_pos, t_neg = t_pos.float().cpu(), t_neg.float().cpu()
-    return v @ t_pos.t(), v @ t_neg.t(), t_pos
+    return similarity(v, t_pos), similarity(v, t_neg), t_pos
 
 
 def linear_probe(clip, train_set, y_train, test_set, y_test, ev, device, amp, steps=500, weight_decay=1e-4):
     """Reference ceiling: multinomial logistic regression on the frozen, normalised image
     features, fitted with the true train labels (full batch, Adam). Returns test accuracy."""
-    encode = lambda x: F.normalize(clip.encode_image(x), dim=-1)  # noqa: E731
+    encode = lambda x: unit(clip.encode_image(x))  # noqa: E731
     f_train, _ = run_over(encode, ev(train_set), device, amp)
     f_test, _ = run_over(encode, ev(test_set), device, amp)
     head = nn.Linear(f_train.shape[1], int(y_train.max()) + 1)
@@ -755,16 +910,19 @@ def linear_probe(clip, train_set, y_train, test_set, y_test, ev, device, amp, st
         return accuracy(head(f_test * 10), y_test)
 
 
-def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, device, args, out, tag, vpt=None,
-                 adapter=None):
-    """Phase II for one branch: fine-tune a copy of clip's image tower and a linear head with
-    cross-entropy on (x, y_a(x)) for x in the clean set (also the top-K baseline's trainer).
-    CoFT+ (--contrast): + gamma * InfoNCE on two views of *all* unlabelled images."""
+def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, device, args, out, tag, metrics,
+                 vpt=None, adapter=None):
+    """Phase II for one branch (paper Eq. 7): fine-tune a copy of clip's image tower and a linear
+    head with cross-entropy on (x, y_a(x)) for x in the clean set (also the top-K and labelled-shots
+    baselines' trainer). CoFT+ (--contrast, Eq. 10): + gamma * InfoNCE on two views of *all*
+    unlabelled images, an epoch being one pass over them (WithUnlabelled). Every random stream
+    (order, augmentation) is keyed by `tag`, so the two branches never share one."""
     model = FineTuned(clip.visual, len(task.classnames), text_weights, clip.logit_scale.exp().item(),
                       vpt, adapter).to(device)
     final = out / f"{tag}.pt"
     if reuse_stage(final, args):
         model.load_state_dict(torch.load(final, map_location=device, weights_only=True))
+        metrics["grad_norms"][tag] = saved_grad_norms(out, tag)
         return model.eval()
     if len(idx) == 0:  # the validator rejected every label: nothing to fine-tune on
         print(f"warning: {tag} has an empty training set; it stays at its initialisation", flush=True)
@@ -772,17 +930,17 @@ def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, de
         return model.eval()
     ds = data.ImageDataset([task.train[i] for i in idx.tolist()], train_tf, labels=labels.tolist())
     drop = len(ds) > args.batch  # no tiny last batch (BatchNorm, noisy steps) unless it is the only one
-    clean_loader = lambda e: loader(ds, args.batch, True, args, 100 * e + 7, drop_last=drop)  # noqa: E731
+    clean_loader = lambda e, cycle=0: loader(ds, args.batch, True, args, (tag, e, "clean", cycle), drop_last=drop)  # noqa: E731
     if args.contrast:
         views = data.ImageDataset(unlabelled.items, data.TwoViews(train_tf, data.make_transform("strong",
                                   clip.visual.resolution, task)))
         trained = MomentumContrast(model, min(args.queue, len(views)), args.mu, args.tau_c).to(device)
-        make_loader = lambda e: WithUnlabelled(clean_loader(e), loader(views, args.batch, True, args, 100 * e + 8,  # noqa: E731
-                                                                       drop_last=len(views) > args.batch))
+        make_loader = lambda e: WithUnlabelled(  # noqa: E731
+            lambda cycle: clean_loader(e, cycle), loader(views, args.batch, True, args, (tag, e, "unlabelled")))
 
         def step(mdl, b, g):
             l_fft = F.cross_entropy(mdl.model(b[0]), b[1])
-            l_cont = mdl(b[3], b[4])
+            l_cont = mdl(b[3], b[4], b[5])
             return l_fft + args.gamma * l_cont, {"L_FFT": l_fft.detach(), "L_Cont": l_cont.detach()}
     else:
         trained, make_loader = model, clean_loader
@@ -794,11 +952,29 @@ def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, de
         for m in ([trained.model.visual, trained.key_model.visual] if args.contrast else [model.visual]):
             m.compile()
 
-    fit(trained, step, make_loader, args.fft_epochs, args.fft_lr, device, args.seed * 100 + 7, out / f"ckpt_{tag}.pt",
-        args.resume, f"phase II {tag}", meta=backbone_id(args.fft_backbone or args.clip, clip),
-        log_every=args.log_every, **sgd_settings(args))
+    norms = fit(trained, step, make_loader, args.fft_epochs, args.fft_lr, device, seed_of(args.seed, tag),
+                out / f"ckpt_{tag}.pt", args.resume, f"phase II {tag}",
+                meta=backbone_id(args.fft_backbone or args.clip, clip), log_every=args.log_every, **sgd_settings(args))
+    metrics["grad_norms"][tag] = save_grad_norms(out, tag, norms, args.clip_grad)
     atomic_save(model.state_dict(), final)
     return model.eval()
+
+
+def save_grad_norms(out, tag, norms, clip_grad):
+    """A finished stage's gradient-norm summary, kept in grad_norms.json beside its model so a
+    reused stage still reports it; returns the summary."""
+    path = Path(out) / "grad_norms.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table[tag] = grad_norm_summary(norms, clip_grad)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, path)
+    return table[tag]
+
+
+def saved_grad_norms(out, tag):
+    path = Path(out) / "grad_norms.json"
+    return json.loads(path.read_text()).get(tag) if path.exists() else None
 
 
 def backbone_id(name, clip):
@@ -818,8 +994,9 @@ def reuse_stage(final, args, later_phase=False):
     return False
 
 
-def finish(metrics, out, T0):
+def finish(metrics, out, T0, preds):
     metrics["time_s"]["total"] = time.time() - T0
+    atomic_save(preds, Path(out) / "predictions.pt")
     (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print("metrics: " + json.dumps({k: v for k, v in metrics.items() if k.endswith("acc")}), flush=True)
     return metrics
@@ -957,7 +1134,7 @@ def bench(args):
                     with torch.autocast(**amp):
                         loss = F.cross_entropy(ft(xb), yb)
                         if mc is not None:
-                            loss = loss + mc(xb, xb)
+                            loss = loss + mc(xb, xb, torch.arange(b, device=device))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -1056,8 +1233,9 @@ def parser():
     a("--data-root", default=None, help="root of the CoOp layout / image folder / CIFAR download dir")
     a("--clip", default="demo", help="RN50 ... ViT-L/14@336px, a checkpoint path, or demo (offline stand-in)")
     a("--out", default="runs/coft")
-    a("--method", default="coft", choices=["coft", "topk", "probe"],
-      help="topk: the UPL-like self-training baseline; probe: linear probe with TRUE labels (ceiling, reference only)")
+    a("--method", default="coft", choices=["coft", "topk", "shots", "probe"],
+      help="topk: the UPL-like self-training baseline; shots: fine-tune on the --labelled-shots images alone; "
+           "probe: linear probe with TRUE labels (ceiling, reference only)")
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--workers", type=int, default=None, help="DataLoader workers (default: 8 on CUDA, 0 on CPU)")
@@ -1081,13 +1259,17 @@ def parser():
       help="dev: report on the labelled dev split instead (for choosing hyperparameters; never tune on test)")
     # seed set
     a("--K", type=int, default=16, help="seed-set images per class")
+    a("--labelled-shots", type=int, default=0, metavar="N",
+      help="semi-supervised setting (paper Sec. 4.4): N true-labelled train images per class join S* and both "
+           "clean sets with their true labels")
     # Phase I
     a("--M", type=int, default=16, help="context tokens per prompt")
     a("--ctx-init", default=None, help='initialise both contexts from words, e.g. "a photo of a"')
     a("--vpt-tokens", type=int, default=20)
     a("--vpt", default="deep", choices=["deep", "shallow"])
     a("--lam", type=float, default=1.0, help="weight of L2")
-    a("--detach-neg", action="store_true", help="DeFT: L2 does not reach the image side")
+    a("--detach-neg", action="store_true",
+      help="DeFT: L2 trains only the negative context (detached s+ and image features)")
     a("--p1-epochs", type=int, default=20)
     a("--p1-lr", type=float, default=0.03)
     a("--batch", type=int, default=64)
@@ -1132,7 +1314,7 @@ def run_summary(m):
             "agree %": m.get("phase1_agreement"),
             "phase I": pair("phase1_model1_acc", "phase1_model2_acc"),
             "branches": pair("branch1_acc", "branch2_acc"),
-            "final acc": m.get("ensemble_acc", m.get("topk_acc", m.get("probe_acc"))),
+            "final acc": next((m[k] for k in ("ensemble_acc", "topk_acc", "shots_acc", "probe_acc") if k in m), None),
             "time s": m["time_s"]["total"]}
 
 

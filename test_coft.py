@@ -1,5 +1,6 @@
 """Tests: CPU, tiny models built from synthetic state dicts with the real key layout.
 Run: python -m pytest -q test_coft.py"""
+import functools
 import gzip
 import hashlib
 import http.server
@@ -290,6 +291,13 @@ def test_zero_vpt_tokens_equal_plain_vit_and_prompts_act():
         h = torch.cat([h[:, :1], shallow.expand(len(x), -1, -1), h[:, 1:]], 1)
         h = v.transformer(h)
         assert (v.ln_post(h[:, 0]) @ v.proj - out_s).abs().max() < 1e-5
+        # deep prompts by hand: before block i < D, block i-1's prompt outputs are *replaced* by set i
+        h = v.conv1(x).flatten(2).transpose(1, 2)
+        h = v.ln_pre(torch.cat([v.class_embedding.expand(len(x), 1, -1), h], 1) + v.positional_embedding)
+        for i, block in enumerate(v.transformer.resblocks):
+            patches = h[:, 1:] if i == 0 else h[:, 1 + 5:]
+            h = block(torch.cat([h[:, :1], deep[i].expand(len(x), -1, -1), patches], 1))
+        assert (v.ln_post(h[:, 0]) @ v.proj - out_d).abs().max() < 1e-5
     # deep prompts: every layer's set receives a gradient
     deep.requires_grad_(True)
     m.encode_image(x, vpt=deep).sum().backward()
@@ -435,9 +443,12 @@ def test_phase1_trains_only_prompts_and_vpt(name):
     assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items()), "the backbone must stay frozen"
 
 
-def test_l2_reaches_visual_prompts_unless_detached():
-    """VPT gradient of L1 + L2 vs L1 alone: they differ by default (L2 regularises the visual
-    prompts), and are identical with detach_neg (DeFT); the contexts get L2's gradient either way."""
+def test_l2_reaches_everything_unless_detached_as_in_deft():
+    """Gradients of L1 + L2 vs L1 alone. Default: L2 moves the positive context and the visual
+    prompts too (the negative prompt regularises the visual modules). --detach-neg (DeFT: p_clean
+    from a detached s+ and from image features detached for s-): L2 trains only the negative
+    context, so the positive context and the VPT get exactly L1's gradient. The loss value is the
+    same either way."""
     clip = tiny_backbone()
     model = coft.DualPromptModel(clip, CLASSES, M=4, vpt_tokens=3)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))
@@ -446,14 +457,18 @@ def test_l2_reaches_visual_prompts_unless_detached():
         model.zero_grad()
         loss, _ = coft.phase1_loss(model, x, y, 0.01, lam, detach, torch.Generator().manual_seed(0))
         loss.backward()
-        return model.vpt.prompts.grad.clone(), model.prompts.ctx_neg.grad
+        g = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+        return loss.detach(), g
 
-    g_l1, ctx_l1 = grads(0.0, False)
-    assert ctx_l1 is None or ctx_l1.abs().sum() == 0  # L1 never sees the negative prompts
-    g_both, ctx_both = grads(1.0, False)
-    assert not torch.allclose(g_both, g_l1) and ctx_both.abs().sum() > 0
-    g_det, ctx_det = grads(1.0, True)
-    assert torch.allclose(g_det, g_l1) and ctx_det.abs().sum() > 0
+    _, l1 = grads(0.0, False)
+    assert l1["prompts.ctx_neg"].abs().sum() == 0  # L1 never sees the negative prompts
+    loss_both, both = grads(1.0, False)
+    loss_det, det = grads(1.0, True)
+    assert torch.equal(loss_both, loss_det)
+    for name in ("prompts.ctx_pos", "vpt.prompts"):
+        assert not torch.allclose(both[name], l1[name], rtol=1e-3, atol=1e-6), name  # L2 reaches them by default
+        assert torch.allclose(det[name], l1[name], rtol=1e-5, atol=1e-8), name  # DeFT: L1's gradient alone
+    assert det["prompts.ctx_neg"].abs().sum() > 0 and torch.allclose(det["prompts.ctx_neg"], both["prompts.ctx_neg"])
 
 
 def test_prompt_learner_matches_hand_built_prompts():
@@ -469,6 +484,65 @@ def test_prompt_learner_matches_hand_built_prompts():
     assert (t_neg - ref).abs().max() < 1e-5 and not torch.allclose(t_pos, t_neg)
     pl2 = coft.PromptLearner(clip, CLASSES, ctx_init="a photo of a")
     assert pl2.M == 4 and torch.equal(pl2.ctx_pos, pl2.ctx_neg)
+
+
+def test_text_classifier_averages_normalised_prompt_embeddings():
+    """A class's weight is the mean of its prompts' *normalised* embeddings, renormalised; the
+    reference is built from encode_text by hand, not from the function under test."""
+    clip = randomized("tiny-vit")
+    prompts = [["a cat.", "a very very small grey cat sitting on a mat."], ["dog"], ["a red fox", "fox", "the fox."]]
+    W = coft.text_classifier(clip, prompts, "cpu")
+    with torch.no_grad():
+        ref, unnormalised = [], []
+        for texts in prompts:
+            e = clip.encode_text(cm.tokenize(texts, clip.context_length))  # [n, D], norms differ per prompt
+            ref.append(F.normalize(F.normalize(e, dim=-1).mean(0), dim=0))
+            unnormalised.append(F.normalize(e.mean(0), dim=0))
+    ref, unnormalised = torch.stack(ref), torch.stack(unnormalised)
+    assert (W - ref).abs().max() < 1e-5
+    assert (unnormalised - ref).abs().max() > 1e-3  # the test tells the two apart
+
+
+def test_similarity_logits_are_fp32_under_bf16_autocast():
+    """Under (CPU) bf16 autocast the towers run in bf16, but every normalised-feature product is
+    fp32: zero-shot logits, s+ / s- and the Phase-I loss, the Phase-II head, InfoNCE. Each is
+    compared with float64 arithmetic on the same features (a bf16 logit near 30 is off by ~0.1)."""
+    clip = tiny_backbone()
+    tau = 0.01
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    W = F.normalize(torch.randn(3, clip.cfg.embed_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+    bf16 = dict(device_type="cpu", dtype=torch.bfloat16)
+
+    def close(a, b):
+        return a.dtype == torch.float32 and (a.double() - b).abs().max().item() < 1e-4
+
+    with torch.no_grad(), torch.autocast(**bf16):
+        zs = coft.zero_shot_logits(clip, W, x, tau)
+        f = clip.encode_image(x)
+    assert f.dtype == torch.bfloat16  # the tower itself does run in bf16 here
+    assert close(zs, F.normalize(f.double(), dim=-1) @ W.double().t() / tau)
+
+    model = coft.DualPromptModel(clip, CLASSES, M=4, vpt_tokens=2)
+    y = torch.tensor([0, 1, 2, 0] * 4)
+    with torch.autocast(**bf16):
+        v, t_pos, t_neg = model(x)
+        loss, _ = coft.phase1_loss(model, x, y, tau, generator=torch.Generator().manual_seed(3))
+    v, t_pos, t_neg = v.double(), t_pos.double(), t_neg.double()
+    s_pos, s_neg = v @ t_pos.t(), v @ t_neg.t()
+    yc = coft.complement_labels(y, 3, torch.Generator().manual_seed(3))
+    ref = F.cross_entropy(s_pos / tau, y) + coft.loss_l2(s_pos, s_neg, y, yc, tau)
+    assert close(loss, ref)
+
+    ft = coft.FineTuned(clip.visual, 3, W, 1 / tau)
+    mc = coft.MomentumContrast(ft, size=8)
+    mc.enqueue(F.normalize(torch.randn(8, clip.cfg.embed_dim), dim=-1), torch.arange(8) + 100)
+    with torch.no_grad(), torch.autocast(**bf16):
+        logits, feats = ft(x), ft.features(x)
+        nce = mc.info_nce(feats[:8], feats[8:], torch.arange(8))
+    assert close(logits, feats.double() @ ft.head.weight.double().t() + ft.head.bias.double())
+    q, k = feats[:8].double(), feats[8:].double()
+    direct = torch.cat([(q * k).sum(1, keepdim=True), q @ mc.queue.double().t()], 1) / mc.tau
+    assert close(nce, F.cross_entropy(direct, torch.zeros(8, dtype=torch.long)))
 
 
 def test_head_init_reproduces_prompt_classifier():
@@ -502,6 +576,58 @@ def test_cosine_with_warmup():
     lrs = [coft.cosine_with_warmup(s, 100, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+
+
+@pytest.mark.parametrize("clip_grad", [1.0, 0.0])
+def test_fit_reports_pre_clip_norms_and_takes_the_clipped_step(clip_grad):
+    """loss = w . g_t makes step t's gradient exactly g_t (norms 5, 0.5, 10). Plain SGD, lr 1,
+    cosine over 3 steps (multipliers 1, 0.75, 0.25): the parameter path is known by hand."""
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(2))
+    g = [torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4]), torch.tensor([6.0, 8.0])]
+    norms = coft.fit(model, lambda mdl, b, gen: ((mdl.w * b[0][0]).sum(), {}), lambda e: [(x[None],) for x in g],
+                     1, 1.0, torch.device("cpu"), 0, weight_decay=0.0, momentum=0.0, warmup_epochs=0,
+                     clip_grad=clip_grad, log_every=0)
+    assert norms == pytest.approx([5.0, 0.5, 10.0])
+    clipped = [x * min(1.0, clip_grad / x.norm()) if clip_grad else x for x in g]
+    expected = -(clipped[0] + 0.75 * clipped[1] + 0.25 * clipped[2])
+    assert torch.allclose(model.w.detach(), expected, atol=1e-6)
+    summary = coft.grad_norm_summary(norms, clip_grad)
+    assert summary["median_norm"] == pytest.approx(5.0) and summary["max_norm"] == pytest.approx(10.0)
+    assert summary["clipped_fraction"] == pytest.approx(2 / 3 if clip_grad else 0.0) and summary["steps"] == 3
+
+
+def test_contrastive_epoch_is_one_pass_over_all_unlabelled_images():
+    """CoFT+ Phase II: every unlabelled image enters L_Cont exactly once per epoch; the clean
+    loader cycles alongside, each cycle drawn afresh, so L_FFT gets at least one full clean pass."""
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, n, two_views):
+            self.n, self.two = n, two_views
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            x = torch.full((1,), float(i))
+            return ((x, x) if self.two else x), 0, i
+
+    unlabelled = torch.utils.data.DataLoader(Items(10, True), batch_size=4, shuffle=True,
+                                             generator=torch.Generator().manual_seed(0))
+    cycles = []
+
+    def make_clean(cycle):
+        cycles.append(cycle)
+        return torch.utils.data.DataLoader(Items(5, False), batch_size=2, shuffle=True, drop_last=True,
+                                           generator=torch.Generator().manual_seed(cycle))
+
+    batches = list(coft.WithUnlabelled(make_clean, unlabelled))
+    assert len(batches) == len(coft.WithUnlabelled(make_clean, unlabelled)) == 3  # ceil(10 / 4): no image dropped
+    seen_u = torch.cat([b[5] for b in batches])
+    assert sorted(seen_u.tolist()) == list(range(10))
+    assert all(torch.equal(b[3][:, 0].long(), b[5]) for b in batches)  # views travel with their indices
+    assert cycles == [0, 1]  # 2 clean batches per cycle (5 images, drop_last): the second cycle starts at step 3
+    first_cycle = torch.cat([b[2] for b in batches[:2]]).tolist()
+    assert len(set(first_cycle)) == 4  # a full pass of the clean loader, without repeats
 
 
 # --------------------------------------------------------------------------- CoFT: end to end (tiny)
@@ -587,6 +713,12 @@ def test_end_to_end_writes_every_metric(tmp_path, pretrained_tiny):
         assert 0 <= c["size"] <= 899 and c["kept_fraction"] == pytest.approx(100 * c["size"] / 899)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(m))
+    # every trained stage reports its pre-clip gradient norms: 2 epochs x steps per epoch
+    p1_steps = 2 * -(-m["seed_set"]["size"] // 64)
+    assert {k: v["steps"] for k, v in m["grad_norms"].items()} == {
+        "phase1_round1_model1": p1_steps, "phase1_round1_model2": p1_steps,
+        "branch1": 2 * (m["clean_set_1"]["size"] // 64), "branch2": 2 * (m["clean_set_2"]["size"] // 64)}
+    assert all(0 <= v["clipped_fraction"] <= 1 and v["median_norm"] > 0 for v in m["grad_norms"].values())
     assert json.loads((tmp_path / "run" / "config.json").read_text())["K"] == 4
     # --eval-only reloads the saved models and reproduces every number without training
     assert m["zero_shot_acc"] > 15 and m["seed_set"]["size"] > 10  # a backbone that means something
@@ -623,11 +755,211 @@ def test_phase_flag_runs_phases_separately(tmp_path, pretrained_tiny):
     assert numbers(p2) == numbers(full)
 
 
+# ---- an audit: every number and set of a finished run recomputed by hand from its saved files
+
+@functools.lru_cache(maxsize=1)
+def digit_tensors():
+    """The digits task's train and test images under the test transform, and their labels."""
+    task = data.digits_task()
+    tf = data.make_transform("test", 32, task)
+    stack = lambda items: torch.stack([tf(img) for img, _ in items])  # noqa: E731
+    labels = lambda items: torch.tensor([y for _, y in items])  # noqa: E731
+    return task, stack(task.train), labels(task.train), stack(task.test), labels(task.test)
+
+
+def topk_by_hand(probs, K):
+    """Per class, the K images labelled with it that have the highest probability, ties to the lower index."""
+    conf, y = probs.max(1)
+    idx = [i for k in range(probs.shape[1])
+           for i in sorted((i for i in range(len(y)) if y[i] == k), key=lambda i: (-conf[i].item(), i))[:K]]
+    return sorted(zip(idx, y[idx].tolist()))
+
+
+def pairs(idx, y):
+    return sorted(zip(idx.tolist(), y.tolist()))
+
+
+def same_argmax(logits, predicted):
+    """predicted == logits.argmax(1), except where the top two are within float noise (batching)."""
+    top2 = logits.topk(2, dim=1).values
+    differ = logits.argmax(1) != predicted
+    return not (differ & (top2[:, 0] - top2[:, 1] > 1e-4)).any()
+
+
+def acc(pred, y):
+    return 100.0 * (pred == y).float().mean().item()
+
+
+@pytest.fixture(scope="session")
+def audited_run(tmp_path_factory, pretrained_tiny):
+    """One CoFT run with two Phase-I rounds on the pretrained tiny backbone, plus the head every
+    Phase-II branch started from."""
+    tmp = tmp_path_factory.mktemp("audit")
+    heads, real_fit = [], coft.fit
+
+    def recording_fit(model, *a, **kw):
+        if isinstance(model, coft.FineTuned):
+            heads.append(model.head.weight.detach().clone())
+        return real_fit(model, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(coft, "fit", recording_fit)
+        m = run_coft(tmp, "--rounds", "2", ckpt=pretrained_tiny[0])
+    return tmp / "run", m, heads, cm.load(str(pretrained_tiny[0]))[0]
+
+
+def phase1_scores_by_hand(run_dir, clip, r, m, X):
+    model = coft.DualPromptModel(clip, data.DIGIT_CLASSNAMES, 4, None, 2, True)
+    model.load_state_dict(torch.load(run_dir / f"phase1_round{r}_model{m}.pt", weights_only=True))
+    with torch.no_grad():
+        t_pos, t_neg = model.prompts(clip)
+        v = model.image_features(X)
+    return v @ t_pos.t(), v @ t_neg.t(), t_pos
+
+
+def test_audit_zero_shot_and_seed_set(audited_run):
+    """S*: per class the top-K of the zero-shot softmax at CLIP's own temperature (Eq. 1)."""
+    run_dir, m, _, clip = audited_run
+    task, X_train, y_train, X_test, y_test = digit_tensors()
+    pl, preds = torch.load(run_dir / "pseudo_labels.pt"), torch.load(run_dir / "predictions.pt")
+    with torch.no_grad():
+        T = F.normalize(clip.encode_text(cm.tokenize([task.templates[0].format(c) for c in task.classnames],
+                                                     clip.context_length)), dim=-1)
+        cos_train = F.normalize(clip.encode_image(X_train), dim=-1) @ T.t()
+        cos_test = F.normalize(clip.encode_image(X_test), dim=-1) @ T.t()
+    scale = clip.logit_scale.exp().item()
+    expected = topk_by_hand((scale * cos_train).softmax(1), 4)
+    assert expected != topk_by_hand(cos_train.softmax(1), 4)  # another temperature ranks differently
+    for r1_set in pl["seed_sets"][0]:  # round 1: both models train on S*
+        assert pairs(*r1_set) == expected
+    assert same_argmax(cos_test, preds["zero_shot"]) and m["zero_shot_acc"] == pytest.approx(acc(preds["zero_shot"], y_test))
+    assert m["seed_set"]["precision"] == pytest.approx(100 * sum(y_train[i] == y for i, y in expected).item() / len(expected))
+
+
+def test_audit_rounds_filter_heads_and_ensemble(audited_run):
+    """Round 2 of each model trains on the top-K of *its own* round-1 model; model a's labels are
+    kept where *model b* has s+ > s- (Sec. 3.2.1); branch a's head starts from *model a's*
+    positive prompts; the ensemble is the mean of the branches' softmax."""
+    run_dir, m, heads, clip = audited_run
+    _, X_train, y_train, X_test, y_test = digit_tensors()
+    pl, preds = torch.load(run_dir / "pseudo_labels.pt"), torch.load(run_dir / "predictions.pt")
+    scale = clip.logit_scale.exp().item()
+    r1 = [phase1_scores_by_hand(run_dir, clip, 1, mm, X_train) for mm in (1, 2)]
+    own_topk = [topk_by_hand((scale * s[0]).softmax(1), 4) for s in r1]
+    assert own_topk[0] != own_topk[1]
+    assert [pairs(*st) for st in pl["seed_sets"][1]] == own_topk
+    # the filter, both directions, with the last round's models
+    r2 = [phase1_scores_by_hand(run_dir, clip, 2, mm, X_train) for mm in (1, 2)]
+    i = torch.arange(len(y_train))
+    for a, b in ((0, 1), (1, 0)):
+        y_a = r2[a][0].argmax(1)
+        peer = (r2[b][0][i, y_a] > r2[b][1][i, y_a]).nonzero().squeeze(1)
+        own = (r2[a][0][i, y_a] > r2[a][1][i, y_a]).nonzero().squeeze(1)
+        assert not torch.equal(peer, own)  # validating with one's own scores would give another set
+        assert torch.equal(pl["clean"][a], peer) and torch.equal(pl["clean_labels"][a], y_a[peer])
+        assert torch.equal(pl["generated"][a], y_a)
+        assert m[f"clean_set_{a + 1}"]["size"] == len(peer)
+    # heads: logit_scale * the branch's own model's t+
+    assert len(heads) == 2
+    for a in (0, 1):
+        assert torch.allclose(heads[a], scale * r2[a][2], atol=1e-5)
+        assert not torch.allclose(heads[a], scale * r2[1 - a][2], atol=1e-2)
+    # Phase-I accuracies, branches and the ensemble from the saved weights
+    for mm in (1, 2):
+        s_test = phase1_scores_by_hand(run_dir, clip, 2, mm, X_test)[0]
+        assert same_argmax(s_test, preds[f"round2_model{mm}"])
+        assert m[f"phase1_model{mm}_acc"] == pytest.approx(acc(s_test.argmax(1), y_test))
+    probs = []
+    for a in (1, 2):
+        ft = coft.FineTuned(clip.visual, 10)
+        ft.load_state_dict(torch.load(run_dir / f"branch{a}.pt", weights_only=True))
+        with torch.no_grad():
+            logits = ft.eval()(X_test)
+        assert same_argmax(logits, preds[f"branch{a}"]) and m[f"branch{a}_acc"] == pytest.approx(acc(preds[f"branch{a}"], y_test))
+        probs.append(logits.softmax(1))
+    ensemble = (probs[0] + probs[1]) / 2
+    assert same_argmax(ensemble, preds["ensemble"])
+    assert (preds["ensemble"] != preds["branch1"]).any() and (preds["ensemble"] != preds["branch2"]).any()
+    assert m["ensemble_acc"] == pytest.approx(acc(preds["ensemble"], y_test))
+
+
+def test_branches_draw_their_own_batches_and_augmentations(tmp_path, pretrained_tiny, monkeypatch):
+    """With equal clean sets (every label kept), the two branches still see different orders and
+    different augmentations of the same image."""
+    monkeypatch.setattr(coft, "collaborative_filter", lambda y_a, s_pos, s_neg: torch.ones(len(y_a), dtype=torch.bool))
+    first, real_fit = [], coft.fit
+
+    def recording_fit(model, step_fn, *a, **kw):
+        if not isinstance(model, coft.FineTuned):
+            return real_fit(model, step_fn, *a, **kw)
+        seen = []
+        first.append(seen)
+
+        def step(mdl, b, g):
+            seen.append((b[0].clone(), b[2].clone()))
+            return step_fn(mdl, b, g)
+        return real_fit(model, step, *a, **kw)
+
+    monkeypatch.setattr(coft, "fit", recording_fit)
+    run_coft(tmp_path, "--p1-epochs", "1", "--fft-epochs", "1", "--fft-aug", "strong", ckpt=pretrained_tiny[0])
+    pl = torch.load(tmp_path / "run" / "pseudo_labels.pt")
+    assert torch.equal(pl["clean"][0], pl["clean"][1]) and len(first) == 2
+    (x1, i1), (x2, i2) = first[0][0], first[1][0]
+    assert not torch.equal(i1, i2)
+    common = set(i1.tolist()) & set(i2.tolist())
+    assert common and all(not torch.equal(x1[i1 == j][0], x2[i2 == j][0]) for j in common)
+
+
 def test_topk_baseline_and_resnet_backbone(tmp_path):
     m = run_coft(tmp_path, "--method", "topk", name="tiny-rn")
-    assert 0 <= m["topk_acc"] <= 100 and "phase1_model1_acc" not in m
+    assert "phase1_model1_acc" not in m
+    # the baseline's number is its saved model's accuracy on the test images, fine-tuned on S*
+    clip = cm.load(str(tmp_path / "tiny-rn.pt"))[0]
+    ft = coft.FineTuned(clip.visual, 10)
+    ft.load_state_dict(torch.load(tmp_path / "run" / "topk.pt", weights_only=True))
+    _, _, _, X_test, y_test = digit_tensors()
+    with torch.no_grad():
+        logits = ft.eval()(X_test)
+    preds = torch.load(tmp_path / "run" / "predictions.pt")
+    assert same_argmax(logits, preds["topk"]) and m["topk_acc"] == pytest.approx(acc(preds["topk"], y_test))
+    assert m["grad_norms"]["topk"]["steps"] == 2  # 2 epochs of one batch (S* has <= 40 images)
     m = run_coft(tmp_path, "--branches", "1", name="tiny-rn", out="rn")
-    assert "branch2_acc" not in m and 0 <= m["ensemble_acc"] <= 100
+    preds = torch.load(tmp_path / "rn" / "predictions.pt")
+    assert "branch2_acc" not in m and torch.equal(preds["ensemble"], preds["branch1"])
+    assert m["ensemble_acc"] == m["branch1_acc"]
+
+
+def test_labelled_shots_join_the_seed_set_and_both_clean_sets(tmp_path, pretrained_tiny, monkeypatch, capsys):
+    """--labelled-shots N: N true-labelled images per class, drawn with the seed, are in every
+    round's seed set and in both clean sets with their true labels; --method shots trains on them alone."""
+    m = run_coft(tmp_path, "--labelled-shots", "2", "--rounds", "2", "--phase", "1", ckpt=pretrained_tiny[0])
+    _, _, y_train, _, _ = digit_tensors()
+    pl = torch.load(tmp_path / "run" / "pseudo_labels.pt")
+    L = pl["labelled"]
+    assert len(set(L.tolist())) == 20 and torch.bincount(y_train[L], minlength=10).tolist() == [2] * 10
+    assert m["labelled_shots"] == {"per_class": 2, "size": 20}
+    truth = set(zip(L.tolist(), y_train[L].tolist()))
+    for sets in pl["seed_sets"]:
+        for idx, y in sets:
+            assert truth <= set(pairs(idx, y)) and len(set(idx.tolist())) == len(idx)  # no image twice
+    for idx, y in zip(pl["clean"], pl["clean_labels"]):
+        assert truth <= set(pairs(idx, y))
+    assert not torch.equal(L, coft.labelled_shots(y_train, 2, coft.seed_of(1, "labelled shots")))  # seed-dependent
+    # --method shots: fine-tuned on exactly these images and labels
+    trained_on, real_fit = [], coft.fit
+
+    def recording_fit(model, step_fn, make_loader, *a, **kw):
+        ds = make_loader(0).dataset
+        trained_on.append((ds.items, ds.labels))
+        return real_fit(model, step_fn, make_loader, *a, **kw)
+
+    monkeypatch.setattr(coft, "fit", recording_fit)
+    m = run_coft(tmp_path, "--labelled-shots", "2", "--method", "shots", ckpt=pretrained_tiny[0], out="shots")
+    task = data.digits_task()
+    (items, labels), = trained_on
+    assert labels == y_train[L].tolist() and "shots_acc" in m
+    assert len(items) == len(L) and all(torch.equal(a[0], task.train[i][0]) for a, i in zip(items, L.tolist()))
+    assert "--labelled-shots" in cli_error(capsys, "--method", "shots", "--out", str(tmp_path / "x"))
 
 
 def test_fft_init_phase1_and_distillation_backbone(tmp_path, pretrained_tiny):
@@ -642,6 +974,19 @@ def test_fft_init_phase1_and_distillation_backbone(tmp_path, pretrained_tiny):
     p1 = torch.load(tmp_path / "p1init" / "phase1_round1_model1.pt", weights_only=True)["vpt.prompts"]
     ft = torch.load(tmp_path / "p1init" / "branch1.pt", weights_only=True)["vpt"]
     assert ft.shape == p1.shape and not torch.equal(ft, p1)
+
+
+def test_fft_init_phase1_needs_a_backbone_its_vpt_fits(tmp_path, capsys):
+    """--fft-init phase1 with an --fft-backbone the Phase-I VPT cannot enter: one line, before any training."""
+    for name, cfg in (("vit", {}), ("narrow", dict(vision_width=32)), ("shallow", dict(vision_layers=1))):
+        torch.save(randomized("tiny-vit", **cfg).state_dict(), tmp_path / f"{name}.pt")
+    torch.save(randomized("tiny-rn").state_dict(), tmp_path / "rn.pt")
+    for other, what in (("narrow", "width 32"), ("rn", "is a ResNet"), ("shallow", "1 blocks")):
+        out = tmp_path / f"run-{other}"
+        err = cli_error(capsys, "--clip", str(tmp_path / "vit.pt"), "--fft-backbone", str(tmp_path / f"{other}.pt"),
+                        "--fft-init", "phase1", "--M", "4", "--vpt-tokens", "2", "--out", str(out))
+        assert "--fft-init pretrained" in err and what in err, err
+        assert not list(out.glob("*.pt"))  # refused before any work
 
 
 def test_digit_transforms_never_flip():
@@ -704,12 +1049,16 @@ def tiny_finetuned(seed=0):
 def test_queue_wraps_around_and_overwrites_the_oldest():
     mc = coft.MomentumContrast(tiny_finetuned(), size=5)
     keys = torch.arange(1, 8).float()[:, None].expand(7, mc.queue.shape[1])  # key i is all i's
-    mc.enqueue(keys[:3])
+    ids = torch.arange(1, 8) * 100  # key i belongs to image 100 i
+    mc.enqueue(keys[:3], ids[:3])
     assert mc.count == 3 and mc.ptr == 3 and mc.queue[:3, 0].tolist() == [1, 2, 3]
-    mc.enqueue(keys[3:7])  # 4 more: two fill the end, two overwrite the oldest (1 and 2)
+    mc.enqueue(keys[3:7], ids[3:7])  # 4 more: two fill the end, two overwrite the oldest (1 and 2)
     assert mc.count == 5 and mc.ptr == 2 and mc.queue[:, 0].tolist() == [6, 7, 3, 4, 5]
-    mc.enqueue(torch.arange(10, 22).float()[:, None].expand(12, mc.queue.shape[1]))  # larger than the queue
+    assert mc.queue_idx.tolist() == [600, 700, 300, 400, 500]  # each key keeps its image index
+    big = torch.arange(10, 22)
+    mc.enqueue(big.float()[:, None].expand(12, mc.queue.shape[1]), big)  # larger than the queue
     assert sorted(mc.queue[:, 0].tolist()) == [17, 18, 19, 20, 21]
+    assert (mc.queue[:, 0].long() == mc.queue_idx).all()
 
 
 def test_ema_update_is_exact():
@@ -724,23 +1073,67 @@ def test_ema_update_is_exact():
     assert not any(p.requires_grad for p in mc.key_model.parameters())
 
 
+def direct_info_nce(q, k, negatives, tau):
+    """Eq. 9 written out per query: -log(e^{q.k/tau} / (e^{q.k/tau} + sum over its negatives))."""
+    return torch.stack([-torch.log(torch.exp(q[i] @ k[i] / tau) / (torch.exp(q[i] @ k[i] / tau) + sum(
+        (torch.exp(q[i] @ n / tau) for n in negatives[i]), torch.tensor(0.0)))) for i in range(len(q))]).mean()
+
+
 def test_info_nce_matches_direct_recomputation_and_keys_carry_no_gradient():
     mc = coft.MomentumContrast(tiny_finetuned(), size=6, tau=0.07)
     g = torch.Generator().manual_seed(0)
-    mc.enqueue(F.normalize(torch.randn(4, mc.queue.shape[1], generator=g), dim=-1))
+    mc.enqueue(F.normalize(torch.randn(4, mc.queue.shape[1], generator=g), dim=-1), torch.tensor([10, 11, 12, 13]))
     q = F.normalize(torch.randn(3, mc.queue.shape[1], generator=g), dim=-1)
     k = F.normalize(torch.randn(3, mc.queue.shape[1], generator=g), dim=-1)
     queue = mc.queue[:4]
-    direct = torch.stack([-torch.log(torch.exp(q[i] @ k[i] / 0.07) / (torch.exp(q[i] @ k[i] / 0.07) + torch.exp(
-        queue @ q[i] / 0.07).sum())) for i in range(3)]).mean()
-    assert torch.allclose(mc.info_nce(q, k), direct, atol=1e-5)
+    direct = direct_info_nce(q, k, [queue] * 3, 0.07)  # images 0-2: none of them is in the queue
+    assert torch.allclose(mc.info_nce(q, k, torch.tensor([0, 1, 2])), direct, atol=1e-5)
     # the full forward: gradients reach the online model only; the keys enter the queue detached
     x = torch.randn(2, 3, 32, 32)
-    loss = mc(x, x.flip(-1))
+    loss = mc(x, x.flip(-1), torch.tensor([20, 21]))
     loss.backward()
     assert all(p.grad is None for p in mc.key_model.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mc.model.visual.parameters())
-    assert not mc.queue.requires_grad and mc.count == 6
+    assert not mc.queue.requires_grad and mc.count == 6 and mc.queue_idx[4:6].tolist() == [20, 21]
+
+
+def test_queue_excludes_the_querys_own_image():
+    """A query never meets an older key of its own image among its negatives (CoFT+ queue)."""
+    mc = coft.MomentumContrast(tiny_finetuned(), size=8, tau=0.07)
+    g = torch.Generator().manual_seed(1)
+    D = mc.queue.shape[1]
+    stale = F.normalize(torch.randn(5, D, generator=g), dim=-1)
+    mc.enqueue(stale, torch.tensor([7, 3, 7, 9, 4]))  # image 7 has two stale keys, image 3 one
+    q = F.normalize(torch.randn(3, D, generator=g), dim=-1)
+    k = F.normalize(torch.randn(3, D, generator=g), dim=-1)
+    idx = torch.tensor([7, 3, 5])
+    negatives = [stale[[1, 3, 4]], stale[[0, 2, 3, 4]], stale]  # image 5 has no key in the queue
+    assert torch.allclose(mc.info_nce(q, k, idx), direct_info_nce(q, k, negatives, 0.07), atol=1e-5)
+    assert not torch.allclose(mc.info_nce(q, k, idx), direct_info_nce(q, k, [stale] * 3, 0.07), atol=1e-3)
+    # a query whose every queued key is its own has only its positive: the loss is exactly 0
+    solo = coft.MomentumContrast(tiny_finetuned(), size=4)
+    solo.enqueue(stale[:2], torch.tensor([1, 1]))
+    assert solo.info_nce(q[:1], k[:1], torch.tensor([1])).item() == 0.0
+
+
+def test_keys_enter_the_queue_after_the_loss():
+    """The loss of a batch is computed against the queue as it was before the batch: with an
+    empty queue it has no negatives at all (loss exactly 0), then the batch's keys are queued."""
+    mc = coft.MomentumContrast(tiny_finetuned(), size=8)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    loss = mc(x, x.flip(-1), torch.tensor([0, 1, 2]))
+    assert loss.item() == 0.0 and mc.count == 3 and mc.queue_idx[:3].tolist() == [0, 1, 2]
+    before = mc.queue[:3].clone()
+    x2 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        q = mc.model.features(x2)
+        key_model = coft.copy.deepcopy(mc.key_model)
+        for p_m, p in zip(key_model.parameters(), mc.model.parameters()):
+            p_m.mul_(mc.mu).add_(p, alpha=1 - mc.mu)
+        k = key_model.features(x2.flip(-1))
+    loss2 = mc(x2, x2.flip(-1), torch.tensor([3, 4]))
+    assert torch.allclose(loss2, direct_info_nce(q, k, [before] * 2, mc.tau), atol=1e-5)
+    assert torch.allclose(mc.queue[3:5], k, atol=1e-6)
 
 
 class ChatHandler(http.server.BaseHTTPRequestHandler):
@@ -806,7 +1199,9 @@ def test_llm_prompts_drive_the_zero_shot_pass(tmp_path, pretrained_tiny):
     (tmp_path / "p.json").write_text(json.dumps(prompts))
     m = run_coft(tmp_path, "--llm-prompts", str(tmp_path / "p.json"), "--phase", "1", ckpt=pretrained_tiny[0])
     clip, _ = cm.load(str(pretrained_tiny[0]))
-    W = coft.text_classifier(clip, [prompts[c] for c in data.DIGIT_CLASSNAMES], "cpu")
+    with torch.no_grad():  # each class: the mean of its prompts' normalised embeddings, by hand
+        W = torch.stack([F.normalize(F.normalize(clip.encode_text(cm.tokenize(prompts[c], clip.context_length)),
+                                                 dim=-1).mean(0), dim=0) for c in data.DIGIT_CLASSNAMES])
     task = data.digits_task()
     x = torch.stack([data.make_transform("test", 32, task)(img) for img, _ in task.test])
     y = torch.tensor([label for _, label in task.test])
@@ -843,7 +1238,7 @@ def test_rounds_restart_from_pretrained_weights(tmp_path, pretrained_tiny, monke
         assert not torch.equal(r2m1_start[k], r1m1_end[k])  # no carry-over of trained prompts / VPT
     # round 2's start is a fresh draw: re-creating the model under round 2's seed gives it exactly
     clip = cm.load(str(pretrained_tiny[0]))[0]  # (building a model draws random numbers: before seeding)
-    torch.manual_seed(0 * 100 + 10 * 2 + 1)
+    torch.manual_seed(coft.seed_of(0, "init", 2, 1))
     fresh = coft.DualPromptModel(clip, data.DIGIT_CLASSNAMES, 4, None, 2, True)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in r2m1_start.items())
     assert m["rounds"][1]["model1_seed_set"]["size"] > 0
@@ -852,11 +1247,24 @@ def test_rounds_restart_from_pretrained_weights(tmp_path, pretrained_tiny, monke
 def test_plus_end_to_end_and_resume_restores_queue_and_momentum_encoder(tmp_path, monkeypatch, pretrained_tiny):
     ckpt = pretrained_tiny[0]
     plus = ("--plus", "--rounds", "2", "--queue", "100")
+    queries, real_nce = [], coft.MomentumContrast.info_nce
+
+    def recording_nce(self, q, k, idx):
+        queries.append(idx.clone())
+        return real_nce(self, q, k, idx)
+
+    monkeypatch.setattr(coft.MomentumContrast, "info_nce", recording_nce)
     full = run_coft(tmp_path, *plus, out="full", ckpt=ckpt)
+    monkeypatch.setattr(coft.MomentumContrast, "info_nce", real_nce)
     assert full["method"] == "coft+" and full["parts"] == {"rounds": 2, "contrast": True,
                                                            "zero_shot_prompts": "ensemble"}
+    # each epoch of each branch is one pass over all 899 unlabelled images: ceil(899 / 64) = 15 steps
+    assert len(queries) == 2 * 2 * 15
+    for start in range(0, len(queries), 15):
+        assert sorted(torch.cat(queries[start:start + 15]).tolist()) == list(range(899))
     state = torch.load(tmp_path / "full" / "ckpt_branch1.pt", weights_only=False)["model"]
     assert state["count"] == 100 and any(k.startswith("key_model.visual.") for k in state)
+    assert state["queue_idx"].min() >= 0 and len(set(state["queue_idx"].tolist())) == 100
     real_save = coft.atomic_save
 
     def dying_save(obj, path):
