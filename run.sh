@@ -15,11 +15,12 @@ demo)
   start=$(date +%s)
   if [ "${2:-}" = "--rebuild" ]; then python clip_model.py --standin --rebuild; else python clip_model.py --standin; fi
   common=(--dataset digits --clip demo --seed "$SEED" --log-every 0)
-  # Phase-II learning rates chosen per method on the labelled dev split (README, "Offline demo")
+  # settings chosen per method on the labelled dev split (README, "Offline demo"); CoFT's are the
+  # demo backbone's defaults (clipping at 1.0, Phase-I lr 0.03, Phase-II lr 2e-5)
   python coft.py "${common[@]}" --method probe --out "$OUT/demo/probe-s$SEED"
-  python coft.py "${common[@]}" --method topk --fft-lr 1e-3 --out "$OUT/demo/topk-s$SEED"
-  python coft.py "${common[@]}" --method coft --fft-lr 2e-2 --out "$OUT/demo/coft-s$SEED"
-  python coft.py "${common[@]}" --method coft --fft-lr 2e-2 --plus --out "$OUT/demo/coftplus-s$SEED"
+  python coft.py "${common[@]}" --method topk --clip-grad 0 --fft-lr 2e-5 --out "$OUT/demo/topk-s$SEED"
+  python coft.py "${common[@]}" --method coft --out "$OUT/demo/coft-s$SEED"
+  python coft.py "${common[@]}" --method coft --plus --out "$OUT/demo/coftplus-s$SEED"
   python coft.py --table "$OUT/demo/"{probe,topk,coft,coftplus}-s"$SEED"
   echo "demo done in $(( $(date +%s) - start ))s"
   ;;

@@ -693,7 +693,7 @@ def run_coft(tmp_path, *extra, name="tiny-vit", out="run", ckpt=None):
         torch.save(randomized(name).state_dict(), ckpt)
     args = ["--dataset", "digits", "--clip", str(ckpt), "--out", str(tmp_path / out), "--M", "4", "--K", "4",
             "--vpt-tokens", "2", "--p1-epochs", "2", "--fft-epochs", "2", "--batch", "64", "--fft-lr", "1e-3",
-            "--log-every", "0", "--fft-aug", "weak"]
+            "--log-every", "0", "--fft-aug", "weak", "--clip-grad", "1"]
     return coft.main(args + list(extra))
 
 
