@@ -455,14 +455,18 @@ def ask_llm(classnames, api_base, model, api_key=None, n=10, chunk=25, retries=3
     return table
 
 
-def write_llm_prompts(path, classnames, api_base, model, api_key=None, n=10):
-    """Generate, validate, then write atomically: a bad reply never leaves a partial file."""
-    table = ask_llm(classnames, api_base, model, api_key, n)
+def write_json(obj, path):
+    """JSON to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(table, indent=1, ensure_ascii=False))
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
     os.replace(tmp, path)
     return path
+
+
+def write_llm_prompts(path, classnames, api_base, model, api_key=None, n=10):
+    """Generate, validate, then write atomically: a bad reply never leaves a partial file."""
+    return write_json(ask_llm(classnames, api_base, model, api_key, n), path)
 
 
 # -----------------------------------------------------------------------------
@@ -966,9 +970,7 @@ def save_grad_norms(out, tag, norms, clip_grad):
     path = Path(out) / "grad_norms.json"
     table = json.loads(path.read_text()) if path.exists() else {}
     table[tag] = grad_norm_summary(norms, clip_grad)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, path)
+    write_json(table, path)
     return table[tag]
 
 
