@@ -388,8 +388,8 @@ def config_from_state_dict(sd):
                           vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=width,
                           transformer_heads=max(width // 64, 1), transformer_layers=n_blocks("transformer.resblocks."),
                           **vision)
-    except KeyError as e:
-        raise CLIPError(f"not a CLIP state dict: key {e} is missing; pass an OpenAI CLIP checkpoint "
+    except (KeyError, IndexError, AttributeError) as e:
+        raise CLIPError(f"not a CLIP state dict ({type(e).__name__} {e}); pass an OpenAI CLIP checkpoint "
                         f"or a state dict saved from clip_model.CLIP") from None
 
 
@@ -398,6 +398,13 @@ def build_model(sd, device="cpu"):
     sd = {k: v for k, v in sd.items() if k not in JIT_LEFTOVERS}
     cfg = config_from_state_dict(sd)
     model = CLIP(cfg)
+    own = model.state_dict()
+    wrong = [k for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:  # a damaged or edited checkpoint: the shapes contradict the ones inferred from it
+        k = wrong[0]
+        raise CLIPError(f"state dict tensor {k} has shape {tuple(sd[k].shape)}, but the model inferred from the others "
+                        f"needs {tuple(own[k].shape)} ({len(wrong)} such tensor(s)): the checkpoint is damaged or "
+                        f"not an OpenAI-layout CLIP")
     missing, unexpected = model.load_state_dict(sd, strict=False)  # fp16 values are cast into fp32 params
     if missing or unexpected:
         raise CLIPError(f"state dict does not match the inferred {cfg}: missing {sorted(missing)[:5]}, "
@@ -707,13 +714,20 @@ def pretrain(model, steps, batch, lr, weight_decay, warmup, seed, log_every=50, 
     return history
 
 
+def standin_path(cache_dir=None, settings=None):
+    """Where the stand-in pretrained with `settings` is cached: the file name carries a hash of
+    the settings and the architecture, so changing either retrains (bump STANDIN["version"] when
+    the rendered data changes)."""
+    settings = {**STANDIN, **(settings or {})}
+    key = hashlib.sha256(repr((sorted(settings.items()), asdict(CONFIGS[settings["config"]]))).encode()).hexdigest()[:12]
+    return Path(cache_dir or default_cache_dir()) / f"standin-{key}.pt"
+
+
 def standin(cache_dir=None, rebuild=False, settings=None):
     """Path of the stand-in's checkpoint (a plain state dict), pretraining it first if it is not
-    in the cache. The file name carries a hash of the settings, so changing them retrains."""
+    in the cache (standin_path)."""
+    path = standin_path(cache_dir, settings)
     settings = {**STANDIN, **(settings or {})}
-    # the key covers the architecture too; bump STANDIN["version"] when the rendered data changes
-    key = hashlib.sha256(repr((sorted(settings.items()), asdict(CONFIGS[settings["config"]]))).encode()).hexdigest()[:12]
-    path = Path(cache_dir or default_cache_dir()) / f"standin-{key}.pt"
     if path.exists() and not rebuild:
         return path
     print(f"pretraining the offline stand-in CLIP on rendered digits ({settings['steps']} steps of "

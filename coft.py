@@ -18,15 +18,14 @@ own; the CLI at the bottom strings them together:
     python coft.py --dataset dtd --data-root DATA --clip ViT-B/16 --out runs/dtd
 """
 import argparse
-import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
 import re
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -35,7 +34,9 @@ import torch.nn.functional as F
 
 import clip_model
 import data
+import train
 from clip_model import atomic_save, time_per_call
+from train import RunError, amp_settings, fit, number, seed_of, write_json
 
 # -----------------------------------------------------------------------------
 # Similarities in fp32
@@ -81,7 +82,14 @@ class PromptLearner(nn.Module):
         self.ctx_pos, self.ctx_neg = nn.Parameter(ctx_pos), nn.Parameter(ctx_neg)
         # "X X ... X classname." : the M placeholder embeddings are replaced by the contexts
         texts = [" ".join(["X"] * M) + " " + name.replace("_", " ") + "." for name in classnames]
-        tokens = clip_model.tokenize(texts, clip.context_length)  # [C, L]
+        try:
+            tokens = clip_model.tokenize(texts, clip.context_length)  # [C, L]
+        except clip_model.CLIPError:  # say which prompt and which flags make it shorter
+            tok_len = lambda t: len(tok.encode(t)) + 2  # noqa: E731  (+ SOT and EOT)
+            longest = max(texts, key=tok_len)
+            raise RunError(f"the prompt {longest!r} ({M} context tokens + class name) is {tok_len(longest)} tokens, "
+                           f"longer than the backbone's context of {clip.context_length}: use a smaller --M "
+                           f"(or --ctx-init with fewer words) or a shorter class name") from None
         with torch.no_grad():
             emb = clip.token_embedding(tokens)  # [C, L, width]
         self.register_buffer("tokens", tokens, persistent=False)
@@ -455,135 +463,9 @@ def ask_llm(classnames, api_base, model, api_key=None, n=10, chunk=25, retries=3
     return table
 
 
-def write_json(obj, path):
-    """JSON to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
-    return path
-
-
 def write_llm_prompts(path, classnames, api_base, model, api_key=None, n=10):
     """Generate, validate, then write atomically: a bad reply never leaves a partial file."""
     return write_json(ask_llm(classnames, api_base, model, api_key, n), path)
-
-
-# -----------------------------------------------------------------------------
-# The training loop shared by both phases
-
-
-def amp_settings(device):
-    """bf16 autocast where the GPU supports it, fp16 + GradScaler on older GPUs, fp32 on CPU."""
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return dict(device_type="cuda", dtype=torch.bfloat16), None
-        return dict(device_type="cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-    return dict(device_type="cpu", enabled=False), None
-
-
-def seed_of(*keys):
-    """A random stream's seed from (run seed, stage, epoch, ...): ints and strings mixed by a
-    fixed polynomial hash (strings by CRC-32, never Python's per-process hash), so each stage,
-    branch, epoch and cycle draws its own stream and a rerun draws the same one."""
-    h = 0
-    for k in keys:
-        k = zlib.crc32(k.encode()) if isinstance(k, str) else int(k)
-        h = (h * 1_000_003 + k + 1) % (1 << 63)
-    return h
-
-
-def grad_norm_summary(norms, clip_grad):
-    """What gradient clipping did in a stage: per-step total gradient norms before clipping ->
-    their median and maximum, and the fraction of steps whose norm exceeded the threshold."""
-    if not norms:
-        return {"steps": 0}
-    t = torch.tensor(norms, dtype=torch.float64)
-    return {"steps": len(norms), "clip_threshold": clip_grad or None, "median_norm": t.median().item(),
-            "max_norm": t.max().item(),
-            "clipped_fraction": (t > clip_grad).double().mean().item() if clip_grad else 0.0}
-
-
-def cosine_with_warmup(step, total, warmup):
-    """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
-def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume=False, tag="train",
-        weight_decay=5e-4, momentum=0.9, warmup_epochs=1, clip_grad=0.0, log_every=20, meta=None):
-    """The plain loop used by both phases: SGD with momentum, per-step cosine schedule with
-    warm-up, autocast (bf16 / fp16 + GradScaler / fp32), optional gradient-norm clipping, a
-    progress line, and an atomic checkpoint after every epoch.
-
-    step_fn(model, batch, generator) -> (loss, {name: value}); make_loader(epoch) -> an iterable.
-    Randomness is re-seeded from (seed, epoch) at every epoch start, so a run resumed from an
-    epoch checkpoint replays the same batches, augmentations and complement labels as an
-    uninterrupted one. `meta` (e.g. the backbone's name) is stored in the checkpoint and must
-    match on resume. Returns the total gradient norm of every step, before clipping (also kept
-    in the checkpoints, so a resumed run returns them all)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    amp, scaler = amp_settings(device)
-    steps_per_epoch = len(make_loader(0))
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_with_warmup(s, total, warmup_epochs * steps_per_epoch))
-    start, norms = 0, []
-    if resume and ckpt and Path(ckpt).exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state.get("meta") != meta:
-            raise data.DataError(f"checkpoint {ckpt} was written for {state.get('meta')}, not {meta}: "
-                                 f"use another --out or drop --resume")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start, norms = state["epoch"] + 1, state["grad_norms"]
-        print(f"{tag}: resumed from {ckpt} after epoch {start}", flush=True)
-    model.train()
-    t0, seen = time.time(), 0
-    for epoch in range(start, epochs):
-        torch.manual_seed(seed_of(seed, epoch))
-        gen = torch.Generator().manual_seed(seed_of(seed, epoch, "step"))
-        epoch_norms = []  # kept on the device until the epoch ends: no host sync per step
-        for i, batch in enumerate(make_loader(epoch)):
-            batch = [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
-            with torch.autocast(**amp):
-                loss, terms = step_fn(model, batch, gen)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            # the total norm before clipping; max_norm = inf measures without rescaling
-            epoch_norms.append(torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf")).detach())
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
-            seen += len(batch[0])
-            step = epoch * steps_per_epoch + i + 1
-            if log_every and (step % log_every == 0 or step == total):
-                el = time.time() - t0
-                rate = seen / el
-                eta = el / max(step - start * steps_per_epoch, 1) * (total - step)
-                extra = " ".join(f"{k} {float(v):.3f}" for k, v in terms.items())
-                print(f"{tag} ep {epoch + 1}/{epochs} step {step}/{total} loss {loss.item():.3f} {extra} "
-                      f"grad norm {epoch_norms[-1].item():.2f} lr {sched.get_last_lr()[0]:.2e} {rate:.0f} img/s "
-                      f"eta {eta:.0f}s", flush=True)
-        norms += torch.stack(epoch_norms).float().cpu().tolist() if epoch_norms else []
-        if ckpt:
-            atomic_save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
-                         "sched": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                         "meta": meta, "grad_norms": norms}, ckpt)
-    model.eval()
-    return norms
 
 
 # -----------------------------------------------------------------------------
@@ -618,13 +500,11 @@ def precision(pseudo, true):
 
 
 def loader(dataset, batch, shuffle, args, key=(), drop_last=False):
-    """A DataLoader whose order and augmentations depend only on (--seed, *key): each stage,
-    branch, epoch and cycle passes its own key, so a resumed run replays exactly the batches of
-    an uninterrupted one and no two stages share a stream."""
-    gen = torch.Generator().manual_seed(seed_of(args.seed, *key))
-    gpu = args.device.startswith("cuda")
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=shuffle, generator=gen, drop_last=drop_last,
-                                       num_workers=args.workers, pin_memory=gpu)
+    """train.loader with the stream seed seed_of(--seed, *key): each stage, branch, epoch and
+    cycle passes its own key, so a resumed run replays exactly the batches of an uninterrupted one,
+    no two stages share a stream, and the numbers do not depend on --workers."""
+    return train.loader(dataset, batch, seed_of(args.seed, *key), shuffle, args.workers,
+                        args.device.startswith("cuda"), drop_last)
 
 
 def labelled_shots(y_true, n, seed):
@@ -646,11 +526,17 @@ def with_labelled(idx, y, labelled, y_true):
 
 
 def check_args(args):
-    """Flag combinations that cannot work, refused before anything is loaded or trained."""
-    if args.labelled_shots < 0:
-        raise data.DataError(f"--labelled-shots must be >= 0, got {args.labelled_shots}")
+    """Flag combinations that cannot work, refused before anything is loaded or trained (each
+    number's range is checked by the parser)."""
     if args.method == "shots" and not args.labelled_shots:
-        raise data.DataError("--method shots fine-tunes on the labelled shots only: give --labelled-shots N (N > 0)")
+        raise RunError("--method shots fine-tunes on the labelled shots only: give --labelled-shots N (N > 0)")
+    if args.restart and (args.eval_only or args.phase == "2"):
+        raise RunError(f"--restart discards the run in --out, so there would be nothing for "
+                       f"{'--eval-only' if args.eval_only else '--phase 2'} to use: drop one of them")
+    for flag, name in (("--clip", args.clip), ("--fft-backbone", args.fft_backbone)):
+        if name and name != "demo" and name not in clip_model.CHECKPOINTS and not Path(name).is_file():
+            raise RunError(f"{flag} {name!r} is neither a released model ({', '.join(clip_model.CHECKPOINTS)}), "
+                           f"demo, nor a checkpoint file")
 
 
 def check_fft_init(args, clip, ft_clip):
@@ -662,26 +548,96 @@ def check_fft_init(args, clip, ft_clip):
     if a.is_vit and args.vpt_tokens > 0:
         depth = a.vision_layers if args.vpt == "deep" else 1
         if not (b.is_vit and b.vision_width == a.vision_width and b.vision_layers >= depth):
-            raise data.DataError(
+            raise RunError(
                 f"--fft-init phase1 carries {args.clip}'s VPT ({depth} x {args.vpt_tokens} tokens, "
                 f"{a.vision_width} wide) into --fft-backbone {args.fft_backbone}, which "
                 f"{'is a ResNet' if not b.is_vit else f'has width {b.vision_width} and {b.vision_layers} blocks'}: "
                 f"use --fft-init pretrained with --fft-backbone")
     elif not a.is_vit and b.embed_dim != a.embed_dim:
-        raise data.DataError(
+        raise RunError(
             f"--fft-init phase1 carries {args.clip}'s adapter ({a.embed_dim}-d) onto --fft-backbone "
             f"{args.fft_backbone}'s {b.embed_dim}-d embedding: use --fft-init pretrained with --fft-backbone")
+
+
+# -----------------------------------------------------------------------------
+# What a run is: its config, and the part of it each stage depends on (train.py, "run folders")
+
+# flags that change how a run goes, never its numbers (results do not depend on --workers or the
+# eval batch), and paths whose contents the config records instead (data, LLM prompt file)
+HOW = ("device", "workers", "log_every", "eval_batch", "compile", "grad_checkpointing", "resume", "restart",
+       "eval_only", "phase", "out", "table", "data_root", "llm_prompts", "write_llm_prompts", "api_base", "llm",
+       "prompts_per_class")
+OUTPUTS = ("metrics.json", "predictions.pt", "pseudo_labels.pt", "grad_norms.json")  # the run's result files
+
+# each stage's record: the settings its result depends on
+SEED_SET_KEYS = ("dataset", "data", "clip", "seed", "K", "labelled_shots", "zero_shot_prompts")
+SGD_KEYS = ("batch", "weight_decay", "momentum", "warmup_epochs", "clip_grad")
+PHASE1_KEYS = SEED_SET_KEYS + SGD_KEYS + ("M", "ctx_init", "vpt_tokens", "vpt", "lam", "detach_neg", "p1_epochs",
+                                          "p1_lr")
+PHASE2_KEYS = SGD_KEYS + ("method", "rounds", "fft_epochs", "fft_lr", "fft_aug", "fft_init", "fft_backbone",
+                          "head_init", "contrast", "gamma", "mu", "tau_c", "queue")
+
+
+def backbone_id(name):
+    """A backbone as a run's config records it: a released model's name (its file's sha256 is
+    checked whenever it is loaded), the stand-in's cache file (named by its settings' hash), or a
+    checkpoint file's own sha256 (so moving the file does not matter, changing it does)."""
+    if name is None or name in clip_model.CHECKPOINTS:
+        return name
+    if name == "demo":
+        return f"demo ({clip_model.standin_path().name})"
+    return "sha256:" + clip_model.sha256_of(name)[:16]
+
+
+def run_config(args, task, prompts):
+    """Every setting that can change a number of this run, with the data, the zero-shot prompts
+    and the backbones recorded by content."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW and not k.startswith("bench")}
+    config.update(data=data.fingerprint(task, args.data_root), clip=backbone_id(args.clip),
+                  fft_backbone=backbone_id(args.fft_backbone),
+                  zero_shot_prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16])
+    return config
+
+
+def stage_record(config, tag):
+    """The settings stage `tag` depends on: Phase-I models those of S* and of Phase I; a branch
+    also Phase II's (and with them the number of rounds before it); the baselines S*'s and Phase II's."""
+    keys = PHASE1_KEYS if tag.startswith("phase1") else \
+        PHASE1_KEYS + PHASE2_KEYS if tag.startswith("branch") else SEED_SET_KEYS + PHASE2_KEYS
+    return {"stage": tag, **{k: config[k] for k in dict.fromkeys(keys)}}
+
+
+def saved_stage(out, tag, record, args):
+    """A finished stage from --out (train.load_stage), or None where it has to be trained; with
+    --eval-only or --phase 2 a missing earlier stage is an error."""
+    saved = train.load_stage(out, tag, record)
+    if saved is None and (args.eval_only or (args.phase == "2" and tag.startswith("phase1"))):
+        raise RunError(f"{train.stage_path(out, tag)} not found: "
+                       f"{'--eval-only needs a finished run' if args.eval_only else '--phase 2 needs Phase I'} "
+                       f"in --out {out} (run without --eval-only / with --phase 1 first)")
+    return saved
+
+
+def finish_stage(out, tag, record, model, norms, clip_grad):
+    """Save a trained stage with its record and gradient-norm summary, then drop its epoch
+    checkpoint (the stage file supersedes it). Returns the summary."""
+    summary = train.grad_norm_summary(norms, clip_grad)
+    train.save_stage(out, tag, record, model.state_dict(), grad_norms=summary)
+    train.ckpt_path(out, tag).unlink(missing_ok=True)
+    return summary
 
 
 def run(args):
     """Zero-shot -> S* -> Phase I (two models; CoFT+: R rounds) -> collaborative filter ->
     Phase II (CoFT+: + momentum contrast) -> ensemble. Writes metrics.json, config.json,
     pseudo_labels.pt (every seed set and clean set) and predictions.pt (eval-split predictions of
-    every model)."""
+    every model); stages/ holds each finished stage."""
     check_args(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    continuing = args.resume or args.eval_only or args.phase == "2"
+    train.check_out(args.out, continuing, args.restart)
+    if (args.eval_only or args.phase == "2") and not train.holds_run(args.out):
+        raise RunError(f"--out {args.out} holds no run for {'--eval-only' if args.eval_only else '--phase 2'} "
+                       f"to use: run {'it' if args.eval_only else '--phase 1'} first")
     device = torch.device(args.device)
     amp, _ = amp_settings(device)
     torch.manual_seed(args.seed)
@@ -694,7 +650,12 @@ def run(args):
     times = metrics.setdefault("time_s", {})
 
     task = data.load_task(args.dataset, args.data_root)
+    if args.eval_split == "dev" and not task.dev:
+        raise data.DataError(f"{args.dataset} has no labelled dev split; use --eval-split test")
     prompts = zero_shot_prompts(task, args)
+    config = run_config(args, task, prompts)
+    out = train.open_run(args.out, config, continuing, args.restart, OUTPUTS,
+                         how={k: v for k, v in vars(args).items() if k in HOW})
     clip, _ = clip_model.load(args.clip, device)
     clip.requires_grad_(False)
     set_grad_checkpointing(clip, args.grad_checkpointing)
@@ -706,8 +667,6 @@ def run(args):
     C = len(task.classnames)
     test_tf = data.make_transform("test", R, task)
     train_eval = data.ImageDataset(task.train, test_tf)  # unlabelled images, test transform
-    if args.eval_split == "dev" and not task.dev:
-        raise data.DataError(f"{args.dataset} has no labelled dev split; use --eval-split test")
     eval_items = task.dev if args.eval_split == "dev" else task.test
     test_set = data.ImageDataset(eval_items, test_tf)
     # the train split's labels: for the precision diagnostics, and the --labelled-shots images only
@@ -750,7 +709,7 @@ def run(args):
         t = time.time()
         idx, y = (seed_idx, seed_y) if args.method == "topk" else (labelled, y_true[labelled])
         branch = train_branch(clip, W if args.head_init == "text" else None, idx, y, task, train_tf,
-                              train_eval, device, args, out, args.method, metrics)
+                              train_eval, device, args, out, args.method, metrics, stage_record(config, args.method))
         logits, _ = run_over(branch, ev(test_set), device, amp)
         metrics[f"{args.method}_acc"] = accuracy(logits, y_test)
         preds[args.method] = logits.argmax(1)
@@ -775,18 +734,18 @@ def run(args):
                                     args.vpt == "deep").to(device)
             ds = data.ImageDataset([task.train[i] for i in idx.tolist()], weak_tf, labels=y.tolist())
             tag = f"phase1_round{r}_model{m}"
-            final = out / f"{tag}.pt"
-            if reuse_stage(final, args, later_phase=args.phase == "2"):
-                model.load_state_dict(torch.load(final, map_location=device, weights_only=True))
-                metrics["grad_norms"][tag] = saved_grad_norms(out, tag)
+            record = stage_record(config, tag)
+            saved = saved_stage(out, tag, record, args)
+            if saved is not None:
+                model.load_state_dict(saved["model"])
+                metrics["grad_norms"][tag] = saved["grad_norms"]
             else:
                 step = lambda mdl, b, g: phase1_loss(mdl, b[0], b[1], tau, args.lam, args.detach_neg, g)  # noqa: E731
                 norms = fit(model, step, lambda e, ds=ds, tag=tag: loader(ds, args.batch, True, args, (tag, e)),
-                            args.p1_epochs, args.p1_lr, device, seed_of(args.seed, tag), out / f"ckpt_{tag}.pt",
-                            args.resume, f"phase I round {r} model {m}", meta=backbone_id(args.clip, clip),
+                            args.p1_epochs, args.p1_lr, device, seed_of(args.seed, tag), train.ckpt_path(out, tag),
+                            continuing, f"phase I round {r} model {m}", record=record,
                             log_every=args.log_every, **sgd_settings(args))
-                metrics["grad_norms"][tag] = save_grad_norms(out, tag, norms, args.clip_grad)
-                atomic_save(model.state_dict(), final)
+                metrics["grad_norms"][tag] = finish_stage(out, tag, record, model, norms, args.clip_grad)
             model.eval()
             # each model's scores on all unlabelled images, computed once and used for relabelling
             # (next round) or for both directions of the collaborative filter (last round)
@@ -849,7 +808,8 @@ def run(args):
         init = dict(vpt=None if peft[a].vpt is None else peft[a].vpt.prompts, adapter=peft[a].adapter) \
             if args.fft_init == "phase1" else {}
         branch = train_branch(ft_clip, heads[a] if args.head_init == "text" else None, clean[a], clean_y[a],
-                              task, ft_train_tf, ft_unlabelled, device, args, out, f"branch{a + 1}", metrics, **init)
+                              task, ft_train_tf, ft_unlabelled, device, args, out, f"branch{a + 1}", metrics,
+                              stage_record(config, f"branch{a + 1}"), **init)
         logits, _ = run_over(branch, ev(ft_test), device, amp)
         metrics[f"branch{a + 1}_acc"] = accuracy(logits, y_test)
         preds[f"branch{a + 1}"] = logits.argmax(1)
@@ -915,7 +875,7 @@ def linear_probe(clip, train_set, y_train, test_set, y_test, ev, device, amp, st
 
 
 def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, device, args, out, tag, metrics,
-                 vpt=None, adapter=None):
+                 record, vpt=None, adapter=None):
     """Phase II for one branch (paper Eq. 7): fine-tune a copy of clip's image tower and a linear
     head with cross-entropy on (x, y_a(x)) for x in the clean set (also the top-K and labelled-shots
     baselines' trainer). CoFT+ (--contrast, Eq. 10): + gamma * InfoNCE on two views of *all*
@@ -923,14 +883,14 @@ def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, de
     (order, augmentation) is keyed by `tag`, so the two branches never share one."""
     model = FineTuned(clip.visual, len(task.classnames), text_weights, clip.logit_scale.exp().item(),
                       vpt, adapter).to(device)
-    final = out / f"{tag}.pt"
-    if reuse_stage(final, args):
-        model.load_state_dict(torch.load(final, map_location=device, weights_only=True))
-        metrics["grad_norms"][tag] = saved_grad_norms(out, tag)
+    saved = saved_stage(out, tag, record, args)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        metrics["grad_norms"][tag] = saved["grad_norms"]
         return model.eval()
     if len(idx) == 0:  # the validator rejected every label: nothing to fine-tune on
         print(f"warning: {tag} has an empty training set; it stays at its initialisation", flush=True)
-        atomic_save(model.state_dict(), final)
+        metrics["grad_norms"][tag] = finish_stage(out, tag, record, model, [], args.clip_grad)
         return model.eval()
     ds = data.ImageDataset([task.train[i] for i in idx.tolist()], train_tf, labels=labels.tolist())
     drop = len(ds) > args.batch  # no tiny last batch (BatchNorm, noisy steps) unless it is the only one
@@ -957,49 +917,17 @@ def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, de
             m.compile()
 
     norms = fit(trained, step, make_loader, args.fft_epochs, args.fft_lr, device, seed_of(args.seed, tag),
-                out / f"ckpt_{tag}.pt", args.resume, f"phase II {tag}",
-                meta=backbone_id(args.fft_backbone or args.clip, clip), log_every=args.log_every, **sgd_settings(args))
-    metrics["grad_norms"][tag] = save_grad_norms(out, tag, norms, args.clip_grad)
-    atomic_save(model.state_dict(), final)
+                train.ckpt_path(out, tag), args.resume or args.phase == "2", f"phase II {tag}", record=record,
+                log_every=args.log_every, **sgd_settings(args))
+    metrics["grad_norms"][tag] = finish_stage(out, tag, record, model, norms, args.clip_grad)
     return model.eval()
 
 
-def save_grad_norms(out, tag, norms, clip_grad):
-    """A finished stage's gradient-norm summary, kept in grad_norms.json beside its model so a
-    reused stage still reports it; returns the summary."""
-    path = Path(out) / "grad_norms.json"
-    table = json.loads(path.read_text()) if path.exists() else {}
-    table[tag] = grad_norm_summary(norms, clip_grad)
-    write_json(table, path)
-    return table[tag]
-
-
-def saved_grad_norms(out, tag):
-    path = Path(out) / "grad_norms.json"
-    return json.loads(path.read_text()).get(tag) if path.exists() else None
-
-
-def backbone_id(name, clip):
-    """What a checkpoint must agree on to be resumed: the backbone's name (file name for paths)
-    and its architecture."""
-    return f"{Path(name).name} {clip.cfg}"
-
-
-def reuse_stage(final, args, later_phase=False):
-    """Whether a stage's saved result is loaded instead of trained: with --resume (finished stages
-    are kept), --eval-only (nothing is trained), or when only a later phase is run."""
-    if final.exists() and (args.resume or args.eval_only or later_phase):
-        return True
-    if args.eval_only or later_phase:
-        raise data.DataError(f"{final} not found: {'--eval-only needs a finished run' if args.eval_only else '--phase 2 needs Phase I'} "
-                             f"in --out {final.parent} (run without --eval-only / with --phase 1 first)")
-    return False
-
-
 def finish(metrics, out, T0, preds):
+    """The run's result files, each written atomically (metrics.json last: it marks a finished run)."""
     metrics["time_s"]["total"] = time.time() - T0
     atomic_save(preds, Path(out) / "predictions.pt")
-    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(metrics, Path(out) / "metrics.json")
     print("metrics: " + json.dumps({k: v for k, v in metrics.items() if k.endswith("acc")}), flush=True)
     return metrics
 
@@ -1228,7 +1156,7 @@ def bench_reference(args):
 
 
 def parser():
-    p = argparse.ArgumentParser(description="CoFT: label-free collaborative fine-tuning of CLIP",
+    p = train.Parser(description="CoFT: label-free collaborative fine-tuning of CLIP",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--dataset", default="digits", help="digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
@@ -1240,8 +1168,10 @@ def parser():
            "probe: linear probe with TRUE labels (ceiling, reference only)")
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--workers", type=int, default=None, help="DataLoader workers (default: 8 on CUDA, 0 on CPU)")
-    a("--resume", action="store_true", help="continue from the checkpoints and stage files in --out")
+    a("--workers", type=number(int, 0), default=None, help="DataLoader workers (default: 8 on CUDA, 0 on CPU)")
+    a("--resume", action="store_true",
+      help="continue the run in --out (same flags): finished stages are reused, the last epoch checkpoint resumed")
+    a("--restart", action="store_true", help="discard the run in --out (config, stages, results) and start over")
     a("--phase", default="all", choices=["all", "1", "2"],
       help="1: zero-shot + Phase I (+ filter) only; 2: Phase II from the Phase-I models saved in --out")
     a("--eval-only", action="store_true", help="evaluate the models saved in --out, train nothing")
@@ -1249,42 +1179,42 @@ def parser():
     a("--bench", action="store_true", help="time each stage on random weights of real size and exit")
     a("--bench-ref", action="store_true", help="with --bench: compare with open-clip-torch side by side instead")
     a("--bench-models", default="ViT-B/16,RN50")
-    a("--bench-batch", type=int, default=None, help="default 64 on GPU, 8 on CPU")
+    a("--bench-batch", type=number(int, 1), default=None, help="default 64 on GPU, 8 on CPU")
     a("--bench-classes", default=None, help="Phase-I class counts (default 10,100,1000 on GPU, 10,100 on CPU)")
-    a("--bench-images", type=int, default=None, help="images in the generation pass (default 4096 GPU, 32 CPU)")
-    a("--bench-steps", type=int, default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
+    a("--bench-images", type=number(int, 1), default=None, help="images in the generation pass (default 4096 GPU, 32 CPU)")
+    a("--bench-steps", type=number(int, 1), default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
     a("--compile", action="store_true", help="torch.compile the towers' forward passes")
     a("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (memory)")
-    a("--log-every", type=int, default=20)
-    a("--eval-batch", type=int, default=256)
+    a("--log-every", type=number(int, 0), default=20, help="progress line every N steps (0: none)")
+    a("--eval-batch", type=number(int, 1), default=256)
     a("--eval-split", default="test", choices=["test", "dev"],
       help="dev: report on the labelled dev split instead (for choosing hyperparameters; never tune on test)")
     # seed set
-    a("--K", type=int, default=16, help="seed-set images per class")
-    a("--labelled-shots", type=int, default=0, metavar="N",
+    a("--K", type=number(int, 1), default=16, help="seed-set images per class")
+    a("--labelled-shots", type=number(int, 0), default=0, metavar="N",
       help="semi-supervised setting (paper Sec. 4.4): N true-labelled train images per class join S* and both "
            "clean sets with their true labels")
     # Phase I
-    a("--M", type=int, default=16, help="context tokens per prompt")
+    a("--M", type=number(int, 1), default=16, help="context tokens per prompt")
     a("--ctx-init", default=None, help='initialise both contexts from words, e.g. "a photo of a"')
-    a("--vpt-tokens", type=int, default=20)
+    a("--vpt-tokens", type=number(int, 0), default=20)
     a("--vpt", default="deep", choices=["deep", "shallow"])
-    a("--lam", type=float, default=1.0, help="weight of L2")
+    a("--lam", type=number(float, 0), default=1.0, help="weight of L2")
     a("--detach-neg", action="store_true",
       help="DeFT: L2 trains only the negative context (detached s+ and image features)")
-    a("--p1-epochs", type=int, default=20)
-    a("--p1-lr", type=float, default=0.03)
-    a("--batch", type=int, default=64)
-    a("--weight-decay", type=float, default=5e-4, help="SGD weight decay, both phases")
-    a("--momentum", type=float, default=0.9, help="SGD momentum, both phases")
-    a("--warmup-epochs", type=int, default=1, help="linear warm-up before the cosine decay, both phases")
-    a("--clip-grad", type=float, default=None,
+    a("--p1-epochs", type=number(int, 1), default=20)
+    a("--p1-lr", type=number(float, 0, low_open=True), default=0.03)
+    a("--batch", type=number(int, 1), default=64)
+    a("--weight-decay", type=number(float, 0), default=5e-4, help="SGD weight decay, both phases")
+    a("--momentum", type=number(float, 0, 1, high_open=True), default=0.9, help="SGD momentum, both phases")
+    a("--warmup-epochs", type=number(int, 0), default=1, help="linear warm-up before the cosine decay, both phases")
+    a("--clip-grad", type=number(float, 0), default=None,
       help="gradient-norm clipping threshold, both phases (0: off); default off (the published recipes), 1.0 for "
            "the demo backbone (chosen on its dev split)")
     # Phase II
     a("--branches", type=int, default=2, choices=[1, 2])
-    a("--fft-epochs", type=int, default=10)
-    a("--fft-lr", type=float, default=None,
+    a("--fft-epochs", type=number(int, 1), default=10)
+    a("--fft-lr", type=number(float, 0, low_open=True), default=None,
       help="default 5e-4 (published); 2e-5 for the demo backbone (chosen on its dev split)")
     a("--fft-aug", default="strong", choices=["strong", "weak"])
     a("--fft-init", default="pretrained", choices=["pretrained", "phase1"],
@@ -1292,19 +1222,19 @@ def parser():
     a("--fft-backbone", default=None, help="Phase II on another backbone (distillation), e.g. ViT-B/16")
     # CoFT+
     a("--plus", action="store_true", help="CoFT+: --rounds 3 --contrast, and LLM prompts (or the template ensemble)")
-    a("--rounds", type=int, default=None, help="Phase-I rounds R (default 1; 3 with --plus)")
+    a("--rounds", type=number(int, 1), default=None, help="Phase-I rounds R (default 1; 3 with --plus)")
     a("--contrast", action="store_true", help="momentum contrastive loss on all unlabelled images in Phase II")
-    a("--gamma", type=float, default=1.0, help="weight of L_Cont")
-    a("--mu", type=float, default=0.999, help="EMA momentum of the key encoder")
-    a("--tau-c", type=float, default=0.07, help="InfoNCE temperature tau'")
-    a("--queue", type=int, default=4096, help="key queue size (capped to the number of unlabelled images)")
+    a("--gamma", type=number(float, 0), default=1.0, help="weight of L_Cont")
+    a("--mu", type=number(float, 0, 1), default=0.999, help="EMA momentum of the key encoder")
+    a("--tau-c", type=number(float, 0, low_open=True), default=0.07, help="InfoNCE temperature tau'")
+    a("--queue", type=number(int, 1), default=4096, help="key queue size (capped to the number of unlabelled images)")
     a("--llm-prompts", default=None, help="JSON {class: [prompts]} for the zero-shot pass (CoFT+)")
     a("--template-ensemble", action="store_true", help="zero-shot pass with all hand-written templates")
     a("--write-llm-prompts", default=None, metavar="FILE",
       help="ask an OpenAI-compatible endpoint for class prompts, write FILE and exit (key: $OPENAI_API_KEY)")
     a("--api-base", default="https://api.openai.com/v1")
     a("--llm", default="gpt-4o-mini", help="model name for --write-llm-prompts")
-    a("--prompts-per-class", type=int, default=10)
+    a("--prompts-per-class", type=number(int, 1), default=10)
     a("--head-init", default="text", choices=["text", "random"])
     return p
 
@@ -1339,9 +1269,14 @@ def table(run_dirs):
         if not path.exists():
             print(f"{d}: no metrics.json (unfinished run)")
             continue
-        m = json.loads(path.read_text())
+        try:
+            m = json.loads(path.read_text())
+            summary = run_summary(m)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RunError(f"{path} is damaged or not from a finished run of this code ({type(e).__name__}: "
+                           f"{str(e)[:60]}): rerun it with --resume, or leave it out of --table") from None
         name = Path(d).name
-        runs.append((name, m["method"], run_summary(m)))
+        runs.append((name, m.get("method", "?"), summary))
         groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(runs[-1][2])
     cols = list(runs[0][2]) if runs else []
     rows = [("run", "method", *cols)] + [(n, meth, *(f(v) for v in s.values())) for n, meth, s in runs]
@@ -1363,33 +1298,29 @@ def table(run_dirs):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    if args.table:
-        return table(args.table)
-    if args.bench:
-        gpu = args.device.startswith("cuda")
-        args.bench_batch = args.bench_batch or (64 if gpu else 8)
-        args.bench_classes = args.bench_classes or ("10,100,1000" if gpu else "10,100")
-        args.bench_images = args.bench_images or (4096 if gpu else 32)
-        args.bench_steps = args.bench_steps or (10 if gpu else 2)
-        try:
-            return bench_reference(args) if args.bench_ref else bench(args)
-        except data.DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-    if args.plus:  # CoFT+ = all three parts; each part alone is its own flag
-        args.contrast = True
-        args.rounds = args.rounds or 3
-        args.template_ensemble = args.template_ensemble or not args.llm_prompts
-    args.rounds = args.rounds or 1
-    if args.workers is None:
-        args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
-    # real backbones: the published recipes (DeFT / ActiveCLIP: no clipping, Phase-II lr 5e-4); the
-    # offline stand-in: the values chosen on the demo's dev split (README, "Offline demo")
-    if args.clip_grad is None:
-        args.clip_grad = 1.0 if args.clip == "demo" else 0.0
-    if args.fft_lr is None:
-        args.fft_lr = 2e-5 if args.clip == "demo" else 5e-4
     try:
+        if args.table:
+            return table(args.table)
+        if args.bench:
+            gpu = args.device.startswith("cuda")
+            args.bench_batch = args.bench_batch or (64 if gpu else 8)
+            args.bench_classes = args.bench_classes or ("10,100,1000" if gpu else "10,100")
+            args.bench_images = args.bench_images or (4096 if gpu else 32)
+            args.bench_steps = args.bench_steps or (10 if gpu else 2)
+            return bench_reference(args) if args.bench_ref else bench(args)
+        if args.plus:  # CoFT+ = all three parts; each part alone is its own flag
+            args.contrast = True
+            args.rounds = args.rounds or 3
+            args.template_ensemble = args.template_ensemble or not args.llm_prompts
+        args.rounds = args.rounds or 1
+        if args.workers is None:
+            args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
+        # real backbones: the published recipes (DeFT / ActiveCLIP: no clipping, Phase-II lr 5e-4); the
+        # offline stand-in: the values chosen on the demo's dev split (README, "Offline demo")
+        if args.clip_grad is None:
+            args.clip_grad = 1.0 if args.clip == "demo" else 0.0
+        if args.fft_lr is None:
+            args.fft_lr = 2e-5 if args.clip == "demo" else 5e-4
         if args.write_llm_prompts:
             task = data.load_task(args.dataset, args.data_root)
             path = write_llm_prompts(args.write_llm_prompts, task.classnames, args.api_base, args.llm,
@@ -1397,10 +1328,14 @@ def main(argv=None):
             print(f"wrote prompts for {len(task.classnames)} classes to {path}")
             return None
         return run(args)
-    except (data.DataError, clip_model.CLIPError) as e:
+    except (data.DataError, clip_model.CLIPError, RunError, OSError) as e:
         # raised in a DataLoader worker, the message carries the worker's traceback: keep its last line
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished stages and the last epoch checkpoint are in {args.out}/stages; "
+              f"the same command with --resume continues from there", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ so the gap between them is the glyph style only.
 
 import csv
 import gzip
+import hashlib
 import json
 import os
 import math
@@ -375,6 +376,9 @@ def load_image(source):
     try:
         with Image.open(source) as im:
             return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # Pillow's guard against huge images (not an OSError)
+        raise DataError(f"image {source} is over Pillow's size limit ({e}); downscale it, or raise "
+                        f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {source} ({e}); remove or replace the file") from None
 
@@ -869,14 +873,52 @@ TASK_NAMES = ["digits"] + COOP_NAMES + ["imagefolder"] + list(CIFAR)
 
 
 def load_task(name, root=None):
-    """The Task called `name` (see TASK_NAMES), with its data under root (--data-root)."""
+    """The Task called `name` (see TASK_NAMES), with its data under root (--data-root), checked
+    for what every method needs: two or more classes whose prompts differ."""
     key = name.lower()
     if key == "digits":
-        return digits_task(root)  # vendored in assets/; root is not needed
-    if key in COOP_NAMES:
-        return coop_task(key, root)
-    if key == "imagefolder":
-        return imagefolder_task(root)
-    if key in CIFAR:
-        return cifar_task(key, root)
-    raise DataError(f"unknown dataset {name!r}; known: {', '.join(TASK_NAMES)}")
+        task = digits_task(root)  # vendored in assets/; root is not needed
+    elif key in COOP_NAMES:
+        task = coop_task(key, root)
+    elif key == "imagefolder":
+        task = imagefolder_task(root)
+    elif key in CIFAR:
+        task = cifar_task(key, root)
+    else:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(TASK_NAMES)}")
+    check_classnames(task.classnames, name)
+    return task
+
+
+def prompt_name(classname):
+    """A class name as it enters a prompt and as CLIP's tokenizer sees it (lower case, single spaces)."""
+    return " ".join(classname.replace("_", " ").split()).lower()
+
+
+def check_classnames(classnames, source):
+    """At least two classes, and no two names that read the same in a prompt (`red_fox` and
+    `Red fox` would get identical text embeddings: one class could never be predicted)."""
+    if len(classnames) < 2:
+        raise DataError(f"{source} has {len(classnames)} class(es) {classnames}; classification needs at least two")
+    seen = {}
+    for c in classnames:
+        if prompt_name(c) in seen:
+            raise DataError(f"{source}: classes {seen[prompt_name(c)]!r} and {c!r} read the same in a prompt "
+                            f"({prompt_name(c)!r}); rename or merge one of them")
+        seen[prompt_name(c)] = c
+
+
+def fingerprint(task, root=None):
+    """What a run sees of a task, as a short sha256: class names, templates, flips, and every
+    split's items (image path relative to `root`, so a moved data folder keeps its fingerprint,
+    or an in-memory image's bytes; and the label). Files' contents are not read."""
+    h = hashlib.sha256(json.dumps([task.name, task.classnames, task.templates, task.flip]).encode())
+    for split in (task.train, task.dev, task.test):
+        h.update(b"\x00split")
+        for source, label in split:
+            if torch.is_tensor(source):
+                h.update(source.contiguous().numpy().tobytes())
+            else:
+                h.update(str(os.path.relpath(source, root) if root else source).encode())
+            h.update(f"\x00{label}\x00".encode())
+    return h.hexdigest()[:16]

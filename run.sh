@@ -6,15 +6,24 @@
 # Environment: SEED (default 0), OUT (default runs), CLIP_CACHE (checkpoint cache, ~/.cache/clip).
 set -euo pipefail
 cd "$(dirname "$0")"
+usage="usage: bash run.sh [demo [--rebuild] | paper DATA_ROOT]"
 mode=${1:-demo}
 SEED=${SEED:-0}
 OUT=${OUT:-runs}
 
 case "$mode" in
 demo)
+  rebuild=()
+  case "${2:-}" in
+  "") ;;
+  --rebuild) rebuild=(--rebuild) ;;
+  *) echo "error: unknown argument '${2}' for demo; $usage" >&2; exit 2 ;;
+  esac
+  if [ $# -gt 2 ]; then echo "error: unexpected argument '${3}'; $usage" >&2; exit 2; fi
   start=$(date +%s)
-  if [ "${2:-}" = "--rebuild" ]; then python clip_model.py --standin --rebuild; else python clip_model.py --standin; fi
-  common=(--dataset digits --clip demo --seed "$SEED" --log-every 0)
+  python clip_model.py --standin "${rebuild[@]}"
+  # --restart: the demo is re-measured every time it is run (its folders hold the last run only)
+  common=(--dataset digits --clip demo --seed "$SEED" --log-every 0 --restart)
   # settings chosen per method on the labelled dev split (README, "Offline demo"); CoFT's are the
   # demo backbone's defaults (clipping at 1.0, Phase-I lr 0.03, Phase-II lr 2e-5)
   python coft.py "${common[@]}" --method probe --out "$OUT/demo/probe-s$SEED"
@@ -25,9 +34,28 @@ demo)
   echo "demo done in $(( $(date +%s) - start ))s"
   ;;
 paper)
-  DATA=${2:?usage: bash run.sh paper DATA_ROOT}
+  if [ $# -ne 2 ]; then echo "error: paper needs exactly one DATA_ROOT; $usage" >&2; exit 2; fi
+  DATA=$2
+  datasets=(caltech101 dtd eurosat fgvc_aircraft oxford_flowers food101 oxford_pets stanford_cars ucf101)
+  # every dataset checked up front (files listed, not read), so a long run never stops at the 5th
+  python - "$DATA" "${datasets[@]}" <<'PY'
+import sys
+import data
+root, missing = sys.argv[1], {}
+for name in sys.argv[2:]:
+    try:
+        data.load_task(name, root)
+    except data.DataError as e:
+        missing[name] = str(e)
+if missing:
+    first = next(iter(missing))
+    print(f"error: {len(missing)} of {len(sys.argv) - 2} datasets missing or incomplete under {root}: "
+          f"{', '.join(missing)} (for {first}: {missing[first]})", file=sys.stderr)
+    sys.exit(2)
+PY
   runs=()
-  for ds in caltech101 dtd eurosat fgvc_aircraft oxford_flowers food101 oxford_pets stanford_cars ucf101; do
+  for ds in "${datasets[@]}"; do
+    # --resume: a killed run continues where it stopped (same flags; see README, "Runs and resuming")
     python coft.py --dataset "$ds" --data-root "$DATA" --clip ViT-B/16 --seed "$SEED" --workers 8 \
       --out "$OUT/paper/$ds-s$SEED" --resume
     runs+=("$OUT/paper/$ds-s$SEED")
@@ -35,7 +63,7 @@ paper)
   python coft.py --table "${runs[@]}"
   ;;
 *)
-  echo "usage: bash run.sh [demo [--rebuild] | paper DATA_ROOT]" >&2
+  echo "error: unknown mode '$mode'; $usage" >&2
   exit 2
   ;;
 esac

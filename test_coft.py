@@ -1,5 +1,6 @@
 """Tests: CPU, tiny models built from synthetic state dicts with the real key layout.
 Run: python -m pytest -q test_coft.py"""
+import copy
 import functools
 import gzip
 import hashlib
@@ -21,6 +22,7 @@ from PIL import Image
 import clip_model as cm
 import coft
 import data
+import train
 
 torch.set_num_threads(2)
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit deprecation notices
@@ -573,7 +575,7 @@ def test_phase2_changes_the_encoder_not_the_frozen_backbone(name):
 
 
 def test_cosine_with_warmup():
-    lrs = [coft.cosine_with_warmup(s, 100, 10) for s in range(100)]
+    lrs = [train.cosine_with_warmup(s, 100, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
 
@@ -585,14 +587,14 @@ def test_fit_reports_pre_clip_norms_and_takes_the_clipped_step(clip_grad):
     model = torch.nn.Module()
     model.w = torch.nn.Parameter(torch.zeros(2))
     g = [torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4]), torch.tensor([6.0, 8.0])]
-    norms = coft.fit(model, lambda mdl, b, gen: ((mdl.w * b[0][0]).sum(), {}), lambda e: [(x[None],) for x in g],
+    norms = train.fit(model, lambda mdl, b, gen: ((mdl.w * b[0][0]).sum(), {}), lambda e: [(x[None],) for x in g],
                      1, 1.0, torch.device("cpu"), 0, weight_decay=0.0, momentum=0.0, warmup_epochs=0,
                      clip_grad=clip_grad, log_every=0)
     assert norms == pytest.approx([5.0, 0.5, 10.0])
     clipped = [x * min(1.0, clip_grad / x.norm()) if clip_grad else x for x in g]
     expected = -(clipped[0] + 0.75 * clipped[1] + 0.25 * clipped[2])
     assert torch.allclose(model.w.detach(), expected, atol=1e-6)
-    summary = coft.grad_norm_summary(norms, clip_grad)
+    summary = train.grad_norm_summary(norms, clip_grad)
     assert summary["median_norm"] == pytest.approx(5.0) and summary["max_norm"] == pytest.approx(10.0)
     assert summary["clipped_fraction"] == pytest.approx(2 / 3 if clip_grad else 0.0) and summary["steps"] == 3
 
@@ -687,14 +689,25 @@ def test_standin_is_cached_by_settings(tmp_path, monkeypatch):
     assert model.cfg == cm.CONFIGS["tiny-vit"]
 
 
-def run_coft(tmp_path, *extra, name="tiny-vit", out="run", ckpt=None):
+def run_args(tmp_path, *extra, name="tiny-vit", out="run", ckpt=None):
+    """The CLI arguments of a small, fast run on the digits (a random tiny backbone by default)."""
     if ckpt is None:
         ckpt = tmp_path / f"{name}.pt"
-        torch.save(randomized(name).state_dict(), ckpt)
+        if not ckpt.exists():
+            torch.save(randomized(name).state_dict(), ckpt)
     args = ["--dataset", "digits", "--clip", str(ckpt), "--out", str(tmp_path / out), "--M", "4", "--K", "4",
             "--vpt-tokens", "2", "--p1-epochs", "2", "--fft-epochs", "2", "--batch", "64", "--fft-lr", "1e-3",
             "--log-every", "0", "--fft-aug", "weak", "--clip-grad", "1"]
-    return coft.main(args + list(extra))
+    return args + list(extra)
+
+
+def run_coft(tmp_path, *extra, name="tiny-vit", out="run", ckpt=None):
+    return coft.main(run_args(tmp_path, *extra, name=name, out=out, ckpt=ckpt))
+
+
+def stage_state(run_dir, tag):
+    """The model state dict of a finished stage (stages/<tag>.pt also holds its record)."""
+    return torch.load(Path(run_dir) / "stages" / f"{tag}.pt", weights_only=True)["model"]
 
 
 def numbers(metrics):
@@ -719,7 +732,7 @@ def test_end_to_end_writes_every_metric(tmp_path, pretrained_tiny):
         "phase1_round1_model1": p1_steps, "phase1_round1_model2": p1_steps,
         "branch1": 2 * (m["clean_set_1"]["size"] // 64), "branch2": 2 * (m["clean_set_2"]["size"] // 64)}
     assert all(0 <= v["clipped_fraction"] <= 1 and v["median_norm"] > 0 for v in m["grad_norms"].values())
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["K"] == 4
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["K"] == 4
     # --eval-only reloads the saved models and reproduces every number without training
     assert m["zero_shot_acc"] > 15 and m["seed_set"]["size"] > 10  # a backbone that means something
     again = run_coft(tmp_path, "--eval-only", ckpt=pretrained_tiny[0])
@@ -729,19 +742,19 @@ def test_end_to_end_writes_every_metric(tmp_path, pretrained_tiny):
 def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, pretrained_tiny):
     ckpt = pretrained_tiny[0]
     full = run_coft(tmp_path, out="full", ckpt=ckpt)
-    real_save, calls = coft.atomic_save, []
+    real_save, calls = train.atomic_save, []
 
     def dying_save(obj, path):
         calls.append(Path(path).name)
         real_save(obj, path)
-        if Path(path).name == "ckpt_branch1.pt":  # killed right after branch 1's first epoch checkpoint
+        if Path(path).name == "branch1.ckpt":  # killed (Ctrl-C) right after branch 1's first epoch checkpoint
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(coft, "atomic_save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(train, "atomic_save", dying_save)
+    with pytest.raises(SystemExit) as e:
         run_coft(tmp_path, out="killed", ckpt=ckpt)
-    monkeypatch.setattr(coft, "atomic_save", real_save)
-    assert not (tmp_path / "killed" / "branch1.pt").exists()
+    monkeypatch.setattr(train, "atomic_save", real_save)
+    assert e.value.code == 130 and not (tmp_path / "killed" / "stages" / "branch1.pt").exists()
     resumed = run_coft(tmp_path, "--resume", out="killed", ckpt=ckpt)
     assert numbers(resumed) == numbers(full)
 
@@ -810,7 +823,7 @@ def audited_run(tmp_path_factory, pretrained_tiny):
 
 def phase1_scores_by_hand(run_dir, clip, r, m, X):
     model = coft.DualPromptModel(clip, data.DIGIT_CLASSNAMES, 4, None, 2, True)
-    model.load_state_dict(torch.load(run_dir / f"phase1_round{r}_model{m}.pt", weights_only=True))
+    model.load_state_dict(stage_state(run_dir, f"phase1_round{r}_model{m}"))
     with torch.no_grad():
         t_pos, t_neg = model.prompts(clip)
         v = model.image_features(X)
@@ -872,7 +885,7 @@ def test_audit_rounds_filter_heads_and_ensemble(audited_run):
     probs = []
     for a in (1, 2):
         ft = coft.FineTuned(clip.visual, 10)
-        ft.load_state_dict(torch.load(run_dir / f"branch{a}.pt", weights_only=True))
+        ft.load_state_dict(stage_state(run_dir, f"branch{a}"))
         with torch.no_grad():
             logits = ft.eval()(X_test)
         assert same_argmax(logits, preds[f"branch{a}"]) and m[f"branch{a}_acc"] == pytest.approx(acc(preds[f"branch{a}"], y_test))
@@ -916,7 +929,7 @@ def test_topk_baseline_and_resnet_backbone(tmp_path):
     # the baseline's number is its saved model's accuracy on the test images, fine-tuned on S*
     clip = cm.load(str(tmp_path / "tiny-rn.pt"))[0]
     ft = coft.FineTuned(clip.visual, 10)
-    ft.load_state_dict(torch.load(tmp_path / "run" / "topk.pt", weights_only=True))
+    ft.load_state_dict(stage_state(tmp_path / "run", "topk"))
     _, _, _, X_test, y_test = digit_tensors()
     with torch.no_grad():
         logits = ft.eval()(X_test)
@@ -949,7 +962,7 @@ def test_labelled_shots_join_the_seed_set_and_both_clean_sets(tmp_path, pretrain
     trained_on, real_fit = [], coft.fit
 
     def recording_fit(model, step_fn, make_loader, *a, **kw):
-        ds = make_loader(0).dataset
+        ds = make_loader(0).dataset.dataset  # the ImageDataset inside train.SeededSamples
         trained_on.append((ds.items, ds.labels))
         return real_fit(model, step_fn, make_loader, *a, **kw)
 
@@ -967,12 +980,12 @@ def test_fft_init_phase1_and_distillation_backbone(tmp_path, pretrained_tiny):
     torch.save(randomized("tiny-rn").state_dict(), rn)
     # Phase I on the ViT, Phase II on a ResNet: the branch's encoder is the other backbone
     m = run_coft(tmp_path, "--fft-backbone", str(rn), "--branches", "1", ckpt=pretrained_tiny[0], out="distil")
-    keys = torch.load(tmp_path / "distil" / "branch1.pt", weights_only=True)
+    keys = stage_state(tmp_path / "distil", "branch1")
     assert any(k.startswith("visual.layer1.") for k in keys) and "vpt" not in keys and 0 <= m["ensemble_acc"] <= 100
     # --fft-init phase1 carries the Phase-I VPT into the fine-tuned encoder, where it keeps training
     run_coft(tmp_path, "--fft-init", "phase1", "--branches", "1", ckpt=pretrained_tiny[0], out="p1init")
-    p1 = torch.load(tmp_path / "p1init" / "phase1_round1_model1.pt", weights_only=True)["vpt.prompts"]
-    ft = torch.load(tmp_path / "p1init" / "branch1.pt", weights_only=True)["vpt"]
+    p1 = stage_state(tmp_path / "p1init", "phase1_round1_model1")["vpt.prompts"]
+    ft = stage_state(tmp_path / "p1init", "branch1")["vpt"]
     assert ft.shape == p1.shape and not torch.equal(ft, p1)
 
 
@@ -986,7 +999,7 @@ def test_fft_init_phase1_needs_a_backbone_its_vpt_fits(tmp_path, capsys):
         err = cli_error(capsys, "--clip", str(tmp_path / "vit.pt"), "--fft-backbone", str(tmp_path / f"{other}.pt"),
                         "--fft-init", "phase1", "--M", "4", "--vpt-tokens", "2", "--out", str(out))
         assert "--fft-init pretrained" in err and what in err, err
-        assert not list(out.glob("*.pt"))  # refused before any work
+        assert not list(out.rglob("*.pt"))  # refused before any work
 
 
 def test_digit_transforms_never_flip():
@@ -1020,23 +1033,255 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = cli_error(capsys, "--dataset", "dtd", "--data-root", str(root), "--out", str(tmp_path / "c"))
     assert "do not exist" in err and "gone.jpg" in err
     # a checkpoint path that does not exist
-    assert "unknown model" in cli_error(capsys, "--clip", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "d"))
+    assert "is neither a released model" in cli_error(capsys, "--clip", str(tmp_path / "nope.pt"),
+                                                       "--out", str(tmp_path / "d"))
     # --eval-only / --phase 2 without the saved state they need
     torch.save(randomized("tiny-vit").state_dict(), tmp_path / "tiny.pt")
     small = ["--clip", str(tmp_path / "tiny.pt"), "--M", "4", "--K", "2", "--vpt-tokens", "2"]
-    assert "--eval-only needs a finished run" in cli_error(capsys, *small, "--eval-only", "--out", str(tmp_path / "e"))
-    assert "--phase 2 needs Phase I" in cli_error(capsys, *small, "--phase", "2", "--out", str(tmp_path / "f"))
+    assert "holds no run for --eval-only" in cli_error(capsys, *small, "--eval-only", "--out", str(tmp_path / "e"))
+    assert "holds no run for --phase 2" in cli_error(capsys, *small, "--phase", "2", "--out", str(tmp_path / "f"))
+    # ... or a run that lacks one of them
+    run_coft(tmp_path, *SHORT, out="g")
+    (tmp_path / "g" / "stages" / "phase1_round1_model2.pt").unlink()
+    assert "phase1_round1_model2.pt not found: --phase 2 needs Phase I" in cli_error(
+        capsys, *run_args(tmp_path, *SHORT[:-1], "2", out="g"))
+    assert "--eval-only needs a finished run" in cli_error(capsys, *run_args(tmp_path, *SHORT, "--eval-only", out="g"))
 
 
-def test_resume_refuses_a_checkpoint_of_another_backbone(tmp_path, capsys):
-    run_coft(tmp_path, "--phase", "1", "--p1-epochs", "1")
-    (tmp_path / "run" / "phase1_round1_model1.pt").unlink()  # as if killed: only the epoch checkpoint is left
-    torch.save(randomized("tiny-vit", seed=0, vision_layers=3).state_dict(), tmp_path / "other.pt")
-    with pytest.raises(SystemExit):
-        coft.main(["--dataset", "digits", "--clip", str(tmp_path / "other.pt"), "--out", str(tmp_path / "run"),
-                   "--M", "4", "--K", "4", "--vpt-tokens", "2", "--p1-epochs", "1", "--resume", "--log-every", "0"])
-    err = capsys.readouterr().err
-    assert "was written for" in err and "\n" not in err.strip()
+def folder_state(out):
+    """Every file under a run folder with its bytes: to show a refused run changed nothing."""
+    return {p.relative_to(out): p.read_bytes() for p in sorted(Path(out).rglob("*")) if p.is_file()}
+
+
+SHORT = ("--p1-epochs", "1", "--fft-epochs", "1", "--phase", "1")
+
+
+def test_a_folder_holding_a_run_is_only_continued_with_its_own_config(tmp_path, capsys):
+    run_coft(tmp_path, *SHORT)
+    out = tmp_path / "run"
+    before = folder_state(out)
+    assert {str(p) for p in before} >= {"config.json", "metrics.json", "stages/phase1_round1_model1.pt"}
+    # without --resume: refused, whatever the flags
+    assert "holds a run already" in cli_error(capsys, *run_args(tmp_path, *SHORT))
+    # --resume with other settings (the issue's example): one line naming every difference
+    err = cli_error(capsys, *run_args(tmp_path, *SHORT, "--K", "2", "--p1-lr", "0.05", "--detach-neg", "--resume"))
+    assert "other settings" in err and "K: 4 -> 2" in err and "p1_lr: 0.03 -> 0.05" in err and "detach_neg" in err
+    # --resume with another --M, --eval-only on another dataset, --phase 2 with another Phase-II lr
+    assert "M: 4 -> 6" in cli_error(capsys, *run_args(tmp_path, *SHORT, "--M", "6", "--resume"))
+    make_imagefolder(tmp_path / "IF")
+    err = cli_error(capsys, *run_args(tmp_path, *SHORT, "--eval-only", "--dataset", "imagefolder",
+                                      "--data-root", str(tmp_path / "IF")))
+    assert "dataset: 'digits' -> 'imagefolder'" in err
+    assert "fft_lr" in cli_error(capsys, *run_args(tmp_path, "--p1-epochs", "1", "--fft-epochs", "1", "--phase", "2",
+                                                   "--fft-lr", "0.05"))
+    # bad input on --resume / --restart fails before anything is written or deleted
+    assert "data-root" in cli_error(capsys, *run_args(tmp_path, *SHORT, "--dataset", "dtd", "--data-root",
+                                                      str(tmp_path / "typo"), "--restart"))
+    assert folder_state(out) == before  # nothing above wrote, deleted or overwrote a file
+    # the same flags continue it: every finished stage is reused, every number the same
+    again = run_coft(tmp_path, *SHORT, "--resume", "--workers", "1", "--log-every", "5")
+    assert numbers(again) == numbers(json.loads(before[Path("metrics.json")]))
+    # --restart discards the run and makes it under the new flags
+    m = run_coft(tmp_path, *SHORT, "--K", "2", "--restart")
+    saved = torch.load(out / "stages" / "phase1_round1_model1.pt", weights_only=True)
+    assert m["seed_set"]["size"] <= 20 and saved["record"]["K"] == 2
+    assert json.loads((out / "config.json").read_text())["config"]["K"] == 2
+
+
+def test_a_stage_file_or_checkpoint_is_used_only_under_its_own_record(tmp_path, capsys):
+    """Stage files that reach a folder by another way than its own run (copied, or left by an
+    older version) are checked against the settings they record, not trusted."""
+    run_coft(tmp_path, *SHORT, out="a")
+    run_coft(tmp_path, *SHORT, "--p1-lr", "0.05", out="b")
+    a, b = tmp_path / "a" / "stages", tmp_path / "b" / "stages"
+    (a / "phase1_round1_model2.pt").write_bytes((b / "phase1_round1_model2.pt").read_bytes())
+    err = cli_error(capsys, *run_args(tmp_path, *SHORT, "--resume", out="a"))
+    assert "phase1_round1_model2.pt was made with other settings (p1_lr: 0.05 -> 0.03)" in err
+    # an epoch checkpoint likewise (as if killed mid-stage)
+    (a / "phase1_round1_model2.pt").unlink()
+    state = torch.load(b / "phase1_round1_model2.pt", weights_only=True)
+    coft.atomic_save({"epoch": 0, "record": state["record"], "model": state["model"]}, a / "phase1_round1_model2.ckpt")
+    assert "phase1_round1_model2.ckpt was made with other settings" in cli_error(
+        capsys, *run_args(tmp_path, *SHORT, "--resume", out="a"))
+    # a truncated stage file or checkpoint, on --resume and on --eval-only: one line naming the file
+    (a / "phase1_round1_model2.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    err = cli_error(capsys, *run_args(tmp_path, *SHORT, "--resume", out="a"))
+    assert "cannot read" in err and "phase1_round1_model2.ckpt" in err
+    data_ = (a / "phase1_round1_model1.pt").read_bytes()
+    (a / "phase1_round1_model1.pt").write_bytes(data_[:len(data_) // 2])
+    for flag in ("--resume", "--eval-only"):
+        err = cli_error(capsys, *run_args(tmp_path, *SHORT, flag, out="a"))
+        assert "cannot read" in err and "phase1_round1_model1.pt" in err
+
+
+def test_stage_records_cover_the_settings_each_stage_depends_on():
+    """A Phase-I model's record has S*'s and Phase I's settings and none of Phase II's; a branch's
+    has all three: so a changed Phase-I flag invalidates the branches too."""
+    args = coft.parser().parse_args([])
+    config = {k: v for k, v in vars(args).items() if k not in coft.HOW}
+    config.update(data="d", clip="c", fft_backbone=None, zero_shot_prompts="z", rounds=1)
+    p1, br = coft.stage_record(config, "phase1_round2_model1"), coft.stage_record(config, "branch1")
+    assert {"K", "seed", "data", "clip", "zero_shot_prompts", "p1_lr", "lam", "M", "batch"} <= set(p1)
+    assert not {"fft_lr", "gamma", "queue", "workers", "device"} & set(p1)
+    assert set(p1) - {"stage"} < set(br) and {"fft_lr", "gamma", "queue", "rounds"} <= set(br)
+    assert not set(coft.HOW) & set(br)
+    # every flag is either a setting some stage depends on, or declared as not changing numbers
+    # (HOW), or one whose effect only metrics.json shows (method, eval split, ...)
+    reported_only = {"eval_split", "branches", "plus", "template_ensemble", "fft_lr", "head_init"}
+    flags = set(vars(args)) - {k for k in vars(args) if k.startswith("bench")}
+    assert flags <= set(coft.HOW) | set(br) | set(coft.stage_record(config, "topk")) | reported_only
+
+
+def test_results_do_not_depend_on_the_worker_count(tmp_path, pretrained_tiny):
+    """The same seed with 0 and 2 DataLoader workers: identical metrics and identical weights of
+    every stage (augmentations are seeded per sample, not per worker)."""
+    runs = [run_coft(tmp_path, "--workers", w, "--fft-aug", "strong", out=f"w{w}", ckpt=pretrained_tiny[0])
+            for w in ("0", "2")]
+    assert numbers(runs[0]) == numbers(runs[1])
+    for tag in ("phase1_round1_model1", "branch2"):
+        s0, s2 = stage_state(tmp_path / "w0", tag), stage_state(tmp_path / "w2", tag)
+        assert all(torch.equal(s0[k], s2[k]) for k in s0), tag
+
+
+def test_loader_draws_each_sample_from_its_own_stream():
+    """A transform that draws one random number: the values depend on (seed, index) only, are
+    the same with 0 and 2 workers and in any batch order, and leave the caller's RNG untouched."""
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return torch.rand(()), i
+
+    def draws(workers, shuffle=False, seed=7):
+        return {int(i): float(x) for x, i in (pair for batch in train.loader(Noise(), 5, seed, shuffle, workers)
+                                              for pair in zip(*batch))}
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    d0 = draws(0)
+    assert torch.equal(torch.get_rng_state(), state)  # the main process's stream is not consumed
+    assert d0 == draws(2) == draws(0, shuffle=True) and len(set(d0.values())) == 12
+    assert d0 != draws(0, seed=8)
+    # the guard this replaces: plain DataLoader workers draw from per-worker seeds
+    plain = torch.utils.data.DataLoader(Noise(), 5, num_workers=2)
+    assert [float(x) for b in plain for x in b[0]] != [d0[i] for i in range(12)]
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    batches = [(torch.ones(1, 2),)] * 3
+
+    def step(mdl, b, gen):  # finite during epoch 1, NaN at the 2nd step of epoch 2
+        loss = mdl(b[0]).sum()
+        return (loss * float("nan") if step.calls == 5 else loss), {}
+    step.calls = 0
+
+    def counted(mdl, b, gen):
+        step.calls += 1
+        return step(mdl, b, gen)
+
+    ckpt = tmp_path / "s.ckpt"
+    with pytest.raises(train.RunError, match=r"stage x: non-finite loss nan .* at step 5 of 6 \(epoch 2\).*"
+                                             r"last good checkpoint is .*s.ckpt \(epoch 1\)"):
+        train.fit(model, counted, lambda e: batches, 2, 0.1, torch.device("cpu"), 0, ckpt=ckpt, tag="stage x",
+                  log_every=0)
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["epoch"] == 0 and torch.isfinite(saved["model"]["weight"]).all()
+    assert torch.isfinite(model.weight).all()  # the NaN never reached the weights
+
+
+def test_a_nan_loss_ends_the_cli_with_one_line(tmp_path, capsys, monkeypatch):
+    real = coft.phase1_loss
+    monkeypatch.setattr(coft, "phase1_loss", lambda *a, **kw: (lambda l, t: (l * float("nan"), t))(*real(*a, **kw)))
+    err = cli_error(capsys, *run_args(tmp_path, *SHORT))
+    assert "phase I round 1 model 1: non-finite loss nan" in err and "step 1 of" in err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+BAD_FLAGS = [("--clip-grad", "-1"), ("--K", "-1"), ("--K", "0"), ("--p1-epochs", "0"), ("--fft-epochs", "0"),
+             ("--rounds", "0"), ("--rounds", "-1"), ("--tau-c", "0"), ("--batch", "0"), ("--batch", "-3"),
+             ("--eval-batch", "0"), ("--p1-lr", "-0.1"), ("--fft-lr", "0"), ("--weight-decay", "-1"),
+             ("--momentum", "-0.5"), ("--momentum", "1"), ("--workers", "-1"), ("--queue", "0"), ("--M", "-2"),
+             ("--mu", "1.5"), ("--lam", "nan"), ("--K", "two")]
+
+
+@pytest.mark.parametrize("flag,value", BAD_FLAGS)
+def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flag, value):
+    err = cli_error(capsys, "--out", str(tmp_path / "r"), flag, value)
+    assert f"argument {flag}:" in err and value in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_more_one_line_errors(tmp_path, capsys):
+    # --out naming a file
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in cli_error(capsys, *run_args(tmp_path, out="file"))
+    # an unknown --fft-backbone / --clip: refused before the data or any model is loaded
+    assert "--fft-backbone 'ViT-Q/3'" in cli_error(capsys, *run_args(tmp_path, "--fft-backbone", "ViT-Q/3"))
+    assert not (tmp_path / "run").exists()
+    # a prompt longer than the context (tiny-vit: 16 tokens): names the flag that shortens it
+    err = cli_error(capsys, *run_args(tmp_path, "--M", "14", out="long"))
+    assert "use a smaller --M" in err and "longer than the backbone's context of 16" in err
+    # --restart with --eval-only; --eval-only in an empty folder
+    assert "--restart discards" in cli_error(capsys, *run_args(tmp_path, "--restart", "--eval-only"))
+    assert "holds no run" in cli_error(capsys, *run_args(tmp_path, "--eval-only", out="empty"))
+    # a dataset with one class, and two classes that read the same in a prompt
+    make_imagefolder(tmp_path / "one", classes=("cat",))
+    assert "classification needs at least two" in cli_error(
+        capsys, *run_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "one")))
+    make_imagefolder(tmp_path / "same", classes=("red_fox", "Red fox"))
+    assert "read the same in a prompt ('red fox')" in cli_error(
+        capsys, *run_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "same")))
+
+
+def test_image_over_pillows_size_limit_is_one_line(tmp_path, monkeypatch):
+    write_image(str(tmp_path / "big.png"), size=(40, 30))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1200 pixels > 2 x 100: Pillow refuses to open it
+    assert "over Pillow's size limit" in data_error(data.load_image, str(tmp_path / "big.png"))
+
+
+def test_state_dict_with_a_wrong_shape_is_one_line():
+    sd = randomized("tiny-vit").state_dict()
+    sd["transformer.resblocks.0.mlp.c_fc.weight"] = torch.zeros(3, 64)
+    with pytest.raises(cm.CLIPError, match=r"transformer.resblocks.0.mlp.c_fc.weight has shape \(3, 64\).* needs "
+                                           r"\(256, 64\)") as e:
+        cm.build_model(sd)
+    assert "\n" not in str(e.value)
+
+
+def test_table_on_a_damaged_metrics_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.json").write_text('{"method": "coft", "zero_')
+    assert "a/metrics.json is damaged" in cli_error(capsys, "--table", str(tmp_path / "a"))
+    (tmp_path / "a" / "metrics.json").write_text('{"method": "coft"}')  # partial: no numbers
+    assert "KeyError" in cli_error(capsys, "--table", str(tmp_path / "a"))
+
+
+def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(coft, "fit", interrupted)
+    with pytest.raises(SystemExit) as e:
+        coft.main(run_args(tmp_path, *SHORT))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and "\n" not in err and "--resume continues" in err and str(tmp_path / "run") in err
+
+
+def run_sh(*argv, env=None):
+    import subprocess
+    return subprocess.run(["bash", str(Path(__file__).parent / "run.sh"), *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_run_sh_refuses_unknown_arguments_and_lists_missing_datasets_up_front(tmp_path):
+    r = run_sh("demo", "--bogus")
+    assert r.returncode == 2 and "--bogus" in r.stderr and "pretraining" not in r.stdout
+    make_dtd(tmp_path / "DATA")
+    r = run_sh("paper", str(tmp_path / "DATA"), env={"OUT": str(tmp_path / "runs")})
+    assert r.returncode == 2 and not (tmp_path / "runs").exists()
+    missing = r.stderr.split("missing")[1]
+    assert "caltech101" in missing and "ucf101" in missing and "dtd" not in missing
 
 
 # --------------------------------------------------------------------------- CoFT+
@@ -1253,29 +1498,39 @@ def test_plus_end_to_end_and_resume_restores_queue_and_momentum_encoder(tmp_path
         queries.append(idx.clone())
         return real_nce(self, q, k, idx)
 
+    real_save, saved = train.atomic_save, {}
+
+    def recording_save(obj, path):  # the last epoch checkpoint of branch 1 (deleted once the stage is saved)
+        if Path(path).name == "branch1.ckpt":
+            saved["ckpt"] = copy.deepcopy(obj)
+        real_save(obj, path)
+
     monkeypatch.setattr(coft.MomentumContrast, "info_nce", recording_nce)
+    monkeypatch.setattr(train, "atomic_save", recording_save)
     full = run_coft(tmp_path, *plus, out="full", ckpt=ckpt)
     monkeypatch.setattr(coft.MomentumContrast, "info_nce", real_nce)
+    monkeypatch.setattr(train, "atomic_save", real_save)
     assert full["method"] == "coft+" and full["parts"] == {"rounds": 2, "contrast": True,
                                                            "zero_shot_prompts": "ensemble"}
     # each epoch of each branch is one pass over all 899 unlabelled images: ceil(899 / 64) = 15 steps
     assert len(queries) == 2 * 2 * 15
     for start in range(0, len(queries), 15):
         assert sorted(torch.cat(queries[start:start + 15]).tolist()) == list(range(899))
-    state = torch.load(tmp_path / "full" / "ckpt_branch1.pt", weights_only=False)["model"]
+    state = saved["ckpt"]["model"]
+    assert not (tmp_path / "full" / "stages" / "branch1.ckpt").exists()  # superseded by stages/branch1.pt
     assert state["count"] == 100 and any(k.startswith("key_model.visual.") for k in state)
     assert state["queue_idx"].min() >= 0 and len(set(state["queue_idx"].tolist())) == 100
-    real_save = coft.atomic_save
+    real_save = train.atomic_save
 
     def dying_save(obj, path):
         real_save(obj, path)
-        if Path(path).name == "ckpt_branch1.pt":
+        if Path(path).name == "branch1.ckpt":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(coft, "atomic_save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(train, "atomic_save", dying_save)
+    with pytest.raises(SystemExit):
         run_coft(tmp_path, *plus, out="killed", ckpt=ckpt)
-    monkeypatch.setattr(coft, "atomic_save", real_save)
+    monkeypatch.setattr(train, "atomic_save", real_save)
     resumed = run_coft(tmp_path, *plus, "--resume", out="killed", ckpt=ckpt)
     assert numbers(resumed) == numbers(full)
 
@@ -1512,14 +1767,15 @@ def test_coop_templates_and_table():
 def test_coop_stanford_cars_images_in_folder_itself(tmp_path):
     """stanford_cars has no image subfolder: paths are relative to DATA/stanford_cars."""
     base = tmp_path / "stanford_cars"
-    write_image(str(base / "cars_train" / "00001.jpg"))
-    write_image(str(base / "cars_test" / "00001.jpg"))
-    split = {"train": [["cars_train/00001.jpg", 0, "2012 Tesla Model S"]], "val": [],
+    for name in ("cars_train/00001.jpg", "cars_train/00002.jpg", "cars_test/00001.jpg"):
+        write_image(str(base / name))
+    split = {"train": [["cars_train/00001.jpg", 0, "2012 Tesla Model S"],
+                       ["cars_train/00002.jpg", 1, "2000 AM General Hummer SUV"]], "val": [],
              "test": [["cars_test/00001.jpg", 0, "2012 Tesla Model S"]]}
     (base / "split_zhou_StanfordCars.json").write_text(json.dumps(split))
     task = data.load_task("stanford_cars", tmp_path)
-    assert task.classnames == ["2012 Tesla Model S"] and task.dev == []
-    assert task.train == [(str(base / "cars_train" / "00001.jpg"), 0)]
+    assert task.classnames == ["2012 Tesla Model S", "2000 AM General Hummer SUV"] and task.dev == []
+    assert task.train == [(str(base / "cars_train" / "00001.jpg"), 0), (str(base / "cars_train" / "00002.jpg"), 1)]
 
 
 def test_fgvc_aircraft_loads(tmp_path):
