@@ -1333,8 +1333,10 @@ def main(argv=None):
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished stages and the last epoch checkpoint are in {args.out}/stages; "
-              f"the same command with --resume continues from there", file=sys.stderr)
+        where = "" if args.table or args.bench or args.write_llm_prompts else \
+            (f": finished stages and the last epoch checkpoint are in {args.out}/stages; the same command with "
+             f"--resume continues from there")
+        print(f"\ninterrupted{where}", file=sys.stderr)
         sys.exit(130)
 
 
