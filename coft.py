@@ -85,9 +85,9 @@ class PromptLearner(nn.Module):
         try:
             tokens = clip_model.tokenize(texts, clip.context_length)  # [C, L]
         except clip_model.CLIPError:  # say which prompt and which flags make it shorter
-            tok_len = lambda t: len(tok.encode(t)) + 2  # noqa: E731  (+ SOT and EOT)
-            longest = max(texts, key=tok_len)
-            raise RunError(f"the prompt {longest!r} ({M} context tokens + class name) is {tok_len(longest)} tokens, "
+            n_tokens = {t: len(tok.encode(t)) + 2 for t in texts}  # + SOT and EOT
+            longest = max(texts, key=n_tokens.get)
+            raise RunError(f"the prompt {longest!r} ({M} context tokens + class name) is {n_tokens[longest]} tokens, "
                            f"longer than the backbone's context of {clip.context_length}: use a smaller --M "
                            f"(or --ctx-init with fewer words) or a shorter class name") from None
         with torch.no_grad():
