@@ -567,7 +567,8 @@ def check_fft_init(args, clip, ft_clip):
 HOW = ("device", "workers", "log_every", "eval_batch", "compile", "grad_checkpointing", "resume", "restart",
        "eval_only", "phase", "out", "table", "data_root", "llm_prompts", "write_llm_prompts", "api_base", "llm",
        "prompts_per_class")
-OUTPUTS = ("metrics.json", "predictions.pt", "pseudo_labels.pt", "grad_norms.json")  # the run's result files
+# the run's result files, which --restart deletes (grad_norms.json: written by earlier versions only)
+OUTPUTS = ("metrics.json", "predictions.pt", "pseudo_labels.pt", "grad_norms.json")
 
 # each stage's record: the settings its result depends on
 SEED_SET_KEYS = ("dataset", "data", "clip", "seed", "K", "labelled_shots", "zero_shot_prompts")
@@ -607,6 +608,11 @@ def stage_record(config, tag):
     return {"stage": tag, **{k: config[k] for k in dict.fromkeys(keys)}}
 
 
+def continues_a_run(args):
+    """--resume, --eval-only and --phase 2 continue the run in --out (train.open_run)."""
+    return args.resume or args.eval_only or args.phase == "2"
+
+
 def saved_stage(out, tag, record, args):
     """A finished stage from --out (train.load_stage), or None where it has to be trained; with
     --eval-only or --phase 2 a missing earlier stage is an error."""
@@ -633,7 +639,7 @@ def run(args):
     pseudo_labels.pt (every seed set and clean set) and predictions.pt (eval-split predictions of
     every model); stages/ holds each finished stage."""
     check_args(args)
-    continuing = args.resume or args.eval_only or args.phase == "2"
+    continuing = continues_a_run(args)
     train.check_out(args.out, continuing, args.restart)
     if (args.eval_only or args.phase == "2") and not train.holds_run(args.out):
         raise RunError(f"--out {args.out} holds no run for {'--eval-only' if args.eval_only else '--phase 2'} "
@@ -917,7 +923,7 @@ def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, de
             m.compile()
 
     norms = fit(trained, step, make_loader, args.fft_epochs, args.fft_lr, device, seed_of(args.seed, tag),
-                train.ckpt_path(out, tag), args.resume or args.phase == "2", f"phase II {tag}", record=record,
+                train.ckpt_path(out, tag), continues_a_run(args), f"phase II {tag}", record=record,
                 log_every=args.log_every, **sgd_settings(args))
     metrics["grad_norms"][tag] = finish_stage(out, tag, record, model, norms, args.clip_grad)
     return model.eval()

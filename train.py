@@ -148,9 +148,10 @@ def check_out(out, resume, restart):
 
 def differences(saved, now):
     """'key: saved -> now' for every key whose value differs (or exists on one side only)."""
-    missing = object()
-    return [f"{k}: {saved.get(k, missing)!r} -> {now.get(k, missing)!r}".replace(repr(missing), "(none)")
-            for k in sorted(set(saved) | set(now)) if saved.get(k, missing) != now.get(k, missing)]
+    def shown(d, k):
+        return repr(d[k]) if k in d else "(none)"
+    return [f"{k}: {shown(saved, k)} -> {shown(now, k)}" for k in sorted(set(saved) | set(now))
+            if k not in saved or k not in now or saved[k] != now[k]]
 
 
 def read_config(out):
@@ -198,7 +199,8 @@ def read_torch(path, weights_only=True):
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
-        raise RunError(f"cannot read {path} ({type(e).__name__}: {str(e).strip().splitlines()[0][:80] if str(e).strip() else 'empty'}); "
+        first_line = (str(e).strip().splitlines() or ["empty"])[0][:80]
+        raise RunError(f"cannot read {path} ({type(e).__name__}: {first_line}); "
                        f"the file is damaged: delete it to redo that stage, or --restart") from None
 
 
