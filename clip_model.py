@@ -1,20 +1,24 @@
 """
-Our own CLIP (Radford et al., 2021), written to be read in one sitting.
+Our own CLIP (Radford et al., 2021), written to be read in one sitting. It imports nothing from
+the project: data.py and the methods build on it, never the other way round.
 
 - Image towers: ModifiedResNet (RN50, RN101, RN50x4/x16/x64) and ViT (B/32, B/16, L/14,
   L/14@336px); causal text tower. Every size is inferred from a state dict, so any OpenAI
   checkpoint loads unchanged and strictly.
-- The two hooks CoFT needs:
+- The two hooks CoFT needs (and CraFT's black box wraps):
   * `encode_text(tokens, embeddings=...)` takes token *embeddings* (learnable contexts placed
     before each class name, CoOp style) and runs only up to the longest EOT in the batch;
   * `encode_image(images, vpt=...)` takes visual prompt tokens (VPT shallow or deep).
 - Byte-level BPE tokenizer on the vendored `assets/bpe_simple_vocab_16e6.txt.gz`.
 - `load(name_or_path)`: TorchScript archives and plain state dicts, SHA256 check, resumable
-  download into a cache, one clear line when there is no network.
+  download into a cache, one clear line when there is no network. (The offline stand-in, `--clip
+  demo`, is built and found by standin.py.)
+- `preprocess(resolution)`: CLIP's test transform; the zero-shot head: `class_prompts`,
+  `text_classifier`, `zero_shot_logits`, with every similarity in fp32 (`similarity`).
 
 Parameters are always fp32 (the checkpoints store fp16 matrices; fine-tuning fp16 master
 weights diverges); use autocast for speed. Attention goes through
-F.scaled_dot_product_attention. `python clip_model.py --bench` times the towers.
+F.scaled_dot_product_attention. `python bench.py --towers` times the towers.
 """
 import gzip
 import hashlib
@@ -34,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -637,194 +642,76 @@ def read_state_dict(path):
 
 
 def load(name_or_path, device="cpu", cache_dir=None, url=None):
-    """(model, preprocess) from a model name (RN50 ... ViT-L/14@336px, or "demo" for the offline
-    stand-in) or a checkpoint path. The model is in eval mode with fp32 parameters; preprocess is
-    CLIP's test transform."""
-    if name_or_path == "demo":
-        path = standin(cache_dir=cache_dir)
-    elif name_or_path in CHECKPOINTS:
+    """(model, preprocess) from a released model's name (RN50 ... ViT-L/14@336px, downloaded into
+    the cache) or a checkpoint path. The model is in eval mode with fp32 parameters; preprocess is
+    CLIP's test transform at its resolution."""
+    if name_or_path in CHECKPOINTS:
         path = checkpoint_path(name_or_path, cache_dir, url)
     elif Path(name_or_path).exists():
         path = Path(name_or_path)
     else:
         raise CLIPError(f"unknown model {name_or_path!r}: give one of {', '.join(CHECKPOINTS)} or a checkpoint path")
     model = build_model(read_state_dict(path), device)
-    return model, transform(model.visual.resolution)
+    return model, preprocess(model.visual.resolution)
 
+
+# -----------------------------------------------------------------------------
+# Preprocessing
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def transform(resolution):
-    """CLIP's test transform: bicubic resize of the short side, center crop, RGB, normalise."""
-    from torchvision import transforms as T
-    return T.Compose([
-        T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(resolution),
-        T.Lambda(lambda im: im.convert("RGB")),
-        T.ToTensor(),
-        T.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+def rgb(image):
+    """A PIL image in RGB (grey, palette, RGBA -> RGB); tensors pass unchanged."""
+    return image.convert("RGB") if hasattr(image, "convert") and image.mode != "RGB" else image
+
+
+def preprocess(resolution):
+    """CLIP's test transform: RGB, bicubic resize of the short side (antialiased), center crop,
+    scale to [0, 1], normalise with CLIP's mean and std. Takes PIL images and uint8 tensors
+    [3, H, W] alike (torchvision.transforms.v2); the training augmentations are data.make_transform's."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    return v2.Compose([rgb, v2.ToImage(), v2.Resize(resolution, interpolation=bicubic, antialias=True),
+                       v2.CenterCrop(resolution), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
 # -----------------------------------------------------------------------------
-# The offline stand-in: a tiny CLIP pretrained by us on rendered, captioned digits
-
-STANDIN = dict(config="demo", steps=400, batch=256, lr=1e-3, weight_decay=0.1, warmup=40, seed=0, version=1)
+# The zero-shot head: similarities in fp32, class prompts -> text classifier
 
 
-def clip_loss(v, t, logit_scale, labels):
-    """CLIP's symmetric contrastive loss where every caption of the same digit counts as a match:
-    soft targets spread evenly over the batch's same-label pairs (the diagonal included)."""
-    logits = logit_scale * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).t()  # [B, B]
-    match = (labels[:, None] == labels[None, :]).float()
-    target = match / match.sum(1, keepdim=True)  # symmetric label structure: rows and columns alike
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+def unit(x):
+    """Rows scaled to unit norm, in fp32 (features leave a bf16 tower in bf16)."""
+    return F.normalize(x.float(), dim=-1)
 
 
-def pretrain(model, steps, batch, lr, weight_decay, warmup, seed, log_every=50, **_):
-    """Contrastive pretraining on the rendered digits of data.py (AdamW, warm-up + cosine).
-    Returns the loss history."""
-    import data
-    torch.manual_seed(seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    model.train()
-    history, t0 = [], time.time()
-    for step, (images, labels, captions) in enumerate(data.rendered_batches(batch, steps, seed, model.visual.resolution)):
-        tokens = tokenize(captions, model.context_length, truncate=True)
-        loss = clip_loss(model.encode_image((images - mean) / std), model.encode_text(tokens),
-                         model.logit_scale.exp(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        history.append(loss.item())
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            el = time.time() - t0
-            print(f"  pretrain step {step + 1}/{steps} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} "
-                  f"{(step + 1) * batch / el:.0f} img/s eta {el / (step + 1) * (steps - step - 1):.0f}s", flush=True)
-    return history
+def similarity(v, t):
+    """v @ t.T in fp32, also under autocast. CLIP's logits are cosines times 1/tau ~= 100: in bf16
+    a logit near 30 is off by up to 0.06-0.125 (its spacing), enough to flip an argmax or a top-K
+    near a tie. The matrix product is tiny next to the towers, so it always runs in fp32."""
+    with torch.autocast(v.device.type, enabled=False):
+        return v.float() @ t.float().t()
 
 
-def standin_path(cache_dir=None, settings=None):
-    """Where the stand-in pretrained with `settings` is cached: the file name carries a hash of
-    the settings and the architecture, so changing either retrains (bump STANDIN["version"] when
-    the rendered data changes)."""
-    settings = {**STANDIN, **(settings or {})}
-    key = hashlib.sha256(repr((sorted(settings.items()), asdict(CONFIGS[settings["config"]]))).encode()).hexdigest()[:12]
-    return Path(cache_dir or default_cache_dir()) / f"standin-{key}.pt"
+def class_prompts(classnames, templates):
+    """Per class, its name in every template: [[str]] (C lists); "_" in a name reads as a space."""
+    return [[t.format(name.replace("_", " ")) for t in templates] for name in classnames]
 
 
-def standin(cache_dir=None, rebuild=False, settings=None):
-    """Path of the stand-in's checkpoint (a plain state dict), pretraining it first if it is not
-    in the cache (standin_path)."""
-    path = standin_path(cache_dir, settings)
-    settings = {**STANDIN, **(settings or {})}
-    if path.exists() and not rebuild:
-        return path
-    print(f"pretraining the offline stand-in CLIP on rendered digits ({settings['steps']} steps of "
-          f"{settings['batch']}; cached at {path})", flush=True)
-    model = tiny_clip(settings["config"], seed=settings["seed"])
-    t0 = time.time()
-    pretrain(model, **settings)
-    print(f"  pretraining took {time.time() - t0:.0f}s", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(model.state_dict(), path)
-    return path
+@torch.no_grad()
+def text_classifier(clip, prompts, device):
+    """Zero-shot weights [C, D] from per-class prompt lists: the mean of each class's
+    normalised prompt embeddings, renormalised (Radford et al. 2021, Sec. 3.1.4's prompt
+    ensembling; one prompt = its plain normalised embedding)."""
+    W = []
+    for texts in prompts:
+        tokens = tokenize(texts, clip.context_length, truncate=True).to(device)
+        W.append(F.normalize(F.normalize(clip.encode_text(tokens).float(), dim=-1).mean(0), dim=0))
+    return torch.stack(W)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------
-# Benchmark: python clip_model.py --bench
-
-def time_per_call(fn, steps, device):
-    """(seconds per call of fn after one warm-up call, peak memory in MiB): the GPU allocator's
-    peak over the timed calls on CUDA, the process's peak resident memory on CPU."""
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    fn()  # warm-up (and compilation, with torch.compile)
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    if cuda:
-        mem = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    else:
-        import resource
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return (time.perf_counter() - t0) / steps, mem
-
-
-def bench(names=("ViT-B/16", "RN50"), batch=32, prompts=256, steps=3, device=None):
-    """Time encode_image and encode_text forward+backward on random weights of real size."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    amp = dict(device_type="cuda", dtype=torch.bfloat16) if device == "cuda" else dict(device_type="cpu", enabled=False)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{'bf16 autocast' if device == 'cuda' else 'fp32'}")
-    timeit = lambda fn: time_per_call(fn, steps, torch.device(device))[0]  # noqa: E731
-
-    texts = [f"a photo of a {w}." for w in ("cat", "dog", "airplane", "red car")] * (prompts // 4)
-    for name in names:
-        model = CLIP(CONFIGS[name]).to(device).train()
-        tok = tokenize(texts, model.context_length)
-        R = model.visual.resolution
-        images = torch.randn(batch, 3, R, R, device=device)
-
-        def image_step():
-            with torch.autocast(**amp):
-                loss = model.encode_image(images).float().pow(2).mean()
-            loss.backward()
-
-        def text_step(t):
-            with torch.autocast(**amp):
-                loss = model.encode_text(t).float().pow(2).mean()
-            loss.backward()
-
-        ti = timeit(image_step)
-        tt = timeit(lambda: text_step(tok.to(device)))
-        # the same prompts with EOT moved to the last position: the cost of the full 77 tokens
-        full = tok.clone()
-        full[full == tokenizer().eot] = 0
-        full[:, -1] = tokenizer().eot
-        tf = timeit(lambda: text_step(full.to(device)))
-        print(f"{name:9s} image fwd+bwd: {batch / ti:8.1f} images/s (batch {batch}) | text fwd+bwd: "
-              f"{prompts / tt:8.1f} prompts/s up to EOT, {prompts / tf:8.1f} prompts/s at 77 tokens")
-        model.zero_grad(set_to_none=True)
-
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="CLIP: benchmark the towers, or build the offline stand-in")
-    p.add_argument("--bench", action="store_true", help="time the towers (random weights of real size)")
-    p.add_argument("--models", default="ViT-B/16,RN50")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--prompts", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--device", default=None)
-    p.add_argument("--standin", action="store_true", help="pretrain (or find in the cache) the offline stand-in")
-    p.add_argument("--rebuild", action="store_true", help="with --standin: pretrain again even if cached")
-    args = p.parse_args()
-    if args.bench:
-        bench(args.models.split(","), args.batch, args.prompts, args.steps, args.device)
-    elif args.standin:
-        print(f"stand-in checkpoint: {standin(rebuild=args.rebuild)}")
-    else:
-        p.print_help()
+def zero_shot_logits(clip, W, x, tau):
+    """Zero-shot logits cos(v(x), t_k) / tau for images x [B, 3, R, R] and W [C, D] from
+    text_classifier; fp32 even under autocast (see similarity)."""
+    return similarity(unit(clip.encode_image(x)), W) / tau

@@ -2,17 +2,20 @@
 CoFT: Collaborative Fine-Tuning of CLIP without human labels.
 
 Wang, Meng, Cai, Song, Xia, "Fine-tuning Pre-trained Vision-Language Models in a
-Human-Annotation-Free Manner", arXiv 2602.04337 (2026). Equations and the choices where the
-paper is silent: ../shared/spec/coft.md (summarised in the README).
+Human-Annotation-Free Manner", arXiv 2602.04337 (2026). Where the paper is silent, our choices
+are flags, listed in the README ("Differences from the paper / choices we made").
 
-    0. zero-shot pseudo-labels on the unlabelled train split; top-K per class = seed set S*
-    1. Phase I: two PEFT models (positive/negative prompts + VPT), differing only by seed,
-       trained on S* with L1 + lambda * L2
-    2. Phase II: model a labels everything, model b validates (s+ > s-), and a fully fine-tuned
-       visual encoder + linear head is trained per branch on its clean set; test = ensemble
+    0. zero-shot pseudo-labels on the unlabelled train split (Eq. 1); top-K per class = S*
+    1. Phase I (Sec. 3.1): two PEFT models (positive/negative prompts, Eq. 2-3, + VPT),
+       differing only by seed, trained on S* with L1 + lambda * L2 (Eq. 4-6)
+    2. Phase II (Sec. 3.2): model a labels everything, model b validates (s+ > s-); per branch
+       the visual encoder + a linear head is fully fine-tuned on its clean set (Eq. 7);
+       test = the ensemble of the two branches
+    CoFT+ (Sec. 3.3): R rounds of Phase I, each relabelling with the previous round's models;
+       momentum contrast on all unlabelled images in Phase II (Eq. 8-10); LLM-written prompts.
 
-Every building block (PromptLearner, VPT, the losses, collaborative_filter, fit) works on its
-own; the CLI at the bottom strings them together:
+The file reads in that order: the modules and losses, the pseudo-label steps, Phase II, then the
+run (one function per stage; the baselines beside them) and the CLI:
 
     python coft.py --dataset digits --clip demo --out runs/digits
     python coft.py --dataset dtd --data-root DATA --clip ViT-B/16 --out runs/dtd
@@ -23,9 +26,9 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,26 +37,11 @@ import torch.nn.functional as F
 
 import clip_model
 import data
+import llm
+import standin
 import train
-from clip_model import atomic_save, time_per_call
-from train import RunError, amp_settings, fit, number, seed_of, write_json
-
-# -----------------------------------------------------------------------------
-# Similarities in fp32
-
-
-def unit(x):
-    """Rows scaled to unit norm, in fp32 (features leave a bf16 tower in bf16)."""
-    return F.normalize(x.float(), dim=-1)
-
-
-def similarity(v, t):
-    """v @ t.T in fp32, also under autocast. Every logit in CoFT is a cosine times 1/tau ~= 100
-    (zero-shot, s+ / s-, the head, InfoNCE's 1/tau' ~= 14): in bf16 a logit near 30 is off by up to
-    0.06-0.125 (its spacing), enough to flip an argmax or a top-K near a tie. The matrix product
-    is tiny next to the towers, so it always runs in fp32."""
-    with torch.autocast(v.device.type, enabled=False):
-        return v.float() @ t.float().t()
+from clip_model import class_prompts, similarity, text_classifier, unit, zero_shot_logits
+from train import RunError, cell, fit, number, seed_of
 
 
 # -----------------------------------------------------------------------------
@@ -61,7 +49,7 @@ def similarity(v, t):
 
 
 class PromptLearner(nn.Module):
-    """CoOp-style learnable contexts, class token at the end (spec, Phase I):
+    """CoOp-style learnable contexts, class token at the end (paper Eq. 2-3):
         positive  [V+_1 .. V+_M] [CLASS_k] .      negative  [V-_1 .. V-_M] [CLASS_k] .
     Both context sets are shared by all classes. The 2C prompts go through the text tower in one
     batched call, which runs only up to the longest EOT (clip_model.CLIP.encode_text)."""
@@ -170,11 +158,11 @@ class DualPromptModel(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Losses (spec, Phase I)
+# Phase I losses (paper Sec. 3.1.3)
 
 
 def p_clean(s_pos, s_neg, tau):
-    """p_clean_k(x) = exp(s+_k/tau) / (exp(s+_k/tau) + exp(s-_k/tau)) = sigmoid((s+_k - s-_k)/tau)."""
+    """Eq. 5: p_clean_k(x) = exp(s+_k/tau) / (exp(s+_k/tau) + exp(s-_k/tau)) = sigmoid((s+_k - s-_k)/tau)."""
     return torch.sigmoid((s_pos - s_neg) / tau)
 
 
@@ -185,12 +173,12 @@ def complement_labels(y, C, generator=None):
 
 
 def loss_l1(s_pos, y, tau):
-    """L1 = CE(softmax_k(s+_k / tau), y)."""
+    """Eq. 4: L1 = CE(softmax_k(s+_k / tau), y)."""
     return F.cross_entropy(s_pos / tau, y)
 
 
 def loss_l2(s_pos, s_neg, y, y_comp, tau):
-    """L2 = -[log p_clean_y(x) + log(1 - p_clean_y'(x))], batch mean. The paper prints the second
+    """Eq. 6: L2 = -[log p_clean_y(x) + log(1 - p_clean_y'(x))], batch mean. The paper prints the second
     term with the opposite sign; this is the form its text (and DeFT) intend: the true class's
     positive prompt should beat its negative prompt, and a complement class's should not.
     log p = logsigmoid(d/tau), log(1 - p) = logsigmoid(-d/tau): stable for any margin d."""
@@ -201,7 +189,7 @@ def loss_l2(s_pos, s_neg, y, y_comp, tau):
 
 
 def phase1_loss(model, x, y, tau, lam=1.0, detach_neg=False, generator=None):
-    """Loss = L1 + lambda * L2 on a batch of S* (paper Eq. 4-6). By default L2's gradient reaches
+    """L_Phase1 = L1 + lambda * L2 on a batch of S* (paper Sec. 3.1.3, Eq. 4-6). By default L2's gradient reaches
     everything it depends on: the negative context, the positive context and the visual prompts
     (the paper calls the negative prompt a regulariser of the visual modules).
     detach_neg = DeFT exactly: p_clean is computed from a *detached* s+ and from an s- of
@@ -219,33 +207,11 @@ def phase1_loss(model, x, y, tau, lam=1.0, detach_neg=False, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# Pseudo-labels: zero-shot classifier, seed set, collaborative filter
-
-
-def class_prompts(classnames, templates):
-    """Per class, its name in every template: [[str]] (C lists)."""
-    return [[t.format(name.replace("_", " ")) for t in templates] for name in classnames]
-
-
-@torch.no_grad()
-def text_classifier(clip, prompts, device):
-    """Zero-shot weights [C, D] from per-class prompt lists: the mean of each class's
-    normalised prompt embeddings, renormalised (one prompt = its plain embedding)."""
-    W = []
-    for texts in prompts:
-        tokens = clip_model.tokenize(texts, clip.context_length, truncate=True).to(device)
-        W.append(F.normalize(F.normalize(clip.encode_text(tokens).float(), dim=-1).mean(0), dim=0))
-    return torch.stack(W)
-
-
-def zero_shot_logits(clip, W, x, tau):
-    """Eq. 1's logits cos(v(x), t(c_k)) / tau for images x [B, 3, R, R], W [C, D] from
-    text_classifier; fp32 even under autocast (see similarity)."""
-    return similarity(unit(clip.encode_image(x)), W) / tau
+# Pseudo-labels: the seed set S* (Sec. 3.1.1), the collaborative filter (Sec. 3.2.1), labelled shots
 
 
 def topk_per_class(probs, K):
-    """Seed set S*: per class k the (at most) K images whose pseudo-label is k, ranked by p(k|x);
+    """Seed set S* (Sec. 3.1.1): per class k the (at most) K images whose pseudo-label is k, ranked by p(k|x) (Eq. 1);
     ties go to the lower index. Returns (indices [<=C*K], pseudo-labels)."""
     conf, y = probs.max(1)
     keep = []
@@ -258,18 +224,18 @@ def topk_per_class(probs, K):
 
 
 def collaborative_filter(y_a, s_pos_b, s_neg_b):
-    """Model b validates model a's labels: keep x iff s+_{y_a(x)}(x) > s-_{y_a(x)}(x) under model b.
+    """Model b validates model a's labels (Sec. 3.2.1): keep x iff s+_{y_a(x)}(x) > s-_{y_a(x)}(x) under model b.
     No threshold: b's negative prompt is the per-sample threshold. Returns a bool mask [N]."""
     i = torch.arange(len(y_a), device=y_a.device)
     return s_pos_b[i, y_a] > s_neg_b[i, y_a]
 
 
 # -----------------------------------------------------------------------------
-# Phase II: full fine-tuning of the visual encoder + linear head
+# Phase II: full fine-tuning of the visual encoder + linear head (Sec. 3.2.2)
 
 
 class FineTuned(nn.Module):
-    """Phase II's classifier: a fully trainable copy of a CLIP image tower plus a linear head on
+    """Phase II's classifier (Sec. 3.2.2): a fully trainable copy of a CLIP image tower plus a linear head on
     its normalised projected embedding. With W = logit_scale * t (rows: class text embeddings)
     the head makes step 0 reproduce the prompt classifier logit_scale * cos(v, t_k).
     `vpt` / `adapter` (from a Phase-I model, --fft-init phase1) are copied and trained too."""
@@ -299,7 +265,7 @@ class FineTuned(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# CoFT+: momentum contrast in Phase II, LLM-written class prompts (spec, "CoFT+")
+# CoFT+: momentum contrast in Phase II (Sec. 3.3.2)
 
 
 class MomentumContrast(nn.Module):
@@ -396,117 +362,6 @@ class WithUnlabelled:
             yield x, y, i, xq, xk, j
 
 
-def read_llm_prompts(path, classnames):
-    """A JSON file {class name: [prompt, ...]} -> per-class prompt lists in class order."""
-    try:
-        table = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise data.DataError(f"cannot read the prompt file {path} ({e}); write it with --write-llm-prompts") from None
-    return [validated_prompts(table, classnames, str(path))[c] for c in classnames]
-
-
-def validated_prompts(table, classnames, source):
-    """Every class present with a non-empty list of non-empty strings, else one clear line."""
-    if not isinstance(table, dict):
-        raise data.DataError(f"{source}: expected a JSON object {{class name: [prompts]}}, got {type(table).__name__}")
-    missing = [c for c in classnames if c not in table]
-    if missing:
-        raise data.DataError(f"{source}: no prompts for {len(missing)} class(es), e.g. {missing[:3]}")
-    bad = [c for c in classnames if not isinstance(table[c], list) or not table[c]
-           or not all(isinstance(p, str) and p.strip() for p in table[c])]
-    if bad:
-        raise data.DataError(f"{source}: class(es) {bad[:3]} need a non-empty list of non-empty strings")
-    return {c: [p.strip() for p in table[c]] for c in classnames}
-
-
-def ask_llm(classnames, api_base, model, api_key=None, n=10, chunk=25, retries=3, timeout=120):
-    """Ask an OpenAI-compatible chat endpoint (POST {api_base}/chat/completions, standard-library
-    HTTP only) for n short visual descriptions per class, `chunk` classes per request. Returns
-    {class name: [prompts]}, validated; retries transient failures, then fails in one line."""
-    import urllib.error
-    import urllib.request
-    url = api_base.rstrip("/") + "/chat/completions"
-    table = {}
-    for start in range(0, len(classnames), chunk):
-        names = classnames[start:start + chunk]
-        ask = (f"For each of these image classes, write {n} short, varied sentences describing what a photo of it "
-               f"looks like, each naming the class. Answer with only a JSON object mapping each class name, "
-               f"exactly as given, to a list of {n} strings. Classes: {json.dumps(names)}")
-        body = json.dumps({"model": model, "temperature": 0.7,
-                           "messages": [{"role": "user", "content": ask}]}).encode()
-        headers = {"Content-Type": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        for attempt in range(retries):
-            try:
-                with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as r:
-                    reply = json.loads(r.read().decode())
-                break
-            except urllib.error.HTTPError as e:
-                if e.code < 500 and e.code != 429 or attempt + 1 == retries:  # a client error will not improve
-                    raise data.DataError(f"{url} answered HTTP {e.code} ({e.reason}); check --api-base, --model "
-                                         f"and the API key") from None
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                if attempt + 1 == retries:
-                    raise data.DataError(f"cannot get a reply from {url} ({getattr(e, 'reason', e)}) after "
-                                         f"{retries} tries; is the endpoint up and --api-base right?") from None
-            time.sleep(2 ** attempt)
-        try:
-            content = reply["choices"][0]["message"]["content"].strip()
-            if content.startswith("```"):  # tolerate a fenced code block around the JSON
-                content = content.strip("`").removeprefix("json").strip()
-            part = json.loads(content)
-        except (KeyError, IndexError, TypeError, ValueError):
-            raise data.DataError(f"{url} sent a malformed reply (expected a chat completion whose message is a "
-                                 f"JSON object of prompt lists): {str(reply)[:120]}") from None
-        table.update(validated_prompts(part, names, f"the reply from {url}"))
-    return table
-
-
-def write_llm_prompts(path, classnames, api_base, model, api_key=None, n=10):
-    """Generate, validate, then write atomically: a bad reply never leaves a partial file."""
-    return write_json(ask_llm(classnames, api_base, model, api_key, n), path)
-
-
-# -----------------------------------------------------------------------------
-# Inference helpers
-
-
-@torch.no_grad()
-def run_over(fn, loader, device, amp):
-    """Apply fn to every batch of a (x, y, index) loader and concatenate: (outputs, labels)."""
-    outs, ys = [], []
-    for x, y, _ in loader:
-        with torch.autocast(**amp):
-            outs.append(fn(x.to(device, non_blocking=True)).float().cpu())
-        ys.append(y)
-    return torch.cat(outs), torch.cat(ys)
-
-
-def accuracy(probs_or_logits, y):
-    return 100.0 * (probs_or_logits.argmax(1) == y).float().mean().item()
-
-
-def fmt(x):
-    return "-" if x is None else f"{x:.2f}"
-
-
-def precision(pseudo, true):
-    return 100.0 * (pseudo == true).float().mean().item() if len(pseudo) else None  # None: empty set (JSON has no NaN)
-
-
-# -----------------------------------------------------------------------------
-# The method, end to end
-
-
-def loader(dataset, batch, shuffle, args, key=(), drop_last=False):
-    """train.loader with the stream seed seed_of(--seed, *key): each stage, branch, epoch and
-    cycle passes its own key, so a resumed run replays exactly the batches of an uninterrupted one,
-    no two stages share a stream, and the numbers do not depend on --workers."""
-    return train.loader(dataset, batch, seed_of(args.seed, *key), shuffle, args.workers,
-                        args.device.startswith("cuda"), drop_last)
-
-
 def labelled_shots(y_true, n, seed):
     """The paper's semi-supervised setting (Sec. 4.4): n true-labelled train images per class
     (all of a class's images where it has fewer), drawn at random with `seed`. Returns indices."""
@@ -525,6 +380,445 @@ def with_labelled(idx, y, labelled, y_true):
     return torch.cat([idx[keep], labelled]), torch.cat([y[keep], y_true[labelled]])
 
 
+def label_precision(pseudo, true):
+    """% of pseudo-labels that are right; None for an empty set (JSON has no NaN)."""
+    return 100.0 * (pseudo == true).float().mean().item() if len(pseudo) else None
+
+
+# -----------------------------------------------------------------------------
+# What a run is: its config, and the part of it each stage depends on (train.py, "run folders")
+
+# flags that change how a run goes, never its numbers (results do not depend on --workers or the
+# eval batch), and paths whose contents the config records instead (data, LLM prompt file)
+HOW = ("device", "workers", "log_every", "eval_batch", "compile", "grad_checkpointing", "resume", "restart",
+       "eval_only", "phase", "out", "table", "data_root", "llm_prompts", "write_llm_prompts", "api_base", "llm",
+       "prompts_per_class")
+# the run's result files, which --restart deletes (grad_norms.json: written by earlier versions only)
+OUTPUTS = ("metrics.json", "predictions.pt", "pseudo_labels.pt", "grad_norms.json")
+
+# each stage's record: the settings its result depends on
+SEED_SET_KEYS = ("dataset", "data", "clip", "seed", "precision", "K", "labelled_shots", "zero_shot_prompts")
+SGD_KEYS = ("batch", "weight_decay", "momentum", "warmup_epochs", "clip_grad")
+PHASE1_KEYS = SEED_SET_KEYS + SGD_KEYS + ("M", "ctx_init", "vpt_tokens", "vpt", "lam", "detach_neg", "p1_epochs",
+                                          "p1_lr")
+PHASE2_KEYS = SGD_KEYS + ("method", "rounds", "fft_epochs", "fft_lr", "fft_aug", "fft_init", "fft_backbone",
+                          "head_init", "contrast", "gamma", "mu", "tau_c", "queue")
+
+
+def backbone_id(name):
+    """A backbone as a run's config records it: a released model's name (its file's sha256 is
+    checked whenever it is loaded), the stand-in's cache file (named by its settings' hash), or a
+    checkpoint file's own sha256 (so moving the file does not matter, changing it does)."""
+    if name is None or name in clip_model.CHECKPOINTS:
+        return name
+    if name == standin.NAME:
+        return f"demo ({standin.path().name})"
+    return "sha256:" + clip_model.sha256_of(name)[:16]
+
+
+def run_config(args, task, prompts):
+    """Every setting that can change a number of this run, with the data, the zero-shot prompts
+    and the backbones recorded by content."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
+    config.update(data=data.fingerprint(task, args.data_root), clip=backbone_id(args.clip),
+                  fft_backbone=backbone_id(args.fft_backbone),
+                  zero_shot_prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16])
+    return config
+
+
+def stage_record(config, tag):
+    """The settings stage `tag` depends on: Phase-I models those of S* and of Phase I; a branch
+    also Phase II's (and with them the number of rounds before it); the baselines S*'s and Phase II's."""
+    keys = PHASE1_KEYS if tag.startswith("phase1") else \
+        PHASE1_KEYS + PHASE2_KEYS if tag.startswith("branch") else SEED_SET_KEYS + PHASE2_KEYS
+    return {"stage": tag, **{k: config[k] for k in dict.fromkeys(keys)}}
+
+
+@dataclass
+class Run:
+    """What the stages of one run share, made once by `prepare`: its folder and config, how it
+    computes, the task's images, the train split's true labels (for the precision diagnostics
+    and the --labelled-shots images only: no stage reads them otherwise), and the results so far."""
+    out: Path
+    config: dict
+    device: torch.device
+    precision: str  # resolved: fp32, bf16 or fp16
+    seed: int
+    workers: int
+    eval_batch: int
+    log_every: int
+    resume: bool  # continue the stages and epoch checkpoints saved in out
+    needs: str  # which saved stages must exist: "" (none: train what is missing), "phase1" (--phase 2), "all"
+    sgd: dict  # both phases' SGD settings: batch, momentum, weight_decay, warmup_epochs, clip_grad
+    compile: bool
+    task: data.Task
+    clip: clip_model.CLIP  # frozen
+    tau: float  # CLIP's own temperature, used everywhere
+    unlabelled: data.ImageDataset  # the train split's images under the test transform
+    evaluated: data.ImageDataset  # the eval split (test, or dev for tuning) under the test transform
+    y_true: torch.Tensor  # [N] the train split's labels
+    y_eval: torch.Tensor  # [N_eval]
+    labelled: torch.Tensor  # indices of the --labelled-shots images (empty without)
+    metrics: dict
+    predictions: dict  # eval-split predictions (argmax) of every model, for per-image analysis
+    t0: float
+
+    def loader(self, dataset, batch, key=(), shuffle=False, drop_last=False):
+        """train.loader with the stream seed seed_of(--seed, *key): each stage, branch, epoch and
+        cycle passes its own key, so a resumed run replays exactly the batches of an uninterrupted
+        one, no two stages share a stream, and the numbers do not depend on --workers."""
+        return train.loader(dataset, batch, seed_of(self.seed, *key), shuffle, self.workers,
+                            self.device.type == "cuda", drop_last)
+
+    def scores(self, fn, dataset):
+        """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU)."""
+        return train.predict(fn, self.loader(dataset, self.eval_batch), self.device, self.amp)[0]
+
+    @property
+    def amp(self):
+        return train.amp_settings(self.device, self.precision)[0]
+
+
+def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, compiled=(), empty=False):
+    """Stage `tag`: loaded into `model` if it finished before under the same settings, else
+    trained by train.fit (SGD with momentum, warm-up + cosine, the run's precision and clipping)
+    with the loss `loss` on `batches(epoch)`, then saved. `trained`: the module fit trains when it
+    wraps `model` (CoFT+'s MomentumContrast); `compiled`: modules to torch.compile first (--compile);
+    `empty`: there is nothing to train on, so the model is saved as it is.
+    Records the stage's gradient-norm summary in the metrics."""
+    record = stage_record(run.config, tag)
+    needed = run.needs == "all" or (run.needs == "phase1" and tag.startswith("phase1"))
+    saved = train.load_stage(run.out, tag, record, model, missing=needed and (
+        f"--eval-only needs a finished run in --out {run.out} (run without --eval-only first)" if run.needs == "all"
+        else f"--phase 2 needs Phase I in --out {run.out} (run --phase 1 first)"))
+    if saved is None and empty:
+        print(f"warning: {tag} has an empty training set; it stays at its initialisation", flush=True)
+        saved = train.save_stage(run.out, tag, record, model, grad_norms=train.grad_norm_summary([], 0))
+    if saved is None:
+        trained = trained or model
+        for m in compiled:
+            m.compile()
+        s = run.sgd
+        history = fit(trained, loss, batches, epochs, train.sgd(trained, lr, s["momentum"], s["weight_decay"]),
+                      train.warmup_epochs_then_cosine(s["warmup_epochs"]), run.device, seed_of(run.seed, tag),
+                      run.precision, s["clip_grad"], train.ckpt_path(run.out, tag), run.resume, record, what,
+                      run.log_every)
+        saved = train.save_stage(run.out, tag, record, model,
+                                 grad_norms=train.grad_norm_summary(history["grad_norm"], s["clip_grad"]))
+    run.metrics["grad_norms"][tag] = saved["grad_norms"]
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# The stages, in the paper's order
+
+
+def zero_shot_and_seed_set(run, prompts, K):
+    """Stage 0 (Sec. 3.1.1): zero-shot pseudo-labels of the unlabelled images by Eq. 1, and the
+    seed set S*: per class the K most confident, joined by any labelled shots. Returns the
+    zero-shot weights W [C, D] and S* as (indices, labels)."""
+    t = time.time()
+    W = text_classifier(run.clip, prompts, run.device)
+
+    def zero_shot(x):
+        return zero_shot_logits(run.clip, W, x, run.tau)
+    zs_train, zs_eval = run.scores(zero_shot, run.unlabelled), run.scores(zero_shot, run.evaluated)
+    run.predictions["y"], run.predictions["zero_shot"] = run.y_eval, zs_eval.argmax(1)
+    run.metrics["zero_shot_acc"] = train.accuracy(zs_eval, run.y_eval)
+    run.metrics["zero_shot_train_label_precision"] = label_precision(zs_train.argmax(1), run.y_true)
+    idx, y = with_labelled(*topk_per_class(zs_train.softmax(1), K), run.labelled, run.y_true)
+    run.metrics["seed_set"] = {"size": len(idx), "precision": label_precision(y, run.y_true[idx])}
+    run.metrics["time_s"]["zero_shot"] = time.time() - t
+    print(f"zero-shot {run.metrics['eval_split']} acc {run.metrics['zero_shot_acc']:.2f}; seed set S*: {len(idx)} "
+          f"images, precision {cell(run.metrics['seed_set']['precision'])}", flush=True)
+    return W, (idx, y)
+
+
+def phase1(run, args, seed_set):
+    """Phase I (Sec. 3.1): two dual-prompt models differing only by seed, trained on their seed
+    set with L1 + lambda * L2 (Eq. 4-6). CoFT+ (Sec. 3.3.1) runs R rounds: after round r each
+    model relabels every image with its positive prompts and takes its own top-K as its next
+    seed set, and round r+1 restarts from pre-trained CLIP with fresh prompts and VPT.
+    Returns the last round's models and, per model, its scores on all unlabelled images
+    (s+ [N, C], s- [N, C], t+ [C, D]) plus every round's seed sets."""
+    t = time.time()
+    weak = data.make_transform("weak", run.clip.visual.resolution, run.task)
+    sets, seed_sets = [seed_set, seed_set], []
+    run.metrics["rounds"] = []
+
+    def loss(model, batch, g):  # Eq. 4-6 on a batch of the seed set
+        return phase1_loss(model, batch[0], batch[1], run.tau, args.lam, args.detach_neg, g)
+
+    for r in range(1, args.rounds + 1):
+        models, scores, log = [], [], {}
+        seed_sets.append(list(sets))
+        for m in (1, 2):
+            idx, y = sets[m - 1]
+            log[f"model{m}_seed_set"] = {"size": len(idx), "precision": label_precision(y, run.y_true[idx])}
+            torch.manual_seed(seed_of(run.seed, "init", r, m))  # fresh prompts / VPT every round
+            model = DualPromptModel(run.clip, run.task.classnames, args.M, args.ctx_init, args.vpt_tokens,
+                                    args.vpt == "deep").to(run.device)
+            tag = f"phase1_round{r}_model{m}"
+            seed_images = data.ImageDataset([run.task.train[i] for i in idx.tolist()], weak, labels=y.tolist())
+
+            def batches(epoch, ds=seed_images, tag=tag):
+                return run.loader(ds, run.sgd["batch"], (tag, epoch), shuffle=True)
+            run_stage(run, tag, model, loss, batches, args.p1_epochs, args.p1_lr, f"phase I round {r} model {m}")
+            # each model's scores on all unlabelled images, computed once and used for relabelling
+            # (next round) or for both directions of the collaborative filter (last round)
+            s_pos, s_neg, t_pos = peft_scores(run, model, run.unlabelled)
+            eval_scores = peft_scores(run, model, run.evaluated)[0]
+            log[f"model{m}_acc"] = train.accuracy(eval_scores, run.y_eval)
+            run.predictions[f"round{r}_model{m}"] = eval_scores.argmax(1)
+            models.append(model)
+            scores.append((s_pos, s_neg, t_pos))
+            if r < args.rounds:  # this model's own top-K by its positive-prompt softmax
+                sets[m - 1] = with_labelled(*topk_per_class((s_pos / run.tau).softmax(1), args.K), run.labelled,
+                                            run.y_true)
+        run.metrics["rounds"].append(log)
+        print(f"phase I round {r}: " + "; ".join(
+            f"model {m}: seed set {log[f'model{m}_seed_set']['size']} (precision "
+            f"{cell(log[f'model{m}_seed_set']['precision'])}), acc {log[f'model{m}_acc']:.2f}" for m in (1, 2)),
+            flush=True)
+    run.metrics["phase1_model1_acc"], run.metrics["phase1_model2_acc"] = log["model1_acc"], log["model2_acc"]
+    run.metrics["time_s"]["phase1"] = time.time() - t
+    return models, scores, seed_sets
+
+
+@torch.no_grad()
+def peft_scores(run, model, dataset):
+    """A Phase-I model over a dataset: (s+ [N, C], s- [N, C], t+ [C, D]), image features computed once."""
+    v = run.scores(model.image_features, dataset)  # [N, D]
+    with torch.autocast(**run.amp):
+        t_pos, t_neg = model.prompts(run.clip)
+    t_pos, t_neg = t_pos.float().cpu(), t_neg.float().cpu()
+    return similarity(v, t_pos), similarity(v, t_neg), t_pos
+
+
+def generate_and_validate(run, scores):
+    """Sec. 3.2.1, both directions: model a labels every unlabelled image (argmax of s+), model b
+    keeps a label iff its s+ beats its s- for that class (collaborative_filter). Labelled shots
+    are kept, with their true labels, in both clean sets. Returns [(indices, labels)] x 2 and
+    the generated labels."""
+    t = time.time()
+    y_gen = [s_pos.argmax(1) for s_pos, _, _ in scores]
+    run.metrics["phase1_agreement"] = 100.0 * (y_gen[0] == y_gen[1]).float().mean().item()
+    clean = []
+    for a, b in ((0, 1), (1, 0)):
+        keep = collaborative_filter(y_gen[a], scores[b][0], scores[b][1])
+        labels = y_gen[a].clone()
+        keep[run.labelled], labels[run.labelled] = True, run.y_true[run.labelled]
+        idx = keep.nonzero().squeeze(1)
+        clean.append((idx, labels[idx]))
+        c = run.metrics[f"clean_set_{a + 1}"] = {
+            "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(keep),
+            "precision": label_precision(labels[idx], run.y_true[idx]),
+            "all_labels_precision": label_precision(y_gen[a], run.y_true)}
+        print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(keep)} "
+              f"kept, precision {cell(c['precision'])} (all labels {cell(c['all_labels_precision'])})", flush=True)
+    run.metrics["time_s"]["filter"] = time.time() - t
+    return clean, y_gen
+
+
+def fine_tune(run, args, tag, clip, head, train_set, unlabelled, vpt=None, adapter=None):
+    """Phase II for one branch (Sec. 3.2.2): fine-tune a copy of clip's image tower and a linear
+    head (initialised from `head` [C, D], or at random) with cross-entropy on (x, y_a(x)) for x
+    in its clean set (Eq. 7); also the top-K and labelled-shots baselines' trainer. CoFT+
+    (--contrast, Eq. 10): + gamma * InfoNCE (Eq. 9) on two views of *all* unlabelled images, an
+    epoch being one pass over them (WithUnlabelled). Every stream is keyed by `tag`, so the two
+    branches never share one. Returns the trained FineTuned in eval mode."""
+    model = FineTuned(clip.visual, len(run.task.classnames), head, clip.logit_scale.exp().item(),
+                      vpt, adapter).to(run.device)
+    if len(train_set) == 0:  # the validator rejected every label: nothing to fine-tune on
+        return run_stage(run, tag, model, None, None, 0, 0, tag, empty=True)
+    batch = run.sgd["batch"]
+    drop = len(train_set) > batch  # no tiny last batch (BatchNorm, noisy steps) unless it is the only one
+
+    def clean_batches(epoch, cycle=0):
+        return run.loader(train_set, batch, (tag, epoch, "clean", cycle), shuffle=True, drop_last=drop)
+
+    if not args.contrast:
+        def loss(model, b, g):  # Eq. 7
+            return F.cross_entropy(model(b[0]), b[1]), {}
+        return run_stage(run, tag, model, loss, clean_batches, args.fft_epochs, args.fft_lr, f"phase II {tag}",
+                         compiled=[model.visual] if args.compile else [])
+
+    views = data.ImageDataset(unlabelled.items, data.TwoViews(
+        data.make_transform(args.fft_aug, clip.visual.resolution, run.task),
+        data.make_transform("strong", clip.visual.resolution, run.task)))
+    mc = MomentumContrast(model, min(args.queue, len(views)), args.mu, args.tau_c).to(run.device)
+
+    def batches(epoch):
+        return WithUnlabelled(lambda cycle: clean_batches(epoch, cycle),
+                              run.loader(views, batch, (tag, epoch, "unlabelled"), shuffle=True))
+
+    def loss(mc, b, g):  # Eq. 10: L_FFT (Eq. 7) + gamma * L_Cont (Eq. 9)
+        l_fft = F.cross_entropy(mc.model(b[0]), b[1])
+        l_cont = mc(b[3], b[4], b[5])
+        return l_fft + args.gamma * l_cont, {"L_FFT": l_fft.detach(), "L_Cont": l_cont.detach()}
+    return run_stage(run, tag, model, loss, batches, args.fft_epochs, args.fft_lr, f"phase II {tag}", trained=mc,
+                     compiled=[mc.model.visual, mc.key_model.visual] if args.compile else [])
+
+
+def phase2(run, args, scores, peft, clean, prompts, ft_clip=None):
+    """Phase II (Sec. 3.2.2) per branch a: a fresh copy of the pre-trained image tower (or of
+    --fft-backbone's, the paper's distillation setting) fine-tuned on clean set a, its head
+    initialised from Phase-I model a's positive prompts (another backbone: its zero-shot
+    weights). Returns each branch's softmax on the eval split."""
+    t = time.time()
+    clip, evaluated, unlabelled = run.clip, run.evaluated, run.unlabelled
+    heads = [t_pos.to(run.device) for _, _, t_pos in scores]  # each Phase-I model's own positive prompts
+    if ft_clip is not None:
+        clip = ft_clip.to(run.device)
+        set_grad_checkpointing(clip, args.grad_checkpointing)
+        test = data.make_transform("test", clip.visual.resolution, run.task)
+        evaluated, unlabelled = data.ImageDataset(evaluated.items, test), data.ImageDataset(run.task.train, test)
+        heads = [text_classifier(clip, prompts, run.device)] * 2  # the new backbone's zero-shot weights
+    augment = data.make_transform(args.fft_aug, clip.visual.resolution, run.task)
+    probs = []
+    for a in range(args.branches):
+        init = dict(vpt=None if peft[a].vpt is None else peft[a].vpt.prompts, adapter=peft[a].adapter) \
+            if args.fft_init == "phase1" else {}
+        idx, y = clean[a]
+        clean_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist())
+        branch = fine_tune(run, args, f"branch{a + 1}", clip, heads[a] if args.head_init == "text" else None,
+                           clean_set, unlabelled, **init)
+        logits = run.scores(branch, evaluated)
+        run.metrics[f"branch{a + 1}_acc"] = train.accuracy(logits, run.y_eval)
+        run.predictions[f"branch{a + 1}"] = logits.argmax(1)
+        probs.append(logits.softmax(1))
+    run.metrics["time_s"]["phase2"] = time.time() - t
+    return probs
+
+
+def ensemble(run, probs):
+    """The test-time ensemble (Sec. 3.2.2): the mean of the branches' softmax outputs."""
+    p = torch.stack(probs).mean(0)
+    run.metrics["ensemble_acc"] = train.accuracy(p, run.y_eval)
+    run.predictions["ensemble"] = p.argmax(1)
+
+
+# -----------------------------------------------------------------------------
+# Baselines, in the same run folder layout and table
+
+
+def linear_probe(run, steps=500, weight_decay=1e-4):
+    """Reference ceiling (--method probe): multinomial logistic regression on the frozen,
+    normalised image features, fitted with the TRUE train labels (full batch, Adam)."""
+    def encode(x):
+        return unit(run.clip.encode_image(x))
+    f_train, f_eval = run.scores(encode, run.unlabelled), run.scores(encode, run.evaluated)
+    head = nn.Linear(f_train.shape[1], int(run.y_true.max()) + 1)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(head(f_train * 10), run.y_true).backward()  # x10: unit-norm features need a larger scale
+        opt.step()
+    with torch.no_grad():
+        run.metrics["probe_acc"] = train.accuracy(head(f_eval * 10), run.y_eval)
+    print(f"linear probe on frozen features, trained with the TRUE train labels (a ceiling for reference, "
+          f"not a label-free method): {run.metrics['probe_acc']:.2f}", flush=True)
+
+
+def fine_tune_baseline(run, args, W, seed_set):
+    """--method topk: the UPL-like self-training baseline, Phase II's recipe on S* with its
+    zero-shot labels (and any labelled shots); --method shots: the same on the labelled shots
+    alone. One branch, its head initialised from the zero-shot weights W."""
+    t = time.time()
+    idx, y = seed_set if args.method == "topk" else (run.labelled, run.y_true[run.labelled])
+    augment = data.make_transform(args.fft_aug, run.clip.visual.resolution, run.task)
+    train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist())
+    branch = fine_tune(run, args, args.method, run.clip, W if args.head_init == "text" else None, train_set,
+                       run.unlabelled)
+    logits = run.scores(branch, run.evaluated)
+    run.metrics[f"{args.method}_acc"] = train.accuracy(logits, run.y_eval)
+    run.predictions[args.method] = logits.argmax(1)
+    run.metrics["time_s"]["fine_tune"] = time.time() - t
+
+
+# -----------------------------------------------------------------------------
+# A run, end to end
+
+
+def run(args):
+    """Zero-shot -> S* -> Phase I (two models; CoFT+: R rounds) -> collaborative filter ->
+    Phase II (CoFT+: + momentum contrast) -> ensemble. Writes metrics.json, config.json,
+    pseudo_labels.pt (every seed set and clean set) and predictions.pt (eval-split predictions of
+    every model); stages/ holds each finished stage (README, "Runs and resuming")."""
+    run, prompts, ft_clip = prepare(args)
+    W, seed_set = zero_shot_and_seed_set(run, prompts, args.K)
+    if args.method == "probe":
+        linear_probe(run)
+    elif args.method in ("topk", "shots"):
+        fine_tune_baseline(run, args, W, seed_set)
+    else:
+        peft, scores, seed_sets = phase1(run, args, seed_set)
+        clean, y_gen = generate_and_validate(run, scores)
+        train.atomic_save({"labelled": run.labelled, "seed_sets": seed_sets, "generated": y_gen,
+                           "clean": [idx for idx, _ in clean], "clean_labels": [y for _, y in clean]},
+                          run.out / "pseudo_labels.pt")
+        if args.phase != "1":
+            ensemble(run, phase2(run, args, scores, peft, clean, prompts, ft_clip))
+    return train.finish_run(run.out, run.metrics, run.predictions, run.t0)
+
+
+def prepare(args):
+    """Everything a run checks and loads before its first stage, in the order that keeps a
+    mistake cheap: the flags, --out, the data and prompts, then the run folder (config.json),
+    then the backbones. Returns (Run, the zero-shot prompts, the --fft-backbone model or None)."""
+    check_args(args)
+    continuing = args.resume or args.eval_only or args.phase == "2"
+    train.check_out(args.out, continuing, args.restart)
+    if (args.eval_only or args.phase == "2") and not train.holds_run(args.out):
+        raise RunError(f"--out {args.out} holds no run for {'--eval-only' if args.eval_only else '--phase 2'} "
+                       f"to use: run {'it' if args.eval_only else '--phase 1'} first")
+    device = torch.device(args.device)
+    args.precision = train.resolve_precision(device, args.precision)  # the config records what ran
+    t0 = time.time()
+    task = data.load_task(args.dataset, args.data_root)
+    if args.eval_split == "dev" and not task.dev:
+        raise data.DataError(f"{args.dataset} has no labelled dev split; use --eval-split test")
+    prompts = zero_shot_prompts(task, args.llm_prompts, args.template_ensemble, args.plus)
+    config = run_config(args, task, prompts)
+    out = train.open_run(args.out, config, continuing, args.restart, OUTPUTS,
+                         how={k: v for k, v in vars(args).items() if k in HOW})
+    backbones = [standin.resolve(args.clip)]  # (the stand-in is pretrained here on first use)
+    if args.fft_backbone and args.method == "coft":  # Phase II on another backbone (distillation)
+        backbones.append(standin.resolve(args.fft_backbone))
+    torch.manual_seed(args.seed)  # building a model draws random numbers (then overwritten): seeded too
+    clip, _ = clip_model.load(backbones[0], device)
+    clip.requires_grad_(False)
+    set_grad_checkpointing(clip, args.grad_checkpointing)
+    ft_clip = None  # loaded and checked now, used in Phase II
+    if len(backbones) > 1:
+        ft_clip, _ = clip_model.load(backbones[1], "cpu")
+        check_fft_init(args, clip, ft_clip)
+    test = data.make_transform("test", clip.visual.resolution, task)
+    eval_items = task.dev if args.eval_split == "dev" else task.test
+    y_true = torch.tensor([label for _, label in task.train])
+    labelled = labelled_shots(y_true, args.labelled_shots, seed_of(args.seed, "labelled shots")) \
+        if args.labelled_shots else torch.zeros(0, dtype=torch.long)
+    metrics = {"dataset": args.dataset, "clip": args.clip, "method": "coft+" if args.plus else args.method,
+               "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision,
+               "parts": {"rounds": args.rounds, "contrast": args.contrast, "zero_shot_prompts":
+                         "llm" if args.llm_prompts else "ensemble" if args.template_ensemble else "template"},
+               "grad_norms": {}, "time_s": {}}
+    if args.labelled_shots:
+        metrics["labelled_shots"] = {"per_class": args.labelled_shots, "size": len(labelled)}
+    run = Run(out=out, config=config, device=device, precision=args.precision, seed=args.seed, workers=args.workers,
+              eval_batch=args.eval_batch, log_every=args.log_every, resume=continuing,
+              needs="all" if args.eval_only else "phase1" if args.phase == "2" else "",
+              sgd={k: getattr(args, k) for k in SGD_KEYS}, compile=args.compile, task=task, clip=clip,
+              tau=1.0 / clip.logit_scale.exp().item(), unlabelled=data.ImageDataset(task.train, test),
+              evaluated=data.ImageDataset(eval_items, test), y_true=y_true,
+              y_eval=torch.tensor([label for _, label in eval_items]), labelled=labelled, metrics=metrics,
+              predictions={}, t0=t0)
+    print(f"{args.dataset}: {len(task.classnames)} classes, {len(task.train)} unlabelled train images, "
+          f"{len(eval_items)} {args.eval_split} images; backbone {args.clip} ({clip.visual.resolution}px) on "
+          f"{device}, {args.precision}", flush=True)
+    return run, prompts, ft_clip
+
+
 def check_args(args):
     """Flag combinations that cannot work, refused before anything is loaded or trained (each
     number's range is checked by the parser)."""
@@ -534,7 +828,7 @@ def check_args(args):
         raise RunError(f"--restart discards the run in --out, so there would be nothing for "
                        f"{'--eval-only' if args.eval_only else '--phase 2'} to use: drop one of them")
     for flag, name in (("--clip", args.clip), ("--fft-backbone", args.fft_backbone)):
-        if name and name != "demo" and name not in clip_model.CHECKPOINTS and not Path(name).is_file():
+        if name and name != standin.NAME and name not in clip_model.CHECKPOINTS and not Path(name).is_file():
             raise RunError(f"{flag} {name!r} is neither a released model ({', '.join(clip_model.CHECKPOINTS)}), "
                            f"demo, nor a checkpoint file")
 
@@ -559,279 +853,6 @@ def check_fft_init(args, clip, ft_clip):
             f"{args.fft_backbone}'s {b.embed_dim}-d embedding: use --fft-init pretrained with --fft-backbone")
 
 
-# -----------------------------------------------------------------------------
-# What a run is: its config, and the part of it each stage depends on (train.py, "run folders")
-
-# flags that change how a run goes, never its numbers (results do not depend on --workers or the
-# eval batch), and paths whose contents the config records instead (data, LLM prompt file)
-HOW = ("device", "workers", "log_every", "eval_batch", "compile", "grad_checkpointing", "resume", "restart",
-       "eval_only", "phase", "out", "table", "data_root", "llm_prompts", "write_llm_prompts", "api_base", "llm",
-       "prompts_per_class")
-# the run's result files, which --restart deletes (grad_norms.json: written by earlier versions only)
-OUTPUTS = ("metrics.json", "predictions.pt", "pseudo_labels.pt", "grad_norms.json")
-
-# each stage's record: the settings its result depends on
-SEED_SET_KEYS = ("dataset", "data", "clip", "seed", "K", "labelled_shots", "zero_shot_prompts")
-SGD_KEYS = ("batch", "weight_decay", "momentum", "warmup_epochs", "clip_grad")
-PHASE1_KEYS = SEED_SET_KEYS + SGD_KEYS + ("M", "ctx_init", "vpt_tokens", "vpt", "lam", "detach_neg", "p1_epochs",
-                                          "p1_lr")
-PHASE2_KEYS = SGD_KEYS + ("method", "rounds", "fft_epochs", "fft_lr", "fft_aug", "fft_init", "fft_backbone",
-                          "head_init", "contrast", "gamma", "mu", "tau_c", "queue")
-
-
-def backbone_id(name):
-    """A backbone as a run's config records it: a released model's name (its file's sha256 is
-    checked whenever it is loaded), the stand-in's cache file (named by its settings' hash), or a
-    checkpoint file's own sha256 (so moving the file does not matter, changing it does)."""
-    if name is None or name in clip_model.CHECKPOINTS:
-        return name
-    if name == "demo":
-        return f"demo ({clip_model.standin_path().name})"
-    return "sha256:" + clip_model.sha256_of(name)[:16]
-
-
-def run_config(args, task, prompts):
-    """Every setting that can change a number of this run, with the data, the zero-shot prompts
-    and the backbones recorded by content."""
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW and not k.startswith("bench")}
-    config.update(data=data.fingerprint(task, args.data_root), clip=backbone_id(args.clip),
-                  fft_backbone=backbone_id(args.fft_backbone),
-                  zero_shot_prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16])
-    return config
-
-
-def stage_record(config, tag):
-    """The settings stage `tag` depends on: Phase-I models those of S* and of Phase I; a branch
-    also Phase II's (and with them the number of rounds before it); the baselines S*'s and Phase II's."""
-    keys = PHASE1_KEYS if tag.startswith("phase1") else \
-        PHASE1_KEYS + PHASE2_KEYS if tag.startswith("branch") else SEED_SET_KEYS + PHASE2_KEYS
-    return {"stage": tag, **{k: config[k] for k in dict.fromkeys(keys)}}
-
-
-def continues_a_run(args):
-    """--resume, --eval-only and --phase 2 continue the run in --out (train.open_run)."""
-    return args.resume or args.eval_only or args.phase == "2"
-
-
-def saved_stage(out, tag, record, args):
-    """A finished stage from --out (train.load_stage), or None where it has to be trained; with
-    --eval-only or --phase 2 a missing earlier stage is an error."""
-    saved = train.load_stage(out, tag, record)
-    if saved is None and (args.eval_only or (args.phase == "2" and tag.startswith("phase1"))):
-        raise RunError(f"{train.stage_path(out, tag)} not found: "
-                       f"{'--eval-only needs a finished run' if args.eval_only else '--phase 2 needs Phase I'} "
-                       f"in --out {out} (run without --eval-only / with --phase 1 first)")
-    return saved
-
-
-def finish_stage(out, tag, record, model, norms, clip_grad):
-    """Save a trained stage with its record and gradient-norm summary, then drop its epoch
-    checkpoint (the stage file supersedes it). Returns the summary."""
-    summary = train.grad_norm_summary(norms, clip_grad)
-    train.save_stage(out, tag, record, model.state_dict(), grad_norms=summary)
-    train.ckpt_path(out, tag).unlink(missing_ok=True)
-    return summary
-
-
-def run(args):
-    """Zero-shot -> S* -> Phase I (two models; CoFT+: R rounds) -> collaborative filter ->
-    Phase II (CoFT+: + momentum contrast) -> ensemble. Writes metrics.json, config.json,
-    pseudo_labels.pt (every seed set and clean set) and predictions.pt (eval-split predictions of
-    every model); stages/ holds each finished stage."""
-    check_args(args)
-    continuing = continues_a_run(args)
-    train.check_out(args.out, continuing, args.restart)
-    if (args.eval_only or args.phase == "2") and not train.holds_run(args.out):
-        raise RunError(f"--out {args.out} holds no run for {'--eval-only' if args.eval_only else '--phase 2'} "
-                       f"to use: run {'it' if args.eval_only else '--phase 1'} first")
-    device = torch.device(args.device)
-    amp, _ = amp_settings(device)
-    torch.manual_seed(args.seed)
-    T0 = time.time()
-    zs_source = "llm" if args.llm_prompts else "ensemble" if args.template_ensemble else "template"
-    metrics = {"dataset": args.dataset, "clip": args.clip, "method": "coft+" if args.plus else args.method,
-               "seed": args.seed, "eval_split": args.eval_split,
-               "parts": {"rounds": args.rounds, "contrast": args.contrast, "zero_shot_prompts": zs_source},
-               "grad_norms": {}}
-    times = metrics.setdefault("time_s", {})
-
-    task = data.load_task(args.dataset, args.data_root)
-    if args.eval_split == "dev" and not task.dev:
-        raise data.DataError(f"{args.dataset} has no labelled dev split; use --eval-split test")
-    prompts = zero_shot_prompts(task, args)
-    config = run_config(args, task, prompts)
-    out = train.open_run(args.out, config, continuing, args.restart, OUTPUTS,
-                         how={k: v for k, v in vars(args).items() if k in HOW})
-    clip, _ = clip_model.load(args.clip, device)
-    clip.requires_grad_(False)
-    set_grad_checkpointing(clip, args.grad_checkpointing)
-    ft_clip = None  # Phase II on another backbone (distillation): loaded and checked now, used in Phase II
-    if args.fft_backbone and args.method == "coft":
-        ft_clip, _ = clip_model.load(args.fft_backbone, "cpu")
-        check_fft_init(args, clip, ft_clip)
-    R = clip.visual.resolution
-    C = len(task.classnames)
-    test_tf = data.make_transform("test", R, task)
-    train_eval = data.ImageDataset(task.train, test_tf)  # unlabelled images, test transform
-    eval_items = task.dev if args.eval_split == "dev" else task.test
-    test_set = data.ImageDataset(eval_items, test_tf)
-    # the train split's labels: for the precision diagnostics, and the --labelled-shots images only
-    y_true = torch.tensor([label for _, label in task.train])
-    labelled = labelled_shots(y_true, args.labelled_shots, seed_of(args.seed, "labelled shots")) \
-        if args.labelled_shots else torch.zeros(0, dtype=torch.long)
-    if args.labelled_shots:
-        metrics["labelled_shots"] = {"per_class": args.labelled_shots, "size": len(labelled)}
-    ev = lambda ds: loader(ds, args.eval_batch, False, args)  # noqa: E731
-    preds = {}  # eval-split predictions (argmax) of every model, saved for per-image analysis
-    print(f"{args.dataset}: {C} classes, {len(task.train)} unlabelled train images, {len(eval_items)} "
-          f"{args.eval_split} images; backbone {args.clip} ({R}px) on {device}", flush=True)
-
-    # 0. zero-shot pseudo-labels (Eq. 1) and the seed set S*, joined by any labelled shots
-    t = time.time()
-    tau = 1.0 / clip.logit_scale.exp().item()  # CLIP's own temperature everywhere
-    W = text_classifier(clip, prompts, device)
-    zs = lambda x: zero_shot_logits(clip, W, x, tau)  # noqa: E731
-    zs_train, _ = run_over(zs, ev(train_eval), device, amp)
-    zs_test, y_test = run_over(zs, ev(test_set), device, amp)
-    preds["y"], preds["zero_shot"] = y_test, zs_test.argmax(1)
-    metrics["zero_shot_acc"] = accuracy(zs_test, y_test)
-    metrics["zero_shot_train_label_precision"] = precision(zs_train.argmax(1), y_true)
-    seed_idx, seed_y = with_labelled(*topk_per_class(zs_train.softmax(1), args.K), labelled, y_true)
-    metrics["seed_set"] = {"size": len(seed_idx), "precision": precision(seed_y, y_true[seed_idx])}
-    times["zero_shot"] = time.time() - t
-    print(f"zero-shot {args.eval_split} acc {metrics['zero_shot_acc']:.2f}; seed set S*: {len(seed_idx)} images, "
-          f"precision {fmt(metrics['seed_set']['precision'])}", flush=True)
-
-    if args.method == "probe":
-        metrics["probe_acc"] = linear_probe(clip, train_eval, y_true, test_set, y_test, ev, device, amp)
-        print(f"linear probe on frozen features, trained with the TRUE train labels (a ceiling for reference, "
-              f"not a label-free method): {metrics['probe_acc']:.2f}", flush=True)
-        return finish(metrics, out, T0, preds)
-
-    train_tf = data.make_transform(args.fft_aug, R, task)
-    if args.method in ("topk", "shots"):
-        # topk: UPL-like self-training baseline, fine-tuned on S* with its zero-shot labels (and any
-        # labelled shots); shots: fine-tuned on the labelled shots alone. One branch, same recipe.
-        t = time.time()
-        idx, y = (seed_idx, seed_y) if args.method == "topk" else (labelled, y_true[labelled])
-        branch = train_branch(clip, W if args.head_init == "text" else None, idx, y, task, train_tf,
-                              train_eval, device, args, out, args.method, metrics, stage_record(config, args.method))
-        logits, _ = run_over(branch, ev(test_set), device, amp)
-        metrics[f"{args.method}_acc"] = accuracy(logits, y_test)
-        preds[args.method] = logits.argmax(1)
-        times["fine_tune"] = time.time() - t
-        return finish(metrics, out, T0, preds)
-
-    # 1. Phase I: two PEFT models differing only by seed (Sec. 3.1). Round 1 trains on S*; CoFT+
-    # round r (Sec. 3.3.1) relabels everything with each model's round r-1 model, takes that
-    # model's own top-K, and restarts from pre-trained CLIP with fresh prompts and VPT.
-    t = time.time()
-    weak_tf = data.make_transform("weak", R, task)
-    sets = [(seed_idx, seed_y), (seed_idx, seed_y)]
-    metrics["rounds"], seed_sets = [], []
-    for r in range(1, args.rounds + 1):
-        peft, scores, log = [], [], {}
-        seed_sets.append(list(sets))
-        for m in (1, 2):
-            idx, y = sets[m - 1]
-            log[f"model{m}_seed_set"] = {"size": len(idx), "precision": precision(y, y_true[idx])}
-            torch.manual_seed(seed_of(args.seed, "init", r, m))  # fresh prompts / VPT every round
-            model = DualPromptModel(clip, task.classnames, args.M, args.ctx_init, args.vpt_tokens,
-                                    args.vpt == "deep").to(device)
-            ds = data.ImageDataset([task.train[i] for i in idx.tolist()], weak_tf, labels=y.tolist())
-            tag = f"phase1_round{r}_model{m}"
-            record = stage_record(config, tag)
-            saved = saved_stage(out, tag, record, args)
-            if saved is not None:
-                model.load_state_dict(saved["model"])
-                metrics["grad_norms"][tag] = saved["grad_norms"]
-            else:
-                step = lambda mdl, b, g: phase1_loss(mdl, b[0], b[1], tau, args.lam, args.detach_neg, g)  # noqa: E731
-                norms = fit(model, step, lambda e, ds=ds, tag=tag: loader(ds, args.batch, True, args, (tag, e)),
-                            args.p1_epochs, args.p1_lr, device, seed_of(args.seed, tag), train.ckpt_path(out, tag),
-                            continuing, f"phase I round {r} model {m}", record=record,
-                            log_every=args.log_every, **sgd_settings(args))
-                metrics["grad_norms"][tag] = finish_stage(out, tag, record, model, norms, args.clip_grad)
-            model.eval()
-            # each model's scores on all unlabelled images, computed once and used for relabelling
-            # (next round) or for both directions of the collaborative filter (last round)
-            s_pos, s_neg, t_pos = peft_scores(model, clip, ev(train_eval), device, amp)
-            test_scores = peft_scores(model, clip, ev(test_set), device, amp)[0]
-            log[f"model{m}_acc"] = accuracy(test_scores, y_test)
-            preds[f"round{r}_model{m}"] = test_scores.argmax(1)
-            peft.append(model)
-            scores.append((s_pos, s_neg, t_pos))
-            if r < args.rounds:  # this model's own top-K by its positive-prompt softmax
-                sets[m - 1] = with_labelled(*topk_per_class((s_pos / tau).softmax(1), args.K), labelled, y_true)
-        metrics["rounds"].append(log)
-        print(f"phase I round {r}: " + "; ".join(
-            f"model {m}: seed set {log[f'model{m}_seed_set']['size']} (precision "
-            f"{fmt(log[f'model{m}_seed_set']['precision'])}), acc {log[f'model{m}_acc']:.2f}" for m in (1, 2)),
-            flush=True)
-    metrics["phase1_model1_acc"], metrics["phase1_model2_acc"] = log["model1_acc"], log["model2_acc"]
-    times["phase1"] = time.time() - t
-
-    # 2a. Generation (model a labels) and validation (model b keeps s+ > s-), both directions
-    # (Sec. 3.2.1); labelled shots are kept, with their true labels, in both clean sets.
-    t = time.time()
-    y_gen = [sc[0].argmax(1) for sc in scores]
-    metrics["phase1_agreement"] = 100.0 * (y_gen[0] == y_gen[1]).float().mean().item()
-    clean, clean_y = [], []
-    for a, b in ((0, 1), (1, 0)):
-        mask = collaborative_filter(y_gen[a], scores[b][0], scores[b][1])
-        labels = y_gen[a].clone()
-        mask[labelled], labels[labelled] = True, y_true[labelled]
-        idx = mask.nonzero().squeeze(1)
-        clean.append(idx)
-        clean_y.append(labels[idx])
-        c = metrics[f"clean_set_{a + 1}"] = {
-            "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(mask),
-            "precision": precision(labels[idx], y_true[idx]), "all_labels_precision": precision(y_gen[a], y_true)}
-        print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(mask)} kept, "
-              f"precision {fmt(c['precision'])} (all labels {fmt(c['all_labels_precision'])})", flush=True)
-    times["filter"] = time.time() - t
-    atomic_save({"labelled": labelled, "seed_sets": seed_sets, "generated": y_gen, "clean": clean,
-                 "clean_labels": clean_y}, out / "pseudo_labels.pt")
-    if args.phase == "1":
-        return finish(metrics, out, T0, preds)
-
-    # 2b. Full fine-tuning per branch (Sec. 3.2.2), then the test-time ensemble. The encoder is a
-    # fresh copy of the pre-trained tower (or of --fft-backbone's, the paper's distillation setting).
-    t = time.time()
-    if ft_clip is not None:
-        ft_clip = ft_clip.to(device)
-        set_grad_checkpointing(ft_clip, args.grad_checkpointing)
-        R2 = ft_clip.visual.resolution
-        ft_train_tf = data.make_transform(args.fft_aug, R2, task)
-        ft_test = data.ImageDataset(eval_items, data.make_transform("test", R2, task))
-        ft_unlabelled = data.ImageDataset(task.train, data.make_transform("test", R2, task))
-        heads = [text_classifier(ft_clip, prompts, device)] * 2  # the new backbone's zero-shot weights
-    else:
-        ft_clip, ft_train_tf, ft_test, ft_unlabelled = clip, train_tf, test_set, train_eval
-        heads = [sc[2].to(device) for sc in scores]  # each Phase-I model's own positive prompts
-    probs = []
-    for a in range(args.branches):
-        init = dict(vpt=None if peft[a].vpt is None else peft[a].vpt.prompts, adapter=peft[a].adapter) \
-            if args.fft_init == "phase1" else {}
-        branch = train_branch(ft_clip, heads[a] if args.head_init == "text" else None, clean[a], clean_y[a],
-                              task, ft_train_tf, ft_unlabelled, device, args, out, f"branch{a + 1}", metrics,
-                              stage_record(config, f"branch{a + 1}"), **init)
-        logits, _ = run_over(branch, ev(ft_test), device, amp)
-        metrics[f"branch{a + 1}_acc"] = accuracy(logits, y_test)
-        preds[f"branch{a + 1}"] = logits.argmax(1)
-        probs.append(logits.softmax(1))
-    ensemble = torch.stack(probs).mean(0)  # the mean of the branches' softmax outputs
-    metrics["ensemble_acc"] = accuracy(ensemble, y_test)
-    preds["ensemble"] = ensemble.argmax(1)
-    times["phase2"] = time.time() - t
-    return finish(metrics, out, T0, preds)
-
-
-def sgd_settings(args):
-    return dict(weight_decay=args.weight_decay, momentum=args.momentum, warmup_epochs=args.warmup_epochs,
-                clip_grad=args.clip_grad)
-
-
 def set_grad_checkpointing(clip, on):
     """Recompute transformer blocks in the backward pass (memory for ViT-L/14); ResNet stages are
     not checkpointed."""
@@ -840,321 +861,18 @@ def set_grad_checkpointing(clip, on):
         clip.visual.transformer.grad_checkpointing = on
 
 
-def zero_shot_prompts(task, args):
+def zero_shot_prompts(task, llm_prompts=None, template_ensemble=False, plus=False):
     """The zero-shot pass's prompts per class: the dataset's hand-written template (CoFT); with
     CoFT+ the LLM-written prompts of --llm-prompts, or else the ensemble of hand-written
     templates (said so on the console)."""
-    if args.llm_prompts:
-        return read_llm_prompts(args.llm_prompts, task.classnames)
-    if args.template_ensemble:
-        if args.plus:
+    if llm_prompts:
+        return llm.read_class_prompts(llm_prompts, task.classnames)
+    if template_ensemble:
+        if plus:
             print(f"CoFT+ without --llm-prompts: the zero-shot pass uses the ensemble of {len(task.templates)} "
                   f"hand-written templates instead of LLM-written prompts", flush=True)
         return class_prompts(task.classnames, task.templates)
     return class_prompts(task.classnames, task.templates[:1])
-
-
-@torch.no_grad()
-def peft_scores(model, clip, loader_, device, amp):
-    """A Phase-I model over a loader: (s+ [N, C], s- [N, C], t+ [C, D]), image features computed once."""
-    v, _ = run_over(model.image_features, loader_, device, amp)  # [N, D]
-    with torch.autocast(**amp):
-        t_pos, t_neg = model.prompts(clip)
-    t_pos, t_neg = t_pos.float().cpu(), t_neg.float().cpu()
-    return similarity(v, t_pos), similarity(v, t_neg), t_pos
-
-
-def linear_probe(clip, train_set, y_train, test_set, y_test, ev, device, amp, steps=500, weight_decay=1e-4):
-    """Reference ceiling: multinomial logistic regression on the frozen, normalised image
-    features, fitted with the true train labels (full batch, Adam). Returns test accuracy."""
-    encode = lambda x: unit(clip.encode_image(x))  # noqa: E731
-    f_train, _ = run_over(encode, ev(train_set), device, amp)
-    f_test, _ = run_over(encode, ev(test_set), device, amp)
-    head = nn.Linear(f_train.shape[1], int(y_train.max()) + 1)
-    opt = torch.optim.Adam(head.parameters(), lr=0.05, weight_decay=weight_decay)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(head(f_train * 10), y_train).backward()  # x10: unit-norm features need a larger scale
-        opt.step()
-    with torch.no_grad():
-        return accuracy(head(f_test * 10), y_test)
-
-
-def train_branch(clip, text_weights, idx, labels, task, train_tf, unlabelled, device, args, out, tag, metrics,
-                 record, vpt=None, adapter=None):
-    """Phase II for one branch (paper Eq. 7): fine-tune a copy of clip's image tower and a linear
-    head with cross-entropy on (x, y_a(x)) for x in the clean set (also the top-K and labelled-shots
-    baselines' trainer). CoFT+ (--contrast, Eq. 10): + gamma * InfoNCE on two views of *all*
-    unlabelled images, an epoch being one pass over them (WithUnlabelled). Every random stream
-    (order, augmentation) is keyed by `tag`, so the two branches never share one."""
-    model = FineTuned(clip.visual, len(task.classnames), text_weights, clip.logit_scale.exp().item(),
-                      vpt, adapter).to(device)
-    saved = saved_stage(out, tag, record, args)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        metrics["grad_norms"][tag] = saved["grad_norms"]
-        return model.eval()
-    if len(idx) == 0:  # the validator rejected every label: nothing to fine-tune on
-        print(f"warning: {tag} has an empty training set; it stays at its initialisation", flush=True)
-        metrics["grad_norms"][tag] = finish_stage(out, tag, record, model, [], args.clip_grad)
-        return model.eval()
-    ds = data.ImageDataset([task.train[i] for i in idx.tolist()], train_tf, labels=labels.tolist())
-    drop = len(ds) > args.batch  # no tiny last batch (BatchNorm, noisy steps) unless it is the only one
-    clean_loader = lambda e, cycle=0: loader(ds, args.batch, True, args, (tag, e, "clean", cycle), drop_last=drop)  # noqa: E731
-    if args.contrast:
-        views = data.ImageDataset(unlabelled.items, data.TwoViews(train_tf, data.make_transform("strong",
-                                  clip.visual.resolution, task)))
-        trained = MomentumContrast(model, min(args.queue, len(views)), args.mu, args.tau_c).to(device)
-        make_loader = lambda e: WithUnlabelled(  # noqa: E731
-            lambda cycle: clean_loader(e, cycle), loader(views, args.batch, True, args, (tag, e, "unlabelled")))
-
-        def step(mdl, b, g):
-            l_fft = F.cross_entropy(mdl.model(b[0]), b[1])
-            l_cont = mdl(b[3], b[4], b[5])
-            return l_fft + args.gamma * l_cont, {"L_FFT": l_fft.detach(), "L_Cont": l_cont.detach()}
-    else:
-        trained, make_loader = model, clean_loader
-
-        def step(mdl, b, g):
-            return F.cross_entropy(mdl(b[0]), b[1]), {}
-
-    if args.compile:  # after every copy is made: a compiled forward is bound to its own module
-        for m in ([trained.model.visual, trained.key_model.visual] if args.contrast else [model.visual]):
-            m.compile()
-
-    norms = fit(trained, step, make_loader, args.fft_epochs, args.fft_lr, device, seed_of(args.seed, tag),
-                train.ckpt_path(out, tag), continues_a_run(args), f"phase II {tag}", record=record,
-                log_every=args.log_every, **sgd_settings(args))
-    metrics["grad_norms"][tag] = finish_stage(out, tag, record, model, norms, args.clip_grad)
-    return model.eval()
-
-
-def finish(metrics, out, T0, preds):
-    """The run's result files, each written atomically (metrics.json last: it marks a finished run)."""
-    metrics["time_s"]["total"] = time.time() - T0
-    atomic_save(preds, Path(out) / "predictions.pt")
-    write_json(metrics, Path(out) / "metrics.json")
-    print("metrics: " + json.dumps({k: v for k, v in metrics.items() if k.endswith("acc")}), flush=True)
-    return metrics
-
-
-# -----------------------------------------------------------------------------
-# Benchmark: python coft.py --bench
-
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
-
-
-def device_peak_tflops(device):
-    """The GPU's dense bf16 peak (for MFU), looked up by name; None where unknown (and on CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-
-
-def vit_flops(cfg, tokens_extra=0, layers=None):
-    """Forward FLOPs of the ViT image tower for one image (2 per multiply-add): patch embedding,
-    then per block QKV/out projections, attention and the 4x MLP."""
-    n = (cfg.image_resolution // cfg.vision_patch_size) ** 2 + 1 + tokens_extra
-    w, L = cfg.vision_width, layers or cfg.vision_layers
-    patch = 2 * (n - 1) * 3 * cfg.vision_patch_size ** 2 * w
-    block = 2 * n * w * (3 * w + w + 8 * w) + 2 * 2 * n * n * w
-    return patch + L * block
-
-
-def bench(args):
-    """Times the work of each stage on random weights of real size and synthetic images:
-    (a) image tower forward+backward, (b) a Phase-I step (2C prompts, VPT-deep / adapter) broken
-    down into text tower, image tower, losses and optimizer, (c) a Phase-II step with and
-    without the CoFT+ momentum encoder and queue, (d) the generation pass over N images.
-    Prints ms/step, images/s or prompts/s, peak memory, and MFU on GPUs with a known peak."""
-    device = torch.device(args.device)
-    amp, _ = amp_settings(device)
-    cuda = device.type == "cuda"
-    peak = device_peak_tflops(device)
-    print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}, "
-          f"{'bf16' if amp.get('dtype') == torch.bfloat16 else 'fp16' if cuda else 'fp32'}, threads "
-          f"{torch.get_num_threads()}, peak bf16 {peak or '-'} TFLOP/s", flush=True)
-
-    def timed(fn, steps=args.bench_steps):
-        return time_per_call(fn, steps, device)
-
-    def report(what, sec, mem, n=None, unit="images/s", flops=None):
-        rate = f"{n / sec:9.1f} {unit}" if n else " " * 19
-        mfu = f"  MFU {100 * flops / sec / (peak * 1e12):5.1f}%" if flops and peak else ""
-        mem = "" if mem != mem else f"  peak {mem:8.0f} MiB" + (" (GPU)" if cuda else " (RSS)")
-        print(f"  {what:58s} {1000 * sec:9.1f} ms  {rate}{mem}{mfu}", flush=True)
-
-    for name in args.bench_models.split(","):
-        torch.manual_seed(0)
-        cfg = clip_model.CONFIGS[name]
-        clip = clip_model.CLIP(cfg).to(device).eval().requires_grad_(False)
-        if args.grad_checkpointing:
-            clip.transformer.grad_checkpointing = True
-            if cfg.is_vit:
-                clip.visual.transformer.grad_checkpointing = True
-        R, B = cfg.image_resolution, args.bench_batch
-        x = torch.randn(B, 3, R, R, device=device)
-        img_flops = vit_flops(cfg) if cfg.is_vit else None
-        M = 16 if clip.context_length >= 32 else 4  # the tiny test configurations have a short context
-        print(f"{name}: batch {B}, {R}px", flush=True)
-
-        # (a) image tower forward + backward (all weights trainable)
-        tower = copy.deepcopy(clip.visual).train().requires_grad_(True)
-
-        def image_step():
-            with torch.autocast(**amp):
-                loss = tower(x).float().pow(2).mean()
-            loss.backward()
-        sec, mem = timed(image_step)
-        report("(a) image tower fwd+bwd", sec, mem, B, flops=3 * B * img_flops if img_flops else None)
-        del tower
-
-        # (b) Phase-I step per class count: text side, image side, loss, optimizer
-        for C in [int(c) for c in args.bench_classes.split(",")]:
-            names = [f"class number {i}" for i in range(C)]
-            model = DualPromptModel(clip, names, M, None, 20, True).to(device)
-            y = torch.randint(0, C, (B,), device=device)
-            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-            tokens, _ = model.prompts.prompt_embeddings()
-
-            def text_step(full=False):
-                with torch.autocast(**amp):
-                    tok, emb = model.prompts.prompt_embeddings()
-                    t = clip.encode_text(tok, embeddings=emb, full_length=full).float()
-                t.pow(2).mean().backward()
-
-            def img_step():
-                with torch.autocast(**amp):
-                    v = model.image_features(x).float()
-                if v.requires_grad:
-                    v.pow(2).mean().backward()
-
-            def full_step():
-                with torch.autocast(**amp):
-                    loss, _ = phase1_loss(model, x, y, 0.01)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            t_text, _ = timed(text_step)
-            t_text_full, _ = timed(lambda: text_step(True))
-            t_img, _ = timed(img_step)
-            s_pos = torch.randn(B, C, device=device, requires_grad=True)
-            s_neg = torch.randn(B, C, device=device, requires_grad=True)
-            t_loss, _ = timed(lambda: (loss_l1(s_pos, y, 0.01) + loss_l2(s_pos, s_neg, y, complement_labels(
-                y, C), 0.01)).backward())
-            t_opt, _ = timed(opt.step)
-            t_step, mem = timed(full_step)
-            L = int(tokens.argmax(-1).max()) + 1
-            report(f"(b) Phase-I step, C={C} (2C={2 * C} prompts, {L}/{clip.context_length} tokens)", t_step, mem, B)
-            report(f"      text tower fwd+bwd up to EOT", t_text, float("nan"), 2 * C, "prompts/s")
-            report(f"      text tower fwd+bwd at full length (x{t_text_full / t_text:.1f} slower)", t_text_full,
-                   float("nan"), 2 * C, "prompts/s")
-            report("      image tower with VPT / adapter fwd+bwd", t_img, float("nan"), B)
-            report("      losses fwd+bwd", t_loss, float("nan"))
-            report("      optimizer step", t_opt, float("nan"))
-            del model, opt
-
-        # (c) Phase-II full fine-tuning step, batch B and 2B, with and without momentum contrast
-        for b in (B, 2 * B):
-            xb = torch.randn(b, 3, R, R, device=device)
-            yb = torch.randint(0, 10, (b,), device=device)
-            for contrast in (False, True):
-                ft = FineTuned(clip.visual, 10).to(device).train()
-                mc = MomentumContrast(ft, 4096).to(device).train() if contrast else None
-                opt = torch.optim.SGD(ft.parameters(), lr=1e-3, momentum=0.9)
-
-                def ft_step():
-                    with torch.autocast(**amp):
-                        loss = F.cross_entropy(ft(xb), yb)
-                        if mc is not None:
-                            loss = loss + mc(xb, xb, torch.arange(b, device=device))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                sec, mem = timed(ft_step)
-                # CE: fwd+bwd of b images; contrast: + fwd+bwd of b queries + fwd of b keys
-                flops = (3 * b + (4 * b if contrast else 0)) * img_flops if img_flops else None
-                report(f"(c) Phase-II step, batch {b}" + (" + momentum encoder & queue" if contrast else ""),
-                       sec, mem, b, flops=flops)
-                del ft, mc, opt
-
-        # (d) generation pass: two Phase-I models' image features over N images (inference mode)
-        models = [DualPromptModel(clip, ["a", "b"], M, None, 20, True).to(device) for _ in range(2)]
-        n_batches = max(args.bench_images // B, 1)
-
-        def generation():
-            with torch.inference_mode(), torch.autocast(**amp):
-                for _ in range(n_batches):
-                    for mdl in models:
-                        mdl.image_features(x)
-        sec, mem = timed(generation, 1)
-        report(f"(d) generation pass, 2 models x {n_batches * B} images", sec, mem, 2 * n_batches * B,
-               flops=2 * n_batches * B * img_flops if img_flops else None)
-        del clip, models
-        if cuda:
-            torch.cuda.empty_cache()
-
-
-def bench_reference(args):
-    """Side by side in one process, same weights and inputs: our image tower vs open-clip-torch's
-    (forward+backward), and our Phase-I text step (learnable contexts, up to the EOT) vs the same
-    prompt embeddings encoded at full length by open-clip-torch's text tower. Needs the package
-    open-clip-torch (a test-only dependency)."""
-    try:
-        import open_clip
-    except ImportError:
-        raise data.DataError("--bench-ref needs open-clip-torch: pip install open-clip-torch") from None
-    device = torch.device(args.device)
-    amp, _ = amp_settings(device)
-
-    def timed(fn):
-        return time_per_call(fn, args.bench_steps, device)[0]
-
-    def fwd_bwd(fn, *inputs):
-        def step():
-            with torch.autocast(**amp):
-                out = fn(*inputs).float()
-            out.pow(2).mean().backward()
-        return step
-
-    for name in args.bench_models.split(","):
-        torch.manual_seed(0)
-        ours = clip_model.CLIP(clip_model.CONFIGS[name]).to(device)
-        sd = ours.state_dict()
-        ref = open_clip.model.build_model_from_openai_state_dict({k: v.clone() for k, v in sd.items()},
-                                                                 cast_dtype=torch.float32).float().to(device)
-        ref.load_state_dict(sd)
-        ours.train(), ref.train()  # the same mode on both sides (open_clip's builder returns eval mode)
-        B, R = args.bench_batch, ours.visual.resolution
-        x = torch.randn(B, 3, R, R, device=device)
-        t_ours, t_ref = timed(fwd_bwd(ours.encode_image, x)), timed(fwd_bwd(ref.encode_image, x))
-        print(f"{name} image tower fwd+bwd, batch {B}: ours {B / t_ours:.2f} images/s, open_clip "
-              f"{B / t_ref:.2f} images/s (ours x{t_ref / t_ours:.2f})", flush=True)
-        ours.requires_grad_(False)
-        ref.requires_grad_(False)
-        M = 16 if ours.context_length >= 32 else 4
-        for C in [int(c) for c in args.bench_classes.split(",")]:
-            pl = PromptLearner(ours, [f"class number {i}" for i in range(C)], M).to(device)
-
-            def ours_text():
-                tok, emb = pl.prompt_embeddings()
-                return ours.encode_text(tok, embeddings=emb)
-
-            def ref_text():  # open_clip's text tower on the same embeddings, all 77 positions
-                tok, emb = pl.prompt_embeddings()
-                h = ref.transformer(emb + ref.positional_embedding, attn_mask=ref.attn_mask)
-                h = ref.ln_final(h)
-                return h[torch.arange(len(tok), device=device), tok.argmax(-1)] @ ref.text_projection
-
-            with torch.no_grad():
-                diff = (ours_text() - ref_text()).abs().max().item()
-            t_ours, t_ref = timed(fwd_bwd(ours_text)), timed(fwd_bwd(ref_text))
-            print(f"{name} Phase-I text step, {2 * C} prompts with learnable contexts: ours (to EOT) "
-                  f"{2 * C / t_ours:.1f} prompts/s, open_clip at full length {2 * C / t_ref:.1f} prompts/s "
-                  f"(ours x{t_ref / t_ours:.2f}; max feature difference {diff:.1e})", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -1163,7 +881,7 @@ def bench_reference(args):
 
 def parser():
     p = train.Parser(description="CoFT: label-free collaborative fine-tuning of CLIP",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--dataset", default="digits", help="digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
     a("--data-root", default=None, help="root of the CoOp layout / image folder / CIFAR download dir")
@@ -1172,27 +890,13 @@ def parser():
     a("--method", default="coft", choices=["coft", "topk", "shots", "probe"],
       help="topk: the UPL-like self-training baseline; shots: fine-tune on the --labelled-shots images alone; "
            "probe: linear probe with TRUE labels (ceiling, reference only)")
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--workers", type=number(int, 0), default=None, help="DataLoader workers (default: 8 on CUDA, 0 on CPU)")
-    a("--resume", action="store_true",
-      help="continue the run in --out (same flags): finished stages are reused, the last epoch checkpoint resumed")
-    a("--restart", action="store_true", help="discard the run in --out (config, stages, results) and start over")
+    train.run_flags(p)
     a("--phase", default="all", choices=["all", "1", "2"],
       help="1: zero-shot + Phase I (+ filter) only; 2: Phase II from the Phase-I models saved in --out")
     a("--eval-only", action="store_true", help="evaluate the models saved in --out, train nothing")
     a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
-    a("--bench", action="store_true", help="time each stage on random weights of real size and exit")
-    a("--bench-ref", action="store_true", help="with --bench: compare with open-clip-torch side by side instead")
-    a("--bench-models", default="ViT-B/16,RN50")
-    a("--bench-batch", type=number(int, 1), default=None, help="default 64 on GPU, 8 on CPU")
-    a("--bench-classes", default=None, help="Phase-I class counts (default 10,100,1000 on GPU, 10,100 on CPU)")
-    a("--bench-images", type=number(int, 1), default=None, help="images in the generation pass (default 4096 GPU, 32 CPU)")
-    a("--bench-steps", type=number(int, 1), default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
     a("--compile", action="store_true", help="torch.compile the towers' forward passes")
     a("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (memory)")
-    a("--log-every", type=number(int, 0), default=20, help="progress line every N steps (0: none)")
-    a("--eval-batch", type=number(int, 1), default=256)
     a("--eval-split", default="test", choices=["test", "dev"],
       help="dev: report on the labelled dev split instead (for choosing hyperparameters; never tune on test)")
     # seed set
@@ -1245,92 +949,51 @@ def parser():
     return p
 
 
+
+
+def resolve_defaults(args):
+    """The defaults that depend on other flags, filled in after parsing: CoFT+ = all three parts
+    (each part alone is its own flag); the published recipes for real backbones (DeFT /
+    ActiveCLIP: no clipping, Phase-II lr 5e-4) and the values chosen on the demo's dev split for
+    the offline stand-in (README, "Offline demo"); loader workers by device."""
+    if args.plus:
+        args.contrast = True
+        args.rounds = args.rounds or 3
+        args.template_ensemble = args.template_ensemble or not args.llm_prompts
+    args.rounds = args.rounds or 1
+    if args.workers is None:
+        args.workers = train.default_workers(args.device)
+    demo = args.clip == standin.NAME
+    if args.clip_grad is None:
+        args.clip_grad = 1.0 if demo else 0.0
+    if args.fft_lr is None:
+        args.fft_lr = 2e-5 if demo else 5e-4
+    return args
+
+
 def run_summary(m):
     """The numbers of one run that a results table shows (None where they do not apply)."""
-    pair = lambda *keys: [m[k] for k in keys if k in m]  # noqa: E731
     kept = [m[f"clean_set_{a}"]["kept_fraction"] for a in (1, 2) if f"clean_set_{a}" in m]
     return {"zero-shot": m["zero_shot_acc"], "S* prec": m["seed_set"]["precision"],
             "kept %": sum(kept) / len(kept) if kept else None,
             "clean prec": [m[f"clean_set_{a}"]["precision"] for a in (1, 2) if f"clean_set_{a}" in m],
             "agree %": m.get("phase1_agreement"),
-            "phase I": pair("phase1_model1_acc", "phase1_model2_acc"),
-            "branches": pair("branch1_acc", "branch2_acc"),
+            "phase I": [m[k] for k in ("phase1_model1_acc", "phase1_model2_acc") if k in m],
+            "branches": [m[k] for k in ("branch1_acc", "branch2_acc") if k in m],
             "final acc": next((m[k] for k in ("ensemble_acc", "topk_acc", "shots_acc", "probe_acc") if k in m), None),
             "time s": m["time_s"]["total"]}
-
-
-def table(run_dirs):
-    """One line per run (from its metrics.json), then, for runs named <name>-s<seed>, one line per
-    name with the mean and standard deviation over seeds."""
-    def f(x, sd=None):
-        if x is None or x == []:
-            return "-"
-        if isinstance(x, list):
-            return "/".join(f(v) for v in x)
-        return f"{x:.1f}" + ("" if sd is None else f"±{sd:.1f}")
-
-    runs, groups = [], {}
-    for d in run_dirs:
-        path = Path(d) / "metrics.json"
-        if not path.exists():
-            print(f"{d}: no metrics.json (unfinished run)")
-            continue
-        try:
-            m = json.loads(path.read_text())
-            summary = run_summary(m)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise RunError(f"{path} is damaged or not from a finished run of this code ({type(e).__name__}: "
-                           f"{str(e)[:60]}): rerun it with --resume, or leave it out of --table") from None
-        name = Path(d).name
-        runs.append((name, m.get("method", "?"), summary))
-        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(runs[-1][2])
-    cols = list(runs[0][2]) if runs else []
-    rows = [("run", "method", *cols)] + [(n, meth, *(f(v) for v in s.values())) for n, meth, s in runs]
-    if any(len(g) > 1 for g in groups.values()):
-        rows.append(("", "", *[""] * len(cols)))
-        rows.append((f"mean±sd over seeds", "n", *cols))
-        for name, g in groups.items():
-            cells = []
-            for c in cols:
-                vals = [sum(v) / len(v) if isinstance(v, list) and v else v for v in (r[c] for r in g)]  # pairs: mean
-                vals = [v for v in vals if v is not None and v != []]
-                t = torch.tensor(vals, dtype=torch.float64)
-                cells.append(f(t.mean().item(), t.std().item() if len(vals) > 1 else None) if vals else "-")
-            rows.append((name, str(len(g)), *cells))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))] if rows[1:] else []
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
         if args.table:
-            return table(args.table)
-        if args.bench:
-            gpu = args.device.startswith("cuda")
-            args.bench_batch = args.bench_batch or (64 if gpu else 8)
-            args.bench_classes = args.bench_classes or ("10,100,1000" if gpu else "10,100")
-            args.bench_images = args.bench_images or (4096 if gpu else 32)
-            args.bench_steps = args.bench_steps or (10 if gpu else 2)
-            return bench_reference(args) if args.bench_ref else bench(args)
-        if args.plus:  # CoFT+ = all three parts; each part alone is its own flag
-            args.contrast = True
-            args.rounds = args.rounds or 3
-            args.template_ensemble = args.template_ensemble or not args.llm_prompts
-        args.rounds = args.rounds or 1
-        if args.workers is None:
-            args.workers = min(8, os.cpu_count() or 1) if args.device.startswith("cuda") else 0
-        # real backbones: the published recipes (DeFT / ActiveCLIP: no clipping, Phase-II lr 5e-4); the
-        # offline stand-in: the values chosen on the demo's dev split (README, "Offline demo")
-        if args.clip_grad is None:
-            args.clip_grad = 1.0 if args.clip == "demo" else 0.0
-        if args.fft_lr is None:
-            args.fft_lr = 2e-5 if args.clip == "demo" else 5e-4
+            return train.table(args.table, run_summary)
+        resolve_defaults(args)
         if args.write_llm_prompts:
             task = data.load_task(args.dataset, args.data_root)
-            path = write_llm_prompts(args.write_llm_prompts, task.classnames, args.api_base, args.llm,
-                                     os.environ.get("OPENAI_API_KEY"), args.prompts_per_class)
+            path = llm.write_class_prompts(args.write_llm_prompts, task.classnames, args.api_base, args.llm,
+                                           os.environ.get("OPENAI_API_KEY"), args.prompts_per_class)
             print(f"wrote prompts for {len(task.classnames)} classes to {path}")
             return None
         return run(args)
@@ -1339,7 +1002,7 @@ def main(argv=None):
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        where = "" if args.table or args.bench or args.write_llm_prompts else \
+        where = "" if args.table or args.write_llm_prompts else \
             (f": finished stages and the last epoch checkpoint are in {args.out}/stages; the same command with "
              f"--resume continues from there")
         print(f"\ninterrupted{where}", file=sys.stderr)

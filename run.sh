@@ -21,7 +21,7 @@ demo)
   esac
   if [ $# -gt 2 ]; then echo "error: unexpected argument '${3}'; $usage" >&2; exit 2; fi
   start=$(date +%s)
-  python clip_model.py --standin "${rebuild[@]}"
+  python standin.py "${rebuild[@]}"
   # --restart: the demo is re-measured every time it is run (its folders hold the last run only)
   common=(--dataset digits --clip demo --seed "$SEED" --log-every 0 --restart)
   # settings chosen per method on the labelled dev split (README, "Offline demo"); CoFT's are the

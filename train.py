@@ -1,8 +1,10 @@
 """
-What every method's run shares (coft.py now; craft.py and vecaf.py use the same pieces): checked
-flags, seeded loaders whose numbers do not depend on the worker count, the plain AMP training loop
-with exact resume and a stop on a non-finite loss, and run folders whose saved stages are reused
-only under the settings that made them. A library, not a script.
+What every method's run shares (coft.py, craft.py, vecaf.py and the stand-in's pretraining call
+these instead of copying them): checked flags, seeded loaders whose numbers do not depend on the
+worker count, the evaluation pass, one precision setting, the plain AMP training loop with exact
+resume and a stop on a non-finite loss, run folders whose saved stages are reused only under the
+settings that made them, and the results table. A library, not a script; it imports nothing from
+the project, and every function takes explicit values (never a method's parsed flags).
 
 The rule for run folders (README, "Runs and resuming"):
   * --out holds one run. config.json records its settings (every flag that can change a number,
@@ -18,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -26,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from clip_model import atomic_save
 
 
 class RunError(Exception):
@@ -61,6 +63,31 @@ def number(kind=float, low=None, high=None, low_open=False, high_open=False):
         return x
     parse.__name__ = kind.__name__  # argparse names the type in some messages
     return parse
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def run_flags(p):
+    """The flags every method's CLI has, with the same meaning: where and how a run goes."""
+    a = p.add_argument
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--precision", default="auto", choices=PRECISIONS,
+      help="auto: bf16 autocast on GPUs that support it, fp16 + loss scaling on older GPUs, fp32 on CPUs; "
+           "bf16 on a CPU is opt-in (fast with AVX512-BF16/AMX, and it changes the numbers)")
+    a("--workers", type=number(int, 0), default=None, help="DataLoader workers (default: 8 on CUDA, 0 on CPU)")
+    a("--resume", action="store_true",
+      help="continue the run in --out (same flags): finished stages are reused, the last epoch checkpoint resumed")
+    a("--restart", action="store_true", help="discard the run in --out (config, stages, results) and start over")
+    a("--log-every", type=number(int, 0), default=20, help="progress line every N steps (0: none)")
+    a("--eval-batch", type=number(int, 1), default=256)
+
+
+def default_workers(device):
+    """--workers left out: 8 loader processes feeding a GPU, none on a CPU (the main process
+    decodes while the CPU also computes)."""
+    return min(8, os.cpu_count() or 1) if str(device).startswith("cuda") else 0
 
 
 # -----------------------------------------------------------------------------
@@ -108,8 +135,33 @@ def loader(dataset, batch, seed, shuffle=False, workers=0, pin_memory=False, dro
                                        pin_memory=pin_memory)
 
 
+@torch.no_grad()
+def predict(fn, loader, device, amp):
+    """The evaluation pass: fn applied to every batch of an (x, y, index) loader under autocast,
+    outputs in fp32 on the CPU, concatenated in the loader's order -> (outputs [N, ...], labels [N])."""
+    outs, ys = [], []
+    for x, y, _ in loader:
+        with torch.autocast(**amp):
+            outs.append(fn(x.to(device, non_blocking=True)).float().cpu())
+        ys.append(y)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def accuracy(scores, y):
+    """Top-1 accuracy in % of scores [N, C] (logits or probabilities) against labels [N]."""
+    return 100.0 * (scores.argmax(1) == y).float().mean().item()
+
+
 # -----------------------------------------------------------------------------
 # Run folders: config.json, stages/<tag>.pt and stages/<tag>.ckpt, the method's outputs
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def write_json(obj, path):
@@ -212,36 +264,68 @@ def check_record(path, saved, record):
                        f"use another --out or --restart")
 
 
-def save_stage(out, tag, record, model_state, **extra):
-    """A finished stage: its model's state dict, the record of its settings and any extras
-    (e.g. the gradient-norm summary), written atomically."""
-    atomic_save({"record": record, "model": model_state, **extra}, stage_path(out, tag))
-
-
-def load_stage(out, tag, record):
-    """A finished stage's saved dict if there is one (None otherwise); refused if its record
-    differs from `record`."""
+def load_stage(out, tag, record, model, missing=None):
+    """Stage `tag` from --out, if it finished before: its weights are loaded into `model` and its
+    saved extras returned (e.g. the gradient-norm summary). None where the stage has to be
+    trained, unless `missing` says why it must exist (then a RunError with that reason). A stage
+    file whose record differs from `record` is refused."""
     path = stage_path(out, tag)
     if not path.exists():
+        if missing:
+            raise RunError(f"{path} not found: {missing}")
         return None
     saved = read_torch(path)
     if not isinstance(saved, dict) or "model" not in saved:
         raise RunError(f"{path} is not a stage file of this code: delete it to redo that stage, or --restart")
     check_record(path, saved.get("record"), record)
+    model.load_state_dict(saved.pop("model"))
+    saved.pop("record")
     return saved
 
 
+def save_stage(out, tag, record, model, **extras):
+    """A finished stage: its model's state dict, the record of its settings and `extras`,
+    written atomically; its epoch checkpoint, superseded, is deleted. Returns `extras`."""
+    atomic_save({"record": record, "model": model.state_dict(), **extras}, stage_path(out, tag))
+    ckpt_path(out, tag).unlink(missing_ok=True)
+    return extras
+
+
 # -----------------------------------------------------------------------------
-# The training loop
+# Precision and the training loop
 
 
-def amp_settings(device):
-    """bf16 autocast where the GPU supports it, fp16 + GradScaler on older GPUs, fp32 on CPU."""
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return dict(device_type="cuda", dtype=torch.bfloat16), None
-        return dict(device_type="cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-    return dict(device_type="cpu", enabled=False), None
+def resolve_precision(device, precision="auto"):
+    """--precision for a device: auto -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on
+    CPUs (bf16 on a CPU changes the numbers, so it is asked for, never chosen)."""
+    device = torch.device(device)
+    if precision == "auto":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise RunError("--precision fp16 needs a GPU (fp16 autocast with loss scaling): use bf16 or fp32 on a CPU")
+    if precision not in PRECISIONS:
+        raise RunError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def amp_settings(device, precision="auto"):
+    """(torch.autocast keyword arguments, GradScaler or None) for a precision: fp32 runs without
+    autocast; bf16 autocasts matrix products to bf16 (same exponent range as fp32: no scaler);
+    fp16 autocasts with a GradScaler against underflowing gradients. The parameters stay fp32
+    either way, and every similarity logit is computed in fp32 (clip_model.similarity)."""
+    device = torch.device(device)
+    precision = resolve_precision(device, precision)
+    if precision == "fp32":
+        return dict(device_type=device.type, enabled=False), None
+    if precision == "bf16":
+        return dict(device_type=device.type, dtype=torch.bfloat16), None
+    return dict(device_type=device.type, dtype=torch.float16), torch.amp.GradScaler(device.type)
+
+
+def sgd(model, lr, momentum=0.9, weight_decay=5e-4):
+    """SGD with momentum over the model's trainable parameters (both CoFT phases)."""
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+                           weight_decay=weight_decay)
 
 
 def cosine_with_warmup(step, total, warmup):
@@ -249,6 +333,13 @@ def cosine_with_warmup(step, total, warmup):
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def warmup_epochs_then_cosine(warmup_epochs):
+    """fit's schedule: linear warm-up over whole epochs, then cosine decay to 0 (per step)."""
+    def schedule(step, total, steps_per_epoch):
+        return cosine_with_warmup(step, total, warmup_epochs * steps_per_epoch)
+    return schedule
 
 
 def grad_norm_summary(norms, clip_grad):
@@ -262,29 +353,29 @@ def grad_norm_summary(norms, clip_grad):
             "clipped_fraction": (t > clip_grad).double().mean().item() if clip_grad else 0.0}
 
 
-def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume=False, tag="train",
-        weight_decay=5e-4, momentum=0.9, warmup_epochs=1, clip_grad=0.0, log_every=20, record=None):
-    """The plain loop every stage uses: SGD with momentum, per-step cosine schedule with warm-up,
-    autocast (bf16 / fp16 + GradScaler / fp32), optional gradient-norm clipping, a progress line,
-    and an atomic checkpoint after every epoch.
+def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precision="auto", clip_grad=0.0,
+        ckpt=None, resume=False, record=None, tag="train", log_every=20):
+    """The plain loop every stage uses: a per-step LR schedule, autocast at `precision`, optional
+    gradient-norm clipping, a progress line, and an atomic checkpoint after every epoch.
 
-    step_fn(model, batch, generator) -> (loss, {name: value}); make_loader(epoch) -> an iterable.
+    step_fn(model, batch, generator) -> (loss, {name: value}) is the stage's loss, written where
+    the stage is; make_loader(epoch) -> an iterable of batches with a length; opt: an optimizer
+    over the parameters to train (e.g. sgd(model, lr)); schedule(step, total_steps,
+    steps_per_epoch) -> LR multiplier (e.g. warmup_epochs_then_cosine(1)).
     Randomness is re-seeded from (seed, epoch) at every epoch start (and each sample's
     augmentation is seeded by the loader), so a run resumed from an epoch checkpoint replays the
     same batches, augmentations and complement labels as an uninterrupted one. `record` (the
     settings that determine this stage) is stored in the checkpoint and must match on resume.
     A non-finite loss (or, without a GradScaler, gradient norm) stops training with a RunError
     naming the step; the checkpoint of the last finished epoch is left as it was.
-    Returns the total gradient norm of every step, before clipping (also kept in the
-    checkpoints, so a resumed run returns them all)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    amp, scaler = amp_settings(device)
+    Returns {"loss": [...], "grad_norm": [...]} for every step (norms before clipping), also kept
+    in the checkpoints, so a resumed run returns them all."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    amp, scaler = amp_settings(device, precision)
     steps_per_epoch = len(make_loader(0))
     total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_with_warmup(s, total, warmup_epochs * steps_per_epoch))
-    start, norms = 0, []
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, steps_per_epoch))
+    start, history = 0, {"loss": [], "grad_norm": []}
     if resume and ckpt and Path(ckpt).exists():
         state = read_torch(ckpt, weights_only=False)
         check_record(ckpt, state.get("record") if isinstance(state, dict) else None, record)
@@ -293,14 +384,17 @@ def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume
         sched.load_state_dict(state["sched"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start, norms = state["epoch"] + 1, state["grad_norms"]
+        if "history" not in state:
+            raise RunError(f"{ckpt} is an epoch checkpoint of an earlier version of this code: delete it to redo "
+                           f"that stage, or --restart")
+        start, history = state["epoch"] + 1, state["history"]
         print(f"{tag}: resumed from {ckpt} after epoch {start}", flush=True)
     model.train()
     t0, seen = time.time(), 0
     for epoch in range(start, epochs):
         torch.manual_seed(seed_of(seed, epoch))
         gen = torch.Generator().manual_seed(seed_of(seed, epoch, "step"))
-        epoch_norms = []  # kept on the device until the epoch ends: no host sync per step for these
+        losses, norms = [], []  # kept on the device until the epoch ends: no host sync per step for these
         for i, batch in enumerate(make_loader(epoch)):
             batch = [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
             with torch.autocast(**amp):
@@ -313,7 +407,8 @@ def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume
                 loss.backward()
             # the total norm before clipping; max_norm = inf measures without rescaling
             norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf")).detach()
-            epoch_norms.append(norm)
+            losses.append(loss.detach().float())
+            norms.append(norm)
             step = epoch * steps_per_epoch + i + 1
             # one host sync per step, before the update: a NaN must never reach the weights. With a
             # GradScaler non-finite gradients are expected now and then (it skips those steps).
@@ -340,10 +435,72 @@ def fit(model, step_fn, make_loader, epochs, lr, device, seed, ckpt=None, resume
                 print(f"{tag} ep {epoch + 1}/{epochs} step {step}/{total} loss {loss.item():.3f} {extra} "
                       f"grad norm {norm.item():.2f} lr {sched.get_last_lr()[0]:.2e} {rate:.0f} img/s "
                       f"eta {eta:.0f}s", flush=True)
-        norms += torch.stack(epoch_norms).float().cpu().tolist() if epoch_norms else []
+        if norms:
+            history["loss"] += torch.stack(losses).cpu().tolist()
+            history["grad_norm"] += torch.stack(norms).float().cpu().tolist()
         if ckpt:
             atomic_save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
                          "sched": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                         "record": record, "grad_norms": norms}, ckpt)
+                         "record": record, "history": history}, ckpt)
     model.eval()
-    return norms
+    return history
+
+
+# -----------------------------------------------------------------------------
+# Results: metrics.json and the table of runs
+
+
+def finish_run(out, metrics, predictions, t0):
+    """A run's result files, each written atomically: predictions.pt, then metrics.json (last:
+    it marks a finished run), with the total time. Returns metrics."""
+    metrics.setdefault("time_s", {})["total"] = time.time() - t0
+    atomic_save(predictions, Path(out) / "predictions.pt")
+    write_json(metrics, Path(out) / "metrics.json")
+    print("metrics: " + json.dumps({k: v for k, v in metrics.items() if k.endswith("acc")}), flush=True)
+    return metrics
+
+
+def cell(x, sd=None):
+    """A table cell: '-' for nothing, 'a/b' for a pair, one decimal, '±sd' where given."""
+    if x is None or x == []:
+        return "-"
+    if isinstance(x, list):
+        return "/".join(cell(v) for v in x)
+    return f"{x:.1f}" + ("" if sd is None else f"±{sd:.1f}")
+
+
+def table(run_dirs, summarise):
+    """One line per run (summarise(metrics.json's dict) -> {column: number, pair or None}), then,
+    for runs named <name>-s<seed>, one line per name with the mean and sd over seeds (a pair
+    counts as its mean)."""
+    runs, groups = [], {}
+    for d in run_dirs:
+        path = Path(d) / "metrics.json"
+        if not path.exists():
+            print(f"{d}: no metrics.json (unfinished run)")
+            continue
+        try:
+            m = json.loads(path.read_text())
+            summary = summarise(m)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RunError(f"{path} is damaged or not from a finished run of this code ({type(e).__name__}: "
+                           f"{str(e)[:60]}): rerun it with --resume, or leave it out of --table") from None
+        name = Path(d).name
+        runs.append((name, m.get("method", "?"), summary))
+        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(summary)
+    cols = list(runs[0][2]) if runs else []
+    rows = [("run", "method", *cols)] + [(n, meth, *(cell(v) for v in s.values())) for n, meth, s in runs]
+    if any(len(g) > 1 for g in groups.values()):
+        rows.append(("", "", *[""] * len(cols)))
+        rows.append(("mean±sd over seeds", "n", *cols))
+        for name, g in groups.items():
+            cells = []
+            for c in cols:
+                vals = [sum(v) / len(v) if isinstance(v, list) and v else v for v in (r[c] for r in g)]  # pairs: mean
+                vals = [v for v in vals if v is not None and v != []]
+                t = torch.tensor(vals, dtype=torch.float64)
+                cells.append(cell(t.mean().item(), t.std().item() if len(vals) > 1 else None) if vals else "-")
+            rows.append((name, str(len(g)), *cells))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))] if rows[1:] else []
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

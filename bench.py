@@ -1,0 +1,345 @@
+"""
+Benchmarks: where each method's time goes, on random weights of real size and synthetic inputs
+(no checkpoint, no data), one CLI for every method. The README's speed figures come from it.
+
+    python bench.py                                   towers + CoFT's stages on the default device
+    python bench.py --sections towers --precision fp32,bf16    the same figures at two precisions,
+                                                      then each figure's ratio
+    python bench.py --sections ref                    our towers vs open-clip-torch's, side by side
+
+Sections:
+  towers  image tower forward+backward; text tower forward+backward up to the EOT vs at 77 tokens
+  coft    (a) image tower fwd+bwd, (b) a Phase-I step (2C prompts, VPT-deep / adapter) broken down
+          into text tower, image tower, losses and optimizer, (c) a Phase-II step with and without
+          CoFT+'s momentum encoder and queue, (d) the generation pass over N images
+  ref     needs open-clip-torch (a test-only dependency)
+Each line: ms per step, images/s or prompts/s, peak memory (GPU allocator, or the process's RSS
+on a CPU) and, on GPUs with a known dense bf16 peak, MFU.
+"""
+import argparse
+import copy
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+
+import clip_model
+import coft
+import train
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
+SECTIONS = ("towers", "coft", "ref")
+
+
+def device_peak_tflops(device):
+    """The GPU's dense bf16 peak (for MFU), looked up by name; None where unknown (and on CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def vit_flops(cfg, tokens_extra=0, layers=None):
+    """Forward FLOPs of the ViT image tower for one image (2 per multiply-add): patch embedding,
+    then per block QKV/out projections, attention and the 4x MLP."""
+    n = (cfg.image_resolution // cfg.vision_patch_size) ** 2 + 1 + tokens_extra
+    w, L = cfg.vision_width, layers or cfg.vision_layers
+    patch = 2 * (n - 1) * 3 * cfg.vision_patch_size ** 2 * w
+    block = 2 * n * w * (3 * w + w + 8 * w) + 2 * 2 * n * n * w
+    return patch + L * block
+
+
+def time_per_call(fn, steps, device):
+    """(seconds per call of fn after one warm-up call, peak memory in MiB): the GPU allocator's
+    peak over the timed calls on CUDA, the process's peak resident memory on CPU."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()  # warm-up (and compilation, with torch.compile)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    if cuda:
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return (time.perf_counter() - t0) / steps, mem
+
+
+def reporter(device, figures, precision):
+    """report(what, seconds, memory, n, unit, flops) prints one line and keeps the time in
+    figures[what][precision] for the comparison across precisions."""
+    cuda, peak = device.type == "cuda", device_peak_tflops(device)
+
+    def report(what, sec, mem=float("nan"), n=None, unit="images/s", flops=None):
+        rate = f"{n / sec:9.1f} {unit}" if n else " " * 19
+        mfu = f"  MFU {100 * flops / sec / (peak * 1e12):5.1f}%" if flops and peak else ""
+        mem = "" if mem != mem else f"  peak {mem:8.0f} MiB" + (" (GPU)" if cuda else " (RSS)")
+        print(f"  {what:62s} {1000 * sec:9.1f} ms  {rate}{mem}{mfu}", flush=True)
+        figures.setdefault(what, {})[precision] = sec
+    return report
+
+
+def fwd_bwd(fn, *inputs, amp):
+    """A step: fn(*inputs) under autocast, then backward of a scalar made from its output."""
+    def step():
+        with torch.autocast(**amp):
+            out = fn(*inputs).float()
+        out.pow(2).mean().backward()
+    return step
+
+
+# -----------------------------------------------------------------------------
+# Sections
+
+
+def towers(names, batch, prompts, steps, device, amp, report):
+    """Image tower forward+backward; text tower forward+backward on short prompts up to the EOT,
+    and the same prompts with the EOT moved to position 77 (the cost of the full context)."""
+    texts = [f"a photo of a {w}." for w in ("cat", "dog", "airplane", "red car")] * (prompts // 4)
+    for name in names:
+        torch.manual_seed(0)
+        model = clip_model.CLIP(clip_model.CONFIGS[name]).to(device).train()
+        tok = clip_model.tokenize(texts, model.context_length).to(device)
+        full = tok.clone()
+        eot = clip_model.tokenizer().eot
+        full[full == eot] = 0
+        full[:, -1] = eot
+        R = model.visual.resolution
+        x = torch.randn(batch, 3, R, R, device=device)
+        print(f"{name} towers: batch {batch}, {R}px, {len(texts)} prompts", flush=True)
+        report(f"{name} image tower fwd+bwd", *time_per_call(fwd_bwd(model.encode_image, x, amp=amp), steps, device),
+               batch)
+        report(f"{name} text tower fwd+bwd up to EOT", time_per_call(fwd_bwd(model.encode_text, tok, amp=amp), steps,
+                                                                      device)[0], n=len(texts), unit="prompts/s")
+        report(f"{name} text tower fwd+bwd at 77 tokens", time_per_call(fwd_bwd(model.encode_text, full, amp=amp),
+                                                                         steps, device)[0], n=len(texts),
+               unit="prompts/s")
+        del model
+
+
+def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_checkpointing=False):
+    """CoFT's stages, per backbone: (a)-(d) of the module docstring."""
+    def timed(fn, steps=steps):
+        return time_per_call(fn, steps, device)
+
+    for name in names:
+        torch.manual_seed(0)
+        cfg = clip_model.CONFIGS[name]
+        clip = clip_model.CLIP(cfg).to(device).eval().requires_grad_(False)
+        coft.set_grad_checkpointing(clip, grad_checkpointing)
+        R, B = cfg.image_resolution, batch
+        x = torch.randn(B, 3, R, R, device=device)
+        img_flops = vit_flops(cfg) if cfg.is_vit else None
+        M = 16 if clip.context_length >= 32 else 4  # the tiny test configurations have a short context
+        print(f"{name} CoFT: batch {B}, {R}px", flush=True)
+
+        # (a) image tower forward + backward (all weights trainable)
+        tower = copy.deepcopy(clip.visual).train().requires_grad_(True)
+
+        def image_step():
+            with torch.autocast(**amp):
+                loss = tower(x).float().pow(2).mean()
+            loss.backward()
+        sec, mem = timed(image_step)
+        report(f"{name} (a) image tower fwd+bwd", sec, mem, B, flops=3 * B * img_flops if img_flops else None)
+        del tower
+
+        # (b) Phase-I step per class count: text side, image side, loss, optimizer
+        for C in classes:
+            names = [f"class number {i}" for i in range(C)]
+            model = coft.DualPromptModel(clip, names, M, None, 20, True).to(device)
+            y = torch.randint(0, C, (B,), device=device)
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+            tokens, _ = model.prompts.prompt_embeddings()
+
+            def text_step(full=False):
+                with torch.autocast(**amp):
+                    tok, emb = model.prompts.prompt_embeddings()
+                    t = clip.encode_text(tok, embeddings=emb, full_length=full).float()
+                t.pow(2).mean().backward()
+
+            def img_step():
+                with torch.autocast(**amp):
+                    v = model.image_features(x).float()
+                if v.requires_grad:
+                    v.pow(2).mean().backward()
+
+            def full_step():
+                with torch.autocast(**amp):
+                    loss, _ = coft.phase1_loss(model, x, y, 0.01)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            t_text, _ = timed(text_step)
+            t_text_full, _ = timed(lambda: text_step(True))
+            t_img, _ = timed(img_step)
+            s_pos = torch.randn(B, C, device=device, requires_grad=True)
+            s_neg = torch.randn(B, C, device=device, requires_grad=True)
+            t_loss, _ = timed(lambda: (coft.loss_l1(s_pos, y, 0.01) + coft.loss_l2(s_pos, s_neg, y, coft.complement_labels(
+                y, C), 0.01)).backward())
+            t_opt, _ = timed(opt.step)
+            t_step, mem = timed(full_step)
+            L = int(tokens.argmax(-1).max()) + 1
+            report(f"{name} (b) Phase-I step, C={C} (2C={2 * C} prompts, {L}/{clip.context_length} tokens)", t_step, mem, B)
+            report(f"{name}     text tower fwd+bwd up to EOT", t_text, float("nan"), 2 * C, "prompts/s")
+            report(f"{name}     text tower fwd+bwd at full length (x{t_text_full / t_text:.1f} slower)", t_text_full,
+                   float("nan"), 2 * C, "prompts/s")
+            report(f"{name}     image tower with VPT / adapter fwd+bwd", t_img, float("nan"), B)
+            report(f"{name}     losses fwd+bwd", t_loss, float("nan"))
+            report(f"{name}     optimizer step", t_opt, float("nan"))
+            del model, opt
+
+        # (c) Phase-II full fine-tuning step, batch B and 2B, with and without momentum contrast
+        for b in (B, 2 * B):
+            xb = torch.randn(b, 3, R, R, device=device)
+            yb = torch.randint(0, 10, (b,), device=device)
+            for contrast in (False, True):
+                ft = coft.FineTuned(clip.visual, 10).to(device).train()
+                mc = coft.MomentumContrast(ft, 4096).to(device).train() if contrast else None
+                opt = torch.optim.SGD(ft.parameters(), lr=1e-3, momentum=0.9)
+
+                def ft_step():
+                    with torch.autocast(**amp):
+                        loss = F.cross_entropy(ft(xb), yb)
+                        if mc is not None:
+                            loss = loss + mc(xb, xb, torch.arange(b, device=device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                sec, mem = timed(ft_step)
+                # CE: fwd+bwd of b images; contrast: + fwd+bwd of b queries + fwd of b keys
+                flops = (3 * b + (4 * b if contrast else 0)) * img_flops if img_flops else None
+                report(f"{name} (c) Phase-II step, batch {b}" + (" + momentum encoder & queue" if contrast else ""),
+                       sec, mem, b, flops=flops)
+                del ft, mc, opt
+
+        # (d) generation pass: two Phase-I models' image features over N images (inference mode)
+        models = [coft.DualPromptModel(clip, ["a", "b"], M, None, 20, True).to(device) for _ in range(2)]
+        n_batches = max(images // B, 1)
+
+        def generation():
+            with torch.inference_mode(), torch.autocast(**amp):
+                for _ in range(n_batches):
+                    for mdl in models:
+                        mdl.image_features(x)
+        sec, mem = timed(generation, 1)
+        report(f"{name} (d) generation pass, 2 models x {n_batches * B} images", sec, mem, 2 * n_batches * B,
+               flops=2 * n_batches * B * img_flops if img_flops else None)
+        del clip, models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def reference(names, batch, classes, steps, device, amp):
+    """Side by side in one process, same weights and inputs: our image tower vs open-clip-torch's
+    (forward+backward), and our Phase-I text step (learnable contexts, up to the EOT) vs the same
+    prompt embeddings encoded at full length by open-clip-torch's text tower. Needs the package
+    open-clip-torch (a test-only dependency)."""
+    try:
+        import open_clip
+    except ImportError:
+        raise SystemExit("error: --sections ref needs open-clip-torch: pip install open-clip-torch") from None
+
+    def timed(fn):
+        return time_per_call(fn, steps, device)[0]
+
+    for name in names:
+        torch.manual_seed(0)
+        ours = clip_model.CLIP(clip_model.CONFIGS[name]).to(device)
+        sd = ours.state_dict()
+        ref = open_clip.model.build_model_from_openai_state_dict({k: v.clone() for k, v in sd.items()},
+                                                                 cast_dtype=torch.float32).float().to(device)
+        ref.load_state_dict(sd)
+        ours.train(), ref.train()  # the same mode on both sides (open_clip's builder returns eval mode)
+        B, R = batch, ours.visual.resolution
+        x = torch.randn(B, 3, R, R, device=device)
+        t_ours, t_ref = timed(fwd_bwd(ours.encode_image, x, amp=amp)), timed(fwd_bwd(ref.encode_image, x, amp=amp))
+        print(f"{name} image tower fwd+bwd, batch {B}: ours {B / t_ours:.2f} images/s, open_clip "
+              f"{B / t_ref:.2f} images/s (ours x{t_ref / t_ours:.2f})", flush=True)
+        ours.requires_grad_(False)
+        ref.requires_grad_(False)
+        M = 16 if ours.context_length >= 32 else 4
+        for C in classes:
+            pl = coft.PromptLearner(ours, [f"class number {i}" for i in range(C)], M).to(device)
+
+            def ours_text():
+                tok, emb = pl.prompt_embeddings()
+                return ours.encode_text(tok, embeddings=emb)
+
+            def ref_text():  # open_clip's text tower on the same embeddings, all 77 positions
+                tok, emb = pl.prompt_embeddings()
+                h = ref.transformer(emb + ref.positional_embedding, attn_mask=ref.attn_mask)
+                h = ref.ln_final(h)
+                return h[torch.arange(len(tok), device=device), tok.argmax(-1)] @ ref.text_projection
+
+            with torch.no_grad():
+                diff = (ours_text() - ref_text()).abs().max().item()
+            t_ours, t_ref = timed(fwd_bwd(ours_text, amp=amp)), timed(fwd_bwd(ref_text, amp=amp))
+            print(f"{name} Phase-I text step, {2 * C} prompts with learnable contexts: ours (to EOT) "
+                  f"{2 * C / t_ours:.1f} prompts/s, open_clip at full length {2 * C / t_ref:.1f} prompts/s "
+                  f"(ours x{t_ref / t_ours:.2f}; max feature difference {diff:.1e})", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    p = train.Parser(description="time each method's hot path on random weights of real size",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--sections", default="towers,coft", help=f"comma-separated, of {', '.join(SECTIONS)}")
+    a("--models", default="ViT-B/16,RN50", help=f"comma-separated, of {', '.join(clip_model.CONFIGS)}")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--precision", default="auto", help="comma-separated, of auto, fp32, bf16, fp16 (several: ratios at the end)")
+    a("--batch", type=train.number(int, 1), default=None, help="images per step (default 64 on GPU, 8 on CPU)")
+    a("--prompts", type=train.number(int, 4), default=256, help="prompts per text-tower step (towers)")
+    a("--classes", default=None, help="Phase-I class counts (default 10,100,1000 on GPU, 10,100 on CPU)")
+    a("--images", type=train.number(int, 1), default=None, help="images in the generation pass (default 4096 GPU, 32 CPU)")
+    a("--steps", type=train.number(int, 1), default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
+    a("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (coft)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    sections = args.sections.split(",")
+    names = args.models.split(",")
+    unknown = [s for s in sections if s not in SECTIONS] + [n for n in names if n not in clip_model.CONFIGS]
+    if unknown:
+        p.error(f"unknown section or model {unknown[0]!r}")
+    batch = args.batch or (64 if gpu else 8)
+    classes = [int(c) for c in (args.classes or ("10,100,1000" if gpu else "10,100")).split(",")]
+    images, steps = args.images or (4096 if gpu else 32), args.steps or (10 if gpu else 2)
+    figures = {}
+    try:
+        precisions = [train.resolve_precision(device, x) for x in args.precision.split(",")]
+    except train.RunError as e:
+        p.error(str(e))
+    for precision in precisions:
+        amp, _ = train.amp_settings(device, precision)
+        report = reporter(device, figures, precision)
+        print(f"device {torch.cuda.get_device_name(device) if gpu else 'cpu'}, torch {torch.__version__}, "
+              f"{precision}, threads {torch.get_num_threads()}, peak bf16 {device_peak_tflops(device) or '-'} "
+              f"TFLOP/s", flush=True)
+        if "towers" in sections:
+            towers(names, batch, args.prompts, steps, device, amp, report)
+        if "coft" in sections:
+            coft_stages(names, batch, classes, images, steps, device, amp, report, args.grad_checkpointing)
+        if "ref" in sections:
+            reference(names, batch, classes, steps, device, amp)
+    if len(precisions) > 1:  # each figure's time at every precision, and the speed-up over the first
+        print(f"time per step: {' vs '.join(precisions)}", flush=True)
+        for what, t in figures.items():
+            if all(x in t for x in precisions):
+                base = t[precisions[0]]
+                print(f"  {what:62s} " + "  ".join(f"{1000 * t[x]:9.1f} ms (x{base / t[x]:.2f})" for x in precisions),
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Shared by every test file: CPU threads, warnings, tiny CLIPs with the real key layout whose every
+tensor is random, and (once per session) a tiny backbone pretrained on rendered digits."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import clip_model as cm
+import standin
+
+torch.set_num_threads(2)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("filterwarnings", "ignore::FutureWarning")  # torch.jit deprecation notices
+
+
+def randomized(name, seed=0, **overrides):
+    """A tiny CLIP whose biases, zero-initialised gains and BatchNorm statistics are random too,
+    so that a key loaded into the wrong place cannot go unnoticed."""
+    m = cm.tiny_clip(name, seed=seed, **overrides)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "bias" in n or n.endswith("bn3.weight"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for n, b in m.named_buffers():
+            if "running_mean" in n:
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+            elif "running_var" in n:
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    return m.eval()
+
+
+TEXTS = ["a photo of a cat.", "hello world", "x", "a b c d e f g h i j"]
+
+
+def inputs(model, n=3):
+    R = model.visual.resolution
+    return torch.randn(n, 3, R, R, generator=torch.Generator().manual_seed(1)), cm.tokenize(TEXTS, model.context_length)
+
+
+# --------------------------------------------------------------------------- CoFT: end to end (tiny)
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tmp_path_factory):
+    """tiny-vit pretrained on rendered digits for a few seconds (the stand-in recipe, tiny settings):
+    a backbone whose pseudo-labels mean something, shared by the end-to-end tests."""
+    torch.manual_seed(0)
+    model = cm.tiny_clip("tiny-vit", seed=0)
+    history = standin.pretrain(model, steps=150, batch=64, lr=7e-4, weight_decay=0.0, warmup=20, seed=0, log_every=0)
+    path = tmp_path_factory.mktemp("standin") / "tiny-pretrained.pt"
+    torch.save(model.state_dict(), path)
+    return path, history, model.eval()
+
+
+# ---- tiny datasets on disk (CoOp layout, image folders)
+
+def write_image(path, color=(200, 30, 30), size=(8, 6)):
+    """A tiny real image file (format from the extension), creating its folders."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+DTD_CLASSES = ["banded", "blotchy", "cross_hatched"]  # label order; "_" must become " "
+
+
+def make_dtd(root, per_split=dict(train=2, val=1, test=1)):
+    """
+    A fake DATA/dtd in the CoOp layout: images/<class>/<class>_<i>.jpg and split_zhou_DescribableTextures.json.
+    The split file lists classes in an order other than by label, so the loader must sort by label.
+    """
+    entries, i = {s: [] for s in per_split}, 0
+    for label in [2, 0, 1]:
+        c = DTD_CLASSES[label]
+        for split, n in per_split.items():
+            for _ in range(n):
+                rel = f"{c}/{c}_{i:04d}.jpg"
+                write_image(os.path.join(root, "dtd", "images", rel), color=(10 * label, 0, 0))
+                entries[split].append([rel, label, c])
+                i += 1
+    split_path = os.path.join(root, "dtd", "split_zhou_DescribableTextures.json")
+    with open(split_path, "w") as f:
+        json.dump(entries, f)
+    return split_path
+
+
+def make_imagefolder(root, splits=("train", "test"), classes=("cat", "dog_big")):
+    for split in splits:
+        for c in classes:
+            for i, ext in enumerate([".png", ".JPG"]):  # extensions are case-insensitive
+                write_image(os.path.join(root, split, c, f"{i}{ext}"))
+            # files that are not images are skipped
+            with open(os.path.join(root, split, c, "notes.txt"), "w") as f:
+                f.write("not an image")
+

@@ -1,0 +1,52 @@
+"""Tests of bench.py: every section prints its figures on tiny models (seconds, no timing asserted)."""
+import re
+
+import pytest
+
+import bench
+import clip_model as cm
+
+TINY = ["--models", "tiny-vit,tiny-rn", "--batch", "2", "--prompts", "4", "--classes", "3", "--images", "4",
+        "--steps", "1", "--device", "cpu"]
+
+
+def test_bench_prints_every_section_and_stage(capsys):
+    bench.main(["--sections", "towers,coft", *TINY])
+    out = capsys.readouterr().out
+    for stage in ("image tower fwd+bwd", "text tower fwd+bwd up to EOT", "text tower fwd+bwd at 77 tokens",
+                  "(a) image tower", "(b) Phase-I step, C=3", "at full length", "losses", "optimizer",
+                  "(c) Phase-II step, batch 4 + momentum", "(d) generation pass"):
+        for model in ("tiny-vit", "tiny-rn"):  # once per model
+            assert re.search(rf"{model}\S* .*{re.escape(stage)}", out), (model, stage)
+    assert "images/s" in out and "prompts/s" in out and "MiB (RSS)" in out and ", fp32," in out
+
+
+def test_bench_compares_precisions_side_by_side(capsys):
+    bench.main(["--sections", "towers", *TINY, "--precision", "fp32,bf16"])
+    out = capsys.readouterr().out
+    assert ", fp32," in out and ", bf16," in out
+    table = out.split("time per step: fp32 vs bf16")[1].splitlines()[1:]
+    assert len(table) == 6 and all(line.count(" ms (x") == 2 and "(x1.00)" in line for line in table)
+
+
+def test_bench_refuses_unknown_sections_models_and_cpu_fp16(capsys):
+    for argv in (["--sections", "towrs"], ["--models", "ViT-Z/1"], ["--precision", "fp16", "--device", "cpu"]):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_bench_reference_side_by_side(capsys):
+    pytest.importorskip("open_clip")
+    bench.main(["--sections", "ref", "--models", "tiny-vit", "--batch", "2", "--classes", "3", "--steps", "1",
+                "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "open_clip" in out
+    diff = float(re.search(r"max feature difference ([0-9.e+-]+)", out).group(1))
+    assert diff < 1e-4  # both sides encode the same prompts to the same features
+
+
+def test_vit_flops_known_value():
+    # ViT-B/16 at 224px: ~35.1 GFLOPs forward (../shared/spec/clip-and-data.md) without the projection
+    assert bench.vit_flops(cm.CONFIGS["ViT-B/16"]) / 1e9 == pytest.approx(35.1, rel=0.02)

@@ -1,0 +1,327 @@
+"""Tests of clip_model.py: loading, download, tokenizer, the prompt/VPT hooks, preprocessing, the
+zero-shot head, and equivalence with open-clip-torch (skipped where it is not installed)."""
+import gzip
+import hashlib
+import http.server
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip_model as cm
+from conftest import TEXTS, inputs, randomized
+
+
+
+# --------------------------------------------------------------------------- CLIP: loading
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_state_dict_round_trip_is_strict_and_exact(name):
+    m = randomized(name)
+    sd = m.state_dict()
+    m2 = cm.build_model({k: v.clone() for k, v in sd.items()})
+    assert m2.cfg == m.cfg  # every size recovered from shapes alone
+    assert set(m2.state_dict()) == set(sd)  # every key used, none missing
+    x, t = inputs(m)
+    with torch.no_grad():
+        assert torch.equal(m.encode_image(x), m2.encode_image(x))
+        assert torch.equal(m.encode_text(t), m2.encode_text(t))
+
+
+def test_shape_inference_of_real_sizes_without_building():
+    """Config inference on the shapes of ViT-B/16 and RN50 (meta tensors: no memory)."""
+    for name in ("ViT-B/16", "RN50"):
+        with torch.device("meta"):
+            sd = cm.CLIP(cm.CONFIGS[name]).state_dict()
+        assert cm.config_from_state_dict(sd) == cm.CONFIGS[name]
+
+
+def test_unexpected_or_missing_key_is_an_error():
+    sd = randomized("tiny-vit").state_dict()
+    bad = dict(sd, **{"visual.extra": torch.zeros(1)})
+    with pytest.raises(cm.CLIPError, match="unexpected"):
+        cm.build_model(bad)
+    bad = {k: v for k, v in sd.items() if k != "ln_final.bias"}
+    with pytest.raises(cm.CLIPError, match="missing"):
+        cm.build_model(bad)
+    with pytest.raises(cm.CLIPError, match="not a CLIP state dict"):
+        cm.build_model({"foo": torch.zeros(1)})
+
+
+def test_fp16_checkpoint_loads_to_fp32_parameters(tmp_path):
+    m = randomized("tiny-vit")
+    sd = {k: (v.half() if v.dtype == torch.float32 and v.ndim == 2 else v) for k, v in m.state_dict().items()}
+    torch.save(sd, tmp_path / "half.pt")
+    model, preprocess = cm.load(str(tmp_path / "half.pt"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.equal(model.visual.proj, sd["visual.proj"].float())
+
+
+def test_torchscript_archive_loads_like_its_state_dict(tmp_path):
+    m = randomized("tiny-vit")
+    x, t = inputs(m)
+
+    class Archive(torch.nn.Module):
+        """The CLIP's modules and tensors at the top level, plus the three JIT leftovers
+        (input_resolution, context_length, vocab_size) that OpenAI's archives carry."""
+        def __init__(self):
+            super().__init__()
+            for k, child in m.named_children():
+                setattr(self, k, child)
+            for k, p in m.named_parameters(recurse=False):
+                self.register_parameter(k, p)
+            for k, v in (("input_resolution", 32), ("context_length", 16), ("vocab_size", 49408)):
+                self.register_buffer(k, torch.tensor(v))
+
+        def forward(self, images):
+            return self.visual(images)
+
+    traced = torch.jit.trace(Archive(), (x,))
+    assert set(traced.state_dict()) == set(m.state_dict()) | {"input_resolution", "context_length", "vocab_size"}
+    traced.save(str(tmp_path / "tiny.pt"))
+    torch.save(m.state_dict(), tmp_path / "tiny_sd.pt")
+    a, _ = cm.load(str(tmp_path / "tiny.pt"))
+    b, _ = cm.load(str(tmp_path / "tiny_sd.pt"))
+    with torch.no_grad():
+        assert torch.equal(a.encode_image(x), b.encode_image(x))
+        assert torch.equal(a.encode_text(t), b.encode_text(t))
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(cm.CLIPError, match="unknown model"):
+        cm.load("ViT-H/99")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(cm.CLIPError, match="neither a TorchScript archive nor a state dict"):
+        cm.load(str(tmp_path / "junk.pt"))
+    # a cached file under a known name with the wrong hash is refused, not used
+    (tmp_path / "RN50.pt").write_bytes(b"corrupt")
+    with pytest.raises(cm.CLIPError, match="does not have the sha256"):
+        cm.load("RN50", cache_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- CLIP: download
+
+def test_download_file_url_checks_hash(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 1000)
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    dest = tmp_path / "cache" / "model.pt"
+    assert cm.download(src.as_uri(), dest, sha, progress=False) == dest
+    assert dest.read_bytes() == src.read_bytes()
+    dest2 = tmp_path / "cache" / "other.pt"
+    with pytest.raises(cm.CLIPError, match="expected"):
+        cm.download(src.as_uri(), dest2, "0" * 64, progress=False)
+    assert not dest2.exists() and not dest2.with_name("other.pt.part").exists()  # no corrupt file left
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one payload and honours `Range: bytes=N-` (python's http.server does not)."""
+    payload, requests = b"", []
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        RangeHandler.requests.append(rng)
+        start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+        body = self.payload[start:]
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_resumes_a_partial_file(tmp_path):
+    payload = bytes(range(256)) * 4000
+    RangeHandler.payload, RangeHandler.requests = payload, []
+    server = http.server.HTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dest = tmp_path / "model.pt"
+        dest.with_name("model.pt.part").write_bytes(payload[:300000])  # an interrupted earlier download
+        cm.download(f"http://127.0.0.1:{server.server_port}/model.pt", dest,
+                    hashlib.sha256(payload).hexdigest(), progress=False)
+    finally:
+        server.shutdown()
+    assert RangeHandler.requests == ["bytes=300000-"]
+    assert dest.read_bytes() == payload
+
+
+def test_no_network_says_where_to_put_the_file(tmp_path):
+    with pytest.raises(cm.CLIPError, match="Put the file at .*RN50.pt"):
+        cm.download("http://127.0.0.1:1/RN50.pt", tmp_path / "RN50.pt", "0" * 64, retries=1, progress=False)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_known_answers():
+    t = cm.tokenize("a photo of a cat.")
+    assert t.shape == (1, 77)
+    assert t[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 269, 49407]
+    assert t[0, 8:].eq(0).all()
+    tok = cm.tokenizer()
+    assert len(tok.encoder) == 49408 and tok.sot == 49406 and tok.eot == 49407
+    with gzip.open(cm.ASSETS / "bpe_simple_vocab_16e6.txt.gz", "rb") as f:
+        assert len(f.read()) > 1_000_000
+
+
+def test_tokenizer_cleans_text():
+    tok = cm.tokenizer()
+    # HTML entities (even double-escaped), mojibake, case and whitespace are normalised
+    assert tok.encode("A &amp;amp;  Photo\n\tOF a CAT.") == tok.encode("a & photo of a cat.")
+    assert tok.encode("cafÃ©") == tok.encode("café")
+    assert tok.decode(cm.tokenize("Hello,   World!")[0].tolist()) == "hello , world !"
+    # digits are split one by one; unicode letters stay words
+    assert len(tok.encode("2024")) == 4
+    assert tok.decode(tok.encode("ünïcödé 日本")) == "ünïcödé 日本"
+
+
+def test_tokenizer_truncation():
+    long = " ".join(["cat"] * 100)
+    with pytest.raises(cm.CLIPError, match="longer than the context"):
+        cm.tokenize(long)
+    t = cm.tokenize(long, truncate=True)
+    assert t[0, -1].item() == 49407 and t[0, 0].item() == 49406 and t[0, 1:-1].eq(2368).all()
+
+
+# --------------------------------------------------------------------------- hooks
+
+def full_length_text_features(model, tokens, embeddings=None):
+    """The text tower the long way: all context positions, explicit causal mask."""
+    x = model.token_embedding(tokens) if embeddings is None else embeddings
+    x = x + model.positional_embedding
+    L = x.shape[1]
+    mask = torch.full((L, L), float("-inf")).triu(1)
+    for blk in model.transformer.resblocks:
+        h = blk.ln_1(x)
+        q, k, v = F.linear(h, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, -1)
+        H = blk.attn.heads
+        q, k, v = (z.view(z.shape[0], L, H, -1).transpose(1, 2) for z in (q, k, v))
+        a = ((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5 + mask).softmax(-1) @ v
+        x = x + blk.attn.out_proj(a.transpose(1, 2).reshape(x.shape))
+        x = x + blk.mlp(blk.ln_2(x))
+    x = model.ln_final(x)
+    return x[torch.arange(len(tokens)), tokens.argmax(-1)] @ model.text_projection
+
+
+def test_eot_truncated_text_tower_equals_full_length():
+    m = randomized("tiny-vit", context_length=77)
+    t = cm.tokenize(TEXTS)
+    with torch.no_grad():
+        ours = m.encode_text(t)
+        ref = full_length_text_features(m, t)
+        assert (ours - ref).abs().max() < 1e-5
+        # embeddings in place of ids (the prompt-learning hook) give the same features
+        emb = m.token_embedding(t)
+        assert (m.encode_text(t, embeddings=emb) - ours).abs().max() < 1e-6
+        # a changed embedding *after* the EOT changes nothing (causality), one before it does
+        emb2 = emb.clone()
+        emb2[:, 20:] += 1.0
+        assert torch.equal(m.encode_text(t, embeddings=emb2), m.encode_text(t, embeddings=emb))
+        emb2[:, 1] += 1.0
+        assert not torch.allclose(m.encode_text(t, embeddings=emb2), ours)
+
+
+def test_prompt_embeddings_receive_gradients():
+    m = randomized("tiny-vit")
+    t = cm.tokenize(["x x x x cat.", "x x x x dog."], m.context_length)
+    ctx = torch.zeros(4, m.cfg.transformer_width, requires_grad=True)
+    emb = m.token_embedding(t).detach()
+    emb = torch.cat([emb[:, :1], ctx.expand(2, -1, -1), emb[:, 5:]], dim=1)
+    m.encode_text(t, embeddings=emb).sum().backward()
+    assert ctx.grad is not None and ctx.grad.abs().sum() > 0
+
+
+def test_zero_vpt_tokens_equal_plain_vit_and_prompts_act():
+    m = randomized("tiny-vit", vision_layers=3)
+    x, _ = inputs(m)
+    W = m.visual.conv1.out_channels
+    with torch.no_grad():
+        plain = m.encode_image(x)
+        for depth in (1, 3):
+            assert torch.equal(m.encode_image(x, vpt=torch.zeros(depth, 0, W)), plain)
+        shallow = torch.randn(1, 5, W)
+        deep = torch.cat([shallow, torch.randn(2, 5, W)])
+        out_s, out_d = m.encode_image(x, vpt=shallow), m.encode_image(x, vpt=deep)
+        assert not torch.allclose(out_s, plain) and not torch.allclose(out_s, out_d)
+        # shallow prompts are exactly extra tokens after CLS: recompute them by hand
+        v = m.visual
+        h = v.conv1(x).flatten(2).transpose(1, 2)
+        h = torch.cat([v.class_embedding.expand(len(x), 1, -1), h], 1) + v.positional_embedding
+        h = v.ln_pre(h)
+        h = torch.cat([h[:, :1], shallow.expand(len(x), -1, -1), h[:, 1:]], 1)
+        h = v.transformer(h)
+        assert (v.ln_post(h[:, 0]) @ v.proj - out_s).abs().max() < 1e-5
+        # deep prompts by hand: before block i < D, block i-1's prompt outputs are *replaced* by set i
+        h = v.conv1(x).flatten(2).transpose(1, 2)
+        h = v.ln_pre(torch.cat([v.class_embedding.expand(len(x), 1, -1), h], 1) + v.positional_embedding)
+        for i, block in enumerate(v.transformer.resblocks):
+            patches = h[:, 1:] if i == 0 else h[:, 1 + 5:]
+            h = block(torch.cat([h[:, :1], deep[i].expand(len(x), -1, -1), patches], 1))
+        assert (v.ln_post(h[:, 0]) @ v.proj - out_d).abs().max() < 1e-5
+    # deep prompts: every layer's set receives a gradient
+    deep.requires_grad_(True)
+    m.encode_image(x, vpt=deep).sum().backward()
+    assert (deep.grad.flatten(1).abs().sum(1) > 0).all()
+
+
+def test_resnet_refuses_vpt():
+    m = randomized("tiny-rn")
+    x, _ = inputs(m)
+    assert torch.equal(m.encode_image(x, vpt=torch.zeros(1, 0, 8)), m.encode_image(x))
+    with pytest.raises(cm.CLIPError):
+        m.encode_image(x, vpt=torch.zeros(1, 2, 8))
+
+
+def test_preprocess_transform():
+    from PIL import Image
+    img = Image.new("L", (50, 40), color=255)
+    out = cm.preprocess(32)(img)
+    assert out.shape == (3, 32, 32)
+    assert torch.allclose(out[:, 0, 0], (1 - torch.tensor(cm.CLIP_MEAN)) / torch.tensor(cm.CLIP_STD), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- reference
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_matches_open_clip_reference(name):
+    """Same weights, same inputs: open-clip-torch's independent CLIP gives the same features."""
+    open_clip = pytest.importorskip("open_clip")
+    m = randomized(name, seed=3)
+    sd = m.state_dict()
+    ref = open_clip.model.build_model_from_openai_state_dict({k: v.clone() for k, v in sd.items()},
+                                                             cast_dtype=torch.float32).float().eval()
+    ref.load_state_dict(sd)  # undo any rounding the builder did
+    x, t = inputs(m)
+    with torch.no_grad():
+        for ours, theirs in ((m.encode_image(x), ref.encode_image(x)), (m.encode_text(t), ref.encode_text(t))):
+            assert ours.abs().mean() > 0.05  # unit-scale features, not all zeros
+            assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_text_classifier_averages_normalised_prompt_embeddings():
+    """A class's weight is the mean of its prompts' *normalised* embeddings, renormalised; the
+    reference is built from encode_text by hand, not from the function under test."""
+    clip = randomized("tiny-vit")
+    prompts = [["a cat.", "a very very small grey cat sitting on a mat."], ["dog"], ["a red fox", "fox", "the fox."]]
+    W = cm.text_classifier(clip, prompts, "cpu")
+    with torch.no_grad():
+        ref, unnormalised = [], []
+        for texts in prompts:
+            e = clip.encode_text(cm.tokenize(texts, clip.context_length))  # [n, D], norms differ per prompt
+            ref.append(F.normalize(F.normalize(e, dim=-1).mean(0), dim=0))
+            unnormalised.append(F.normalize(e.mean(0), dim=0))
+    ref, unnormalised = torch.stack(ref), torch.stack(unnormalised)
+    assert (W - ref).abs().max() < 1e-5
+    assert (unnormalised - ref).abs().max() > 1e-3  # the test tells the two apart
+
+
+def test_state_dict_with_a_wrong_shape_is_one_line():
+    sd = randomized("tiny-vit").state_dict()
+    sd["transformer.resblocks.0.mlp.c_fc.weight"] = torch.zeros(3, 64)
+    with pytest.raises(cm.CLIPError, match=r"transformer.resblocks.0.mlp.c_fc.weight has shape \(3, 64\).* needs "
+                                           r"\(256, 64\)") as e:
+        cm.build_model(sd)
+    assert "\n" not in str(e.value)

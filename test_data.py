@@ -1,0 +1,392 @@
+"""Tests of data.py: the offline digits, the datasets on disk (CoOp layout, image folders, CIFAR),
+transforms and image reading."""
+import hashlib
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import data
+from conftest import DTD_CLASSES, make_dtd, make_imagefolder, write_image
+
+
+
+def test_digit_transforms_never_flip():
+    task = data.digits_task()
+    assert task.flip is False
+    for kind in ("weak", "strong"):
+        names = [type(t).__name__ for t in data.make_transform(kind, 32, task).transforms]
+        assert "RandomHorizontalFlip" not in names
+    assert "RandomHorizontalFlip" in [type(t).__name__ for t in data.make_transform(
+        "strong", 32, data.Task("x", ["a"], ["{}"], [], [], flip=True)).transforms]
+
+
+def test_image_over_pillows_size_limit_is_one_line(tmp_path, monkeypatch):
+    write_image(str(tmp_path / "big.png"), size=(40, 30))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1200 pixels > 2 x 100: Pillow refuses to open it
+    assert "over Pillow's size limit" in data_error(data.load_image, str(tmp_path / "big.png"))
+
+
+def test_uci_digits_load():
+    x, y = data.load_uci_digits()
+    assert x.shape == (1797, 8, 8) and x.dtype == torch.uint8
+    assert y.shape == (1797,) and y.dtype == torch.int64
+    assert x.min() == 0 and x.max() == 16
+    counts = torch.bincount(y, minlength=10)
+    assert len(counts) == 10 and ((counts >= 170) & (counts <= 190)).all()
+
+
+def test_missing_file_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "ASSETS", tmp_path)
+    with pytest.raises(data.DataError, match="missing"):
+        data.load_uci_digits()
+
+
+def test_digits_to_images_is_nearest_upsampling():
+    x, _ = data.load_uci_digits()
+    im = data.digits_to_images(x[:10])
+    assert im.shape == (10, 3, 32, 32) and im.dtype == torch.float32
+    assert torch.equal(im[:, 0, ::4, ::4], x[:10].float() / 16)
+    assert torch.equal(im[:, 0, 3::4, 3::4], x[:10].float() / 16)
+
+
+def test_split_is_disjoint_complete_stratified_and_deterministic():
+    _, y = data.load_uci_digits()
+    s = data.digits_split(seed=0)
+    parts = [s["train"], s["dev"], s["test"]]
+    allidx = torch.cat(parts)
+    assert len(allidx) == 1797 and torch.equal(allidx.sort().values, torch.arange(1797))
+    for p in parts:
+        assert set(y[p].tolist()) == set(range(10))
+    assert 850 < len(s["train"]) < 950 and 160 < len(s["dev"]) < 200 and 680 < len(s["test"]) < 760
+    again, other = data.digits_split(seed=0), data.digits_split(seed=1)
+    assert all(torch.equal(s[k], again[k]) for k in s)
+    assert not torch.equal(s["test"], other["test"])
+
+
+# --------------------------------------------------------------------------- data: datasets on disk
+
+
+
+def data_error(fn, *args):
+    """Calls fn(*args), expects a DataError, checks its message is one line, returns the message."""
+    with pytest.raises(data.DataError) as e:
+        fn(*args)
+    msg = str(e.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+# -----------------------------------------------------------------------------
+# CoOp layout
+
+
+
+
+
+def test_coop_dtd_loads(tmp_path):
+    make_dtd(tmp_path)
+    task = data.load_task("dtd", tmp_path)
+    assert task.name == "dtd"
+    assert task.classnames == ["banded", "blotchy", "cross hatched"]
+    assert task.templates[0] == "{} texture."
+    assert len(set(task.templates)) == len(task.templates) and all("{}" in t for t in task.templates)
+    assert (len(task.train), len(task.dev), len(task.test)) == (6, 3, 3)
+    assert task.flip is True
+    for items in (task.train, task.dev, task.test):
+        for path, label in items:
+            assert isinstance(path, str) and os.path.isabs(path) and os.path.isfile(path)
+            assert path.startswith(str(tmp_path / "dtd" / "images"))
+            # the image's folder is its class: the labels went with the right files
+            assert os.path.basename(os.path.dirname(path)) == DTD_CLASSES[label]
+    # train, dev and test are disjoint
+    paths = [p for items in (task.train, task.dev, task.test) for p, _ in items]
+    assert len(set(paths)) == len(paths)
+
+
+def test_coop_templates_and_table():
+    """Every CoOp dataset has its hand-written template first and no duplicates."""
+    assert data.COOP_DATASETS["oxford_pets"][3] == "a photo of a {}, a type of pet."
+    assert data.COOP_DATASETS["eurosat"][3] == "a centered satellite photo of {}."
+    for name in data.COOP_NAMES + ["imagefolder", "cifar10"]:
+        # the layout help is one line and names the data root placeholder
+        assert "\n" not in data._layout(name) and "DATA" in data._layout(name)
+        # the real root replaces the placeholder only, not the "DATA" of "DATASETS.md"
+        assert "DATA" not in data._layout(name, "/r").replace("DATASETS.md", "")
+    t = data._templates("a photo of a {}.")
+    assert t[0] == "a photo of a {}." and t.count("a photo of a {}.") == 1
+
+
+def test_coop_stanford_cars_images_in_folder_itself(tmp_path):
+    """stanford_cars has no image subfolder: paths are relative to DATA/stanford_cars."""
+    base = tmp_path / "stanford_cars"
+    for name in ("cars_train/00001.jpg", "cars_train/00002.jpg", "cars_test/00001.jpg"):
+        write_image(str(base / name))
+    split = {"train": [["cars_train/00001.jpg", 0, "2012 Tesla Model S"],
+                       ["cars_train/00002.jpg", 1, "2000 AM General Hummer SUV"]], "val": [],
+             "test": [["cars_test/00001.jpg", 0, "2012 Tesla Model S"]]}
+    (base / "split_zhou_StanfordCars.json").write_text(json.dumps(split))
+    task = data.load_task("stanford_cars", tmp_path)
+    assert task.classnames == ["2012 Tesla Model S", "2000 AM General Hummer SUV"] and task.dev == []
+    assert task.train == [(str(base / "cars_train" / "00001.jpg"), 0), (str(base / "cars_train" / "00002.jpg"), 1)]
+
+
+def test_fgvc_aircraft_loads(tmp_path):
+    base = tmp_path / "fgvc_aircraft"
+    variants = ["707-320", "Cessna 172", "F/A-18"]  # names with spaces and slashes
+    (base / "images").mkdir(parents=True)
+    (base / "variants.txt").write_text("\n".join(variants) + "\n")
+    ids = dict(train=["1000001", "1000002", "1000003"], val=["1000004"], test=["1000005", "1000006"])
+    labels = dict(train=[1, 0, 2], val=[2], test=[0, 1])
+    for split in ids:
+        lines = [f"{i} {variants[y]}" for i, y in zip(ids[split], labels[split])]
+        (base / f"images_variant_{split}.txt").write_text("\n".join(lines) + "\n")
+        for i in ids[split]:
+            write_image(str(base / "images" / f"{i}.jpg"))
+    task = data.load_task("fgvc_aircraft", tmp_path)
+    assert task.classnames == variants
+    assert task.templates[0] == "a photo of a {}, a type of aircraft."
+    assert task.train == [(str(base / "images" / f"{i}.jpg"), y) for i, y in zip(ids["train"], labels["train"])]
+    assert [y for _, y in task.dev] == [2] and [y for _, y in task.test] == [0, 1]
+
+    # a variant not in variants.txt names the file and line
+    (base / "images_variant_test.txt").write_text("1000005 Boeing 999\n")
+    msg = data_error(data.load_task, "fgvc_aircraft", tmp_path)
+    assert "images_variant_test.txt:1" in msg and "Boeing 999" in msg
+
+
+def test_imagenet_loads(tmp_path):
+    base = tmp_path / "imagenet"
+    wnids = ["n01440764", "n01443537"]
+    (base / "images").mkdir(parents=True)
+    (base / "classnames.txt").write_text("n01440764 tench\nn01443537 goldfish_fish\n")
+    for split, n in (("train", 3), ("val", 2)):
+        for w in wnids:
+            for i in range(n):
+                write_image(str(base / "images" / split / w / f"{w}_{i}.JPEG"))
+    task = data.load_task("imagenet", tmp_path)
+    assert task.classnames == ["tench", "goldfish fish"]
+    assert task.templates[0] == "a photo of a {}."
+    assert (len(task.train), len(task.dev), len(task.test)) == (6, 0, 4)
+    assert [y for _, y in task.train] == [0, 0, 0, 1, 1, 1]
+    assert all(p.endswith(".JPEG") and f"/{wnids[y]}/" in p for p, y in task.train + task.test)
+
+    # a class folder that classnames.txt does not know about
+    (base / "images" / "val" / "n99999999").mkdir()
+    msg = data_error(data.load_task, "imagenet", tmp_path)
+    assert "n99999999" in msg and "images/val" in msg
+
+
+# -----------------------------------------------------------------------------
+# ImageFolder
+
+
+
+def test_imagefolder_loads(tmp_path):
+    make_imagefolder(tmp_path, splits=("train", "test", "val"))
+    task = data.load_task("imagefolder", tmp_path)
+    assert task.classnames == ["cat", "dog big"]
+    assert task.templates[0] == "a photo of a {}."
+    assert (len(task.train), len(task.dev), len(task.test)) == (4, 4, 4)
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p, _ in task.train + task.dev + task.test)
+    assert [os.path.basename(os.path.dirname(p)) for p, _ in task.train] == ["cat", "cat", "dog_big", "dog_big"]
+
+
+def test_imagefolder_without_val(tmp_path):
+    make_imagefolder(tmp_path)
+    assert data.load_task("imagefolder", tmp_path).dev == []
+
+
+def test_imagefolder_errors(tmp_path):
+    make_imagefolder(tmp_path / "a", splits=("train",), classes=("cat", "dog"))
+    make_imagefolder(tmp_path / "a", splits=("test",), classes=("cat", "cow"))
+    msg = data_error(data.load_task, "imagefolder", tmp_path / "a")
+    assert "dog" in msg and "cow" in msg and "same class folders" in msg
+
+    make_imagefolder(tmp_path / "b", splits=("train", "test"))
+    os.makedirs(tmp_path / "b" / "train" / "empty")
+    os.makedirs(tmp_path / "b" / "test" / "empty")
+    msg = data_error(data.load_task, "imagefolder", tmp_path / "b")
+    assert "empty" in msg and "no images" in msg
+
+    make_imagefolder(tmp_path / "c", splits=("train",))
+    msg = data_error(data.load_task, "imagefolder", tmp_path / "c")
+    assert str(tmp_path / "c" / "test") in msg
+
+
+# -----------------------------------------------------------------------------
+# clear, one-line errors
+
+def test_error_missing_root():
+    msg = data_error(data.load_task, "dtd", None)
+    assert "--data-root is required for dtd" in msg and "split_zhou_DescribableTextures.json" in msg
+    msg = data_error(data.load_task, "imagefolder", "")
+    assert "--data-root is required for imagefolder" in msg
+
+
+def test_error_root_not_a_directory(tmp_path):
+    msg = data_error(data.load_task, "dtd", tmp_path / "nope")
+    assert "nope" in msg and "not a directory" in msg
+
+
+def test_error_missing_split_file(tmp_path):
+    make_dtd(tmp_path)
+    os.remove(tmp_path / "dtd" / "split_zhou_DescribableTextures.json")
+    msg = data_error(data.load_task, "dtd", tmp_path)
+    assert str(tmp_path / "dtd" / "split_zhou_DescribableTextures.json") in msg
+    assert str(tmp_path / "dtd" / "images") in msg and "CoOp layout" in msg
+    # a missing dataset folder names the folder it looked for
+    msg = data_error(data.load_task, "oxford_pets", tmp_path)
+    assert str(tmp_path / "oxford_pets" / "images") in msg and "split_zhou_OxfordPets.json" in msg
+
+
+def test_error_root_is_the_dataset_folder(tmp_path):
+    """Pointing --data-root at DATA/dtd instead of DATA gets a hint."""
+    make_dtd(tmp_path)
+    msg = data_error(data.load_task, "dtd", tmp_path / "dtd")
+    assert "should be the folder that contains dtd/" in msg
+
+
+@pytest.mark.parametrize("content, expect", [
+    ("{not json", "not valid JSON"),
+    ('{"train": [], "test": []}', "keys 'train', 'val', 'test'"),
+    ('[1, 2]', "keys 'train', 'val', 'test'"),
+    ('{"train": [["a.jpg", 0]], "val": [], "test": []}', "item 0 of 'train'"),
+    ('{"train": [["a.jpg", "0", "x"]], "val": [], "test": []}', "item 0 of 'train'"),
+    ('{"train": [["a.jpg", true, "x"]], "val": [], "test": []}', "item 0 of 'train'"),
+    ('{"train": {"a": 1}, "val": [], "test": []}', "'train' must be a list"),
+    ('{"train": [["a.jpg", 0, "x"], ["b.jpg", 0, "y"]], "val": [], "test": [["c.jpg", 0, "x"]]}', "named both"),
+    ('{"train": [["a.jpg", 1, "x"]], "val": [], "test": [["c.jpg", 1, "x"]]}', "no item with label(s) [0]"),
+    ('{"train": [], "val": [], "test": [["c.jpg", 0, "x"]]}', "empty 'train' or 'test'"),
+])
+def test_error_malformed_split_file(tmp_path, content, expect):
+    make_dtd(tmp_path)
+    split_path = tmp_path / "dtd" / "split_zhou_DescribableTextures.json"
+    split_path.write_text(content)
+    msg = data_error(data.load_task, "dtd", tmp_path)
+    assert str(split_path) in msg and expect in msg
+
+
+def test_error_split_names_missing_images(tmp_path):
+    make_dtd(tmp_path)
+    gone = ["banded/banded_0006.jpg", "blotchy/blotchy_0008.jpg"]
+    for rel in gone:
+        os.remove(tmp_path / "dtd" / "images" / rel)
+    os.rename(tmp_path / "dtd" / "images" / "cross_hatched", tmp_path / "dtd" / "images" / "moved")  # 4 more
+    msg = data_error(data.load_task, "dtd", tmp_path)
+    assert "split_zhou_DescribableTextures.json lists 6 of 12 images that do not exist" in msg
+    assert "cross_hatched/cross_hatched_0000.jpg" in msg  # the first few, relative to the image dir
+
+
+def test_missing_files_is_exact(tmp_path):
+    """The directory-listing shortcut agrees with os.path.isfile, folders and '..' included."""
+    write_image(str(tmp_path / "a" / "x.png"))
+    os.makedirs(tmp_path / "a" / "sub")
+    paths = [str(tmp_path / "a" / "x.png"), str(tmp_path / "a" / "y.png"), str(tmp_path / "a" / "sub"),
+             str(tmp_path / "a" / "sub" / ".." / "x.png"), str(tmp_path / "nodir" / "x.png")]
+    assert data.missing_files(paths) == [p for p in paths if not os.path.isfile(p)]
+    assert data.missing_files(paths) == paths[1:3] + paths[4:]
+
+
+def test_error_unknown_dataset():
+    msg = data_error(data.load_task, "mnist", None)
+    assert "unknown dataset 'mnist'" in msg
+    for name in ("digits", "dtd", "imagenet", "fgvc_aircraft", "imagefolder", "cifar10", "cifar100n"):
+        assert name in msg
+
+
+# -----------------------------------------------------------------------------
+# CIFAR: a tiny fake in torchvision's on-disk format
+#
+# torchvision verifies the md5 of every batch file (CIFAR10._check_integrity, and
+# _load_meta for batches.meta) against the real files' md5s, held in the class
+# attributes train_list, test_list and meta. The fake files cannot match those, so
+# the test computes the fake files' own md5s and swaps them into the class attributes
+# with monkeypatch (undone after the test). torchvision's own integrity code still
+# runs, so a corrupted fake is still caught (test_cifar_corrupted).
+
+def make_fake_cifar(root, cls, n_train=(3, 2, 2, 1, 2), n_test=4, seed=0):
+    """
+    Writes root/<cls.base_folder>/ with pickled batches like the real ones
+    ({"data": uint8 [N, 3072] in CHW order, "labels" or "fine_labels": [N]}) plus the meta file.
+    Returns {name: md5} of the written files.
+    """
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, cls.base_folder)
+    os.makedirs(folder, exist_ok=True)
+    label_key = "fine_labels" if cls is torchvision.datasets.CIFAR100 else "labels"
+    classes = ["airplane", "pickup_truck", "cat"]  # "_" must become " "
+    sizes = dict(zip([f for f, _ in cls.train_list], n_train)) if len(cls.train_list) > 1 else \
+        {cls.train_list[0][0]: sum(n_train)}
+    sizes[cls.test_list[0][0]] = n_test
+    md5 = {}
+    for fname, n in sizes.items():
+        batch = {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                 label_key: [int(y) for y in rng.integers(0, len(classes), size=n)]}
+        with open(os.path.join(folder, fname), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, cls.meta["filename"]), "wb") as f:
+        pickle.dump({cls.meta["key"]: classes}, f)
+    for fname in os.listdir(folder):
+        with open(os.path.join(folder, fname), "rb") as f:
+            md5[fname] = hashlib.md5(f.read()).hexdigest()
+    return md5
+
+
+def trust_fake_cifar(monkeypatch, cls, md5):
+    """Makes torchvision's md5 checks of `cls` expect the fake files' md5s."""
+    monkeypatch.setattr(cls, "train_list", [[f, md5[f]] for f, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[f, md5[f]] for f, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", dict(cls.meta, md5=md5[cls.meta["filename"]]))
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Any attempt to download fails the test: loaders must never fetch data by themselves."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a loader tried to download")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", refuse)
+
+
+def test_cifar10_fake_loads(tmp_path, monkeypatch, no_download):
+    cls = torchvision.datasets.CIFAR10
+    trust_fake_cifar(monkeypatch, cls, make_fake_cifar(tmp_path, cls))
+    task = data.load_task("cifar10", tmp_path)
+    assert task.classnames == ["airplane", "pickup truck", "cat"]
+    assert task.templates[0] == "a photo of a {}."
+    assert (len(task.train), len(task.dev), len(task.test)) == (10, 0, 4)
+    x, y = task.train[0]
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32) and isinstance(y, int)
+    # the pixels are the file's, in CHW order: image 0 of data_batch_1 reshaped to [3, 32, 32]
+    with open(tmp_path / cls.base_folder / "data_batch_1", "rb") as f:
+        batch = pickle.load(f)
+    assert torch.equal(x, torch.from_numpy(batch["data"][0].reshape(3, 32, 32)))
+    assert y == batch["labels"][0]
+
+
+def test_cifar100n_is_cifar100(tmp_path, monkeypatch, no_download):
+    cls = torchvision.datasets.CIFAR100
+    trust_fake_cifar(monkeypatch, cls, make_fake_cifar(tmp_path, cls))
+    a, b = data.load_task("cifar100", tmp_path), data.load_task("cifar100n", tmp_path)
+    assert b.name == "cifar100n" and a.classnames == b.classnames
+    assert len(b.train) == 10 and len(b.test) == 4
+    assert all(torch.equal(x1, x2) and y1 == y2 for (x1, y1), (x2, y2) in zip(a.test, b.test))
+
+
+def test_cifar_missing(tmp_path, no_download):
+    msg = data_error(data.load_task, "cifar10", tmp_path)
+    assert str(tmp_path / "cifar-10-batches-py") in msg and "download=True" in msg
+    msg = data_error(data.load_task, "cifar100n", None)
+    assert "--data-root is required for cifar100n" in msg and "cifar-100-python" in msg
+
+
+def test_cifar_corrupted(tmp_path, no_download):
+    """Without the md5 swap, torchvision rejects the fake: reported as corrupted, not as a traceback."""
+    make_fake_cifar(tmp_path, torchvision.datasets.CIFAR10)
+    msg = data_error(data.load_task, "cifar10", tmp_path)
+    assert "corrupted" in msg and "download=True" in msg

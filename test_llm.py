@@ -1,0 +1,68 @@
+"""Tests of llm.py against a local OpenAI-compatible endpoint (no network)."""
+import http.server
+import json
+import threading
+
+import pytest
+
+import data
+import llm
+
+
+
+class ChatHandler(http.server.BaseHTTPRequestHandler):
+    """A stand-in OpenAI-compatible endpoint: answers POST /v1/chat/completions with `reply`."""
+    reply, seen = None, []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ChatHandler.seen.append((self.path, body, self.headers.get("Authorization")))
+        content = ChatHandler.reply(body) if callable(ChatHandler.reply) else ChatHandler.reply
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def chat_server():
+    server = http.server.HTTPServer(("127.0.0.1", 0), ChatHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ChatHandler.seen = []
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_llm_prompt_file_good_reply(chat_server, tmp_path):
+    def good(body):  # every class asked for gets two prompts (inside a code fence, as LLMs do)
+        names = json.loads(body["messages"][0]["content"].split("Classes: ")[1])
+        return "```json\n" + json.dumps({n: [f"a photo of a {n}.", f"a {n} in the wild."] for n in names}) + "\n```"
+    ChatHandler.reply = good
+    path = llm.write_class_prompts(tmp_path / "p.json", ["cat", "dog", "sea lion"], chat_server, "m", "KEY", n=2)
+    table = json.loads(path.read_text())
+    assert table["sea lion"] == ["a photo of a sea lion.", "a sea lion in the wild."]
+    assert ChatHandler.seen[0][0] == "/v1/chat/completions" and ChatHandler.seen[0][2] == "Bearer KEY"
+    assert llm.read_class_prompts(path, ["dog", "cat"])[0] == ["a photo of a dog.", "a dog in the wild."]
+
+
+@pytest.mark.parametrize("reply, message", [
+    ("Sure! Here are some prompts: cat, dog", "malformed reply"),
+    (json.dumps({"cat": ["a cat."]}), "no prompts for 1 class"),
+    (json.dumps({"cat": ["a cat."], "dog": []}), "non-empty list"),
+])
+def test_llm_prompt_file_bad_replies_write_nothing(chat_server, tmp_path, reply, message):
+    ChatHandler.reply = reply
+    with pytest.raises(data.DataError, match=message) as e:
+        llm.write_class_prompts(tmp_path / "p.json", ["cat", "dog"], chat_server, "m")
+    assert "\n" not in str(e.value) and not (tmp_path / "p.json").exists()
+
+
+def test_llm_prompt_file_refused_connection(tmp_path, monkeypatch):
+    monkeypatch.setattr(llm.time, "sleep", lambda s: None)  # no back-off waits in the test
+    with pytest.raises(data.DataError, match="cannot get a reply .* after 3 tries"):
+        llm.write_class_prompts(tmp_path / "p.json", ["cat"], "http://127.0.0.1:1/v1", "m")
+    assert not (tmp_path / "p.json").exists()

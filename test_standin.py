@@ -1,0 +1,113 @@
+"""Tests of standin.py: the rendered, captioned digits and the stand-in's pretraining and cache."""
+import re
+
+import torch
+import torch.nn.functional as F
+
+import clip_model as cm
+import data
+import standin
+
+
+
+def test_standin_pretraining_learns(pretrained_tiny):
+    path, history, model = pretrained_tiny
+    assert sum(history[-10:]) / 10 < history[0] - 0.3  # the contrastive loss goes down
+    # zero-shot on held-out rendered digits (a seed the training stream never used): well above 10%
+    x, y, _ = standin.render_digits(500, seed=12345)
+    mean, std = torch.tensor(cm.CLIP_MEAN).view(3, 1, 1), torch.tensor(cm.CLIP_STD).view(3, 1, 1)
+    with torch.no_grad():
+        W = cm.text_classifier(model, cm.class_prompts(data.DIGIT_CLASSNAMES, [data.DIGITS_TEMPLATE]), "cpu")
+        acc = (F.normalize(model.encode_image((x - mean) / std), dim=-1) @ W.t()).argmax(1).eq(y).float().mean()
+    assert acc > 0.2, acc
+
+
+def test_clip_loss_counts_same_digit_captions_as_matches():
+    g = torch.Generator().manual_seed(0)
+    v, t = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    labels = torch.tensor([0, 0, 1, 2, 1])
+    logits = 10.0 * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).t()
+
+    def soft_ce(rows):  # each row's target: uniform over the columns with the same digit
+        total = 0.0
+        for i in range(5):
+            matches = [j for j in range(5) if labels[j] == labels[i]]
+            total += -sum(rows[i].log_softmax(0)[j] for j in matches) / len(matches)
+        return total / 5
+
+    assert torch.isclose(standin.clip_loss(v, t, 10.0, labels), (soft_ce(logits) + soft_ce(logits.t())) / 2)
+
+
+def test_standin_is_cached_by_settings(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(standin, "pretrain", lambda model, **kw: calls.append(kw) or [0.0])
+    s = dict(config="tiny-vit", steps=3, batch=4)
+    p1 = standin.build(cache_dir=tmp_path, settings=s)
+    p2 = standin.build(cache_dir=tmp_path, settings=s)
+    assert p1 == p2 and len(calls) == 1 and p1.exists()  # the second call loads the cache
+    standin.build(cache_dir=tmp_path, settings=s, rebuild=True)
+    assert len(calls) == 2
+    p3 = standin.build(cache_dir=tmp_path, settings=dict(s, steps=4))
+    assert p3 != p1 and len(calls) == 3  # other settings, other file
+    model, _ = cm.load(str(p1))
+    assert model.cfg == cm.CONFIGS["tiny-vit"]
+
+
+# --------------------------------------------------------------------------- data: the offline digits
+
+def _names_in(caption):
+    """Digits a caption names, by word or by numeral (whole words only)."""
+    found = set()
+    for c, word in enumerate(data.DIGIT_NAMES):
+        if re.search(rf"\b({word}|{c})\b", caption, flags=re.IGNORECASE):
+            found.add(c)
+    return found
+
+
+def test_render_is_deterministic_per_seed():
+    a = standin.render_digits(64, seed=0)
+    b = standin.render_digits(64, seed=0)
+    c = standin.render_digits(64, seed=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    assert not torch.equal(a[0], c[0])
+    assert a[2] != c[2]
+
+
+def test_rendered_batches_are_deterministic_per_seed():
+    run = lambda seed: list(standin.RenderedBatches(16, 3, seed))
+    a, b, c = run(0), run(0), run(1)
+    assert len(a) == 3
+    for (xa, ya, ca), (xb, yb, cb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and ca == cb
+    assert not torch.equal(a[0][0], a[1][0])  # the stream moves on from batch to batch
+    assert not torch.equal(a[0][0], c[0][0])
+
+
+def test_rendered_images_labels_and_levels():
+    x, y, caps = standin.render_digits(500, seed=0)
+    assert x.shape == (500, 3, 32, 32) and x.dtype == torch.float32
+    assert y.shape == (500,) and y.dtype == torch.int64 and len(caps) == 500
+    assert x.min() >= 0 and x.max() <= 1
+    assert torch.equal(x * 16, (x * 16).round())  # only the 17 levels k/16
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])
+    assert set(y.tolist()) == set(range(10))
+    ink = x[:, 0].mean((1, 2))
+    assert (ink > 0.1).all()  # no blank images
+    assert 0.25 < ink.mean() < 0.36  # about the UCI ink density (0.31)
+    assert standin.render_digits(4, seed=0, size=64)[0].shape == (4, 3, 64, 64)
+
+
+def test_every_caption_names_its_digit_and_only_it():
+    _, y, caps = standin.render_digits(500, seed=0)
+    for c, cap in zip(y.tolist(), caps):
+        assert _names_in(cap) == {c}, cap
+    assert len(set(caps)) > 50  # varied
+    words = sum(any(w in cap for w in data.DIGIT_NAMES) for cap in caps)
+    assert 150 < words < 350  # both words and numerals are used
+
+
+def test_zero_shot_prompts_match_the_captions():
+    assert len(standin.CAPTION_TEMPLATES) >= 12
+    assert data.DIGITS_TEMPLATE.replace("{}", "{d}") in standin.CAPTION_TEMPLATES
+    for c, name in enumerate(data.DIGIT_CLASSNAMES):
+        assert _names_in(data.DIGITS_TEMPLATE.format(name)) == {c}
