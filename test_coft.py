@@ -1007,3 +1007,16 @@ def test_unreadable_image_names_the_file(tmp_path, capsys, workers):
     err = cli_error(capsys, "--dataset", "imagefolder", "--data-root", str(root), "--clip", str(tmp_path / "tiny.pt"),
                     "--M", "4", "--out", str(tmp_path / "run"), "--workers", str(workers))
     assert "cannot read image" in err and "broken.png" in err
+
+
+def test_precision_is_part_of_a_runs_config(tmp_path, capsys):
+    """--precision auto on a CPU runs (and records) fp32; bf16 is recorded as such, and a run
+    folder made at one precision is not continued at another."""
+    m = run_coft(tmp_path, *SHORT)
+    assert m["precision"] == "fp32" and json.loads((tmp_path / "run" / "config.json").read_text())["config"][
+        "precision"] == "fp32"
+    b = run_coft(tmp_path, *SHORT, "--precision", "bf16", out="bf16")
+    assert b["precision"] == "bf16"
+    err = cli_error(capsys, *run_args(tmp_path, *SHORT, "--precision", "bf16", "--resume"))
+    assert "precision: 'fp32' -> 'bf16'" in err
+    assert "fp16 needs a GPU" in cli_error(capsys, *run_args(tmp_path, *SHORT, "--precision", "fp16", out="x"))

@@ -111,3 +111,33 @@ def test_zero_shot_prompts_match_the_captions():
     assert data.DIGITS_TEMPLATE.replace("{}", "{d}") in standin.CAPTION_TEMPLATES
     for c, name in enumerate(data.DIGIT_CLASSNAMES):
         assert _names_in(data.DIGITS_TEMPLATE.format(name)) == {c}
+
+
+def test_pretraining_through_the_shared_loop_equals_a_plain_loop():
+    """standin.pretrain runs on train.fit; this plain loop (AdamW as CLIP, warm-up capped by a
+    cosine, the temperature clamped after every step) is the recipe written out by hand. The two
+    must give the same weights bit for bit: the stand-in, and every demo number, depend on it."""
+    import math
+    settings = dict(steps=6, batch=8, lr=1e-3, weight_decay=0.1, warmup=2, seed=0)
+    ours = cm.tiny_clip("tiny-vit", seed=0)
+    standin.pretrain(ours, log_every=0, **settings)
+    ref = cm.tiny_clip("tiny-vit", seed=0)
+    decay = [p for n, p in ref.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in ref.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0}],
+                            lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 2, 0.5 * (1 + math.cos(math.pi * s / 6))))
+    mean, std = torch.tensor(cm.CLIP_MEAN).view(3, 1, 1), torch.tensor(cm.CLIP_STD).view(3, 1, 1)
+    ref.train()
+    for images, labels, captions in standin.RenderedBatches(8, 6, 0, ref.visual.resolution):
+        loss = standin.clip_loss(ref.encode_image((images - mean) / std),
+                                 ref.encode_text(cm.tokenize(captions, ref.context_length, truncate=True)),
+                                 ref.logit_scale.exp(), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            ref.logit_scale.clamp_(0, math.log(100))
+    a, b = ours.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -82,3 +82,38 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     saved = torch.load(ckpt, weights_only=False)
     assert saved["epoch"] == 0 and torch.isfinite(saved["model"]["weight"]).all()
     assert torch.isfinite(model.weight).all()  # the NaN never reached the weights
+
+
+def test_precision_settings():
+    """auto is fp32 on a CPU (bf16 changes numbers, so it is asked for); fp16 needs a GPU; each
+    setting gives the autocast arguments and scaler it names."""
+    cpu = torch.device("cpu")
+    assert train.resolve_precision(cpu, "auto") == "fp32"
+    assert train.amp_settings(cpu, "auto") == (dict(device_type="cpu", enabled=False), None)
+    assert train.amp_settings(cpu, "fp32") == (dict(device_type="cpu", enabled=False), None)
+    assert train.amp_settings(cpu, "bf16") == (dict(device_type="cpu", dtype=torch.bfloat16), None)
+    with pytest.raises(train.RunError, match="fp16 needs a GPU"):
+        train.amp_settings(cpu, "fp16")
+    with torch.autocast(**train.amp_settings(cpu, "bf16")[0]):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+
+
+def test_imports_run_one_way():
+    """clip_model and train import nothing from the project; data only clip_model; no module
+    imports a method (coft, bench), so the siblings can sit beside coft.py."""
+    import ast
+    from pathlib import Path
+    root = Path(train.__file__).parent
+    local = {p.stem for p in root.glob("*.py")}
+
+    def imports(module):
+        tree = ast.parse((root / f"{module}.py").read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return names & local
+
+    assert imports("clip_model") == set() and imports("train") == set()
+    assert imports("data") == {"clip_model"}
+    assert imports("standin") == {"clip_model", "data", "train"}
+    assert imports("llm") <= {"data", "train"}
+    assert "coft" not in set().union(*(imports(m) for m in ("clip_model", "data", "standin", "train", "llm")))
