@@ -181,12 +181,13 @@ def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_
             t_img, _ = timed(img_step)
             s_pos = torch.randn(B, C, device=device, requires_grad=True)
             s_neg = torch.randn(B, C, device=device, requires_grad=True)
-            t_loss, _ = timed(lambda: (coft.loss_l1(s_pos, y, 0.01) + coft.loss_l2(s_pos, s_neg, y, coft.complement_labels(
-                y, C), 0.01)).backward())
+            y_comp = coft.complement_labels(y, C)
+            t_loss, _ = timed(lambda: (coft.loss_l1(s_pos, y, 0.01) + coft.loss_l2(s_pos, s_neg, y, y_comp, 0.01)).backward())
             t_opt, _ = timed(opt.step)
             t_step, mem = timed(full_step)
             L = int(tokens.argmax(-1).max()) + 1
-            report(f"{name} (b) Phase-I step, C={C} (2C={2 * C} prompts, {L}/{clip.context_length} tokens)", t_step, mem, B)
+            report(f"{name} (b) Phase-I step, C={C} (2C={2 * C} prompts, {L}/{clip.context_length} tokens)",
+                   t_step, mem, B)
             report(f"{name}     text tower fwd+bwd up to EOT", t_text, float("nan"), 2 * C, "prompts/s")
             report(f"{name}     text tower fwd+bwd at full length (x{t_text_full / t_text:.1f} slower)", t_text_full,
                    float("nan"), 2 * C, "prompts/s")
@@ -301,7 +302,8 @@ def main(argv=None):
     a("--batch", type=train.number(int, 1), default=None, help="images per step (default 64 on GPU, 8 on CPU)")
     a("--prompts", type=train.number(int, 4), default=256, help="prompts per text-tower step (towers)")
     a("--classes", default=None, help="Phase-I class counts (default 10,100,1000 on GPU, 10,100 on CPU)")
-    a("--images", type=train.number(int, 1), default=None, help="images in the generation pass (default 4096 GPU, 32 CPU)")
+    a("--images", type=train.number(int, 1), default=None,
+      help="images in the generation pass (default 4096 GPU, 32 CPU)")
     a("--steps", type=train.number(int, 1), default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (coft)")
     args = p.parse_args(argv)

@@ -443,6 +443,7 @@ class Run:
     config: dict
     device: torch.device
     precision: str  # resolved: fp32, bf16 or fp16
+    amp: dict  # its torch.autocast arguments (for the evaluation passes; fit makes its own)
     seed: int
     workers: int
     eval_batch: int
@@ -450,7 +451,6 @@ class Run:
     resume: bool  # continue the stages and epoch checkpoints saved in out
     needs: str  # which saved stages must exist: "" (none: train what is missing), "phase1" (--phase 2), "all"
     sgd: dict  # both phases' SGD settings: batch, momentum, weight_decay, warmup_epochs, clip_grad
-    compile: bool
     task: data.Task
     clip: clip_model.CLIP  # frozen
     tau: float  # CLIP's own temperature, used everywhere
@@ -473,10 +473,6 @@ class Run:
     def scores(self, fn, dataset):
         """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU)."""
         return train.predict(fn, self.loader(dataset, self.eval_batch), self.device, self.amp)[0]
-
-    @property
-    def amp(self):
-        return train.amp_settings(self.device, self.precision)[0]
 
 
 def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, compiled=(), empty=False):
@@ -745,21 +741,21 @@ def run(args):
     Phase II (CoFT+: + momentum contrast) -> ensemble. Writes metrics.json, config.json,
     pseudo_labels.pt (every seed set and clean set) and predictions.pt (eval-split predictions of
     every model); stages/ holds each finished stage (README, "Runs and resuming")."""
-    run, prompts, ft_clip = prepare(args)
-    W, seed_set = zero_shot_and_seed_set(run, prompts, args.K)
+    state, prompts, ft_clip = prepare(args)  # a Run: what the stages share
+    W, seed_set = zero_shot_and_seed_set(state, prompts, args.K)
     if args.method == "probe":
-        linear_probe(run)
+        linear_probe(state)
     elif args.method in ("topk", "shots"):
-        fine_tune_baseline(run, args, W, seed_set)
+        fine_tune_baseline(state, args, W, seed_set)
     else:
-        peft, scores, seed_sets = phase1(run, args, seed_set)
-        clean, y_gen = generate_and_validate(run, scores)
-        train.atomic_save({"labelled": run.labelled, "seed_sets": seed_sets, "generated": y_gen,
+        peft, scores, seed_sets = phase1(state, args, seed_set)
+        clean, y_gen = generate_and_validate(state, scores)
+        train.atomic_save({"labelled": state.labelled, "seed_sets": seed_sets, "generated": y_gen,
                            "clean": [idx for idx, _ in clean], "clean_labels": [y for _, y in clean]},
-                          run.out / "pseudo_labels.pt")
+                          state.out / "pseudo_labels.pt")
         if args.phase != "1":
-            ensemble(run, phase2(run, args, scores, peft, clean, prompts, ft_clip))
-    return train.finish_run(run.out, run.metrics, run.predictions, run.t0)
+            ensemble(state, phase2(state, args, scores, peft, clean, prompts, ft_clip))
+    return train.finish_run(state.out, state.metrics, state.predictions, state.t0)
 
 
 def prepare(args):
@@ -805,18 +801,19 @@ def prepare(args):
                "grad_norms": {}, "time_s": {}}
     if args.labelled_shots:
         metrics["labelled_shots"] = {"per_class": args.labelled_shots, "size": len(labelled)}
-    run = Run(out=out, config=config, device=device, precision=args.precision, seed=args.seed, workers=args.workers,
-              eval_batch=args.eval_batch, log_every=args.log_every, resume=continuing,
-              needs="all" if args.eval_only else "phase1" if args.phase == "2" else "",
-              sgd={k: getattr(args, k) for k in SGD_KEYS}, compile=args.compile, task=task, clip=clip,
-              tau=1.0 / clip.logit_scale.exp().item(), unlabelled=data.ImageDataset(task.train, test),
-              evaluated=data.ImageDataset(eval_items, test), y_true=y_true,
-              y_eval=torch.tensor([label for _, label in eval_items]), labelled=labelled, metrics=metrics,
-              predictions={}, t0=t0)
+    state = Run(out=out, config=config, device=device, precision=args.precision,
+                amp=train.amp_settings(device, args.precision)[0], seed=args.seed, workers=args.workers,
+                eval_batch=args.eval_batch, log_every=args.log_every, resume=continuing,
+                needs="all" if args.eval_only else "phase1" if args.phase == "2" else "",
+                sgd={k: getattr(args, k) for k in SGD_KEYS}, task=task, clip=clip,
+                tau=1.0 / clip.logit_scale.exp().item(), unlabelled=data.ImageDataset(task.train, test),
+                evaluated=data.ImageDataset(eval_items, test), y_true=y_true,
+                y_eval=torch.tensor([label for _, label in eval_items]), labelled=labelled, metrics=metrics,
+                predictions={}, t0=t0)
     print(f"{args.dataset}: {len(task.classnames)} classes, {len(task.train)} unlabelled train images, "
           f"{len(eval_items)} {args.eval_split} images; backbone {args.clip} ({clip.visual.resolution}px) on "
           f"{device}, {args.precision}", flush=True)
-    return run, prompts, ft_clip
+    return state, prompts, ft_clip
 
 
 def check_args(args):

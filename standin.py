@@ -274,8 +274,9 @@ def _render(n, bank_seed, g, size):
 def render_digits(n, seed, size=32):
     """
     n rendered, captioned digits. Deterministic for a seed: no system fonts are
-    used, only procedural strokes and Pillow's built-in face. Returns images float [n, 3, size, size] in [0, 1] (17 levels,
-    exactly like digits_to_images on UCI data), labels int64 [n], captions list[str].
+    used, only procedural strokes and Pillow's built-in face. Returns images float
+    [n, 3, size, size] in [0, 1] (17 levels, exactly like digits_to_images on UCI data),
+    labels int64 [n], captions list[str].
     """
     return _render(n, seed, torch.Generator().manual_seed(seed), size)
 
