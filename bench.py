@@ -326,8 +326,8 @@ def main(argv=None):
         amp, _ = train.amp_settings(device, precision)
         report = reporter(device, figures, precision)
         print(f"device {torch.cuda.get_device_name(device) if gpu else 'cpu'}, torch {torch.__version__}, "
-              f"{precision}, threads {torch.get_num_threads()}, peak bf16 {device_peak_tflops(device) or '-'} "
-              f"TFLOP/s", flush=True)
+              f"{precision} (autocast {str(amp.get('dtype', 'off')).removeprefix('torch.')}), threads "
+              f"{torch.get_num_threads()}, peak bf16 {device_peak_tflops(device) or '-'} TFLOP/s", flush=True)
         if "towers" in sections:
             towers(names, batch, args.prompts, steps, device, amp, report)
         if "coft" in sections:

@@ -18,13 +18,13 @@ def test_bench_prints_every_section_and_stage(capsys):
                   "(c) Phase-II step, batch 4 + momentum", "(d) generation pass"):
         for model in ("tiny-vit", "tiny-rn"):  # once per model
             assert re.search(rf"{model}\S* .*{re.escape(stage)}", out), (model, stage)
-    assert "images/s" in out and "prompts/s" in out and "MiB (RSS)" in out and ", fp32," in out
+    assert "images/s" in out and "prompts/s" in out and "MiB (RSS)" in out and ", fp32 (autocast off)," in out
 
 
 def test_bench_compares_precisions_side_by_side(capsys):
     bench.main(["--sections", "towers", *TINY, "--precision", "fp32,bf16"])
     out = capsys.readouterr().out
-    assert ", fp32," in out and ", bf16," in out
+    assert ", fp32 (autocast off)," in out and ", bf16 (autocast bfloat16)," in out
     table = out.split("time per step: fp32 vs bf16")[1].splitlines()[1:]
     assert len(table) == 6 and all(line.count(" ms (x") == 2 and "(x1.00)" in line for line in table)
 
