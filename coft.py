@@ -616,15 +616,18 @@ def generate_and_validate(run, scores):
     return clean, y_gen
 
 
-def fine_tune(run, args, tag, clip, head, train_set, unlabelled, vpt=None, adapter=None):
+def fine_tune(run, args, tag, clip, head, idx, y, vpt=None, adapter=None):
     """Phase II for one branch (Sec. 3.2.2): fine-tune a copy of clip's image tower and a linear
-    head (initialised from `head` [C, D], or at random) with cross-entropy on (x, y_a(x)) for x
-    in its clean set (Eq. 7); also the top-K and labelled-shots baselines' trainer. CoFT+
+    head (initialised from `head` [C, D], or at random) with cross-entropy on (x, y_a(x)) for the
+    train images idx with labels y, its clean set (Eq. 7), under --fft-aug at clip's resolution;
+    also the top-K and labelled-shots baselines' trainer. CoFT+
     (--contrast, Eq. 10): + gamma * InfoNCE (Eq. 9) on two views of *all* unlabelled images, an
     epoch being one pass over them (WithUnlabelled). Every stream is keyed by `tag`, so the two
     branches never share one. Returns the trained FineTuned in eval mode."""
     model = FineTuned(clip.visual, len(run.task.classnames), head, clip.logit_scale.exp().item(),
                       vpt, adapter).to(run.device)
+    augment = data.make_transform(args.fft_aug, clip.visual.resolution, run.task)
+    train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist())
     if len(train_set) == 0:  # the validator rejected every label: nothing to fine-tune on
         return run_stage(run, tag, model, None, None, 0, 0, tag, empty=True)
     batch = run.sgd["batch"]
@@ -639,9 +642,8 @@ def fine_tune(run, args, tag, clip, head, train_set, unlabelled, vpt=None, adapt
         return run_stage(run, tag, model, loss, clean_batches, args.fft_epochs, args.fft_lr, f"phase II {tag}",
                          compiled=[model.visual] if args.compile else [])
 
-    views = data.ImageDataset(unlabelled.items, data.TwoViews(
-        data.make_transform(args.fft_aug, clip.visual.resolution, run.task),
-        data.make_transform("strong", clip.visual.resolution, run.task)))
+    views = data.ImageDataset(run.task.train, data.TwoViews(
+        augment, data.make_transform("strong", clip.visual.resolution, run.task)))
     mc = MomentumContrast(model, min(args.queue, len(views)), args.mu, args.tau_c).to(run.device)
 
     def batches(epoch):
@@ -662,23 +664,21 @@ def phase2(run, args, scores, peft, clean, prompts, ft_clip=None):
     initialised from Phase-I model a's positive prompts (another backbone: its zero-shot
     weights). Returns each branch's softmax on the eval split."""
     t = time.time()
-    clip, evaluated, unlabelled = run.clip, run.evaluated, run.unlabelled
-    heads = [t_pos.to(run.device) for _, _, t_pos in scores]  # each Phase-I model's own positive prompts
-    if ft_clip is not None:
+    if ft_clip is None:
+        clip, evaluated = run.clip, run.evaluated
+        heads = [t_pos.to(run.device) for _, _, t_pos in scores]  # each Phase-I model's own positive prompts
+    else:
         clip = ft_clip.to(run.device)
         set_grad_checkpointing(clip, args.grad_checkpointing)
-        test = data.make_transform("test", clip.visual.resolution, run.task)
-        evaluated, unlabelled = data.ImageDataset(evaluated.items, test), data.ImageDataset(run.task.train, test)
+        evaluated = data.ImageDataset(run.evaluated.items, data.make_transform("test", clip.visual.resolution,
+                                                                               run.task))
         heads = [text_classifier(clip, prompts, run.device)] * 2  # the new backbone's zero-shot weights
-    augment = data.make_transform(args.fft_aug, clip.visual.resolution, run.task)
     probs = []
     for a in range(args.branches):
         init = dict(vpt=None if peft[a].vpt is None else peft[a].vpt.prompts, adapter=peft[a].adapter) \
             if args.fft_init == "phase1" else {}
-        idx, y = clean[a]
-        clean_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist())
         branch = fine_tune(run, args, f"branch{a + 1}", clip, heads[a] if args.head_init == "text" else None,
-                           clean_set, unlabelled, **init)
+                           *clean[a], **init)
         logits = run.scores(branch, evaluated)
         run.metrics[f"branch{a + 1}_acc"] = train.accuracy(logits, run.y_eval)
         run.predictions[f"branch{a + 1}"] = logits.argmax(1)
@@ -722,10 +722,7 @@ def fine_tune_baseline(run, args, W, seed_set):
     alone. One branch, its head initialised from the zero-shot weights W."""
     t = time.time()
     idx, y = seed_set if args.method == "topk" else (run.labelled, run.y_true[run.labelled])
-    augment = data.make_transform(args.fft_aug, run.clip.visual.resolution, run.task)
-    train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist())
-    branch = fine_tune(run, args, args.method, run.clip, W if args.head_init == "text" else None, train_set,
-                       run.unlabelled)
+    branch = fine_tune(run, args, args.method, run.clip, W if args.head_init == "text" else None, idx, y)
     logits = run.scores(branch, run.evaluated)
     run.metrics[f"{args.method}_acc"] = train.accuracy(logits, run.y_eval)
     run.predictions[args.method] = logits.argmax(1)
