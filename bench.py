@@ -10,8 +10,15 @@ Benchmarks: where each method's time goes, on random weights of real size and sy
 Sections:
   towers  image tower forward+backward; text tower forward+backward up to the EOT vs at 77 tokens
   coft    (a) image tower fwd+bwd, (b) a Phase-I step (2C prompts, VPT-deep / adapter) broken down
-          into text tower, image tower, losses and optimizer, (c) a Phase-II step with and without
-          CoFT+'s momentum encoder and queue, (d) the generation pass over N images
+          into text tower (the 2C whole prompts up to the EOT and at full length, and the shared-prefix
+          path the step uses, with its speed-up over the former), image tower, losses and optimizer,
+          (c) a Phase-II step with and without CoFT+'s momentum encoder and queue, (d) the generation
+          pass over N images
+  craft   one CMA-ES generation's fitness evaluations (popsize prompts x C classes on 16 x C
+          pre-extracted image features): the official code's way (one candidate at a time, every
+          prompt at 77 tokens) vs ours (all candidates in one batched call, shared prefix, up to the
+          longest EOT), with the speed-up; then the parameters a deployer keeps and the peak memory
+          of one training step, CraFT (a generation + a refiner step) vs white-box CoOp (a step)
   ref     needs open-clip-torch (a test-only dependency)
 Each line: ms per step, images/s or prompts/s, peak memory (GPU allocator, or the process's RSS
 on a CPU) and, on GPUs with a known dense bf16 peak, MFU.
@@ -26,10 +33,11 @@ import torch.nn.functional as F
 
 import clip_model
 import coft
+import craft
 import train
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
-SECTIONS = ("towers", "coft", "ref")
+SECTIONS = ("towers", "coft", "craft", "ref")
 
 
 def device_peak_tflops(device):
@@ -163,6 +171,11 @@ def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_
                     t = clip.encode_text(tok, embeddings=emb, full_length=full).float()
                 t.pow(2).mean().backward()
 
+            def shared_step():  # PromptLearner.forward: each context's prefix once (encode_text_shared)
+                with torch.autocast(**amp):
+                    t = torch.cat(model.prompts(clip)).float()
+                t.pow(2).mean().backward()
+
             def img_step():
                 with torch.autocast(**amp):
                     v = model.image_features(x).float()
@@ -178,6 +191,7 @@ def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_
 
             t_text, _ = timed(text_step)
             t_text_full, _ = timed(lambda: text_step(True))
+            t_shared, _ = timed(shared_step)
             t_img, _ = timed(img_step)
             s_pos = torch.randn(B, C, device=device, requires_grad=True)
             s_neg = torch.randn(B, C, device=device, requires_grad=True)
@@ -191,6 +205,8 @@ def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_
             report(f"{name}     text tower fwd+bwd up to EOT", t_text, float("nan"), 2 * C, "prompts/s")
             report(f"{name}     text tower fwd+bwd at full length (x{t_text_full / t_text:.1f} slower)", t_text_full,
                    float("nan"), 2 * C, "prompts/s")
+            report(f"{name}     text tower fwd+bwd shared prefix (x{t_text / t_shared:.2f} speed-up)",
+                   t_shared, float("nan"), 2 * C, "prompts/s")
             report(f"{name}     image tower with VPT / adapter fwd+bwd", t_img, float("nan"), B)
             report(f"{name}     losses fwd+bwd", t_loss, float("nan"))
             report(f"{name}     optimizer step", t_opt, float("nan"))
@@ -235,6 +251,126 @@ def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_
         del clip, models
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def craft_generation(clip, C, device, amp, popsize=40, shots=16, seed=0):
+    """(ours, official, k, v, y, refiner): one generation's fitness evaluations as two functions;
+    official(k) evaluates the first k candidates one at a time at 77 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    classnames = [f"class number {i}" for i in range(C)]
+    box = craft.BlackBox(clip, classnames, device, amp)
+    N = shots * C
+    box._images["view"] = torch.randn(N, clip.cfg.embed_dim, generator=g).to(device)  # pre-extracted (bench only)
+    y = torch.randint(0, C, (N,), generator=g).to(device)
+    p0 = box.word_embeddings("a photo of a").to(device)
+    gen = craft.PromptGenerator(p0, 512, 0.2, seed)
+    Z = torch.randn(popsize, 512, generator=g)
+    refiner = craft.Refiner(C).to(device)
+
+    def ours():
+        box.forget()
+        return craft.fitness(box.logits(gen(Z), "view"), y, refiner, 0.1)
+
+    tokens = clip_model.tokenize([f"a photo of a {c}." for c in classnames], clip.context_length).to(device)
+    emb = clip.token_embedding(tokens).detach()  # [C, 77, width]
+    v = clip_model.unit(box._images["view"])
+
+    @torch.no_grad()
+    def official(k=popsize):
+        f = []
+        for z in Z[:k]:  # the official loop: one candidate (C prompts at full length) per call
+            e = emb.clone()
+            e[:, 1:1 + len(p0)] = gen(z[None])[0]
+            with torch.autocast(**amp):
+                t = clip_model.unit(clip.encode_text(tokens, embeddings=e, full_length=True))
+            f.append(craft.fitness((100 * v @ t.T)[None], y, refiner, 0.1))
+        return torch.cat(f)
+    return ours, official
+
+
+def allocation_peak(fn, device):
+    """Peak memory (MiB) that fn allocates above what was allocated before it: the CUDA allocator's
+    peak on a GPU; on a CPU, the maximum of the running sum of every allocation and free that the
+    profiler records, in time order (an RSS reading would mostly show the allocator's caching)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    running = top = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += e.self_cpu_memory_usage  # allocations minus frees inside the op itself
+        top = max(top, running)
+    return top / 2 ** 20
+
+
+def training_step(kind, clip, C, device, amp):
+    """One training step: CraFT (a generation's fitness + a refiner step on 256 images) or
+    white-box CoOp (a step on 32 images, gradients through the text tower)."""
+    R = clip.visual.resolution
+    classnames = [f"class number {i}" for i in range(C)]
+    if kind == "craft":
+        ours, _ = craft_generation(clip, C, device, amp)
+        box = craft.BlackBox(clip, classnames, device, amp)
+        refiner = craft.Refiner(C).to(device)
+        opt = torch.optim.Adam(refiner.parameters(), 1e-3)
+        ctx = box.word_embeddings("a photo of a")[None].to(device)
+        x, y = torch.randn(256, 3, R, R, device=device), torch.randint(0, C, (256,), device=device)
+
+        def step():
+            ours()
+            loss = craft.refinement_loss(box.logits(ctx, x)[0], y, refiner, 0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+    sos, suffix = (t.to(device) for t in craft.prompt_parts(clip, classnames))
+    model = craft.CoOp(torch.randn(4, clip.cfg.transformer_width) * 0.02).to(device)
+    opt = torch.optim.SGD(model.parameters(), 2e-3, momentum=0.9)
+    x, y = torch.randn(32, 3, R, R, device=device), torch.randint(0, C, (32,), device=device)
+
+    def step():
+        with torch.autocast(**amp):
+            with torch.no_grad():
+                v = clip_model.unit(clip.encode_image(x))
+            t = craft.class_text_features(clip, sos, suffix, model.ctx[None])[0]
+            loss = F.cross_entropy(100 * clip_model.similarity(v, t), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
+def craft_costs(names, classes, steps, device, amp, report, official_candidates):
+    """CraFT's costs per backbone and class count (module docstring, section craft)."""
+    for name in names:
+        torch.manual_seed(0)
+        clip = clip_model.CLIP(clip_model.CONFIGS[name]).to(device).eval().requires_grad_(False)
+        print(f"{name} CraFT: one generation = 40 candidates x C classes on 16 x C image features", flush=True)
+        for C in classes:
+            ours, official = craft_generation(clip, C, device, amp)
+            with torch.no_grad():
+                diff = (ours() - official()).abs().max().item() if C <= 10 else float("nan")
+            k = min(official_candidates, 40)
+            t_ours, _ = time_per_call(ours, steps, device)
+            t_off = time_per_call(lambda: official(k), steps, device)[0] * 40 / k  # a sequential loop: linear in k
+            report(f"{name} C={C} generation, official loop (77 tokens; {k} of 40 timed)", t_off, n=40 * C,
+                   unit="prompts/s")
+            report(f"{name} C={C} generation, ours (x{t_off / t_ours:.1f} faster)", t_ours, n=40 * C, unit="prompts/s")
+            if diff == diff:
+                print(f"  fitness difference official vs ours: {diff:.1e}", flush=True)
+            refiner = sum(p.numel() for p in craft.Refiner(C).parameters())
+            ctx = 4 * clip.cfg.transformer_width
+            mem_craft, mem_coop = (allocation_peak(training_step(kind, clip, C, device, amp), device)
+                                   for kind in ("craft", "coop"))
+            print(f"  deployer keeps: CraFT p {ctx} + refiner {refiner} = {ctx + refiner} numbers (or z 512 + seed of A); "
+                  f"CoOp p {ctx} + white-box access to the model's {sum(p.numel() for p in clip.parameters())}", flush=True)
+            print(f"  peak memory of a training step above the loaded model: CraFT {mem_craft:.0f} MiB, CoOp {mem_coop:.0f} MiB "
+                  f"(x{mem_coop / max(mem_craft, 1e-9):.2f})", flush=True)
 
 
 def reference(names, batch, classes, steps, device, amp):
@@ -306,6 +442,8 @@ def main(argv=None):
       help="images in the generation pass (default 4096 GPU, 32 CPU)")
     a("--steps", type=train.number(int, 1), default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (coft)")
+    a("--official-candidates", type=train.number(int, 1), default=None,
+      help="craft: candidates of the official loop actually timed (then x40/k; default 40 GPU, 2 CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -332,6 +470,9 @@ def main(argv=None):
             towers(names, batch, args.prompts, steps, device, amp, report)
         if "coft" in sections:
             coft_stages(names, batch, classes, images, steps, device, amp, report, args.grad_checkpointing)
+        if "craft" in sections:
+            craft_costs(names, classes, steps, device, amp, report,
+                        args.official_candidates or (40 if gpu else 2))
         if "ref" in sections:
             reference(names, batch, classes, steps, device, amp)
     if len(precisions) > 1:  # each figure's time at every precision, and the speed-up over the first

@@ -8,6 +8,8 @@ the project: data.py and the methods build on it, never the other way round.
 - The two hooks CoFT needs (and CraFT's black box wraps):
   * `encode_text(tokens, embeddings=...)` takes token *embeddings* (learnable contexts placed
     before each class name, CoOp style) and runs only up to the longest EOT in the batch;
+    `encode_text_shared(prefix, suffix_tokens)` encodes every (context, class) pair computing each
+    context's prefix once (exact, by causality);
   * `encode_image(images, vpt=...)` takes visual prompt tokens (VPT shallow or deep).
 - Byte-level BPE tokenizer on the vendored `assets/bpe_simple_vocab_16e6.txt.gz`.
 - `load(name_or_path)`: TorchScript archives and plain state dicts, SHA256 check, resumable
@@ -83,6 +85,26 @@ class MultiheadAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, L, W)  # [B, L, W]
         return self.out_proj(y)
 
+    def forward_shared(self, xp, xs):
+        """Causal attention over P prompts of C suffixes sharing P prefixes (CLIP.encode_text_shared).
+        xp: [P, Lp, W] prefix positions, xs: [P, C, Ls, W] suffix positions -> (yp, ys), same shapes.
+        The prefix attends causally to itself; suffix position j attends to all Lp prefix keys of its
+        context and to its own class's suffix positions 0..j."""
+        (P, Lp, W), (C, Ls), H = xp.shape, xs.shape[1:3], self.heads
+        qp, kp, vp = (t.view(P, Lp, H, W // H).transpose(1, 2)  # [P, H, Lp, W/H]
+                      for t in F.linear(xp, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+        qs, ks, vs = (t.reshape(P * C, Ls, H, W // H).transpose(1, 2)  # [P*C, H, Ls, W/H]
+                      for t in F.linear(xs, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+        yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # [P, H, Lp, W/H]
+        # each class's keys/values: its context's prefix (broadcast over the C classes), then its own suffix
+        k, v = (torch.cat([p[:, None].expand(P, C, H, Lp, W // H).reshape(P * C, H, Lp, W // H), s], dim=2)
+                for p, s in ((kp, ks), (vp, vs)))  # [P*C, H, Lp+Ls, W/H]
+        mask = torch.ones(Ls, Lp + Ls, dtype=torch.bool, device=xs.device).tril(Lp)  # [Ls, Lp+Ls]: prefix, then causal
+        ys = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask)  # [P*C, H, Ls, W/H]
+        yp = yp.transpose(1, 2).reshape(P, Lp, W)  # [P, Lp, W]
+        ys = ys.transpose(1, 2).reshape(P, C, Ls, W)  # [P, C, Ls, W]
+        return self.out_proj(yp), self.out_proj(ys)
+
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
@@ -101,6 +123,12 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), causal=causal)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_shared(self, xp, xs):
+        """The block on a shared prefix xp [P, Lp, W] and its suffixes xs [P, C, Ls, W] (causal)."""
+        yp, ys = self.attn.forward_shared(self.ln_1(xp), self.ln_1(xs))
+        xp, xs = xp + yp, xs + ys
+        return xp + self.mlp(self.ln_2(xp)), xs + self.mlp(self.ln_2(xs))
+
 
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads):
@@ -109,16 +137,24 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
         self.grad_checkpointing = False  # trade compute for memory (ViT-L/14 fine-tuning)
 
-    def run_block(self, i, x, causal):
-        block = self.resblocks[i]
+    def maybe_checkpoint(self, fn, *args):
         if self.grad_checkpointing and torch.is_grad_enabled():  # also for a frozen tower that passes gradients to prompts
-            return torch.utils.checkpoint.checkpoint(block, x, causal, use_reentrant=False)
-        return block(x, causal)
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def run_block(self, i, x, causal):
+        return self.maybe_checkpoint(self.resblocks[i], x, causal)
 
     def forward(self, x, causal=False):
         for i in range(self.layers):
             x = self.run_block(i, x, causal)
         return x
+
+    def forward_shared(self, xp, xs):
+        """Causal: a shared prefix xp [P, Lp, W] and its suffixes xs [P, C, Ls, W] -> both, transformed."""
+        for block in self.resblocks:
+            xp, xs = self.maybe_checkpoint(block.forward_shared, xp, xs)
+        return xp, xs
 
 
 # -----------------------------------------------------------------------------
@@ -357,6 +393,32 @@ class CLIP(nn.Module):
         x = x + self.positional_embedding[:L].to(x.dtype)  # [N, L, width]
         x = self.ln_final(self.transformer(x, causal=True))
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # [N, width]
+        return x @ self.text_projection
+
+    def encode_text_shared(self, prefix, suffix_tokens, suffix_embeddings=None):
+        """encode_text of the P*C prompts [prefix_p, suffix_c] (every context with every class),
+        computing each shared prefix once. prefix: [P, Lp, width] input embeddings of positions
+        0..Lp-1 (SOT + learnable context); suffix_tokens: [C, Ls'] the ids at positions Lp.. (class
+        name, ".", EOT, padding; EOT = the largest id); suffix_embeddings: optional [C, Ls', width]
+        to use instead of looking the ids up. Returns [P, C, embed_dim].
+
+        Exact: attention is causal, so at every layer a prefix position's hidden state depends only
+        on the prefix, the same for all C classes. We run the P prefixes once and only the
+        suffixes per class, each suffix position attending to its context's prefix keys/values (as
+        a KV cache shared by the classes) and causally to its own suffix; as in encode_text, the
+        suffixes stop at the longest EOT. Per layer that is P*Lp + P*C*Ls positions instead of
+        P*C*(Lp+Ls): with CoOp's 16 context tokens and short class names, 3-4x fewer."""
+        (P, Lp, W), C = prefix.shape, suffix_tokens.shape[0]
+        eot = suffix_tokens.argmax(dim=-1)  # [C], positions within the suffix
+        Ls = int(eot.max()) + 1
+        if Lp + Ls > self.context_length:
+            raise CLIPError(f"a prompt is {Lp + Ls} tokens ({Lp} prefix + {Ls} suffix up to its EOT), longer than "
+                            f"the context of {self.context_length}")
+        xs = self.token_embedding(suffix_tokens[:, :Ls]) if suffix_embeddings is None else suffix_embeddings[:, :Ls]
+        xs = xs + self.positional_embedding[Lp:Lp + Ls].to(xs.dtype)  # [C, Ls, W]
+        xp = prefix + self.positional_embedding[:Lp].to(prefix.dtype)  # [P, Lp, W]
+        _, xs = self.transformer.forward_shared(xp, xs.to(xp.dtype).expand(P, C, Ls, W))  # [P, C, Ls, W]
+        x = self.ln_final(xs[:, torch.arange(C, device=xs.device), eot])  # [P, C, W]
         return x @ self.text_projection
 
     def forward(self, images, tokens):

@@ -51,8 +51,10 @@ from train import RunError, cell, fit, number, seed_of
 class PromptLearner(nn.Module):
     """CoOp-style learnable contexts, class token at the end (paper Eq. 2-3):
         positive  [V+_1 .. V+_M] [CLASS_k] .      negative  [V-_1 .. V-_M] [CLASS_k] .
-    Both context sets are shared by all classes. The 2C prompts go through the text tower in one
-    batched call, which runs only up to the longest EOT (clip_model.CLIP.encode_text)."""
+    Both context sets are shared by all classes, so the text tower runs each context's
+    [SOT, V_1 .. V_M] once and only the C class suffixes per context, attending to it
+    (clip_model.CLIP.encode_text_shared; exact, as attention is causal), up to the longest EOT.
+    `prompt_embeddings()` gives the same 2C prompts whole, for encode_text."""
 
     def __init__(self, clip, classnames, M=16, ctx_init=None, std=0.02):
         super().__init__()
@@ -93,11 +95,12 @@ class PromptLearner(nn.Module):
         return self.tokens.repeat(2, 1), emb
 
     def forward(self, clip):
-        """-> (t_pos, t_neg): normalised text embeddings [C, D] of the two prompt sets."""
-        tokens, emb = self.prompt_embeddings()
-        t = unit(clip.encode_text(tokens, embeddings=emb))  # [2C, D]
-        C = self.tokens.shape[0]
-        return t[:C], t[C:]
+        """-> (t_pos, t_neg): normalised text embeddings [C, D] of the two prompt sets; equal to
+        encode_text of prompt_embeddings() (to float rounding)."""
+        ctx = torch.stack([self.ctx_pos, self.ctx_neg]).to(self.prefix.dtype)  # [2, M, width]
+        prefix = torch.cat([self.prefix[:1].expand(2, -1, -1), ctx], dim=1)  # [2, 1+M, width]: SOT, context
+        t = unit(clip.encode_text_shared(prefix, self.tokens[:, 1 + self.M:], self.suffix))  # [2, C, D]
+        return t[0], t[1]
 
 
 class VPT(nn.Module):
@@ -405,23 +408,12 @@ PHASE2_KEYS = SGD_KEYS + ("method", "rounds", "fft_epochs", "fft_lr", "fft_aug",
                           "head_init", "contrast", "gamma", "mu", "tau_c", "queue")
 
 
-def backbone_id(name):
-    """A backbone as a run's config records it: a released model's name (its file's sha256 is
-    checked whenever it is loaded), the stand-in's cache file (named by its settings' hash), or a
-    checkpoint file's own sha256 (so moving the file does not matter, changing it does)."""
-    if name is None or name in clip_model.CHECKPOINTS:
-        return name
-    if name == standin.NAME:
-        return f"demo ({standin.path().name})"
-    return "sha256:" + clip_model.sha256_of(name)[:16]
-
-
 def run_config(args, task, prompts):
     """Every setting that can change a number of this run, with the data, the zero-shot prompts
     and the backbones recorded by content."""
     config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
-    config.update(data=data.fingerprint(task, args.data_root), clip=backbone_id(args.clip),
-                  fft_backbone=backbone_id(args.fft_backbone),
+    config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip),
+                  fft_backbone=standin.backbone_id(args.fft_backbone),
                   zero_shot_prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16])
     return config
 
@@ -698,20 +690,14 @@ def ensemble(run, probs):
 # Baselines, in the same run folder layout and table
 
 
-def linear_probe(run, steps=500, weight_decay=1e-4):
+def linear_probe(run):
     """Reference ceiling (--method probe): multinomial logistic regression on the frozen,
-    normalised image features, fitted with the TRUE train labels (full batch, Adam)."""
+    normalised image features, fitted with the TRUE train labels (train.logistic_regression)."""
     def encode(x):
         return unit(run.clip.encode_image(x))
     f_train, f_eval = run.scores(encode, run.unlabelled), run.scores(encode, run.evaluated)
-    head = nn.Linear(f_train.shape[1], int(run.y_true.max()) + 1)
-    opt = torch.optim.Adam(head.parameters(), lr=0.05, weight_decay=weight_decay)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(head(f_train * 10), run.y_true).backward()  # x10: unit-norm features need a larger scale
-        opt.step()
-    with torch.no_grad():
-        run.metrics["probe_acc"] = train.accuracy(head(f_eval * 10), run.y_eval)
+    head = train.logistic_regression(f_train, run.y_true, len(run.task.classnames))
+    run.metrics["probe_acc"] = train.accuracy(head(f_eval), run.y_eval)
     print(f"linear probe on frozen features, trained with the TRUE train labels (a ceiling for reference, "
           f"not a label-free method): {run.metrics['probe_acc']:.2f}", flush=True)
 
@@ -822,9 +808,7 @@ def check_args(args):
         raise RunError(f"--restart discards the run in --out, so there would be nothing for "
                        f"{'--eval-only' if args.eval_only else '--phase 2'} to use: drop one of them")
     for flag, name in (("--clip", args.clip), ("--fft-backbone", args.fft_backbone)):
-        if name and name != standin.NAME and name not in clip_model.CHECKPOINTS and not Path(name).is_file():
-            raise RunError(f"{flag} {name!r} is neither a released model ({', '.join(clip_model.CHECKPOINTS)}), "
-                           f"demo, nor a checkpoint file")
+        standin.check_backbone(flag, name)
 
 
 def check_fft_init(args, clip, ft_clip):

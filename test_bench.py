@@ -14,7 +14,7 @@ def test_bench_prints_every_section_and_stage(capsys):
     bench.main(["--sections", "towers,coft", *TINY])
     out = capsys.readouterr().out
     for stage in ("image tower fwd+bwd", "text tower fwd+bwd up to EOT", "text tower fwd+bwd at 77 tokens",
-                  "(a) image tower", "(b) Phase-I step, C=3", "at full length", "losses", "optimizer",
+                  "(a) image tower", "(b) Phase-I step, C=3", "at full length", "shared prefix", "losses", "optimizer",
                   "(c) Phase-II step, batch 4 + momentum", "(d) generation pass"):
         for model in ("tiny-vit", "tiny-rn"):  # once per model
             assert re.search(rf"{model}\S* .*{re.escape(stage)}", out), (model, stage)
@@ -50,3 +50,12 @@ def test_bench_reference_side_by_side(capsys):
 def test_vit_flops_known_value():
     # ViT-B/16 at 224px: ~35.1 GFLOPs forward (../shared/spec/clip-and-data.md) without the projection
     assert bench.vit_flops(cm.CONFIGS["ViT-B/16"]) / 1e9 == pytest.approx(35.1, rel=0.02)
+
+
+def test_bench_craft_generation_official_vs_ours(capsys):
+    """The two ways of evaluating a generation compute the same fitnesses; the memory lines print."""
+    bench.main(["--sections", "craft", "--models", "tiny-vit", "--classes", "3", "--steps", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "generation, official loop (77 tokens; 2 of 40 timed)" in out and re.search(r"ours \(x[0-9.]+ faster\)", out)
+    assert float(re.search(r"fitness difference official vs ours: ([0-9.e+-]+)", out).group(1)) < 1e-4
+    assert "deployer keeps: CraFT p 256 + refiner" in out and re.search(r"CraFT \d+ MiB, CoOp \d+ MiB", out)

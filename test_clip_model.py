@@ -234,6 +234,67 @@ def test_prompt_embeddings_receive_gradients():
     assert ctx.grad is not None and ctx.grad.abs().sum() > 0
 
 
+# the class names differ in length, the last one by far (15 tokens, the others 1-3)
+SHARED_NAMES = ["cat", "red sports car", "x", "a very long class name that takes many more tokens than all of the others"]
+
+
+def shared_and_plain(m, ctx, names=SHARED_NAMES):
+    """The P*C prompts 'SOT ctx_p name_c . EOT' (ctx [P, M, W]) encoded both ways, each [P, C, D]:
+    encode_text_shared(prefix, suffix ids), and encode_text of the full prompts' embeddings."""
+    (P, M, _), C = ctx.shape, len(names)
+    tokens = cm.tokenize([" ".join(["X"] * M) + f" {n}." for n in names], m.context_length)  # [C, L]
+    emb = m.token_embedding(tokens).detach()  # [C, L, W]
+    full = emb.repeat(P, 1, 1)  # [P*C, L, W]: context p's prompts are rows p*C .. p*C + C-1
+    full = torch.cat([full[:, :1], ctx.repeat_interleave(C, dim=0), full[:, 1 + M:]], dim=1)
+    plain = m.encode_text(tokens.repeat(P, 1), embeddings=full).view(P, C, -1)
+    prefix = torch.cat([emb[:1, :1].expand(P, -1, -1), ctx], dim=1)  # [P, 1+M, W]: SOT, context
+    return m.encode_text_shared(prefix, tokens[:, 1 + M:]), plain
+
+
+@pytest.mark.parametrize("P,heads", [(1, 1), (3, 1), (3, 4)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prefix_text_encoding_equals_plain(P, heads, checkpointing, monkeypatch):
+    """Shared-prefix encoding = encode_text of the P*C full prompts, features and gradients (to the
+    contexts, the positional embedding and a block's weights), with and without checkpointing."""
+    m = randomized("tiny-vit", context_length=77, transformer_heads=heads)
+    m.transformer.grad_checkpointing = checkpointing
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    lengths = [len(cm.tokenizer().encode(n)) for n in SHARED_NAMES]
+    assert max(lengths) >= 5 * sorted(lengths)[-2]
+    ctx = (0.5 * torch.randn(P, 4, m.cfg.transformer_width, generator=torch.Generator().manual_seed(2))).requires_grad_()
+    shared, plain = shared_and_plain(m, ctx)
+    assert len(calls) == (2 * m.transformer.layers if checkpointing else 0)  # every block of both paths
+    assert shared.shape == (P, len(SHARED_NAMES), m.cfg.embed_dim)
+    assert (shared - plain).abs().max() < 1e-5
+    w = torch.randn(shared.shape, generator=torch.Generator().manual_seed(3))
+    wrt = [ctx, m.positional_embedding, m.transformer.resblocks[0].attn.in_proj_weight]
+    for a, b in zip(torch.autograd.grad((shared * w).sum(), wrt), torch.autograd.grad((plain * w).sum(), wrt)):
+        assert b.abs().max() > 0 and (a - b).abs().max() < 1e-5 * b.abs().max()
+
+
+def test_shared_prefix_text_encoding_fills_the_context_and_refuses_more():
+    m = randomized("tiny-vit")  # context 16: SOT + 4 contexts + 9 name tokens + "." + EOT fill it
+    ctx = torch.randn(2, 4, m.cfg.transformer_width, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        shared, plain = shared_and_plain(m, ctx, ["a b c d e f g h i", "cat"])
+        assert (shared - plain).abs().max() < 1e-5
+        suffix = cm.tokenize(["X X X X a b c d e f g h i."], m.context_length)[:, 5:]
+        with pytest.raises(cm.CLIPError, match="longer than the context of 16"):
+            m.encode_text_shared(torch.zeros(1, 6, m.cfg.transformer_width), suffix)  # one prefix token more
+
+
+def test_shared_prefix_text_encoding_under_bf16_autocast():
+    m = randomized("tiny-vit", context_length=77, transformer_heads=4)
+    ctx = torch.randn(3, 4, m.cfg.transformer_width, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, plain = shared_and_plain(m, ctx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            shared, _ = shared_and_plain(m, ctx)
+    assert shared.dtype == torch.bfloat16
+    assert F.cosine_similarity(shared.float(), plain, dim=-1).min() > 0.99
+
+
 def test_zero_vpt_tokens_equal_plain_vit_and_prompts_act():
     m = randomized("tiny-vit", vision_layers=3)
     x, _ = inputs(m)

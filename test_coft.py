@@ -161,6 +161,26 @@ def test_prompt_learner_matches_hand_built_prompts():
     assert pl2.M == 4 and torch.equal(pl2.ctx_pos, pl2.ctx_neg)
 
 
+def test_prompt_learner_shared_prefix_equals_plain_encoding():
+    """forward (each context's prefix computed once, clip_model.CLIP.encode_text_shared) equals
+    encode_text of prompt_embeddings(), the 2C prompts whole: features and context gradients, with
+    class names of different lengths."""
+    clip = tiny_backbone()
+    pl = coft.PromptLearner(clip, ["zero", "one hundred", "a much longer class name here"], M=4)
+    with torch.no_grad():
+        pl.ctx_pos.normal_(generator=torch.Generator().manual_seed(0))
+        pl.ctx_neg.normal_(generator=torch.Generator().manual_seed(1))
+    t_pos, t_neg = pl(clip)
+    tokens, emb = pl.prompt_embeddings()
+    ref = F.normalize(clip.encode_text(tokens, embeddings=emb), dim=-1)  # [2C, D]
+    shared = torch.cat([t_pos, t_neg])
+    assert (shared - ref).abs().max() < 1e-5 and not torch.allclose(t_pos, t_neg)
+    w = torch.randn(shared.shape, generator=torch.Generator().manual_seed(2))
+    ctx = [pl.ctx_pos, pl.ctx_neg]
+    for a, b in zip(torch.autograd.grad((shared * w).sum(), ctx), torch.autograd.grad((ref * w).sum(), ctx)):
+        assert b.abs().max() > 0 and (a - b).abs().max() < 1e-5 * b.abs().max()
+
+
 def test_similarity_logits_are_fp32_under_bf16_autocast():
     """Under (CPU) bf16 autocast the towers run in bf16, but every normalised-feature product is
     fp32: zero-shot logits, s+ / s- and the Phase-I loss, the Phase-II head, InfoNCE. Each is
