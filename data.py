@@ -151,6 +151,8 @@ def make_transform(kind, resolution, task):
     """test: CLIP's transform (clip_model.preprocess).
     weak: DeFT's (resize to 8/7 of the resolution, random crop, flip where the data allows).
     strong: random resized crop, flip where allowed, RandAugment.
+    crop: random resized crop of 50-100% of the area, flip where allowed (CraFT's and Tip-Adapter's
+    few-shot augmentation).
     Works on PIL images and on uint8 tensors alike (torchvision.transforms.v2)."""
     if kind == "test":
         return clip_model.preprocess(resolution)
@@ -159,6 +161,8 @@ def make_transform(kind, resolution, task):
     if kind == "weak":
         body = [v2.Resize(round(resolution * 8 / 7), interpolation=bicubic, antialias=True),
                 v2.RandomCrop(resolution)] + flip
+    elif kind == "crop":
+        body = [v2.RandomResizedCrop(resolution, scale=(0.5, 1.0), interpolation=bicubic, antialias=True)] + flip
     elif kind == "strong":
         body = [v2.RandomResizedCrop(resolution, scale=(0.5, 1.0), interpolation=bicubic, antialias=True)] + flip + \
                [v2.RandAugment()]
@@ -619,6 +623,22 @@ def load_task(name, root=None):
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(TASK_NAMES)}")
     check_classnames(task.classnames, name)
     return task
+
+
+def few_shot(task, shots, seed):
+    """CoOp's few-shot protocol: `shots` train images per class, drawn at random with `seed`.
+    Returns indices into task.train (class by class). A class with fewer images is named."""
+    y = torch.tensor([label for _, label in task.train])
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for k, name in enumerate(task.classnames):
+        idx = (y == k).nonzero().squeeze(1)
+        if len(idx) < shots:
+            fewest = min(int((y == c).sum()) for c in range(len(task.classnames)))
+            raise DataError(f"--shots {shots}: class {name!r} of {task.name} has only {len(idx)} train images; "
+                            f"use --shots {fewest} or fewer")
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:shots]])
+    return torch.cat(picked)
 
 
 def prompt_name(classname):

@@ -381,6 +381,25 @@ def resolve(name, cache_dir=None):
     return build(cache_dir) if name == NAME else name
 
 
+def check_backbone(flag, name):
+    """A --clip-like flag's value must be a released model, the stand-in, or a checkpoint file:
+    refused in one line before anything is loaded."""
+    if name and name != NAME and name not in clip_model.CHECKPOINTS and not Path(name).is_file():
+        raise train.RunError(f"{flag} {name!r} is neither a released model ({', '.join(clip_model.CHECKPOINTS)}), "
+                             f"{NAME}, nor a checkpoint file")
+
+
+def backbone_id(name):
+    """A backbone as a run's config records it: a released model's name (its file's sha256 is
+    checked whenever it is loaded), the stand-in's cache file (named by its settings' hash), or a
+    checkpoint file's own sha256 (so moving the file does not matter, changing it does)."""
+    if name is None or name in clip_model.CHECKPOINTS:
+        return name
+    if name == NAME:
+        return f"demo ({path().name})"
+    return "sha256:" + clip_model.sha256_of(name)[:16]
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="build (or find in the cache) the offline stand-in CLIP")
     p.add_argument("--rebuild", action="store_true", help="pretrain again even if cached")

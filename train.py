@@ -152,6 +152,20 @@ def accuracy(scores, y):
     return 100.0 * (scores.argmax(1) == y).float().mean().item()
 
 
+def logistic_regression(f, y, classes, steps=500, lr=0.05, weight_decay=1e-4, scale=10.0):
+    """The linear-probe reference: multinomial logistic regression on unit-norm features f [N, D]
+    with labels y [N], full batch, Adam (`scale`: unit-norm features need larger logits).
+    Returns a function features -> logits [M, classes]."""
+    head = torch.nn.Linear(f.shape[1], classes)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(f * scale), y).backward()
+        opt.step()
+    head.requires_grad_(False)
+    return lambda g: head(g * scale)
+
+
 # -----------------------------------------------------------------------------
 # Run folders: config.json, stages/<tag>.pt and stages/<tag>.ckpt, the method's outputs
 
@@ -466,6 +480,8 @@ def cell(x, sd=None):
         return "-"
     if isinstance(x, list):
         return "/".join(cell(v) for v in x)
+    if isinstance(x, int):  # counts (queries, shots)
+        return str(x)
     return f"{x:.1f}" + ("" if sd is None else f"±{sd:.1f}")
 
 

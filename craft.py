@@ -1,0 +1,581 @@
+"""
+CraFT: collaborative fine-tuning of a black-box CLIP (Wang, Liang, He, Wang, Tan, "Connecting
+the Dots: Collaborative Fine-tuning for Black-Box Vision-Language Models", ICML 2024,
+arXiv 2402.04050; official code github.com/mrflogs/CraFT).
+
+Few-shot classification with a CLIP we may only query: send a soft prompt context and images,
+get back the logits 100 * cos(image, class text). Two modules are trained without ever seeing a
+weight or a gradient of the model:
+  - prompt generation (input side): p = p0 + reshape(A z), z searched by CMA-ES (cmaes.py);
+  - prediction refinement (output side): a residual MLP on the logits, y_hat = l + g(l);
+and they train collaboratively: per generation, one CMA-ES generation with the MLP frozen, then
+one MLP epoch with the prompt frozen, each with a KL term that keeps the other module's
+prediction in view (the prediction-consistent loss).
+
+    python craft.py --dataset dtd --data-root DATA --clip RN50 --shots 16 --out runs/craft-dtd
+    python craft.py --clip demo --shots 16 --method bbt       the offline digits, BBT baseline
+    python craft.py --table runs/craft/*                      results table of finished runs
+
+Methods (--method): craft; bbt (the CMA-ES prompt alone, CE fitness); mlp (the refinement MLP
+alone, prompt fixed at p0); coop (white-box prompt tuning with gradients through our CLIP, the
+reference the paper compares to); probe (logistic regression on the shots' image features).
+Every run also reports zero-shot accuracy (dataset template, and p0 = the search's start).
+"""
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip_model
+import data
+import standin
+import train
+from cmaes import CMAES
+from clip_model import unit
+from train import RunError, number, seed_of
+
+# -----------------------------------------------------------------------------
+# The black box
+
+
+def prompt_parts(clip, classnames):
+    """The fixed parts of every class prompt "[SOS] p_1 .. p_n {class}.": the [SOS] input
+    embedding [width] and the ids after the context, "{class}. [EOT]" [C, L-1]."""
+    tokens = clip_model.tokenize([name.replace("_", " ") + "." for name in classnames], clip.context_length)
+    return clip.token_embedding.weight[tokens[0, 0]].detach(), tokens[:, 1:]
+
+
+def class_text_features(clip, sos, suffix, contexts):
+    """Unit text features [P, C, D] of the prompts "[SOS] p {class}." for P contexts p [P, n, width]:
+    the shared prefix [SOS, p] is encoded once per context (clip_model.CLIP.encode_text_shared)."""
+    prefix = torch.cat([sos.to(contexts)[None, None].expand(len(contexts), 1, -1), contexts], dim=1)  # [P, 1+n, width]
+    return unit(clip.encode_text_shared(prefix, suffix))
+
+
+class BlackBox:
+    """Our CLIP served as a black box (the paper's setting): a user sends soft prompt contexts
+    [P, n, width] and images and receives the logits scale * cos(v, t_k) [P, B, C], computed under
+    no_grad. No parameter, feature or gradient leaves it. It counts its work: `queries["prompts"]`
+    = contexts whose C class prompts went through the text tower (the budget counts the search's
+    share of these; the official code counts only those), `queries["images"]` = images encoded.
+    Like a service with file upload, `upload` keeps a set's image embeddings for later queries
+    (the official code's pre-extracted features), each image encoded (and counted) once."""
+
+    def __init__(self, clip, classnames, device, amp, scale=100.0, eval_batch=256):
+        self._clip = clip.eval().requires_grad_(False)
+        self._device, self._amp, self._eval_batch = device, amp, eval_batch
+        self._classnames = list(classnames)
+        self.scale = scale
+        sos, suffix = prompt_parts(clip, classnames)
+        self._sos, self._suffix = sos.to(device), suffix.to(device)
+        self._images = {}
+        self._last = None  # (contexts, text features) of the last prompt query
+        # text-tower batch: at most ~4096 prompts (contexts x classes) per call
+        self._chunk = max(1, 4096 // len(classnames))
+        self.queries = {"prompts": 0, "images": 0}
+
+    def word_embeddings(self, words):
+        """The input embeddings [n, width] of `words` (no [SOS]/[EOT]): the vocabulary a prompt is
+        written in, which the paper's setting hands to the user (p0); not a query."""
+        ids = clip_model.tokenizer().encode(words)
+        return self._clip.token_embedding.weight[ids].detach().clone()
+
+    def forget(self):
+        """Drop the remembered last prompt (a new generation queries its prompt afresh)."""
+        self._last = None
+
+    @torch.no_grad()
+    def _text(self, contexts):
+        contexts = contexts.to(self._device, torch.float32)
+        if self._last is not None and torch.equal(self._last[0], contexts):
+            return self._last[1]
+        with torch.autocast(**self._amp):
+            t = torch.cat([class_text_features(self._clip, self._sos, self._suffix, c)
+                           for c in contexts.split(self._chunk)])  # [P, C, D]
+        self.queries["prompts"] += len(contexts)
+        self._last = (contexts.clone(), t)
+        return t
+
+    @torch.no_grad()
+    def _encode(self, x):
+        with torch.autocast(**self._amp):
+            v = self._clip.encode_image(x.to(self._device, non_blocking=True))
+        self.queries["images"] += len(x)
+        return v.float()
+
+    @torch.no_grad()
+    def upload(self, name, dataset, workers=0):
+        """Keep the image embeddings of `dataset` ((image, label, index) items) under `name`."""
+        loader = train.loader(dataset, self._eval_batch, 0, workers=workers)
+        self._images[name] = torch.cat([self._encode(x) for x, _, _ in loader])  # [N, D]
+
+    @torch.no_grad()
+    def logits(self, contexts, images, raw=False):
+        """Logits [P, B, C] (fp32) for contexts [P, n, width] and images: an uploaded set's name or
+        a batch [B, 3, R, R]. raw=True reproduces the official code's MLP step, whose image
+        features are not normalised: scale * v.t / |t| instead of scale * cos(v, t)."""
+        v = self._images[images] if isinstance(images, str) else self._encode(images)
+        v = v if raw else unit(v)  # [B, D]
+        t = self._text(contexts)  # [P, C, D]
+        with torch.autocast(self._device.type, enabled=False):
+            return self.scale * v.float() @ t.float().transpose(1, 2)
+
+    @torch.no_grad()
+    def hard_prompt_logits(self, template, images):
+        """Logits [B, C] of a hand-written prompt ("a photo of a {}.") for an uploaded set: the
+        zero-shot reference. One prompt query."""
+        prompts = clip_model.class_prompts(self._classnames, [template])
+        with torch.autocast(**self._amp):
+            t = clip_model.text_classifier(self._clip, prompts, self._device)  # [C, D]
+        self.queries["prompts"] += 1
+        return self.scale * clip_model.similarity(unit(self._images[images]), t)
+
+
+# -----------------------------------------------------------------------------
+# The two modules and their losses
+
+
+class PromptGenerator:
+    """Input side: p = p0 + reshape(A z) (BBT's random projection): p0 [n, width] the embeddings of
+    "a photo of a", A [n*width, d] fixed, entries N(0, std^2), so the search runs in d dimensions
+    (intrinsic dimension, 512) instead of n*width."""
+
+    def __init__(self, p0, d, std, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.p0 = p0.float()
+        self.A = (torch.randn(p0.numel(), d, generator=g) * std).to(p0.device)  # [n*width, d]
+
+    def __call__(self, z):
+        """z [P, d] -> contexts [P, n, width]."""
+        return self.p0 + (z.to(self.A) @ self.A.T).view(len(z), *self.p0.shape)
+
+
+class Refiner(nn.Module):
+    """Output side: residual prediction refinement y_hat = l + g(l), g = W2 relu(W1 l + b1) + b2
+    on the logit vector (hidden 256; 512 on ImageNet), PyTorch's default initialisation as in the
+    official code."""
+
+    def __init__(self, classes, hidden=256):
+        super().__init__()
+        self.g = nn.Sequential(nn.Linear(classes, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, l):
+        return l + self.g(l)
+
+
+def kl(p_logits, q_logits):
+    """KL(softmax(p) || softmax(q)) summed over classes, averaged over images: [..., N, C] -> [...]
+    (torch's F.kl_div(log_softmax(q), softmax(p), reduction="batchmean") per leading index)."""
+    log_p, log_q = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)
+
+
+def cross_entropy(l, y):
+    """Mean cross-entropy over images per leading index: l [..., N, C], y [N] -> [...]."""
+    log_p = F.log_softmax(l, -1)
+    return -log_p.gather(-1, y.expand(log_p.shape[:-1]).unsqueeze(-1)).squeeze(-1).mean(-1)
+
+
+def fitness(l, y, refiner, lam):
+    """The prompt's loss L_I = CE(l, y) + lam * KL(P_O || P_I), per candidate: l [P, N, C] -> [P];
+    P_I = softmax(l), P_O = softmax(l + g(l)) with the refiner frozen (None: BBT, CE alone)."""
+    f = cross_entropy(l, y)
+    if refiner is not None and lam:
+        with torch.no_grad():
+            f = f + lam * kl(refiner(l), l)
+    return f
+
+
+def refinement_loss(l, y, refiner, lam_o):
+    """The refiner's loss L_O = CE(y_hat, y) + lam_O * KL(P_I || P_O), y_hat = l + g(l), with the
+    prompt (and so l [N, C]) frozen."""
+    y_hat = refiner(l)
+    loss = F.cross_entropy(y_hat, y)
+    return loss + lam_o * kl(l, y_hat) if lam_o else loss
+
+
+# -----------------------------------------------------------------------------
+# A run
+
+
+# the official configs (RN50, 16 shots): sigma0, bound (None: unbounded), std of A, n (lambda_O is
+# switched off after budget/n queries), MLP batch, lambda. ImageNet's A has nn.Linear's default
+# initialisation (uniform, std 1/sqrt(3*512)); its MLP is 512 wide.
+SETTINGS = {
+    "caltech101": (1, 5, 0.2, 4, 256, 0.1), "oxford_pets": (0.02, 5, 0.2, 1, 64, 0.1),
+    "stanford_cars": (1, 5, 0.2, 4, 256, 0.1), "oxford_flowers": (1, 5, 0.2, 4, 256, 0.1),
+    "food101": (1, None, 0.2, 1, 256, 1.0), "fgvc_aircraft": (0.02, None, 0.2, 4, 256, 0.1),
+    "sun397": (1, 5, 0.2, 4, 256, 0.1), "dtd": (0.02, 5, 1.0, 1, 256, 0.001),
+    "eurosat": (0.02, 5, 1.0, 1, 256, 0.01), "ucf101": (1, 5, 0.2, 4, 256, 0.1),
+    "imagenet": (1, None, (3 * 512) ** -0.5, 1, 256, 0.0),
+}
+DEFAULT_SETTINGS = SETTINGS["caltech101"]  # the row most datasets share, for any other dataset
+SETTING_FLAGS = ("sigma0", "bound", "a_std", "n", "batch", "lam")
+PAPER_DATASETS = list(SETTINGS)
+
+# flags that change how a run goes, never its numbers
+HOW = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root",
+       "ckpt_every")
+OUTPUTS = ("metrics.json", "predictions.pt")
+SEARCHES = ("craft", "bbt")  # methods that search the prompt
+REFINES = ("craft", "mlp")  # methods that train the refiner
+
+
+def budget_for(shots):
+    """The official code's query budget by shots: 8000 for 8-16, 4000 for 2-4, 2000 for 1."""
+    return 8000 if shots >= 8 else 4000 if shots >= 2 else 2000
+
+
+def coop_epochs_for(shots):
+    """CoOp's epochs by shots (Zhou et al. 2022): 50 for 1 shot, 100 for 2-4, 200 for 8-16."""
+    return 200 if shots >= 8 else 100 if shots >= 2 else 50
+
+
+@dataclass
+class Setup:
+    """What a run's parts share, made once by `prepare`."""
+    out: Path
+    config: dict
+    device: torch.device
+    precision: str
+    amp: dict
+    seed: int
+    workers: int
+    eval_batch: int
+    log_every: int
+    resume: bool
+    task: data.Task
+    clip: clip_model.CLIP  # used by the white-box references only (coop, probe)
+    box: BlackBox
+    shots: data.ImageDataset  # the few-shot train images, augmented (crop + flip)
+    y_shots: torch.Tensor  # [K*C]
+    evaluated: data.ImageDataset  # the eval split under the test transform
+    y_eval: torch.Tensor
+    p0: torch.Tensor  # [n, width] the embeddings of --ctx-init
+    metrics: dict
+    predictions: dict
+    t0: float
+
+    def loader(self, dataset, batch, key, shuffle=False):
+        return train.loader(dataset, batch, seed_of(self.seed, *key), shuffle, self.workers,
+                            self.device.type == "cuda")
+
+
+def zero_shot(s, args):
+    """Zero-shot references (no training): the dataset's hand-written template, and p0 ("a photo
+    of a {}.", where the search starts)."""
+    s.box.upload("eval", s.evaluated, s.workers)
+    l_template = s.box.hard_prompt_logits(s.task.templates[0], "eval")
+    l_p0 = s.box.logits(s.p0[None], "eval")[0]
+    s.metrics["zero_shot_acc"] = train.accuracy(l_template.cpu(), s.y_eval)
+    s.metrics["p0_acc"] = train.accuracy(l_p0.cpu(), s.y_eval)
+    s.predictions["zero_shot"] = l_template.argmax(1).cpu()
+    print(f"zero-shot ({s.task.templates[0]!r}): {s.metrics['zero_shot_acc']:.2f}; "
+          f"p0 ({args.ctx_init!r} {{}}.): {s.metrics['p0_acc']:.2f}", flush=True)
+
+
+def collaborate(s, args):
+    """CraFT's collaborative training (--method craft), or one module alone (bbt: the CMA-ES
+    prompt with the CE fitness; mlp: the refiner with the prompt fixed at p0). Per generation:
+    one CMA-ES generation (popsize prompt queries on the pre-extracted features of one augmented
+    view of the shots) with the refiner frozen, then one refiner epoch over freshly augmented
+    shots with the prompt frozen. A checkpoint (CMA-ES state, refiner, Adam, prompt, query
+    counters) is written atomically every --ckpt-every generations; --resume continues from it
+    to the same result. Inference: one query with the final prompt, then argmax of l + g(l)."""
+    search, refine = args.method in SEARCHES, args.method in REFINES
+    G = args.budget // args.popsize  # generations
+    y_view = s.y_shots.to(s.device)
+    s.box.upload("view", s.shots, s.workers)  # the fitness's features: one augmented view, extracted once
+    generator = PromptGenerator(s.p0, args.intrinsic_dim, args.a_std, seed_of(s.seed, "A"))
+    torch.manual_seed(seed_of(s.seed, "refiner"))
+    refiner = Refiner(len(s.task.classnames), args.hidden).to(s.device) if refine else None
+    opt = torch.optim.Adam(refiner.parameters(), lr=args.lr) if refine else None
+    es = CMAES(torch.zeros(args.intrinsic_dim), args.sigma0, args.popsize,
+               (-args.bound, args.bound) if args.bound else None, args.cma == "separable",
+               seed_of(s.seed, "cma-es")) if search else None
+    z = torch.zeros(1, args.intrinsic_dim)  # the prompt in use (z = 0: p0)
+    start, history = 0, {"best_fitness": [], "prompt_fitness": [], "refine_loss": []}
+    ckpt = train.ckpt_path(s.out, "collaborate")
+    if s.resume and ckpt.exists():
+        state = train.read_torch(ckpt)
+        train.check_record(ckpt, state.get("record"), s.config)
+        start, z, history = state["generation"], state["z"], state["history"]
+        if es:
+            es.load_state_dict(state["es"])
+        if refiner:
+            refiner.load_state_dict(state["refiner"])
+            opt.load_state_dict(state["opt"])
+        s.box.queries.update(state["queries"])  # they include the uploads just redone
+        print(f"collaborate: resumed from {ckpt} after generation {start}", flush=True)
+    t0 = time.time()
+    for g in range(start, G):
+        s.box.forget()
+        if search:  # input side: one CMA-ES generation, refiner frozen
+            Z = es.ask()  # [popsize, d]
+            f = torch.cat([fitness(s.box.logits(generator(Zc), "view"), y_view, refiner, args.lam)
+                           for Zc in Z.split(max(1, 2 ** 24 // (len(y_view) * len(s.task.classnames))))])
+            es.tell(f.double().cpu())
+            z = (es.mean if args.prompt == "mean" else es.best_x if args.prompt == "best"
+                 else es.sample(args.popsize).mean(0))[None].float()
+            history["best_fitness"].append(f.min().item())
+        t = (g + 1) * args.popsize  # queries the search has used by now (the official `steps`)
+        ctx = generator(z)  # [1, n, width]
+        if refine:  # output side: one epoch of the refiner, prompt frozen
+            lam_o = args.lam if t <= args.budget // args.n else 0.0
+
+            def step(model, batch, _):
+                x, y, _ = batch
+                l = s.box.logits(ctx, x, raw=args.raw_image_features)[0]  # [B, C]
+                return refinement_loss(l, y, model, lam_o), {}
+            h = train.fit(refiner, step, lambda e: s.loader(s.shots, args.batch, ("refine", g), shuffle=True), 1,
+                          opt, lambda *_: 1.0, s.device, seed_of(s.seed, "refine", g), s.precision, log_every=0)
+            history["refine_loss"].append(sum(h["loss"]) / len(h["loss"]))
+        if search:
+            history["prompt_fitness"].append(fitness(s.box.logits(ctx, "view"), y_view, refiner, args.lam).item())
+        done = g + 1
+        if s.log_every and (done % s.log_every == 0 or done == G):
+            el = time.time() - t0
+            parts = [f"best fitness {history['best_fitness'][-1]:.3f} prompt {history['prompt_fitness'][-1]:.3f} "
+                     f"sigma {es.sigma:.3g}"] if search else []
+            parts += [f"refine loss {history['refine_loss'][-1]:.3f}"] if refine else []
+            print(f"gen {done}/{G} " + " ".join(parts) + f" queries {s.box.queries['prompts']} "
+                  f"eta {el / (done - start) * (G - done):.0f}s", flush=True)
+        if done % args.ckpt_every == 0 or done == G:
+            train.atomic_save({"generation": done, "z": z, "history": history, "queries": dict(s.box.queries),
+                               "es": es.state_dict() if es else None,
+                               "refiner": refiner.state_dict() if refiner else None,
+                               "opt": opt.state_dict() if opt else None, "record": s.config}, ckpt)
+    s.metrics["time_s"]["train"] = time.time() - t0
+    s.box.forget()
+    l = s.box.logits(generator(z), "eval")[0]
+    if refiner:
+        with torch.no_grad():
+            l = refiner.eval()(l)
+    s.metrics[f"{args.method}_acc"] = train.accuracy(l.cpu(), s.y_eval)
+    s.predictions[args.method] = l.argmax(1).cpu()
+    s.metrics["history"] = history
+    s.metrics["deploy_params"] = {"prompt": s.p0.numel(), "z": args.intrinsic_dim if search else 0,
+                                  "refiner": sum(p.numel() for p in refiner.parameters()) if refiner else 0}
+
+
+class CoOp(nn.Module):
+    """The white-box reference (Zhou et al., "Learning to Prompt for Vision-Language Models",
+    2022): the context p [n, width] itself, learned by gradients through the text tower."""
+
+    def __init__(self, p0):
+        super().__init__()
+        self.ctx = nn.Parameter(p0.clone().float())
+
+
+def coop(s, args):
+    """CoOp on the same shots and augmentation: SGD lr 0.002 (momentum 0.9, weight decay 5e-4),
+    batch 32, one warm-up epoch at a constant 1e-5, then cosine; the context starts at p0; logits
+    scale * cos(v, t) as the black box gives them. Trained through train.fit (a checkpoint per epoch)."""
+    clip = s.clip
+    sos, suffix = (t.to(s.device) for t in prompt_parts(clip, s.task.classnames))
+    model = CoOp(s.p0).to(s.device)
+    epochs = args.coop_epochs or coop_epochs_for(args.shots)
+
+    def text():
+        return class_text_features(clip, sos, suffix, model.ctx[None])[0]  # [C, D]
+
+    def step(m, batch, _):
+        x, y, _ = batch
+        with torch.no_grad():
+            v = unit(clip.encode_image(x))
+        return F.cross_entropy(args.scale * clip_model.similarity(v, text()), y), {}
+
+    def schedule(step, total, per_epoch):  # CoOp's constant warm-up, then cosine over all epochs
+        return 1e-5 / args.coop_lr if step < per_epoch else 0.5 * (1 + math.cos(math.pi * step / total))
+    t0 = time.time()
+    history = train.fit(model, step, lambda e: s.loader(s.shots, args.coop_batch, ("coop", e), shuffle=True),
+                        epochs, train.sgd(model, args.coop_lr, 0.9, 5e-4), schedule, s.device, seed_of(s.seed, "coop"),
+                        s.precision, 0.0, train.ckpt_path(s.out, "coop"), s.resume, s.config, "coop", s.log_every)
+    s.metrics["time_s"]["train"] = time.time() - t0
+    with torch.no_grad(), torch.autocast(**s.amp):
+        t = text()
+    l = train.predict(lambda x: args.scale * clip_model.similarity(unit(clip.encode_image(x)), t),
+                      s.loader(s.evaluated, s.eval_batch, ("eval",)), s.device, s.amp)[0]
+    s.metrics["coop_acc"] = train.accuracy(l, s.y_eval)
+    s.predictions["coop"] = l.argmax(1)
+    s.metrics["history"] = {"loss": history["loss"]}
+    s.metrics["deploy_params"] = {"prompt": s.p0.numel(), "z": 0, "refiner": 0}
+
+
+def linear_probe(s):
+    """Logistic regression on the normalised image features of the shots (test transform, no
+    augmentation), train.logistic_regression: a white-box reference."""
+    test = data.make_transform("test", s.clip.visual.resolution, s.task)
+    shots = data.ImageDataset(s.shots.items, test)
+
+    def encode(x):
+        return unit(s.clip.encode_image(x))
+    f = train.predict(encode, s.loader(shots, s.eval_batch, ("probe",)), s.device, s.amp)[0]
+    head = train.logistic_regression(f, s.y_shots, len(s.task.classnames))
+    f_eval = train.predict(encode, s.loader(s.evaluated, s.eval_batch, ("eval",)), s.device, s.amp)[0]
+    l = head(f_eval)
+    s.metrics["probe_acc"] = train.accuracy(l, s.y_eval)
+    s.predictions["probe"] = l.argmax(1)
+    s.metrics["deploy_params"] = {"prompt": 0, "z": 0, "refiner": 0, "head": (f.shape[1] + 1) * l.shape[1]}
+
+
+def run(args):
+    """Zero-shot references, then the method; writes metrics.json and predictions.pt."""
+    s = prepare(args)
+    zero_shot(s, args)
+    if args.method == "probe":
+        linear_probe(s)
+    elif args.method == "coop":
+        coop(s, args)
+    else:
+        collaborate(s, args)
+    s.metrics["queries"] = dict(s.box.queries, search=args.budget if args.method in SEARCHES else 0)
+    print(f"{args.method}: {s.metrics[f'{args.method}_acc']:.2f} on {args.eval_split} ({s.box.queries['prompts']} "
+          f"prompt queries, {s.box.queries['images']} images encoded)", flush=True)
+    return train.finish_run(s.out, s.metrics, s.predictions, s.t0)
+
+
+def prepare(args):
+    """The checks, the run folder and the backbone, cheap mistakes first -> Setup."""
+    if args.budget < args.popsize:
+        raise RunError(f"--budget {args.budget} is smaller than one CMA-ES generation (--popsize {args.popsize} "
+                       f"queries): give --budget {args.popsize} or more")
+    standin.check_backbone("--clip", args.clip)
+    train.check_out(args.out, args.resume, args.restart)
+    device = torch.device(args.device)
+    args.precision = train.resolve_precision(device, args.precision)
+    t0 = time.time()
+    task = data.load_task(args.dataset, args.data_root)
+    eval_items = task.dev if args.eval_split == "dev" else task.test
+    if not eval_items:
+        raise data.DataError(f"{args.dataset} has no {args.eval_split} split; use --eval-split test")
+    picked = data.few_shot(task, args.shots, seed_of(args.seed, "shots"))
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
+    config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
+    out = train.open_run(args.out, config, args.resume, args.restart, OUTPUTS,
+                         how={k: v for k, v in vars(args).items() if k in HOW})
+    torch.manual_seed(args.seed)
+    clip, _ = clip_model.load(standin.resolve(args.clip), device)
+    clip.requires_grad_(False)
+    amp = train.amp_settings(device, args.precision)[0]
+    box = BlackBox(clip, task.classnames, device, amp, args.scale, args.eval_batch)
+    p0 = box.word_embeddings(args.ctx_init).to(device)  # [n, width]
+    longest = int(box._suffix.argmax(1).max()) + 1  # class name + "." + EOT
+    if 1 + len(p0) + longest > clip.context_length:
+        raise RunError(f"a prompt of --ctx-init {args.ctx_init!r} ({len(p0)} tokens) and the longest class name "
+                       f"needs {1 + len(p0) + longest} tokens, more than the backbone's {clip.context_length}: "
+                       f"use a shorter --ctx-init")
+    items = [task.train[i] for i in picked.tolist()]
+    crop = data.make_transform("crop", clip.visual.resolution, task)
+    test = data.make_transform("test", clip.visual.resolution, task)
+    metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "shots": args.shots,
+               "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision,
+               "budget": args.budget if args.method in SEARCHES + ("mlp",) else None, "time_s": {}}
+    print(f"{args.dataset}: {len(task.classnames)} classes, {args.shots} shots each, {len(eval_items)} "
+          f"{args.eval_split} images; backbone {args.clip} on {device}, {args.precision}; method {args.method}",
+          flush=True)
+    return Setup(out=out, config=config, device=device, precision=args.precision, amp=amp, seed=args.seed,
+                 workers=args.workers, eval_batch=args.eval_batch, log_every=args.log_every, resume=args.resume,
+                 task=task, clip=clip, box=box, shots=data.ImageDataset(items, crop),
+                 y_shots=torch.tensor([label for _, label in items]),
+                 evaluated=data.ImageDataset(eval_items, test), y_eval=torch.tensor([lab for _, lab in eval_items]),
+                 p0=p0, metrics=metrics, predictions={}, t0=t0)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def parser():
+    p = train.Parser(description="CraFT: collaborative fine-tuning of a black-box CLIP (few-shot)",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="digits", help="digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
+    a("--data-root", default=None)
+    a("--clip", default="demo", help="RN50 ... ViT-L/14@336px, a checkpoint path, or demo (offline stand-in)")
+    a("--out", default="runs/craft")
+    a("--method", default="craft", choices=["craft", "bbt", "mlp", "coop", "probe"],
+      help="bbt: CMA-ES prompt only (CE fitness); mlp: refinement MLP only (prompt p0); coop: white-box prompt "
+           "tuning (gradients through CLIP); probe: logistic regression on the shots' features")
+    a("--shots", type=number(int, 1), default=16, help="train images per class (CoOp: 1, 2, 4, 8, 16)")
+    train.run_flags(p)
+    a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
+    a("--eval-split", default="test", choices=["test", "dev"], help="dev: for choosing settings (never test)")
+    a("--ckpt-every", type=number(int, 1), default=10, help="generations between checkpoints")
+    # prompt generation
+    a("--budget", type=number(int, 1), default=None, help="prompt queries of the search (default by shots: "
+      "8000 for 8-16, 4000 for 2-4, 2000 for 1)")
+    a("--popsize", type=number(int, 2), default=40)
+    a("--intrinsic-dim", type=number(int, 1), default=512, help="dimension d of z")
+    a("--ctx-init", default="a photo of a", help="p0: the words the context starts from")
+    a("--sigma0", type=number(float, 0, low_open=True), default=None, help="CMA-ES initial step size")
+    a("--bound", type=number(float, 0), default=None, help="box bound on z (0: none)")
+    a("--a-std", type=number(float, 0, low_open=True), default=None, help="std of the entries of A")
+    a("--cma", default="full", choices=["full", "separable"], help="separable: diagonal covariance (sep-CMA-ES)")
+    a("--prompt", default="mean", choices=["mean", "sample-mean", "best"],
+      help="the prompt in use after each generation: the CMA-ES mean; the official code's mean of a fresh sample "
+           "(small datasets) or best so far (ImageNet)")
+    a("--scale", type=number(float, 0, low_open=True), default=100.0, help="logit scale of the black box")
+    # prediction refinement
+    a("--hidden", type=number(int, 1), default=None, help="refiner width (256; 512 on ImageNet)")
+    a("--lr", type=number(float, 0, low_open=True), default=1e-3, help="refiner Adam learning rate")
+    a("--batch", type=number(int, 1), default=None, help="refiner batch")
+    a("--lam", type=number(float, 0), default=None, help="weight of both KL terms (prediction consistency)")
+    a("--n", type=number(int, 1), default=None, help="the refiner's KL term is switched off after budget/n queries")
+    a("--raw-image-features", action="store_true",
+      help="the official code's quirk: the refiner trains on logits of unnormalised image features (its search "
+           "and inference use normalised ones)")
+    # white-box CoOp
+    a("--coop-epochs", type=number(int, 1), default=None, help="default by shots: 50 (1), 100 (2-4), 200 (8-16)")
+    a("--coop-lr", type=number(float, 0, low_open=True), default=0.002)
+    a("--coop-batch", type=number(int, 1), default=32)
+    return p
+
+
+def resolve_defaults(args):
+    """Defaults that depend on other flags: the budget by shots, the official per-dataset settings
+    where the dataset is one of the paper's (else the row most of them share), workers by device."""
+    if args.budget is None:
+        args.budget = budget_for(args.shots)
+    row = dict(zip(SETTING_FLAGS, SETTINGS.get(args.dataset.lower(), DEFAULT_SETTINGS)))
+    row["bound"] = row["bound"] or 0.0
+    for k, v in row.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.hidden is None:
+        args.hidden = 512 if args.dataset.lower() == "imagenet" else 256
+    if args.workers is None:
+        args.workers = train.default_workers(args.device)
+    return args
+
+
+def run_summary(m):
+    acc = next((m[k] for k in ("craft_acc", "bbt_acc", "mlp_acc", "coop_acc", "probe_acc") if k in m), None)
+    return {"shots": m["shots"], "zero-shot": m["zero_shot_acc"], "p0": m["p0_acc"], "acc": acc,
+            "prompt queries": m["queries"]["prompts"], "images": m["queries"]["images"],
+            "train s": m["time_s"].get("train"), "time s": m["time_s"]["total"]}
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        if args.table:
+            return train.table(args.table, run_summary)
+        return run(resolve_defaults(args))
+    except (data.DataError, clip_model.CLIPError, RunError, OSError) as e:
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last checkpoint is in {args.out}/stages; the same command with --resume "
+              f"continues from there", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

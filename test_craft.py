@@ -1,0 +1,263 @@
+"""CraFT (craft.py): the black box, the losses, the run, resume and the CLI's errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip_model as cm
+import craft
+import data
+import train
+from conftest import make_dtd, randomized
+
+CLASSES = ["zero", "one", "two", "sea lion", "three"]  # one two-token name
+
+
+def tiny_box(name="tiny-vit", classes=CLASSES):
+    clip = randomized(name)
+    return clip, craft.BlackBox(clip, classes, torch.device("cpu"), dict(device_type="cpu", enabled=False))
+
+
+def images(clip, n, seed=0):
+    R = clip.visual.resolution
+    return torch.randn(n, 3, R, R, generator=torch.Generator().manual_seed(seed))
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], 0, i
+
+
+# ---- the black box
+
+def test_the_box_with_p0_equals_clip_on_the_written_prompt():
+    """The box's prompt assembly ([SOS] + context embeddings + "{class}." ids, shared-prefix
+    encoding) equals plain CLIP on the tokenized text "a photo of a {class}.", computed here by hand."""
+    for name in ("tiny-vit", "tiny-rn"):
+        clip, box = tiny_box(name)
+        x = images(clip, 4)
+        p0 = box.word_embeddings("a photo of a")
+        assert p0.shape == (4, clip.cfg.transformer_width)
+        l = box.logits(p0[None], x)[0]  # [4, C]
+        t = F.normalize(clip.encode_text(cm.tokenize([f"a photo of a {c}." for c in CLASSES])), dim=-1)
+        ref = 100 * F.normalize(clip.encode_image(x), dim=-1) @ t.T
+        assert (l - ref).abs().max() < 1e-3
+        # and the hard-prompt path (the zero-shot reference) gives the same on an uploaded set
+        box.upload("x", Images(x))
+        assert (box.hard_prompt_logits("a photo of a {}.", "x") - ref).abs().max() < 1e-3
+
+
+def test_the_box_hands_out_no_gradients_and_counts_exactly():
+    clip, box = tiny_box()
+    ctx = (0.02 * torch.randn(3, 4, clip.cfg.transformer_width)).requires_grad_()
+    x = images(clip, 5)
+    out = box.logits(ctx, x)
+    assert out.shape == (3, 5, len(CLASSES)) and not out.requires_grad and out.grad_fn is None
+    assert box.queries == {"prompts": 3, "images": 5}
+    assert not any(isinstance(v, torch.nn.Parameter) or (torch.is_tensor(v) and v.requires_grad)
+                   for v in vars(box).values())
+    box.upload("set", Images(images(clip, 7)))
+    assert box.queries == {"prompts": 3, "images": 12}
+    box.logits(ctx, "set")  # the same contexts: remembered, not queried again; uploaded images: not re-encoded
+    assert box.queries == {"prompts": 3, "images": 12}
+    box.logits(ctx[:1], "set")
+    box.forget()
+    box.logits(ctx[:1], "set")
+    assert box.queries == {"prompts": 5, "images": 12}
+    # raw=True (the official MLP-step quirk): logits scaled by each image's feature norm
+    v = clip.encode_image(x)
+    raw, cos = box.logits(ctx[:1], x, raw=True)[0], box.logits(ctx[:1], x)[0]
+    assert torch.allclose(raw, cos * v.norm(dim=-1, keepdim=True), rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_generator_is_p0_plus_a_fixed_random_projection():
+    p0 = torch.randn(4, 8)
+    gen = craft.PromptGenerator(p0, d=6, std=0.5, seed=3)
+    assert torch.equal(gen(torch.zeros(2, 6)), p0.expand(2, 4, 8))
+    z = torch.randn(3, 6)
+    assert torch.allclose(gen(z), p0 + (z @ gen.A.T).view(3, 4, 8))
+    assert torch.allclose(gen(z)[1] - p0, (gen.A @ z[1]).view(4, 8), atol=1e-6)  # reshape row-major, per candidate
+    assert torch.equal(craft.PromptGenerator(p0, 6, 0.5, 3).A, gen.A)
+    assert abs(gen.A.std().item() - 0.5) < 0.15
+
+
+# ---- the losses
+
+def test_both_kl_terms_equal_direct_recomputations_in_their_directions():
+    torch.manual_seed(0)
+    P, N, C = 3, 7, 5
+    l, y = 3 * torch.randn(P, N, C), torch.randint(0, C, (N,))
+    refiner = craft.Refiner(C, hidden=16)
+    with torch.no_grad():
+        refiner.g[2].weight *= 30  # a refiner that moves the prediction well away from P_I
+    lam = 0.3
+    f = craft.fitness(l, y, refiner, lam)
+    for p in range(P):  # L_I = CE(l, y) + lam KL(P_O || P_I), F.kl_div(input=log P_I, target=P_O)
+        ref = F.cross_entropy(l[p], y) + lam * F.kl_div(F.log_softmax(l[p], -1), F.softmax(refiner(l[p]), -1),
+                                                          reduction="batchmean")
+        assert torch.allclose(f[p], ref, atol=1e-6)
+        wrong = F.cross_entropy(l[p], y) + lam * F.kl_div(F.log_softmax(refiner(l[p]), -1), F.softmax(l[p], -1),
+                                                            reduction="batchmean")
+        assert not torch.allclose(f[p], wrong, atol=1e-4)  # KL is not symmetric: the direction is pinned
+    # L_O = CE(l + g(l), y) + lam_O KL(P_I || P_O)
+    lo = craft.refinement_loss(l[0], y, refiner, lam)
+    y_hat = refiner(l[0])
+    ref = F.cross_entropy(y_hat, y) + lam * F.kl_div(F.log_softmax(y_hat, -1), F.softmax(l[0], -1),
+                                                     reduction="batchmean")
+    assert torch.allclose(lo, ref, atol=1e-6)
+    wrong = F.cross_entropy(y_hat, y) + lam * F.kl_div(F.log_softmax(l[0], -1), F.softmax(y_hat, -1),
+                                                       reduction="batchmean")
+    assert not torch.allclose(lo, wrong, atol=1e-4)
+    lo.backward()  # the refiner learns from L_O
+    assert refiner.g[0].weight.grad.abs().sum() > 0
+
+
+def test_fitness_is_plain_ce_without_the_kl_or_with_a_silent_refiner():
+    torch.manual_seed(1)
+    l, y = 2 * torch.randn(4, 9, 6), torch.randint(0, 6, (9,))
+    ce = torch.stack([F.cross_entropy(l[p], y) for p in range(4)])
+    refiner = craft.Refiner(6, hidden=8)
+    assert torch.allclose(craft.fitness(l, y, refiner, 0.0), ce, atol=1e-6)
+    assert torch.allclose(craft.fitness(l, y, None, 1.0), ce, atol=1e-6)  # BBT
+    torch.nn.init.zeros_(refiner.g[2].weight)
+    torch.nn.init.zeros_(refiner.g[2].bias)  # g(l) = 0: P_O = P_I, KL = 0
+    assert torch.allclose(craft.fitness(l, y, refiner, 5.0), ce, atol=1e-6)
+    assert not torch.allclose(craft.fitness(l, y, craft.Refiner(6, 8), 5.0), ce, atol=1e-3)
+
+
+def test_budgets_and_dataset_settings():
+    assert [craft.budget_for(k) for k in (1, 2, 4, 8, 16)] == [2000, 4000, 4000, 8000, 8000]
+    args = craft.resolve_defaults(craft.parser().parse_args(["--dataset", "dtd", "--shots", "4"]))
+    assert (args.budget, args.sigma0, args.bound, args.a_std, args.n, args.batch, args.lam, args.hidden) == \
+        (4000, 0.02, 5, 1.0, 1, 256, 0.001, 256)
+    args = craft.resolve_defaults(craft.parser().parse_args(["--dataset", "imagenet", "--sigma0", "0.5"]))
+    assert (args.budget, args.sigma0, args.bound, args.lam, args.hidden) == (8000, 0.5, 0.0, 0.0, 512)
+    args = craft.resolve_defaults(craft.parser().parse_args(["--dataset", "oxford_pets", "--shots", "1"]))
+    assert (args.budget, args.batch, args.n) == (2000, 64, 1)
+
+
+def test_few_shot_sampling():
+    task = data.load_task("digits")
+    a, b = data.few_shot(task, 4, 0), data.few_shot(task, 4, 1)
+    y = torch.tensor([label for _, label in task.train])
+    assert len(a) == 40 and torch.equal(y[a], torch.arange(10).repeat_interleave(4))
+    assert len(set(a.tolist())) == 40 and torch.equal(a, data.few_shot(task, 4, 0)) and not torch.equal(a, b)
+    assert torch.equal(data.few_shot(task, 2, 0), a.view(10, 4)[:, :2].flatten())  # shots nest within a seed
+    with pytest.raises(data.DataError, match="class 'zero' of digits has only 89 train images; use --shots 87 or fewer"):
+        data.few_shot(task, 90, 0)
+
+
+# ---- a run, end to end (tiny)
+
+def craft_args(tmp_path, *extra, out="run", ckpt=None):
+    if ckpt is None:
+        ckpt = tmp_path / "tiny-vit.pt"
+        if not ckpt.exists():
+            torch.save(randomized("tiny-vit").state_dict(), ckpt)
+    return ["--clip", str(ckpt), "--out", str(tmp_path / out), "--shots", "2", "--budget", "48", "--popsize", "8",
+            "--intrinsic-dim", "16", "--log-every", "0", "--ckpt-every", "2", "--eval-split", "dev", *extra]
+
+
+def numbers(m):
+    return {k: v for k, v in m.items() if k != "time_s"}
+
+
+def test_a_run_counts_its_queries_and_records_its_result(tmp_path, pretrained_tiny):
+    G, P, K, C, N_dev = 6, 8, 2, 10, 179
+    m = craft.main(craft_args(tmp_path, ckpt=pretrained_tiny[0]))
+    # 2 zero-shot prompts, per generation popsize candidates + the refiner epoch's prompt, the final prompt
+    assert m["queries"] == {"prompts": 2 + G * (P + 1) + 1, "images": N_dev + K * C + G * K * C, "search": 48}
+    assert len(m["history"]["best_fitness"]) == G and len(m["history"]["refine_loss"]) == G
+    assert m["deploy_params"]["refiner"] == (C * 256 + 256) + (256 * C + C)
+    preds = torch.load(tmp_path / "run" / "predictions.pt")
+    y_dev = torch.tensor([label for _, label in data.load_task("digits").dev])
+    assert m["craft_acc"] == pytest.approx(train.accuracy(F.one_hot(preds["craft"], C).float(), y_dev))
+    for method, prompts in (("bbt", 2 + G * (P + 1) + 1), ("mlp", 2 + G + 1)):
+        mm = craft.main(craft_args(tmp_path, "--method", method, out=method, ckpt=pretrained_tiny[0]))
+        assert mm["queries"]["prompts"] == prompts and f"{method}_acc" in mm
+        assert mm["zero_shot_acc"] == m["zero_shot_acc"] and mm["p0_acc"] == m["p0_acc"]
+    for method in ("coop", "probe"):
+        mm = craft.main(craft_args(tmp_path, "--method", method, "--coop-epochs", "2", out=method,
+                                   ckpt=pretrained_tiny[0]))
+        assert mm["queries"]["search"] == 0 and 0 <= mm[f"{method}_acc"] <= 100
+
+
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    whole = craft.main(craft_args(tmp_path, out="whole"))
+    fit, calls = train.fit, []
+
+    def dies_in_generation_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return fit(*a, **k)
+    monkeypatch.setattr(craft.train, "fit", dies_in_generation_4)
+    with pytest.raises(SystemExit):
+        craft.main(craft_args(tmp_path, out="killed"))
+    assert torch.load(tmp_path / "killed" / "stages" / "collaborate.ckpt", weights_only=True)["generation"] == 2
+    monkeypatch.setattr(craft.train, "fit", fit)
+    resumed = craft.main(craft_args(tmp_path, "--resume", out="killed"))
+    assert numbers(resumed) == numbers(whole)
+    a, b = (torch.load(tmp_path / d / "stages" / "collaborate.ckpt", weights_only=True) for d in ("whole", "killed"))
+    assert all(torch.equal(a["refiner"][k], b["refiner"][k]) for k in a["refiner"]) and torch.equal(a["z"], b["z"])
+
+
+def cli_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        craft.main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_input_gets_one_line(tmp_path, capsys):
+    err = cli_error(capsys, *craft_args(tmp_path, "--shots", "100"))
+    assert "--shots 100: class" in err and "use --shots 87 or fewer" in err
+    assert "smaller than one CMA-ES generation" in cli_error(capsys, *craft_args(tmp_path, "--budget", "7"))
+    assert "unknown dataset" in cli_error(capsys, *craft_args(tmp_path, "--dataset", "mnist"))
+    assert "data-root" in cli_error(capsys, *craft_args(tmp_path, "--dataset", "dtd"))
+    make_dtd(tmp_path / "DATA")
+    assert "--shots 3: class" in cli_error(capsys, *craft_args(tmp_path, "--dataset", "dtd", "--data-root",
+                                                                str(tmp_path / "DATA"), "--shots", "3"))
+    assert "neither a released model" in cli_error(capsys, "--clip", "ViT-X", "--out", str(tmp_path / "x"))
+    assert not (tmp_path / "run").exists()  # nothing was written by a refused run
+    craft.main(craft_args(tmp_path, "--budget", "16"))
+    err = cli_error(capsys, *craft_args(tmp_path, "--budget", "24", "--resume"))
+    assert "other settings" in err and "budget: 16 -> 24" in err
+    assert "holds a run already" in cli_error(capsys, *craft_args(tmp_path, "--budget", "16"))
+    ckpt = tmp_path / "run" / "stages" / "collaborate.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    state["record"] = {**state["record"], "lam": 9.0}  # a checkpoint made by another run
+    torch.save(state, ckpt)
+    assert "made with other settings" in cli_error(capsys, *craft_args(tmp_path, "--budget", "16", "--resume"))
+
+
+def test_table(tmp_path, capsys):
+    craft.main(craft_args(tmp_path, "--budget", "16", out="craft-s0"))
+    craft.main(craft_args(tmp_path, "--budget", "16", "--seed", "1", out="craft-s1"))
+    capsys.readouterr()
+    craft.main(["--table", str(tmp_path / "craft-s0"), str(tmp_path / "craft-s1")])
+    out = capsys.readouterr().out
+    assert "prompt queries" in out and "mean±sd over seeds" in out
+    m = json.loads((Path(tmp_path) / "craft-s0" / "metrics.json").read_text())
+    assert str(m["queries"]["prompts"]) in out
+
+
+def test_run_sh_craft_modes_refuse_bad_arguments_up_front(tmp_path):
+    from test_coft import run_sh
+    r = run_sh("craft", "--bogus")
+    assert r.returncode == 2 and "--bogus" in r.stderr and "pretraining" not in r.stdout
+    make_dtd(tmp_path / "DATA")
+    r = run_sh("craft-paper", str(tmp_path / "DATA"), env={"OUT": str(tmp_path / "runs")})
+    assert r.returncode == 2 and not (tmp_path / "runs").exists()
+    missing = r.stderr.split("missing")[1]
+    assert "imagenet" in missing and "sun397" in missing and "dtd" not in missing and "11 datasets" in r.stderr
