@@ -18,7 +18,8 @@ Sections:
           pre-extracted image features): the official code's way (one candidate at a time, every
           prompt at 77 tokens) vs ours (all candidates in one batched call, shared prefix, up to the
           longest EOT), with the speed-up; then the parameters a deployer keeps and the peak memory
-          of one training step, CraFT (a generation + a refiner step) vs white-box CoOp (a step)
+          of one training step on --batch images, CraFT (a generation + a refiner step) vs white-box
+          CoOp (a step)
   ref     needs open-clip-torch (a test-only dependency)
 Each line: ms per step, images/s or prompts/s, peak memory (GPU allocator, or the process's RSS
 on a CPU) and, on GPUs with a known dense bf16 peak, MFU.
@@ -308,9 +309,9 @@ def allocation_peak(fn, device):
     return top / 2 ** 20
 
 
-def training_step(kind, clip, C, device, amp):
-    """One training step: CraFT (a generation's fitness + a refiner step on 256 images) or
-    white-box CoOp (a step on 32 images, gradients through the text tower)."""
+def training_step(kind, clip, C, device, amp, batch):
+    """One training step on `batch` images: CraFT (a generation's fitness + a refiner step) or
+    white-box CoOp (gradients through the text tower)."""
     R = clip.visual.resolution
     classnames = [f"class number {i}" for i in range(C)]
     if kind == "craft":
@@ -319,7 +320,7 @@ def training_step(kind, clip, C, device, amp):
         refiner = craft.Refiner(C).to(device)
         opt = torch.optim.Adam(refiner.parameters(), 1e-3)
         ctx = box.word_embeddings("a photo of a")[None].to(device)
-        x, y = torch.randn(256, 3, R, R, device=device), torch.randint(0, C, (256,), device=device)
+        x, y = torch.randn(batch, 3, R, R, device=device), torch.randint(0, C, (batch,), device=device)
 
         def step():
             ours()
@@ -331,7 +332,7 @@ def training_step(kind, clip, C, device, amp):
     sos, suffix = (t.to(device) for t in craft.prompt_parts(clip, classnames))
     model = craft.CoOp(torch.randn(4, clip.cfg.transformer_width) * 0.02).to(device)
     opt = torch.optim.SGD(model.parameters(), 2e-3, momentum=0.9)
-    x, y = torch.randn(32, 3, R, R, device=device), torch.randint(0, C, (32,), device=device)
+    x, y = torch.randn(batch, 3, R, R, device=device), torch.randint(0, C, (batch,), device=device)
 
     def step():
         with torch.autocast(**amp):
@@ -345,7 +346,7 @@ def training_step(kind, clip, C, device, amp):
     return step
 
 
-def craft_costs(names, classes, steps, device, amp, report, official_candidates):
+def craft_costs(names, batch, classes, steps, device, amp, report, official_candidates):
     """CraFT's costs per backbone and class count (module docstring, section craft)."""
     for name in names:
         torch.manual_seed(0)
@@ -365,11 +366,11 @@ def craft_costs(names, classes, steps, device, amp, report, official_candidates)
                 print(f"  fitness difference official vs ours: {diff:.1e}", flush=True)
             refiner = sum(p.numel() for p in craft.Refiner(C).parameters())
             ctx = 4 * clip.cfg.transformer_width
-            mem_craft, mem_coop = (allocation_peak(training_step(kind, clip, C, device, amp), device)
+            mem_craft, mem_coop = (allocation_peak(training_step(kind, clip, C, device, amp, batch), device)
                                    for kind in ("craft", "coop"))
             print(f"  deployer keeps: CraFT p {ctx} + refiner {refiner} = {ctx + refiner} numbers (or z 512 + seed of A); "
                   f"CoOp p {ctx} + white-box access to the model's {sum(p.numel() for p in clip.parameters())}", flush=True)
-            print(f"  peak memory of a training step above the loaded model: CraFT {mem_craft:.0f} MiB, CoOp {mem_coop:.0f} MiB "
+            print(f"  peak memory of a training step on {batch} images above the loaded model: CraFT {mem_craft:.0f} MiB, CoOp {mem_coop:.0f} MiB "
                   f"(x{mem_coop / max(mem_craft, 1e-9):.2f})", flush=True)
 
 
@@ -471,7 +472,7 @@ def main(argv=None):
         if "coft" in sections:
             coft_stages(names, batch, classes, images, steps, device, amp, report, args.grad_checkpointing)
         if "craft" in sections:
-            craft_costs(names, classes, steps, device, amp, report,
+            craft_costs(names, batch, classes, steps, device, amp, report,
                         args.official_candidates or (40 if gpu else 2))
         if "ref" in sections:
             reference(names, batch, classes, steps, device, amp)

@@ -200,6 +200,12 @@ def refinement_loss(l, y, refiner, lam_o):
     return loss + lam_o * kl(l, y_hat) if lam_o else loss
 
 
+def consistency_weight(t, budget, n, lam):
+    """lambda_O(t): the refiner's KL term weighs lam while the search has used t <= budget / n
+    queries, then 0 (the official schedule; n = 1 keeps it on throughout)."""
+    return lam if t <= budget // n else 0.0
+
+
 # -----------------------------------------------------------------------------
 # A run
 
@@ -327,7 +333,7 @@ def collaborate(s, args):
         t = (g + 1) * args.popsize  # queries the search has used by now (the official `steps`)
         ctx = generator(z)  # [1, n, width]
         if refine:  # output side: one epoch of the refiner, prompt frozen
-            lam_o = args.lam if t <= args.budget // args.n else 0.0
+            lam_o = consistency_weight(t, args.budget, args.n, args.lam)
 
             def step(model, batch, _):
                 x, y, _ = batch
@@ -464,6 +470,8 @@ def prepare(args):
     clip, _ = clip_model.load(standin.resolve(args.clip), device)
     clip.requires_grad_(False)
     amp = train.amp_settings(device, args.precision)[0]
+    if args.scale is None:  # what the model was trained with (the config records the flag as given)
+        args.scale = clip.logit_scale.exp().item()
     box = BlackBox(clip, task.classnames, device, amp, args.scale, args.eval_batch)
     p0 = box.word_embeddings(args.ctx_init).to(device)  # [n, width]
     longest = int(box._suffix.argmax(1).max()) + 1  # class name + "." + EOT
@@ -472,10 +480,10 @@ def prepare(args):
                        f"needs {1 + len(p0) + longest} tokens, more than the backbone's {clip.context_length}: "
                        f"use a shorter --ctx-init")
     items = [task.train[i] for i in picked.tolist()]
-    crop = data.make_transform("crop", clip.visual.resolution, task)
+    crop = data.make_transform(args.aug if args.aug == "crop" else "test", clip.visual.resolution, task)
     test = data.make_transform("test", clip.visual.resolution, task)
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "shots": args.shots,
-               "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision,
+               "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision, "scale": args.scale,
                "budget": args.budget if args.method in SEARCHES + ("mlp",) else None, "time_s": {}}
     print(f"{args.dataset}: {len(task.classnames)} classes, {args.shots} shots each, {len(eval_items)} "
           f"{args.eval_split} images; backbone {args.clip} on {device}, {args.precision}; method {args.method}",
@@ -521,7 +529,12 @@ def parser():
     a("--prompt", default="mean", choices=["mean", "sample-mean", "best"],
       help="the prompt in use after each generation: the CMA-ES mean; the official code's mean of a fresh sample "
            "(small datasets) or best so far (ImageNet)")
-    a("--scale", type=number(float, 0, low_open=True), default=100.0, help="logit scale of the black box")
+    a("--aug", default=None, choices=["crop", "none"],
+      help="train augmentation (the fitness's view and every refiner / CoOp epoch): random resized crop of 50-100%% "
+           "+ flip where allowed (official); none: the test transform. Default crop, none for digits (README)")
+    a("--scale", type=number(float, 0, low_open=True), default=None,
+      help="logit scale of the black box (default: the backbone's own, exp(logit_scale): 100 for the released "
+           "CLIPs, as the official code's fixed 100; ~14 for the demo stand-in)")
     # prediction refinement
     a("--hidden", type=number(int, 1), default=None, help="refiner width (256; 512 on ImageNet)")
     a("--lr", type=number(float, 0, low_open=True), default=1e-3, help="refiner Adam learning rate")
@@ -548,6 +561,8 @@ def resolve_defaults(args):
     for k, v in row.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.aug is None:  # the stand-in reads 32-px digits: crops of 50-100% take its zero-shot 78% -> 37%
+        args.aug = "none" if args.dataset.lower() == "digits" else "crop"
     if args.hidden is None:
         args.hidden = 512 if args.dataset.lower() == "imagenet" else 256
     if args.workers is None:

@@ -133,6 +133,11 @@ def test_fitness_is_plain_ce_without_the_kl_or_with_a_silent_refiner():
     assert not torch.allclose(craft.fitness(l, y, craft.Refiner(6, 8), 5.0), ce, atol=1e-3)
 
 
+def test_the_refiners_kl_term_switches_off_after_budget_over_n_queries():
+    assert [craft.consistency_weight(t, 8000, 4, 0.1) for t in (40, 2000, 2040, 8000)] == [0.1, 0.1, 0.0, 0.0]
+    assert craft.consistency_weight(8000, 8000, 1, 0.1) == 0.1
+
+
 def test_budgets_and_dataset_settings():
     assert [craft.budget_for(k) for k in (1, 2, 4, 8, 16)] == [2000, 4000, 4000, 8000, 8000]
     args = craft.resolve_defaults(craft.parser().parse_args(["--dataset", "dtd", "--shots", "4"]))
