@@ -96,3 +96,21 @@ def make_imagefolder(root, splits=("train", "test"), classes=("cat", "dog_big"))
             with open(os.path.join(root, split, c, "notes.txt"), "w") as f:
                 f.write("not an image")
 
+
+
+# ---- the CLIs' one-line errors and run.sh
+
+def one_line_error(main, capsys, *argv):
+    """The stderr line of a CLI call that must fail with exit code 2 and no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def run_sh(*argv, env=None):
+    import subprocess
+    return subprocess.run(["bash", os.path.join(os.path.dirname(__file__), "run.sh"), *argv], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=120)

@@ -4,7 +4,6 @@ Run every test file: python -m pytest -q"""
 import copy
 import functools
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import clip_model as cm
 import coft
 import data
 import train
-from conftest import make_dtd, make_imagefolder, randomized, write_image
+from conftest import make_dtd, make_imagefolder, one_line_error, randomized, run_sh, write_image
 
 
 
@@ -597,12 +596,7 @@ def test_fft_init_phase1_needs_a_backbone_its_vpt_fits(tmp_path, capsys):
 
 
 def cli_error(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        coft.main(list(argv))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
+    return one_line_error(coft.main, capsys, *argv)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -789,20 +783,16 @@ def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, mon
     assert e.value.code == 130 and "\n" not in err and "--resume continues" in err and str(tmp_path / "run") in err
 
 
-def run_sh(*argv, env=None):
-    import subprocess
-    return subprocess.run(["bash", str(Path(__file__).parent / "run.sh"), *argv], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
-
-
-def test_run_sh_refuses_unknown_arguments_and_lists_missing_datasets_up_front(tmp_path):
-    r = run_sh("demo", "--bogus")
+@pytest.mark.parametrize("demo,paper,n,expected", [("demo", "paper", 9, ("caltech101", "ucf101")),
+                                                    ("craft", "craft-paper", 11, ("imagenet", "sun397"))])
+def test_run_sh_refuses_unknown_arguments_and_lists_missing_datasets_up_front(tmp_path, demo, paper, n, expected):
+    r = run_sh(demo, "--bogus")
     assert r.returncode == 2 and "--bogus" in r.stderr and "pretraining" not in r.stdout
     make_dtd(tmp_path / "DATA")
-    r = run_sh("paper", str(tmp_path / "DATA"), env={"OUT": str(tmp_path / "runs")})
-    assert r.returncode == 2 and not (tmp_path / "runs").exists()
+    r = run_sh(paper, str(tmp_path / "DATA"), env={"OUT": str(tmp_path / "runs")})
+    assert r.returncode == 2 and not (tmp_path / "runs").exists() and f"of {n} datasets" in r.stderr
     missing = r.stderr.split("missing")[1]
-    assert "caltech101" in missing and "ucf101" in missing and "dtd" not in missing
+    assert all(name in missing for name in expected) and "dtd" not in missing
 
 
 # --------------------------------------------------------------------------- CoFT+

@@ -10,7 +10,7 @@ import clip_model as cm
 import craft
 import data
 import train
-from conftest import make_dtd, randomized
+from conftest import make_dtd, one_line_error, randomized
 
 CLASSES = ["zero", "one", "two", "sea lion", "three"]  # one two-token name
 
@@ -216,12 +216,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
 
 def cli_error(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        craft.main(list(argv))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
+    return one_line_error(craft.main, capsys, *argv)
 
 
 def test_bad_input_gets_one_line(tmp_path, capsys):
@@ -256,13 +251,3 @@ def test_table(tmp_path, capsys):
     m = json.loads((Path(tmp_path) / "craft-s0" / "metrics.json").read_text())
     assert str(m["queries"]["prompts"]) in out
 
-
-def test_run_sh_craft_modes_refuse_bad_arguments_up_front(tmp_path):
-    from test_coft import run_sh
-    r = run_sh("craft", "--bogus")
-    assert r.returncode == 2 and "--bogus" in r.stderr and "pretraining" not in r.stdout
-    make_dtd(tmp_path / "DATA")
-    r = run_sh("craft-paper", str(tmp_path / "DATA"), env={"OUT": str(tmp_path / "runs")})
-    assert r.returncode == 2 and not (tmp_path / "runs").exists()
-    missing = r.stderr.split("missing")[1]
-    assert "imagenet" in missing and "sun397" in missing and "dtd" not in missing and "11 datasets" in r.stderr
