@@ -255,8 +255,8 @@ def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_
 
 
 def craft_generation(clip, C, device, amp, popsize=40, shots=16, seed=0):
-    """(ours, official, k, v, y, refiner): one generation's fitness evaluations as two functions;
-    official(k) evaluates the first k candidates one at a time at 77 tokens."""
+    """(ours, official, box): one generation's fitness evaluations as two functions (official(k)
+    evaluates the first k candidates one at a time at 77 tokens) and the black box they query."""
     g = torch.Generator().manual_seed(seed)
     classnames = [f"class number {i}" for i in range(C)]
     box = craft.BlackBox(clip, classnames, device, amp)
@@ -286,7 +286,7 @@ def craft_generation(clip, C, device, amp, popsize=40, shots=16, seed=0):
                 t = clip_model.unit(clip.encode_text(tokens, embeddings=e, full_length=True))
             f.append(craft.fitness((100 * v @ t.T)[None], y, refiner, 0.1))
         return torch.cat(f)
-    return ours, official
+    return ours, official, box
 
 
 def allocation_peak(fn, device):
@@ -315,8 +315,7 @@ def training_step(kind, clip, C, device, amp, batch):
     R = clip.visual.resolution
     classnames = [f"class number {i}" for i in range(C)]
     if kind == "craft":
-        ours, _ = craft_generation(clip, C, device, amp)
-        box = craft.BlackBox(clip, classnames, device, amp)
+        ours, _, box = craft_generation(clip, C, device, amp)
         refiner = craft.Refiner(C).to(device)
         opt = torch.optim.Adam(refiner.parameters(), 1e-3)
         ctx = box.word_embeddings("a photo of a")[None].to(device)
@@ -353,7 +352,7 @@ def craft_costs(names, batch, classes, steps, device, amp, report, official_cand
         clip = clip_model.CLIP(clip_model.CONFIGS[name]).to(device).eval().requires_grad_(False)
         print(f"{name} CraFT: one generation = 40 candidates x C classes on 16 x C image features", flush=True)
         for C in classes:
-            ours, official = craft_generation(clip, C, device, amp)
+            ours, official, _ = craft_generation(clip, C, device, amp)
             with torch.no_grad():
                 diff = (ours() - official()).abs().max().item() if C <= 10 else float("nan")
             k = min(official_candidates, 40)

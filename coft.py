@@ -976,8 +976,7 @@ def main(argv=None):
             return None
         return run(args)
     except (data.DataError, clip_model.CLIPError, RunError, OSError) as e:
-        # raised in a DataLoader worker, the message carries the worker's traceback: keep its last line
-        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}", file=sys.stderr)
+        print(f"error: {train.error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         where = "" if args.table or args.write_llm_prompts else \

@@ -223,7 +223,6 @@ SETTINGS = {
 }
 DEFAULT_SETTINGS = SETTINGS["caltech101"]  # the row most datasets share, for any other dataset
 SETTING_FLAGS = ("sigma0", "bound", "a_std", "n", "batch", "lam")
-PAPER_DATASETS = list(SETTINGS)
 
 # flags that change how a run goes, never its numbers
 HOW = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root",
@@ -259,7 +258,7 @@ class Setup:
     task: data.Task
     clip: clip_model.CLIP  # used by the white-box references only (coop, probe)
     box: BlackBox
-    shots: data.ImageDataset  # the few-shot train images, augmented (crop + flip)
+    shots: data.ImageDataset  # the few-shot train images under the --aug transform
     y_shots: torch.Tensor  # [K*C]
     evaluated: data.ImageDataset  # the eval split under the test transform
     y_eval: torch.Tensor
@@ -584,7 +583,7 @@ def main(argv=None):
             return train.table(args.table, run_summary)
         return run(resolve_defaults(args))
     except (data.DataError, clip_model.CLIPError, RunError, OSError) as e:
-        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.DataError: ')}", file=sys.stderr)
+        print(f"error: {train.error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last checkpoint is in {args.out}/stages; the same command with --resume "

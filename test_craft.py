@@ -25,15 +25,9 @@ def images(clip, n, seed=0):
     return torch.randn(n, 3, R, R, generator=torch.Generator().manual_seed(seed))
 
 
-class Images(torch.utils.data.Dataset):
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], 0, i
+def as_dataset(x):
+    """Ready image tensors [N, 3, R, R] as an (image, label, index) dataset (tensor sources pass as they are)."""
+    return data.ImageDataset([(xi, 0) for xi in x], lambda t: t)
 
 
 # ---- the black box
@@ -51,7 +45,7 @@ def test_the_box_with_p0_equals_clip_on_the_written_prompt():
         ref = 100 * F.normalize(clip.encode_image(x), dim=-1) @ t.T
         assert (l - ref).abs().max() < 1e-3
         # and the hard-prompt path (the zero-shot reference) gives the same on an uploaded set
-        box.upload("x", Images(x))
+        box.upload("x", as_dataset(x))
         assert (box.hard_prompt_logits("a photo of a {}.", "x") - ref).abs().max() < 1e-3
 
 
@@ -64,7 +58,7 @@ def test_the_box_hands_out_no_gradients_and_counts_exactly():
     assert box.queries == {"prompts": 3, "images": 5}
     assert not any(isinstance(v, torch.nn.Parameter) or (torch.is_tensor(v) and v.requires_grad)
                    for v in vars(box).values())
-    box.upload("set", Images(images(clip, 7)))
+    box.upload("set", as_dataset(images(clip, 7)))
     assert box.queries == {"prompts": 3, "images": 12}
     box.logits(ctx, "set")  # the same contexts: remembered, not queried again; uploaded images: not re-encoded
     assert box.queries == {"prompts": 3, "images": 12}

@@ -48,6 +48,12 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def error_line(e):
+    """A CLI's one-line message for an error the user can fix. Raised in a DataLoader worker, the
+    message carries the worker's traceback: its last line is the error itself."""
+    return str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")
+
+
 def number(kind=float, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: `kind` within [low, high] (open ends where asked), else a clear message."""
     def parse(text):
