@@ -18,8 +18,8 @@ Sections:
           pre-extracted image features): the official code's way (one candidate at a time, every
           prompt at 77 tokens) vs ours (all candidates in one batched call, shared prefix, up to the
           longest EOT), with the speed-up; then the parameters a deployer keeps and the peak memory
-          of one training step on --batch images, CraFT (a generation + a refiner step) vs white-box
-          CoOp (a step)
+          of one training step on --batch images: CraFT's black-box side (a generation + the batch's
+          logits), CraFT's user side (a refiner step) and white-box CoOp (a step)
   ref     needs open-clip-torch (a test-only dependency)
 Each line: ms per step, images/s or prompts/s, peak memory (GPU allocator, or the process's RSS
 on a CPU) and, on GPUs with a known dense bf16 peak, MFU.
@@ -310,20 +310,27 @@ def allocation_peak(fn, device):
 
 
 def training_step(kind, clip, C, device, amp, batch):
-    """One training step on `batch` images: CraFT (a generation's fitness + a refiner step) or
-    white-box CoOp (gradients through the text tower)."""
+    """One training step on `batch` images: CraFT's black-box side (a generation's fitness queries
+    + the refiner epoch's logits of the batch), CraFT's user side (a refiner step on those logits:
+    all the user computes), or white-box CoOp (gradients through the text tower)."""
     R = clip.visual.resolution
     classnames = [f"class number {i}" for i in range(C)]
-    if kind == "craft":
+    x, y = torch.randn(batch, 3, R, R, device=device), torch.randint(0, C, (batch,), device=device)
+    if kind == "box":
         ours, _, box = craft_generation(clip, C, device, amp)
-        refiner = craft.Refiner(C).to(device)
-        opt = torch.optim.Adam(refiner.parameters(), 1e-3)
         ctx = box.word_embeddings("a photo of a")[None].to(device)
-        x, y = torch.randn(batch, 3, R, R, device=device), torch.randint(0, C, (batch,), device=device)
 
         def step():
             ours()
-            loss = craft.refinement_loss(box.logits(ctx, x)[0], y, refiner, 0.1)
+            box.logits(ctx, x)
+        return step
+    if kind == "user":
+        refiner = craft.Refiner(C).to(device)
+        opt = torch.optim.Adam(refiner.parameters(), 1e-3)
+        l = 10 * torch.randn(batch, C, device=device)  # what the box returned
+
+        def step():
+            loss = craft.refinement_loss(l, y, refiner, 0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -331,7 +338,6 @@ def training_step(kind, clip, C, device, amp, batch):
     sos, suffix = (t.to(device) for t in craft.prompt_parts(clip, classnames))
     model = craft.CoOp(torch.randn(4, clip.cfg.transformer_width) * 0.02).to(device)
     opt = torch.optim.SGD(model.parameters(), 2e-3, momentum=0.9)
-    x, y = torch.randn(batch, 3, R, R, device=device), torch.randint(0, C, (batch,), device=device)
 
     def step():
         with torch.autocast(**amp):
@@ -365,12 +371,13 @@ def craft_costs(names, batch, classes, steps, device, amp, report, official_cand
                 print(f"  fitness difference official vs ours: {diff:.1e}", flush=True)
             refiner = sum(p.numel() for p in craft.Refiner(C).parameters())
             ctx = 4 * clip.cfg.transformer_width
-            mem_craft, mem_coop = (allocation_peak(training_step(kind, clip, C, device, amp, batch), device)
-                                   for kind in ("craft", "coop"))
+            mem_box, mem_user, mem_coop = (allocation_peak(training_step(kind, clip, C, device, amp, batch), device)
+                                           for kind in ("box", "user", "coop"))
             print(f"  deployer keeps: CraFT p {ctx} + refiner {refiner} = {ctx + refiner} numbers (or z 512 + seed of A); "
                   f"CoOp p {ctx} + white-box access to the model's {sum(p.numel() for p in clip.parameters())}", flush=True)
-            print(f"  peak memory of a training step on {batch} images above the loaded model: CraFT {mem_craft:.0f} MiB, CoOp {mem_coop:.0f} MiB "
-                  f"(x{mem_coop / max(mem_craft, 1e-9):.2f})", flush=True)
+            print(f"  peak memory of a training step on {batch} images above the loaded model: CraFT's black box (a "
+                  f"generation + the batch's logits) {mem_box:.1f} MiB, CraFT's user (a refiner step) {mem_user:.2f} MiB; "
+                  f"white-box CoOp {mem_coop:.1f} MiB (x{mem_coop / max(mem_user, 1e-9):.0f} the user's)", flush=True)
 
 
 def reference(names, batch, classes, steps, device, amp):

@@ -57,8 +57,9 @@ paper | craft-paper)
   if [ "$mode" = paper ]; then
     datasets=(caltech101 dtd eurosat fgvc_aircraft oxford_flowers food101 oxford_pets stanford_cars ucf101)
   else
-    datasets=(caltech101 oxford_pets stanford_cars oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101
-              imagenet)
+    # the 11 datasets whose official settings craft.py holds (craft.SETTINGS)
+    names=$(python -c "import craft; print(*craft.SETTINGS)")
+    read -ra datasets <<< "$names"
   fi
   # every dataset checked up front (files listed, not read), so a long run never stops at the 5th
   python - "$DATA" "${datasets[@]}" <<'PY'

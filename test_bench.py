@@ -58,4 +58,7 @@ def test_bench_craft_generation_official_vs_ours(capsys):
     out = capsys.readouterr().out
     assert "generation, official loop (77 tokens; 2 of 40 timed)" in out and re.search(r"ours \(x[0-9.]+ faster\)", out)
     assert float(re.search(r"fitness difference official vs ours: ([0-9.e+-]+)", out).group(1)) < 1e-4
-    assert "deployer keeps: CraFT p 256 + refiner" in out and re.search(r"CraFT \d+ MiB, CoOp \d+ MiB", out)
+    assert "deployer keeps: CraFT p 256 + refiner" in out
+    box, user, coop = map(float, re.search(r"black box .*\) ([0-9.]+) MiB, CraFT's user .*\) ([0-9.]+) MiB; "
+                                           r"white-box CoOp ([0-9.]+) MiB", out).groups())
+    assert 0 < user < coop and box > 0  # the user's refiner step is far lighter than backprop through a tower

@@ -172,8 +172,9 @@ def numbers(m):
 def test_a_run_counts_its_queries_and_records_its_result(tmp_path, pretrained_tiny):
     G, P, K, C, N_dev = 6, 8, 2, 10, 179
     m = craft.main(craft_args(tmp_path, ckpt=pretrained_tiny[0]))
-    # 2 zero-shot prompts, per generation popsize candidates + the refiner epoch's prompt, the final prompt
-    assert m["queries"] == {"prompts": 2 + G * (P + 1) + 1, "images": N_dev + K * C + G * K * C, "search": 48}
+    # 2 zero-shot prompts, per generation popsize candidates + the refiner epoch's prompt, the final prompt;
+    # images: the eval split and the shots once (digits: no augmentation, the refiner reuses the upload)
+    assert m["queries"] == {"prompts": 2 + G * (P + 1) + 1, "images": N_dev + K * C, "search": 48}
     assert len(m["history"]["best_fitness"]) == G and len(m["history"]["refine_loss"]) == G
     assert m["deploy_params"]["refiner"] == (C * 256 + 256) + (256 * C + C)
     preds = torch.load(tmp_path / "run" / "predictions.pt")
@@ -187,6 +188,24 @@ def test_a_run_counts_its_queries_and_records_its_result(tmp_path, pretrained_ti
         mm = craft.main(craft_args(tmp_path, "--method", method, "--coop-epochs", "2", out=method,
                                    ckpt=pretrained_tiny[0]))
         assert mm["queries"]["search"] == 0 and 0 <= mm[f"{method}_acc"] <= 100
+
+
+def test_without_augmentation_the_refiner_reuses_the_uploaded_view(tmp_path, monkeypatch):
+    """--aug none trains the refiner on the uploaded view's logits (no image re-encoded); the same
+    run with --aug crop, its crop replaced by the plain test transform, re-encodes every batch and
+    must train the same refiner."""
+    reused = craft.main(craft_args(tmp_path, "--method", "mlp", "--aug", "none", out="reused"))
+    make_transform = data.make_transform
+    monkeypatch.setattr(craft.data, "make_transform", lambda kind, *a: make_transform("test", *a))
+    encoded = craft.main(craft_args(tmp_path, "--method", "mlp", "--aug", "crop", out="encoded"))
+    G, K, C, N_dev = 6, 2, 10, 179
+    assert reused["queries"]["images"] == N_dev + K * C
+    assert encoded["queries"]["images"] == N_dev + K * C + G * K * C
+    assert reused["queries"]["prompts"] == encoded["queries"]["prompts"] == 2 + G + 1
+    a, b = (torch.load(tmp_path / d / "stages" / "collaborate.ckpt", weights_only=True)["refiner"]
+            for d in ("reused", "encoded"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert reused["history"]["refine_loss"] == pytest.approx(encoded["history"]["refine_loss"], rel=1e-5)
 
 
 def test_a_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
