@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from clip_model import unit
-from train import seed_of
 
 # -----------------------------------------------------------------------------
 # ActiveFT selection, objective-aware (ODS)
