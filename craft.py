@@ -292,9 +292,9 @@ def collaborate(s, args):
     prompt with the CE fitness; mlp: the refiner with the prompt fixed at p0). Per generation:
     one CMA-ES generation (popsize prompt queries on the pre-extracted features of one augmented
     view of the shots) with the refiner frozen, then one refiner epoch over freshly augmented
-    shots (--aug none: over the view's logits, no image re-encoded) with the prompt frozen. A checkpoint (CMA-ES state, refiner, Adam, prompt, query
-    counters) is written atomically every --ckpt-every generations; --resume continues from it
-    to the same result. Inference: one query with the final prompt, then argmax of l + g(l)."""
+    shots (--aug none: over the view's logits, no image re-encoded) with the prompt frozen. A
+    checkpoint (CMA-ES state, refiner, Adam, prompt, query counters) is written atomically every
+    --ckpt-every generations; --resume continues from it to the same result. Inference: one query with the final prompt, then argmax of l + g(l)."""
     search, refine = args.method in SEARCHES, args.method in REFINES
     G = args.budget // args.popsize  # generations
     y_view = s.y_shots.to(s.device)
@@ -335,16 +335,17 @@ def collaborate(s, args):
         ctx = generator(z)  # [1, n, width]
         if refine:  # output side: one epoch of the refiner, prompt frozen
             lam_o = consistency_weight(t, args.budget, args.n, args.lam)
-            # without augmentation every epoch sees the uploaded view's images again: their logits
-            # under the frozen prompt are fixed, so one query serves the epoch and no image is re-encoded
-            l_view = s.box.logits(ctx, "view", raw=args.raw_image_features)[0] if args.aug == "none" else None
+            epoch = s.shots  # (augmented image, label, index)
+            if args.aug == "none":  # every epoch would see the uploaded view's images again: their logits
+                # under the frozen prompt are fixed, so one query serves the epoch; no image is loaded or encoded
+                l_view = s.box.logits(ctx, "view", raw=args.raw_image_features)[0].cpu()  # [K*C, C]
+                epoch = data.ImageDataset(list(zip(l_view, s.y_shots.tolist())), lambda l: l)  # (logits, label, index)
 
             def step(model, batch, _):
-                x, y, i = batch
-                l = (l_view[i.to(l_view.device)] if l_view is not None
-                     else s.box.logits(ctx, x, raw=args.raw_image_features)[0])  # [B, C]
+                x, y, _ = batch
+                l = x if args.aug == "none" else s.box.logits(ctx, x, raw=args.raw_image_features)[0]  # [B, C]
                 return refinement_loss(l, y, model, lam_o), {}
-            h = train.fit(refiner, step, lambda e: s.loader(s.shots, args.batch, ("refine", g), shuffle=True), 1,
+            h = train.fit(refiner, step, lambda e: s.loader(epoch, args.batch, ("refine", g), shuffle=True), 1,
                           opt, lambda *_: 1.0, s.device, seed_of(s.seed, "refine", g), s.precision, log_every=0)
             history["refine_loss"].append(sum(h["loss"]) / len(h["loss"]))
         if search:

@@ -47,6 +47,8 @@ def selection_loss(f, theta, tau=0.07, beta=1.0, w=None, weighting="kl", log_z=N
       weighting="official": w multiplies e_i inside J_i (the official code); since
         dJ_i/d(f.theta) = -(beta Z / (w e + beta Z)) / tau, a large w *weakens* the pull, so this
         variant moves centroids away from high-loss samples."""
+    if weighting not in ("kl", "official"):
+        raise ValueError(f"weighting must be 'kl' or 'official', not {weighting!r}")
     theta = F.normalize(theta, dim=-1)
     s, c = (f @ theta.T / tau).max(dim=1)  # log e_i [B], assignment c(i) [B]
     log_z = log_repulsion(theta, tau) if log_z is None else log_z
@@ -56,8 +58,6 @@ def selection_loss(f, theta, tau=0.07, beta=1.0, w=None, weighting="kl", log_z=N
     J = torch.logaddexp(s, log_bz) - s  # [B]
     if w is None or weighting == "official":
         return J.mean()
-    if weighting != "kl":
-        raise ValueError(f"weighting must be 'kl' or 'official', not {weighting!r}")
     return (w * J).sum() / w.sum()
 
 
@@ -246,6 +246,5 @@ def cea(e, captions, caption_of, eta=1.2, scale=100.0, alpha=None):
     alpha is 1, a softmax over one key) applies to every image. Returns [B, D], not renormalised
     (selection normalises its features)."""
     t = captions[caption_of]  # [B, D]
-    a = cross_attention_weights(e, captions, caption_of, scale) if alpha is None else torch.full(
-        (len(e),), float(alpha), device=e.device)
-    return e - eta * a[:, None] * (e - t)
+    a = cross_attention_weights(e, captions, caption_of, scale)[:, None] if alpha is None else float(alpha)
+    return e - eta * a * (e - t)
