@@ -96,16 +96,32 @@ class Task:
     flip: bool = True  # whether horizontal flips respect the data (not for digits, text, ...)
 
 
-def digits_task(root=None):
-    """The offline demo's task: real handwritten digits (UCI), split train/dev/test."""
+def thicken(x8):
+    """Bolder strokes on 8x8 ink counts (0..16): each block gains half the ink of the inkiest
+    block in its 3x3 neighbourhood (itself included), capped at 16, so strokes spread into the
+    blocks next to them and their own blocks fill up, as a thicker pen scanned the same way would.
+    The stand-in met bold digits in pretraining ("a bold {d}." captions, low ink thresholds)."""
+    x = x8.float()[:, None]  # [N, 1, 8, 8]
+    bold = x + 0.5 * F.max_pool2d(x, 3, stride=1, padding=1)
+    return bold.clamp(max=16).round().to(torch.uint8)[:, 0]
+
+
+def digits_task(root=None, shift=None):
+    """The offline demo's task: real handwritten digits (UCI), split train/dev/test.
+    shift="bold" (dataset digits-bold): the test split's strokes thickened (`thicken`), the train
+    and dev splits as they are: a target domain with no train images (VeCAF's OOD demo)."""
     x8, y = load_uci_digits()
     images = (digits_to_images(x8) * 255).round().to(torch.uint8)  # [1797, 3, 32, 32]
     split = digits_split(0)
     items = lambda idx: [(images[i], int(y[i])) for i in idx.tolist()]  # noqa: E731
+    test = items(split["test"])
+    if shift == "bold":
+        bold = (digits_to_images(thicken(x8[split["test"]])) * 255).round().to(torch.uint8)
+        test = [(b, label) for b, (_, label) in zip(bold, test)]
     templates = [DIGITS_TEMPLATE, "a handwritten {}.", "the digit {}", "an image of the digit {}.",
                  "a drawing of the numeral {}."]  # [0] for CoFT; all for CoFT+'s template ensemble
-    return Task("digits", list(DIGIT_CLASSNAMES), templates, items(split["train"]), items(split["test"]),
-                items(split["dev"]), flip=False)
+    return Task("digits" if shift is None else f"digits-{shift}", list(DIGIT_CLASSNAMES), templates,
+                items(split["train"]), test, items(split["dev"]), flip=False)
 
 
 def load_image(source):
@@ -604,15 +620,15 @@ def cifar_task(name, root):
 # one entry point for the CLI
 
 COOP_NAMES = list(COOP_DATASETS) + ["fgvc_aircraft", "imagenet"]
-TASK_NAMES = ["digits"] + COOP_NAMES + ["imagefolder"] + list(CIFAR)
+TASK_NAMES = ["digits", "digits-bold"] + COOP_NAMES + ["imagefolder"] + list(CIFAR)
 
 
 def load_task(name, root=None):
     """The Task called `name` (see TASK_NAMES), with its data under root (--data-root), checked
     for what every method needs: two or more classes whose prompts differ."""
     key = name.lower()
-    if key == "digits":
-        task = digits_task(root)  # vendored in assets/; root is not needed
+    if key in ("digits", "digits-bold"):
+        task = digits_task(root, key.partition("-")[2] or None)  # vendored in assets/; root is not needed
     elif key in COOP_NAMES:
         task = coop_task(key, root)
     elif key == "imagefolder":

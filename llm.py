@@ -11,15 +11,22 @@ hand-written template in the zero-shot pass):
     python coft.py --dataset dtd --data-root DATA --plus --llm-prompts dtd.json
 
 The file is JSON {class name: [prompt, ...]}, so prompts from any other source work as well.
+VeCAF asks an image-capable model for one caption per pool image (`caption_image`; vecaf.py
+writes the file {image: caption}).
 """
+import base64
+import io
 import json
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import torch
+from torchvision.transforms.functional import to_pil_image
+
 import train
-from data import DataError
+from data import DataError, load_image
 
 
 def chat(messages, api_base, model, api_key=None, retries=3, timeout=120, temperature=0.7):
@@ -102,3 +109,28 @@ def read_class_prompts(path, classnames):
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read the prompt file {path} ({e}); write it with --write-llm-prompts") from None
     return [validated_prompts(table, classnames, str(path))[c] for c in classnames]
+
+
+def image_url(source):
+    """An image (path or uint8 tensor [3, H, W]) as a PNG data URL, the form chat endpoints take."""
+    image = load_image(source)
+    if torch.is_tensor(image):
+        image = to_pil_image(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def caption_image(source, api_base, model, api_key=None, hint=None, **chat_options):
+    """One short caption of an image from an image-capable chat model (the image sent inline);
+    `hint` (e.g. the class name of a labelled pool image) is offered as context. The reply must
+    be one non-empty line, else DataError."""
+    ask = "Describe this image in one short sentence, as a caption." + \
+        (f" It shows a {hint}; name it in the caption." if hint else "")
+    content = [{"type": "text", "text": ask}, {"type": "image_url", "image_url": {"url": image_url(source)}}]
+    reply = chat([{"role": "user", "content": content}], api_base, model, api_key, **chat_options)
+    caption = " ".join(reply.strip().strip('"').split())
+    if not caption:
+        what = source if isinstance(source, str) else "an in-memory image"
+        raise DataError(f"{api_base.rstrip('/')}/chat/completions sent an empty caption for {what}")
+    return caption

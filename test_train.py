@@ -117,3 +117,37 @@ def test_imports_run_one_way():
     assert imports("standin") == {"clip_model", "data", "train"}
     assert imports("llm") <= {"data", "train"}
     assert "coft" not in set().union(*(imports(m) for m in ("clip_model", "data", "standin", "train", "llm")))
+
+
+def test_fit_collects_after_epoch_values_and_keeps_them_across_a_resume(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss(m, b, g):
+        return m(b[0]).pow(2).mean(), {}
+    batches = lambda e: [(torch.ones(3, 2) * (e + 1),)]  # noqa: E731
+    seen = []
+
+    def after(epoch, m):
+        seen.append(m.training)
+        return [epoch, m.weight.sum().item()]
+    model, opt = make()
+    full = train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0, log_every=0,
+                     after_epoch=after)
+    assert [e for e, _ in full["after_epoch"]] == [0, 1, 2] and seen == [False] * 3
+    model, opt = make()
+    ckpt = tmp_path / "c.ckpt"
+
+    def dies_in_epoch_1(epoch, m):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return after(epoch, m)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0, ckpt=ckpt,
+                  record={"r": 1}, log_every=0, after_epoch=dies_in_epoch_1)
+    model, opt = make()
+    resumed = train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0, ckpt=ckpt,
+                        resume=True, record={"r": 1}, log_every=0, after_epoch=after)
+    assert resumed == full

@@ -1,13 +1,21 @@
 """VeCAF (vecaf.py): the selection objective, nearest-unique selection, ODS, the ensemble's
 matching and CEA, against direct recomputations and hand-made cases."""
 import itertools
+import json
 import math
+import shutil
+from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
 
+import clip_model as cm
+import data
+import train
 import vecaf
 from clip_model import unit
+from conftest import one_line_error, randomized
 
 
 def pool(n, d=8, seed=0):
@@ -152,3 +160,184 @@ def test_cea_is_the_formula_and_its_special_cases():
     # one distinct caption: the softmax has one key, alpha = 1, the official update
     one = torch.zeros(6, dtype=torch.long)
     assert torch.allclose(vecaf.cea(e, T[:1], one, scale=scale), e - 1.2 * (e - T[0]), atol=1e-6)
+
+
+# ---- a run end to end (tiny backbone, digits)
+
+def run_args(tmp_path, *extra, out="run"):
+    ckpt = tmp_path / "tiny-vit.pt"
+    if not ckpt.exists():
+        torch.save(randomized("tiny-vit").state_dict(), ckpt)
+    return ["--dataset", "digits", "--clip", str(ckpt), "--out", str(tmp_path / out), "--budget", "6",
+            "--loops", "2", "--epochs", "2", "--batch", "4", "--iters", "20", "--ensemble", "2", "--log-every", "0",
+            "--warmup-epochs", "1", "--lr", "0.01", *extra]
+
+
+def run_vecaf(tmp_path, *extra, out="run"):
+    return vecaf.main(run_args(tmp_path, *extra, out=out))
+
+
+def numbers(m):
+    """Every metric but the timings."""
+    return {k: ([{a: b for a, b in loop.items() if a != "time_s"} for loop in v] if k == "loops" else v)
+            for k, v in m.items() if k != "time_s"}
+
+
+def stage(run_dir, tag):
+    return torch.load(Path(run_dir) / "stages" / f"{tag}.pt", weights_only=True)
+
+
+def test_run_grows_the_selection_and_cea_moves_exactly_the_picks(tmp_path):
+    m = run_vecaf(tmp_path)
+    run = tmp_path / "run"
+    s1, s2 = stage(run, "select1")["new"], stage(run, "select2")["new"]
+    selected = torch.load(run / "predictions.pt", weights_only=True)["selected"]
+    # 6 new per loop, earlier picks kept first, never picked twice
+    assert selected.tolist() == s1.tolist() + s2.tolist() and len(set(selected.tolist())) == 12
+    assert [(loop["selected"], loop["new"]) for loop in m["loops"]] == [(6, 6), (12, 6)]
+    # batch 4 with drop_last: 1 step per epoch on 6 images, 3 on 12 -> batches 2 then 2 + 6
+    assert [loop["batches"] for loop in m["loops"]] == [2, 8] and m["batches"] == 8
+    assert [b for b, _ in m["curve"]] == [0, 1, 2, 5, 8] and m["final_acc"] == m["curve"][-1][1]
+    # the loop-2 file's moved rows are CEA of the pretrained features towards the class-keyword
+    # captions (the batch's distinct captions as keys), recomputed here from their definitions
+    f = stage(run, "features")["f"]
+    task = data.load_task("digits")
+    clip, _ = cm.load(str(tmp_path / "tiny-vit.pt"))
+    t = cm.text_classifier(clip, cm.class_prompts(task.classnames, [task.templates[0]]), "cpu")
+    rows = stage(run, "loop2")["bank_rows"]
+    y = torch.tensor([label for _, label in task.train])
+    for k, new in enumerate((s1, s2)):
+        keys, row = y[new].unique(return_inverse=True)
+        expected = vecaf.cea(f[new], t[keys], row, 1.2, clip.logit_scale.exp().item())
+        assert torch.allclose(rows[6 * k:6 * (k + 1)], expected, atol=1e-5)
+    assert not torch.allclose(rows, f[selected], atol=1e-3)
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    full = run_vecaf(tmp_path, out="full")
+    # killed after loop 1 (loop 2 selects on the restored, CEA-moved features), after loop 2's
+    # selection, after loop 2's first epoch
+    for dies_at in ("loop1.pt", "select2.pt", "loop2.ckpt"):
+        real_save = train.atomic_save
+
+        def dying_save(obj, path):
+            real_save(obj, path)
+            if Path(path).name == dies_at:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(train, "atomic_save", dying_save)
+        monkeypatch.setattr(vecaf.train, "atomic_save", dying_save)
+        with pytest.raises(SystemExit) as e:
+            run_vecaf(tmp_path, out=f"killed-{dies_at}")
+        monkeypatch.undo()
+        assert e.value.code == 130 and not (tmp_path / f"killed-{dies_at}" / "stages" / "loop2.pt").exists()
+        resumed = run_vecaf(tmp_path, "--resume", out=f"killed-{dies_at}")
+        assert numbers(resumed) == numbers(full)
+        for tag in ("loop2", "select2"):
+            a, b = stage(tmp_path / "full", tag), stage(tmp_path / f"killed-{dies_at}", tag)
+            if "model" in a:
+                assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+            else:
+                assert torch.equal(a["new"], b["new"])
+
+
+@pytest.mark.parametrize("method", ["random", "activeft"])
+def test_a_pool_selected_to_its_last_image_has_no_repeat(tmp_path, method):
+    """2 x 449 of 899 images: a loop that could pick an earlier loop's image would repeat some."""
+    run_vecaf(tmp_path, "--method", method, "--budget", "449", "--epochs", "1", "--batch", "128", "--eval-every", "9")
+    selected = torch.load(tmp_path / "run" / "predictions.pt", weights_only=True)["selected"]
+    assert len(selected) == 898 and len(set(selected.tolist())) == 898
+
+
+@pytest.mark.parametrize("method", ["random", "activeft", "ods", "cea", "full"])
+def test_every_method_runs(tmp_path, method):
+    m = run_vecaf(tmp_path, "--method", method, "--epochs", "1")
+    assert m["method"] == method
+    assert m["selected"] == (899 if method == "full" else 12) and len(m["loops"]) == (1 if method == "full" else 2)
+
+
+def test_bad_input_gets_one_line(tmp_path, capsys):
+    err = one_line_error(vecaf.main, capsys, *run_args(tmp_path, "--budget", "500"))
+    assert "select 1000 but the pool" in err and "899" in err
+    assert "unknown dataset 'mnist'" in one_line_error(vecaf.main, capsys, *run_args(tmp_path, "--dataset", "mnist"))
+    captions = {f"#{i}": f"a digit, number {i}" for i in range(899)}
+    for change, message in ((lambda c: c.pop("#5"), "1 of 899 train images have no caption, e.g. '#5'"),
+                            (lambda c: c.update({"#899": "x"}), "1 caption(s) name images that are not in the "
+                                                               "train pool, e.g. '#899'")):
+        bad = dict(captions)
+        change(bad)
+        (tmp_path / "c.json").write_text(json.dumps(bad))
+        assert message in one_line_error(vecaf.main, capsys, *run_args(tmp_path, "--captions",
+                                                                         str(tmp_path / "c.json")))
+    assert not (tmp_path / "run").exists()  # nothing written before the checks
+    # a run folder of another run: refused on --resume with what differs
+    run_vecaf(tmp_path, "--method", "random", "--epochs", "1")
+    err = one_line_error(vecaf.main, capsys, *run_args(tmp_path, "--method", "activeft", "--epochs", "1",
+                                                       "--resume"))
+    assert "holds a run with other settings" in err and "method: 'random' -> 'activeft'" in err
+    # a stage file of another run copied in: refused by its record
+    run_vecaf(tmp_path, "--method", "activeft", "--epochs", "1", out="other")
+    shutil.copy(tmp_path / "other" / "stages" / "select1.pt", tmp_path / "run" / "stages" / "select1.pt")
+    (tmp_path / "run" / "stages" / "loop1.pt").unlink()
+    (tmp_path / "run" / "stages" / "loop2.pt").unlink()
+    err = one_line_error(vecaf.main, capsys, *run_args(tmp_path, "--method", "random", "--epochs", "1", "--resume"))
+    assert "select1.pt was made with other settings" in err
+
+
+def test_captions_file_keys(tmp_path):
+    pool = [(str(tmp_path / "a" / "x.jpg"), 0), (torch.zeros(3, 2, 2, dtype=torch.uint8), 1),
+            (str(tmp_path / "b.png"), 1)]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"a/x.jpg": "a cat", "#1": " a dog ", str(tmp_path / "b.png"): "a dog again"}))
+    assert vecaf.read_captions(path, pool, str(tmp_path)) == ["a cat", "a dog", "a dog again"]
+
+
+def test_captions_from_an_image_capable_model_resume_where_they_stopped(tmp_path, monkeypatch):
+    asked = []
+
+    def caption(source, api_base, model, api_key=None, hint=None):
+        asked.append(hint)
+        if len(asked) == 3:
+            raise data.DataError("endpoint down")
+        return f"a picture of {hint}"
+    monkeypatch.setattr(vecaf.llm, "caption_image", caption)
+    pool = [(torch.zeros(3, 2, 2, dtype=torch.uint8), k % 2) for k in range(4)]
+    path = tmp_path / "c.json"
+    with pytest.raises(data.DataError):
+        vecaf.write_captions(path, pool, ["cat", "dog"], None, "http://x", "m", save_every=2)
+    assert json.loads(path.read_text()) == {"#0": "a picture of cat", "#1": "a picture of dog"}
+    vecaf.write_captions(path, pool, ["cat", "dog"], None, "http://x", "m", save_every=2)
+    assert len(asked) == 5 and vecaf.read_captions(path, pool, None)[3] == "a picture of dog"
+
+
+# ---- results: B2A, accuracy at equal batches, the plot
+
+def test_b2a_and_accuracy_at_batches_on_a_known_curve():
+    curve = [[0, 50.0], [10, 70.0], [20, 69.0], [30, 90.0]]
+    assert vecaf.batches_to(curve, 70.0) == 10 and vecaf.batches_to(curve, 80.0) == 30
+    assert vecaf.batches_to(curve, 95.0) is None
+    assert vecaf.accuracy_at(curve, 25) == 69.0 and vecaf.accuracy_at(curve, 30) == 90.0
+    assert vecaf.accuracy_at([[5, 1.0]], 4) is None
+
+
+def test_table_and_plot(tmp_path, capsys):
+    def write(name, method, curve):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({
+            "method": method, "curve": curve, "final_acc": curve[-1][1], "batches": curve[-1][0],
+            "selected": 10, "loops": [{"acc": curve[1][1]}], "time_s": {"total": 1.0}}))
+        return str(d)
+    runs = [write("full-s0", "full", [[0, 50.0], [100, 80.0]]), write("full-s1", "full", [[0, 50.0], [100, 90.0]]),
+            write("vecaf-s0", "vecaf", [[0, 50.0], [10, 81.0], [20, 85.0]]),
+            write("vecaf-s1", "vecaf", [[0, 50.0], [10, 70.0], [20, 79.0]])]
+    vecaf.main(["--table", *runs, "--plot", str(tmp_path / "c.svg")])
+    out = capsys.readouterr().out
+    assert "0.95 x full-data final accuracy 85.00 = 80.75" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("vecaf-s", "full-s"))}
+    # columns: run method selected batches loop1 final B2A reached acc@20
+    assert lines["vecaf-s0"][6:] == ["10", "1.0", "85.0"] and lines["vecaf-s1"][6:] == ["-", "0.0", "79.0"]
+    assert lines["full-s0"][6:] == ["-", "0.0", "50.0"] and lines["full-s1"][6:] == ["100", "1.0", "50.0"]
+    svg = ElementTree.parse(tmp_path / "c.svg").getroot()
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2  # one mean curve per group
+    assert len(lines[1].get("points").split()) == 3  # vecaf: 0, 10, 20 batches

@@ -374,7 +374,7 @@ def grad_norm_summary(norms, clip_grad):
 
 
 def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precision="auto", clip_grad=0.0,
-        ckpt=None, resume=False, record=None, tag="train", log_every=20):
+        ckpt=None, resume=False, record=None, tag="train", log_every=20, after_epoch=None):
     """The plain loop every stage uses: a per-step LR schedule, autocast at `precision`, optional
     gradient-norm clipping, a progress line, and an atomic checkpoint after every epoch.
 
@@ -388,14 +388,16 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
     settings that determine this stage) is stored in the checkpoint and must match on resume.
     A non-finite loss (or, without a GradScaler, gradient norm) stops training with a RunError
     naming the step; the checkpoint of the last finished epoch is left as it was.
-    Returns {"loss": [...], "grad_norm": [...]} for every step (norms before clipping), also kept
-    in the checkpoints, so a resumed run returns them all."""
+    after_epoch(epoch, model) -> a JSON-able value (e.g. an evaluation; the model is in eval mode
+    while it runs), called after every epoch and collected in history["after_epoch"].
+    Returns {"loss": [...], "grad_norm": [...], "after_epoch": [...]} for every step (norms before
+    clipping) and epoch, also kept in the checkpoints, so a resumed run returns them all."""
     params = [p for group in opt.param_groups for p in group["params"]]
     amp, scaler = amp_settings(device, precision)
     steps_per_epoch = len(make_loader(0))
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, steps_per_epoch))
-    start, history = 0, {"loss": [], "grad_norm": []}
+    start, history = 0, {"loss": [], "grad_norm": [], "after_epoch": []}
     if resume and ckpt and Path(ckpt).exists():
         state = read_torch(ckpt, weights_only=False)
         check_record(ckpt, state.get("record") if isinstance(state, dict) else None, record)
@@ -458,6 +460,10 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
         if norms:
             history["loss"] += torch.stack(losses).cpu().tolist()
             history["grad_norm"] += torch.stack(norms).float().cpu().tolist()
+        if after_epoch is not None:
+            model.eval()
+            history.setdefault("after_epoch", []).append(after_epoch(epoch, model))
+            model.train()
         if ckpt:
             atomic_save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
                          "sched": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,

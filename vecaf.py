@@ -15,13 +15,31 @@ model's training objective, fine-tune on them, repeat with the selection growing
   - cross-attentive embedding augmentation (CEA): a selected image's embedding moves towards its
     caption's text embedding (e_aug = e - eta * alpha * (e - t)), and the moved features feed the
     next loop's selection; captions describing a target domain prepare selection for it.
+
+    python vecaf.py --dataset cifar10 --data-root DATA --clip ViT-B/16 --percent 1 --loops 5
+    python vecaf.py --method activeft ...          a baseline (random, activeft, ods, cea, ensemble, full)
+    python vecaf.py --table runs/vecaf/* --plot curves.svg   results table (B2A, accuracy at equal batches)
 """
+import argparse
+import json
 import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import clip_model
+import data
+import llm
+import standin
+import train
 from clip_model import unit
+from coft import FineTuned
+from train import RunError, number, seed_of
 
 # -----------------------------------------------------------------------------
 # ActiveFT selection, objective-aware (ODS)
@@ -248,3 +266,606 @@ def cea(e, captions, caption_of, eta=1.2, scale=100.0, alpha=None):
     t = captions[caption_of]  # [B, D]
     a = cross_attention_weights(e, captions, caption_of, scale)[:, None] if alpha is None else float(alpha)
     return e - eta * a * (e - t)
+
+
+# -----------------------------------------------------------------------------
+# Captions: a file, class keywords, a language model, or a target domain's description
+
+
+def caption_key(source, index, root):
+    """How a captions file names pool image `index`: its path relative to --data-root (the path
+    as listed without one), or '#<index>' for an image held in memory (digits, CIFAR)."""
+    if torch.is_tensor(source):
+        return f"#{index}"
+    return os.path.relpath(source, root) if root else os.path.normpath(source)
+
+
+def read_captions(path, pool, root):
+    """A JSON file {image: caption} -> the pool's captions [N] in pool order. Keys are image paths
+    relative to --data-root (absolute paths are accepted too) or '#<index>' for in-memory images;
+    every pool image needs a caption and every key must name a pool image, else one line says
+    which and how many."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise data.DataError(f"cannot read the captions file {path} ({type(e).__name__}: {str(e)[:80]}); "
+                             f"give a JSON object {{image path: caption}}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, str) and v.strip() for v in table.values()):
+        raise data.DataError(f"{path}: expected a JSON object {{image path: caption}} whose captions are "
+                             f"non-empty strings")
+
+    def key(k):  # an absolute path and a path relative to --data-root name the same image
+        return k if k.startswith("#") else os.path.relpath(k, root) if root and os.path.isabs(k) else \
+            os.path.normpath(k)
+    given = {key(k): v.strip() for k, v in table.items()}
+    keys = [caption_key(source, i, root) for i, (source, _) in enumerate(pool)]
+    unknown = sorted(set(given) - set(keys))
+    if unknown:
+        raise data.DataError(f"{path}: {len(unknown)} caption(s) name images that are not in the train pool, e.g. "
+                             f"{unknown[0]!r}; keys are image paths relative to --data-root ('#<index>' for "
+                             f"in-memory images)")
+    missing = [k for k in keys if k not in given]
+    if missing:
+        raise data.DataError(f"{path}: {len(missing)} of {len(keys)} train images have no caption, e.g. "
+                             f"{missing[0]!r}; caption every train image, or leave out --captions (class-keyword "
+                             f"captions)")
+    return [given[k] for k in keys]
+
+
+def write_captions(path, pool, classnames, root, api_base, model, api_key=None, save_every=50):
+    """Captions for the pool from an image-capable model (llm.caption_image, the class name as a
+    hint: the pool is labelled), written to `path` every `save_every` images and at the end, each
+    time atomically; an existing file's captions are kept, so a stopped run continues where it
+    stopped."""
+    path = Path(path)
+    done = json.loads(path.read_text()) if path.exists() else {}
+    for i, (source, label) in enumerate(pool):
+        k = caption_key(source, i, root)
+        if k in done:
+            continue
+        done[k] = llm.caption_image(source, api_base, model, api_key, hint=data.prompt_name(classnames[label]))
+        if len(done) % save_every == 0:
+            train.write_json(done, path)
+    return train.write_json(done, path)
+
+
+@torch.no_grad()
+def encode_texts(clip, texts, device, batch=256):
+    """Unit text embeddings [len(texts), D] of free-form captions (truncated to the context)."""
+    out = []
+    for i in range(0, len(texts), batch):
+        tokens = clip_model.tokenize(texts[i:i + batch], clip.context_length, truncate=True).to(device)
+        out.append(unit(clip.encode_text(tokens)))
+    return torch.cat(out)
+
+
+def caption_table(clip, args, task, pool_labels, device):
+    """What CEA moves the selected features towards: (t [U, D] unit embeddings of the distinct
+    captions, caption_of [N] each pool image's row). --ood-captions: per class, the mean of its
+    target-domain captions (prompt ensembling), which replace the in-domain ones; --captions: the
+    file's captions; otherwise class-keyword captions (--caption-template with the class name),
+    one per class."""
+    if args.ood_captions or not args.captions:
+        templates = args.ood_captions or [args.caption_template]
+        return clip_model.text_classifier(clip, clip_model.class_prompts(task.classnames, templates), device), \
+            pool_labels.to(device)
+    captions = read_captions(args.captions, task.train, args.data_root)
+    distinct = sorted(set(captions))
+    row = {c: u for u, c in enumerate(distinct)}
+    return encode_texts(clip, distinct, device), torch.tensor([row[c] for c in captions], device=device)
+
+
+# -----------------------------------------------------------------------------
+# One run: loops of selection and fine-tuning
+
+METHODS = {  # which of VeCAF's parts a --method uses: (ODS weights, CEA, ensemble of selectors)
+    "vecaf": (True, True, True), "activeft": (False, False, False), "ods": (True, False, False),
+    "cea": (False, True, False), "ensemble": (False, False, True), "random": None, "full": None}
+
+
+@dataclass
+class Setup:
+    """What a run's parts share, made once by `prepare`."""
+    out: Path
+    config: dict
+    device: torch.device
+    precision: str
+    amp: dict
+    seed: int
+    workers: int
+    eval_batch: int
+    log_every: int
+    resume: bool
+    task: data.Task
+    clip: clip_model.CLIP  # frozen: the pretrained features and the caption embeddings
+    pool: data.ImageDataset  # the train split (the labelled pool) under the test transform
+    y_pool: torch.Tensor  # [N]
+    evaluated: data.ImageDataset  # the eval split under the test transform
+    y_eval: torch.Tensor
+    metrics: dict
+    t0: float
+
+    def loader(self, dataset, batch, key, shuffle=False, drop_last=False):
+        return train.loader(dataset, batch, seed_of(self.seed, *key), shuffle, self.workers,
+                            self.device.type == "cuda", drop_last)
+
+    def scores(self, fn, dataset):
+        return train.predict(fn, self.loader(dataset, self.eval_batch, ("eval",)), self.device, self.amp)[0]
+
+    def record(self, tag):
+        return {"stage": tag, **self.config}
+
+
+def pool_features(s):
+    """The pretrained image tower's unit features of the pool [N, D] (on the device), the space
+    selection works in; computed once per run folder (stages/features.pt)."""
+    path, record = train.stage_path(s.out, "features"), s.record("features")
+    if path.exists():
+        saved = train.read_torch(path)
+        train.check_record(path, saved.get("record") if isinstance(saved, dict) else None, record)
+        return saved["f"].to(s.device)
+    f = s.scores(lambda x: unit(s.clip.encode_image(x)), s.pool)
+    train.atomic_save({"record": record, "f": f}, path)
+    return f.to(s.device)
+
+
+@torch.no_grad()
+def per_sample_loss(s, model):
+    """The current model's cross-entropy on every pool image (test transform) [N]: ODS's training
+    objective (plain CE, without the training's label smoothing)."""
+    return F.cross_entropy(s.scores(model, s.pool), s.y_pool, reduction="none")
+
+
+def select(s, args, loop, model, bank, taken):
+    """This loop's K new pool indices [K] (none of them `taken`), saved as stages/select<loop>.pt
+    before any fine-tuning so a resumed run does not redo it. random: uniform; otherwise E
+    selectors (seeds keyed by loop and selector) optimise centroids on the unit feature bank with
+    ODS weights from `model`'s per-sample losses where the method uses them, their centroids are
+    combined (E > 1), and each centroid takes its nearest free sample."""
+    tag = f"select{loop}"
+    path, record = train.stage_path(s.out, tag), s.record(tag)
+    if path.exists():
+        saved = train.read_torch(path)
+        train.check_record(path, saved.get("record") if isinstance(saved, dict) else None, record)
+        return saved["new"].to(s.device), saved["diagnostics"]
+    t = time.time()
+    K = args.budget
+    losses = per_sample_loss(s, model).to(s.device)  # for ODS and the diagnostics (every method)
+    if args.method == "random":
+        free = (~taken).nonzero().squeeze(1)
+        g = torch.Generator().manual_seed(seed_of(s.seed, "random", loop))
+        new = free[torch.randperm(len(free), generator=g)[:K].to(s.device)]
+    else:
+        use_ods, _, use_ensemble = METHODS[args.method]
+        f = unit(bank)
+        w = objective_weights(losses, args.ods_weights) if use_ods else None
+        centroids = torch.stack([
+            optimise_centroids(f, K, seed_of(s.seed, "select", loop, e), args.iters, args.select_lr, args.tau,
+                               args.beta, args.select_batch, w, args.ods_weighting)
+            for e in range(args.ensemble if use_ensemble else 1)])  # [E, K, D]
+        new = nearest_unique(combine(centroids, args.optimal_up_to), f, taken)
+    diagnostics = {"time_s": time.time() - t, "loss_new": losses[new].mean().item(), "loss_pool": losses.mean().item(),
+                   "loss_free": losses[~taken].mean().item()}
+    train.atomic_save({"record": record, "new": new.cpu(), "diagnostics": diagnostics}, path)
+    return new, diagnostics
+
+
+def fine_tune(s, args, tag, model, idx, evaluate):
+    """The fine-tuning of one loop (the spec's recipe, and CoFT's Phase-II model and loop: the
+    image tower + linear head, train.fit): cross-entropy with label smoothing on the selected
+    pool images idx with their labels, SGD with momentum, warm-up + cosine, --epochs epochs,
+    continuing from `model` (the previous loop's). `evaluate(model)` runs every --eval-every
+    epochs and after the last. Returns fit's history."""
+    augment = data.make_transform(args.aug if args.aug != "none" else "test", s.clip.visual.resolution, s.task)
+    train_set = data.ImageDataset([s.task.train[i] for i in idx.tolist()], augment)
+    drop = len(train_set) > args.batch  # no tiny last batch unless it is the only one
+
+    def batches(epoch):
+        return s.loader(train_set, args.batch, (tag, epoch), shuffle=True, drop_last=drop)
+
+    def loss(model, b, g):
+        return F.cross_entropy(model(b[0]), b[1], label_smoothing=args.label_smoothing), {}
+
+    def after_epoch(epoch, model):
+        return evaluate(model) if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs else None
+
+    opt = train.sgd(model, args.lr, args.momentum, args.weight_decay)
+    return train.fit(model, loss, batches, args.epochs, opt, train.warmup_epochs_then_cosine(args.warmup_epochs),
+                     s.device, seed_of(s.seed, tag), s.precision, args.clip_grad, train.ckpt_path(s.out, tag),
+                     s.resume, s.record(tag), tag, s.log_every, after_epoch)
+
+
+def last_finished(s, loops):
+    """The last loop whose stage file exists (0: none)."""
+    return max((l for l in range(1, loops + 1) if train.stage_path(s.out, f"loop{l}").exists()), default=0)
+
+
+def active_finetuning(s, args):
+    """The loops (paper Sec. 3; the spec's "Setting"): per loop, select --budget new pool images
+    (earlier picks stay selected), move the new picks' features towards their captions (CEA,
+    where the method uses it: the moved features feed the next loops' selection), then fine-tune
+    the current model on everything selected so far. Accuracy on the eval split is measured
+    against the number of training batches. Every loop is saved (stages/loop<l>.pt: the model,
+    the selection, the moved features, the curve) and each epoch checkpointed, so --resume
+    continues exactly. --method full: one loop on the whole pool."""
+    N = len(s.y_pool)
+    W = clip_model.text_classifier(s.clip, clip_model.class_prompts(s.task.classnames, [s.task.templates[0]]),
+                                   s.device) if args.head_init == "text" else None
+    model = FineTuned(s.clip.visual, len(s.task.classnames), W, s.clip.logit_scale.exp().item()).to(s.device)
+
+    def evaluate(model):
+        return train.accuracy(s.scores(model, s.evaluated), s.y_eval)
+
+    bank = pool_features(s) if args.method != "full" else None  # [N, D]; CEA moves the selected rows
+    captions = caption_table(s.clip, args, s.task, s.y_pool, s.device) if args.method in ("vecaf", "cea") else None
+    selected = torch.zeros(0, dtype=torch.long, device=s.device)
+    curve, loops = [[0, evaluate(model)]], []  # (training batches so far, eval accuracy)
+    s.metrics["zero_shot_acc"] = curve[0][1]
+    done = last_finished(s, args.loops)
+    if done:  # continue after the last finished loop (its file holds everything so far)
+        saved = train.load_stage(s.out, f"loop{done}", s.record(f"loop{done}"), model)
+        selected, curve, loops = saved["selected"].to(s.device), saved["curve"], saved["loops"]
+        if bank is not None:
+            bank[selected] = saved["bank_rows"].to(s.device)
+        print(f"loops 1-{done}: loaded from {s.out}/stages", flush=True)
+    for loop in range(done + 1, args.loops + 1):
+        t = time.time()
+        taken = torch.zeros(N, dtype=torch.bool, device=s.device)
+        taken[selected] = True
+        if args.method == "full":
+            new, diagnostics = torch.arange(N, device=s.device), {}
+        else:
+            new, diagnostics = select(s, args, loop, model, bank, taken)
+            if captions is not None:  # CEA on this loop's picks, their captions the attention's keys
+                t_all, caption_of = captions
+                keys, row = caption_of[new].unique(return_inverse=True)
+                bank[new] = cea(bank[new], t_all[keys], row, args.eta, s.clip.logit_scale.exp().item(),
+                                None if args.alpha == "attention" else 1.0)
+        selected = torch.cat([selected, new])
+        tag = f"loop{loop}"
+        history = fine_tune(s, args, tag, model, selected, evaluate)
+        before, steps = loops_batches(loops), len(history["loss"]) // args.epochs  # steps per epoch
+        curve += [[before + steps * (e + 1), acc] for e, acc in enumerate(history["after_epoch"]) if acc is not None]
+        loops.append({"loop": loop, "selected": len(selected), "new": len(new), "acc": curve[-1][1],
+                      "batches": before + len(history["loss"]), "classes": len(s.y_pool[selected.cpu()].unique()),
+                      "time_s": time.time() - t, **diagnostics})
+        train.save_stage(s.out, tag, s.record(tag), model, selected=selected.cpu(), curve=curve, loops=loops,
+                         bank_rows=None if bank is None else bank[selected].cpu())
+        print(f"loop {loop}/{args.loops}: {len(selected)} selected ({len(new)} new), {loops[-1]['batches']} batches, "
+              f"{args.eval_split} acc {curve[-1][1]:.2f}", flush=True)
+    s.metrics.update(loops=loops, curve=curve, final_acc=curve[-1][1], batches=loops[-1]["batches"],
+                     selected=len(selected))
+    return model, selected
+
+
+def loops_batches(loops):
+    """Training batches of the loops so far."""
+    return loops[-1]["batches"] if loops else 0
+
+
+HOW = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root", "plot",
+       "target", "at_batches", "write_captions", "api_base", "caption_model")
+OUTPUTS = ("metrics.json", "predictions.pt")
+
+
+def run(args):
+    """The loops, then the final model's predictions; writes metrics.json and predictions.pt."""
+    s = prepare(args)
+    model, selected = active_finetuning(s, args)
+    logits = s.scores(model, s.evaluated)
+    print(f"{args.method}: {s.metrics['final_acc']:.2f} on {args.eval_split} after {s.metrics['batches']} batches "
+          f"on {s.metrics['selected']} of {len(s.y_pool)} pool images", flush=True)
+    return train.finish_run(s.out, s.metrics, {"y": s.y_eval, "final": logits.argmax(1), "selected": selected.cpu()},
+                            s.t0)
+
+
+def check_args(args, pool_size):
+    """The budget against the pool and the flag combinations, before anything is loaded."""
+    total = args.budget * args.loops
+    if args.method != "full" and total > pool_size:
+        raise RunError(f"{args.loops} loops of {args.budget} images select {total} but the pool ({args.dataset}'s "
+                       f"train split) has {pool_size}: lower --percent / --budget or --loops")
+    for t in args.ood_captions or []:
+        if "{}" not in t:
+            raise RunError(f"--ood-captions {t!r} has no {{}} for the class name, e.g. 'a sketch of a {{}}.'")
+    if "{}" not in args.caption_template:
+        raise RunError(f"--caption-template {args.caption_template!r} has no {{}} for the class name")
+    if args.captions and not Path(args.captions).is_file():
+        raise RunError(f"--captions {args.captions}: no such file; give a JSON file {{image path: caption}}, or "
+                       f"leave it out for class-keyword captions")
+
+
+def prepare(args):
+    """The checks, the run folder and the backbone, cheap mistakes first -> Setup."""
+    standin.check_backbone("--clip", args.clip)
+    train.check_out(args.out, args.resume, args.restart)
+    device = torch.device(args.device)
+    args.precision = train.resolve_precision(device, args.precision)
+    t0 = time.time()
+    task = data.load_task(args.dataset, args.data_root)
+    eval_items = task.dev if args.eval_split == "dev" else task.test
+    if not eval_items:
+        raise data.DataError(f"{args.dataset} has no {args.eval_split} split; use --eval-split test")
+    resolve_task_defaults(args, task)
+    check_args(args, len(task.train))
+    if args.captions and args.method in ("vecaf", "cea"):
+        read_captions(args.captions, task.train, args.data_root)  # checked now, not after the features
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
+    config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
+    if args.captions:  # the file by content
+        config["captions"] = "sha256:" + clip_model.sha256_of(args.captions)[:16]
+    out = train.open_run(args.out, config, args.resume, args.restart, OUTPUTS,
+                         how={k: v for k, v in vars(args).items() if k in HOW})
+    torch.manual_seed(args.seed)
+    clip, _ = clip_model.load(standin.resolve(args.clip), device)
+    clip.requires_grad_(False)
+    test = data.make_transform("test", clip.visual.resolution, task)
+    metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed,
+               "eval_split": args.eval_split, "precision": args.precision, "budget": args.budget,
+               "loops": args.loops, "pool": len(task.train), "time_s": {}}
+    print(f"{args.dataset}: {len(task.classnames)} classes, pool {len(task.train)}, {len(eval_items)} "
+          f"{args.eval_split} images; {args.method}: {args.loops} loop(s) of {args.budget} images; backbone "
+          f"{args.clip} on {device}, {args.precision}", flush=True)
+    return Setup(out=out, config=config, device=device, precision=args.precision,
+                 amp=train.amp_settings(device, args.precision)[0], seed=args.seed, workers=args.workers,
+                 eval_batch=args.eval_batch, log_every=args.log_every, resume=args.resume, task=task, clip=clip,
+                 pool=data.ImageDataset(task.train, test), y_pool=torch.tensor([lab for _, lab in task.train]),
+                 evaluated=data.ImageDataset(eval_items, test), y_eval=torch.tensor([lab for _, lab in eval_items]),
+                 metrics=metrics, t0=t0)
+
+
+def resolve_task_defaults(args, task):
+    """Defaults that depend on the data: the per-loop budget K (--budget, else --percent of the
+    pool, at least 1; --method full: the whole pool in one loop) and the caption template (the
+    dataset's first)."""
+    pool_size = len(task.train)
+    args.caption_template = args.caption_template or task.templates[0]
+    if args.method == "full":
+        args.loops, args.budget, args.percent = 1, pool_size, 100.0
+    elif args.budget is None:
+        args.budget = max(1, round(args.percent / 100 * pool_size))
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Results: the table (B2A, accuracy at equal batches) and the curves
+
+
+def accuracy_at(curve, batches):
+    """The accuracy last measured at or before `batches` training batches (None: none yet)."""
+    accs = [acc for b, acc in curve if b <= batches]
+    return accs[-1] if accs else None
+
+
+def batches_to(curve, target):
+    """B2A: the training batches after which the accuracy first reached `target` (None: never)."""
+    return next((b for b, acc in curve if acc >= target), None)
+
+
+def read_runs(run_dirs):
+    """(name, metrics) of the finished runs among run_dirs, in order."""
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "metrics.json"
+        if path.exists():
+            try:
+                runs.append((Path(d).name, json.loads(path.read_text())))
+            except ValueError:
+                raise RunError(f"{path} is damaged: rerun it with --resume, or leave it out of --table") from None
+    return runs
+
+
+def report(run_dirs, target=0.95, at_batches=None, plot=None):
+    """The results table of finished runs: per run the selection size, batches, accuracy after
+    loop 1 and at the end; B2A, the batches to reach `target` x the full-data runs' mean final
+    accuracy; and the accuracy at an equal number of batches (--at-batches, default the fewest
+    batches any selection run trained). --plot FILE: the mean accuracy-vs-batches curve of each
+    group of runs (name without -s<seed>) as an SVG."""
+    runs = read_runs(run_dirs)
+    full = [m["final_acc"] for _, m in runs if m.get("method") == "full"]
+    goal = target * sum(full) / len(full) if full else None
+    if at_batches is None:
+        at_batches = min((m["batches"] for _, m in runs if m.get("method") != "full"), default=None)
+    if goal is None:
+        print("no full-data run (--method full) among the runs: no B2A target")
+    else:
+        print(f"B2A target: {target:g} x full-data final accuracy {sum(full) / len(full):.2f} = {goal:.2f}")
+
+    def summarise(m):
+        b2a = batches_to(m["curve"], goal) if goal is not None else None
+        return {"selected": m["selected"], "batches": m["batches"], "loop 1": m["loops"][0]["acc"],
+                "final acc": m["final_acc"], "B2A": b2a, "reached": None if goal is None else float(b2a is not None),
+                f"acc@{at_batches}": accuracy_at(m["curve"], at_batches) if at_batches is not None else None}
+    train.table(run_dirs, summarise)
+    if plot:
+        print(f"wrote {write_svg(runs, plot, goal)}")
+
+
+def mean_curves(runs):
+    """{group: [(batches, mean accuracy over the group's runs)]}, the group being the run name
+    without -s<seed>; runs of one setting are measured at the same batch counts."""
+    groups = {}
+    for name, m in runs:
+        groups.setdefault(name.rsplit("-s", 1)[0] if name.rsplit("-s", 1)[-1].isdigit() else name, []).append(
+            m["curve"])
+    out = {}
+    for g, curves in groups.items():
+        by_b = {}
+        for curve in curves:
+            for b, acc in curve:
+                by_b.setdefault(b, []).append(acc)
+        out[g] = [(b, sum(a) / len(a)) for b, a in sorted(by_b.items())]
+    return out
+
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values covering [lo, hi]."""
+    step = 10 ** math.floor(math.log10(max(hi - lo, 1e-9) / n))
+    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def write_svg(runs, path, goal=None, size=(720, 440)):
+    """Accuracy against training batches, one line per group of runs (the paper's Fig. 1b), as a
+    hand-written SVG (no plotting package); `goal`, the B2A target, as a dashed line. Written
+    atomically."""
+    curves = mean_curves(runs)
+    W, H = size
+    left, right, top, bottom = 60, 170, 20, 45
+    xs = [b for c in curves.values() for b, _ in c]
+    ys = [a for c in curves.values() for _, a in c] + ([goal] if goal else [])
+    x0, x1 = 0, max(xs) or 1
+    y0, y1 = math.floor(min(ys) / 5) * 5, min(100, math.ceil(max(ys) / 5) * 5)
+    y1 = y1 if y1 > y0 else y0 + 5
+
+    def X(b):
+        return left + (W - left - right) * (b - x0) / (x1 - x0)
+
+    def Y(a):
+        return H - bottom - (H - top - bottom) * (a - y0) / (y1 - y0)
+    el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
+          f'font-size="12"><rect width="{W}" height="{H}" fill="white"/>']
+    for b in nice_ticks(x0, x1):
+        el.append(f'<line x1="{X(b):.1f}" y1="{top}" x2="{X(b):.1f}" y2="{H - bottom}" stroke="#eee"/>'
+                  f'<text x="{X(b):.1f}" y="{H - bottom + 16}" text-anchor="middle">{b:g}</text>')
+    for a in nice_ticks(y0, y1):
+        el.append(f'<line x1="{left}" y1="{Y(a):.1f}" x2="{W - right}" y2="{Y(a):.1f}" stroke="#eee"/>'
+                  f'<text x="{left - 6}" y="{Y(a) + 4:.1f}" text-anchor="end">{a:g}</text>')
+    el.append(f'<rect x="{left}" y="{top}" width="{W - left - right}" height="{H - top - bottom}" fill="none" '
+              f'stroke="black"/><text x="{(left + W - right) / 2}" y="{H - 8}" text-anchor="middle">training '
+              f'batches</text><text x="14" y="{(top + H - bottom) / 2}" text-anchor="middle" '
+              f'transform="rotate(-90 14 {(top + H - bottom) / 2})">accuracy (%)</text>')
+    if goal is not None:
+        el.append(f'<line x1="{left}" y1="{Y(goal):.1f}" x2="{W - right}" y2="{Y(goal):.1f}" stroke="black" '
+                  f'stroke-dasharray="4 3"/><text x="{W - right + 6}" y="{Y(goal) + 4:.1f}">B2A target</text>')
+    for i, (name, c) in enumerate(curves.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        points = " ".join(f"{X(b):.1f},{Y(a):.1f}" for b, a in c)
+        el.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        ly = top + 10 + 18 * i
+        el.append(f'<line x1="{W - right + 6}" y1="{ly + 24}" x2="{W - right + 26}" y2="{ly + 24}" '
+                  f'stroke="{colour}" stroke-width="2"/><text x="{W - right + 30}" y="{ly + 28}">{name}</text>')
+    el.append("</svg>\n")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(el))
+    os.replace(tmp, path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def parser():
+    p = train.Parser(description="VeCAF: objective-aware active fine-tuning of CLIP's image tower",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="digits", help="digits (offline demo), digits-bold (its test strokes thickened), a "
+      "CoOp dataset name, imagefolder, cifar10, cifar100")
+    a("--data-root", default=None)
+    a("--clip", default="demo", help="RN50 ... ViT-L/14@336px, a checkpoint path, or demo (offline stand-in)")
+    a("--out", default="runs/vecaf")
+    a("--method", default="vecaf", choices=list(METHODS),
+      help="vecaf: ODS + CEA + ensemble; activeft: the base selection alone; ods / cea / ensemble: ActiveFT with "
+           "one of VeCAF's parts; random: uniform picks; full: fine-tuning on the whole pool (one loop)")
+    a("--percent", type=number(float, 0, 100, low_open=True), default=1.0, help="per-loop budget, %% of the pool")
+    a("--budget", type=number(int, 1), default=None, help="per-loop budget in images (overrides --percent)")
+    a("--loops", type=number(int, 1), default=5, help="selection + fine-tuning loops (the selection grows by "
+      "the budget each loop; full: 1)")
+    train.run_flags(p)
+    a("--eval-split", default="test", choices=["test", "dev"], help="dev: for choosing settings (never test)")
+    a("--eval-every", type=number(int, 1), default=1, help="epochs between evaluations (the curve's points)")
+    a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
+    a("--target", type=number(float, 0, 1, low_open=True), default=0.95,
+      help="--table: B2A counts the batches to reach this fraction of the full-data runs' final accuracy")
+    a("--at-batches", type=number(int, 0), default=None,
+      help="--table: accuracy at this many batches (default: the fewest any selection run trained)")
+    a("--plot", default=None, metavar="FILE.svg", help="--table: write the accuracy-vs-batches curves")
+    # selection (ActiveFT + ODS + ensemble)
+    a("--iters", type=number(int, 1), default=300, help="centroid optimisation steps")
+    a("--select-lr", type=number(float, 0, low_open=True), default=1e-3, help="Adam lr of the centroids")
+    a("--tau", type=number(float, 0, low_open=True), default=0.07)
+    a("--beta", type=number(float, 0, low_open=True), default=1.0, help="weight of the repulsion Z")
+    a("--select-batch", type=number(int, 1), default=65536,
+      help="pool samples per centroid step (the whole pool when smaller: CIFAR-size pools)")
+    a("--ods-weights", default="none", choices=["none", "sigmoid", "mean"],
+      help="ODS weights from the per-sample losses: as they are, through a sigmoid, or over their mean")
+    a("--ods-weighting", default="kl", choices=["kl", "official"],
+      help="kl: w-weighted attraction (the paper's weighted KL); official: w inside e_i (the official code)")
+    a("--ensemble", type=number(int, 1), default=3, help="selectors E of the ensemble (vecaf, ensemble)")
+    a("--optimal-up-to", type=number(int, 1), default=256,
+      help="centroid matching: Hungarian up to this K, a greedy match beyond")
+    # CEA and captions
+    a("--eta", type=number(float, 0), default=1.2, help="CEA step")
+    a("--alpha", default="attention", choices=["attention", "one"],
+      help="CEA weight: cross-attention (image query, the batch's caption keys); one: the official code")
+    a("--captions", default=None, help="JSON {image path relative to --data-root: caption} ('#<index>' for "
+      "in-memory images); default: class-keyword captions")
+    a("--caption-template", default=None, help="class-keyword captions (default: the dataset's first template)")
+    a("--ood-captions", nargs="+", default=None, metavar="TEMPLATE",
+      help="target-domain captions, e.g. 'a bold {}.' 'a sketch of a {}.': CEA moves towards them instead")
+    a("--write-captions", default=None, metavar="FILE",
+      help="caption the pool with an image-capable model at --api-base, write FILE and exit ($OPENAI_API_KEY)")
+    a("--api-base", default="https://api.openai.com/v1")
+    a("--caption-model", default="gpt-4o-mini")
+    # fine-tuning (the official DeiT recipe)
+    a("--epochs", type=number(int, 1), default=20, help="fine-tuning epochs per loop")
+    a("--batch", type=number(int, 1), default=64)
+    a("--lr", type=number(float, 0, low_open=True), default=None,
+      help="SGD lr (default 0.01 x batch / 512, the recipe; 3e-4 for the demo stand-in, chosen on its dev split)")
+    a("--momentum", type=number(float, 0, 1, high_open=True), default=0.9)
+    a("--weight-decay", type=number(float, 0), default=1e-4)
+    a("--warmup-epochs", type=number(int, 0), default=5)
+    a("--label-smoothing", type=number(float, 0, 1, high_open=True), default=0.1)
+    a("--clip-grad", type=number(float, 0), default=0.0, help="gradient-norm clipping (0: off)")
+    a("--aug", default=None, choices=["none", "weak", "crop", "strong"],
+      help="fine-tuning augmentation (default weak; none for the digits, chosen on their dev split)")
+    a("--head-init", default="text", choices=["text", "random"],
+      help="text: the head starts as the zero-shot classifier (so loop 1's ODS losses mean something)")
+    return p
+
+
+def resolve_defaults(args):
+    """Defaults that depend on other flags: the lr by batch (the stand-in's chosen on its dev
+    split), the augmentation by dataset, one selector for methods without the ensemble, workers
+    by device."""
+    demo = args.clip == standin.NAME
+    if args.lr is None:  # the recipe's linear scaling; the stand-in's value chosen on the digits' dev split
+        args.lr = 3e-4 if demo else 0.01 * args.batch / 512
+    if args.aug is None:  # crops of the 32-px digits cost the stand-in accuracy (README, "VeCAF demo")
+        args.aug = "none" if args.dataset.lower().startswith("digits") else "weak"
+    if args.method not in ("vecaf", "ensemble"):
+        args.ensemble = 1
+    if args.workers is None:
+        args.workers = train.default_workers(args.device)
+    return args
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        if args.table:
+            return report(args.table, args.target, args.at_batches, args.plot)
+        resolve_defaults(args)
+        if args.write_captions:
+            task = data.load_task(args.dataset, args.data_root)
+            path = write_captions(args.write_captions, task.train, task.classnames, args.data_root, args.api_base,
+                                  args.caption_model, os.environ.get("OPENAI_API_KEY"))
+            print(f"wrote captions for {len(task.train)} images to {path}")
+            return None
+        return run(args)
+    except (data.DataError, clip_model.CLIPError, RunError, OSError) as e:
+        print(f"error: {train.error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished loops and the last epoch checkpoint are in {args.out}/stages; the same "
+              f"command with --resume continues from there", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
