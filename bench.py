@@ -20,6 +20,11 @@ Sections:
           longest EOT), with the speed-up; then the parameters a deployer keeps and the peak memory
           of one training step on --batch images: CraFT's black-box side (a generation + the batch's
           logits), CraFT's user side (a refiner step) and white-box CoOp (a step)
+  vecaf   one selection on random unit features (--pool N x 512, --centroids K): a centroid step on a
+          mini-batch of --select-batch samples vs on the whole pool (the official CIFAR scripts),
+          300 steps, the ensemble's matching of 3 selectors, and nearest-unique selection in chunked
+          rounds vs the official way (a dense K x N similarity matrix, each row sorted, centroids
+          choosing in index order; skipped where it would not fit), each with its peak memory
   ref     needs open-clip-torch (a test-only dependency)
 Each line: ms per step, images/s or prompts/s, peak memory (GPU allocator, or the process's RSS
 on a CPU) and, on GPUs with a known dense bf16 peak, MFU.
@@ -36,9 +41,10 @@ import clip_model
 import coft
 import craft
 import train
+import vecaf
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
-SECTIONS = ("towers", "coft", "craft", "ref")
+SECTIONS = ("towers", "coft", "craft", "vecaf", "ref")
 
 
 def device_peak_tflops(device):
@@ -380,6 +386,78 @@ def craft_costs(names, batch, classes, steps, device, amp, report, official_cand
                   f"white-box CoOp {mem_coop:.1f} MiB (x{mem_coop / max(mem_user, 1e-9):.0f} the user's)", flush=True)
 
 
+@torch.no_grad()
+def official_nearest_unique(centroids, features, taken):
+    """The official code's last step: the dense [K, N] similarities, every row sorted, then each
+    centroid in index order takes its most similar sample not chosen before."""
+    order = (centroids @ features.T).argsort(dim=1, descending=True).cpu()  # [K, N]
+    chosen = set(taken.nonzero().squeeze(1).tolist())
+
+    def first_free(row):  # read 64 at a time: a row's first entries are nearly always free
+        for start in range(0, len(row), 64):
+            for j in row[start:start + 64].tolist():
+                if j not in chosen:
+                    return j
+    picks = []
+    for row in order:
+        picks.append(first_free(row))
+        chosen.add(picks[-1])
+    return torch.tensor(picks)
+
+
+def vecaf_selection(N, K, D, select_batch, steps, device, report, dense_limit=4e9):
+    """VeCAF's selection at pool size N and K centroids (module docstring, section vecaf)."""
+    g = torch.Generator().manual_seed(0)
+    f = clip_model.unit(torch.randn(N, D, generator=g)).to(device)  # [N, D]
+    theta = f[torch.randperm(N, generator=g)[:K].to(device)].clone().requires_grad_(True)
+    w = torch.rand(N, generator=g).to(device)
+    opt = torch.optim.Adam([theta], lr=1e-3)
+    idx = torch.randint(0, N, (min(select_batch, N),), generator=g).to(device)
+    print(f"VeCAF selection: pool {N} x {D}, K = {K} centroids, mini-batches of {min(select_batch, N)}", flush=True)
+
+    def step(rows):
+        def run():
+            loss = vecaf.selection_loss(f[rows], theta, w=w[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return run
+    t_mini, _ = time_per_call(step(idx), steps, device)
+    mem_mini = allocation_peak(step(idx), device)
+    report(f"centroid step, mini-batch of {len(idx)} (ours)", t_mini, n=len(idx), unit="samples/s")
+    if N * K * 4 * 3 <= dense_limit:  # the logits, their gradient and the exponentials, in fp32
+        everything = torch.arange(N, device=device)
+        t_full, _ = time_per_call(step(everything), max(1, steps // 2), device)
+        mem_full = allocation_peak(step(everything), device)
+        report("centroid step, whole pool (official)", t_full, n=N, unit="samples/s")
+        print(f"  peak memory of a step: mini-batch {mem_mini:.0f} MiB, whole pool {mem_full:.0f} MiB", flush=True)
+    else:
+        print(f"  peak memory of a mini-batch step {mem_mini:.0f} MiB; whole-pool step skipped "
+              f"({N * K * 12 / 2 ** 30:.0f} GiB of [N, K] matrices)", flush=True)
+    report("one selector: 300 mini-batch steps (300 x the step above)", 300 * t_mini)
+    centroids = clip_model.unit(theta.detach())
+    E = torch.stack([centroids, centroids[torch.randperm(K, generator=g).to(device)],
+                     clip_model.unit(centroids + 0.01 * torch.randn(K, D, generator=g).to(device))])  # [3, K, D]
+    t_comb, _ = time_per_call(lambda: vecaf.combine(E), 1, device)
+    report(f"ensemble: match and average 3 selectors ({'Hungarian' if K <= 256 else 'greedy'})", t_comb)
+    taken = torch.zeros(N, dtype=torch.bool, device=device)
+    taken[torch.randperm(N, generator=g)[:K].to(device)] = True  # an earlier loop's picks
+    t_ours, _ = time_per_call(lambda: vecaf.nearest_unique(centroids, f, taken), 1, device)
+    mem_ours = allocation_peak(lambda: vecaf.nearest_unique(centroids, f, taken), device)
+    report("nearest-unique selection, chunked rounds (ours)", t_ours, n=K, unit="picks/s")
+    if N * K * 12 <= dense_limit:  # similarities (4 bytes) and the sorted order (8 bytes)
+        t_off, _ = time_per_call(lambda: official_nearest_unique(centroids, f, taken), 1, device)
+        mem_off = allocation_peak(lambda: official_nearest_unique(centroids, f, taken), device)
+        report(f"nearest-unique selection, dense sort in index order (official; x{t_off / t_ours:.1f} ours)", t_off,
+               n=K, unit="picks/s")
+        same = (vecaf.nearest_unique(centroids, f, taken).cpu() == official_nearest_unique(centroids, f, taken)).float()
+        print(f"  peak memory: ours {mem_ours:.0f} MiB, official {mem_off:.0f} MiB; the same pick for "
+              f"{100 * same.mean():.1f}% of the centroids", flush=True)
+    else:
+        print(f"  peak memory: ours {mem_ours:.0f} MiB; the official dense way skipped ({N * K * 12 / 2 ** 30:.0f} "
+              f"GiB for its [K, N] similarities and order)", flush=True)
+
+
 def reference(names, batch, classes, steps, device, amp):
     """Side by side in one process, same weights and inputs: our image tower vs open-clip-torch's
     (forward+backward), and our Phase-I text step (learnable contexts, up to the EOT) vs the same
@@ -449,6 +527,9 @@ def main(argv=None):
       help="images in the generation pass (default 4096 GPU, 32 CPU)")
     a("--steps", type=train.number(int, 1), default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (coft)")
+    a("--pool", type=train.number(int, 2), default=None, help="vecaf: pool size N (default 1281167 GPU, 100000 CPU)")
+    a("--centroids", type=train.number(int, 1), default=None, help="vecaf: K (default 12811 GPU, 1000 CPU)")
+    a("--select-batch", type=train.number(int, 1), default=65536, help="vecaf: samples per centroid step")
     a("--official-candidates", type=train.number(int, 1), default=None,
       help="craft: candidates of the official loop actually timed (then x40/k; default 40 GPU, 2 CPU)")
     args = p.parse_args(argv)
@@ -480,6 +561,9 @@ def main(argv=None):
         if "craft" in sections:
             craft_costs(names, batch, classes, steps, device, amp, report,
                         args.official_candidates or (40 if gpu else 2))
+        if "vecaf" in sections:
+            vecaf_selection(args.pool or (1281167 if gpu else 100000), args.centroids or (12811 if gpu else 1000), 512,
+                            args.select_batch, steps, device, report)
         if "ref" in sections:
             reference(names, batch, classes, steps, device, amp)
     if len(precisions) > 1:  # each figure's time at every precision, and the speed-up over the first

@@ -62,3 +62,15 @@ def test_bench_craft_generation_official_vs_ours(capsys):
     box, user, coop = map(float, re.search(r"black box .*\) ([0-9.]+) MiB, CraFT's user .*\) ([0-9.]+) MiB; "
                                            r"white-box CoOp ([0-9.]+) MiB", out).groups())
     assert 0 < user < coop and box > 0  # the user's refiner step is far lighter than backprop through a tower
+
+
+def test_bench_vecaf_selection_ours_vs_official(capsys):
+    """Both nearest-unique ways pick for every centroid (mostly the same samples) and the memory lines print."""
+    bench.main(["--sections", "vecaf", "--pool", "3000", "--centroids", "40", "--select-batch", "1000", "--steps", "1",
+                "--device", "cpu"])
+    out = capsys.readouterr().out
+    for line in ("centroid step, mini-batch of 1000 (ours)", "centroid step, whole pool (official)",
+                 "ensemble: match and average 3 selectors (Hungarian)", "chunked rounds (ours)",
+                 "dense sort in index order (official"):
+        assert line in out, line
+    assert float(re.search(r"the same pick for ([0-9.]+)% of the centroids", out).group(1)) >= 90

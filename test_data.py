@@ -55,6 +55,27 @@ def test_digits_to_images_is_nearest_upsampling():
     assert torch.equal(im[:, 0, 3::4, 3::4], x[:10].float() / 16)
 
 
+def test_thicken_spreads_half_the_inkiest_neighbour_and_caps_at_16():
+    x = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    x[0, 3, 3], x[0, 0, 7] = 10, 16
+    bold = data.thicken(x)[0].int()
+    assert bold[3, 3] == 15 and bold[2:5, 2:5].sum() == 15 + 8 * 5  # itself + 10 / 2, each neighbour 10 / 2
+    assert bold[0, 7] == 16 and bold[1, 6] == 8 and bold[0, 6] == 8  # capped; 16 / 2 next to it
+    assert bold[6, 0] == 0 and bold[5, 5] == 0  # far from ink: unchanged
+
+
+def test_digits_bold_shifts_only_the_test_split():
+    plain, bold = data.load_task("digits"), data.load_task("digits-bold")
+    assert bold.name == "digits-bold" and bold.classnames == plain.classnames
+    for split in ("train", "dev"):
+        pairs = zip(getattr(plain, split), getattr(bold, split))
+        assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in pairs)
+    assert [label for _, label in bold.test] == [label for _, label in plain.test]
+    ink = lambda items: torch.stack([x for x, _ in items]).float().mean()  # noqa: E731
+    assert ink(bold.test) > 1.4 * ink(plain.test)
+    assert data.fingerprint(bold) != data.fingerprint(plain)
+
+
 def test_split_is_disjoint_complete_stratified_and_deterministic():
     _, y = data.load_uci_digits()
     s = data.digits_split(seed=0)

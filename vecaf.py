@@ -121,15 +121,15 @@ def optimise_centroids(features, K, seed, iters=300, lr=1e-3, tau=0.07, beta=1.0
 def top_free(centroids, features, free, m, chunk):
     """For each centroid [K, D], its m most similar free samples among features [N, D]: (sims,
     indices) [K, m'], m' = min(m, free count), best first. The pool is scanned in chunks of
-    `chunk` samples with a running top-m, so memory holds [K, chunk + m], never [K, N]."""
+    `chunk` samples with a running top-m, so memory holds one [K, chunk] block, never [K, N]."""
     K, m = len(centroids), min(m, int(free.sum()))
     best_s = torch.full((K, 0), -math.inf, device=centroids.device)
     best_i = torch.zeros((K, 0), dtype=torch.long, device=centroids.device)
     for start in range(0, len(features), chunk):
         s = centroids @ features[start:start + chunk].float().T  # [K, chunk]
-        s = s.masked_fill(~free[start:start + chunk], -math.inf)
-        i = torch.arange(start, start + s.shape[1], device=s.device).expand(K, -1)
-        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+        s.masked_fill_(~free[start:start + chunk], -math.inf)
+        s, i = s.topk(min(m, s.shape[1]), dim=1)  # the chunk's best [K, m]: only these meet the running best
+        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i + start], 1)  # [K, <= 2m]
         best_s, top = s.topk(min(m, s.shape[1]), dim=1)
         best_i = i.gather(1, top)
     return best_s, best_i
@@ -396,17 +396,29 @@ class Setup:
         return {"stage": tag, **self.config}
 
 
+def read_saved(s, tag):
+    """stages/<tag>.pt (a result without a model: features, a selection) if this run saved it
+    before, checked against the settings that made it; None where it has to be computed."""
+    path = train.stage_path(s.out, tag)
+    if not path.exists():
+        return None
+    saved = train.read_torch(path)
+    train.check_record(path, saved.get("record") if isinstance(saved, dict) else None, s.record(tag))
+    return saved
+
+
+def write_saved(s, tag, **content):
+    train.atomic_save({"record": s.record(tag), **content}, train.stage_path(s.out, tag))
+
+
 def pool_features(s):
     """The pretrained image tower's unit features of the pool [N, D] (on the device), the space
     selection works in; computed once per run folder (stages/features.pt)."""
-    path, record = train.stage_path(s.out, "features"), s.record("features")
-    if path.exists():
-        saved = train.read_torch(path)
-        train.check_record(path, saved.get("record") if isinstance(saved, dict) else None, record)
-        return saved["f"].to(s.device)
-    f = s.scores(lambda x: unit(s.clip.encode_image(x)), s.pool)
-    train.atomic_save({"record": record, "f": f}, path)
-    return f.to(s.device)
+    saved = read_saved(s, "features")
+    if saved is None:
+        saved = {"f": s.scores(lambda x: unit(s.clip.encode_image(x)), s.pool)}
+        write_saved(s, "features", **saved)
+    return saved["f"].to(s.device)
 
 
 @torch.no_grad()
@@ -422,11 +434,8 @@ def select(s, args, loop, model, bank, taken):
     selectors (seeds keyed by loop and selector) optimise centroids on the unit feature bank with
     ODS weights from `model`'s per-sample losses where the method uses them, their centroids are
     combined (E > 1), and each centroid takes its nearest free sample."""
-    tag = f"select{loop}"
-    path, record = train.stage_path(s.out, tag), s.record(tag)
-    if path.exists():
-        saved = train.read_torch(path)
-        train.check_record(path, saved.get("record") if isinstance(saved, dict) else None, record)
+    saved = read_saved(s, f"select{loop}")
+    if saved is not None:
         return saved["new"].to(s.device), saved["diagnostics"]
     t = time.time()
     K = args.budget
@@ -444,9 +453,10 @@ def select(s, args, loop, model, bank, taken):
                                args.beta, args.select_batch, w, args.ods_weighting)
             for e in range(args.ensemble if use_ensemble else 1)])  # [E, K, D]
         new = nearest_unique(combine(centroids, args.optimal_up_to), f, taken)
-    diagnostics = {"time_s": time.time() - t, "loss_new": losses[new].mean().item(), "loss_pool": losses.mean().item(),
-                   "loss_free": losses[~taken].mean().item()}
-    train.atomic_save({"record": record, "new": new.cpu(), "diagnostics": diagnostics}, path)
+    # the picks' mean loss against the free pool's: how far selection leans towards what the model gets wrong
+    diagnostics = {"select_s": time.time() - t, "loss_new": losses[new].mean().item(),
+                   "loss_pool": losses.mean().item(), "loss_free": losses[~taken].mean().item()}
+    write_saved(s, f"select{loop}", new=new.cpu(), diagnostics=diagnostics)
     return new, diagnostics
 
 
@@ -740,7 +750,8 @@ def write_svg(runs, path, goal=None, size=(720, 440)):
               f'transform="rotate(-90 14 {(top + H - bottom) / 2})">accuracy (%)</text>')
     if goal is not None:
         el.append(f'<line x1="{left}" y1="{Y(goal):.1f}" x2="{W - right}" y2="{Y(goal):.1f}" stroke="black" '
-                  f'stroke-dasharray="4 3"/><text x="{W - right + 6}" y="{Y(goal) + 4:.1f}">B2A target</text>')
+                  f'stroke-dasharray="4 3"/><text x="{W - right - 4}" y="{Y(goal) - 4:.1f}" text-anchor="end">'
+                  f'B2A target {goal:.1f}</text>')
     for i, (name, c) in enumerate(curves.items()):
         colour = COLOURS[i % len(COLOURS)]
         points = " ".join(f"{X(b):.1f},{Y(a):.1f}" for b, a in c)
