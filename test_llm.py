@@ -1,9 +1,13 @@
 """Tests of llm.py against a local OpenAI-compatible endpoint (no network)."""
+import base64
 import http.server
+import io
 import json
 import threading
 
 import pytest
+import torch
+from PIL import Image
 
 import data
 import llm
@@ -66,3 +70,20 @@ def test_llm_prompt_file_refused_connection(tmp_path, monkeypatch):
     with pytest.raises(data.DataError, match="cannot get a reply .* after 3 tries"):
         llm.write_class_prompts(tmp_path / "p.json", ["cat"], "http://127.0.0.1:1/v1", "m")
     assert not (tmp_path / "p.json").exists()
+
+
+def test_caption_image_sends_the_image_inline_and_cleans_the_reply(chat_server):
+    ChatHandler.reply = '  "A white   seven on black."\n'
+    image = torch.zeros(3, 4, 5, dtype=torch.uint8)
+    image[0, 1, 2] = 255
+    caption = llm.caption_image(image, chat_server, "vision-model", hint="seven")
+    assert caption == "A white seven on black."
+    content = ChatHandler.seen[0][1]["messages"][0]["content"]
+    assert "It shows a seven" in content[0]["text"]
+    url = content[1]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert sent.size == (5, 4) and sent.getpixel((2, 1)) == (255, 0, 0)  # the same pixels, losslessly
+    ChatHandler.reply = "  "
+    with pytest.raises(data.DataError, match="empty caption"):
+        llm.caption_image(image, chat_server, "vision-model")
