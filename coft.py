@@ -26,10 +26,8 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -427,20 +425,11 @@ def stage_record(config, tag):
 
 
 @dataclass
-class Run:
-    """What the stages of one run share, made once by `prepare`: its folder and config, how it
-    computes, the task's images, the train split's true labels (for the precision diagnostics
-    and the --labelled-shots images only: no stage reads them otherwise), and the results so far."""
-    out: Path
-    config: dict
-    device: torch.device
-    precision: str  # resolved: fp32, bf16 or fp16
-    amp: dict  # its torch.autocast arguments (for the evaluation passes; fit makes its own)
-    seed: int
-    workers: int
-    eval_batch: int
-    log_every: int
-    resume: bool  # continue the stages and epoch checkpoints saved in out
+class Run(train.RunContext):
+    """What the stages of one run share, made once by `prepare`: its folder, config and how it
+    computes (train.RunContext: also the seeded loaders and the evaluation pass), the task's
+    images, the train split's true labels (for the precision diagnostics and the --labelled-shots
+    images only: no stage reads them otherwise), and the results so far."""
     needs: str  # which saved stages must exist: "" (none: train what is missing), "phase1" (--phase 2), "all"
     sgd: dict  # both phases' SGD settings: batch, momentum, weight_decay, warmup_epochs, clip_grad
     task: data.Task
@@ -454,17 +443,6 @@ class Run:
     metrics: dict
     predictions: dict  # eval-split predictions (argmax) of every model, for per-image analysis
     t0: float
-
-    def loader(self, dataset, batch, key=(), shuffle=False, drop_last=False):
-        """train.loader with the stream seed seed_of(--seed, *key): each stage, branch, epoch and
-        cycle passes its own key, so a resumed run replays exactly the batches of an uninterrupted
-        one, no two stages share a stream, and the numbers do not depend on --workers."""
-        return train.loader(dataset, batch, seed_of(self.seed, *key), shuffle, self.workers,
-                            self.device.type == "cuda", drop_last)
-
-    def scores(self, fn, dataset):
-        """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU)."""
-        return train.predict(fn, self.loader(dataset, self.eval_batch), self.device, self.amp)[0]
 
 
 def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, compiled=(), empty=False):
@@ -964,7 +942,8 @@ def run_summary(m):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    try:
+
+    def body():
         if args.table:
             return train.table(args.table, run_summary)
         resolve_defaults(args)
@@ -975,15 +954,10 @@ def main(argv=None):
             print(f"wrote prompts for {len(task.classnames)} classes to {path}")
             return None
         return run(args)
-    except (data.DataError, clip_model.CLIPError, RunError, OSError) as e:
-        print(f"error: {train.error_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        where = "" if args.table or args.write_llm_prompts else \
-            (f": finished stages and the last epoch checkpoint are in {args.out}/stages; the same command with "
-             f"--resume continues from there")
-        print(f"\ninterrupted{where}", file=sys.stderr)
-        sys.exit(130)
+    where = "" if args.table or args.write_llm_prompts else \
+        (f": finished stages and the last epoch checkpoint are in {args.out}/stages; the same command with "
+         f"--resume continues from there")
+    return train.run_cli(body, (data.DataError, clip_model.CLIPError, RunError, OSError), where)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ Every run also reports zero-shot accuracy (dataset template, and p0 = the search
 """
 import argparse
 import math
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -245,18 +243,9 @@ def coop_epochs_for(shots):
 
 
 @dataclass
-class Setup:
-    """What a run's parts share, made once by `prepare`."""
-    out: Path
-    config: dict
-    device: torch.device
-    precision: str
-    amp: dict
-    seed: int
-    workers: int
-    eval_batch: int
-    log_every: int
-    resume: bool
+class Setup(train.RunContext):
+    """What a run's parts share, made once by `prepare` (train.RunContext: its folder, config,
+    how it computes, the seeded loaders)."""
     task: data.Task
     clip: clip_model.CLIP  # used by the white-box references only (coop, probe)
     box: BlackBox
@@ -268,10 +257,6 @@ class Setup:
     metrics: dict
     predictions: dict
     t0: float
-
-    def loader(self, dataset, batch, key, shuffle=False):
-        return train.loader(dataset, batch, seed_of(self.seed, *key), shuffle, self.workers,
-                            self.device.type == "cuda")
 
 
 def zero_shot(s, args):
@@ -464,9 +449,7 @@ def prepare(args):
     args.precision = train.resolve_precision(device, args.precision)
     t0 = time.time()
     task = data.load_task(args.dataset, args.data_root)
-    eval_items = task.dev if args.eval_split == "dev" else task.test
-    if not eval_items:
-        raise data.DataError(f"{args.dataset} has no {args.eval_split} split; use --eval-split test")
+    eval_items = data.eval_items(task, args.eval_split)
     picked = data.few_shot(task, args.shots, seed_of(args.seed, "shots"))
     config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
     config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
@@ -583,19 +566,16 @@ def run_summary(m):
             "train s": m["time_s"].get("train"), "time s": m["time_s"]["total"]}
 
 
+USER_ERRORS = (data.DataError, clip_model.CLIPError, RunError, OSError)
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
-    try:
-        if args.table:
-            return train.table(args.table, run_summary)
-        return run(resolve_defaults(args))
-    except (data.DataError, clip_model.CLIPError, RunError, OSError) as e:
-        print(f"error: {train.error_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the last checkpoint is in {args.out}/stages; the same command with --resume "
-              f"continues from there", file=sys.stderr)
-        sys.exit(130)
+    if args.table:
+        return train.run_cli(lambda: train.table(args.table, run_summary), USER_ERRORS)
+    return train.run_cli(lambda: run(resolve_defaults(args)), USER_ERRORS,
+                         f": the last checkpoint is in {args.out}/stages; the same command with --resume "
+                         f"continues from there")
 
 
 if __name__ == "__main__":

@@ -641,6 +641,14 @@ def load_task(name, root=None):
     return task
 
 
+def eval_items(task, split):
+    """The labelled items a run reports on: the test split, or the dev split (for choosing settings)."""
+    items = task.dev if split == "dev" else task.test
+    if not items:
+        raise DataError(f"{task.name} has no {split} split; use --eval-split test")
+    return items
+
+
 def few_shot(task, shots, seed):
     """CoOp's few-shot protocol: `shots` train images per class, drawn at random with `seed`.
     Returns indices into task.train (class by class). A class with fewer images is named."""

@@ -57,7 +57,7 @@ craft)
   ;;
 vecaf)
   if [ $# -gt 1 ]; then echo "error: unexpected argument '${2}'; $usage" >&2; exit 2; fi
-  # one thread unless set: the centroid optimisation's float sums (and so the picks) depend on it
+  # one thread unless set, as the README table was measured (float sums, and so picks, may depend on it)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   start=$(date +%s)
   python standin.py

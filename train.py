@@ -25,6 +25,7 @@ import shutil
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -174,6 +175,47 @@ def logistic_regression(f, y, classes, steps=500, lr=0.05, weight_decay=1e-4, sc
 
 # -----------------------------------------------------------------------------
 # Run folders: config.json, stages/<tag>.pt and stages/<tag>.ckpt, the method's outputs
+
+
+@dataclass
+class RunContext:
+    """Where and how a run computes, made once by a method's `prepare`; each method's dataclass
+    (coft.Run, craft.Setup, vecaf.Setup) adds what its own stages share."""
+    out: Path  # the run folder
+    config: dict  # every setting that can change a number (config.json)
+    device: torch.device
+    precision: str  # resolved: fp32, bf16 or fp16
+    amp: dict  # its torch.autocast arguments (for the evaluation passes; fit makes its own)
+    seed: int
+    workers: int
+    eval_batch: int
+    log_every: int
+    resume: bool  # continue the stages and epoch checkpoints saved in out
+
+    def loader(self, dataset, batch, key=(), shuffle=False, drop_last=False):
+        """`loader` with the stream seed seed_of(--seed, *key): each stage, branch, epoch and cycle
+        passes its own key, so a resumed run replays exactly the batches of an uninterrupted one,
+        no two stages share a stream, and the numbers do not depend on --workers."""
+        return loader(dataset, batch, seed_of(self.seed, *key), shuffle, self.workers, self.device.type == "cuda",
+                      drop_last)
+
+    def scores(self, fn, dataset):
+        """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU)."""
+        return predict(fn, self.loader(dataset, self.eval_batch), self.device, self.amp)[0]
+
+
+def run_cli(body, errors, interrupted=""):
+    """A CLI's body run the same way in every method: an error the user can fix (one of `errors`)
+    prints its one line and exits 2, never a traceback; Ctrl-C prints `interrupted` (where the
+    saved work is) and exits 130."""
+    try:
+        return body()
+    except errors as e:
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted{interrupted}", file=sys.stderr)
+        sys.exit(130)
 
 
 def atomic_save(obj, path):

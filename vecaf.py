@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,18 +363,9 @@ METHODS = {  # which of VeCAF's parts a --method uses: (ODS weights, CEA, ensemb
 
 
 @dataclass
-class Setup:
-    """What a run's parts share, made once by `prepare`."""
-    out: Path
-    config: dict
-    device: torch.device
-    precision: str
-    amp: dict
-    seed: int
-    workers: int
-    eval_batch: int
-    log_every: int
-    resume: bool
+class Setup(train.RunContext):
+    """What a run's parts share, made once by `prepare` (train.RunContext: its folder, config,
+    how it computes, the seeded loaders and the evaluation pass)."""
     task: data.Task
     clip: clip_model.CLIP  # frozen: the pretrained features and the caption embeddings
     pool: data.ImageDataset  # the train split (the labelled pool) under the test transform
@@ -384,13 +374,6 @@ class Setup:
     y_eval: torch.Tensor
     metrics: dict
     t0: float
-
-    def loader(self, dataset, batch, key, shuffle=False, drop_last=False):
-        return train.loader(dataset, batch, seed_of(self.seed, *key), shuffle, self.workers,
-                            self.device.type == "cuda", drop_last)
-
-    def scores(self, fn, dataset):
-        return train.predict(fn, self.loader(dataset, self.eval_batch, ("eval",)), self.device, self.amp)[0]
 
     def record(self, tag):
         return {"stage": tag, **self.config}
@@ -593,9 +576,7 @@ def prepare(args):
     args.precision = train.resolve_precision(device, args.precision)
     t0 = time.time()
     task = data.load_task(args.dataset, args.data_root)
-    eval_items = task.dev if args.eval_split == "dev" else task.test
-    if not eval_items:
-        raise data.DataError(f"{args.dataset} has no {args.eval_split} split; use --eval-split test")
+    eval_items = data.eval_items(task, args.eval_split)
     resolve_task_defaults(args, task)
     check_args(args, len(task.train))
     if args.captions and args.method in ("vecaf", "cea"):
@@ -858,7 +839,8 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    try:
+
+    def body():
         if args.table:
             return report(args.table, args.target, args.at_batches, args.plot)
         resolve_defaults(args)
@@ -869,13 +851,10 @@ def main(argv=None):
             print(f"wrote captions for {len(task.train)} images to {path}")
             return None
         return run(args)
-    except (data.DataError, clip_model.CLIPError, RunError, OSError) as e:
-        print(f"error: {train.error_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished loops and the last epoch checkpoint are in {args.out}/stages; the same "
-              f"command with --resume continues from there", file=sys.stderr)
-        sys.exit(130)
+    where = f" (captions so far are in {args.write_captions})" if args.write_captions else "" if args.table else \
+        (f": finished loops and the last epoch checkpoint are in {args.out}/stages; the same command with --resume "
+         f"continues from there")
+    return train.run_cli(body, (data.DataError, clip_model.CLIPError, RunError, OSError), where)
 
 
 if __name__ == "__main__":
