@@ -359,7 +359,8 @@ def caption_table(clip, args, task, pool_labels, device):
 
 METHODS = {  # which of VeCAF's parts a --method uses: (ODS weights, CEA, ensemble of selectors)
     "vecaf": (True, True, True), "activeft": (False, False, False), "ods": (True, False, False),
-    "cea": (False, True, False), "ensemble": (False, False, True), "random": None, "full": None}
+    "cea": (False, True, False), "ensemble": (False, False, True), "random": (False, False, False),
+    "full": (False, False, False)}
 
 
 @dataclass
@@ -428,7 +429,7 @@ def select(s, args, loop, model, bank, taken):
         g = torch.Generator().manual_seed(seed_of(s.seed, "random", loop))
         new = free[torch.randperm(len(free), generator=g)[:K].to(s.device)]
     else:
-        use_ods, _, use_ensemble = METHODS[args.method]
+        use_ods, _, use_ensemble = METHODS[args.method]  # ActiveFT's selection, with these parts
         f = unit(bank)
         w = objective_weights(losses, args.ods_weights) if use_ods else None
         centroids = torch.stack([
@@ -490,7 +491,7 @@ def active_finetuning(s, args):
         return train.accuracy(s.scores(model, s.evaluated), s.y_eval)
 
     bank = pool_features(s) if args.method != "full" else None  # [N, D]; CEA moves the selected rows
-    captions = caption_table(s.clip, args, s.task, s.y_pool, s.device) if args.method in ("vecaf", "cea") else None
+    captions = caption_table(s.clip, args, s.task, s.y_pool, s.device) if METHODS[args.method][1] else None
     selected = torch.zeros(0, dtype=torch.long, device=s.device)
     curve, loops = [[0, evaluate(model)]], []  # (training batches so far, eval accuracy)
     s.metrics["zero_shot_acc"] = curve[0][1]
@@ -579,7 +580,7 @@ def prepare(args):
     eval_items = data.eval_items(task, args.eval_split)
     resolve_task_defaults(args, task)
     check_args(args, len(task.train))
-    if args.captions and args.method in ("vecaf", "cea"):
+    if args.captions and METHODS[args.method][1]:
         read_captions(args.captions, task.train, args.data_root)  # checked now, not after the features
     config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
     config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
@@ -830,7 +831,7 @@ def resolve_defaults(args):
         args.lr = 3e-4 if demo else 0.01 * args.batch / 512
     if args.aug is None:  # crops of the 32-px digits cost the stand-in accuracy (README, "VeCAF demo")
         args.aug = "none" if args.dataset.lower().startswith("digits") else "weak"
-    if args.method not in ("vecaf", "ensemble"):
+    if not METHODS[args.method][2]:
         args.ensemble = 1
     if args.workers is None:
         args.workers = train.default_workers(args.device)
