@@ -733,8 +733,7 @@ def prepare(args):
     args.precision = train.resolve_precision(device, args.precision)  # the config records what ran
     t0 = time.time()
     task = data.load_task(args.dataset, args.data_root)
-    if args.eval_split == "dev" and not task.dev:
-        raise data.DataError(f"{args.dataset} has no labelled dev split; use --eval-split test")
+    eval_items = data.eval_items(task, args.eval_split)
     prompts = zero_shot_prompts(task, args.llm_prompts, args.template_ensemble, args.plus)
     config = run_config(args, task, prompts)
     out = train.open_run(args.out, config, continuing, args.restart, OUTPUTS,
@@ -751,7 +750,6 @@ def prepare(args):
         ft_clip, _ = clip_model.load(backbones[1], "cpu")
         check_fft_init(args, clip, ft_clip)
     test = data.make_transform("test", clip.visual.resolution, task)
-    eval_items = task.dev if args.eval_split == "dev" else task.test
     y_true = torch.tensor([label for _, label in task.train])
     labelled = labelled_shots(y_true, args.labelled_shots, seed_of(args.seed, "labelled shots")) \
         if args.labelled_shots else torch.zeros(0, dtype=torch.long)

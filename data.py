@@ -645,7 +645,7 @@ def eval_items(task, split):
     """The labelled items a run reports on: the test split, or the dev split (for choosing settings)."""
     items = task.dev if split == "dev" else task.test
     if not items:
-        raise DataError(f"{task.name} has no {split} split; use --eval-split test")
+        raise DataError(f"{task.name} has no labelled {split} split; use --eval-split test")
     return items
 
 

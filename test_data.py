@@ -76,6 +76,13 @@ def test_digits_bold_shifts_only_the_test_split():
     assert data.fingerprint(bold) != data.fingerprint(plain)
 
 
+def test_eval_items_is_test_or_dev_and_names_a_missing_split():
+    task = data.load_task("digits")
+    assert data.eval_items(task, "test") is task.test and data.eval_items(task, "dev") is task.dev
+    with pytest.raises(data.DataError, match="^x has no labelled dev split; use --eval-split test$"):
+        data.eval_items(data.Task("x", ["a", "b"], ["{}"], [], [(None, 0)]), "dev")
+
+
 def test_split_is_disjoint_complete_stratified_and_deterministic():
     _, y = data.load_uci_digits()
     s = data.digits_split(seed=0)

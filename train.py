@@ -226,13 +226,18 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def write_json(obj, path):
-    """JSON to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
+def write_text(text, path):
+    """Text to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json(obj, path):
+    """JSON, written atomically (write_text)."""
+    return write_text(json.dumps(obj, indent=1, ensure_ascii=False), path)
 
 
 def stage_path(out, tag):

@@ -742,11 +742,7 @@ def write_svg(runs, path, goal=None, size=(720, 440)):
         el.append(f'<line x1="{W - right + 6}" y1="{ly + 24}" x2="{W - right + 26}" y2="{ly + 24}" '
                   f'stroke="{colour}" stroke-width="2"/><text x="{W - right + 30}" y="{ly + 28}">{name}</text>')
     el.append("</svg>\n")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(el))
-    os.replace(tmp, path)
-    return path
+    return train.write_text("\n".join(el), path)
 
 
 # -----------------------------------------------------------------------------
