@@ -386,6 +386,21 @@ def label_precision(pseudo, true):
     return 100.0 * (pseudo == true).float().mean().item() if len(pseudo) else None
 
 
+def auroc(score, positive):
+    """How well `score` ranks the `positive` items (bool [N]) above the others: the probability
+    that a random positive outscores a random negative, ties counting one half (the area under
+    the ROC curve = Mann-Whitney U / (n+ n-), from average ranks). 50 = no better than chance.
+    In % like the precisions; None when either group is empty."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    _, inverse, counts = torch.unique(score.double(), return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()  # [U] 1-based rank of each distinct value's last item
+    rank = (ends - (counts - 1) / 2)[inverse]  # [N] average rank of each item among equal scores
+    u = rank[positive].sum().item() - n_pos * (n_pos + 1) / 2
+    return 100.0 * u / (n_pos * n_neg)
+
+
 # -----------------------------------------------------------------------------
 # What a run is: its config, and the part of it each stage depends on (train.py, "run folders")
 
@@ -403,7 +418,7 @@ SGD_KEYS = ("batch", "weight_decay", "momentum", "warmup_epochs", "clip_grad")
 PHASE1_KEYS = SEED_SET_KEYS + SGD_KEYS + ("M", "ctx_init", "vpt_tokens", "vpt", "lam", "detach_neg", "p1_epochs",
                                           "p1_lr")
 PHASE2_KEYS = SGD_KEYS + ("method", "rounds", "fft_epochs", "fft_lr", "fft_aug", "fft_init", "fft_backbone",
-                          "head_init", "contrast", "gamma", "mu", "tau_c", "queue")
+                          "head_init", "contrast", "gamma", "mu", "tau_c", "queue", "threshold")
 
 
 def run_config(args, task, prompts):
@@ -482,7 +497,8 @@ def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, co
 def zero_shot_and_seed_set(run, prompts, K):
     """Stage 0 (Sec. 3.1.1): zero-shot pseudo-labels of the unlabelled images by Eq. 1, and the
     seed set S*: per class the K most confident, joined by any labelled shots. Returns the
-    zero-shot weights W [C, D] and S* as (indices, labels)."""
+    zero-shot weights W [C, D], S* as (indices, labels) and the zero-shot softmax [N, C] of the
+    unlabelled images."""
     t = time.time()
     W = text_classifier(run.clip, prompts, run.device)
 
@@ -493,11 +509,12 @@ def zero_shot_and_seed_set(run, prompts, K):
     run.metrics["zero_shot_acc"] = train.accuracy(zs_eval, run.y_eval)
     run.metrics["zero_shot_train_label_precision"] = label_precision(zs_train.argmax(1), run.y_true)
     idx, y = with_labelled(*topk_per_class(zs_train.softmax(1), K), run.labelled, run.y_true)
-    run.metrics["seed_set"] = {"size": len(idx), "precision": label_precision(y, run.y_true[idx])}
+    run.metrics["seed_set"] = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(zs_train),
+                               "precision": label_precision(y, run.y_true[idx])}
     run.metrics["time_s"]["zero_shot"] = time.time() - t
     print(f"zero-shot {run.metrics['eval_split']} acc {run.metrics['zero_shot_acc']:.2f}; seed set S*: {len(idx)} "
           f"images, precision {cell(run.metrics['seed_set']['precision'])}", flush=True)
-    return W, (idx, y)
+    return W, (idx, y), zs_train.softmax(1)
 
 
 def phase1(run, args, seed_set):
@@ -579,11 +596,28 @@ def generate_and_validate(run, scores):
         c = run.metrics[f"clean_set_{a + 1}"] = {
             "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(keep),
             "precision": label_precision(labels[idx], run.y_true[idx]),
-            "all_labels_precision": label_precision(y_gen[a], run.y_true)}
+            "all_labels_precision": label_precision(y_gen[a], run.y_true),
+            **filter_diagnosis(y_gen[a], keep, scores[a][0], *scores[b][:2], run.tau, run.y_true)}
         print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(keep)} "
               f"kept, precision {cell(c['precision'])} (all labels {cell(c['all_labels_precision'])})", flush=True)
     run.metrics["time_s"]["filter"] = time.time() - t
     return clean, y_gen
+
+
+def filter_diagnosis(y_a, keep, s_pos_a, s_pos_b, s_neg_b, tau, y_true):
+    """Does the peer's negative prompt tell right pseudo-labels from wrong ones (Sec. 3.2.1's
+    claim), and better than confidence alone? For model a's labels y_a [N] and the filter's
+    mask `keep` [N]: the precision of the removed labels (beside the kept ones' precision), and
+    the AUROC of three scores for ranking right above wrong labels: the filter's own margin
+    s+_b - s-_b at y_a (model b, dual prompts), model b's plain softmax confidence in y_a (its
+    positive prompts alone: the same peer without the negative prompt) and model a's own
+    confidence in its label. Diagnosis only (it reads the true train labels); Eq. 1 softmax at tau."""
+    i = torch.arange(len(y_a))
+    right = y_a == y_true
+    return {"removed_precision": label_precision(y_a[~keep], y_true[~keep]),
+            "auroc_peer_margin": auroc(s_pos_b[i, y_a] - s_neg_b[i, y_a], right),
+            "auroc_peer_confidence": auroc((s_pos_b / tau).softmax(1)[i, y_a], right),
+            "auroc_own_confidence": auroc((s_pos_a / tau).softmax(1)[i, y_a], right)}
 
 
 def fine_tune(run, args, tag, clip, head, idx, y, vpt=None, adapter=None):
@@ -693,6 +727,36 @@ def fine_tune_baseline(run, args, W, seed_set):
     run.metrics["time_s"]["fine_tune"] = time.time() - t
 
 
+def self_training(run, args, W, probs):
+    """--method selftrain: the self-training reference a reader tries first, iterative
+    pseudo-labelling with a confidence threshold (Lee, 2013; in rounds, as noisy-student
+    training). Round r: every unlabelled image whose label from the current labeller has
+    softmax confidence >= --threshold joins the training set with that label (round 1's
+    labeller: zero-shot, Eq. 1, `probs` [N, C]), and a fresh copy of the pre-trained tower with
+    its head from W is fine-tuned on it by Phase II's recipe; the result labels round r + 1.
+    --rounds R rounds (default 3 for this method); the last round's model is the result.
+    Unlike CoFT: no second model, no negative prompt, one global threshold."""
+    t = time.time()
+    run.metrics["selftrain_rounds"] = []
+    for r in range(1, args.rounds + 1):
+        conf, y = probs.max(1)
+        idx = (conf >= args.threshold).nonzero().squeeze(1)
+        idx, labels = with_labelled(idx, y[idx], run.labelled, run.y_true)
+        model = fine_tune(run, args, f"selftrain_round{r}", run.clip, W if args.head_init == "text" else None,
+                          idx, labels)
+        logits = run.scores(model, run.evaluated)
+        log = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(probs),
+               "precision": label_precision(labels, run.y_true[idx]), "acc": train.accuracy(logits, run.y_eval)}
+        run.metrics["selftrain_rounds"].append(log)
+        print(f"self-training round {r}: {log['size']} images with confidence >= {args.threshold} (precision "
+              f"{cell(log['precision'])}), {run.metrics['eval_split']} acc {log['acc']:.2f}", flush=True)
+        if r < args.rounds:
+            probs = run.scores(model, run.unlabelled).softmax(1)  # the next round's labeller
+    run.metrics["selftrain_acc"] = log["acc"]
+    run.predictions["selftrain"] = logits.argmax(1)
+    run.metrics["time_s"]["fine_tune"] = time.time() - t
+
+
 # -----------------------------------------------------------------------------
 # A run, end to end
 
@@ -703,11 +767,13 @@ def run(args):
     pseudo_labels.pt (every seed set and clean set) and predictions.pt (eval-split predictions of
     every model); stages/ holds each finished stage (README, "Runs and resuming")."""
     state, prompts, ft_clip = prepare(args)  # a Run: what the stages share
-    W, seed_set = zero_shot_and_seed_set(state, prompts, args.K)
+    W, seed_set, zs_probs = zero_shot_and_seed_set(state, prompts, args.K)
     if args.method == "probe":
         linear_probe(state)
     elif args.method in ("topk", "shots"):
         fine_tune_baseline(state, args, W, seed_set)
+    elif args.method == "selftrain":
+        self_training(state, args, W, zs_probs)
     else:
         peft, scores, seed_sets = phase1(state, args, seed_set)
         clean, y_gen = generate_and_validate(state, scores)
@@ -841,9 +907,10 @@ def parser():
     a("--data-root", default=None, help="root of the CoOp layout / image folder / CIFAR download dir")
     a("--clip", default="demo", help="RN50 ... ViT-L/14@336px, a checkpoint path, or demo (offline stand-in)")
     a("--out", default="runs/coft")
-    a("--method", default="coft", choices=["coft", "topk", "shots", "probe"],
-      help="topk: the UPL-like self-training baseline; shots: fine-tune on the --labelled-shots images alone; "
-           "probe: linear probe with TRUE labels (ceiling, reference only)")
+    a("--method", default="coft", choices=["coft", "topk", "selftrain", "shots", "probe"],
+      help="topk: the UPL-like baseline (Phase II on S*); selftrain: iterative pseudo-labelling of every image "
+           "with confidence >= --threshold, --rounds times; shots: fine-tune on the --labelled-shots images "
+           "alone; probe: linear probe with TRUE labels (ceiling, reference only)")
     train.run_flags(p)
     a("--phase", default="all", choices=["all", "1", "2"],
       help="1: zero-shot + Phase I (+ filter) only; 2: Phase II from the Phase-I models saved in --out")
@@ -886,7 +953,8 @@ def parser():
     a("--fft-backbone", default=None, help="Phase II on another backbone (distillation), e.g. ViT-B/16")
     # CoFT+
     a("--plus", action="store_true", help="CoFT+: --rounds 3 --contrast, and LLM prompts (or the template ensemble)")
-    a("--rounds", type=number(int, 1), default=None, help="Phase-I rounds R (default 1; 3 with --plus)")
+    a("--rounds", type=number(int, 1), default=None,
+      help="Phase-I rounds R (default 1; 3 with --plus); --method selftrain: its rounds (default 3)")
     a("--contrast", action="store_true", help="momentum contrastive loss on all unlabelled images in Phase II")
     a("--gamma", type=number(float, 0), default=1.0, help="weight of L_Cont")
     a("--mu", type=number(float, 0, 1), default=0.999, help="EMA momentum of the key encoder")
@@ -900,6 +968,9 @@ def parser():
     a("--llm", default="gpt-4o-mini", help="model name for --write-llm-prompts")
     a("--prompts-per-class", type=number(int, 1), default=10)
     a("--head-init", default="text", choices=["text", "random"])
+    # self-training reference
+    a("--threshold", type=number(float, 0, 1), default=0.9,
+      help="--method selftrain: softmax confidence an image's pseudo-label needs to be trained on")
     return p
 
 
@@ -914,7 +985,7 @@ def resolve_defaults(args):
         args.contrast = True
         args.rounds = args.rounds or 3
         args.template_ensemble = args.template_ensemble or not args.llm_prompts
-    args.rounds = args.rounds or 1
+    args.rounds = args.rounds or (3 if args.method == "selftrain" else 1)
     if args.workers is None:
         args.workers = train.default_workers(args.device)
     demo = args.clip == standin.NAME
@@ -926,15 +997,24 @@ def resolve_defaults(args):
 
 
 def run_summary(m):
-    """The numbers of one run that a results table shows (None where they do not apply)."""
-    kept = [m[f"clean_set_{a}"]["kept_fraction"] for a in (1, 2) if f"clean_set_{a}" in m]
+    """The numbers of one run that a results table shows (None where they do not apply). The
+    trained-on set: CoFT's clean sets (pairs: one per branch), self-training's last round, top-K's S*.
+    With the filter's diagnosis (CoFT): removed labels' precision, AUROC of the peer's margin and
+    of its plain confidence for telling right pseudo-labels from wrong (filter_diagnosis)."""
+    clean = [m[f"clean_set_{a}"] for a in (1, 2) if f"clean_set_{a}" in m] or m.get("selftrain_rounds", [])[-1:]
+    if not clean and m["method"] == "topk":
+        clean = [m["seed_set"]]
+
+    def pair(key):
+        return [c[key] for c in clean if c.get(key) is not None]
     return {"zero-shot": m["zero_shot_acc"], "S* prec": m["seed_set"]["precision"],
-            "kept %": sum(kept) / len(kept) if kept else None,
-            "clean prec": [m[f"clean_set_{a}"]["precision"] for a in (1, 2) if f"clean_set_{a}" in m],
+            "kept %": pair("kept_fraction"), "clean prec": pair("precision"), "removed prec": pair("removed_precision"),
+            "AUROC margin": pair("auroc_peer_margin"), "AUROC conf": pair("auroc_peer_confidence"),
             "agree %": m.get("phase1_agreement"),
             "phase I": [m[k] for k in ("phase1_model1_acc", "phase1_model2_acc") if k in m],
             "branches": [m[k] for k in ("branch1_acc", "branch2_acc") if k in m],
-            "final acc": next((m[k] for k in ("ensemble_acc", "topk_acc", "shots_acc", "probe_acc") if k in m), None),
+            "final acc": next((m[k] for k in ("ensemble_acc", "topk_acc", "selftrain_acc", "shots_acc", "probe_acc")
+                               if k in m), None),
             "time s": m["time_s"]["total"]}
 
 

@@ -90,6 +90,30 @@ def tiny_backbone(name="tiny-vit", seed=0):
     return randomized(name, seed=seed).requires_grad_(False)
 
 
+def auroc_by_pairs(score, positive):
+    """AUROC by its definition: over every (positive, negative) pair, 1 if the positive scores
+    higher, 1/2 if they tie; in %."""
+    pos, neg = score[positive], score[~positive]
+    wins = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
+    return 100.0 * wins.mean().item()
+
+
+def test_auroc_known_answers_ties_and_pairwise_count():
+    right = torch.tensor([False, False, True, True])
+    assert coft.auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), right) == pytest.approx(75.0)  # 3 of 4 pairs
+    assert coft.auroc(torch.tensor([0.1, 0.2, 0.3, 0.4]), right) == pytest.approx(100.0)
+    assert coft.auroc(torch.tensor([0.4, 0.3, 0.2, 0.1]), right) == pytest.approx(0.0)
+    assert coft.auroc(torch.ones(4), right) == pytest.approx(50.0)  # all tied: chance
+    assert coft.auroc(torch.tensor([1.0, 2.0]), torch.tensor([True, True])) is None  # no wrong label to rank
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 6, (300,), generator=g).float()  # many ties
+    positive = torch.rand(300, generator=g) < 0.3 + 0.1 * score  # higher scores more often positive
+    assert coft.auroc(score, positive) == pytest.approx(auroc_by_pairs(score, positive), abs=1e-9)
+    scipy_stats = pytest.importorskip("scipy.stats")  # independent oracle: Mann-Whitney U / (n+ n-)
+    u = scipy_stats.mannwhitneyu(score[positive].numpy(), score[~positive].numpy()).statistic
+    assert coft.auroc(score, positive) == pytest.approx(100 * u / (positive.sum() * (~positive).sum()).item())
+
+
 CLASSES = ["zero", "one", "two"]
 
 
@@ -464,7 +488,18 @@ def test_audit_rounds_filter_heads_and_ensemble(audited_run):
         assert not torch.equal(peer, own)  # validating with one's own scores would give another set
         assert torch.equal(pl["clean"][a], peer) and torch.equal(pl["clean_labels"][a], y_a[peer])
         assert torch.equal(pl["generated"][a], y_a)
-        assert m[f"clean_set_{a + 1}"]["size"] == len(peer)
+        c = m[f"clean_set_{a + 1}"]
+        assert c["size"] == len(peer)
+        # the diagnosis: removed labels' precision, and how three scores rank right above wrong labels
+        removed = torch.ones(len(y_a), dtype=torch.bool)
+        removed[peer] = False
+        right = y_a == y_train
+        assert c["removed_precision"] == pytest.approx(100 * right[removed].float().mean().item())
+        margin = r2[b][0][i, y_a] - r2[b][1][i, y_a]
+        assert c["auroc_peer_margin"] == pytest.approx(auroc_by_pairs(margin, right), abs=0.05)
+        for key, s_pos in (("auroc_peer_confidence", r2[b][0]), ("auroc_own_confidence", r2[a][0])):
+            assert c[key] == pytest.approx(auroc_by_pairs((scale * s_pos).softmax(1)[i, y_a], right), abs=0.05)
+        assert c["auroc_peer_confidence"] != pytest.approx(c["auroc_own_confidence"], abs=0.01)
     # heads: logit_scale * the branch's own model's t+
     assert len(heads) == 2
     for a in (0, 1):
@@ -533,6 +568,53 @@ def test_topk_baseline_and_resnet_backbone(tmp_path):
     preds = torch.load(tmp_path / "rn" / "predictions.pt")
     assert "branch2_acc" not in m and torch.equal(preds["ensemble"], preds["branch1"])
     assert m["ensemble_acc"] == m["branch1_acc"]
+
+
+def test_self_training_relabels_with_its_own_model_above_the_threshold(tmp_path, pretrained_tiny, monkeypatch):
+    """--method selftrain: round 1 trains on every train image whose zero-shot confidence (Eq. 1)
+    is >= --threshold, with its zero-shot label; round 2 on the same rule applied to round 1's
+    fine-tuned model; the result is round 2's model."""
+    trained_on, real_fit = [], coft.fit
+
+    def recording_fit(model, step_fn, make_loader, *a, **kw):
+        ds = make_loader(0).dataset.dataset  # the ImageDataset inside train.SeededSamples
+        trained_on.append((ds.items, ds.labels))
+        return real_fit(model, step_fn, make_loader, *a, **kw)
+
+    monkeypatch.setattr(coft, "fit", recording_fit)
+    m = run_coft(tmp_path, "--method", "selftrain", "--rounds", "2", "--threshold", "0.3", ckpt=pretrained_tiny[0])
+    task, X_train, y_train, X_test, y_test = digit_tensors()
+    clip = cm.load(str(pretrained_tiny[0]))[0]
+    with torch.no_grad():
+        T = F.normalize(clip.encode_text(cm.tokenize([task.templates[0].format(c) for c in task.classnames],
+                                                     clip.context_length)), dim=-1)
+        labellers = [(clip.logit_scale.exp() * F.normalize(clip.encode_image(X_train), dim=-1) @ T.t()).softmax(1)]
+    models = []
+    for r in (1, 2):
+        ft = coft.FineTuned(clip.visual, 10)
+        ft.load_state_dict(stage_state(tmp_path / "run", f"selftrain_round{r}"))
+        with torch.no_grad():
+            labellers.append(ft.eval()(X_train).softmax(1))
+        models.append(ft)
+    assert len(trained_on) == 2
+    for r, (items, labels) in enumerate(trained_on):
+        conf, y = labellers[r].max(1)
+        near = ((conf - 0.3).abs() < 1e-4).sum().item()  # float noise may move an image across the threshold
+        picked = (conf >= 0.3).nonzero().squeeze(1)
+        assert abs(len(items) - len(picked)) <= near
+        if near == 0:
+            assert all(torch.equal(a[0], task.train[i][0]) for a, i in zip(items, picked.tolist()))
+            assert labels == y[picked].tolist()
+        log = m["selftrain_rounds"][r]
+        assert log["size"] == len(items) and log["kept_fraction"] == pytest.approx(100 * len(items) / 899)
+        assert log["precision"] == pytest.approx(100 * (y[picked] == y_train[picked]).float().mean().item())
+    assert len(trained_on[0][0]) != len(trained_on[1][0])  # the second round's labeller is another model
+    preds = torch.load(tmp_path / "run" / "predictions.pt")
+    with torch.no_grad():
+        logits = models[1](X_test)
+    assert same_argmax(logits, preds["selftrain"]) and m["selftrain_acc"] == pytest.approx(acc(preds["selftrain"], y_test))
+    assert m["selftrain_acc"] == m["selftrain_rounds"][1]["acc"]
+    assert set(m["grad_norms"]) == {"selftrain_round1", "selftrain_round2"}
 
 
 def test_labelled_shots_join_the_seed_set_and_both_clean_sets(tmp_path, pretrained_tiny, monkeypatch, capsys):
@@ -1004,9 +1086,10 @@ def test_table_groups_seeds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "missing: no metrics.json" in out
     mean_row = [line for line in out.splitlines() if line.startswith("coft ")][0].split()
-    # n, zero-shot, S* prec, kept %, clean prec, agree %, phase I, branches, final acc (mean±sd of 70, 74)
+    # n, zero-shot, S* prec, kept %, clean prec, removed prec, AUROC margin, AUROC conf, agree %, phase I,
+    # branches, final acc (mean±sd of 70, 74)
     assert mean_row[1] == "2" and mean_row[4] == "85.0±0.0" and mean_row[5] == "71.0±0.0"
-    assert mean_row[9] == "72.0±2.8"
+    assert mean_row[6:9] == ["-"] * 3 and mean_row[12] == "72.0±2.8"
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -64,15 +64,24 @@ def test_thicken_spreads_half_the_inkiest_neighbour_and_caps_at_16():
     assert bold[6, 0] == 0 and bold[5, 5] == 0  # far from ink: unchanged
 
 
-def test_digits_bold_shifts_only_the_test_split():
-    plain, bold = data.load_task("digits"), data.load_task("digits-bold")
-    assert bold.name == "digits-bold" and bold.classnames == plain.classnames
-    for split in ("train", "dev"):
-        pairs = zip(getattr(plain, split), getattr(bold, split))
-        assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in pairs)
-    assert [label for _, label in bold.test] == [label for _, label in plain.test]
-    ink = lambda items: torch.stack([x for x, _ in items]).float().mean()  # noqa: E731
-    assert ink(bold.test) > 1.4 * ink(plain.test)
+@pytest.mark.parametrize("name,shifted", [("digits-bold", ("test",)), ("digits-bold-all", ("train", "dev", "test"))])
+def test_digits_bold_shifts_the_named_splits(name, shifted):
+    """digits-bold: the test strokes thickened (VeCAF's OOD demo); digits-bold-all: every split
+    (CoFT's noisy-label demo). Same images in the same order with the same labels, each image
+    either as it was or exactly `thicken` of its 8x8 ink counts."""
+    plain, bold = data.load_task("digits"), data.load_task(name)
+    assert bold.name == name and bold.classnames == plain.classnames and bold.templates == plain.templates
+    x8, _ = data.load_uci_digits()
+    split = data.digits_split(0)
+    for part in ("train", "dev", "test"):
+        a, b = getattr(plain, part), getattr(bold, part)
+        assert [label for _, label in a] == [label for _, label in b]
+        expected = x8[split[part]]
+        if part in shifted:
+            expected = data.thicken(expected)
+        images = (data.digits_to_images(expected) * 255).round().to(torch.uint8)
+        assert all(torch.equal(im, x) for im, (x, _) in zip(images, b))
+        assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b)) == (part not in shifted)
     assert data.fingerprint(bold) != data.fingerprint(plain)
 
 
