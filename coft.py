@@ -926,9 +926,12 @@ def parser():
       help="semi-supervised setting (paper Sec. 4.4): N true-labelled train images per class join S* and both "
            "clean sets with their true labels")
     # Phase I
-    a("--M", type=number(int, 1), default=16, help="context tokens per prompt")
+    a("--M", type=number(int, 1), default=None,
+      help="context tokens per prompt; default 16 (the paper's, for ViT-B/16), 4 for the demo backbone (chosen on "
+           "the dev splits of both demo tasks)")
     a("--ctx-init", default=None, help='initialise both contexts from words, e.g. "a photo of a"')
-    a("--vpt-tokens", type=number(int, 0), default=20)
+    a("--vpt-tokens", type=number(int, 0), default=None,
+      help="visual prompt tokens per block; default 20 (the paper's), 0 for the demo backbone (chosen on dev)")
     a("--vpt", default="deep", choices=["deep", "shallow"])
     a("--lam", type=number(float, 0), default=1.0, help="weight of L2")
     a("--detach-neg", action="store_true",
@@ -978,9 +981,11 @@ def parser():
 
 def resolve_defaults(args):
     """The defaults that depend on other flags, filled in after parsing: CoFT+ = all three parts
-    (each part alone is its own flag); the published recipes for real backbones (DeFT /
-    ActiveCLIP: no clipping, Phase-II lr 5e-4) and the values chosen on the demo's dev split for
-    the offline stand-in (README, "Offline demo"); loader workers by device."""
+    (each part alone is its own flag); the published recipes for real backbones (the paper's
+    Phase-I capacity, 16 context tokens and 20 deep VPT tokens, sized for ViT-B/16; DeFT /
+    ActiveCLIP: no clipping, Phase-II lr 5e-4) and the values chosen on the demo's dev splits for
+    the offline stand-in, whose 16 patches and 24-token context a ViT-B/16 capacity overfits
+    (README, "Offline demo"); loader workers by device."""
     if args.plus:
         args.contrast = True
         args.rounds = args.rounds or 3
@@ -989,6 +994,10 @@ def resolve_defaults(args):
     if args.workers is None:
         args.workers = train.default_workers(args.device)
     demo = args.clip == standin.NAME
+    if args.M is None:  # Phase-I capacity: the paper's for real backbones, the dev split's for the stand-in
+        args.M = 4 if demo else 16
+    if args.vpt_tokens is None:
+        args.vpt_tokens = 0 if demo else 20
     if args.clip_grad is None:
         args.clip_grad = 1.0 if demo else 0.0
     if args.fft_lr is None:

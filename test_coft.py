@@ -774,10 +774,23 @@ def test_a_stage_file_or_checkpoint_is_used_only_under_its_own_record(tmp_path, 
         assert "cannot read" in err and "phase1_round1_model1.pt" in err
 
 
+def test_defaults_follow_the_backbone_and_the_method():
+    """The paper's recipe for real backbones, the dev-chosen values for the stand-in (README,
+    "Offline demo"), explicit flags always win; rounds: 1, 3 with --plus or --method selftrain."""
+    def resolved(*argv):
+        a = coft.resolve_defaults(coft.parser().parse_args(list(argv)))
+        return a.M, a.vpt_tokens, a.clip_grad, a.fft_lr, a.rounds
+    assert resolved("--clip", "ViT-B/16") == (16, 20, 0.0, 5e-4, 1)
+    assert resolved("--clip", "demo") == (4, 0, 1.0, 2e-5, 1)
+    assert resolved("--clip", "demo", "--M", "16", "--vpt-tokens", "20", "--clip-grad", "0") == (16, 20, 0.0, 2e-5, 1)
+    assert resolved("--clip", "ViT-B/16", "--vpt-tokens", "0", "--plus")[1:] == (0, 0.0, 5e-4, 3)
+    assert resolved("--method", "selftrain")[-1] == 3 and resolved("--method", "selftrain", "--rounds", "1")[-1] == 1
+
+
 def test_stage_records_cover_the_settings_each_stage_depends_on():
     """A Phase-I model's record has S*'s and Phase I's settings and none of Phase II's; a branch's
     has all three: so a changed Phase-I flag invalidates the branches too."""
-    args = coft.parser().parse_args([])
+    args = coft.resolve_defaults(coft.parser().parse_args([]))
     config = {k: v for k, v in vars(args).items() if k not in coft.HOW}
     config.update(data="d", clip="c", fft_backbone=None, zero_shot_prompts="z", rounds=1)
     p1, br = coft.stage_record(config, "phase1_round2_model1"), coft.stage_record(config, "branch1")
@@ -867,7 +880,7 @@ def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, mon
 
 @pytest.mark.parametrize("demo,paper,n,expected", [("demo", "paper", 9, ("caltech101", "ucf101")),
                                                     ("craft", "craft-paper", 11, ("imagenet", "sun397")),
-                                                    ("vecaf", None, 0, ())])
+                                                    ("vecaf", None, 0, ()), ("bold", None, 0, ())])
 def test_run_sh_refuses_unknown_arguments_and_lists_missing_datasets_up_front(tmp_path, demo, paper, n, expected):
     r = run_sh(demo, "--bogus")
     assert r.returncode == 2 and "--bogus" in r.stderr and "pretraining" not in r.stdout
