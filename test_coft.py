@@ -781,8 +781,8 @@ def test_defaults_follow_the_backbone_and_the_method():
         a = coft.resolve_defaults(coft.parser().parse_args(list(argv)))
         return a.M, a.vpt_tokens, a.clip_grad, a.fft_lr, a.rounds
     assert resolved("--clip", "ViT-B/16") == (16, 20, 0.0, 5e-4, 1)
-    assert resolved("--clip", "demo") == (4, 0, 1.0, 2e-5, 1)
-    assert resolved("--clip", "demo", "--M", "16", "--vpt-tokens", "20", "--clip-grad", "0") == (16, 20, 0.0, 2e-5, 1)
+    assert resolved("--clip", "demo") == (4, 0, 1.0, 2e-2, 1)
+    assert resolved("--clip", "demo", "--M", "16", "--vpt-tokens", "20", "--clip-grad", "0") == (16, 20, 0.0, 2e-2, 1)
     assert resolved("--clip", "ViT-B/16", "--vpt-tokens", "0", "--plus")[1:] == (0, 0.0, 5e-4, 3)
     assert resolved("--method", "selftrain")[-1] == 3 and resolved("--method", "selftrain", "--rounds", "1")[-1] == 1
 
