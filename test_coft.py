@@ -452,9 +452,8 @@ def test_audit_zero_shot_and_seed_set(audited_run):
     run_dir, m, _, clip = audited_run
     task, X_train, y_train, X_test, y_test = digit_tensors()
     pl, preds = torch.load(run_dir / "pseudo_labels.pt"), torch.load(run_dir / "predictions.pt")
+    T = zero_shot_text(clip, task)
     with torch.no_grad():
-        T = F.normalize(clip.encode_text(cm.tokenize([task.templates[0].format(c) for c in task.classnames],
-                                                     clip.context_length)), dim=-1)
         cos_train = F.normalize(clip.encode_image(X_train), dim=-1) @ T.t()
         cos_test = F.normalize(clip.encode_image(X_test), dim=-1) @ T.t()
     scale = clip.logit_scale.exp().item()
@@ -570,10 +569,8 @@ def test_topk_baseline_and_resnet_backbone(tmp_path):
     assert m["ensemble_acc"] == m["branch1_acc"]
 
 
-def test_self_training_relabels_with_its_own_model_above_the_threshold(tmp_path, pretrained_tiny, monkeypatch):
-    """--method selftrain: round 1 trains on every train image whose zero-shot confidence (Eq. 1)
-    is >= --threshold, with its zero-shot label; round 2 on the same rule applied to round 1's
-    fine-tuned model; the result is round 2's model."""
+def record_training_sets(monkeypatch):
+    """A list that receives (items, labels) of every training set coft.fit is given from now on."""
     trained_on, real_fit = [], coft.fit
 
     def recording_fit(model, step_fn, make_loader, *a, **kw):
@@ -582,12 +579,26 @@ def test_self_training_relabels_with_its_own_model_above_the_threshold(tmp_path,
         return real_fit(model, step_fn, make_loader, *a, **kw)
 
     monkeypatch.setattr(coft, "fit", recording_fit)
+    return trained_on
+
+
+def zero_shot_text(clip, task):
+    """The unit text embeddings [C, D] of the task's primary template, computed here from scratch."""
+    with torch.no_grad():
+        return F.normalize(clip.encode_text(cm.tokenize([task.templates[0].format(c) for c in task.classnames],
+                                                        clip.context_length)), dim=-1)
+
+
+def test_self_training_relabels_with_its_own_model_above_the_threshold(tmp_path, pretrained_tiny, monkeypatch):
+    """--method selftrain: round 1 trains on every train image whose zero-shot confidence (Eq. 1)
+    is >= --threshold, with its zero-shot label; round 2 on the same rule applied to round 1's
+    fine-tuned model; the result is round 2's model."""
+    trained_on = record_training_sets(monkeypatch)
     m = run_coft(tmp_path, "--method", "selftrain", "--rounds", "2", "--threshold", "0.3", ckpt=pretrained_tiny[0])
     task, X_train, y_train, X_test, y_test = digit_tensors()
     clip = cm.load(str(pretrained_tiny[0]))[0]
+    T = zero_shot_text(clip, task)
     with torch.no_grad():
-        T = F.normalize(clip.encode_text(cm.tokenize([task.templates[0].format(c) for c in task.classnames],
-                                                     clip.context_length)), dim=-1)
         labellers = [(clip.logit_scale.exp() * F.normalize(clip.encode_image(X_train), dim=-1) @ T.t()).softmax(1)]
     models = []
     for r in (1, 2):
@@ -634,14 +645,7 @@ def test_labelled_shots_join_the_seed_set_and_both_clean_sets(tmp_path, pretrain
         assert truth <= set(pairs(idx, y))
     assert not torch.equal(L, coft.labelled_shots(y_train, 2, coft.seed_of(1, "labelled shots")))  # seed-dependent
     # --method shots: fine-tuned on exactly these images and labels
-    trained_on, real_fit = [], coft.fit
-
-    def recording_fit(model, step_fn, make_loader, *a, **kw):
-        ds = make_loader(0).dataset.dataset  # the ImageDataset inside train.SeededSamples
-        trained_on.append((ds.items, ds.labels))
-        return real_fit(model, step_fn, make_loader, *a, **kw)
-
-    monkeypatch.setattr(coft, "fit", recording_fit)
+    trained_on = record_training_sets(monkeypatch)
     m = run_coft(tmp_path, "--labelled-shots", "2", "--method", "shots", ckpt=pretrained_tiny[0], out="shots")
     task = data.digits_task()
     (items, labels), = trained_on
