@@ -1109,6 +1109,22 @@ def test_table_groups_seeds(tmp_path, capsys):
     assert mean_row[6:9] == ["-"] * 3 and mean_row[12] == "72.0±2.8"
 
 
+def test_table_shows_what_each_method_trained_on_and_the_filter_diagnosis():
+    seed_set = {"size": 160, "kept_fraction": 17.8, "precision": 90.0}
+    common = {"zero_shot_acc": 50.0, "seed_set": seed_set, "time_s": {"total": 1.0}}
+    rounds = [{"kept_fraction": 60.0, "precision": 70.0, "acc": 51.0}, {"kept_fraction": 65.0, "precision": 72.0,
+                                                                         "acc": 52.0}]
+    st = coft.run_summary(dict(common, method="selftrain", selftrain_rounds=rounds, selftrain_acc=52.0))
+    assert (st["kept %"], st["clean prec"], st["final acc"]) == ([65.0], [72.0], 52.0)  # the last round's set
+    tk = coft.run_summary(dict(common, method="topk", topk_acc=55.0))
+    assert (tk["kept %"], tk["clean prec"], tk["removed prec"], tk["final acc"]) == ([17.8], [90.0], [], 55.0)
+    clean = [{"kept_fraction": 99.0 + a, "precision": 60.0 + a, "removed_precision": 10.0 * a,
+              "auroc_peer_margin": 70.0 + a, "auroc_peer_confidence": 75.0 + a} for a in (0, 1)]
+    cf = coft.run_summary(dict(common, method="coft", clean_set_1=clean[0], clean_set_2=clean[1], ensemble_acc=58.0))
+    assert (cf["kept %"], cf["removed prec"], cf["AUROC margin"], cf["AUROC conf"]) == \
+        ([99.0, 100.0], [0.0, 10.0], [70.0, 71.0], [75.0, 76.0])
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_unreadable_image_names_the_file(tmp_path, capsys, workers):
     root = tmp_path / "DATA"
