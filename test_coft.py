@@ -789,6 +789,8 @@ def test_defaults_follow_the_backbone_and_the_method():
     assert resolved("--clip", "demo", "--M", "16", "--vpt-tokens", "20", "--clip-grad", "0") == (16, 20, 0.0, 2e-2, 1)
     assert resolved("--clip", "ViT-B/16", "--vpt-tokens", "0", "--plus")[1:] == (0, 0.0, 5e-4, 3)
     assert resolved("--method", "selftrain")[-1] == 3 and resolved("--method", "selftrain", "--rounds", "1")[-1] == 1
+    thresholds = [coft.resolve_defaults(coft.parser().parse_args(["--clip", c])).threshold for c in ("demo", "RN50")]
+    assert thresholds == [0.7, 0.95]
 
 
 def test_stage_records_cover_the_settings_each_stage_depends_on():
