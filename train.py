@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 
@@ -154,6 +155,40 @@ def predict(fn, loader, device, amp):
     return torch.cat(outs), torch.cat(ys)
 
 
+# -----------------------------------------------------------------------------
+# Many processes (torchrun): PyTorch's own distributed package; a plain `python` run is one
+# process, initialises nothing and takes none of these paths
+
+
+def world():
+    """(rank, number of processes): (0, 1) unless torch.distributed is initialised (torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(n, rank, world_size):
+    """The contiguous part of range(n) that process `rank` evaluates: n // W items each, the
+    first n % W processes one more, so the parts in rank order are range(n) in order."""
+    per, extra = divmod(n, world_size)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (rank < extra))
+
+
+def gather_in_order(part, n):
+    """Every process's outputs [len(shard), ...] for its shard of range(n) -> all n outputs
+    [n, ...] in index order, on every process (all_gather needs equal sizes: shards are padded
+    to the largest, and the padding cut off again). NCCL gathers CUDA tensors, gloo CPU ones."""
+    rank, world_size = world()
+    longest = len(shard(n, 0, world_size))
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype, device=device)
+    padded[:len(part)] = part
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:len(shard(n, r, world_size))].cpu() for r, p in enumerate(parts)])
+
+
 def accuracy(scores, y):
     """Top-1 accuracy in % of scores [N, C] (logits or probabilities) against labels [N]."""
     return 100.0 * (scores.argmax(1) == y).float().mean().item()
@@ -200,8 +235,14 @@ class RunContext:
                       drop_last)
 
     def scores(self, fn, dataset):
-        """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU)."""
-        return predict(fn, self.loader(dataset, self.eval_batch), self.device, self.amp)[0]
+        """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU).
+        Under torchrun each process scores its contiguous shard and every process gets all N
+        outputs back in index order (the passes are deterministic: the test transform)."""
+        rank, world_size = world()
+        if world_size == 1:
+            return predict(fn, self.loader(dataset, self.eval_batch), self.device, self.amp)[0]
+        part = torch.utils.data.Subset(dataset, shard(len(dataset), rank, world_size))
+        return gather_in_order(predict(fn, self.loader(part, self.eval_batch), self.device, self.amp)[0], len(dataset))
 
 
 def run_cli(body, errors, interrupted=""):
