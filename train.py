@@ -179,7 +179,7 @@ def gather_in_order(part, n):
     """Every process's outputs [len(shard), ...] for its shard of range(n) -> all n outputs
     [n, ...] in index order, on every process (all_gather needs equal sizes: shards are padded
     to the largest, and the padding cut off again). NCCL gathers CUDA tensors, gloo CPU ones."""
-    rank, world_size = world()
+    world_size = world()[1]
     longest = len(shard(n, 0, world_size))
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype, device=device)
