@@ -168,14 +168,17 @@ def p_clean(s_pos, s_neg, tau):
 
 
 def complement_labels(y, C, generator=None):
-    """y' drawn uniformly from the C-1 classes other than y (redrawn at every step)."""
-    shift = torch.randint(1, C, y.shape, generator=generator, device="cpu").to(y.device)
+    """y' drawn uniformly from the C-1 classes other than y (redrawn at every step). Under
+    torchrun every process draws the global batch's shifts from the same generator and keeps its
+    slice's, so the labels are those of a plain run."""
+    n, start = train.global_batch(len(y))
+    shift = torch.randint(1, C, (n,), generator=generator, device="cpu")[start:start + len(y)].to(y.device)
     return (y + shift) % C
 
 
 def loss_l1(s_pos, y, tau):
-    """Eq. 4: L1 = CE(softmax_k(s+_k / tau), y)."""
-    return F.cross_entropy(s_pos / tau, y)
+    """Eq. 4: L1 = CE(softmax_k(s+_k / tau), y), batch mean."""
+    return train.global_mean(F.cross_entropy(s_pos / tau, y), len(y))
 
 
 def loss_l2(s_pos, s_neg, y, y_comp, tau):
@@ -186,7 +189,7 @@ def loss_l2(s_pos, s_neg, y, y_comp, tau):
     d = (s_pos - s_neg) / tau  # [B, C]
     d_y = d.gather(1, y[:, None]).squeeze(1)
     d_c = d.gather(1, y_comp[:, None]).squeeze(1)
-    return -(F.logsigmoid(d_y) + F.logsigmoid(-d_c)).mean()
+    return train.global_mean(-(F.logsigmoid(d_y) + F.logsigmoid(-d_c)).mean(), len(y))
 
 
 def phase1_loss(model, x, y, tau, lam=1.0, detach_neg=False, generator=None):
@@ -320,7 +323,8 @@ class MomentumContrast(nn.Module):
         own = self.queue_idx[:n][None, :] == idx[:, None]  # [B, n] stale keys of the query's image
         l_neg = l_neg.masked_fill(own, float("-inf"))
         logits = torch.cat([l_pos, l_neg], dim=1) / self.tau
-        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+        return train.global_mean(F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device)),
+                                 len(q))
 
     def forward(self, x_q, x_k, idx):
         """L_Cont for two views of the images idx. Order: momentum update, keys, the loss against
@@ -330,7 +334,8 @@ class MomentumContrast(nn.Module):
             self.momentum_update()
             k = self.key_model.features(x_k).detach()  # keys never carry gradients
         loss = self.info_nce(q, k, idx)
-        self.enqueue(k, idx)
+        # under torchrun every process enqueues the whole global batch's keys, in order: the same queue everywhere
+        self.enqueue(train.gather_batch(k), train.gather_batch(idx))
         return loss
 
 
@@ -418,7 +423,7 @@ SGD_KEYS = ("batch", "weight_decay", "momentum", "warmup_epochs", "clip_grad")
 PHASE1_KEYS = SEED_SET_KEYS + SGD_KEYS + ("M", "ctx_init", "vpt_tokens", "vpt", "lam", "detach_neg", "p1_epochs",
                                           "p1_lr")
 PHASE2_KEYS = SGD_KEYS + ("method", "rounds", "fft_epochs", "fft_lr", "fft_aug", "fft_init", "fft_backbone",
-                          "head_init", "contrast", "gamma", "mu", "tau_c", "queue", "threshold")
+                          "head_init", "contrast", "gamma", "mu", "tau_c", "queue", "threshold", "sync_bn")
 
 
 def run_config(args, task, prompts):
@@ -630,6 +635,8 @@ def fine_tune(run, args, tag, clip, head, idx, y, vpt=None, adapter=None):
     branches never share one. Returns the trained FineTuned in eval mode."""
     model = FineTuned(clip.visual, len(run.task.classnames), head, clip.logit_scale.exp().item(),
                       vpt, adapter).to(run.device)
+    if args.sync_bn:  # ResNet towers under torchrun: BatchNorm statistics over the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     augment = data.make_transform(args.fft_aug, clip.visual.resolution, run.task)
     train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist())
     if len(train_set) == 0:  # the validator rejected every label: nothing to fine-tune on
@@ -642,7 +649,7 @@ def fine_tune(run, args, tag, clip, head, idx, y, vpt=None, adapter=None):
 
     if not args.contrast:
         def loss(model, b, g):  # Eq. 7
-            return F.cross_entropy(model(b[0]), b[1]), {}
+            return train.global_mean(F.cross_entropy(model(b[0]), b[1]), len(b[1])), {}
         return run_stage(run, tag, model, loss, clean_batches, args.fft_epochs, args.fft_lr, f"phase II {tag}",
                          compiled=[model.visual] if args.compile else [])
 
@@ -655,7 +662,7 @@ def fine_tune(run, args, tag, clip, head, idx, y, vpt=None, adapter=None):
                               run.loader(views, batch, (tag, epoch, "unlabelled"), shuffle=True))
 
     def loss(mc, b, g):  # Eq. 10: L_FFT (Eq. 7) + gamma * L_Cont (Eq. 9)
-        l_fft = F.cross_entropy(mc.model(b[0]), b[1])
+        l_fft = train.global_mean(F.cross_entropy(mc.model(b[0]), b[1]), len(b[1]))
         l_cont = mc(b[3], b[4], b[5])
         return l_fft + args.gamma * l_cont, {"L_FFT": l_fft.detach(), "L_Cont": l_cont.detach()}
     return run_stage(run, tag, model, loss, batches, args.fft_epochs, args.fft_lr, f"phase II {tag}", trained=mc,
@@ -789,13 +796,13 @@ def prepare(args):
     """Everything a run checks and loads before its first stage, in the order that keeps a
     mistake cheap: the flags, --out, the data and prompts, then the run folder (config.json),
     then the backbones. Returns (Run, the zero-shot prompts, the --fft-backbone model or None)."""
-    check_args(args)
+    device = train.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
+    check_args(args, device)
     continuing = args.resume or args.eval_only or args.phase == "2"
     train.check_out(args.out, continuing, args.restart)
     if (args.eval_only or args.phase == "2") and not train.holds_run(args.out):
         raise RunError(f"--out {args.out} holds no run for {'--eval-only' if args.eval_only else '--phase 2'} "
                        f"to use: run {'it' if args.eval_only else '--phase 1'} first")
-    device = torch.device(args.device)
     args.precision = train.resolve_precision(device, args.precision)  # the config records what ran
     t0 = time.time()
     task = data.load_task(args.dataset, args.data_root)
@@ -823,7 +830,7 @@ def prepare(args):
                "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision,
                "parts": {"rounds": args.rounds, "contrast": args.contrast, "zero_shot_prompts":
                          "llm" if args.llm_prompts else "ensemble" if args.template_ensemble else "template"},
-               "grad_norms": {}, "time_s": {}}
+               "processes": train.world()[1], "grad_norms": {}, "time_s": {}}
     if args.labelled_shots:
         metrics["labelled_shots"] = {"per_class": args.labelled_shots, "size": len(labelled)}
     state = Run(out=out, config=config, device=device, precision=args.precision,
@@ -841,9 +848,11 @@ def prepare(args):
     return state, prompts, ft_clip
 
 
-def check_args(args):
+def check_args(args, device):
     """Flag combinations that cannot work, refused before anything is loaded or trained (each
     number's range is checked by the parser)."""
+    if args.sync_bn and train.world()[1] > 1 and device.type != "cuda":
+        raise RunError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): drop it on CPUs")
     if args.method == "shots" and not args.labelled_shots:
         raise RunError("--method shots fine-tunes on the labelled shots only: give --labelled-shots N (N > 0)")
     if args.restart and (args.eval_only or args.phase == "2"):
@@ -938,7 +947,8 @@ def parser():
       help="DeFT: L2 trains only the negative context (detached s+ and image features)")
     a("--p1-epochs", type=number(int, 1), default=20)
     a("--p1-lr", type=number(float, 0, low_open=True), default=0.03)
-    a("--batch", type=number(int, 1), default=64)
+    a("--batch", type=number(int, 1), default=64,
+      help="global batch size (the paper's); under torchrun each of N processes takes a contiguous 1/N of every batch")
     a("--weight-decay", type=number(float, 0), default=5e-4, help="SGD weight decay, both phases")
     a("--momentum", type=number(float, 0, 1, high_open=True), default=0.9, help="SGD momentum, both phases")
     a("--warmup-epochs", type=number(int, 0), default=1, help="linear warm-up before the cosine decay, both phases")
@@ -971,6 +981,9 @@ def parser():
     a("--llm", default="gpt-4o-mini", help="model name for --write-llm-prompts")
     a("--prompts-per-class", type=number(int, 1), default=10)
     a("--head-init", default="text", choices=["text", "random"])
+    a("--sync-bn", action="store_true",
+      help="Phase II under torchrun with a ResNet backbone: BatchNorm statistics over the global batch "
+           "(SyncBatchNorm, GPUs only) instead of each process's slice; no effect on ViTs or in a plain run")
     # self-training reference
     a("--threshold", type=number(float, 0, 1), default=None,
       help="--method selftrain: softmax confidence an image's pseudo-label needs to be trained on; default 0.95 "

@@ -114,3 +114,25 @@ def run_sh(*argv, env=None):
     import subprocess
     return subprocess.run(["bash", os.path.join(os.path.dirname(__file__), "run.sh"), *argv], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+# ---- torchrun's environment, on CPU
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_launched(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)  # 2 processes on 2 cores
+    fn(rank, *args)
+
+
+def as_torchrun(fn, world, *args):
+    """fn(rank, *args) in `world` fresh processes that see what torchrun gives its workers (RANK,
+    WORLD_SIZE, LOCAL_RANK, a rendezvous address on a free local port): the CLIs join a gloo job."""
+    torch.multiprocessing.spawn(_as_launched, args=(world, free_port(), fn, args), nprocs=world)

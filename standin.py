@@ -376,9 +376,15 @@ def build(cache_dir=None, rebuild=False, settings=None):
 
 
 def resolve(name, cache_dir=None):
-    """A --clip value as clip_model.load takes it: "demo" -> the stand-in's checkpoint file
-    (pretrained on first use); a released model's name or a file path unchanged."""
-    return build(cache_dir) if name == NAME else name
+    """A --clip value -> the checkpoint file clip_model.load reads: "demo" -> the stand-in's
+    (pretrained on first use), a released model's name -> its file in the cache (downloaded on
+    first use, sha256 checked), a file path unchanged. Under torchrun rank 0 fills the cache
+    first and the other processes then read it (train.rank0_first)."""
+    def fetch():
+        if name == NAME:
+            return build(cache_dir)
+        return clip_model.checkpoint_path(name) if name in clip_model.CHECKPOINTS else name
+    return train.rank0_first(fetch)
 
 
 def check_backbone(flag, name):

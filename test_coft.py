@@ -4,6 +4,9 @@ Run every test file: python -m pytest -q"""
 import copy
 import functools
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import clip_model as cm
 import coft
 import data
 import train
-from conftest import make_dtd, make_imagefolder, one_line_error, randomized, run_sh, write_image
+from conftest import as_torchrun, make_dtd, make_imagefolder, one_line_error, randomized, run_sh, write_image
 
 
 
@@ -1151,3 +1154,117 @@ def test_precision_is_part_of_a_runs_config(tmp_path, capsys):
     err = cli_error(capsys, *run_args(tmp_path, *SHORT, "--precision", "bf16", "--resume"))
     assert "precision: 'fp32' -> 'bf16'" in err
     assert "fp16 needs a GPU" in cli_error(capsys, *run_args(tmp_path, *SHORT, "--precision", "fp16", out="x"))
+
+
+# --------------------------------------------------------------------------- torchrun (DDP), gloo on CPU
+
+def coft_as_process(rank, argv, record, die_at=None):
+    """coft.main(argv) in one process (of a torchrun job, or a plain run), saving what each
+    stage's fit saw per step, the CoFT+ queue and momentum model after each branch, and the
+    metrics to record-rank<r>.pt. die_at: rank 0 is killed (SIGKILL) right after writing
+    that checkpoint file."""
+    real_fit, real_save, seen = coft.fit, train.atomic_save, {"losses": {}, "contrast": {}, "steps": {}}
+
+    def recording_fit(trained, step_fn, *a):
+        tag = a[10]["stage"]  # fit's `record` argument
+        seen["steps"][tag] = 0
+
+        def counted(*b):  # the steps this process ran (a resumed stage: only those after its checkpoint)
+            seen["steps"][tag] += 1
+            return step_fn(*b)
+        history = real_fit(trained, counted, *a)
+        seen["losses"][tag] = history["loss"]
+        if isinstance(trained, coft.MomentumContrast):
+            seen["contrast"][tag] = {k: v.clone() for k, v in trained.state_dict().items() if not k.startswith("model.")}
+        return history
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        if Path(path).name == die_at and rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    coft.fit, train.atomic_save = recording_fit, dying_save
+    try:
+        seen["metrics"] = numbers(coft.main(argv))
+    finally:
+        coft.fit, train.atomic_save = real_fit, real_save
+    torch.save(seen, f"{record}-rank{rank}.pt")
+
+
+def flat(d, prefix=""):
+    """Nested metrics -> {dotted key: number}, for comparisons to float tolerance."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (list, tuple)) and v and isinstance(v[0], dict):
+            for i, x in enumerate(v):
+                out.update(flat(x, f"{prefix}{k}.{i}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def same_run(a, b, rel=1e-4):
+    """Two runs' records agree: every stage's loss at every step and every metric, to float tolerance."""
+    assert a["losses"].keys() == b["losses"].keys()
+    for tag in a["losses"]:
+        assert a["losses"][tag] == pytest.approx(b["losses"][tag], rel=rel, abs=1e-6), tag
+    ma, mb = flat(a["metrics"]), flat(b["metrics"])
+    ma.pop("processes"), mb.pop("processes")
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert ma[k] == (pytest.approx(mb[k], rel=rel, abs=1e-5) if isinstance(mb[k], float) else mb[k]), k
+
+
+DDP_RUN = ("--plus", "--rounds", "1", "--queue", "100", "--fft-epochs", "2", "--batch", "50")
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo): every pass sharded and gathered, both phases
+    under DDP with each global batch split in two (50 = 25 + 25; the seed set's and the
+    unlabelled set's short last batches split unevenly), CoFT+'s keys gathered into one queue.
+    Same per-step losses of every stage and same metrics as the plain run; both processes end
+    with the same queue and momentum model, and with the plain run's."""
+    argv = run_args(tmp_path, *DDP_RUN, out="one")
+    coft_as_process(0, argv, tmp_path / "one")
+    one = torch.load(tmp_path / "one-rank0.pt", weights_only=False)
+    as_torchrun(coft_as_process, 2, run_args(tmp_path, *DDP_RUN, out="two"), tmp_path / "two")
+    ranks = [torch.load(tmp_path / f"two-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert one["metrics"]["processes"] == 1 and ranks[0]["metrics"]["processes"] == 2
+    same_run(ranks[0], one)
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["losses"] == ranks[1]["losses"]
+    assert one["contrast"].keys() == {"branch1", "branch2"}
+    for tag, state in one["contrast"].items():
+        assert int(state["count"]) == 100
+        for k, v in state.items():
+            assert torch.equal(ranks[0]["contrast"][tag][k], ranks[1]["contrast"][tag][k]), (tag, k)
+            assert torch.allclose(ranks[0]["contrast"][tag][k].double(), v.double(), atol=1e-5), (tag, k)
+    assert not (tmp_path / "two" / "stages" / "branch1.ckpt").exists()  # rank 0 wrote, and cleaned up
+
+
+def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
+    """A 2-process CoFT+ job whose rank 0 is SIGKILLed right after branch 1's first epoch
+    checkpoint, resumed by 2 processes: the very numbers of the uninterrupted job; resumed by
+    one plain process: the same to float tolerance (the sampler's global batches do not depend on
+    the process count)."""
+    argv = run_args(tmp_path, *DDP_RUN, "--branches", "1", out="full")
+    as_torchrun(coft_as_process, 2, argv, tmp_path / "full")
+    killed = run_args(tmp_path, *DDP_RUN, "--branches", "1", out="killed")
+    with pytest.raises(torch.multiprocessing.ProcessExitedException):  # rank 0 killed after branch 1's epoch 1
+        as_torchrun(coft_as_process, 2, killed, tmp_path / "killed", "branch1.ckpt")
+    assert (tmp_path / "killed" / "stages" / "branch1.ckpt").exists()
+    assert not (tmp_path / "killed" / "stages" / "branch1.pt").exists()
+    shutil.copytree(tmp_path / "killed", tmp_path / "killed-copy")
+    as_torchrun(coft_as_process, 2, killed + ["--resume"], tmp_path / "resumed")
+    full, resumed, resumed_1 = (torch.load(tmp_path / f"{n}.pt", weights_only=False)
+                                for n in ("full-rank0", "resumed-rank0", "resumed-rank1"))
+    assert resumed["metrics"] == full["metrics"] and resumed["losses"]["branch1"] == full["losses"]["branch1"]
+    # the resumed job ran branch 1's second epoch only (both processes read the checkpoint), Phase I not at all
+    assert resumed["steps"] == resumed_1["steps"] == {"branch1": full["steps"]["branch1"] // 2}
+    # resumed by a plain single process instead: the same global batches, so the same run to float tolerance
+    coft_as_process(0, run_args(tmp_path, *DDP_RUN, "--branches", "1", "--resume", out="killed-copy"),
+                    tmp_path / "plain")
+    plain = torch.load(tmp_path / "plain-rank0.pt", weights_only=False)
+    assert plain["steps"] == resumed["steps"]
+    same_run(plain, {**full, "losses": {"branch1": full["losses"]["branch1"]}})

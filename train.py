@@ -46,7 +46,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors ("error: argument --K: must be >= 1, got -1")."""
 
     def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
+        if launched_rank()[0] == 0:  # torchrun: every process parses the same flags, rank 0 says it
+            print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -89,7 +90,8 @@ def run_flags(p):
       help="continue the run in --out (same flags): finished stages are reused, the last epoch checkpoint resumed")
     a("--restart", action="store_true", help="discard the run in --out (config, stages, results) and start over")
     a("--log-every", type=number(int, 0), default=20, help="progress line every N steps (0: none)")
-    a("--eval-batch", type=number(int, 1), default=256)
+    a("--eval-batch", type=number(int, 1), default=256,
+      help="evaluation batch per process (never changes a number)")
 
 
 def default_workers(device):
@@ -136,11 +138,16 @@ class SeededSamples(torch.utils.data.Dataset):
 def loader(dataset, batch, seed, shuffle=False, workers=0, pin_memory=False, drop_last=False):
     """A DataLoader whose order and augmentations depend only on `seed` (give each stage, branch,
     epoch and cycle its own, e.g. seed_of(run_seed, tag, epoch)): the order comes from a generator
-    in the main process, each sample's augmentation from SeededSamples."""
+    in the main process, each sample's augmentation from SeededSamples. `batch` is the global
+    batch: under torchrun each process loads its slice of it (ShardedBatches)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(SeededSamples(dataset, seed_of(seed, "samples")), batch_size=batch,
-                                       shuffle=shuffle, generator=gen, drop_last=drop_last, num_workers=workers,
-                                       pin_memory=pin_memory)
+    samples = SeededSamples(dataset, seed_of(seed, "samples"))
+    if sharding():  # torchrun: this process's slice of each of the same global batches
+        return torch.utils.data.DataLoader(samples, batch_sampler=ShardedBatches(
+            len(dataset), batch, shuffle, drop_last, gen, *world()), generator=gen, num_workers=workers,
+            pin_memory=pin_memory)
+    return torch.utils.data.DataLoader(samples, batch_size=batch, shuffle=shuffle, generator=gen, drop_last=drop_last,
+                                       num_workers=workers, pin_memory=pin_memory)
 
 
 @torch.no_grad()
@@ -156,37 +163,180 @@ def predict(fn, loader, device, amp):
 
 
 # -----------------------------------------------------------------------------
-# Many processes (torchrun): PyTorch's own distributed package; a plain `python` run is one
-# process, initialises nothing and takes none of these paths
+# Many processes (torchrun): PyTorch's own distributed data parallel. A plain `python` run is one
+# process, initialises nothing and takes none of these paths; under torchrun every process runs
+# the same program on its share of each batch and of each evaluation pass (README, "Many GPUs").
+
+
+def distributed():
+    """True under torchrun (the process group is initialised), also with a single process."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def world():
     """(rank, number of processes): (0, 1) unless torch.distributed is initialised (torchrun)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+
+
+def start_processes(device):
+    """Join the torchrun job this process belongs to, if any (torchrun sets RANK, WORLD_SIZE,
+    LOCAL_RANK and the rendezvous address): NCCL for GPUs, each process on the GPU of its local
+    rank; gloo on CPUs. Processes other than rank 0 print nothing on stdout (rank 0 speaks for
+    all; errors still go to stderr). Returns the device this process computes on."""
+    device = torch.device(device)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or distributed():
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        if device.index is not None and int(os.environ["WORLD_SIZE"]) > 1:
+            raise RunError(f"--device {device} under torchrun: each process uses the GPU of its local rank, "
+                           f"give --device cuda (pick GPUs with CUDA_VISIBLE_DEVICES)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def end_processes():
+    if distributed():
+        dist.destroy_process_group()
+
+
+def comm_device():
+    """Where collectives run: the process's GPU for NCCL, the CPU for gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier():
+    if distributed():
+        dist.barrier()
+
+
+def rank0_first(fn):
+    """fn() on rank 0 alone, then on the others: for work that fills a cache on disk (downloading
+    a checkpoint, pretraining the stand-in), which the other processes then read. Under a plain
+    run: fn()."""
+    if not distributed():
+        return fn()
+    if dist.get_rank() == 0:
+        with single_process():
+            out = fn()
+    dist.barrier()
+    if dist.get_rank() != 0:
+        out = fn()
+    dist.barrier()
+    return out
+
+
+class single_process:
+    """Within it this process computes alone (fit trains without DDP, passes are not sharded),
+    as a plain run does: rank0_first's work on rank 0."""
+    depth = 0
+
+    def __enter__(self):
+        single_process.depth += 1
+
+    def __exit__(self, *exc):
+        single_process.depth -= 1
+
+
+def sharding():
+    """Whether the current pass is split over processes."""
+    return distributed() and single_process.depth == 0
 
 
 def shard(n, rank, world_size):
-    """The contiguous part of range(n) that process `rank` evaluates: n // W items each, the
-    first n % W processes one more, so the parts in rank order are range(n) in order."""
+    """The contiguous part of range(n) that process `rank` takes: n // W items each, the first
+    n % W processes one more, so the parts in rank order are range(n) in order. Used for the
+    evaluation passes and for each training batch (ShardedBatches)."""
     per, extra = divmod(n, world_size)
     start = rank * per + min(rank, extra)
     return range(start, start + per + (rank < extra))
 
 
 def gather_in_order(part, n):
-    """Every process's outputs [len(shard), ...] for its shard of range(n) -> all n outputs
-    [n, ...] in index order, on every process (all_gather needs equal sizes: shards are padded
-    to the largest, and the padding cut off again). NCCL gathers CUDA tensors, gloo CPU ones."""
+    """Every process's part [len(shard), ...] of n items -> all n [n, ...] in index order, on
+    every process, on part's device (all_gather needs equal sizes: parts are padded to the
+    largest and the padding cut off again). NCCL gathers GPU tensors, gloo CPU ones."""
     world_size = world()[1]
     longest = len(shard(n, 0, world_size))
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype, device=device)
+    padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype, device=comm_device())
     padded[:len(part)] = part
     parts = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:len(shard(n, r, world_size))].cpu() for r, p in enumerate(parts)])
+    return torch.cat([p[:len(shard(n, r, world_size))] for r, p in enumerate(parts)]).to(part.device)
+
+
+def global_batch(local_n):
+    """(n, start): the size of the global batch this process holds a slice of, and where its
+    slice starts (ShardedBatches cuts every batch by `shard`). Plain run: (local_n, 0)."""
+    if not sharding():
+        return local_n, 0
+    t = torch.tensor([local_n], device=comm_device())
+    dist.all_reduce(t)
+    n = int(t.item())
+    return n, shard(n, dist.get_rank(), dist.get_world_size()).start
+
+
+def global_mean(local_mean, b, n=None):
+    """A loss that is the mean over this process's slice of b samples -> its share of the mean
+    over the *global* batch of n (global_batch if not given): local_mean * b * W / n. DDP
+    averages the W processes' gradients, so the step follows the gradient of the global batch
+    mean, also when a short last batch does not split evenly (fit reports the mean of the shares
+    over processes: the global loss). Plain run: local_mean itself, bit for bit."""
+    if not sharding():
+        return local_mean
+    n = n or global_batch(b)[0]
+    return local_mean * (b * dist.get_world_size() / n)
+
+
+def gather_batch(part):
+    """This process's slice of a batch [b, ...] -> the whole global batch [n, ...] in order, on
+    every process (e.g. CoFT+'s keys before they enter the queue). Plain run: part."""
+    if not sharding():
+        return part
+    return gather_in_order(part, global_batch(len(part))[0])
+
+
+def from_rank0(t):
+    """Rank 0's tensor on every process (e.g. a selection computed on each process's GPU, where
+    a kernel's atomics may round differently). Plain run: t."""
+    if not sharding():
+        return t
+    t_comm = t.to(comm_device()).contiguous()
+    dist.broadcast(t_comm, 0)
+    return t_comm.to(t.device)
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """The batches of a DataLoader(batch_size=batch, shuffle, drop_last, generator) cut for
+    process `rank` of W: the global order is the one a plain run draws (one randperm from the
+    loader's generator, drawn after the DataLoader's own base seed as RandomSampler does), each
+    global batch is split by `shard` into contiguous slices. So the order depends only on the
+    seed, never on W, and a run resumed with another number of processes replays the same
+    global batches."""
+
+    def __init__(self, n, batch, shuffle, drop_last, generator, rank, world_size):
+        self.n, self.batch, self.shuffle, self.drop_last = n, batch, shuffle, drop_last
+        self.generator, self.rank, self.world_size = generator, rank, world_size
+        sizes = [batch] * (n // batch) + ([n % batch] if n % batch and not drop_last else [])
+        if sizes and min(sizes) < world_size:
+            raise RunError(f"a batch of {min(sizes)} images cannot be split over {world_size} processes (each needs "
+                           f"at least one): use fewer processes or a --batch that leaves a larger last batch of {n}")
+
+    def __len__(self):
+        return self.n // self.batch if self.drop_last else -(-self.n // self.batch)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist() if self.shuffle else list(range(self.n))
+        for b in range(len(self)):
+            full = order[b * self.batch:(b + 1) * self.batch]
+            part = shard(len(full), self.rank, self.world_size)
+            yield full[part.start:part.stop]
 
 
 def accuracy(scores, y):
@@ -238,38 +388,69 @@ class RunContext:
         """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU).
         Under torchrun each process scores its contiguous shard and every process gets all N
         outputs back in index order (the passes are deterministic: the test transform)."""
-        rank, world_size = world()
-        if world_size == 1:
+        if not sharding():
             return predict(fn, self.loader(dataset, self.eval_batch), self.device, self.amp)[0]
-        part = torch.utils.data.Subset(dataset, shard(len(dataset), rank, world_size))
-        return gather_in_order(predict(fn, self.loader(part, self.eval_batch), self.device, self.amp)[0], len(dataset))
+        mine = shard(len(dataset), *world())
+        # an empty shard (fewer items than processes) scores one item for the output's shape, then none
+        part = torch.utils.data.Subset(dataset, mine if len(mine) else range(1))
+        with single_process():  # the shard is loaded whole, in eval batches of --eval-batch per process
+            out = predict(fn, self.loader(part, self.eval_batch), self.device, self.amp)[0][:len(mine)]
+        return gather_in_order(out, len(dataset))
 
 
 def run_cli(body, errors, interrupted=""):
     """A CLI's body run the same way in every method: an error the user can fix (one of `errors`)
     prints its one line and exits 2, never a traceback; Ctrl-C prints `interrupted` (where the
-    saved work is) and exits 130."""
+    saved work is) and exits 130.
+    Under torchrun an error ends the whole job (torchrun stops every process once one exits) with
+    one line: rank 0 prints what it meets; another process waits a moment first, in which it is
+    stopped if rank 0 met the same error (flags, the run folder, a diverged loss: every process
+    checks the same), and otherwise (say an unreadable image in its shard) prints it, named."""
     try:
-        return body()
-    except errors as e:
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        result = body()
+        end_processes()
+        return result
+    except (*errors, dist.DistError) as e:
+        rank, world_size = launched_rank()
+        if rank or isinstance(e, dist.DistError):
+            time.sleep(GRACE_S)
+        if isinstance(e, dist.DistError):  # a peer has gone, usually after printing its own error
+            line = f"the processes lost contact ({type(e).__name__}: {error_line(e)})"
+        else:
+            line = error_line(e)
+        print(f"error{f' (process {rank} of {world_size})' if rank else ''}: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\ninterrupted{interrupted}", file=sys.stderr)
+        if launched_rank()[0] == 0:  # Ctrl-C reaches every process of a torchrun job
+            print(f"\ninterrupted{interrupted}", file=sys.stderr)
         sys.exit(130)
 
 
+GRACE_S = 1.0  # > torchrun's --monitor-interval (0.1 s): how long it takes to stop the other processes
+
+
+def launched_rank():
+    """(rank, number of processes) as torchrun set them, also before the process group starts."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous file intact.
+    Under torchrun only rank 0 writes (every process holds the same state)."""
     path = Path(path)
+    if world()[0] != 0:
+        return
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 def write_text(text, path):
-    """Text to a temporary file, then rename: a kill mid-write leaves the previous file intact."""
+    """Text to a temporary file, then rename: a kill mid-write leaves the previous file intact.
+    Under torchrun only rank 0 writes."""
     path = Path(path)
+    if world()[0] != 0:
+        return path
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -336,11 +517,7 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
     record only). Returns the folder."""
     out = Path(out)
     check_out(out, resume, restart)
-    if restart:
-        for name in ("config.json", "metrics.json", *outputs):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "stages", ignore_errors=True)
-    elif holds_run(out):
+    if not restart and holds_run(out):
         if not (out / "config.json").exists():
             raise RunError(f"{out} has saved stages but no config.json, so they cannot be checked: "
                            f"use --restart to discard them or another --out")
@@ -349,8 +526,15 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
             raise RunError(f"{out} holds a run with other settings ({'; '.join(diff[:6])}"
                            f"{'; ...' if len(diff) > 6 else ''}): continue it with its own flags "
                            f"(see its config.json), choose another --out, or add --restart to discard it")
-    (out / "stages").mkdir(parents=True, exist_ok=True)
-    write_json({"config": config, "how": how or {}}, out / "config.json")
+    barrier()  # torchrun: every process has checked the folder before rank 0 changes it
+    if world()[0] == 0:
+        if restart:
+            for name in ("config.json", "metrics.json", *outputs):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "stages", ignore_errors=True)
+        (out / "stages").mkdir(parents=True, exist_ok=True)
+        write_json({"config": config, "how": how or {}}, out / "config.json")
+    barrier()  # ... and no process reads a stage before rank 0 has deleted it (--restart)
     return out
 
 
@@ -395,7 +579,8 @@ def save_stage(out, tag, record, model, **extras):
     """A finished stage: its model's state dict, the record of its settings and `extras`,
     written atomically; its epoch checkpoint, superseded, is deleted. Returns `extras`."""
     atomic_save({"record": record, "model": model.state_dict(), **extras}, stage_path(out, tag))
-    ckpt_path(out, tag).unlink(missing_ok=True)
+    if world()[0] == 0:
+        ckpt_path(out, tag).unlink(missing_ok=True)
     return extras
 
 
@@ -461,6 +646,36 @@ def grad_norm_summary(norms, clip_grad):
             "clipped_fraction": (t > clip_grad).double().mean().item() if clip_grad else 0.0}
 
 
+class Step(torch.nn.Module):
+    """A stage's step as a module, for DDP: forward(batch, generator) = step_fn(model, batch, generator)."""
+
+    def __init__(self, model, step_fn):
+        super().__init__()
+        self.model, self.step_fn = model, step_fn
+
+    def forward(self, batch, generator):
+        return self.step_fn(self.model, batch, generator)
+
+
+def across_processes(share):
+    """A loss term of the global batch from each process's share (global_mean): their mean over
+    processes, the same number on every process. Plain run: share."""
+    if not sharding():
+        return share
+    share = share.clone()
+    dist.all_reduce(share)
+    return share / dist.get_world_size()
+
+
+@torch.no_grad()
+def sync_buffers(model):
+    """Every buffer as rank 0 has it (BatchNorm statistics without SyncBN differ between
+    processes), before an evaluation or a checkpoint."""
+    if sharding():
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
 def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precision="auto", clip_grad=0.0,
         ckpt=None, resume=False, record=None, tag="train", log_every=20, after_epoch=None):
     """The plain loop every stage uses: a per-step LR schedule, autocast at `precision`, optional
@@ -499,6 +714,13 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
                            f"that stage, or --restart")
         start, history = state["epoch"] + 1, state["history"]
         print(f"{tag}: resumed from {ckpt} after epoch {start}", flush=True)
+    # torchrun: DDP runs the whole step as one forward (it needs its forward to see every step),
+    # averages the gradients in backward, and the losses are global-batch means (global_mean).
+    # Buffers are not broadcast at every step (a CoFT+ queue is no BatchNorm statistic: every
+    # process updates it identically); once per epoch all are made rank 0's (sync_buffers).
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        Step(model, step_fn), device_ids=[device.index] if torch.device(device).type == "cuda" else None,
+        broadcast_buffers=False) if sharding() else None
     model.train()
     t0, seen = time.time(), 0
     for epoch in range(start, epochs):
@@ -508,7 +730,7 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
         for i, batch in enumerate(make_loader(epoch)):
             batch = [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
             with torch.autocast(**amp):
-                loss, terms = step_fn(model, batch, gen)
+                loss, terms = ddp(batch, gen) if ddp else step_fn(model, batch, gen)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -517,7 +739,8 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
                 loss.backward()
             # the total norm before clipping; max_norm = inf measures without rescaling
             norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf")).detach()
-            losses.append(loss.detach().float())
+            loss = across_processes(loss.detach().float())  # the global batch's loss (each process: its share, global_mean)
+            losses.append(loss)
             norms.append(norm)
             step = epoch * steps_per_epoch + i + 1
             # one host sync per step, before the update: a NaN must never reach the weights. With a
@@ -536,8 +759,10 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
             else:
                 opt.step()
             sched.step()
-            seen += len(batch[0])
+            seen += len(batch[0]) * world()[1]
             if log_every and (step % log_every == 0 or step == total):
+                terms = {k: across_processes(torch.as_tensor(v, dtype=torch.float32, device=loss.device))
+                         for k, v in terms.items()}
                 el = time.time() - t0
                 rate = seen / el
                 eta = el / max(step - start * steps_per_epoch, 1) * (total - step)
@@ -548,6 +773,7 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
         if norms:
             history["loss"] += torch.stack(losses).cpu().tolist()
             history["grad_norm"] += torch.stack(norms).float().cpu().tolist()
+        sync_buffers(model)
         if after_epoch is not None:
             model.eval()
             history.setdefault("after_epoch", []).append(after_epoch(epoch, model))

@@ -437,6 +437,7 @@ def select(s, args, loop, model, bank, taken):
                                args.beta, args.select_batch, w, args.ods_weighting)
             for e in range(args.ensemble if use_ensemble else 1)])  # [E, K, D]
         new = nearest_unique(combine(centroids, args.optimal_up_to), f, taken)
+    new = train.from_rank0(new)  # torchrun: every process fine-tunes on the very same selection
     # the picks' mean loss against the free pool's: how far selection leans towards what the model gets wrong
     diagnostics = {"select_s": time.time() - t, "loss_new": losses[new].mean().item(),
                    "loss_pool": losses.mean().item(), "loss_free": losses[~taken].mean().item()}
@@ -458,7 +459,8 @@ def fine_tune(s, args, tag, model, idx, evaluate):
         return s.loader(train_set, args.batch, (tag, epoch), shuffle=True, drop_last=drop)
 
     def loss(model, b, g):
-        return F.cross_entropy(model(b[0]), b[1], label_smoothing=args.label_smoothing), {}
+        return train.global_mean(F.cross_entropy(model(b[0]), b[1], label_smoothing=args.label_smoothing),
+                                 len(b[1])), {}
 
     def after_epoch(epoch, model):
         return evaluate(model) if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs else None
@@ -571,9 +573,9 @@ def check_args(args, pool_size):
 
 def prepare(args):
     """The checks, the run folder and the backbone, cheap mistakes first -> Setup."""
+    device = train.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
     standin.check_backbone("--clip", args.clip)
     train.check_out(args.out, args.resume, args.restart)
-    device = torch.device(args.device)
     args.precision = train.resolve_precision(device, args.precision)
     t0 = time.time()
     task = data.load_task(args.dataset, args.data_root)
@@ -594,7 +596,7 @@ def prepare(args):
     test = data.make_transform("test", clip.visual.resolution, task)
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed,
                "eval_split": args.eval_split, "precision": args.precision, "budget": args.budget,
-               "loops": args.loops, "pool": len(task.train), "time_s": {}}
+               "loops": args.loops, "pool": len(task.train), "processes": train.world()[1], "time_s": {}}
     print(f"{args.dataset}: {len(task.classnames)} classes, pool {len(task.train)}, {len(eval_items)} "
           f"{args.eval_split} images; {args.method}: {args.loops} loop(s) of {args.budget} images; backbone "
           f"{args.clip} on {device}, {args.precision}", flush=True)
@@ -803,7 +805,8 @@ def parser():
     a("--caption-model", default="gpt-4o-mini")
     # fine-tuning (the official DeiT recipe)
     a("--epochs", type=number(int, 1), default=20, help="fine-tuning epochs per loop")
-    a("--batch", type=number(int, 1), default=64)
+    a("--batch", type=number(int, 1), default=64,
+      help="global batch size (the paper's); under torchrun each of N processes takes a contiguous 1/N of every batch")
     a("--lr", type=number(float, 0, low_open=True), default=None,
       help="SGD lr (default 0.01 x batch / 512, the recipe; 3e-4 for the demo stand-in, chosen on its dev split)")
     a("--momentum", type=number(float, 0, 1, high_open=True), default=0.9)
