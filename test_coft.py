@@ -1268,3 +1268,30 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
     plain = torch.load(tmp_path / "plain-rank0.pt", weights_only=False)
     assert plain["steps"] == resumed["steps"]
     same_run(plain, {**full, "losses": {"branch1": full["losses"]["branch1"]}})
+
+
+def torchrun(tmp_path, *argv):
+    """`torchrun --nproc_per_node 2 coft.py ...` (the real launcher), 1 thread per process."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(Path(coft.__file__)), *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+
+
+def test_under_torchrun_an_error_on_any_process_ends_the_job_with_one_line(tmp_path):
+    """Every process meets the error (the run folder): rank 0 says it once. One process meets it
+    (an unreadable test image, in rank 1's shard of the evaluation pass): that process says it,
+    named, and torchrun stops rank 0, which was waiting for it. No traceback from a process, no hang."""
+    run_coft(tmp_path, "--p1-epochs", "1", "--fft-epochs", "1", "--branches", "1")
+    make_imagefolder(tmp_path / "if")
+    write_image(str(tmp_path / "if" / "test" / "dog_big" / "9.png"))
+    (tmp_path / "if" / "test" / "dog_big" / "9.png").write_text("not a png")  # the last test image
+    for argv, expected in (
+            (run_args(tmp_path), "error: --out {} holds a run already".format(tmp_path / "run")),
+            (run_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "if"), "--batch", "4",
+                      "--K", "2", out="if-run"), "error (process 1 of 2): cannot read image ")):
+        r = torchrun(tmp_path, *argv)
+        ours = [line for line in r.stderr.splitlines() if line.startswith("error")]
+        assert r.returncode != 0 and len(ours) == 1 and ours[0].startswith(expected), r.stderr
+        assert "[rank" not in r.stderr  # the processes' own tracebacks carry this prefix

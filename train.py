@@ -17,6 +17,7 @@ The rule for run folders (README, "Runs and resuming"):
   * --restart discards the folder's run (config, stages, outputs) and starts over.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -420,6 +421,10 @@ def run_cli(body, errors, interrupted=""):
             line = error_line(e)
         print(f"error{f' (process {rank} of {world_size})' if rank else ''}: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Exception:
+        if distributed():  # e.g. "connection closed by peer": a peer failed and torchrun stops us meanwhile
+            time.sleep(GRACE_S)
+        raise  # still running: a fault of this process, with its traceback
     except KeyboardInterrupt:
         if launched_rank()[0] == 0:  # Ctrl-C reaches every process of a torchrun job
             print(f"\ninterrupted{interrupted}", file=sys.stderr)
@@ -646,6 +651,11 @@ def grad_norm_summary(norms, clip_grad):
             "clipped_fraction": (t > clip_grad).double().mean().item() if clip_grad else 0.0}
 
 
+# DDP's switch for broadcasting buffers before every forward (renamed in PyTorch 2.15)
+NO_BUFFER_SYNC = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+    torch.nn.parallel.DistributedDataParallel.__init__).parameters else "broadcast_buffers": False}
+
+
 class Step(torch.nn.Module):
     """A stage's step as a module, for DDP: forward(batch, generator) = step_fn(model, batch, generator)."""
 
@@ -720,7 +730,7 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
     # process updates it identically); once per epoch all are made rank 0's (sync_buffers).
     ddp = torch.nn.parallel.DistributedDataParallel(
         Step(model, step_fn), device_ids=[device.index] if torch.device(device).type == "cuda" else None,
-        broadcast_buffers=False) if sharding() else None
+        **NO_BUFFER_SYNC) if sharding() else None
     model.train()
     t0, seen = time.time(), 0
     for epoch in range(start, epochs):
