@@ -39,7 +39,7 @@ import llm
 import standin
 import train
 from clip_model import class_prompts, similarity, text_classifier, unit, zero_shot_logits
-from train import RunError, cell, fit, number, seed_of
+from train import RunError, cell, number, seed_of
 
 
 # -----------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, co
         for m in compiled:
             m.compile()
         s = run.sgd
-        history = fit(trained, loss, batches, epochs, train.sgd(trained, lr, s["momentum"], s["weight_decay"]),
+        history = train.fit(trained, loss, batches, epochs, train.sgd(trained, lr, s["momentum"], s["weight_decay"]),
                       train.warmup_epochs_then_cosine(s["warmup_epochs"]), run.device, seed_of(run.seed, tag),
                       run.precision, s["clip_grad"], train.ckpt_path(run.out, tag), run.resume, record, what,
                       run.log_every)

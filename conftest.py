@@ -136,3 +136,69 @@ def as_torchrun(fn, world, *args):
     """fn(rank, *args) in `world` fresh processes that see what torchrun gives its workers (RANK,
     WORLD_SIZE, LOCAL_RANK, a rendezvous address on a free local port): the CLIs join a gloo job."""
     torch.multiprocessing.spawn(_as_launched, args=(world, free_port(), fn, args), nprocs=world)
+
+
+def cli_as_process(rank, module, argv, record, die_at=None):
+    """`module`.main(argv) (coft or vecaf) in one process, of a torchrun job or a plain run,
+    saving to record-rank<r>.pt what train.fit saw: each stage's loss at every step, the steps
+    this process ran (a resumed stage: only those after its checkpoint), a CoFT+ stage's queue and
+    momentum model; and the metrics. die_at: rank 0 is killed (SIGKILL) right after writing that
+    checkpoint file."""
+    import importlib
+    import signal
+    from pathlib import Path
+    import train
+    cli = importlib.import_module(module)
+    real_fit, real_save, seen = train.fit, train.atomic_save, {"losses": {}, "contrast": {}, "steps": {}}
+
+    def recording_fit(trained, step_fn, *a, **k):
+        tag = a[10]["stage"]  # fit's `record` argument
+        seen["steps"][tag] = 0
+
+        def counted(*b):
+            seen["steps"][tag] += 1
+            return step_fn(*b)
+        history = real_fit(trained, counted, *a, **k)
+        seen["losses"][tag] = history["loss"]
+        if hasattr(trained, "queue"):  # CoFT+'s MomentumContrast: all but the online model
+            seen["contrast"][tag] = {k: v.clone() for k, v in trained.state_dict().items() if not k.startswith("model.")}
+        return history
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        if Path(path).name == die_at and rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train.fit, train.atomic_save = recording_fit, dying_save
+    try:
+        seen["metrics"] = {k: v for k, v in cli.main(argv).items() if k != "time_s"}
+    finally:
+        train.fit, train.atomic_save = real_fit, real_save
+    torch.save(seen, f"{record}-rank{rank}.pt")
+
+
+def flat(d, prefix=""):
+    """Nested metrics -> {dotted key: number}, for comparisons to float tolerance."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (list, tuple)) and v and isinstance(v[0], dict):
+            for i, x in enumerate(v):
+                out.update(flat(x, f"{prefix}{k}.{i}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def same_run(a, b, rel=1e-4):
+    """Two runs' records agree: every stage's loss at every step and every metric, to float tolerance."""
+    assert a["losses"].keys() == b["losses"].keys()
+    for tag in a["losses"]:
+        assert a["losses"][tag] == pytest.approx(b["losses"][tag], rel=rel, abs=1e-6), tag
+    def measured(m):  # every metric but the process count and the timings
+        return {k: v for k, v in flat(m).items() if k != "processes" and not k.endswith("_s") and ".time_s." not in k}
+    ma, mb = measured(a["metrics"]), measured(b["metrics"])
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert ma[k] == (pytest.approx(mb[k], rel=rel, abs=1e-5) if isinstance(mb[k], float) else mb[k]), k

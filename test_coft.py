@@ -17,7 +17,7 @@ import clip_model as cm
 import coft
 import data
 import train
-from conftest import as_torchrun, make_dtd, make_imagefolder, one_line_error, randomized, run_sh, write_image
+from conftest import as_torchrun, cli_as_process, same_run, make_dtd, make_imagefolder, one_line_error, randomized, run_sh, write_image
 
 
 
@@ -428,7 +428,7 @@ def audited_run(tmp_path_factory, pretrained_tiny):
     """One CoFT run with two Phase-I rounds on the pretrained tiny backbone, plus the head every
     Phase-II branch started from."""
     tmp = tmp_path_factory.mktemp("audit")
-    heads, real_fit = [], coft.fit
+    heads, real_fit = [], train.fit
 
     def recording_fit(model, *a, **kw):
         if isinstance(model, coft.FineTuned):
@@ -436,7 +436,7 @@ def audited_run(tmp_path_factory, pretrained_tiny):
         return real_fit(model, *a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(coft, "fit", recording_fit)
+        mp.setattr(train, "fit", recording_fit)
         m = run_coft(tmp, "--rounds", "2", ckpt=pretrained_tiny[0])
     return tmp / "run", m, heads, cm.load(str(pretrained_tiny[0]))[0]
 
@@ -530,7 +530,7 @@ def test_branches_draw_their_own_batches_and_augmentations(tmp_path, pretrained_
     """With equal clean sets (every label kept), the two branches still see different orders and
     different augmentations of the same image."""
     monkeypatch.setattr(coft, "collaborative_filter", lambda y_a, s_pos, s_neg: torch.ones(len(y_a), dtype=torch.bool))
-    first, real_fit = [], coft.fit
+    first, real_fit = [], train.fit
 
     def recording_fit(model, step_fn, *a, **kw):
         if not isinstance(model, coft.FineTuned):
@@ -543,7 +543,7 @@ def test_branches_draw_their_own_batches_and_augmentations(tmp_path, pretrained_
             return step_fn(mdl, b, g)
         return real_fit(model, step, *a, **kw)
 
-    monkeypatch.setattr(coft, "fit", recording_fit)
+    monkeypatch.setattr(train, "fit", recording_fit)
     run_coft(tmp_path, "--p1-epochs", "1", "--fft-epochs", "1", "--fft-aug", "strong", ckpt=pretrained_tiny[0])
     pl = torch.load(tmp_path / "run" / "pseudo_labels.pt")
     assert torch.equal(pl["clean"][0], pl["clean"][1]) and len(first) == 2
@@ -573,15 +573,15 @@ def test_topk_baseline_and_resnet_backbone(tmp_path):
 
 
 def record_training_sets(monkeypatch):
-    """A list that receives (items, labels) of every training set coft.fit is given from now on."""
-    trained_on, real_fit = [], coft.fit
+    """A list that receives (items, labels) of every training set train.fit is given from now on."""
+    trained_on, real_fit = [], train.fit
 
     def recording_fit(model, step_fn, make_loader, *a, **kw):
         ds = make_loader(0).dataset.dataset  # the ImageDataset inside train.SeededSamples
         trained_on.append((ds.items, ds.labels))
         return real_fit(model, step_fn, make_loader, *a, **kw)
 
-    monkeypatch.setattr(coft, "fit", recording_fit)
+    monkeypatch.setattr(train, "fit", recording_fit)
     return trained_on
 
 
@@ -880,7 +880,7 @@ def test_table_on_a_damaged_metrics_file_is_one_line(tmp_path, capsys):
 def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(coft, "fit", interrupted)
+    monkeypatch.setattr(train, "fit", interrupted)
     with pytest.raises(SystemExit) as e:
         coft.main(run_args(tmp_path, *SHORT))
     err = capsys.readouterr().err.strip()
@@ -1021,7 +1021,7 @@ def test_llm_prompts_drive_the_zero_shot_pass(tmp_path, pretrained_tiny):
 def test_rounds_restart_from_pretrained_weights(tmp_path, pretrained_tiny, monkeypatch):
     """Every round's models start from a fresh initialisation (not the previous round's prompts),
     over a backbone that is still the pre-trained one, and train on their own new seed set."""
-    starts, real_fit = [], coft.fit
+    starts, real_fit = [], train.fit
 
     def recording_fit(model, *a, **kw):
         if isinstance(model, coft.DualPromptModel):
@@ -1032,7 +1032,7 @@ def test_rounds_restart_from_pretrained_weights(tmp_path, pretrained_tiny, monke
             starts[-1] += ({k: v.clone() for k, v in model.state_dict().items()},)
         return out
 
-    monkeypatch.setattr(coft, "fit", recording_fit)
+    monkeypatch.setattr(train, "fit", recording_fit)
     m = run_coft(tmp_path, "--rounds", "2", "--phase", "1", ckpt=pretrained_tiny[0])
     assert len(starts) == 4 and len(m["rounds"]) == 2  # 2 rounds x 2 models
     pretrained = cm.load(str(pretrained_tiny[0]))[0].state_dict()
@@ -1158,65 +1158,6 @@ def test_precision_is_part_of_a_runs_config(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- torchrun (DDP), gloo on CPU
 
-def coft_as_process(rank, argv, record, die_at=None):
-    """coft.main(argv) in one process (of a torchrun job, or a plain run), saving what each
-    stage's fit saw per step, the CoFT+ queue and momentum model after each branch, and the
-    metrics to record-rank<r>.pt. die_at: rank 0 is killed (SIGKILL) right after writing
-    that checkpoint file."""
-    real_fit, real_save, seen = coft.fit, train.atomic_save, {"losses": {}, "contrast": {}, "steps": {}}
-
-    def recording_fit(trained, step_fn, *a):
-        tag = a[10]["stage"]  # fit's `record` argument
-        seen["steps"][tag] = 0
-
-        def counted(*b):  # the steps this process ran (a resumed stage: only those after its checkpoint)
-            seen["steps"][tag] += 1
-            return step_fn(*b)
-        history = real_fit(trained, counted, *a)
-        seen["losses"][tag] = history["loss"]
-        if isinstance(trained, coft.MomentumContrast):
-            seen["contrast"][tag] = {k: v.clone() for k, v in trained.state_dict().items() if not k.startswith("model.")}
-        return history
-
-    def dying_save(obj, path):
-        real_save(obj, path)
-        if Path(path).name == die_at and rank == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    coft.fit, train.atomic_save = recording_fit, dying_save
-    try:
-        seen["metrics"] = numbers(coft.main(argv))
-    finally:
-        coft.fit, train.atomic_save = real_fit, real_save
-    torch.save(seen, f"{record}-rank{rank}.pt")
-
-
-def flat(d, prefix=""):
-    """Nested metrics -> {dotted key: number}, for comparisons to float tolerance."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        elif isinstance(v, (list, tuple)) and v and isinstance(v[0], dict):
-            for i, x in enumerate(v):
-                out.update(flat(x, f"{prefix}{k}.{i}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def same_run(a, b, rel=1e-4):
-    """Two runs' records agree: every stage's loss at every step and every metric, to float tolerance."""
-    assert a["losses"].keys() == b["losses"].keys()
-    for tag in a["losses"]:
-        assert a["losses"][tag] == pytest.approx(b["losses"][tag], rel=rel, abs=1e-6), tag
-    ma, mb = flat(a["metrics"]), flat(b["metrics"])
-    ma.pop("processes"), mb.pop("processes")
-    assert ma.keys() == mb.keys()
-    for k in ma:
-        assert ma[k] == (pytest.approx(mb[k], rel=rel, abs=1e-5) if isinstance(mb[k], float) else mb[k]), k
-
-
 DDP_RUN = ("--plus", "--rounds", "1", "--queue", "100", "--fft-epochs", "2", "--batch", "50")
 
 
@@ -1227,9 +1168,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     Same per-step losses of every stage and same metrics as the plain run; both processes end
     with the same queue and momentum model, and with the plain run's."""
     argv = run_args(tmp_path, *DDP_RUN, out="one")
-    coft_as_process(0, argv, tmp_path / "one")
+    cli_as_process(0, "coft", argv, tmp_path / "one")
     one = torch.load(tmp_path / "one-rank0.pt", weights_only=False)
-    as_torchrun(coft_as_process, 2, run_args(tmp_path, *DDP_RUN, out="two"), tmp_path / "two")
+    as_torchrun(cli_as_process, 2, "coft", run_args(tmp_path, *DDP_RUN, out="two"), tmp_path / "two")
     ranks = [torch.load(tmp_path / f"two-rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert one["metrics"]["processes"] == 1 and ranks[0]["metrics"]["processes"] == 2
     same_run(ranks[0], one)
@@ -1249,21 +1190,21 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
     one plain process: the same to float tolerance (the sampler's global batches do not depend on
     the process count)."""
     argv = run_args(tmp_path, *DDP_RUN, "--branches", "1", out="full")
-    as_torchrun(coft_as_process, 2, argv, tmp_path / "full")
+    as_torchrun(cli_as_process, 2, "coft", argv, tmp_path / "full")
     killed = run_args(tmp_path, *DDP_RUN, "--branches", "1", out="killed")
     with pytest.raises(torch.multiprocessing.ProcessExitedException):  # rank 0 killed after branch 1's epoch 1
-        as_torchrun(coft_as_process, 2, killed, tmp_path / "killed", "branch1.ckpt")
+        as_torchrun(cli_as_process, 2, "coft", killed, tmp_path / "killed", "branch1.ckpt")
     assert (tmp_path / "killed" / "stages" / "branch1.ckpt").exists()
     assert not (tmp_path / "killed" / "stages" / "branch1.pt").exists()
     shutil.copytree(tmp_path / "killed", tmp_path / "killed-copy")
-    as_torchrun(coft_as_process, 2, killed + ["--resume"], tmp_path / "resumed")
+    as_torchrun(cli_as_process, 2, "coft", killed + ["--resume"], tmp_path / "resumed")
     full, resumed, resumed_1 = (torch.load(tmp_path / f"{n}.pt", weights_only=False)
                                 for n in ("full-rank0", "resumed-rank0", "resumed-rank1"))
     assert resumed["metrics"] == full["metrics"] and resumed["losses"]["branch1"] == full["losses"]["branch1"]
     # the resumed job ran branch 1's second epoch only (both processes read the checkpoint), Phase I not at all
     assert resumed["steps"] == resumed_1["steps"] == {"branch1": full["steps"]["branch1"] // 2}
     # resumed by a plain single process instead: the same global batches, so the same run to float tolerance
-    coft_as_process(0, run_args(tmp_path, *DDP_RUN, "--branches", "1", "--resume", out="killed-copy"),
+    cli_as_process(0, "coft", run_args(tmp_path, *DDP_RUN, "--branches", "1", "--resume", out="killed-copy"),
                     tmp_path / "plain")
     plain = torch.load(tmp_path / "plain-rank0.pt", weights_only=False)
     assert plain["steps"] == resumed["steps"]
@@ -1290,8 +1231,37 @@ def test_under_torchrun_an_error_on_any_process_ends_the_job_with_one_line(tmp_p
     for argv, expected in (
             (run_args(tmp_path), "error: --out {} holds a run already".format(tmp_path / "run")),
             (run_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "if"), "--batch", "4",
-                      "--K", "2", out="if-run"), "error (process 1 of 2): cannot read image ")):
+                      "--K", "2", out="if-run"), "error (process 1 of 2): cannot read image "),
+            (run_args(tmp_path, "--sync-bn", out="bn"), "error: --sync-bn needs GPUs")):
         r = torchrun(tmp_path, *argv)
         ours = [line for line in r.stderr.splitlines() if line.startswith("error")]
         assert r.returncode != 0 and len(ours) == 1 and ours[0].startswith(expected), r.stderr
         assert "[rank" not in r.stderr  # the processes' own tracebacks carry this prefix
+
+
+def test_resnet_processes_evaluate_with_the_batchnorm_statistics_rank0_saves(tmp_path):
+    """ResNet without --sync-bn: each process's BatchNorm normalises its own slice of the batch,
+    so the running statistics drift apart; before every evaluation and checkpoint all processes
+    take rank 0's, the ones saved. So the 2-process job's numbers are its saved model's: a plain
+    --eval-only of the folder reproduces every prediction."""
+    argv = run_args(tmp_path, "--method", "topk", name="tiny-rn", out="rn")
+    as_torchrun(cli_as_process, 2, "coft", argv, tmp_path / "rn")
+    two = torch.load(tmp_path / "rn-rank0.pt", weights_only=False)["metrics"]
+    preds = torch.load(tmp_path / "rn" / "predictions.pt")
+    again = coft.main(argv + ["--eval-only"])
+    assert again["topk_acc"] == two["topk_acc"]
+    assert torch.equal(torch.load(tmp_path / "rn" / "predictions.pt")["topk"], preds["topk"])
+
+
+def test_sync_bn_converts_phase2_batchnorm_and_changes_nothing_in_a_plain_run(tmp_path, monkeypatch):
+    towers, real_fit = [], train.fit
+
+    def recording_fit(model, *a, **kw):
+        towers.append({type(m).__name__ for m in model.modules()})
+        return real_fit(model, *a, **kw)
+    monkeypatch.setattr(train, "fit", recording_fit)
+    plain = run_coft(tmp_path, "--method", "topk", name="tiny-rn", out="plain")
+    synced = run_coft(tmp_path, "--method", "topk", "--sync-bn", name="tiny-rn", out="sync")
+    assert "SyncBatchNorm" not in towers[0] and {"SyncBatchNorm", "FineTuned"} <= towers[1]
+    assert "BatchNorm2d" not in towers[1]
+    assert numbers(synced) == numbers(plain)

@@ -15,7 +15,7 @@ import data
 import train
 import vecaf
 from clip_model import unit
-from conftest import one_line_error, randomized
+from conftest import as_torchrun, cli_as_process, one_line_error, randomized, same_run
 
 
 def pool(n, d=8, seed=0):
@@ -341,3 +341,17 @@ def test_table_and_plot(tmp_path, capsys):
     lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
     assert len(lines) == 2  # one mean curve per group
     assert len(lines[1].get("points").split()) == 3  # vecaf: 0, 10, 20 batches
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo): the feature and loss passes sharded and
+    gathered, the selection made on rank 0's numbers on both, each loop's fine-tuning under DDP
+    with every batch of 5 split 3 + 2: the same per-step losses, selections, curves and final
+    accuracy as the plain run."""
+    cli_as_process(0, "vecaf", run_args(tmp_path, "--batch", "5", out="one"), tmp_path / "one")
+    as_torchrun(cli_as_process, 2, "vecaf", run_args(tmp_path, "--batch", "5", out="two"), tmp_path / "two")
+    one, two = (torch.load(tmp_path / f"{n}-rank0.pt", weights_only=False) for n in ("one", "two"))
+    assert list(one["losses"]) == ["loop1", "loop2"] and two["metrics"]["processes"] == 2
+    same_run(two, one)
+    for loop in (1, 2):
+        assert torch.equal(stage(tmp_path / "one", f"select{loop}")["new"], stage(tmp_path / "two", f"select{loop}")["new"])
