@@ -25,6 +25,9 @@ Sections:
           300 steps, the ensemble's matching of 3 selectors, and nearest-unique selection in chunked
           rounds vs the official way (a dense K x N similarity matrix, each row sorted, centroids
           choosing in index order; skipped where it would not fit), each with its peak memory
+  ddp     the inputs of the torchrun scaling estimate (README, "Many GPUs"): a plain Phase-II step
+          (batch --batch, 1000 classes) and the all-reduce of its gradient between 2 local processes
+          (gloo on CPUs, NCCL with 2 GPUs), then the estimated step for 2, 4 and 8 processes
   ref     needs open-clip-torch (a test-only dependency)
 Each line: ms per step, images/s or prompts/s, peak memory (GPU allocator, or the process's RSS
 on a CPU) and, on GPUs with a known dense bf16 peak, MFU.
@@ -33,6 +36,7 @@ import argparse
 import copy
 import resource
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +48,7 @@ import train
 import vecaf
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
-SECTIONS = ("towers", "coft", "craft", "vecaf", "ref")
+SECTIONS = ("towers", "coft", "craft", "vecaf", "ddp", "ref")
 
 
 def device_peak_tflops(device):
@@ -508,6 +512,64 @@ def reference(names, batch, classes, steps, device, amp):
                   f"(ours x{t_ref / t_ours:.2f}; max feature difference {diff:.1e})", flush=True)
 
 
+def all_reduce_time(rank, world, nbytes, steps, folder, backend):
+    """One of `world` local processes: seconds per all_reduce (sum) of an fp32 buffer of `nbytes`
+    (DDP's gradient all-reduce, unbucketed), rank 0 writes it to folder/allreduce."""
+    import torch.distributed as dist
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    grad = torch.ones(nbytes // 4, device=device)
+    sec, _ = time_per_call(lambda: dist.all_reduce(grad), steps, device)
+    if rank == 0:
+        (Path(folder) / "allreduce").write_text(str(sec))
+    dist.destroy_process_group()
+
+
+def ddp_scaling(names, batch, steps, device, amp, report, classes=1000):
+    """Inputs of the README's scaling estimate for torchrun: a plain Phase-II step's time t_1
+    (one process), the gradient DDP all-reduces per step (every trainable parameter in fp32: G
+    bytes), and the time of that all-reduce between 2 local processes (gloo on CPUs, NCCL where 2
+    GPUs are visible), measured side by side. A ring all-reduce moves 2(N-1)/N x G per process,
+    so N processes sharing the same global batch take about t_1 / N + 2(N-1)/N x G / B per step,
+    B the link's bandwidth as measured (B = G / t_allreduce(2)). Optimistic in the compute term
+    (a GPU is less efficient on a 1/N batch), pessimistic in the other (DDP overlaps much of the
+    all-reduce with the backward)."""
+    import tempfile
+    backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
+    for name in names:
+        clip = clip_model.CLIP(clip_model.CONFIGS[name])
+        R = clip.visual.resolution
+        ft = coft.FineTuned(clip.visual, classes).to(device).train()
+        del clip
+        opt = torch.optim.SGD(ft.parameters(), lr=1e-3, momentum=0.9)
+        x, y = torch.randn(batch, 3, R, R, device=device), torch.randint(0, classes, (batch,), device=device)
+
+        def step():
+            with torch.autocast(**amp):
+                loss = F.cross_entropy(ft(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        t1, mem = time_per_call(step, steps, device)
+        G = sum(p.numel() for p in ft.parameters() if p.requires_grad) * 4
+        del ft, opt
+        report(f"{name} Phase-II step, batch {batch}, 1 process", t1, mem, batch)
+        with tempfile.TemporaryDirectory() as folder:
+            torch.multiprocessing.spawn(all_reduce_time, args=(2, G, steps, folder, backend), nprocs=2)
+            t_ar = float((Path(folder) / "allreduce").read_text())
+        report(f"{name} all-reduce of its gradient ({G / 2 ** 20:.0f} MiB fp32), 2 processes, {backend}", t_ar)
+        bandwidth = G / t_ar  # bytes/s, from the 2-process ring (2(N-1)/N = 1)
+        for n in (2, 4, 8):
+            comm = 2 * (n - 1) / n * G / bandwidth
+            est = t1 / n + comm
+            print(f"  {name} estimate, {n} processes, global batch {batch} ({batch / n:g} each), "
+                  f"{bandwidth / 2 ** 30:.2f} GiB/s: {1000 * est:.1f} ms per step = compute {1000 * t1 / n:.1f} + "
+                  f"all-reduce {1000 * comm:.1f} (no overlap): x{t1 / est:.2f} of one process", flush=True)
+
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -564,6 +626,8 @@ def main(argv=None):
         if "vecaf" in sections:
             vecaf_selection(args.pool or (1281167 if gpu else 100000), args.centroids or (12811 if gpu else 1000), 512,
                             args.select_batch, steps, device, report)
+        if "ddp" in sections:
+            ddp_scaling(names, batch, steps, device, amp, report)
         if "ref" in sections:
             reference(names, batch, classes, steps, device, amp)
     if len(precisions) > 1:  # each figure's time at every precision, and the speed-up over the first
