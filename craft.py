@@ -440,6 +440,9 @@ def run(args):
 
 def prepare(args):
     """The checks, the run folder and the backbone, cheap mistakes first -> Setup."""
+    if train.launched_rank()[1] > 1:  # N copies of one run would race on one folder
+        raise RunError("craft.py runs in one process (its black box answers queries; nothing to split over GPUs): "
+                       "run it with python, not torchrun")
     if args.budget < args.popsize:
         raise RunError(f"--budget {args.budget} is smaller than one CMA-ES generation (--popsize {args.popsize} "
                        f"queries): give --budget {args.popsize} or more")

@@ -264,3 +264,9 @@ def test_table(tmp_path, capsys):
     m = json.loads((Path(tmp_path) / "craft-s0" / "metrics.json").read_text())
     assert str(m["queries"]["prompts"]) in out
 
+
+
+def test_torchrun_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun gives each process (rank 0 prints)
+    err = one_line_error(craft.main, capsys, "--out", str(tmp_path / "run"))
+    assert "runs in one process" in err and not (tmp_path / "run").exists()
