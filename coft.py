@@ -167,29 +167,31 @@ def p_clean(s_pos, s_neg, tau):
     return torch.sigmoid((s_pos - s_neg) / tau)
 
 
-def complement_labels(y, C, generator=None):
+def complement_labels(y, C, generator=None, batch=None):
     """y' drawn uniformly from the C-1 classes other than y (redrawn at every step). Under
     torchrun every process draws the global batch's shifts from the same generator and keeps its
-    slice's, so the labels are those of a plain run."""
-    n, start = train.global_batch(len(y))
+    slice's, so the labels are those of a plain run (batch: train.global_batch's (n, start),
+    where the caller has it)."""
+    n, start = batch or train.global_batch(len(y))
     shift = torch.randint(1, C, (n,), generator=generator, device="cpu")[start:start + len(y)].to(y.device)
     return (y + shift) % C
 
 
-def loss_l1(s_pos, y, tau):
-    """Eq. 4: L1 = CE(softmax_k(s+_k / tau), y), batch mean."""
-    return train.global_mean(F.cross_entropy(s_pos / tau, y), len(y))
+def loss_l1(s_pos, y, tau, batch_n=None):
+    """Eq. 4: L1 = CE(softmax_k(s+_k / tau), y), batch mean (torchrun: over the global batch of batch_n)."""
+    return train.global_mean(F.cross_entropy(s_pos / tau, y), len(y), batch_n)
 
 
-def loss_l2(s_pos, s_neg, y, y_comp, tau):
-    """Eq. 6: L2 = -[log p_clean_y(x) + log(1 - p_clean_y'(x))], batch mean. The paper prints the second
-    term with the opposite sign; this is the form its text (and DeFT) intend: the true class's
-    positive prompt should beat its negative prompt, and a complement class's should not.
+def loss_l2(s_pos, s_neg, y, y_comp, tau, batch_n=None):
+    """Eq. 6: L2 = -[log p_clean_y(x) + log(1 - p_clean_y'(x))], batch mean (torchrun: over the global
+    batch of batch_n). The paper prints the second term with the opposite sign; this is the form
+    its text (and DeFT) intend: the true class's positive prompt should beat its negative prompt,
+    and a complement class's should not.
     log p = logsigmoid(d/tau), log(1 - p) = logsigmoid(-d/tau): stable for any margin d."""
     d = (s_pos - s_neg) / tau  # [B, C]
     d_y = d.gather(1, y[:, None]).squeeze(1)
     d_c = d.gather(1, y_comp[:, None]).squeeze(1)
-    return train.global_mean(-(F.logsigmoid(d_y) + F.logsigmoid(-d_c)).mean(), len(y))
+    return train.global_mean(-(F.logsigmoid(d_y) + F.logsigmoid(-d_c)).mean(), len(y), batch_n)
 
 
 def phase1_loss(model, x, y, tau, lam=1.0, detach_neg=False, generator=None):
@@ -205,8 +207,9 @@ def phase1_loss(model, x, y, tau, lam=1.0, detach_neg=False, generator=None):
         s_pos_l2, s_neg = s_pos.detach(), similarity(v.detach(), t_neg)
     else:
         s_pos_l2, s_neg = s_pos, similarity(v, t_neg)
-    l1 = loss_l1(s_pos, y, tau)
-    l2 = loss_l2(s_pos_l2, s_neg, y, complement_labels(y, s_pos.shape[1], generator), tau)
+    batch = train.global_batch(len(y))  # torchrun: (n, start), one all-reduce for the step's three uses
+    l1 = loss_l1(s_pos, y, tau, batch[0])
+    l2 = loss_l2(s_pos_l2, s_neg, y, complement_labels(y, s_pos.shape[1], generator, batch), tau, batch[0])
     return l1 + lam * l2, {"L1": l1.detach(), "L2": l2.detach()}
 
 
@@ -312,10 +315,10 @@ class MomentumContrast(nn.Module):
         self.ptr.fill_((p + n) % Q)
         self.count.fill_(min(int(self.count) + n, Q))
 
-    def info_nce(self, q, k, idx):
+    def info_nce(self, q, k, idx, batch_n=None):
         """Eq. 9 per query, batch mean: -log( exp(q.k/tau') / (exp(q.k/tau') + sum_j exp(q.k_j/tau')) )
         over the queued keys k_j of *other* images than the query's own (idx); fp32 logits, the
-        positive in column 0."""
+        positive in column 0. Under torchrun the mean is over the global batch (of batch_n)."""
         n = int(self.count)
         l_pos = (q.float() * k.float()).sum(1, keepdim=True)  # [B, 1]
         # a copy: enqueue() overwrites the queue in place before backward needs these keys
@@ -324,7 +327,7 @@ class MomentumContrast(nn.Module):
         l_neg = l_neg.masked_fill(own, float("-inf"))
         logits = torch.cat([l_pos, l_neg], dim=1) / self.tau
         return train.global_mean(F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device)),
-                                 len(q))
+                                 len(q), batch_n)
 
     def forward(self, x_q, x_k, idx):
         """L_Cont for two views of the images idx. Order: momentum update, keys, the loss against
@@ -333,9 +336,10 @@ class MomentumContrast(nn.Module):
         with torch.no_grad():
             self.momentum_update()
             k = self.key_model.features(x_k).detach()  # keys never carry gradients
-        loss = self.info_nce(q, k, idx)
+        batch_n = train.global_batch(len(idx))[0]  # torchrun: the global batch size, one all-reduce for 3 uses
+        loss = self.info_nce(q, k, idx, batch_n)
         # under torchrun every process enqueues the whole global batch's keys, in order: the same queue everywhere
-        self.enqueue(train.gather_batch(k), train.gather_batch(idx))
+        self.enqueue(train.gather_batch(k, batch_n), train.gather_batch(idx, batch_n))
         return loss
 
 

@@ -161,7 +161,8 @@ def cli_as_process(rank, module, argv, record, die_at=None):
         history = real_fit(trained, counted, *a, **k)
         seen["losses"][tag] = history["loss"]
         if hasattr(trained, "queue"):  # CoFT+'s MomentumContrast: all but the online model
-            seen["contrast"][tag] = {k: v.clone() for k, v in trained.state_dict().items() if not k.startswith("model.")}
+            seen["contrast"][tag] = {k: v.clone() for k, v in trained.state_dict().items()
+                                     if not k.startswith("model.")}
         return history
 
     def dying_save(obj, path):
@@ -196,6 +197,7 @@ def same_run(a, b, rel=1e-4):
     assert a["losses"].keys() == b["losses"].keys()
     for tag in a["losses"]:
         assert a["losses"][tag] == pytest.approx(b["losses"][tag], rel=rel, abs=1e-6), tag
+
     def measured(m):  # every metric but the process count and the timings
         return {k: v for k, v in flat(m).items() if k != "processes" and not k.endswith("_s") and ".time_s." not in k}
     ma, mb = measured(a["metrics"]), measured(b["metrics"])

@@ -1054,9 +1054,9 @@ def test_plus_end_to_end_and_resume_restores_queue_and_momentum_encoder(tmp_path
     plus = ("--plus", "--rounds", "2", "--queue", "100")
     queries, real_nce = [], coft.MomentumContrast.info_nce
 
-    def recording_nce(self, q, k, idx):
+    def recording_nce(self, q, k, idx, *rest):
         queries.append(idx.clone())
-        return real_nce(self, q, k, idx)
+        return real_nce(self, q, k, idx, *rest)
 
     real_save, saved = train.atomic_save, {}
 

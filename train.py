@@ -295,12 +295,13 @@ def global_mean(local_mean, b, n=None):
     return local_mean * (b * dist.get_world_size() / n)
 
 
-def gather_batch(part):
-    """This process's slice of a batch [b, ...] -> the whole global batch [n, ...] in order, on
-    every process (e.g. CoFT+'s keys before they enter the queue). Plain run: part."""
+def gather_batch(part, n=None):
+    """This process's slice of a batch [b, ...] -> the whole global batch of n (global_batch if
+    not given) [n, ...] in order, on every process (e.g. CoFT+'s keys before they enter the
+    queue). Plain run: part."""
     if not sharding():
         return part
-    return gather_in_order(part, global_batch(len(part))[0])
+    return gather_in_order(part, n or global_batch(len(part))[0])
 
 
 def from_rank0(t):
@@ -749,7 +750,8 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
                 loss.backward()
             # the total norm before clipping; max_norm = inf measures without rescaling
             norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf")).detach()
-            loss = across_processes(loss.detach().float())  # the global batch's loss (each process: its share, global_mean)
+            # the global batch's loss (each process holds its share, global_mean)
+            loss = across_processes(loss.detach().float())
             losses.append(loss)
             norms.append(norm)
             step = epoch * steps_per_epoch + i + 1
