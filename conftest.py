@@ -2,6 +2,7 @@
 tensor is random, and (once per session) a tiny backbone pretrained on rendered digits."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +137,47 @@ def as_torchrun(fn, world, *args):
     """fn(rank, *args) in `world` fresh processes that see what torchrun gives its workers (RANK,
     WORLD_SIZE, LOCAL_RANK, a rendezvous address on a free local port): the CLIs join a gloo job."""
     torch.multiprocessing.spawn(_as_launched, args=(world, free_port(), fn, args), nprocs=world)
+
+
+LATE_RANK = """\
+import os
+if os.environ.get("RANK") == "{rank}":  # this process starts {delay} s after the others, and goes on
+    import time                           # {delay} s after them once the job is formed
+    time.sleep({delay})
+    import torch.distributed as dist
+    _init = dist.init_process_group
+
+    def init_process_group(*a, **k):
+        _init(*a, **k)
+        time.sleep({delay})
+    dist.init_process_group = init_process_group
+"""
+
+
+def torchrun(script, argv, cwd, late_rank=None, delay=3.0):
+    """`torchrun --nproc_per_node 2 script ...` (the real launcher), 1 thread per process.
+    late_rank: that process is held back `delay` s at start-up and again right after joining the
+    job (a sitecustomize on the processes' PYTHONPATH), so the other one meets first every check
+    made before the job forms (the flags) or before the next collective (the run folder): an
+    adversarial order, for tests whose outcome must not depend on the order."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if late_rank is not None:
+        site = Path(cwd) / f"late-rank{late_rank}"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(LATE_RANK.format(rank=late_rank, delay=delay))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *argv],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+def assert_one_error_line(r, expected):
+    """A failed torchrun job printed exactly one line of ours (starting with `expected`) and no
+    process traceback (those carry torchrun's `[rankN]` prefix)."""
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert r.returncode != 0 and len(ours) == 1 and ours[0].startswith(expected), r.stderr
+    assert "[rank" not in r.stderr, r.stderr
 
 
 def cli_as_process(rank, module, argv, record, die_at=None):

@@ -17,7 +17,8 @@ import clip_model as cm
 import coft
 import data
 import train
-from conftest import as_torchrun, cli_as_process, same_run, make_dtd, make_imagefolder, one_line_error, randomized, run_sh, write_image
+from conftest import (as_torchrun, assert_one_error_line, cli_as_process, make_dtd, make_imagefolder, one_line_error,
+                      randomized, run_sh, same_run, torchrun, write_image)
 
 
 
@@ -377,6 +378,75 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, 
     assert e.value.code == 130 and not (tmp_path / "killed" / "stages" / "branch1.pt").exists()
     resumed = run_coft(tmp_path, "--resume", out="killed", ckpt=ckpt)
     assert numbers(resumed) == numbers(full)
+
+
+TRAIN_FIT = train.fit
+
+
+def record_draws(monkeypatch):
+    """Patches train.fit to record, per stage, what every step drew: its batch's image indices
+    in order, the augmented images, and the state of the step's generator (complement labels)
+    and of torch's global generator as the step starts."""
+    import inspect
+    real_fit, seen = TRAIN_FIT, {}  # a later call replaces an earlier recording
+
+    def recording_fit(*a, **kw):
+        bound = inspect.signature(real_fit).bind(*a, **kw)
+        steps = seen.setdefault(bound.arguments["record"]["stage"], [])
+        step_fn = bound.arguments["step_fn"]
+
+        def step(model, b, g):
+            steps.append({"idx": b[2].clone(), "x": b[0].clone(), "gen": g.get_state(), "rng": torch.get_rng_state()})
+            return step_fn(model, b, g)
+        bound.arguments["step_fn"] = step
+        return real_fit(*bound.args, **bound.kwargs)
+    monkeypatch.setattr(train, "fit", recording_fit)
+    return seen
+
+
+def same_draws(a, b):
+    return all(torch.equal(a[k], b[k]) for k in ("idx", "x", "gen", "rng"))
+
+
+def test_every_epoch_draws_anew_and_a_resumed_epoch_draws_as_uninterrupted(tmp_path, monkeypatch, pretrained_tiny):
+    """Per-epoch randomness of the training loop, in Phase I and Phase II: epoch 1 of a stage
+    draws another batch order, other augmentations of the same images and other step and global
+    random streams than epoch 0; a run killed after epoch 0 and resumed draws in epoch 1 exactly
+    what the uninterrupted run drew there (and not what it drew in epoch 0)."""
+    ckpt, stages = pretrained_tiny[0], ("phase1_round1_model1", "branch1")
+    argv = ("--branches", "1", "--fft-aug", "strong")
+    full = record_draws(monkeypatch)
+    run_coft(tmp_path, *argv, out="full", ckpt=ckpt)
+    for tag in stages:
+        steps = full[tag]
+        n = len(steps) // 2  # steps per epoch (2 epochs)
+        first, second = steps[:n], steps[n:]
+        assert n >= 1 and len(steps) == 2 * n, tag
+        order = [torch.cat([s["idx"] for s in e]) for e in (first, second)]
+        assert not torch.equal(order[0], order[1]), tag  # another order
+        x = [{int(i): s["x"][j] for s in e for j, i in enumerate(s["idx"])} for e in (first, second)]
+        common = x[0].keys() & x[1].keys()
+        # other augmentations (Phase I's weak crop has 36 offsets, so a few images draw the same one)
+        assert sum(not torch.equal(x[0][i], x[1][i]) for i in common) > 0.8 * len(common), tag
+        assert not torch.equal(first[0]["gen"], second[0]["gen"]), tag
+        assert not torch.equal(first[0]["rng"], second[0]["rng"]), tag
+    real_save = train.atomic_save
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "branch1.ckpt":  # Ctrl-C right after branch 1's first epoch checkpoint
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "atomic_save", dying_save)
+    killed = record_draws(monkeypatch)
+    with pytest.raises(SystemExit):
+        run_coft(tmp_path, *argv, out="killed", ckpt=ckpt)
+    monkeypatch.setattr(train, "atomic_save", real_save)
+    resumed = record_draws(monkeypatch)
+    run_coft(tmp_path, *argv, "--resume", out="killed", ckpt=ckpt)
+    n = len(full["branch1"]) // 2
+    assert len(killed["branch1"]) == n and all(map(same_draws, killed["branch1"], full["branch1"][:n]))
+    assert list(resumed) == ["branch1"] and len(resumed["branch1"]) == n  # Phase I was not trained again
+    assert all(map(same_draws, resumed["branch1"], full["branch1"][n:]))
 
 
 def test_phase_flag_runs_phases_separately(tmp_path, pretrained_tiny):
@@ -1211,32 +1281,24 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
     same_run(plain, {**full, "losses": {"branch1": full["losses"]["branch1"]}})
 
 
-def torchrun(tmp_path, *argv):
-    """`torchrun --nproc_per_node 2 coft.py ...` (the real launcher), 1 thread per process."""
-    import subprocess
-    import sys
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           str(Path(coft.__file__)), *argv], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
-
-
-def test_under_torchrun_an_error_on_any_process_ends_the_job_with_one_line(tmp_path):
-    """Every process meets the error (the run folder): rank 0 says it once. One process meets it
-    (an unreadable test image, in rank 1's shard of the evaluation pass): that process says it,
-    named, and torchrun stops rank 0, which was waiting for it. No traceback from a process, no hang."""
+@pytest.mark.parametrize("late_rank", [None, 0])
+def test_under_torchrun_an_error_on_any_process_ends_the_job_with_one_line(tmp_path, late_rank):
+    """Every process meets the error (a flag, the run folder, a flag only GPUs take): rank 0 says
+    it once, also when it meets it last (held back 3 s at start-up and after the job forms, so
+    process 1 has long met it). One process meets it (an unreadable test image, in rank 1's shard of the evaluation
+    pass): that process says it, named, and rank 0, whose gather then breaks, stays silent. No
+    traceback from a process, no hang."""
     run_coft(tmp_path, "--p1-epochs", "1", "--fft-epochs", "1", "--branches", "1")
     make_imagefolder(tmp_path / "if")
     write_image(str(tmp_path / "if" / "test" / "dog_big" / "9.png"))
     (tmp_path / "if" / "test" / "dog_big" / "9.png").write_text("not a png")  # the last test image
     for argv, expected in (
+            (run_args(tmp_path, "--K", "0"), "error: argument --K: must be >= 1"),
             (run_args(tmp_path), "error: --out {} holds a run already".format(tmp_path / "run")),
             (run_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "if"), "--batch", "4",
                       "--K", "2", out="if-run"), "error (process 1 of 2): cannot read image "),
             (run_args(tmp_path, "--sync-bn", out="bn"), "error: --sync-bn needs GPUs")):
-        r = torchrun(tmp_path, *argv)
-        ours = [line for line in r.stderr.splitlines() if line.startswith("error")]
-        assert r.returncode != 0 and len(ours) == 1 and ours[0].startswith(expected), r.stderr
-        assert "[rank" not in r.stderr  # the processes' own tracebacks carry this prefix
+        assert_one_error_line(torchrun(coft.__file__, argv, tmp_path, late_rank), expected)
 
 
 def test_resnet_processes_evaluate_with_the_batchnorm_statistics_rank0_saves(tmp_path):

@@ -15,7 +15,8 @@ import data
 import train
 import vecaf
 from clip_model import unit
-from conftest import as_torchrun, cli_as_process, one_line_error, randomized, same_run
+from conftest import (as_torchrun, assert_one_error_line, cli_as_process, one_line_error, randomized, same_run,
+                      torchrun, write_image)
 
 
 def pool(n, d=8, seed=0):
@@ -355,3 +356,23 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     same_run(two, one)
     for loop in (1, 2):
         assert torch.equal(stage(tmp_path / "one", f"select{loop}")["new"], stage(tmp_path / "two", f"select{loop}")["new"])
+
+
+@pytest.mark.parametrize("late_rank", [None, 0])
+def test_under_torchrun_an_error_on_any_process_ends_the_job_with_one_line(tmp_path, late_rank):
+    """The real launcher, as for coft.py: an error every process meets (a flag, the run folder)
+    is said once by rank 0, also when rank 0 meets it last; an unreadable test image in rank 1's
+    shard of the evaluation pass is said once by process 1, named. No process traceback."""
+    for split, n in (("train", 4), ("test", 2)):
+        for c in ("cat", "dog"):
+            for i in range(n):
+                write_image(str(tmp_path / "if" / split / c / f"{i}.png"), color=(60 * i, 100 * (c == "cat"), 0))
+    (tmp_path / "if" / "test" / "dog" / "1.png").write_text("not a png")  # the last test image: rank 1's shard
+    run_vecaf(tmp_path, "--loops", "1", "--epochs", "1")
+    folder = ("--dataset", "imagefolder", "--data-root", str(tmp_path / "if"), "--budget", "2", "--loops", "1",
+              "--batch", "2")
+    for argv, expected in (
+            (run_args(tmp_path, "--budget", "0"), "error: argument --budget: must be >= 1"),
+            (run_args(tmp_path, "--loops", "1", "--epochs", "1"), f"error: --out {tmp_path / 'run'} holds a run"),
+            (run_args(tmp_path, *folder, out="if-run"), "error (process 1 of 2): cannot read image ")):
+        assert_one_error_line(torchrun(vecaf.__file__, argv, tmp_path, late_rank), expected)

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -47,8 +48,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors ("error: argument --K: must be >= 1, got -1")."""
 
     def error(self, message):
-        if launched_rank()[0] == 0:  # torchrun: every process parses the same flags, rank 0 says it
-            print(f"error: {message} (see --help)", file=sys.stderr)
+        if launched_rank()[0] == 0 or not rank0_says_it():  # torchrun: every process parses the same flags
+            print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
@@ -396,7 +397,7 @@ class RunContext:
         # an empty shard (fewer items than processes) scores one item for the output's shape, then none
         part = torch.utils.data.Subset(dataset, mine if len(mine) else range(1))
         with single_process():  # the shard is loaded whole, in eval batches of --eval-batch per process
-            out = predict(fn, self.loader(part, self.eval_batch), self.device, self.amp)[0][:len(mine)]
+            out = predict(fn, own_share(self.loader(part, self.eval_batch)), self.device, self.amp)[0][:len(mine)]
         return gather_in_order(out, len(dataset))
 
 
@@ -405,34 +406,95 @@ def run_cli(body, errors, interrupted=""):
     prints its one line and exits 2, never a traceback; Ctrl-C prints `interrupted` (where the
     saved work is) and exits 130.
     Under torchrun an error ends the whole job (torchrun stops every process once one exits) with
-    one line: rank 0 prints what it meets; another process waits a moment first, in which it is
-    stopped if rank 0 met the same error (flags, the run folder, a diverged loss: every process
-    checks the same), and otherwise (say an unreadable image in its shard) prints it, named."""
+    one line, and what the error is decides who prints it, never timing:
+      * an error every process meets by construction (the flags, the run folder, the config and
+        stage checks, a non-finite loss of the global batch: each process checks the same
+        values) is printed by rank 0. Another process that meets it first waits for rank 0 to
+        say it (rank 0's failure notice), then exits silently: exiting at once would let
+        torchrun stop rank 0 before it speaks;
+      * an error met reading this process's own share of the data (an unreadable image in its
+        shard; `own_share` marks it) is printed by this process, named `error (process R of N)`.
+    A failing process leaves its notice after printing and before it exits, so a peer whose
+    collective then breaks ("connection closed by peer") knows the failure was reported and
+    exits without a traceback of its own."""
     try:
         result = body()
         end_processes()
         return result
-    except (*errors, dist.DistError) as e:
+    except errors as e:
         rank, world_size = launched_rank()
-        if rank or isinstance(e, dist.DistError):
-            time.sleep(GRACE_S)
-        if isinstance(e, dist.DistError):  # a peer has gone, usually after printing its own error
-            line = f"the processes lost contact ({type(e).__name__}: {error_line(e)})"
-        else:
-            line = error_line(e)
-        print(f"error{f' (process {rank} of {world_size})' if rank else ''}: {line}", file=sys.stderr, flush=True)
+        if world_size > 1 and getattr(e, "own_share", False):
+            print(f"error (process {rank} of {world_size}): {error_line(e)}", file=sys.stderr, flush=True)
+        elif rank == 0 or not rank0_says_it():
+            print(f"error{f' (process {rank} of {world_size})' if rank else ''}: {error_line(e)}", file=sys.stderr,
+                  flush=True)
+        leave_failure_notice()
         sys.exit(2)
-    except Exception:
-        if distributed():  # e.g. "connection closed by peer": a peer failed and torchrun stops us meanwhile
-            time.sleep(GRACE_S)
-        raise  # still running: a fault of this process, with its traceback
+    except Exception as e:
+        if peer_failed():  # our collective broke because a peer left: it has said why
+            sys.exit(2)
+        leave_failure_notice()
+        if isinstance(e, dist.DistError):  # no peer said why (killed, or silent past the timeout)
+            rank, world_size = launched_rank()
+            print(f"error (process {rank} of {world_size}): the processes lost contact ({type(e).__name__}: "
+                  f"{error_line(e)})", file=sys.stderr, flush=True)
+            sys.exit(2)
+        raise  # a fault of this process, with its traceback
     except KeyboardInterrupt:
         if launched_rank()[0] == 0:  # Ctrl-C reaches every process of a torchrun job
             print(f"\ninterrupted{interrupted}", file=sys.stderr)
         sys.exit(130)
 
 
-GRACE_S = 1.0  # > torchrun's --monitor-interval (0.1 s): how long it takes to stop the other processes
+def own_share(batches):
+    """Iterate a loader over this process's own share of the data (under torchrun): an error
+    raised while reading it (an unreadable image) is marked as this process's alone, for
+    run_cli to report it named. Errors of the loop's body pass unmarked."""
+    try:
+        yield from batches
+    except Exception as e:
+        e.own_share = True
+        raise
+
+
+def notice_key(rank):
+    return f"failed/{rank}"  # in the job's store (torchrun's, which outlives the processes)
+
+
+def leave_failure_notice():
+    if distributed():
+        try:
+            dist.distributed_c10d._get_default_store().set(notice_key(dist.get_rank()), "1")
+        except Exception:  # the store has gone with the process that held it: the job is ending anyway
+            pass
+
+
+def peer_failed():
+    """Whether another process of this job has left a failure notice (read at once, no waiting).
+    An unreachable store means its host process, a peer, has gone."""
+    if not distributed():
+        return False
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        return any(store.check([notice_key(r)]) for r in range(dist.get_world_size()) if r != dist.get_rank())
+    except Exception:
+        return True
+
+
+def rank0_says_it():
+    """A process other than rank 0 met an error that rank 0 meets too: wait until rank 0 has
+    printed it (its failure notice), or until torchrun stops this process once rank 0 has
+    exited. True once rank 0 has said it; False only if rank 0 did not meet it within the
+    process group's timeout (then this process says it, named: one line all the same)."""
+    if not distributed():  # before the job is formed (the flags): torchrun stops us after rank 0 exits
+        threading.Event().wait()
+    try:
+        dist.distributed_c10d._get_default_store().wait([notice_key(0)], dist.default_pg_timeout)
+        return True
+    except dist.DistStoreError:  # the wait timed out
+        return False
+    except Exception:  # the store went with its host, rank 0, which has spoken
+        return True
 
 
 def launched_rank():
@@ -738,7 +800,8 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
         torch.manual_seed(seed_of(seed, epoch))
         gen = torch.Generator().manual_seed(seed_of(seed, epoch, "step"))
         losses, norms = [], []  # kept on the device until the epoch ends: no host sync per step for these
-        for i, batch in enumerate(make_loader(epoch)):
+        batches = make_loader(epoch)
+        for i, batch in enumerate(own_share(batches) if ddp else batches):  # torchrun: this process's slices
             batch = [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
             with torch.autocast(**amp):
                 loss, terms = ddp(batch, gen) if ddp else step_fn(model, batch, gen)
