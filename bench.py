@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import clip_model
 import coft
 import craft
+import runs
 import train
 import vecaf
 
@@ -195,9 +196,10 @@ def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_
 
             def full_step():
                 with torch.autocast(**amp):
-                    loss, _ = coft.phase1_loss(model, x, y, 0.01)
+                    y_c = coft.complement_labels(y, C, torch.randint(1, C, y.shape))  # redrawn every step
+                    l1, l2 = coft.phase1_losses(model, x, y, y_c, 0.01)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (l1 + l2).backward()
                 opt.step()
 
             t_text, _ = timed(text_step)
@@ -206,7 +208,7 @@ def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_
             t_img, _ = timed(img_step)
             s_pos = torch.randn(B, C, device=device, requires_grad=True)
             s_neg = torch.randn(B, C, device=device, requires_grad=True)
-            y_comp = coft.complement_labels(y, C)
+            y_comp = coft.complement_labels(y, C, torch.randint(1, C, y.shape))
             t_loss, _ = timed(lambda: (coft.loss_l1(s_pos, y, 0.01) + coft.loss_l2(s_pos, s_neg, y, y_comp, 0.01)).backward())
             t_opt, _ = timed(opt.step)
             t_step, mem = timed(full_step)
@@ -228,7 +230,7 @@ def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_
             xb = torch.randn(b, 3, R, R, device=device)
             yb = torch.randint(0, 10, (b,), device=device)
             for contrast in (False, True):
-                ft = coft.FineTuned(clip.visual, 10).to(device).train()
+                ft = clip_model.ImageClassifier(clip.visual, 10).to(device).train()
                 mc = coft.MomentumContrast(ft, 4096).to(device).train() if contrast else None
                 opt = torch.optim.SGD(ft.parameters(), lr=1e-3, momentum=0.9)
 
@@ -542,7 +544,7 @@ def ddp_scaling(names, batch, steps, device, amp, report, classes=1000):
     for name in names:
         clip = clip_model.CLIP(clip_model.CONFIGS[name])
         R = clip.visual.resolution
-        ft = coft.FineTuned(clip.visual, classes).to(device).train()
+        ft = clip_model.ImageClassifier(clip.visual, classes).to(device).train()
         del clip
         opt = torch.optim.SGD(ft.parameters(), lr=1e-3, momentum=0.9)
         x, y = torch.randn(batch, 3, R, R, device=device), torch.randint(0, classes, (batch,), device=device)
@@ -575,24 +577,24 @@ def ddp_scaling(names, batch, steps, device, amp, report, classes=1000):
 
 
 def main(argv=None):
-    p = train.Parser(description="time each method's hot path on random weights of real size",
+    p = runs.Parser(description="time each method's hot path on random weights of real size",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--sections", default="towers,coft", help=f"comma-separated, of {', '.join(SECTIONS)}")
     a("--models", default="ViT-B/16,RN50", help=f"comma-separated, of {', '.join(clip_model.CONFIGS)}")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--precision", default="auto", help="comma-separated, of auto, fp32, bf16, fp16 (several: ratios at the end)")
-    a("--batch", type=train.number(int, 1), default=None, help="images per step (default 64 on GPU, 8 on CPU)")
-    a("--prompts", type=train.number(int, 4), default=256, help="prompts per text-tower step (towers)")
+    a("--batch", type=runs.number(int, 1), default=None, help="images per step (default 64 on GPU, 8 on CPU)")
+    a("--prompts", type=runs.number(int, 4), default=256, help="prompts per text-tower step (towers)")
     a("--classes", default=None, help="Phase-I class counts (default 10,100,1000 on GPU, 10,100 on CPU)")
-    a("--images", type=train.number(int, 1), default=None,
+    a("--images", type=runs.number(int, 1), default=None,
       help="images in the generation pass (default 4096 GPU, 32 CPU)")
-    a("--steps", type=train.number(int, 1), default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
+    a("--steps", type=runs.number(int, 1), default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (coft)")
-    a("--pool", type=train.number(int, 2), default=None, help="vecaf: pool size N (default 1281167 GPU, 100000 CPU)")
-    a("--centroids", type=train.number(int, 1), default=None, help="vecaf: K (default 12811 GPU, 1000 CPU)")
-    a("--select-batch", type=train.number(int, 1), default=65536, help="vecaf: samples per centroid step")
-    a("--official-candidates", type=train.number(int, 1), default=None,
+    a("--pool", type=runs.number(int, 2), default=None, help="vecaf: pool size N (default 1281167 GPU, 100000 CPU)")
+    a("--centroids", type=runs.number(int, 1), default=None, help="vecaf: K (default 12811 GPU, 1000 CPU)")
+    a("--select-batch", type=runs.number(int, 1), default=65536, help="vecaf: samples per centroid step")
+    a("--official-candidates", type=runs.number(int, 1), default=None,
       help="craft: candidates of the official loop actually timed (then x40/k; default 40 GPU, 2 CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)

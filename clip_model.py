@@ -22,6 +22,7 @@ Parameters are always fp32 (the checkpoints store fp16 matrices; fine-tuning fp1
 weights diverges); use autocast for speed. Attention goes through
 F.scaled_dot_product_attention. `python bench.py --towers` times the towers.
 """
+import copy
 import gzip
 import hashlib
 import html
@@ -435,7 +436,7 @@ JIT_LEFTOVERS = ("input_resolution", "context_length", "vocab_size")
 
 
 def config_from_state_dict(sd):
-    """Infer every size from the tensors' shapes (see ../shared/spec/clip-and-data.md)."""
+    """Infer every size from the tensors' shapes (the OpenAI state-dict layout)."""
     def n_blocks(prefix):
         return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
     try:
@@ -777,3 +778,38 @@ def zero_shot_logits(clip, W, x, tau):
     """Zero-shot logits cos(v(x), t_k) / tau for images x [B, 3, R, R] and W [C, D] from
     text_classifier; fp32 even under autocast (see similarity)."""
     return similarity(unit(clip.encode_image(x)), W) / tau
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning the image tower as a classifier
+
+
+class ImageClassifier(nn.Module):
+    """A CLIP image tower fine-tuned as a classifier (CoFT's Phase II, Sec. 3.2.2; VeCAF's
+    fine-tuning): a fully trainable copy of the tower plus a linear head on its normalised
+    projected embedding. With text_weights t [C, D] (rows: class text embeddings) the head is
+    logit_scale * t, so step 0 reproduces the prompt classifier logit_scale * cos(v, t_k).
+    `vpt` / `adapter` (CoFT's Phase-I visual prompts or ResNet adapter) are copied and trained too."""
+
+    def __init__(self, visual, num_classes, text_weights=None, logit_scale=100.0, vpt=None, adapter=None):
+        super().__init__()
+        self.visual = copy.deepcopy(visual).requires_grad_(True)  # a copy: the frozen Phase-I backbone stays frozen
+        self.vpt = None if vpt is None else nn.Parameter(vpt.detach().clone())
+        self.adapter = None if adapter is None else copy.deepcopy(adapter).requires_grad_(True)
+        D = self.visual.proj.shape[1] if hasattr(self.visual, "proj") else self.visual.attnpool.c_proj.out_features
+        self.head = nn.Linear(D, num_classes)
+        if text_weights is not None:
+            with torch.no_grad():
+                self.head.weight.copy_(logit_scale * text_weights)
+                self.head.bias.zero_()
+
+    def features(self, x):
+        v = self.visual(x, self.vpt)
+        if self.adapter is not None:
+            v = self.adapter(v)
+        return unit(v)  # [B, D] fp32
+
+    def forward(self, x):
+        f = self.features(x)
+        with torch.autocast(f.device.type, enabled=False):  # fp32 logits, see similarity()
+            return self.head(f)

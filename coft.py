@@ -20,26 +20,15 @@ run (one function per stage; the baselines beside them) and the CLI:
     python coft.py --dataset digits --clip demo --out runs/digits
     python coft.py --dataset dtd --data-root DATA --clip ViT-B/16 --out runs/dtd
 """
-import argparse
 import copy
-import hashlib
-import json
 import math
-import os
-import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_model
-import data
-import llm
-import standin
-import train
-from clip_model import class_prompts, similarity, text_classifier, unit, zero_shot_logits
-from train import RunError, cell, number, seed_of
+from clip_model import similarity, unit
 
 
 # -----------------------------------------------------------------------------
@@ -75,7 +64,7 @@ class PromptLearner(nn.Module):
         except clip_model.CLIPError:  # say which prompt and which flags make it shorter
             n_tokens = {t: len(tok.encode(t)) + 2 for t in texts}  # + SOT and EOT
             longest = max(texts, key=n_tokens.get)
-            raise RunError(f"the prompt {longest!r} ({M} context tokens + class name) is {n_tokens[longest]} tokens, "
+            raise clip_model.CLIPError(f"the prompt {longest!r} ({M} context tokens + class name) is {n_tokens[longest]} tokens, "
                            f"longer than the backbone's context of {clip.context_length}: use a smaller --M "
                            f"(or --ctx-init with fewer words) or a shorter class name") from None
         with torch.no_grad():
@@ -167,37 +156,33 @@ def p_clean(s_pos, s_neg, tau):
     return torch.sigmoid((s_pos - s_neg) / tau)
 
 
-def complement_labels(y, C, generator=None, batch=None):
-    """y' drawn uniformly from the C-1 classes other than y (redrawn at every step). Under
-    torchrun every process draws the global batch's shifts from the same generator and keeps its
-    slice's, so the labels are those of a plain run (batch: train.global_batch's (n, start),
-    where the caller has it)."""
-    n, start = batch or train.global_batch(len(y))
-    shift = torch.randint(1, C, (n,), generator=generator, device="cpu")[start:start + len(y)].to(y.device)
-    return (y + shift) % C
+def complement_labels(y, C, u):
+    """y' uniform over the C-1 classes other than y, redrawn at every step: (y + u) mod C, with
+    u [B] uniform on {1, ..., C-1} (e.g. torch.randint(1, C, y.shape))."""
+    return (y + u.to(y.device)) % C
 
 
-def loss_l1(s_pos, y, tau, batch_n=None):
-    """Eq. 4: L1 = CE(softmax_k(s+_k / tau), y), batch mean (torchrun: over the global batch of batch_n)."""
-    return train.global_mean(F.cross_entropy(s_pos / tau, y), len(y), batch_n)
+def loss_l1(s_pos, y, tau):
+    """Eq. 4: L1 = CE(softmax_k(s+_k / tau), y), batch mean."""
+    return F.cross_entropy(s_pos / tau, y)
 
 
-def loss_l2(s_pos, s_neg, y, y_comp, tau, batch_n=None):
-    """Eq. 6: L2 = -[log p_clean_y(x) + log(1 - p_clean_y'(x))], batch mean (torchrun: over the global
-    batch of batch_n). The paper prints the second term with the opposite sign; this is the form
-    its text (and DeFT) intend: the true class's positive prompt should beat its negative prompt,
-    and a complement class's should not.
+def loss_l2(s_pos, s_neg, y, y_comp, tau):
+    """Eq. 6: L2 = -[log p_clean_y(x) + log(1 - p_clean_y'(x))], batch mean. The paper prints the
+    second term with the opposite sign; this is the form its text (and DeFT) intend: the true
+    class's positive prompt should beat its negative prompt, and a complement class's should not.
     log p = logsigmoid(d/tau), log(1 - p) = logsigmoid(-d/tau): stable for any margin d."""
     d = (s_pos - s_neg) / tau  # [B, C]
     d_y = d.gather(1, y[:, None]).squeeze(1)
     d_c = d.gather(1, y_comp[:, None]).squeeze(1)
-    return train.global_mean(-(F.logsigmoid(d_y) + F.logsigmoid(-d_c)).mean(), len(y), batch_n)
+    return -(F.logsigmoid(d_y) + F.logsigmoid(-d_c)).mean()
 
 
-def phase1_loss(model, x, y, tau, lam=1.0, detach_neg=False, generator=None):
-    """L_Phase1 = L1 + lambda * L2 on a batch of S* (paper Sec. 3.1.3, Eq. 4-6). By default L2's gradient reaches
-    everything it depends on: the negative context, the positive context and the visual prompts
-    (the paper calls the negative prompt a regulariser of the visual modules).
+def phase1_losses(model, x, y, y_comp, tau, detach_neg=False):
+    """(L1, L2) on a batch of S* with complement labels y_comp (paper Sec. 3.1.3, Eq. 4-6);
+    L_Phase1 = L1 + lambda * L2. By default L2's gradient reaches everything it depends on: the
+    negative context, the positive context and the visual prompts (the paper calls the negative
+    prompt a regulariser of the visual modules).
     detach_neg = DeFT exactly: p_clean is computed from a *detached* s+ and from an s- of
     *detached* image features, so L2 trains only the negative context, and the positive context
     and the visual prompts learn from L1 alone. The loss values are the same either way."""
@@ -207,10 +192,7 @@ def phase1_loss(model, x, y, tau, lam=1.0, detach_neg=False, generator=None):
         s_pos_l2, s_neg = s_pos.detach(), similarity(v.detach(), t_neg)
     else:
         s_pos_l2, s_neg = s_pos, similarity(v, t_neg)
-    batch = train.global_batch(len(y))  # torchrun: (n, start), one all-reduce for the step's three uses
-    l1 = loss_l1(s_pos, y, tau, batch[0])
-    l2 = loss_l2(s_pos_l2, s_neg, y, complement_labels(y, s_pos.shape[1], generator, batch), tau, batch[0])
-    return l1 + lam * l2, {"L1": l1.detach(), "L2": l2.detach()}
+    return loss_l1(s_pos, y, tau), loss_l2(s_pos_l2, s_neg, y, y_comp, tau)
 
 
 # -----------------------------------------------------------------------------
@@ -238,37 +220,8 @@ def collaborative_filter(y_a, s_pos_b, s_neg_b):
 
 
 # -----------------------------------------------------------------------------
-# Phase II: full fine-tuning of the visual encoder + linear head (Sec. 3.2.2)
-
-
-class FineTuned(nn.Module):
-    """Phase II's classifier (Sec. 3.2.2): a fully trainable copy of a CLIP image tower plus a linear head on
-    its normalised projected embedding. With W = logit_scale * t (rows: class text embeddings)
-    the head makes step 0 reproduce the prompt classifier logit_scale * cos(v, t_k).
-    `vpt` / `adapter` (from a Phase-I model, --fft-init phase1) are copied and trained too."""
-
-    def __init__(self, visual, num_classes, text_weights=None, logit_scale=100.0, vpt=None, adapter=None):
-        super().__init__()
-        self.visual = copy.deepcopy(visual).requires_grad_(True)  # a copy: the frozen Phase-I backbone stays frozen
-        self.vpt = None if vpt is None else nn.Parameter(vpt.detach().clone())
-        self.adapter = None if adapter is None else copy.deepcopy(adapter).requires_grad_(True)
-        D = self.visual.proj.shape[1] if hasattr(self.visual, "proj") else self.visual.attnpool.c_proj.out_features
-        self.head = nn.Linear(D, num_classes)
-        if text_weights is not None:
-            with torch.no_grad():
-                self.head.weight.copy_(logit_scale * text_weights)
-                self.head.bias.zero_()
-
-    def features(self, x):
-        v = self.visual(x, self.vpt)
-        if self.adapter is not None:
-            v = self.adapter(v)
-        return unit(v)  # [B, D] fp32
-
-    def forward(self, x):
-        f = self.features(x)
-        with torch.autocast(f.device.type, enabled=False):  # fp32 logits, see similarity()
-            return self.head(f)
+# Phase II: full fine-tuning of the visual encoder + linear head (Sec. 3.2.2) trains a
+# clip_model.ImageClassifier (shared with VeCAF) with cross-entropy on the clean set (Eq. 7)
 
 
 # -----------------------------------------------------------------------------
@@ -287,9 +240,12 @@ class MomentumContrast(nn.Module):
     small dataset, most queries would: an older view of the same image is a positive, not a
     negative). Queue, indices and the EMA model are buffers, so checkpoints carry them."""
 
-    def __init__(self, model, size, mu=0.999, tau=0.07):
+    def __init__(self, model, size, mu=0.999, tau=0.07, gather=None):
         super().__init__()
-        self.model = model  # the online FineTuned (trained)
+        self.model = model  # the online ImageClassifier (trained)
+        # under data parallelism, (keys, indices) of this process -> those of the whole batch, in
+        # order (MoCo's concat_all_gather; coft.py passes ddp.gather_batch); one process: the identity
+        self.gather = gather or (lambda *parts: parts)
         self.key_model = copy.deepcopy(model).requires_grad_(False)  # the momentum copy (never trained)
         self.mu, self.tau = mu, tau
         dim = model.head.in_features
@@ -315,10 +271,10 @@ class MomentumContrast(nn.Module):
         self.ptr.fill_((p + n) % Q)
         self.count.fill_(min(int(self.count) + n, Q))
 
-    def info_nce(self, q, k, idx, batch_n=None):
+    def info_nce(self, q, k, idx):
         """Eq. 9 per query, batch mean: -log( exp(q.k/tau') / (exp(q.k/tau') + sum_j exp(q.k_j/tau')) )
         over the queued keys k_j of *other* images than the query's own (idx); fp32 logits, the
-        positive in column 0. Under torchrun the mean is over the global batch (of batch_n)."""
+        positive in column 0."""
         n = int(self.count)
         l_pos = (q.float() * k.float()).sum(1, keepdim=True)  # [B, 1]
         # a copy: enqueue() overwrites the queue in place before backward needs these keys
@@ -326,8 +282,7 @@ class MomentumContrast(nn.Module):
         own = self.queue_idx[:n][None, :] == idx[:, None]  # [B, n] stale keys of the query's image
         l_neg = l_neg.masked_fill(own, float("-inf"))
         logits = torch.cat([l_pos, l_neg], dim=1) / self.tau
-        return train.global_mean(F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device)),
-                                 len(q), batch_n)
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
     def forward(self, x_q, x_k, idx):
         """L_Cont for two views of the images idx. Order: momentum update, keys, the loss against
@@ -336,10 +291,8 @@ class MomentumContrast(nn.Module):
         with torch.no_grad():
             self.momentum_update()
             k = self.key_model.features(x_k).detach()  # keys never carry gradients
-        batch_n = train.global_batch(len(idx))[0]  # torchrun: the global batch size, one all-reduce for 3 uses
-        loss = self.info_nce(q, k, idx, batch_n)
-        # under torchrun every process enqueues the whole global batch's keys, in order: the same queue everywhere
-        self.enqueue(train.gather_batch(k, batch_n), train.gather_batch(idx, batch_n))
+        loss = self.info_nce(q, k, idx)
+        self.enqueue(*self.gather(k, idx))  # every process enqueues the whole batch's keys: one queue everywhere
         return loss
 
 
@@ -372,17 +325,6 @@ class WithUnlabelled:
             yield x, y, i, xq, xk, j
 
 
-def labelled_shots(y_true, n, seed):
-    """The paper's semi-supervised setting (Sec. 4.4): n true-labelled train images per class
-    (all of a class's images where it has fewer), drawn at random with `seed`. Returns indices."""
-    g = torch.Generator().manual_seed(seed)
-    picked = []
-    for k in range(int(y_true.max()) + 1):
-        idx = (y_true == k).nonzero().squeeze(1)
-        picked.append(idx[torch.randperm(len(idx), generator=g)[:n]])
-    return torch.cat(picked)
-
-
 def with_labelled(idx, y, labelled, y_true):
     """A pseudo-labelled set (idx, y) joined with the labelled shots, which carry their true
     labels (replacing a pseudo-label where a labelled image was already in the set)."""
@@ -410,16 +352,40 @@ def auroc(score, positive):
     return 100.0 * u / (n_pos * n_neg)
 
 
+# =============================================================================
+# Everything above is the method, and needs torch and clip_model alone: copy it into your own
+# code (test_coft.py checks that it runs with nothing else of this project importable). Below:
+# CoFT's run, its stages on the project's data, training loop (train.py) and run folders
+# (runs.py), and the CLI.
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import data
+import ddp
+import llm
+import runs
+import standin
+import train
+from clip_model import class_prompts, text_classifier, zero_shot_logits
+from runs import cell, number
+from train import RunError, seed_of
+
+
 # -----------------------------------------------------------------------------
-# What a run is: its config, and the part of it each stage depends on (train.py, "run folders")
+# What a run is: its config, and the part of it each stage depends on (runs.py, "run folders")
 
 # flags that change how a run goes, never its numbers (results do not depend on --workers or the
 # eval batch), and paths whose contents the config records instead (data, LLM prompt file)
 HOW = ("device", "workers", "log_every", "eval_batch", "compile", "grad_checkpointing", "resume", "restart",
        "eval_only", "phase", "out", "table", "data_root", "llm_prompts", "write_llm_prompts", "api_base", "llm",
        "prompts_per_class")
-# the run's result files, which --restart deletes (grad_norms.json: written by earlier versions only)
-OUTPUTS = ("metrics.json", "predictions.pt", "pseudo_labels.pt", "grad_norms.json")
+# the run's result files, which --restart deletes
+OUTPUTS = ("metrics.json", "predictions.pt", "pseudo_labels.pt")
 
 # each stage's record: the settings its result depends on
 SEED_SET_KEYS = ("dataset", "data", "clip", "seed", "precision", "K", "labelled_shots", "zero_shot_prompts")
@@ -478,22 +444,22 @@ def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, co
     Records the stage's gradient-norm summary in the metrics."""
     record = stage_record(run.config, tag)
     needed = run.needs == "all" or (run.needs == "phase1" and tag.startswith("phase1"))
-    saved = train.load_stage(run.out, tag, record, model, missing=needed and (
+    saved = runs.load_stage(run.out, tag, record, model, missing=needed and (
         f"--eval-only needs a finished run in --out {run.out} (run without --eval-only first)" if run.needs == "all"
         else f"--phase 2 needs Phase I in --out {run.out} (run --phase 1 first)"))
     if saved is None and empty:
         print(f"warning: {tag} has an empty training set; it stays at its initialisation", flush=True)
-        saved = train.save_stage(run.out, tag, record, model, grad_norms=train.grad_norm_summary([], 0))
+        saved = runs.save_stage(run.out, tag, record, model, grad_norms=train.grad_norm_summary([], 0))
     if saved is None:
         trained = trained or model
         for m in compiled:
             m.compile()
         s = run.sgd
         history = train.fit(trained, loss, batches, epochs, train.sgd(trained, lr, s["momentum"], s["weight_decay"]),
-                      train.warmup_epochs_then_cosine(s["warmup_epochs"]), run.device, seed_of(run.seed, tag),
-                      run.precision, s["clip_grad"], train.ckpt_path(run.out, tag), run.resume, record, what,
-                      run.log_every)
-        saved = train.save_stage(run.out, tag, record, model,
+                            train.warmup_epochs_then_cosine(s["warmup_epochs"]), run.device, seed_of(run.seed, tag),
+                            run.precision, s["clip_grad"], runs.Checkpoint(runs.ckpt_path(run.out, tag), record,
+                                                                            run.resume), what, run.log_every)
+        saved = runs.save_stage(run.out, tag, record, model,
                                  grad_norms=train.grad_norm_summary(history["grad_norm"], s["clip_grad"]))
     run.metrics["grad_norms"][tag] = saved["grad_norms"]
     return model.eval()
@@ -538,8 +504,12 @@ def phase1(run, args, seed_set):
     sets, seed_sets = [seed_set, seed_set], []
     run.metrics["rounds"] = []
 
-    def loss(model, batch, g):  # Eq. 4-6 on a batch of the seed set
-        return phase1_loss(model, batch[0], batch[1], run.tau, args.lam, args.detach_neg, g)
+    C = len(run.task.classnames)
+
+    def loss(model, batch, draws):  # L_Phase1 = L1 + lambda * L2 (Eq. 4-6) on a batch of S*
+        x, y, _ = batch
+        l1, l2 = phase1_losses(model, x, y, complement_labels(y, C, draws(1, C)), run.tau, args.detach_neg)
+        return {"L1": (l1, len(y)), "lam*L2": (args.lam * l2, len(y))}
 
     for r in range(1, args.rounds + 1):
         models, scores, log = [], [], {}
@@ -636,8 +606,8 @@ def fine_tune(run, args, tag, clip, head, idx, y, vpt=None, adapter=None):
     also the top-K and labelled-shots baselines' trainer. CoFT+
     (--contrast, Eq. 10): + gamma * InfoNCE (Eq. 9) on two views of *all* unlabelled images, an
     epoch being one pass over them (WithUnlabelled). Every stream is keyed by `tag`, so the two
-    branches never share one. Returns the trained FineTuned in eval mode."""
-    model = FineTuned(clip.visual, len(run.task.classnames), head, clip.logit_scale.exp().item(),
+    branches never share one. Returns the trained ImageClassifier in eval mode."""
+    model = clip_model.ImageClassifier(clip.visual, len(run.task.classnames), head, clip.logit_scale.exp().item(),
                       vpt, adapter).to(run.device)
     if args.sync_bn:  # ResNet towers under torchrun: BatchNorm statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -652,23 +622,23 @@ def fine_tune(run, args, tag, clip, head, idx, y, vpt=None, adapter=None):
         return run.loader(train_set, batch, (tag, epoch, "clean", cycle), shuffle=True, drop_last=drop)
 
     if not args.contrast:
-        def loss(model, b, g):  # Eq. 7
-            return train.global_mean(F.cross_entropy(model(b[0]), b[1]), len(b[1])), {}
+        def loss(model, b, _):  # Eq. 7 on a batch (x, y, index) of the clean set
+            return {"L_FFT": (F.cross_entropy(model(b[0]), b[1]), len(b[1]))}
         return run_stage(run, tag, model, loss, clean_batches, args.fft_epochs, args.fft_lr, f"phase II {tag}",
                          compiled=[model.visual] if args.compile else [])
 
     views = data.ImageDataset(run.task.train, data.TwoViews(
         augment, data.make_transform("strong", clip.visual.resolution, run.task)))
-    mc = MomentumContrast(model, min(args.queue, len(views)), args.mu, args.tau_c).to(run.device)
+    mc = MomentumContrast(model, min(args.queue, len(views)), args.mu, args.tau_c, ddp.gather_batch).to(run.device)
 
     def batches(epoch):
         return WithUnlabelled(lambda cycle: clean_batches(epoch, cycle),
                               run.loader(views, batch, (tag, epoch, "unlabelled"), shuffle=True))
 
-    def loss(mc, b, g):  # Eq. 10: L_FFT (Eq. 7) + gamma * L_Cont (Eq. 9)
-        l_fft = train.global_mean(F.cross_entropy(mc.model(b[0]), b[1]), len(b[1]))
-        l_cont = mc(b[3], b[4], b[5])
-        return l_fft + args.gamma * l_cont, {"L_FFT": l_fft.detach(), "L_Cont": l_cont.detach()}
+    def loss(mc, b, _):  # Eq. 10: L_FFT (Eq. 7) on the clean batch + gamma * L_Cont (Eq. 9) on the unlabelled one
+        x, y, _, x_q, x_k, j = b
+        return {"L_FFT": (F.cross_entropy(mc.model(x), y), len(y)),
+                "gamma*L_Cont": (args.gamma * mc(x_q, x_k, j), len(j))}
     return run_stage(run, tag, model, loss, batches, args.fft_epochs, args.fft_lr, f"phase II {tag}", trained=mc,
                      compiled=[mc.model.visual, mc.key_model.visual] if args.compile else [])
 
@@ -788,23 +758,23 @@ def run(args):
     else:
         peft, scores, seed_sets = phase1(state, args, seed_set)
         clean, y_gen = generate_and_validate(state, scores)
-        train.atomic_save({"labelled": state.labelled, "seed_sets": seed_sets, "generated": y_gen,
+        runs.atomic_save({"labelled": state.labelled, "seed_sets": seed_sets, "generated": y_gen,
                            "clean": [idx for idx, _ in clean], "clean_labels": [y for _, y in clean]},
                           state.out / "pseudo_labels.pt")
         if args.phase != "1":
             ensemble(state, phase2(state, args, scores, peft, clean, prompts, ft_clip))
-    return train.finish_run(state.out, state.metrics, state.predictions, state.t0)
+    return runs.finish_run(state.out, state.metrics, state.predictions, state.t0)
 
 
 def prepare(args):
     """Everything a run checks and loads before its first stage, in the order that keeps a
     mistake cheap: the flags, --out, the data and prompts, then the run folder (config.json),
     then the backbones. Returns (Run, the zero-shot prompts, the --fft-backbone model or None)."""
-    device = train.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
+    device = runs.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
     check_args(args, device)
     continuing = args.resume or args.eval_only or args.phase == "2"
-    train.check_out(args.out, continuing, args.restart)
-    if (args.eval_only or args.phase == "2") and not train.holds_run(args.out):
+    runs.check_out(args.out, continuing, args.restart)
+    if (args.eval_only or args.phase == "2") and not runs.holds_run(args.out):
         raise RunError(f"--out {args.out} holds no run for {'--eval-only' if args.eval_only else '--phase 2'} "
                        f"to use: run {'it' if args.eval_only else '--phase 1'} first")
     args.precision = train.resolve_precision(device, args.precision)  # the config records what ran
@@ -813,7 +783,7 @@ def prepare(args):
     eval_items = data.eval_items(task, args.eval_split)
     prompts = zero_shot_prompts(task, args.llm_prompts, args.template_ensemble, args.plus)
     config = run_config(args, task, prompts)
-    out = train.open_run(args.out, config, continuing, args.restart, OUTPUTS,
+    out = runs.open_run(args.out, config, continuing, args.restart, OUTPUTS,
                          how={k: v for k, v in vars(args).items() if k in HOW})
     backbones = [standin.resolve(args.clip)]  # (the stand-in is pretrained here on first use)
     if args.fft_backbone and args.method == "coft":  # Phase II on another backbone (distillation)
@@ -828,13 +798,14 @@ def prepare(args):
         check_fft_init(args, clip, ft_clip)
     test = data.make_transform("test", clip.visual.resolution, task)
     y_true = torch.tensor([label for _, label in task.train])
-    labelled = labelled_shots(y_true, args.labelled_shots, seed_of(args.seed, "labelled shots")) \
+    # the semi-supervised setting (Sec. 4.4): true-labelled shots per class (all of a smaller class)
+    labelled = data.few_shot(task, args.labelled_shots, seed_of(args.seed, "labelled shots"), True) \
         if args.labelled_shots else torch.zeros(0, dtype=torch.long)
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": "coft+" if args.plus else args.method,
                "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision,
                "parts": {"rounds": args.rounds, "contrast": args.contrast, "zero_shot_prompts":
                          "llm" if args.llm_prompts else "ensemble" if args.template_ensemble else "template"},
-               "processes": train.world()[1], "grad_norms": {}, "time_s": {}}
+               "processes": ddp.world()[1], "grad_norms": {}, "time_s": {}}
     if args.labelled_shots:
         metrics["labelled_shots"] = {"per_class": args.labelled_shots, "size": len(labelled)}
     state = Run(out=out, config=config, device=device, precision=args.precision,
@@ -855,7 +826,7 @@ def prepare(args):
 def check_args(args, device):
     """Flag combinations that cannot work, refused before anything is loaded or trained (each
     number's range is checked by the parser)."""
-    if args.sync_bn and train.world()[1] > 1 and device.type != "cuda":
+    if args.sync_bn and ddp.world()[1] > 1 and device.type != "cuda":
         raise RunError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): drop it on CPUs")
     if args.method == "shots" and not args.labelled_shots:
         raise RunError("--method shots fine-tunes on the labelled shots only: give --labelled-shots N (N > 0)")
@@ -913,7 +884,7 @@ def zero_shot_prompts(task, llm_prompts=None, template_ensemble=False, plus=Fals
 
 
 def parser():
-    p = train.Parser(description="CoFT: label-free collaborative fine-tuning of CLIP",
+    p = runs.Parser(description="CoFT: label-free collaborative fine-tuning of CLIP",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--dataset", default="digits", help="digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
@@ -924,7 +895,7 @@ def parser():
       help="topk: the UPL-like baseline (Phase II on S*); selftrain: iterative pseudo-labelling of every image "
            "with confidence >= --threshold, --rounds times; shots: fine-tune on the --labelled-shots images "
            "alone; probe: linear probe with TRUE labels (ceiling, reference only)")
-    train.run_flags(p)
+    runs.run_flags(p)
     a("--phase", default="all", choices=["all", "1", "2"],
       help="1: zero-shot + Phase I (+ filter) only; 2: Phase II from the Phase-I models saved in --out")
     a("--eval-only", action="store_true", help="evaluate the models saved in --out, train nothing")
@@ -1052,7 +1023,7 @@ def main(argv=None):
 
     def body():
         if args.table:
-            return train.table(args.table, run_summary)
+            return runs.table(args.table, run_summary)
         resolve_defaults(args)
         if args.write_llm_prompts:
             task = data.load_task(args.dataset, args.data_root)
@@ -1064,7 +1035,7 @@ def main(argv=None):
     where = "" if args.table or args.write_llm_prompts else \
         (f": finished stages and the last epoch checkpoint are in {args.out}/stages; the same command with "
          f"--resume continues from there")
-    return train.run_cli(body, (data.DataError, clip_model.CLIPError, RunError, OSError), where)
+    return runs.run_cli(body, (data.DataError, clip_model.CLIPError, RunError, OSError), where)
 
 
 if __name__ == "__main__":

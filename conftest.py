@@ -180,6 +180,20 @@ def assert_one_error_line(r, expected):
     assert "[rank" not in r.stderr, r.stderr
 
 
+def fit_arguments(*a, **k):
+    """A train.fit call's arguments by name (for tests that wrap fit)."""
+    import inspect
+    import train
+    bound = inspect.signature(train.fit).bind(*a, **k)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def stage_of(fit_args):
+    """The stage a train.fit call trains: its checkpoint's record names it."""
+    return fit_args["checkpoint"].record["stage"]
+
+
 def cli_as_process(rank, module, argv, record, die_at=None):
     """`module`.main(argv) (coft or vecaf) in one process, of a torchrun job or a plain run,
     saving to record-rank<r>.pt what train.fit saw: each stage's loss at every step, the steps
@@ -188,19 +202,21 @@ def cli_as_process(rank, module, argv, record, die_at=None):
     checkpoint file."""
     import importlib
     import signal
-    from pathlib import Path
+    import runs
     import train
     cli = importlib.import_module(module)
-    real_fit, real_save, seen = train.fit, train.atomic_save, {"losses": {}, "contrast": {}, "steps": {}}
+    real_fit, real_save, seen = train.fit, runs.atomic_save, {"losses": {}, "contrast": {}, "steps": {}}
 
-    def recording_fit(trained, step_fn, *a, **k):
-        tag = a[10]["stage"]  # fit's `record` argument
+    def recording_fit(*a, **k):
+        fit_args = fit_arguments(*a, **k)
+        trained, step_fn, tag = fit_args["model"], fit_args["step_fn"], stage_of(fit_args)
         seen["steps"][tag] = 0
 
         def counted(*b):
             seen["steps"][tag] += 1
             return step_fn(*b)
-        history = real_fit(trained, counted, *a, **k)
+        fit_args["step_fn"] = counted
+        history = real_fit(**fit_args)
         seen["losses"][tag] = history["loss"]
         if hasattr(trained, "queue"):  # CoFT+'s MomentumContrast: all but the online model
             seen["contrast"][tag] = {k: v.clone() for k, v in trained.state_dict().items()
@@ -212,11 +228,11 @@ def cli_as_process(rank, module, argv, record, die_at=None):
         if Path(path).name == die_at and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train.fit, train.atomic_save = recording_fit, dying_save
+    train.fit, runs.atomic_save = recording_fit, dying_save
     try:
         seen["metrics"] = {k: v for k, v in cli.main(argv).items() if k != "time_s"}
     finally:
-        train.fit, train.atomic_save = real_fit, real_save
+        train.fit, runs.atomic_save = real_fit, real_save
     torch.save(seen, f"{record}-rank{rank}.pt")
 
 

@@ -33,10 +33,13 @@ import torch.nn.functional as F
 import clip_model
 import data
 import standin
+import ddp
+import runs
 import train
 from cmaes import CMAES
 from clip_model import unit
-from train import RunError, number, seed_of
+from runs import number
+from train import RunError, seed_of
 
 # -----------------------------------------------------------------------------
 # The black box
@@ -293,10 +296,10 @@ def collaborate(s, args):
                seed_of(s.seed, "cma-es")) if search else None
     z = torch.zeros(1, args.intrinsic_dim)  # the prompt in use (z = 0: p0)
     start, history = 0, {"best_fitness": [], "prompt_fitness": [], "refine_loss": []}
-    ckpt = train.ckpt_path(s.out, "collaborate")
+    ckpt = runs.ckpt_path(s.out, "collaborate")
     if s.resume and ckpt.exists():
-        state = train.read_torch(ckpt)
-        train.check_record(ckpt, state.get("record"), s.config)
+        state = runs.read_torch(ckpt)
+        runs.check_record(ckpt, state.get("record"), s.config)
         start, z, history = state["generation"], state["z"], state["history"]
         if es:
             es.load_state_dict(state["es"])
@@ -329,7 +332,7 @@ def collaborate(s, args):
             def step(model, batch, _):
                 x, y, _ = batch
                 l = x if args.aug == "none" else s.box.logits(ctx, x, raw=args.raw_image_features)[0]  # [B, C]
-                return refinement_loss(l, y, model, lam_o), {}
+                return {"loss": (refinement_loss(l, y, model, lam_o), len(y))}
             h = train.fit(refiner, step, lambda e: s.loader(epoch, args.batch, ("refine", g), shuffle=True), 1,
                           opt, lambda *_: 1.0, s.device, seed_of(s.seed, "refine", g), s.precision, log_every=0)
             history["refine_loss"].append(sum(h["loss"]) / len(h["loss"]))
@@ -344,7 +347,7 @@ def collaborate(s, args):
             print(f"gen {done}/{G} " + " ".join(parts) + f" queries {s.box.queries['prompts']} "
                   f"eta {el / (done - start) * (G - done):.0f}s", flush=True)
         if done % args.ckpt_every == 0 or done == G:
-            train.atomic_save({"generation": done, "z": z, "history": history, "queries": dict(s.box.queries),
+            runs.atomic_save({"generation": done, "z": z, "history": history, "queries": dict(s.box.queries),
                                "es": es.state_dict() if es else None,
                                "refiner": refiner.state_dict() if refiner else None,
                                "opt": opt.state_dict() if opt else None, "record": s.config}, ckpt)
@@ -386,14 +389,15 @@ def coop(s, args):
         x, y, _ = batch
         with torch.no_grad():
             v = unit(clip.encode_image(x))
-        return F.cross_entropy(args.scale * clip_model.similarity(v, text()), y), {}
+        return {"CE": (F.cross_entropy(args.scale * clip_model.similarity(v, text()), y), len(y))}
 
     def schedule(step, total, per_epoch):  # CoOp's constant warm-up, then cosine over all epochs
         return 1e-5 / args.coop_lr if step < per_epoch else 0.5 * (1 + math.cos(math.pi * step / total))
     t0 = time.time()
     history = train.fit(model, step, lambda e: s.loader(s.shots, args.coop_batch, ("coop", e), shuffle=True),
                         epochs, train.sgd(model, args.coop_lr, 0.9, 5e-4), schedule, s.device, seed_of(s.seed, "coop"),
-                        s.precision, 0.0, train.ckpt_path(s.out, "coop"), s.resume, s.config, "coop", s.log_every)
+                        s.precision, 0.0, runs.Checkpoint(runs.ckpt_path(s.out, "coop"), s.config, s.resume), "coop",
+                        s.log_every)
     s.metrics["time_s"]["train"] = time.time() - t0
     with torch.no_grad(), torch.autocast(**s.amp):
         t = text()
@@ -435,19 +439,19 @@ def run(args):
     s.metrics["queries"] = dict(s.box.queries, search=args.budget if args.method in SEARCHES else 0)
     print(f"{args.method}: {s.metrics[f'{args.method}_acc']:.2f} on {args.eval_split} ({s.box.queries['prompts']} "
           f"prompt queries, {s.box.queries['images']} images encoded)", flush=True)
-    return train.finish_run(s.out, s.metrics, s.predictions, s.t0)
+    return runs.finish_run(s.out, s.metrics, s.predictions, s.t0)
 
 
 def prepare(args):
     """The checks, the run folder and the backbone, cheap mistakes first -> Setup."""
-    if train.launched_rank()[1] > 1:  # N copies of one run would race on one folder
+    if ddp.launched_rank()[1] > 1:  # N copies of one run would race on one folder
         raise RunError("craft.py runs in one process (its black box answers queries; nothing to split over GPUs): "
                        "run it with python, not torchrun")
     if args.budget < args.popsize:
         raise RunError(f"--budget {args.budget} is smaller than one CMA-ES generation (--popsize {args.popsize} "
                        f"queries): give --budget {args.popsize} or more")
     standin.check_backbone("--clip", args.clip)
-    train.check_out(args.out, args.resume, args.restart)
+    runs.check_out(args.out, args.resume, args.restart)
     device = torch.device(args.device)
     args.precision = train.resolve_precision(device, args.precision)
     t0 = time.time()
@@ -456,7 +460,7 @@ def prepare(args):
     picked = data.few_shot(task, args.shots, seed_of(args.seed, "shots"))
     config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
     config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
-    out = train.open_run(args.out, config, args.resume, args.restart, OUTPUTS,
+    out = runs.open_run(args.out, config, args.resume, args.restart, OUTPUTS,
                          how={k: v for k, v in vars(args).items() if k in HOW})
     torch.manual_seed(args.seed)
     clip, _ = clip_model.load(standin.resolve(args.clip), device)
@@ -493,7 +497,7 @@ def prepare(args):
 
 
 def parser():
-    p = train.Parser(description="CraFT: collaborative fine-tuning of a black-box CLIP (few-shot)",
+    p = runs.Parser(description="CraFT: collaborative fine-tuning of a black-box CLIP (few-shot)",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--dataset", default="digits", help="digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
@@ -504,7 +508,7 @@ def parser():
       help="bbt: CMA-ES prompt only (CE fitness); mlp: refinement MLP only (prompt p0); coop: white-box prompt "
            "tuning (gradients through CLIP); probe: logistic regression on the shots' features")
     a("--shots", type=number(int, 1), default=16, help="train images per class (CoOp: 1, 2, 4, 8, 16)")
-    train.run_flags(p)
+    runs.run_flags(p)
     a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
     a("--eval-split", default="test", choices=["test", "dev"], help="dev: for choosing settings (never test)")
     a("--ckpt-every", type=number(int, 1), default=10, help="generations between checkpoints")
@@ -575,8 +579,8 @@ USER_ERRORS = (data.DataError, clip_model.CLIPError, RunError, OSError)
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.table:
-        return train.run_cli(lambda: train.table(args.table, run_summary), USER_ERRORS)
-    return train.run_cli(lambda: run(resolve_defaults(args)), USER_ERRORS,
+        return runs.run_cli(lambda: runs.table(args.table, run_summary), USER_ERRORS)
+    return runs.run_cli(lambda: run(resolve_defaults(args)), USER_ERRORS,
                          f": the last checkpoint is in {args.out}/stages; the same command with --resume "
                          f"continues from there")
 

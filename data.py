@@ -26,7 +26,6 @@ import clip_model
 ASSETS = Path(__file__).parent / "assets"
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-DIGIT_CLASSNAMES = DIGIT_NAMES  # zero-shot class names: the words, as in the captions
 DIGITS_TEMPLATE = "a photo of the number {}."  # also one of the stand-in's caption templates
 
 
@@ -93,7 +92,10 @@ class Task:
     train: list  # [(source, label)]: labels are for diagnosis only, no method reads them
     test: list
     dev: list = field(default_factory=list)  # labelled, only for choosing hyperparameters
-    flip: bool = True  # whether horizontal flips respect the data (not for digits, text, ...)
+    # whether horizontal flips respect the data: every CoOp dataset is natural photos (or satellite
+    # views, or video frames) whose class survives a mirror image, as in CoOp's own augmentation;
+    # not digits or text
+    flip: bool = True
 
 
 def thicken(x8):
@@ -106,7 +108,7 @@ def thicken(x8):
     return bold.clamp(max=16).round().to(torch.uint8)[:, 0]
 
 
-def digits_task(root=None, shift=None):
+def digits_task(shift=None):
     """The offline demo's task: real handwritten digits (UCI), split train/dev/test.
     shift="bold" (dataset digits-bold): the test split's strokes thickened (`thicken`), the train
     and dev splits as they are: a target domain with no train images (VeCAF's OOD demo).
@@ -124,7 +126,7 @@ def digits_task(root=None, shift=None):
         parts[name] = [(im, int(label)) for im, label in zip(images, y[idx])]
     templates = [DIGITS_TEMPLATE, "a handwritten {}.", "the digit {}", "an image of the digit {}.",
                  "a drawing of the numeral {}."]  # [0] for CoFT; all for CoFT+'s template ensemble
-    return Task("digits" if shift is None else f"digits-{shift}", list(DIGIT_CLASSNAMES), templates,
+    return Task("digits" if shift is None else f"digits-{shift}", list(DIGIT_NAMES), templates,
                 parts["train"], parts["test"], parts["dev"], flip=False)
 
 
@@ -253,11 +255,6 @@ EXTRA_TEMPLATES = {
     "ucf101": ["a video frame of a person doing {}.", "a blurry photo of a person doing {}.",
                "a photo of people doing {}."],
 }
-
-# Horizontal flips: every CoOp dataset is natural photos (or satellite views, or video
-# frames) whose class survives a mirror image, so flip=True for all of them, as in
-# CoOp's own training augmentation. (Text-like data such as digits sets flip=False.)
-COOP_FLIP = True
 
 # One-line layout descriptions for error messages; {data} stands for --data-root.
 FGVC_LAYOUT = ("{data}/fgvc_aircraft/images/<id>.jpg, {data}/fgvc_aircraft/variants.txt and "
@@ -414,7 +411,7 @@ def coop_task(name, root):
     _check_exist(splits["train"] + splits["val"] + splits["test"], split_path, image_dir)
     templates = _templates(template, EXTRA_TEMPLATES.get(name, GENERIC_TEMPLATES))
     return Task(name=name, classnames=classnames, templates=templates,
-                train=splits["train"], test=splits["test"], dev=splits["val"], flip=COOP_FLIP)
+                train=splits["train"], test=splits["test"], dev=splits["val"], flip=True)
 
 
 # -----------------------------------------------------------------------------
@@ -460,7 +457,7 @@ def fgvc_aircraft_task(root):
     _check_exist(splits["train"] + splits["val"] + splits["test"], f"{base}/images_variant_*.txt", image_dir)
     return Task(name=name, classnames=[v.replace("_", " ") for v in variants],
                 templates=_templates(FGVC_AIRCRAFT_TEMPLATE), train=splits["train"], test=splits["test"],
-                dev=splits["val"], flip=COOP_FLIP)
+                dev=splits["val"], flip=True)
 
 
 # -----------------------------------------------------------------------------
@@ -541,7 +538,7 @@ def imagenet_task(root):
     train = _read_class_folders(train_dir, wnids, name)
     test = _read_class_folders(val_dir, wnids, name)
     return Task(name=name, classnames=classnames, templates=_templates(IMAGENET_TEMPLATE),
-                train=train, test=test, dev=[], flip=COOP_FLIP)
+                train=train, test=test, dev=[], flip=True)
 
 
 def imagefolder_task(root):
@@ -633,7 +630,7 @@ def load_task(name, root=None):
     for what every method needs: two or more classes whose prompts differ."""
     key = name.lower()
     if key in DIGIT_TASKS:
-        task = digits_task(root, key.partition("-")[2] or None)  # vendored in assets/; root is not needed
+        task = digits_task(key.partition("-")[2] or None)  # vendored in assets/: no --data-root
     elif key in COOP_NAMES:
         task = coop_task(key, root)
     elif key == "imagefolder":
@@ -654,15 +651,16 @@ def eval_items(task, split):
     return items
 
 
-def few_shot(task, shots, seed):
-    """CoOp's few-shot protocol: `shots` train images per class, drawn at random with `seed`.
-    Returns indices into task.train (class by class). A class with fewer images is named."""
+def few_shot(task, shots, seed, all_of_smaller_classes=False):
+    """CoOp's few-shot protocol (CraFT's shots, CoFT's labelled shots): `shots` train images per
+    class, drawn at random with `seed`. Returns indices into task.train (class by class). A class
+    with fewer images is refused by name, or taken whole with all_of_smaller_classes."""
     y = torch.tensor([label for _, label in task.train])
     g = torch.Generator().manual_seed(seed)
     picked = []
     for k, name in enumerate(task.classnames):
         idx = (y == k).nonzero().squeeze(1)
-        if len(idx) < shots:
+        if len(idx) < shots and not all_of_smaller_classes:
             fewest = min(int((y == c).sum()) for c in range(len(task.classnames)))
             raise DataError(f"--shots {shots}: class {name!r} of {task.name} has only {len(idx)} train images; "
                             f"use --shots {fewest} or fewer")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms.functional import to_pil_image
 
-import train
+import runs
 from data import DataError, load_image
 
 
@@ -99,7 +99,7 @@ def ask_class_prompts(classnames, api_base, model, api_key=None, n=10, chunk=25,
 
 def write_class_prompts(path, classnames, api_base, model, api_key=None, n=10):
     """Generate, validate, then write atomically: a bad reply never leaves a partial file."""
-    return train.write_json(ask_class_prompts(classnames, api_base, model, api_key, n), path)
+    return runs.write_json(ask_class_prompts(classnames, api_base, model, api_key, n), path)
 
 
 def read_class_prompts(path, classnames):

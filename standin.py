@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import clip_model
+import ddp
+import runs
 import train
 from data import DIGIT_NAMES, digits_to_images
 
@@ -338,7 +340,7 @@ def pretrain(model, steps, batch, lr, weight_decay, warmup, seed, log_every=50, 
         images, labels, captions = batch
         tokens = clip_model.tokenize(captions, model.context_length, truncate=True)
         v, t = model.encode_image((images - mean) / std), model.encode_text(tokens)
-        return clip_loss(v, t, model.logit_scale.exp(), labels), {}
+        return {"loss": (clip_loss(v, t, model.logit_scale.exp(), labels), len(labels))}
 
     history = train.fit(model, contrastive_step, lambda epoch: RenderedBatches(batch, steps, seed,
                         model.visual.resolution), 1, opt, schedule, "cpu", seed, precision="fp32",
@@ -371,7 +373,7 @@ def build(cache_dir=None, rebuild=False, settings=None):
     pretrain(model, **settings)
     print(f"  pretraining took {time.time() - t0:.0f}s", flush=True)
     file.parent.mkdir(parents=True, exist_ok=True)
-    train.atomic_save(model.state_dict(), file)
+    runs.atomic_save(model.state_dict(), file)
     return file
 
 
@@ -379,12 +381,12 @@ def resolve(name, cache_dir=None):
     """A --clip value -> the checkpoint file clip_model.load reads: "demo" -> the stand-in's
     (pretrained on first use), a released model's name -> its file in the cache (downloaded on
     first use, sha256 checked), a file path unchanged. Under torchrun rank 0 fills the cache
-    first and the other processes then read it (train.rank0_first)."""
+    first and the other processes then read it (ddp.rank0_first)."""
     def fetch():
         if name == NAME:
             return build(cache_dir)
         return clip_model.checkpoint_path(name) if name in clip_model.CHECKPOINTS else name
-    return train.rank0_first(fetch)
+    return ddp.rank0_first(fetch)
 
 
 def check_backbone(flag, name):

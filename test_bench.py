@@ -48,7 +48,8 @@ def test_bench_reference_side_by_side(capsys):
 
 
 def test_vit_flops_known_value():
-    # ViT-B/16 at 224px: ~35.1 GFLOPs forward (../shared/spec/clip-and-data.md) without the projection
+    # ViT-B/16 at 224px, counted by hand: 12 blocks of 197 tokens, 768 wide (QKV, output, MLP and attention
+    # products) plus the patch embedding, ~17.6 G multiply-adds = ~35.1 GFLOPs forward, without the projection
     assert bench.vit_flops(cm.CONFIGS["ViT-B/16"]) / 1e9 == pytest.approx(35.1, rel=0.02)
 
 
@@ -81,7 +82,7 @@ def test_bench_ddp_scaling_inputs_and_estimate(capsys):
     trainable parameters (the gradient DDP sends): for tiny-vit with 1000 classes, counted here."""
     bench.main(["--sections", "ddp", "--models", "tiny-vit", "--batch", "4", "--steps", "1", "--device", "cpu"])
     out = capsys.readouterr().out
-    ft = bench.coft.FineTuned(cm.CLIP(cm.CONFIGS["tiny-vit"]).visual, 1000)
+    ft = bench.cm.ImageClassifier(cm.CLIP(cm.CONFIGS["tiny-vit"]).visual, 1000)
     mib = sum(p.numel() for p in ft.parameters()) * 4 / 2 ** 20
     assert f"all-reduce of its gradient ({mib:.0f} MiB fp32), 2 processes, gloo" in out
     assert [f"{n} processes, global batch 4 ({4 / n:g} each)" in out for n in (2, 4, 8)] == [True] * 3

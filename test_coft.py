@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,10 @@ import torch.nn.functional as F
 import clip_model as cm
 import coft
 import data
+import runs
 import train
-from conftest import (as_torchrun, assert_one_error_line, cli_as_process, make_dtd, make_imagefolder, one_line_error,
-                      randomized, run_sh, same_run, torchrun, write_image)
+from conftest import (as_torchrun, assert_one_error_line, cli_as_process, fit_arguments, make_dtd, make_imagefolder,
+                      one_line_error, randomized, run_sh, same_run, stage_of, torchrun, write_image)
 
 
 
@@ -44,10 +44,15 @@ def random_scores(B=6, C=5, seed=0):
         torch.randint(0, C, (B,), generator=g)
 
 
+def complements(y, C, seed=0):
+    """Complement labels drawn as the Phase-I step draws them: one uniform shift in 1..C-1 per sample."""
+    return coft.complement_labels(y, C, torch.randint(1, C, y.shape, generator=torch.Generator().manual_seed(seed)))
+
+
 def test_losses_match_direct_recomputation():
     s_pos, s_neg, y = random_scores()
     tau = 0.1  # direct exp() below stays finite; the implementation is stable at any tau
-    yc = coft.complement_labels(y, 5, torch.Generator().manual_seed(1))
+    yc = complements(y, 5, seed=1)
     assert (yc != y).all() and (yc >= 0).all() and (yc < 5).all()
     # L1: -log softmax of the true class, written out
     l1 = torch.stack([-(s_pos[i, y[i]] / tau - torch.logsumexp(s_pos[i] / tau, 0)) for i in range(6)]).mean()
@@ -64,7 +69,7 @@ def test_losses_match_direct_recomputation():
 
 def test_complement_labels_are_uniform_over_other_classes():
     y = torch.zeros(20000, dtype=torch.long)
-    yc = coft.complement_labels(y, 5, torch.Generator().manual_seed(0))
+    yc = complements(y, 5)
     counts = torch.bincount(yc, minlength=5)
     assert counts[0] == 0 and (counts[1:] - 5000).abs().max() < 300
 
@@ -88,6 +93,66 @@ def test_collaborative_filter_is_exactly_peer_margin():
     mask = coft.collaborative_filter(y_a, s_pos_b, s_neg_b)
     expected = [bool(s_pos_b[i, y_a[i]] > s_neg_b[i, y_a[i]]) for i in range(50)]
     assert mask.tolist() == expected and 0 < sum(expected) < 50
+
+
+COPY_CHECK = """
+import sys
+import torch
+import torch.nn.functional as F
+import clip_model
+import coft_method as m
+assert not {"data", "train", "runs", "ddp", "standin", "llm", "coft"} & set(sys.modules)
+torch.manual_seed(0)
+clip = clip_model.tiny_clip("tiny-vit", seed=0).eval()
+model = m.DualPromptModel(clip, ["cat", "dog", "bird"], M=4, vpt_tokens=2)
+x, y = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2])
+y_c = m.complement_labels(y, 3, torch.randint(1, 3, y.shape, generator=torch.Generator().manual_seed(2)))
+l1, l2 = m.phase1_losses(model, x, y, y_c, 0.01)
+(l1 + l2).backward()
+v, t_pos, t_neg = model(x)
+s_pos, s_neg = clip_model.similarity(v, t_pos), clip_model.similarity(v, t_neg)
+idx, y_star = m.topk_per_class((s_pos / 0.01).softmax(1), 1)
+keep = m.collaborative_filter(s_pos.argmax(1), s_pos, s_neg)
+ft = clip_model.ImageClassifier(clip.visual, 3, t_pos.detach(), 100.0)
+mc = m.MomentumContrast(ft, size=4)
+nce = [mc(x[:3], x[3:], torch.arange(3)), mc(x[3:], x[:3], torch.arange(3, 6))]
+torch.save({"l1": l1, "l2": l2, "grad": model.prompts.ctx_neg.grad, "idx": idx, "y_star": y_star, "keep": keep,
+            "logits": ft(x), "nce": torch.stack(nce), "queue": mc.queue}, sys.argv[1])
+"""
+
+
+def test_the_method_runs_with_torch_and_clip_model_alone(tmp_path):
+    """The top of coft.py (down to its "Everything above is the method" line: prompt learner,
+    VPT, losses, filter, Phase-II classifier, queue) copied beside clip_model.py into an empty
+    folder runs one Phase-I step, the filter, the classifier and two CoFT+ contrast steps with
+    no other module of this project importable, and gives the numbers the repository's coft.py
+    gives."""
+    import subprocess
+    import sys
+    source = Path(coft.__file__).read_text()
+    core = source[:source.index("# ====")]
+    assert "Everything above is the method" in source[source.index("# ===="):][:200]
+    (tmp_path / "coft_method.py").write_text(core)
+    shutil.copy(cm.__file__, tmp_path / "clip_model.py")
+    shutil.copytree(Path(cm.__file__).parent / "assets", tmp_path / "assets")
+    (tmp_path / "check.py").write_text(COPY_CHECK)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "check.py", str(tmp_path / "copied.pt")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    copied = torch.load(tmp_path / "copied.pt")
+    # the same steps with the repository's own modules
+    sys.modules["coft_method"] = coft
+    try:
+        here = {}
+        exec(COPY_CHECK.replace("sys.argv[1]", "'" + str(tmp_path / "here.pt") + "'").replace(
+            'assert not {"data", "train", "runs", "ddp", "standin", "llm", "coft"} & set(sys.modules)', ""), here)
+    finally:
+        del sys.modules["coft_method"]
+    ours = torch.load(tmp_path / "here.pt")
+    assert copied.keys() == ours.keys()
+    for k in ours:
+        assert torch.equal(copied[k], ours[k]), k
 
 
 def tiny_backbone(name="tiny-vit", seed=0):
@@ -138,8 +203,8 @@ def test_phase1_trains_only_prompts_and_vpt(name):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):  # two steps: the adapter's zero-initialised `up` blocks `down`'s first gradient
         opt.zero_grad()
-        loss, terms = coft.phase1_loss(model, x, y, tau=0.01)
-        loss.backward()
+        l1, l2 = coft.phase1_losses(model, x, y, complements(y, 3), tau=0.01)
+        (l1 + l2).backward()
         opt.step()
     assert all(not torch.equal(start[n], p) for n, p in model.named_parameters()), "every Phase-I part moves"
     assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items()), "the backbone must stay frozen"
@@ -157,7 +222,8 @@ def test_l2_reaches_everything_unless_detached_as_in_deft():
 
     def grads(lam, detach):
         model.zero_grad()
-        loss, _ = coft.phase1_loss(model, x, y, 0.01, lam, detach, torch.Generator().manual_seed(0))
+        l1, l2 = coft.phase1_losses(model, x, y, complements(y, 3), 0.01, detach)
+        loss = l1 + lam * l2
         loss.backward()
         g = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
         return loss.detach(), g
@@ -231,14 +297,14 @@ def test_similarity_logits_are_fp32_under_bf16_autocast():
     y = torch.tensor([0, 1, 2, 0] * 4)
     with torch.autocast(**bf16):
         v, t_pos, t_neg = model(x)
-        loss, _ = coft.phase1_loss(model, x, y, tau, generator=torch.Generator().manual_seed(3))
+        yc = complements(y, 3, seed=3)
+        loss = sum(coft.phase1_losses(model, x, y, yc, tau))
     v, t_pos, t_neg = v.double(), t_pos.double(), t_neg.double()
     s_pos, s_neg = v @ t_pos.t(), v @ t_neg.t()
-    yc = coft.complement_labels(y, 3, torch.Generator().manual_seed(3))
     ref = F.cross_entropy(s_pos / tau, y) + coft.loss_l2(s_pos, s_neg, y, yc, tau)
     assert close(loss, ref)
 
-    ft = coft.FineTuned(clip.visual, 3, W, 1 / tau)
+    ft = cm.ImageClassifier(clip.visual, 3, W, 1 / tau)
     mc = coft.MomentumContrast(ft, size=8)
     mc.enqueue(F.normalize(torch.randn(8, clip.cfg.embed_dim), dim=-1), torch.arange(8) + 100)
     with torch.no_grad(), torch.autocast(**bf16):
@@ -253,7 +319,7 @@ def test_similarity_logits_are_fp32_under_bf16_autocast():
 def test_head_init_reproduces_prompt_classifier():
     clip = tiny_backbone()
     text = F.normalize(torch.randn(3, clip.cfg.embed_dim), dim=-1)
-    ft = coft.FineTuned(clip.visual, 3, text, clip.logit_scale.exp().item())
+    ft = cm.ImageClassifier(clip.visual, 3, text, clip.logit_scale.exp().item())
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         ref = clip.logit_scale.exp() * F.normalize(clip.encode_image(x), dim=-1) @ text.t()
@@ -264,7 +330,7 @@ def test_head_init_reproduces_prompt_classifier():
 def test_phase2_changes_the_encoder_not_the_frozen_backbone(name):
     clip = tiny_backbone(name)
     before = {k: v.clone() for k, v in clip.state_dict().items()}
-    ft = coft.FineTuned(clip.visual, 3, None).train()
+    ft = cm.ImageClassifier(clip.visual, 3, None).train()
     enc0 = {k: v.clone() for k, v in ft.visual.state_dict().items()}
     opt = torch.optim.SGD(ft.parameters(), lr=0.1)
     F.cross_entropy(ft(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
@@ -363,7 +429,7 @@ def test_end_to_end_writes_every_metric(tmp_path, pretrained_tiny):
 def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, pretrained_tiny):
     ckpt = pretrained_tiny[0]
     full = run_coft(tmp_path, out="full", ckpt=ckpt)
-    real_save, calls = train.atomic_save, []
+    real_save, calls = runs.atomic_save, []
 
     def dying_save(obj, path):
         calls.append(Path(path).name)
@@ -371,10 +437,10 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, 
         if Path(path).name == "branch1.ckpt":  # killed (Ctrl-C) right after branch 1's first epoch checkpoint
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "atomic_save", dying_save)
+    monkeypatch.setattr(runs, "atomic_save", dying_save)
     with pytest.raises(SystemExit) as e:
         run_coft(tmp_path, out="killed", ckpt=ckpt)
-    monkeypatch.setattr(train, "atomic_save", real_save)
+    monkeypatch.setattr(runs, "atomic_save", real_save)
     assert e.value.code == 130 and not (tmp_path / "killed" / "stages" / "branch1.pt").exists()
     resumed = run_coft(tmp_path, "--resume", out="killed", ckpt=ckpt)
     assert numbers(resumed) == numbers(full)
@@ -387,19 +453,18 @@ def record_draws(monkeypatch):
     """Patches train.fit to record, per stage, what every step drew: its batch's image indices
     in order, the augmented images, and the state of the step's generator (complement labels)
     and of torch's global generator as the step starts."""
-    import inspect
-    real_fit, seen = TRAIN_FIT, {}  # a later call replaces an earlier recording
+    seen = {}
 
     def recording_fit(*a, **kw):
-        bound = inspect.signature(real_fit).bind(*a, **kw)
-        steps = seen.setdefault(bound.arguments["record"]["stage"], [])
-        step_fn = bound.arguments["step_fn"]
+        fit_args = fit_arguments(*a, **kw)
+        steps, step_fn = seen.setdefault(stage_of(fit_args), []), fit_args["step_fn"]
 
-        def step(model, b, g):
-            steps.append({"idx": b[2].clone(), "x": b[0].clone(), "gen": g.get_state(), "rng": torch.get_rng_state()})
-            return step_fn(model, b, g)
-        bound.arguments["step_fn"] = step
-        return real_fit(*bound.args, **bound.kwargs)
+        def step(model, b, draws):
+            steps.append({"idx": b[2].clone(), "x": b[0].clone(), "gen": draws.generator.get_state(),
+                          "rng": torch.get_rng_state()})
+            return step_fn(model, b, draws)
+        fit_args["step_fn"] = step
+        return TRAIN_FIT(**fit_args)  # a later call replaces an earlier recording
     monkeypatch.setattr(train, "fit", recording_fit)
     return seen
 
@@ -430,17 +495,17 @@ def test_every_epoch_draws_anew_and_a_resumed_epoch_draws_as_uninterrupted(tmp_p
         assert sum(not torch.equal(x[0][i], x[1][i]) for i in common) > 0.8 * len(common), tag
         assert not torch.equal(first[0]["gen"], second[0]["gen"]), tag
         assert not torch.equal(first[0]["rng"], second[0]["rng"]), tag
-    real_save = train.atomic_save
+    real_save = runs.atomic_save
 
     def dying_save(obj, path):
         real_save(obj, path)
         if Path(path).name == "branch1.ckpt":  # Ctrl-C right after branch 1's first epoch checkpoint
             raise KeyboardInterrupt
-    monkeypatch.setattr(train, "atomic_save", dying_save)
+    monkeypatch.setattr(runs, "atomic_save", dying_save)
     killed = record_draws(monkeypatch)
     with pytest.raises(SystemExit):
         run_coft(tmp_path, *argv, out="killed", ckpt=ckpt)
-    monkeypatch.setattr(train, "atomic_save", real_save)
+    monkeypatch.setattr(runs, "atomic_save", real_save)
     resumed = record_draws(monkeypatch)
     run_coft(tmp_path, *argv, "--resume", out="killed", ckpt=ckpt)
     n = len(full["branch1"]) // 2
@@ -501,7 +566,7 @@ def audited_run(tmp_path_factory, pretrained_tiny):
     heads, real_fit = [], train.fit
 
     def recording_fit(model, *a, **kw):
-        if isinstance(model, coft.FineTuned):
+        if isinstance(model, cm.ImageClassifier):
             heads.append(model.head.weight.detach().clone())
         return real_fit(model, *a, **kw)
 
@@ -512,7 +577,7 @@ def audited_run(tmp_path_factory, pretrained_tiny):
 
 
 def phase1_scores_by_hand(run_dir, clip, r, m, X):
-    model = coft.DualPromptModel(clip, data.DIGIT_CLASSNAMES, 4, None, 2, True)
+    model = coft.DualPromptModel(clip, data.DIGIT_NAMES, 4, None, 2, True)
     model.load_state_dict(stage_state(run_dir, f"phase1_round{r}_model{m}"))
     with torch.no_grad():
         t_pos, t_neg = model.prompts(clip)
@@ -584,7 +649,7 @@ def test_audit_rounds_filter_heads_and_ensemble(audited_run):
         assert m[f"phase1_model{mm}_acc"] == pytest.approx(acc(s_test.argmax(1), y_test))
     probs = []
     for a in (1, 2):
-        ft = coft.FineTuned(clip.visual, 10)
+        ft = cm.ImageClassifier(clip.visual, 10)
         ft.load_state_dict(stage_state(run_dir, f"branch{a}"))
         with torch.no_grad():
             logits = ft.eval()(X_test)
@@ -603,7 +668,7 @@ def test_branches_draw_their_own_batches_and_augmentations(tmp_path, pretrained_
     first, real_fit = [], train.fit
 
     def recording_fit(model, step_fn, *a, **kw):
-        if not isinstance(model, coft.FineTuned):
+        if not isinstance(model, cm.ImageClassifier):
             return real_fit(model, step_fn, *a, **kw)
         seen = []
         first.append(seen)
@@ -628,7 +693,7 @@ def test_topk_baseline_and_resnet_backbone(tmp_path):
     assert "phase1_model1_acc" not in m
     # the baseline's number is its saved model's accuracy on the test images, fine-tuned on S*
     clip = cm.load(str(tmp_path / "tiny-rn.pt"))[0]
-    ft = coft.FineTuned(clip.visual, 10)
+    ft = cm.ImageClassifier(clip.visual, 10)
     ft.load_state_dict(stage_state(tmp_path / "run", "topk"))
     _, _, _, X_test, y_test = digit_tensors()
     with torch.no_grad():
@@ -675,7 +740,7 @@ def test_self_training_relabels_with_its_own_model_above_the_threshold(tmp_path,
         labellers = [(clip.logit_scale.exp() * F.normalize(clip.encode_image(X_train), dim=-1) @ T.t()).softmax(1)]
     models = []
     for r in (1, 2):
-        ft = coft.FineTuned(clip.visual, 10)
+        ft = cm.ImageClassifier(clip.visual, 10)
         ft.load_state_dict(stage_state(tmp_path / "run", f"selftrain_round{r}"))
         with torch.no_grad():
             labellers.append(ft.eval()(X_train).softmax(1))
@@ -716,7 +781,7 @@ def test_labelled_shots_join_the_seed_set_and_both_clean_sets(tmp_path, pretrain
             assert truth <= set(pairs(idx, y)) and len(set(idx.tolist())) == len(idx)  # no image twice
     for idx, y in zip(pl["clean"], pl["clean_labels"]):
         assert truth <= set(pairs(idx, y))
-    assert not torch.equal(L, coft.labelled_shots(y_train, 2, coft.seed_of(1, "labelled shots")))  # seed-dependent
+    assert not torch.equal(L, data.few_shot(data.digits_task(), 2, coft.seed_of(1, "labelled shots"), True))
     # --method shots: fine-tuned on exactly these images and labels
     trained_on = record_training_sets(monkeypatch)
     m = run_coft(tmp_path, "--labelled-shots", "2", "--method", "shots", ckpt=pretrained_tiny[0], out="shots")
@@ -837,7 +902,7 @@ def test_a_stage_file_or_checkpoint_is_used_only_under_its_own_record(tmp_path, 
     # an epoch checkpoint likewise (as if killed mid-stage)
     (a / "phase1_round1_model2.pt").unlink()
     state = torch.load(b / "phase1_round1_model2.pt", weights_only=True)
-    train.atomic_save({"epoch": 0, "record": state["record"], "model": state["model"]}, a / "phase1_round1_model2.ckpt")
+    runs.atomic_save({"epoch": 0, "record": state["record"], "model": state["model"]}, a / "phase1_round1_model2.ckpt")
     assert "phase1_round1_model2.ckpt was made with other settings" in cli_error(
         capsys, *run_args(tmp_path, *SHORT, "--resume", out="a"))
     # a truncated stage file or checkpoint, on --resume and on --eval-only: one line naming the file
@@ -896,8 +961,8 @@ def test_results_do_not_depend_on_the_worker_count(tmp_path, pretrained_tiny):
 
 
 def test_a_nan_loss_ends_the_cli_with_one_line(tmp_path, capsys, monkeypatch):
-    real = coft.phase1_loss
-    monkeypatch.setattr(coft, "phase1_loss", lambda *a, **kw: (lambda l, t: (l * float("nan"), t))(*real(*a, **kw)))
+    real = coft.phase1_losses
+    monkeypatch.setattr(coft, "phase1_losses", lambda *a, **kw: (lambda l1, l2: (l1 * float("nan"), l2))(*real(*a, **kw)))
     err = cli_error(capsys, *run_args(tmp_path, *SHORT))
     assert "phase I round 1 model 1: non-finite loss nan" in err and "step 1 of" in err
     assert not (tmp_path / "run" / "metrics.json").exists()
@@ -976,7 +1041,7 @@ def test_run_sh_refuses_unknown_arguments_and_lists_missing_datasets_up_front(tm
 
 def tiny_finetuned(seed=0):
     clip = tiny_backbone(seed=seed)
-    return coft.FineTuned(clip.visual, 3, F.normalize(torch.randn(3, clip.cfg.embed_dim), dim=-1))
+    return cm.ImageClassifier(clip.visual, 3, F.normalize(torch.randn(3, clip.cfg.embed_dim), dim=-1))
 
 
 def test_queue_wraps_around_and_overwrites_the_oldest():
@@ -1070,13 +1135,13 @@ def test_keys_enter_the_queue_after_the_loss():
 
 
 def test_llm_prompts_drive_the_zero_shot_pass(tmp_path, pretrained_tiny):
-    prompts = {c: [f"a photo of the number {c}.", f"the digit {c}"] for c in data.DIGIT_CLASSNAMES}
+    prompts = {c: [f"a photo of the number {c}.", f"the digit {c}"] for c in data.DIGIT_NAMES}
     (tmp_path / "p.json").write_text(json.dumps(prompts))
     m = run_coft(tmp_path, "--llm-prompts", str(tmp_path / "p.json"), "--phase", "1", ckpt=pretrained_tiny[0])
     clip, _ = cm.load(str(pretrained_tiny[0]))
     with torch.no_grad():  # each class: the mean of its prompts' normalised embeddings, by hand
         W = torch.stack([F.normalize(F.normalize(clip.encode_text(cm.tokenize(prompts[c], clip.context_length)),
-                                                 dim=-1).mean(0), dim=0) for c in data.DIGIT_CLASSNAMES])
+                                                 dim=-1).mean(0), dim=0) for c in data.DIGIT_NAMES])
     task = data.digits_task()
     x = torch.stack([data.make_transform("test", 32, task)(img) for img, _ in task.test])
     y = torch.tensor([label for _, label in task.test])
@@ -1114,7 +1179,7 @@ def test_rounds_restart_from_pretrained_weights(tmp_path, pretrained_tiny, monke
     # round 2's start is a fresh draw: re-creating the model under round 2's seed gives it exactly
     clip = cm.load(str(pretrained_tiny[0]))[0]  # (building a model draws random numbers: before seeding)
     torch.manual_seed(coft.seed_of(0, "init", 2, 1))
-    fresh = coft.DualPromptModel(clip, data.DIGIT_CLASSNAMES, 4, None, 2, True)
+    fresh = coft.DualPromptModel(clip, data.DIGIT_NAMES, 4, None, 2, True)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in r2m1_start.items())
     assert m["rounds"][1]["model1_seed_set"]["size"] > 0
 
@@ -1128,7 +1193,7 @@ def test_plus_end_to_end_and_resume_restores_queue_and_momentum_encoder(tmp_path
         queries.append(idx.clone())
         return real_nce(self, q, k, idx, *rest)
 
-    real_save, saved = train.atomic_save, {}
+    real_save, saved = runs.atomic_save, {}
 
     def recording_save(obj, path):  # the last epoch checkpoint of branch 1 (deleted once the stage is saved)
         if Path(path).name == "branch1.ckpt":
@@ -1136,10 +1201,10 @@ def test_plus_end_to_end_and_resume_restores_queue_and_momentum_encoder(tmp_path
         real_save(obj, path)
 
     monkeypatch.setattr(coft.MomentumContrast, "info_nce", recording_nce)
-    monkeypatch.setattr(train, "atomic_save", recording_save)
+    monkeypatch.setattr(runs, "atomic_save", recording_save)
     full = run_coft(tmp_path, *plus, out="full", ckpt=ckpt)
     monkeypatch.setattr(coft.MomentumContrast, "info_nce", real_nce)
-    monkeypatch.setattr(train, "atomic_save", real_save)
+    monkeypatch.setattr(runs, "atomic_save", real_save)
     assert full["method"] == "coft+" and full["parts"] == {"rounds": 2, "contrast": True,
                                                            "zero_shot_prompts": "ensemble"}
     # each epoch of each branch is one pass over all 899 unlabelled images: ceil(899 / 64) = 15 steps
@@ -1150,17 +1215,17 @@ def test_plus_end_to_end_and_resume_restores_queue_and_momentum_encoder(tmp_path
     assert not (tmp_path / "full" / "stages" / "branch1.ckpt").exists()  # superseded by stages/branch1.pt
     assert state["count"] == 100 and any(k.startswith("key_model.visual.") for k in state)
     assert state["queue_idx"].min() >= 0 and len(set(state["queue_idx"].tolist())) == 100
-    real_save = train.atomic_save
+    real_save = runs.atomic_save
 
     def dying_save(obj, path):
         real_save(obj, path)
         if Path(path).name == "branch1.ckpt":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "atomic_save", dying_save)
+    monkeypatch.setattr(runs, "atomic_save", dying_save)
     with pytest.raises(SystemExit):
         run_coft(tmp_path, *plus, out="killed", ckpt=ckpt)
-    monkeypatch.setattr(train, "atomic_save", real_save)
+    monkeypatch.setattr(runs, "atomic_save", real_save)
     resumed = run_coft(tmp_path, *plus, "--resume", out="killed", ckpt=ckpt)
     assert numbers(resumed) == numbers(full)
 
@@ -1324,6 +1389,6 @@ def test_sync_bn_converts_phase2_batchnorm_and_changes_nothing_in_a_plain_run(tm
     monkeypatch.setattr(train, "fit", recording_fit)
     plain = run_coft(tmp_path, "--method", "topk", name="tiny-rn", out="plain")
     synced = run_coft(tmp_path, "--method", "topk", "--sync-bn", name="tiny-rn", out="sync")
-    assert "SyncBatchNorm" not in towers[0] and {"SyncBatchNorm", "FineTuned"} <= towers[1]
+    assert "SyncBatchNorm" not in towers[0] and {"SyncBatchNorm", "ImageClassifier"} <= towers[1]
     assert "BatchNorm2d" not in towers[1]
     assert numbers(synced) == numbers(plain)

@@ -152,6 +152,11 @@ def test_few_shot_sampling():
     assert torch.equal(data.few_shot(task, 2, 0), a.view(10, 4)[:, :2].flatten())  # shots nest within a seed
     with pytest.raises(data.DataError, match="class 'zero' of digits has only 89 train images; use --shots 87 or fewer"):
         data.few_shot(task, 90, 0)
+    # CoFT's labelled shots: a smaller class is taken whole, the others drawn as before
+    whole = data.few_shot(task, 90, 0, all_of_smaller_classes=True)
+    sizes = torch.bincount(y, minlength=10)
+    assert torch.equal(torch.bincount(y[whole], minlength=10), sizes.clamp(max=90)) and len(set(whole.tolist())) == len(whole)
+    assert torch.equal(data.few_shot(task, 4, 0, all_of_smaller_classes=True), a)
 
 
 # ---- a run, end to end (tiny)

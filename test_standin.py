@@ -17,7 +17,7 @@ def test_standin_pretraining_learns(pretrained_tiny):
     x, y, _ = standin.render_digits(500, seed=12345)
     mean, std = torch.tensor(cm.CLIP_MEAN).view(3, 1, 1), torch.tensor(cm.CLIP_STD).view(3, 1, 1)
     with torch.no_grad():
-        W = cm.text_classifier(model, cm.class_prompts(data.DIGIT_CLASSNAMES, [data.DIGITS_TEMPLATE]), "cpu")
+        W = cm.text_classifier(model, cm.class_prompts(data.DIGIT_NAMES, [data.DIGITS_TEMPLATE]), "cpu")
         acc = (F.normalize(model.encode_image((x - mean) / std), dim=-1) @ W.t()).argmax(1).eq(y).float().mean()
     assert acc > 0.2, acc
 
@@ -109,7 +109,7 @@ def test_every_caption_names_its_digit_and_only_it():
 def test_zero_shot_prompts_match_the_captions():
     assert len(standin.CAPTION_TEMPLATES) >= 12
     assert data.DIGITS_TEMPLATE.replace("{}", "{d}") in standin.CAPTION_TEMPLATES
-    for c, name in enumerate(data.DIGIT_CLASSNAMES):
+    for c, name in enumerate(data.DIGIT_NAMES):
         assert _names_in(data.DIGITS_TEMPLATE.format(name)) == {c}
 
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import ddp
+import runs
 import train
 
 
@@ -21,7 +23,7 @@ def test_fit_reports_pre_clip_norms_and_takes_the_clipped_step(clip_grad):
     model.w = torch.nn.Parameter(torch.zeros(2))
     g = [torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4]), torch.tensor([6.0, 8.0])]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)  # no momentum, no weight decay
-    history = train.fit(model, lambda mdl, b, gen: ((mdl.w * b[0][0]).sum(), {}), lambda e: [(x[None],) for x in g],
+    history = train.fit(model, lambda mdl, b, _: {"loss": ((mdl.w * b[0][0]).sum(), 1)}, lambda e: [(x[None],) for x in g],
                         1, opt, train.warmup_epochs_then_cosine(0), torch.device("cpu"), 0, clip_grad=clip_grad,
                         log_every=0)
     norms = history["grad_norm"]
@@ -65,20 +67,20 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     model = torch.nn.Linear(2, 1)
     batches = [(torch.ones(1, 2),)] * 3
 
-    def step(mdl, b, gen):  # finite during epoch 1, NaN at the 2nd step of epoch 2
+    def step(mdl, b, draws):  # finite during epoch 1, NaN at the 2nd step of epoch 2
         loss = mdl(b[0]).sum()
-        return (loss * float("nan") if step.calls == 5 else loss), {}
+        return {"loss": (loss * float("nan") if step.calls == 5 else loss, 1)}
     step.calls = 0
 
-    def counted(mdl, b, gen):
+    def counted(mdl, b, draws):
         step.calls += 1
-        return step(mdl, b, gen)
+        return step(mdl, b, draws)
 
     ckpt = tmp_path / "s.ckpt"
     with pytest.raises(train.RunError, match=r"stage x: non-finite loss nan .* at step 5 of 6 \(epoch 2\).*"
                                              r"last good checkpoint is .*s.ckpt \(epoch 1\)"):
         train.fit(model, counted, lambda e: batches, 2, train.sgd(model, 0.1), train.warmup_epochs_then_cosine(1),
-                  torch.device("cpu"), 0, ckpt=ckpt, tag="stage x", log_every=0)
+                  torch.device("cpu"), 0, checkpoint=runs.Checkpoint(ckpt, None, False), tag="stage x", log_every=0)
     saved = torch.load(ckpt, weights_only=False)
     assert saved["epoch"] == 0 and torch.isfinite(saved["model"]["weight"]).all()
     assert torch.isfinite(model.weight).all()  # the NaN never reached the weights
@@ -99,8 +101,8 @@ def test_precision_settings():
 
 
 def test_imports_run_one_way():
-    """clip_model and train import nothing from the project; data only clip_model; no module
-    imports a method (coft, bench), so the siblings can sit beside coft.py."""
+    """clip_model and ddp import nothing from the project, train only ddp; data only clip_model;
+    no library imports a method (coft, craft, vecaf, bench), nor a method another method."""
     import ast
     from pathlib import Path
     root = Path(train.__file__).parent
@@ -112,11 +114,15 @@ def test_imports_run_one_way():
         names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         return names & local
 
-    assert imports("clip_model") == set() and imports("train") == set()
+    assert imports("clip_model") == imports("ddp") == set() and imports("train") == {"ddp"}
+    assert imports("runs") == {"ddp", "train"}
     assert imports("data") == {"clip_model"}
-    assert imports("standin") == {"clip_model", "data", "train"}
-    assert imports("llm") <= {"data", "train"}
-    assert "coft" not in set().union(*(imports(m) for m in ("clip_model", "data", "standin", "train", "llm")))
+    assert imports("standin") <= {"clip_model", "data", "ddp", "runs", "train"}
+    assert imports("llm") <= {"data", "runs"}
+    libraries = ("clip_model", "data", "standin", "train", "ddp", "runs", "llm")
+    assert not {"coft", "craft", "vecaf", "bench"} & set().union(*(imports(m) for m in libraries))
+    methods = {"coft", "craft", "vecaf"}
+    assert all(not (methods - {m}) & imports(m) for m in methods)  # a sibling method depends on no other
 
 
 def test_fit_collects_after_epoch_values_and_keeps_them_across_a_resume(tmp_path):
@@ -125,8 +131,8 @@ def test_fit_collects_after_epoch_values_and_keeps_them_across_a_resume(tmp_path
         model = torch.nn.Linear(2, 1)
         return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
-    def loss(m, b, g):
-        return m(b[0]).pow(2).mean(), {}
+    def loss(m, b, _):
+        return {"loss": (m(b[0]).pow(2).mean(), len(b[0]))}
     batches = lambda e: [(torch.ones(3, 2) * (e + 1),)]  # noqa: E731
     seen = []
 
@@ -145,17 +151,17 @@ def test_fit_collects_after_epoch_values_and_keeps_them_across_a_resume(tmp_path
             raise KeyboardInterrupt
         return after(epoch, m)
     with pytest.raises(KeyboardInterrupt):
-        train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0, ckpt=ckpt,
-                  record={"r": 1}, log_every=0, after_epoch=dies_in_epoch_1)
+        train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0,
+                  checkpoint=runs.Checkpoint(ckpt, {"r": 1}, False), log_every=0, after_epoch=dies_in_epoch_1)
     model, opt = make()
-    resumed = train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0, ckpt=ckpt,
-                        resume=True, record={"r": 1}, log_every=0, after_epoch=after)
+    resumed = train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0,
+                        checkpoint=runs.Checkpoint(ckpt, {"r": 1}, True), log_every=0, after_epoch=after)
     assert resumed == full
 
 
 def test_shards_cover_the_range_in_order():
     for n, w in ((7, 2), (10, 3), (2, 4), (0, 2)):
-        parts = [list(train.shard(n, r, w)) for r in range(w)]
+        parts = [list(ddp.shard(n, r, w)) for r in range(w)]
         assert sum(parts, []) == list(range(n)) and max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
@@ -184,7 +190,7 @@ def score_in_two_processes(rank, tmp):
     try:
         weight = torch.arange(8.0).reshape(4, 2)
         out = context(tmp).scores(lambda x: x @ weight, Numbered(7))
-        torch.save((train.world(), out), f"{tmp}/rank{rank}.pt")
+        torch.save((ddp.world(), out), f"{tmp}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
@@ -194,7 +200,7 @@ def test_an_evaluation_pass_under_two_processes_equals_one_process(tmp_path):
     get all 7 outputs in index order, equal to the single-process pass."""
     torch.multiprocessing.spawn(score_in_two_processes, args=(str(tmp_path),), nprocs=2)
     expected = context(tmp_path).scores(lambda x: x @ torch.arange(8.0).reshape(4, 2), Numbered(7))
-    assert train.world() == (0, 1) and expected.shape == (7, 2)
+    assert ddp.world() == (0, 1) and expected.shape == (7, 2)
     for rank in (0, 1):
         where, out = torch.load(tmp_path / f"rank{rank}.pt")
         assert where == (rank, 2) and torch.allclose(out, expected)

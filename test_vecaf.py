@@ -12,6 +12,7 @@ import torch
 
 import clip_model as cm
 import data
+import runs
 import train
 import vecaf
 from clip_model import unit
@@ -219,13 +220,13 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     # killed after loop 1 (loop 2 selects on the restored, CEA-moved features), after loop 2's
     # selection, after loop 2's first epoch
     for dies_at in ("loop1.pt", "select2.pt", "loop2.ckpt"):
-        real_save = train.atomic_save
+        real_save = runs.atomic_save
 
         def dying_save(obj, path):
             real_save(obj, path)
             if Path(path).name == dies_at:
                 raise KeyboardInterrupt
-        monkeypatch.setattr(train, "atomic_save", dying_save)
+        monkeypatch.setattr(runs, "atomic_save", dying_save)
         monkeypatch.setattr(vecaf.train, "atomic_save", dying_save)
         with pytest.raises(SystemExit) as e:
             run_vecaf(tmp_path, out=f"killed-{dies_at}")

@@ -35,10 +35,12 @@ import clip_model
 import data
 import llm
 import standin
+import ddp
+import runs
 import train
 from clip_model import unit
-from coft import FineTuned
-from train import RunError, number, seed_of
+from runs import number
+from train import RunError, seed_of
 
 # -----------------------------------------------------------------------------
 # ActiveFT selection, objective-aware (ODS)
@@ -324,8 +326,8 @@ def write_captions(path, pool, classnames, root, api_base, model, api_key=None, 
             continue
         done[k] = llm.caption_image(source, api_base, model, api_key, hint=data.prompt_name(classnames[label]))
         if len(done) % save_every == 0:
-            train.write_json(done, path)
-    return train.write_json(done, path)
+            runs.write_json(done, path)
+    return runs.write_json(done, path)
 
 
 @torch.no_grad()
@@ -383,16 +385,16 @@ class Setup(train.RunContext):
 def read_saved(s, tag):
     """stages/<tag>.pt (a result without a model: features, a selection) if this run saved it
     before, checked against the settings that made it; None where it has to be computed."""
-    path = train.stage_path(s.out, tag)
+    path = runs.stage_path(s.out, tag)
     if not path.exists():
         return None
-    saved = train.read_torch(path)
-    train.check_record(path, saved.get("record") if isinstance(saved, dict) else None, s.record(tag))
+    saved = runs.read_torch(path)
+    runs.check_record(path, saved.get("record") if isinstance(saved, dict) else None, s.record(tag))
     return saved
 
 
 def write_saved(s, tag, **content):
-    train.atomic_save({"record": s.record(tag), **content}, train.stage_path(s.out, tag))
+    runs.atomic_save({"record": s.record(tag), **content}, runs.stage_path(s.out, tag))
 
 
 def pool_features(s):
@@ -437,7 +439,7 @@ def select(s, args, loop, model, bank, taken):
                                args.beta, args.select_batch, w, args.ods_weighting)
             for e in range(args.ensemble if use_ensemble else 1)])  # [E, K, D]
         new = nearest_unique(combine(centroids, args.optimal_up_to), f, taken)
-    new = train.from_rank0(new)  # torchrun: every process fine-tunes on the very same selection
+    new = ddp.from_rank0(new)  # torchrun: every process fine-tunes on the very same selection
     # the picks' mean loss against the free pool's: how far selection leans towards what the model gets wrong
     diagnostics = {"select_s": time.time() - t, "loss_new": losses[new].mean().item(),
                    "loss_pool": losses.mean().item(), "loss_free": losses[~taken].mean().item()}
@@ -446,7 +448,7 @@ def select(s, args, loop, model, bank, taken):
 
 
 def fine_tune(s, args, tag, model, idx, evaluate):
-    """The fine-tuning of one loop (the spec's recipe, and CoFT's Phase-II model and loop: the
+    """The fine-tuning of one loop (the paper's recipe, and CoFT's Phase-II model and loop: the
     image tower + linear head, train.fit): cross-entropy with label smoothing on the selected
     pool images idx with their labels, SGD with momentum, warm-up + cosine, --epochs epochs,
     continuing from `model` (the previous loop's). `evaluate(model)` runs every --eval-every
@@ -458,26 +460,26 @@ def fine_tune(s, args, tag, model, idx, evaluate):
     def batches(epoch):
         return s.loader(train_set, args.batch, (tag, epoch), shuffle=True, drop_last=drop)
 
-    def loss(model, b, g):
-        return train.global_mean(F.cross_entropy(model(b[0]), b[1], label_smoothing=args.label_smoothing),
-                                 len(b[1])), {}
+    def loss(model, b, _):  # cross-entropy with label smoothing on a batch (x, y, index)
+        return {"CE": (F.cross_entropy(model(b[0]), b[1], label_smoothing=args.label_smoothing), len(b[1]))}
 
     def after_epoch(epoch, model):
         return evaluate(model) if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs else None
 
     opt = train.sgd(model, args.lr, args.momentum, args.weight_decay)
     return train.fit(model, loss, batches, args.epochs, opt, train.warmup_epochs_then_cosine(args.warmup_epochs),
-                     s.device, seed_of(s.seed, tag), s.precision, args.clip_grad, train.ckpt_path(s.out, tag),
-                     s.resume, s.record(tag), tag, s.log_every, after_epoch)
+                     s.device, seed_of(s.seed, tag), s.precision, args.clip_grad,
+                     runs.Checkpoint(runs.ckpt_path(s.out, tag), s.record(tag), s.resume), tag, s.log_every,
+                     after_epoch)
 
 
 def last_finished(s, loops):
     """The last loop whose stage file exists (0: none)."""
-    return max((l for l in range(1, loops + 1) if train.stage_path(s.out, f"loop{l}").exists()), default=0)
+    return max((l for l in range(1, loops + 1) if runs.stage_path(s.out, f"loop{l}").exists()), default=0)
 
 
 def active_finetuning(s, args):
-    """The loops (paper Sec. 3; the spec's "Setting"): per loop, select --budget new pool images
+    """The loops (paper Sec. 3 and its experimental setting): per loop, select --budget new pool images
     (earlier picks stay selected), move the new picks' features towards their captions (CEA,
     where the method uses it: the moved features feed the next loops' selection), then fine-tune
     the current model on everything selected so far. Accuracy on the eval split is measured
@@ -487,7 +489,7 @@ def active_finetuning(s, args):
     N = len(s.y_pool)
     W = clip_model.text_classifier(s.clip, clip_model.class_prompts(s.task.classnames, [s.task.templates[0]]),
                                    s.device) if args.head_init == "text" else None
-    model = FineTuned(s.clip.visual, len(s.task.classnames), W, s.clip.logit_scale.exp().item()).to(s.device)
+    model = clip_model.ImageClassifier(s.clip.visual, len(s.task.classnames), W, s.clip.logit_scale.exp().item()).to(s.device)
 
     def evaluate(model):
         return train.accuracy(s.scores(model, s.evaluated), s.y_eval)
@@ -499,7 +501,7 @@ def active_finetuning(s, args):
     s.metrics["zero_shot_acc"] = curve[0][1]
     done = last_finished(s, args.loops)
     if done:  # continue after the last finished loop (its file holds everything so far)
-        saved = train.load_stage(s.out, f"loop{done}", s.record(f"loop{done}"), model)
+        saved = runs.load_stage(s.out, f"loop{done}", s.record(f"loop{done}"), model)
         selected, curve, loops = saved["selected"].to(s.device), saved["curve"], saved["loops"]
         if bank is not None:
             bank[selected] = saved["bank_rows"].to(s.device)
@@ -525,7 +527,7 @@ def active_finetuning(s, args):
         loops.append({"loop": loop, "selected": len(selected), "new": len(new), "acc": curve[-1][1],
                       "batches": before + len(history["loss"]), "classes": len(s.y_pool[selected.cpu()].unique()),
                       "time_s": time.time() - t, **diagnostics})
-        train.save_stage(s.out, tag, s.record(tag), model, selected=selected.cpu(), curve=curve, loops=loops,
+        runs.save_stage(s.out, tag, s.record(tag), model, selected=selected.cpu(), curve=curve, loops=loops,
                          bank_rows=None if bank is None else bank[selected].cpu())
         print(f"loop {loop}/{args.loops}: {len(selected)} selected ({len(new)} new), {loops[-1]['batches']} batches, "
               f"{args.eval_split} acc {curve[-1][1]:.2f}", flush=True)
@@ -551,7 +553,7 @@ def run(args):
     logits = s.scores(model, s.evaluated)
     print(f"{args.method}: {s.metrics['final_acc']:.2f} on {args.eval_split} after {s.metrics['batches']} batches "
           f"on {s.metrics['selected']} of {len(s.y_pool)} pool images", flush=True)
-    return train.finish_run(s.out, s.metrics, {"y": s.y_eval, "final": logits.argmax(1), "selected": selected.cpu()},
+    return runs.finish_run(s.out, s.metrics, {"y": s.y_eval, "final": logits.argmax(1), "selected": selected.cpu()},
                             s.t0)
 
 
@@ -573,9 +575,9 @@ def check_args(args, pool_size):
 
 def prepare(args):
     """The checks, the run folder and the backbone, cheap mistakes first -> Setup."""
-    device = train.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
+    device = runs.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
     standin.check_backbone("--clip", args.clip)
-    train.check_out(args.out, args.resume, args.restart)
+    runs.check_out(args.out, args.resume, args.restart)
     args.precision = train.resolve_precision(device, args.precision)
     t0 = time.time()
     task = data.load_task(args.dataset, args.data_root)
@@ -588,7 +590,7 @@ def prepare(args):
     config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
     if args.captions:  # the file by content
         config["captions"] = "sha256:" + clip_model.sha256_of(args.captions)[:16]
-    out = train.open_run(args.out, config, args.resume, args.restart, OUTPUTS,
+    out = runs.open_run(args.out, config, args.resume, args.restart, OUTPUTS,
                          how={k: v for k, v in vars(args).items() if k in HOW})
     torch.manual_seed(args.seed)
     clip, _ = clip_model.load(standin.resolve(args.clip), device)
@@ -596,7 +598,7 @@ def prepare(args):
     test = data.make_transform("test", clip.visual.resolution, task)
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed,
                "eval_split": args.eval_split, "precision": args.precision, "budget": args.budget,
-               "loops": args.loops, "pool": len(task.train), "processes": train.world()[1], "time_s": {}}
+               "loops": args.loops, "pool": len(task.train), "processes": ddp.world()[1], "time_s": {}}
     print(f"{args.dataset}: {len(task.classnames)} classes, pool {len(task.train)}, {len(eval_items)} "
           f"{args.eval_split} images; {args.method}: {args.loops} loop(s) of {args.budget} images; backbone "
           f"{args.clip} on {device}, {args.precision}", flush=True)
@@ -670,7 +672,7 @@ def report(run_dirs, target=0.95, at_batches=None, plot=None):
         return {"selected": m["selected"], "batches": m["batches"], "loop 1": m["loops"][0]["acc"],
                 "final acc": m["final_acc"], "B2A": b2a, "reached": None if goal is None else float(b2a is not None),
                 f"acc@{at_batches}": accuracy_at(m["curve"], at_batches) if at_batches is not None else None}
-    train.table(run_dirs, summarise)
+    runs.table(run_dirs, summarise)
     if plot:
         print(f"wrote {write_svg(runs, plot, goal)}")
 
@@ -744,7 +746,7 @@ def write_svg(runs, path, goal=None, size=(720, 440)):
         el.append(f'<line x1="{W - right + 6}" y1="{ly + 24}" x2="{W - right + 26}" y2="{ly + 24}" '
                   f'stroke="{colour}" stroke-width="2"/><text x="{W - right + 30}" y="{ly + 28}">{name}</text>')
     el.append("</svg>\n")
-    return train.write_text("\n".join(el), path)
+    return runs.write_text("\n".join(el), path)
 
 
 # -----------------------------------------------------------------------------
@@ -752,7 +754,7 @@ def write_svg(runs, path, goal=None, size=(720, 440)):
 
 
 def parser():
-    p = train.Parser(description="VeCAF: objective-aware active fine-tuning of CLIP's image tower",
+    p = runs.Parser(description="VeCAF: objective-aware active fine-tuning of CLIP's image tower",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--dataset", default="digits", help="digits (offline demo), digits-bold (its test strokes thickened), a "
@@ -767,7 +769,7 @@ def parser():
     a("--budget", type=number(int, 1), default=None, help="per-loop budget in images (overrides --percent)")
     a("--loops", type=number(int, 1), default=5, help="selection + fine-tuning loops (the selection grows by "
       "the budget each loop; full: 1)")
-    train.run_flags(p)
+    runs.run_flags(p)
     a("--eval-split", default="test", choices=["test", "dev"], help="dev: for choosing settings (never test)")
     a("--eval-every", type=number(int, 1), default=1, help="epochs between evaluations (the curve's points)")
     a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
@@ -854,7 +856,7 @@ def main(argv=None):
     where = f" (captions so far are in {args.write_captions})" if args.write_captions else "" if args.table else \
         (f": finished loops and the last epoch checkpoint are in {args.out}/stages; the same command with --resume "
          f"continues from there")
-    return train.run_cli(body, (data.DataError, clip_model.CLIPError, RunError, OSError), where)
+    return runs.run_cli(body, (data.DataError, clip_model.CLIPError, RunError, OSError), where)
 
 
 if __name__ == "__main__":

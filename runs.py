@@ -1,0 +1,395 @@
+"""
+Run folders and the CLIs' plumbing, written once for the three methods (coft.py, craft.py,
+vecaf.py), each of which calls it in one line per step: checked flags, start-up under torchrun,
+one-line errors, opening or continuing a run, recording a finished stage or an epoch checkpoint,
+finishing a run, and the results table. Nothing here changes a number.
+
+The rule for run folders (docs/runs.md):
+  * --out holds one run. config.json records its settings (every flag that can change a number,
+    plus fingerprints of the data and the backbone); stages/<tag>.pt is a finished stage and
+    stages/<tag>.ckpt its last epoch checkpoint, each carrying the *record* of the settings that
+    determine it.
+  * A folder that holds a run is never written to by another run: without --resume it is refused;
+    with --resume its config.json must equal the new settings (else one line lists what differs),
+    and every stage file or checkpoint is used only if its record matches.
+  * --restart discards the folder's run (config, stages, outputs) and starts over.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import ddp
+from ddp import barrier, distributed, launched_rank, world
+from train import PRECISIONS, RunError
+
+
+# -----------------------------------------------------------------------------
+# Flags: checked when parsed, before any work
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors ("error: argument --K: must be >= 1, got -1")."""
+
+    def error(self, message):
+        if launched_rank()[0] == 0 or not ddp.rank0_says_it():  # torchrun: every process parses the same flags
+            print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def error_line(e):
+    """A CLI's one-line message for an error the user can fix. Raised in a DataLoader worker, the
+    message carries the worker's traceback: its last line is the error itself."""
+    return str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")
+
+
+def number(kind=float, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: `kind` within [low, high] (open ends where asked), else a clear message."""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(x) or (low is not None and (x <= low if low_open else x < low)) \
+                or (high is not None and (x >= high if high_open else x > high)):
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(s for s in (lo, hi) if s)}, got {text}")
+        return x
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+def run_flags(p):
+    """The flags every method's CLI has, with the same meaning: where and how a run goes."""
+    a = p.add_argument
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--precision", default="auto", choices=PRECISIONS,
+      help="auto: bf16 autocast on GPUs that support it, fp16 + loss scaling on older GPUs, fp32 on CPUs; "
+           "bf16 on a CPU is opt-in (fast with AVX512-BF16/AMX, and it changes the numbers)")
+    a("--workers", type=number(int, 0), default=None, help="DataLoader workers (default: 8 on CUDA, 0 on CPU)")
+    a("--resume", action="store_true",
+      help="continue the run in --out (same flags): finished stages are reused, the last epoch checkpoint resumed")
+    a("--restart", action="store_true", help="discard the run in --out (config, stages, results) and start over")
+    a("--log-every", type=number(int, 0), default=20, help="progress line every N steps (0: none)")
+    a("--eval-batch", type=number(int, 1), default=256,
+      help="evaluation batch per process (never changes a number)")
+
+
+
+# -----------------------------------------------------------------------------
+# The CLI: start-up under torchrun, one-line errors, Ctrl-C
+
+
+def start_processes(device):
+    """Join the torchrun job this process belongs to, if any (torchrun sets RANK, WORLD_SIZE,
+    LOCAL_RANK and the rendezvous address): NCCL for GPUs, each process on the GPU of its local
+    rank; gloo on CPUs. Processes other than rank 0 print nothing on stdout (rank 0 speaks for
+    all; errors still go to stderr). Returns the device this process computes on."""
+    device = torch.device(device)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or distributed():
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        if device.index is not None and int(os.environ["WORLD_SIZE"]) > 1:
+            raise RunError(f"--device {device} under torchrun: each process uses the GPU of its local rank, "
+                           f"give --device cuda (pick GPUs with CUDA_VISIBLE_DEVICES)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def run_cli(body, errors, interrupted=""):
+    """A CLI's body run the same way in every method: an error the user can fix (one of `errors`)
+    prints its one line and exits 2, never a traceback; Ctrl-C prints `interrupted` (where the
+    saved work is) and exits 130.
+    Under torchrun an error ends the whole job (torchrun stops every process once one exits) with
+    one line, and what the error is decides who prints it, never timing:
+      * an error every process meets by construction (the flags, the run folder, the config and
+        stage checks, a non-finite loss of the global batch: each process checks the same
+        values) is printed by rank 0. Another process that meets it first waits for rank 0 to
+        say it (rank 0's failure notice), then exits silently: exiting at once would let
+        torchrun stop rank 0 before it speaks;
+      * an error met reading this process's own share of the data (an unreadable image in its
+        shard; `own_share` marks it) is printed by this process, named `error (process R of N)`.
+    A failing process leaves its notice after printing and before it exits, so a peer whose
+    collective then breaks ("connection closed by peer") knows the failure was reported and
+    exits without a traceback of its own."""
+    try:
+        result = body()
+        ddp.end_processes()
+        return result
+    except errors as e:
+        rank, world_size = launched_rank()
+        if world_size > 1 and getattr(e, "own_share", False):
+            print(f"error (process {rank} of {world_size}): {error_line(e)}", file=sys.stderr, flush=True)
+        elif rank == 0 or not ddp.rank0_says_it():
+            print(f"error{f' (process {rank} of {world_size})' if rank else ''}: {error_line(e)}", file=sys.stderr,
+                  flush=True)
+        ddp.leave_failure_notice()
+        sys.exit(2)
+    except Exception as e:
+        if ddp.peer_failed():  # our collective broke because a peer left: it has said why
+            sys.exit(2)
+        ddp.leave_failure_notice()
+        if isinstance(e, dist.DistError):  # no peer said why (killed, or silent past the timeout)
+            rank, world_size = launched_rank()
+            print(f"error (process {rank} of {world_size}): the processes lost contact ({type(e).__name__}: "
+                  f"{error_line(e)})", file=sys.stderr, flush=True)
+            sys.exit(2)
+        raise  # a fault of this process, with its traceback
+    except KeyboardInterrupt:
+        if launched_rank()[0] == 0:  # Ctrl-C reaches every process of a torchrun job
+            print(f"\ninterrupted{interrupted}", file=sys.stderr)
+        sys.exit(130)
+
+
+
+# -----------------------------------------------------------------------------
+# Run folders: config.json, stages/<tag>.pt and stages/<tag>.ckpt, the method's outputs
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the previous file intact.
+    Under torchrun only rank 0 writes (every process holds the same state)."""
+    path = Path(path)
+    if world()[0] != 0:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_text(text, path):
+    """Text to a temporary file, then rename: a kill mid-write leaves the previous file intact.
+    Under torchrun only rank 0 writes."""
+    path = Path(path)
+    if world()[0] != 0:
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(obj, path):
+    """JSON, written atomically (write_text)."""
+    return write_text(json.dumps(obj, indent=1, ensure_ascii=False), path)
+
+
+def stage_path(out, tag):
+    return Path(out) / "stages" / f"{tag}.pt"
+
+
+def ckpt_path(out, tag):
+    return Path(out) / "stages" / f"{tag}.ckpt"
+
+
+def holds_run(out):
+    out = Path(out)
+    return (out / "config.json").exists() or (out / "metrics.json").exists() or \
+        ((out / "stages").is_dir() and any((out / "stages").iterdir()))
+
+
+def check_out(out, resume, restart):
+    """The cheap checks on --out, made before anything is loaded: it must be a folder (or not
+    exist), and a folder holding a run is only continued (--resume) or discarded (--restart)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder: give a folder path")
+    if holds_run(out) and not (resume or restart):
+        raise RunError(f"--out {out} holds a run already: add --resume to continue it (same flags), --restart to "
+                       f"discard it and start over, or choose another --out")
+
+
+def differences(saved, now):
+    """'key: saved -> now' for every key whose value differs (or exists on one side only)."""
+    def shown(d, k):
+        return repr(d[k]) if k in d else "(none)"
+    return [f"{k}: {shown(saved, k)} -> {shown(now, k)}" for k in sorted(set(saved) | set(now))
+            if k not in saved or k not in now or saved[k] != now[k]]
+
+
+def read_config(out):
+    path = Path(out) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"cannot read {path} ({type(e).__name__}): use --restart to discard the run "
+                       f"or another --out") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise RunError(f"{path} is not a run config of this code: use --restart to discard the run or another --out")
+    return saved["config"]
+
+
+def open_run(out, config, resume, restart, outputs=(), how=None):
+    """Make --out the folder of the run `config` (a JSON-able dict of every setting that can
+    change a number), after the cheap checks of check_out:
+      --restart: delete config.json, stages/ and `outputs` (the method's result files), start over;
+      --resume of a folder holding a run: its config.json must equal `config`, else one line
+        lists what differs;
+    then write config.json (`how`: settings that do not change numbers, e.g. workers, for the
+    record only). Returns the folder."""
+    out = Path(out)
+    check_out(out, resume, restart)
+    if not restart and holds_run(out):
+        if not (out / "config.json").exists():
+            raise RunError(f"{out} has saved stages but no config.json, so they cannot be checked: "
+                           f"use --restart to discard them or another --out")
+        diff = differences(read_config(out), config)
+        if diff:
+            raise RunError(f"{out} holds a run with other settings ({'; '.join(diff[:6])}"
+                           f"{'; ...' if len(diff) > 6 else ''}): continue it with its own flags "
+                           f"(see its config.json), choose another --out, or add --restart to discard it")
+    barrier()  # torchrun: every process has checked the folder before rank 0 changes it
+    if world()[0] == 0:
+        if restart:
+            for name in ("config.json", "metrics.json", *outputs):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "stages", ignore_errors=True)
+        (out / "stages").mkdir(parents=True, exist_ok=True)
+        write_json({"config": config, "how": how or {}}, out / "config.json")
+    barrier()  # ... and no process reads a stage before rank 0 has deleted it (--restart)
+    return out
+
+
+def read_torch(path, weights_only=True):
+    """torch.load with a one-line error naming the file (truncated, not a torch file, ...)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        first_line = (str(e).strip().splitlines() or ["empty"])[0][:80]
+        raise RunError(f"cannot read {path} ({type(e).__name__}: {first_line}); "
+                       f"the file is damaged: delete it to redo that stage, or --restart") from None
+
+
+def check_record(path, saved, record):
+    """A stage file or checkpoint is used only under the settings that made it."""
+    diff = differences(saved or {}, record)
+    if diff:
+        raise RunError(f"{path} was made with other settings ({'; '.join(diff[:6])}): it cannot be reused; "
+                       f"use another --out or --restart")
+
+
+def load_stage(out, tag, record, model, missing=None):
+    """Stage `tag` from --out, if it finished before: its weights are loaded into `model` and its
+    saved extras returned (e.g. the gradient-norm summary). None where the stage has to be
+    trained, unless `missing` says why it must exist (then a RunError with that reason). A stage
+    file whose record differs from `record` is refused."""
+    path = stage_path(out, tag)
+    if not path.exists():
+        if missing:
+            raise RunError(f"{path} not found: {missing}")
+        return None
+    saved = read_torch(path)
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise RunError(f"{path} is not a stage file of this code: delete it to redo that stage, or --restart")
+    check_record(path, saved.get("record"), record)
+    model.load_state_dict(saved.pop("model"))
+    saved.pop("record")
+    return saved
+
+
+class Checkpoint:
+    """Where fit keeps a stage's epoch checkpoint (stages/<tag>.ckpt, atomic writes, rank 0
+    alone), stored with the stage's record; on --resume (`resume`) fit continues from it if it
+    exists, and only under the same record."""
+
+    def __init__(self, path, record, resume):
+        self.path, self.record, self.resume = Path(path), record, resume
+
+    def load(self):
+        if not (self.resume and self.path.exists()):
+            return None
+        state = read_torch(self.path, weights_only=False)
+        check_record(self.path, state.get("record") if isinstance(state, dict) else None, self.record)
+        return state
+
+    def save(self, state):
+        atomic_save({**state, "record": self.record}, self.path)
+
+
+def save_stage(out, tag, record, model, **extras):
+    """A finished stage: its model's state dict, the record of its settings and `extras`,
+    written atomically; its epoch checkpoint, superseded, is deleted. Returns `extras`."""
+    atomic_save({"record": record, "model": model.state_dict(), **extras}, stage_path(out, tag))
+    if world()[0] == 0:
+        ckpt_path(out, tag).unlink(missing_ok=True)
+    return extras
+
+
+
+# -----------------------------------------------------------------------------
+# Results: metrics.json and the table of runs
+
+
+def finish_run(out, metrics, predictions, t0):
+    """A run's result files, each written atomically: predictions.pt, then metrics.json (last:
+    it marks a finished run), with the total time. Returns metrics."""
+    metrics.setdefault("time_s", {})["total"] = time.time() - t0
+    atomic_save(predictions, Path(out) / "predictions.pt")
+    write_json(metrics, Path(out) / "metrics.json")
+    print("metrics: " + json.dumps({k: v for k, v in metrics.items() if k.endswith("acc")}), flush=True)
+    return metrics
+
+
+def cell(x, sd=None):
+    """A table cell: '-' for nothing, 'a/b' for a pair, one decimal, '±sd' where given."""
+    if x is None or x == []:
+        return "-"
+    if isinstance(x, list):
+        return "/".join(cell(v) for v in x)
+    if isinstance(x, int):  # counts (queries, shots)
+        return str(x)
+    return f"{x:.1f}" + ("" if sd is None else f"±{sd:.1f}")
+
+
+def table(run_dirs, summarise):
+    """One line per run (summarise(metrics.json's dict) -> {column: number, pair or None}), then,
+    for runs named <name>-s<seed>, one line per name with the mean and sd over seeds (a pair
+    counts as its mean)."""
+    runs, groups = [], {}
+    for d in run_dirs:
+        path = Path(d) / "metrics.json"
+        if not path.exists():
+            print(f"{d}: no metrics.json (unfinished run)")
+            continue
+        try:
+            m = json.loads(path.read_text())
+            summary = summarise(m)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RunError(f"{path} is damaged or not from a finished run of this code ({type(e).__name__}: "
+                           f"{str(e)[:60]}): rerun it with --resume, or leave it out of --table") from None
+        name = Path(d).name
+        runs.append((name, m.get("method", "?"), summary))
+        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(summary)
+    cols = list(runs[0][2]) if runs else []
+    rows = [("run", "method", *cols)] + [(n, meth, *(cell(v) for v in s.values())) for n, meth, s in runs]
+    if any(len(g) > 1 for g in groups.values()):
+        rows.append(("", "", *[""] * len(cols)))
+        rows.append(("mean±sd over seeds", "n", *cols))
+        for name, g in groups.items():
+            cells = []
+            for c in cols:
+                vals = [sum(v) / len(v) if isinstance(v, list) and v else v for v in (r[c] for r in g)]  # pairs: mean
+                vals = [v for v in vals if v is not None and v != []]
+                t = torch.tensor(vals, dtype=torch.float64)
+                cells.append(cell(t.mean().item(), t.std().item() if len(vals) > 1 else None) if vals else "-")
+            rows.append((name, str(len(g)), *cells))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))] if rows[1:] else []
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
