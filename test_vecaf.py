@@ -13,7 +13,6 @@ import torch
 import clip_model as cm
 import data
 import runs
-import train
 import vecaf
 from clip_model import unit
 from conftest import (as_torchrun, assert_one_error_line, cli_as_process, one_line_error, randomized, same_run,
