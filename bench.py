@@ -1,6 +1,6 @@
 """
 Benchmarks: where each method's time goes, on random weights of real size and synthetic inputs
-(no checkpoint, no data), one CLI for every method. The README's speed figures come from it.
+(no checkpoint, no data), one CLI for every method. The speed figures in docs/efficiency.md come from it.
 
     python bench.py                                   towers + CoFT's stages on the default device
     python bench.py --sections towers --precision fp32,bf16    the same figures at two precisions,
@@ -25,7 +25,7 @@ Sections:
           300 steps, the ensemble's matching of 3 selectors, and nearest-unique selection in chunked
           rounds vs the official way (a dense K x N similarity matrix, each row sorted, centroids
           choosing in index order; skipped where it would not fit), each with its peak memory
-  ddp     the inputs of the torchrun scaling estimate (README, "Many GPUs"): a plain Phase-II step
+  ddp     the inputs of the torchrun scaling estimate (docs/torchrun.md): a plain Phase-II step
           (batch --batch, 1000 classes) and the all-reduce of its gradient between 2 local processes
           (gloo on CPUs, NCCL with 2 GPUs), then the estimated step for 2, 4 and 8 processes
   ref     needs open-clip-torch (a test-only dependency)
@@ -531,7 +531,7 @@ def all_reduce_time(rank, world, nbytes, steps, folder, backend):
 
 
 def ddp_scaling(names, batch, steps, device, amp, report, classes=1000):
-    """Inputs of the README's scaling estimate for torchrun: a plain Phase-II step's time t_1
+    """Inputs of the scaling estimate for torchrun (docs/torchrun.md): a plain Phase-II step's time t_1
     (one process), the gradient DDP all-reduces per step (every trainable parameter in fp32: G
     bytes), and the time of that all-reduce between 2 local processes (gloo on CPUs, NCCL where 2
     GPUs are visible), measured side by side. A ring all-reduce moves 2(N-1)/N x G per process,

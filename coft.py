@@ -3,7 +3,7 @@ CoFT: Collaborative Fine-Tuning of CLIP without human labels.
 
 Wang, Meng, Cai, Song, Xia, "Fine-tuning Pre-trained Vision-Language Models in a
 Human-Annotation-Free Manner", arXiv 2602.04337 (2026). Where the paper is silent, our choices
-are flags, listed in the README ("Differences from the paper / choices we made").
+are flags, listed in the README ("Differences from the paper") and in full in docs/choices.md.
 
     0. zero-shot pseudo-labels on the unlabelled train split (Eq. 1); top-K per class = S*
     1. Phase I (Sec. 3.1): two PEFT models (positive/negative prompts, Eq. 2-3, + VPT),
@@ -379,13 +379,10 @@ from train import RunError, seed_of
 # -----------------------------------------------------------------------------
 # What a run is: its config, and the part of it each stage depends on (runs.py, "run folders")
 
-# flags that change how a run goes, never its numbers (results do not depend on --workers or the
-# eval batch), and paths whose contents the config records instead (data, LLM prompt file)
-HOW = ("device", "workers", "log_every", "eval_batch", "compile", "grad_checkpointing", "resume", "restart",
-       "eval_only", "phase", "out", "table", "data_root", "llm_prompts", "write_llm_prompts", "api_base", "llm",
-       "prompts_per_class")
-# the run's result files, which --restart deletes
-OUTPUTS = ("metrics.json", "predictions.pt", "pseudo_labels.pt")
+# CoFT's flags that change how a run goes, never its numbers (besides runs.NO_NUMBER_FLAGS), and
+# the LLM prompt file, whose contents the config records instead
+NO_NUMBER_FLAGS = ("compile", "grad_checkpointing", "eval_only", "phase", "llm_prompts", "write_llm_prompts",
+                   "api_base", "llm", "prompts_per_class")
 
 # each stage's record: the settings its result depends on
 SEED_SET_KEYS = ("dataset", "data", "clip", "seed", "precision", "K", "labelled_shots", "zero_shot_prompts")
@@ -399,7 +396,7 @@ PHASE2_KEYS = SGD_KEYS + ("method", "rounds", "fft_epochs", "fft_lr", "fft_aug",
 def run_config(args, task, prompts):
     """Every setting that can change a number of this run, with the data, the zero-shot prompts
     and the backbones recorded by content."""
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
+    config, _ = runs.settings(args, NO_NUMBER_FLAGS)
     config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip),
                   fft_backbone=standin.backbone_id(args.fft_backbone),
                   zero_shot_prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16])
@@ -686,11 +683,8 @@ def ensemble(run, probs):
 def linear_probe(run):
     """Reference ceiling (--method probe): multinomial logistic regression on the frozen,
     normalised image features, fitted with the TRUE train labels (train.logistic_regression)."""
-    def encode(x):
-        return unit(run.clip.encode_image(x))
-    f_train, f_eval = run.scores(encode, run.unlabelled), run.scores(encode, run.evaluated)
-    head = train.logistic_regression(f_train, run.y_true, len(run.task.classnames))
-    run.metrics["probe_acc"] = train.accuracy(head(f_eval), run.y_eval)
+    logits = run.linear_probe(run.clip, run.unlabelled, run.y_true, run.evaluated, len(run.task.classnames))
+    run.metrics["probe_acc"] = train.accuracy(logits, run.y_eval)
     print(f"linear probe on frozen features, trained with the TRUE train labels (a ceiling for reference, "
           f"not a label-free method): {run.metrics['probe_acc']:.2f}", flush=True)
 
@@ -746,24 +740,24 @@ def run(args):
     """Zero-shot -> S* -> Phase I (two models; CoFT+: R rounds) -> collaborative filter ->
     Phase II (CoFT+: + momentum contrast) -> ensemble. Writes metrics.json, config.json,
     pseudo_labels.pt (every seed set and clean set) and predictions.pt (eval-split predictions of
-    every model); stages/ holds each finished stage (README, "Runs and resuming")."""
-    state, prompts, ft_clip = prepare(args)  # a Run: what the stages share
-    W, seed_set, zs_probs = zero_shot_and_seed_set(state, prompts, args.K)
+    every model); stages/ holds each finished stage (docs/runs.md)."""
+    ctx, prompts, ft_clip = prepare(args)  # a Run: what the stages share
+    W, seed_set, zs_probs = zero_shot_and_seed_set(ctx, prompts, args.K)
     if args.method == "probe":
-        linear_probe(state)
+        linear_probe(ctx)
     elif args.method in ("topk", "shots"):
-        fine_tune_baseline(state, args, W, seed_set)
+        fine_tune_baseline(ctx, args, W, seed_set)
     elif args.method == "selftrain":
-        self_training(state, args, W, zs_probs)
+        self_training(ctx, args, W, zs_probs)
     else:
-        peft, scores, seed_sets = phase1(state, args, seed_set)
-        clean, y_gen = generate_and_validate(state, scores)
-        runs.atomic_save({"labelled": state.labelled, "seed_sets": seed_sets, "generated": y_gen,
-                           "clean": [idx for idx, _ in clean], "clean_labels": [y for _, y in clean]},
-                          state.out / "pseudo_labels.pt")
+        peft, scores, seed_sets = phase1(ctx, args, seed_set)
+        clean, y_gen = generate_and_validate(ctx, scores)
+        runs.atomic_save({"labelled": ctx.labelled, "seed_sets": seed_sets, "generated": y_gen,
+                          "clean": [idx for idx, _ in clean], "clean_labels": [y for _, y in clean]},
+                         ctx.out / "pseudo_labels.pt")
         if args.phase != "1":
-            ensemble(state, phase2(state, args, scores, peft, clean, prompts, ft_clip))
-    return runs.finish_run(state.out, state.metrics, state.predictions, state.t0)
+            ensemble(ctx, phase2(ctx, args, scores, peft, clean, prompts, ft_clip))
+    return runs.finish_run(ctx.out, ctx.metrics, ctx.predictions, ctx.t0)
 
 
 def prepare(args):
@@ -783,8 +777,8 @@ def prepare(args):
     eval_items = data.eval_items(task, args.eval_split)
     prompts = zero_shot_prompts(task, args.llm_prompts, args.template_ensemble, args.plus)
     config = run_config(args, task, prompts)
-    out = runs.open_run(args.out, config, continuing, args.restart, OUTPUTS,
-                         how={k: v for k, v in vars(args).items() if k in HOW})
+    out = runs.open_run(args.out, config, continuing, args.restart, ["pseudo_labels.pt"],
+                        runs.settings(args, NO_NUMBER_FLAGS)[1])
     backbones = [standin.resolve(args.clip)]  # (the stand-in is pretrained here on first use)
     if args.fft_backbone and args.method == "coft":  # Phase II on another backbone (distillation)
         backbones.append(standin.resolve(args.fft_backbone))
@@ -808,19 +802,17 @@ def prepare(args):
                "processes": ddp.world()[1], "grad_norms": {}, "time_s": {}}
     if args.labelled_shots:
         metrics["labelled_shots"] = {"per_class": args.labelled_shots, "size": len(labelled)}
-    state = Run(out=out, config=config, device=device, precision=args.precision,
-                amp=train.amp_settings(device, args.precision)[0], seed=args.seed, workers=args.workers,
-                eval_batch=args.eval_batch, log_every=args.log_every, resume=continuing,
-                needs="all" if args.eval_only else "phase1" if args.phase == "2" else "",
-                sgd={k: getattr(args, k) for k in SGD_KEYS}, task=task, clip=clip,
-                tau=1.0 / clip.logit_scale.exp().item(), unlabelled=data.ImageDataset(task.train, test),
-                evaluated=data.ImageDataset(eval_items, test), y_true=y_true,
-                y_eval=torch.tensor([label for _, label in eval_items]), labelled=labelled, metrics=metrics,
-                predictions={}, t0=t0)
+    ctx = Run(**runs.context(args, out, config, device, continuing),
+              needs="all" if args.eval_only else "phase1" if args.phase == "2" else "",
+              sgd={k: getattr(args, k) for k in SGD_KEYS}, task=task, clip=clip,
+              tau=1.0 / clip.logit_scale.exp().item(), unlabelled=data.ImageDataset(task.train, test),
+              evaluated=data.ImageDataset(eval_items, test), y_true=y_true,
+              y_eval=torch.tensor([label for _, label in eval_items]), labelled=labelled, metrics=metrics,
+              predictions={}, t0=t0)
     print(f"{args.dataset}: {len(task.classnames)} classes, {len(task.train)} unlabelled train images, "
           f"{len(eval_items)} {args.eval_split} images; backbone {args.clip} ({clip.visual.resolution}px) on "
           f"{device}, {args.precision}", flush=True)
-    return state, prompts, ft_clip
+    return ctx, prompts, ft_clip
 
 
 def check_args(args, device):
@@ -974,7 +966,7 @@ def resolve_defaults(args):
     Phase-I capacity, 16 context tokens and 20 deep VPT tokens, sized for ViT-B/16; DeFT /
     ActiveCLIP: no clipping, Phase-II lr 5e-4) and the values chosen on the demo's dev splits for
     the offline stand-in, whose 16 patches and 24-token context a ViT-B/16 capacity overfits
-    (README, "Offline demo"); loader workers by device."""
+    (docs/demo.md); loader workers by device."""
     if args.plus:
         args.contrast = True
         args.rounds = args.rounds or 3
@@ -1035,7 +1027,7 @@ def main(argv=None):
     where = "" if args.table or args.write_llm_prompts else \
         (f": finished stages and the last epoch checkpoint are in {args.out}/stages; the same command with "
          f"--resume continues from there")
-    return runs.run_cli(body, (data.DataError, clip_model.CLIPError, RunError, OSError), where)
+    return runs.run_cli(body, where)
 
 
 if __name__ == "__main__":

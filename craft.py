@@ -228,9 +228,7 @@ DEFAULT_SETTINGS = SETTINGS["caltech101"]  # the row most datasets share, for an
 SETTING_FLAGS = ("sigma0", "bound", "a_std", "n", "batch", "lam")
 
 # flags that change how a run goes, never its numbers
-HOW = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root",
-       "ckpt_every")
-OUTPUTS = ("metrics.json", "predictions.pt")
+NO_NUMBER_FLAGS = ("ckpt_every",)  # besides runs.NO_NUMBER_FLAGS
 SEARCHES = ("craft", "bbt")  # methods that search the prompt
 REFINES = ("craft", "mlp")  # methods that train the refiner
 
@@ -413,17 +411,11 @@ def linear_probe(s):
     """Logistic regression on the normalised image features of the shots (test transform, no
     augmentation), train.logistic_regression: a white-box reference."""
     test = data.make_transform("test", s.clip.visual.resolution, s.task)
-    shots = data.ImageDataset(s.shots.items, test)
-
-    def encode(x):
-        return unit(s.clip.encode_image(x))
-    f = train.predict(encode, s.loader(shots, s.eval_batch, ("probe",)), s.device, s.amp)[0]
-    head = train.logistic_regression(f, s.y_shots, len(s.task.classnames))
-    f_eval = train.predict(encode, s.loader(s.evaluated, s.eval_batch, ("eval",)), s.device, s.amp)[0]
-    l = head(f_eval)
+    l = s.linear_probe(s.clip, data.ImageDataset(s.shots.items, test), s.y_shots, s.evaluated,
+                       len(s.task.classnames))
     s.metrics["probe_acc"] = train.accuracy(l, s.y_eval)
     s.predictions["probe"] = l.argmax(1)
-    s.metrics["deploy_params"] = {"prompt": 0, "z": 0, "refiner": 0, "head": (f.shape[1] + 1) * l.shape[1]}
+    s.metrics["deploy_params"] = {"prompt": 0, "z": 0, "refiner": 0, "head": (s.clip.cfg.embed_dim + 1) * l.shape[1]}
 
 
 def run(args):
@@ -458,10 +450,9 @@ def prepare(args):
     task = data.load_task(args.dataset, args.data_root)
     eval_items = data.eval_items(task, args.eval_split)
     picked = data.few_shot(task, args.shots, seed_of(args.seed, "shots"))
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
+    config, how = runs.settings(args, NO_NUMBER_FLAGS)
     config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
-    out = runs.open_run(args.out, config, args.resume, args.restart, OUTPUTS,
-                         how={k: v for k, v in vars(args).items() if k in HOW})
+    out = runs.open_run(args.out, config, args.resume, args.restart, how=how)
     torch.manual_seed(args.seed)
     clip, _ = clip_model.load(standin.resolve(args.clip), device)
     clip.requires_grad_(False)
@@ -484,9 +475,7 @@ def prepare(args):
     print(f"{args.dataset}: {len(task.classnames)} classes, {args.shots} shots each, {len(eval_items)} "
           f"{args.eval_split} images; backbone {args.clip} on {device}, {args.precision}; method {args.method}",
           flush=True)
-    return Setup(out=out, config=config, device=device, precision=args.precision, amp=amp, seed=args.seed,
-                 workers=args.workers, eval_batch=args.eval_batch, log_every=args.log_every, resume=args.resume,
-                 task=task, clip=clip, box=box, shots=data.ImageDataset(items, crop),
+    return Setup(**runs.context(args, out, config, device, args.resume), task=task, clip=clip, box=box, shots=data.ImageDataset(items, crop),
                  y_shots=torch.tensor([label for _, label in items]),
                  evaluated=data.ImageDataset(eval_items, test), y_eval=torch.tensor([lab for _, lab in eval_items]),
                  p0=p0, metrics=metrics, predictions={}, t0=t0)
@@ -527,7 +516,7 @@ def parser():
            "(small datasets) or best so far (ImageNet)")
     a("--aug", default=None, choices=["crop", "none"],
       help="train augmentation (the fitness's view and every refiner / CoOp epoch): random resized crop of 50-100%% "
-           "+ flip where allowed (official); none: the test transform. Default crop, none for digits (README)")
+           "+ flip where allowed (official); none: the test transform. Default crop, none for digits (docs/craft.md)")
     a("--scale", type=number(float, 0, low_open=True), default=None,
       help="logit scale of the black box (default: the backbone's own, exp(logit_scale): 100 for the released "
            "CLIPs, as the official code's fixed 100; ~14 for the demo stand-in)")
@@ -573,15 +562,12 @@ def run_summary(m):
             "train s": m["time_s"].get("train"), "time s": m["time_s"]["total"]}
 
 
-USER_ERRORS = (data.DataError, clip_model.CLIPError, RunError, OSError)
-
-
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.table:
-        return runs.run_cli(lambda: runs.table(args.table, run_summary), USER_ERRORS)
-    return runs.run_cli(lambda: run(resolve_defaults(args)), USER_ERRORS,
-                         f": the last checkpoint is in {args.out}/stages; the same command with --resume "
+        return runs.run_cli(lambda: runs.table(args.table, run_summary))
+    return runs.run_cli(lambda: run(resolve_defaults(args)),
+                        f": the last checkpoint is in {args.out}/stages; the same command with --resume "
                          f"continues from there")
 
 

@@ -115,7 +115,7 @@ def digits_task(shift=None):
     shift="bold-all" (dataset digits-bold-all): every split thickened, so the unlabelled pool is
     the shifted domain too: CoFT's second demo, where the stand-in's zero-shot labels are noisy
     (58-59 % right on train / dev) while its features still hold the classes (a linear probe
-    reaches 95 on dev); README, "Offline demo: two tasks", says how it was chosen."""
+    reaches 95 on dev); docs/demo.md says how it was chosen."""
     x8, y = load_uci_digits()
     split = digits_split(0)
     thick = {"bold": ("test",), "bold-all": ("train", "dev", "test")}.get(shift, ())

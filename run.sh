@@ -28,7 +28,7 @@ demo | bold)
   start=$(date +%s)
   python standin.py "${rebuild[@]}"
   # every method's learning rate and K (self-training: threshold) chosen per task on the labelled
-  # dev split, the same 6 trials each (README, "Offline demo"); the two tasks chose alike except
+  # dev split, the same 6 trials each (docs/demo.md); the two tasks chose alike except
   # for CoFT+. Phase-I capacity, clipping and the Phase-I lr are the demo backbone's defaults
   # (--M 4 --vpt-tokens 0 --clip-grad 1 --p1-lr 0.03)
   selftrain=(--threshold 0.7 --fft-lr 2e-5); topk=(--K 64 --fft-lr 2e-2); coft=(--K 16 --fft-lr 2e-2)
@@ -51,7 +51,7 @@ demo | bold)
 craft)
   if [ $# -gt 1 ]; then echo "error: unexpected argument '${2}'; $usage" >&2; exit 2; fi
   # one thread unless set: CMA-ES ranks candidates by fitness, so the float differences of another
-  # thread count change the search's path (README, "CraFT demo"); the README table is 1-thread
+  # thread count change the search's path (docs/craft.md); its tables are 1-thread
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   start=$(date +%s)
   python standin.py
@@ -69,12 +69,12 @@ craft)
   ;;
 vecaf)
   if [ $# -gt 1 ]; then echo "error: unexpected argument '${2}'; $usage" >&2; exit 2; fi
-  # one thread unless set, as the README table was measured (float sums, and so picks, may depend on it)
+  # one thread unless set, as the tables in docs/vecaf.md were measured (float sums, and so picks, may depend on it)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   start=$(date +%s)
   python standin.py
   # --restart: re-measured every time (the folders hold the last run only); the stand-in's lr and
-  # augmentation were chosen on the dev split (README, "VeCAF demo")
+  # augmentation were chosen on the dev split (docs/vecaf.md)
   common=(--clip demo --seed "$SEED" --log-every 0 --restart)
   for ds in digits digits-bold; do
     tag=$([ "$ds" = digits ] && echo "" || echo "-bold")
@@ -129,7 +129,7 @@ if missing:
 PY
   runs=()
   for ds in "${datasets[@]}"; do
-    # --resume: a killed run continues where it stopped (same flags; see README, "Runs and resuming")
+    # --resume: a killed run continues where it stopped (same flags; see docs/runs.md)
     if [ "$mode" = paper ]; then
       python coft.py --dataset "$ds" --data-root "$DATA" --clip ViT-B/16 --seed "$SEED" --workers 8 \
         --out "$OUT/paper/$ds-s$SEED" --resume

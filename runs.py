@@ -27,9 +27,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import clip_model
+import data
 import ddp
 from ddp import barrier, distributed, launched_rank, world
+import train
 from train import PRECISIONS, RunError
+
+# what every CLI reports in one line: a problem the user can fix (flags, files, the run folder)
+USER_ERRORS = (RunError, data.DataError, clip_model.CLIPError, OSError)
 
 
 # -----------------------------------------------------------------------------
@@ -113,7 +119,7 @@ def start_processes(device):
     return device
 
 
-def run_cli(body, errors, interrupted=""):
+def run_cli(body, interrupted="", errors=USER_ERRORS):
     """A CLI's body run the same way in every method: an error the user can fix (one of `errors`)
     prints its one line and exits 2, never a traceback; Ctrl-C prints `interrupted` (where the
     saved work is) and exits 130.
@@ -236,10 +242,33 @@ def read_config(out):
     return saved["config"]
 
 
+# The flags every CLI has that change how a run goes, never its numbers (results do not depend on
+# the workers or the eval batch; the data are recorded by content, not by path)
+NO_NUMBER_FLAGS = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root")
+RESULT_FILES = ("metrics.json", "predictions.pt")  # every run's (finish_run), deleted by --restart
+
+
+def settings(args, no_number_flags=()):
+    """(config, how): a CLI's flags split into every setting that can change a number (config.json's
+    "config", compared on --resume) and those that cannot (its "how", for the record): the CLIs'
+    shared NO_NUMBER_FLAGS and the method's own no_number_flags."""
+    skip = NO_NUMBER_FLAGS + tuple(no_number_flags)
+    return ({k: v for k, v in sorted(vars(args).items()) if k not in skip},
+            {k: v for k, v in vars(args).items() if k in skip})
+
+
+def context(args, out, config, device, resume):
+    """The fields of a train.RunContext from a CLI's flags (every method's run has them)."""
+    return dict(out=out, config=config, device=device, precision=args.precision,
+                amp=train.amp_settings(device, args.precision)[0], seed=args.seed, workers=args.workers,
+                eval_batch=args.eval_batch, log_every=args.log_every, resume=resume)
+
+
 def open_run(out, config, resume, restart, outputs=(), how=None):
     """Make --out the folder of the run `config` (a JSON-able dict of every setting that can
     change a number), after the cheap checks of check_out:
-      --restart: delete config.json, stages/ and `outputs` (the method's result files), start over;
+      --restart: delete config.json, stages/, RESULT_FILES and `outputs` (the method's own result
+        files), start over;
       --resume of a folder holding a run: its config.json must equal `config`, else one line
         lists what differs;
     then write config.json (`how`: settings that do not change numbers, e.g. workers, for the
@@ -258,7 +287,7 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
     barrier()  # torchrun: every process has checked the folder before rank 0 changes it
     if world()[0] == 0:
         if restart:
-            for name in ("config.json", "metrics.json", *outputs):
+            for name in ("config.json", *RESULT_FILES, *outputs):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "stages", ignore_errors=True)
         (out / "stages").mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ def test_bench_ddp_scaling_inputs_and_estimate(capsys):
     trainable parameters (the gradient DDP sends): for tiny-vit with 1000 classes, counted here."""
     bench.main(["--sections", "ddp", "--models", "tiny-vit", "--batch", "4", "--steps", "1", "--device", "cpu"])
     out = capsys.readouterr().out
-    ft = bench.cm.ImageClassifier(cm.CLIP(cm.CONFIGS["tiny-vit"]).visual, 1000)
+    ft = cm.ImageClassifier(cm.CLIP(cm.CONFIGS["tiny-vit"]).visual, 1000)
     mib = sum(p.numel() for p in ft.parameters()) * 4 / 2 ** 20
     assert f"all-reduce of its gradient ({mib:.0f} MiB fp32), 2 processes, gloo" in out
     assert [f"{n} processes, global batch 4 ({4 / n:g} each)" in out for n in (2, 4, 8)] == [True] * 3

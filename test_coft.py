@@ -917,8 +917,8 @@ def test_a_stage_file_or_checkpoint_is_used_only_under_its_own_record(tmp_path, 
 
 
 def test_defaults_follow_the_backbone_and_the_method():
-    """The paper's recipe for real backbones, the dev-chosen values for the stand-in (README,
-    "Offline demo"), explicit flags always win; rounds: 1, 3 with --plus or --method selftrain."""
+    """The paper's recipe for real backbones, the dev-chosen values for the stand-in (docs/demo.md),
+    explicit flags always win; rounds: 1, 3 with --plus or --method selftrain."""
     def resolved(*argv):
         a = coft.resolve_defaults(coft.parser().parse_args(list(argv)))
         return a.M, a.vpt_tokens, a.clip_grad, a.fft_lr, a.rounds

@@ -175,6 +175,15 @@ class RunContext:
             out = predict(fn, ddp.own_share(self.loader(part, self.eval_batch)), self.device, self.amp)[0][:len(mine)]
         return ddp.gather_in_order(out, len(dataset))
 
+    def linear_probe(self, clip, train_set, y_train, eval_set, classes):
+        """The linear-probe reference (CoFT's with the true train labels, CraFT's on the shots):
+        logistic_regression on clip's frozen, normalised image features of train_set with labels
+        y_train -> its logits on eval_set [N, classes]."""
+        def encode(x):
+            return torch.nn.functional.normalize(clip.encode_image(x).float(), dim=-1)
+        head = logistic_regression(self.scores(encode, train_set), y_train, classes)
+        return head(self.scores(encode, eval_set))
+
 
 # -----------------------------------------------------------------------------
 # Precision, optimiser, schedule

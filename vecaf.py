@@ -541,9 +541,8 @@ def loops_batches(loops):
     return loops[-1]["batches"] if loops else 0
 
 
-HOW = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root", "plot",
-       "target", "at_batches", "write_captions", "api_base", "caption_model")
-OUTPUTS = ("metrics.json", "predictions.pt")
+# besides runs.NO_NUMBER_FLAGS; the captions file is recorded by content
+NO_NUMBER_FLAGS = ("plot", "target", "at_batches", "write_captions", "api_base", "caption_model")
 
 
 def run(args):
@@ -586,12 +585,11 @@ def prepare(args):
     check_args(args, len(task.train))
     if args.captions and METHODS[args.method][1]:
         read_captions(args.captions, task.train, args.data_root)  # checked now, not after the features
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in HOW}
+    config, how = runs.settings(args, NO_NUMBER_FLAGS)
     config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
     if args.captions:  # the file by content
         config["captions"] = "sha256:" + clip_model.sha256_of(args.captions)[:16]
-    out = runs.open_run(args.out, config, args.resume, args.restart, OUTPUTS,
-                         how={k: v for k, v in vars(args).items() if k in HOW})
+    out = runs.open_run(args.out, config, args.resume, args.restart, how=how)
     torch.manual_seed(args.seed)
     clip, _ = clip_model.load(standin.resolve(args.clip), device)
     clip.requires_grad_(False)
@@ -602,9 +600,7 @@ def prepare(args):
     print(f"{args.dataset}: {len(task.classnames)} classes, pool {len(task.train)}, {len(eval_items)} "
           f"{args.eval_split} images; {args.method}: {args.loops} loop(s) of {args.budget} images; backbone "
           f"{args.clip} on {device}, {args.precision}", flush=True)
-    return Setup(out=out, config=config, device=device, precision=args.precision,
-                 amp=train.amp_settings(device, args.precision)[0], seed=args.seed, workers=args.workers,
-                 eval_batch=args.eval_batch, log_every=args.log_every, resume=args.resume, task=task, clip=clip,
+    return Setup(**runs.context(args, out, config, device, args.resume), task=task, clip=clip,
                  pool=data.ImageDataset(task.train, test), y_pool=torch.tensor([lab for _, lab in task.train]),
                  evaluated=data.ImageDataset(eval_items, test), y_eval=torch.tensor([lab for _, lab in eval_items]),
                  metrics=metrics, t0=t0)
@@ -830,7 +826,7 @@ def resolve_defaults(args):
     demo = args.clip == standin.NAME
     if args.lr is None:  # the recipe's linear scaling; the stand-in's value chosen on the digits' dev split
         args.lr = 3e-4 if demo else 0.01 * args.batch / 512
-    if args.aug is None:  # crops of the 32-px digits cost the stand-in accuracy (README, "VeCAF demo")
+    if args.aug is None:  # crops of the 32-px digits cost the stand-in accuracy (docs/vecaf.md)
         args.aug = "none" if args.dataset.lower().startswith("digits") else "weak"
     if not METHODS[args.method][2]:
         args.ensemble = 1
@@ -856,7 +852,7 @@ def main(argv=None):
     where = f" (captions so far are in {args.write_captions})" if args.write_captions else "" if args.table else \
         (f": finished loops and the last epoch checkpoint are in {args.out}/stages; the same command with --resume "
          f"continues from there")
-    return runs.run_cli(body, (data.DataError, clip_model.CLIPError, RunError, OSError), where)
+    return runs.run_cli(body, where)
 
 
 if __name__ == "__main__":
