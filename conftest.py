@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 import clip_model as cm
+import coft
 import standin
+import vecaf
 
 torch.set_num_threads(2)
 
@@ -262,3 +264,53 @@ def same_run(a, b, rel=1e-4):
     assert ma.keys() == mb.keys()
     for k in ma:
         assert ma[k] == (pytest.approx(mb[k], rel=rel, abs=1e-5) if isinstance(mb[k], float) else mb[k]), k
+
+
+# ---- the methods' CLIs on the digits with a tiny backbone (shared by the method, run-folder and torchrun tests)
+
+def coft_args(tmp_path, *extra, name="tiny-vit", out="run", ckpt=None):
+    """The CLI arguments of a small, fast run on the digits (a random tiny backbone by default)."""
+    if ckpt is None:
+        ckpt = tmp_path / f"{name}.pt"
+        if not ckpt.exists():
+            torch.save(randomized(name).state_dict(), ckpt)
+    args = ["--dataset", "digits", "--clip", str(ckpt), "--out", str(tmp_path / out), "--M", "4", "--K", "4",
+            "--vpt-tokens", "2", "--p1-epochs", "2", "--fft-epochs", "2", "--batch", "64", "--fft-lr", "1e-3",
+            "--log-every", "0", "--fft-aug", "weak", "--clip-grad", "1"]
+    return args + list(extra)
+
+
+def run_coft(tmp_path, *extra, name="tiny-vit", out="run", ckpt=None):
+    return coft.main(coft_args(tmp_path, *extra, name=name, out=out, ckpt=ckpt))
+
+
+def stage_state(run_dir, tag):
+    """The model state dict of a finished stage (stages/<tag>.pt also holds its record)."""
+    return torch.load(Path(run_dir) / "stages" / f"{tag}.pt", weights_only=True)["model"]
+
+
+def numbers(metrics):
+    """Every metric but the timings."""
+    return {k: v for k, v in metrics.items() if k != "time_s"}
+
+
+def coft_error(capsys, *argv):
+    return one_line_error(coft.main, capsys, *argv)
+
+
+def vecaf_args(tmp_path, *extra, out="run"):
+    ckpt = tmp_path / "tiny-vit.pt"
+    if not ckpt.exists():
+        torch.save(randomized("tiny-vit").state_dict(), ckpt)
+    return ["--dataset", "digits", "--clip", str(ckpt), "--out", str(tmp_path / out), "--budget", "6",
+            "--loops", "2", "--epochs", "2", "--batch", "4", "--iters", "20", "--ensemble", "2", "--log-every", "0",
+            "--warmup-epochs", "1", "--lr", "0.01", *extra]
+
+
+def run_vecaf(tmp_path, *extra, out="run"):
+    return vecaf.main(vecaf_args(tmp_path, *extra, out=out))
+
+
+def vecaf_stage(run_dir, tag):
+    """A finished VeCAF stage file (a loop's selection or model, with its record)."""
+    return torch.load(Path(run_dir) / "stages" / f"{tag}.pt", weights_only=True)

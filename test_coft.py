@@ -17,14 +17,12 @@ import coft
 import data
 import runs
 import train
-from conftest import (as_torchrun, assert_one_error_line, cli_as_process, fit_arguments, make_dtd, make_imagefolder,
-                      one_line_error, randomized, run_sh, same_run, stage_of, torchrun, write_image)
-
+from conftest import coft_error, numbers, randomized, run_coft, stage_state
 
 
 # --------------------------------------------------------------------------- CoFT: building blocks
 
-def test_topk_per_class_ties_and_short_classes():
+def test_sec311_seed_set_is_the_top_k_per_class_with_ties_to_the_lower_index():
     probs = torch.tensor([
         [0.9, 0.1, 0.0],   # 0 -> class 0
         [0.6, 0.4, 0.0],   # 1 -> class 0
@@ -49,7 +47,7 @@ def complements(y, C, seed=0):
     return coft.complement_labels(y, C, torch.randint(1, C, y.shape, generator=torch.Generator().manual_seed(seed)))
 
 
-def test_losses_match_direct_recomputation():
+def test_eq4_l1_eq5_p_clean_eq6_l2_equal_their_formulas_written_out():
     s_pos, s_neg, y = random_scores()
     tau = 0.1  # direct exp() below stays finite; the implementation is stable at any tau
     yc = complements(y, 5, seed=1)
@@ -67,14 +65,14 @@ def test_losses_match_direct_recomputation():
     assert torch.isfinite(coft.loss_l2(s_pos, s_neg, y, yc, 0.01))
 
 
-def test_complement_labels_are_uniform_over_other_classes():
+def test_eq6_complement_labels_are_uniform_over_the_other_classes():
     y = torch.zeros(20000, dtype=torch.long)
     yc = complements(y, 5)
     counts = torch.bincount(yc, minlength=5)
     assert counts[0] == 0 and (counts[1:] - 5000).abs().max() < 300
 
 
-def test_l2_sign_lowers_complement_p_clean():
+def test_eq6_l2_step_raises_p_clean_of_the_label_and_lowers_the_complements():
     """One gradient step on L2 must raise p_clean of the label and lower that of the complement."""
     s_pos, s_neg, y = random_scores(B=1, C=4, seed=3)
     s_pos = (s_pos * 0.01).requires_grad_(True)
@@ -88,7 +86,7 @@ def test_l2_sign_lowers_complement_p_clean():
     assert after[0, y] > before[0, y] and after[0, yc] < before[0, yc]
 
 
-def test_collaborative_filter_is_exactly_peer_margin():
+def test_sec321_filter_keeps_a_label_iff_the_peers_positive_prompt_beats_its_negative():
     s_pos_b, s_neg_b, y_a = random_scores(B=50, C=7, seed=4)
     mask = coft.collaborative_filter(y_a, s_pos_b, s_neg_b)
     expected = [bool(s_pos_b[i, y_a[i]] > s_neg_b[i, y_a[i]]) for i in range(50)]
@@ -210,7 +208,7 @@ def test_phase1_trains_only_prompts_and_vpt(name):
     assert all(torch.equal(before[k], v) for k, v in clip.state_dict().items()), "the backbone must stay frozen"
 
 
-def test_l2_reaches_everything_unless_detached_as_in_deft():
+def test_eq6_l2_reaches_the_visual_prompts_unless_detached_as_in_deft():
     """Gradients of L1 + L2 vs L1 alone. Default: L2 moves the positive context and the visual
     prompts too (the negative prompt regularises the visual modules). --detach-neg (DeFT: p_clean
     from a detached s+ and from image features detached for s-): L2 trains only the negative
@@ -239,7 +237,7 @@ def test_l2_reaches_everything_unless_detached_as_in_deft():
     assert det["prompts.ctx_neg"].abs().sum() > 0 and torch.allclose(det["prompts.ctx_neg"], both["prompts.ctx_neg"])
 
 
-def test_prompt_learner_matches_hand_built_prompts():
+def test_eq2_eq3_prompts_equal_hand_built_token_sequences():
     """The learner's 2C prompts equal encoding 'X X X X name.' with X's embedding swapped out."""
     clip = tiny_backbone()
     pl = coft.PromptLearner(clip, CLASSES, M=4)
@@ -316,7 +314,7 @@ def test_similarity_logits_are_fp32_under_bf16_autocast():
     assert close(nce, F.cross_entropy(direct, torch.zeros(8, dtype=torch.long)))
 
 
-def test_head_init_reproduces_prompt_classifier():
+def test_eq7_head_starts_as_the_prompt_classifier():
     clip = tiny_backbone()
     text = F.normalize(torch.randn(3, clip.cfg.embed_dim), dim=-1)
     ft = cm.ImageClassifier(clip.visual, 3, text, clip.logit_scale.exp().item())
@@ -376,37 +374,15 @@ def test_contrastive_epoch_is_one_pass_over_all_unlabelled_images():
     assert len(set(first_cycle)) == 4  # a full pass of the clean loader, without repeats
 
 
-def run_args(tmp_path, *extra, name="tiny-vit", out="run", ckpt=None):
-    """The CLI arguments of a small, fast run on the digits (a random tiny backbone by default)."""
-    if ckpt is None:
-        ckpt = tmp_path / f"{name}.pt"
-        if not ckpt.exists():
-            torch.save(randomized(name).state_dict(), ckpt)
-    args = ["--dataset", "digits", "--clip", str(ckpt), "--out", str(tmp_path / out), "--M", "4", "--K", "4",
-            "--vpt-tokens", "2", "--p1-epochs", "2", "--fft-epochs", "2", "--batch", "64", "--fft-lr", "1e-3",
-            "--log-every", "0", "--fft-aug", "weak", "--clip-grad", "1"]
-    return args + list(extra)
-
-
-def run_coft(tmp_path, *extra, name="tiny-vit", out="run", ckpt=None):
-    return coft.main(run_args(tmp_path, *extra, name=name, out=out, ckpt=ckpt))
-
-
-def stage_state(run_dir, tag):
-    """The model state dict of a finished stage (stages/<tag>.pt also holds its record)."""
-    return torch.load(Path(run_dir) / "stages" / f"{tag}.pt", weights_only=True)["model"]
-
-
-def numbers(metrics):
-    """Every metric but the timings."""
-    return {k: v for k, v in metrics.items() if k != "time_s"}
-
-
-def test_end_to_end_writes_every_metric(tmp_path, pretrained_tiny):
+def test_end_to_end_every_accuracy_is_its_saved_predictions_accuracy(tmp_path, pretrained_tiny):
     m = run_coft(tmp_path, ckpt=pretrained_tiny[0])
-    for key in ("zero_shot_acc", "phase1_model1_acc", "phase1_model2_acc", "branch1_acc", "branch2_acc",
-                "ensemble_acc", "phase1_agreement"):
-        assert 0 <= m[key] <= 100, key
+    preds = torch.load(tmp_path / "run" / "predictions.pt")
+    for key, model in (("zero_shot_acc", "zero_shot"), ("phase1_model1_acc", "round1_model1"),
+                       ("phase1_model2_acc", "round1_model2"), ("branch1_acc", "branch1"), ("branch2_acc", "branch2"),
+                       ("ensemble_acc", "ensemble")):
+        assert m[key] == pytest.approx(100 * (preds[model] == preds["y"]).float().mean().item()), key
+    pl = torch.load(tmp_path / "run" / "pseudo_labels.pt")
+    assert m["phase1_agreement"] == pytest.approx(100 * (pl["generated"][0] == pl["generated"][1]).float().mean().item())
     assert m["seed_set"]["size"] <= 10 * 4
     for a in (1, 2):
         c = m[f"clean_set_{a}"]
@@ -424,103 +400,6 @@ def test_end_to_end_writes_every_metric(tmp_path, pretrained_tiny):
     assert m["zero_shot_acc"] > 15 and m["seed_set"]["size"] > 10  # a backbone that means something
     again = run_coft(tmp_path, "--eval-only", ckpt=pretrained_tiny[0])
     assert numbers(again) == numbers(m)
-
-
-def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, pretrained_tiny):
-    ckpt = pretrained_tiny[0]
-    full = run_coft(tmp_path, out="full", ckpt=ckpt)
-    real_save, calls = runs.atomic_save, []
-
-    def dying_save(obj, path):
-        calls.append(Path(path).name)
-        real_save(obj, path)
-        if Path(path).name == "branch1.ckpt":  # killed (Ctrl-C) right after branch 1's first epoch checkpoint
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(runs, "atomic_save", dying_save)
-    with pytest.raises(SystemExit) as e:
-        run_coft(tmp_path, out="killed", ckpt=ckpt)
-    monkeypatch.setattr(runs, "atomic_save", real_save)
-    assert e.value.code == 130 and not (tmp_path / "killed" / "stages" / "branch1.pt").exists()
-    resumed = run_coft(tmp_path, "--resume", out="killed", ckpt=ckpt)
-    assert numbers(resumed) == numbers(full)
-
-
-TRAIN_FIT = train.fit
-
-
-def record_draws(monkeypatch):
-    """Patches train.fit to record, per stage, what every step drew: its batch's image indices
-    in order, the augmented images, and the state of the step's generator (complement labels)
-    and of torch's global generator as the step starts."""
-    seen = {}
-
-    def recording_fit(*a, **kw):
-        fit_args = fit_arguments(*a, **kw)
-        steps, step_fn = seen.setdefault(stage_of(fit_args), []), fit_args["step_fn"]
-
-        def step(model, b, draws):
-            steps.append({"idx": b[2].clone(), "x": b[0].clone(), "gen": draws.generator.get_state(),
-                          "rng": torch.get_rng_state()})
-            return step_fn(model, b, draws)
-        fit_args["step_fn"] = step
-        return TRAIN_FIT(**fit_args)  # a later call replaces an earlier recording
-    monkeypatch.setattr(train, "fit", recording_fit)
-    return seen
-
-
-def same_draws(a, b):
-    return all(torch.equal(a[k], b[k]) for k in ("idx", "x", "gen", "rng"))
-
-
-def test_every_epoch_draws_anew_and_a_resumed_epoch_draws_as_uninterrupted(tmp_path, monkeypatch, pretrained_tiny):
-    """Per-epoch randomness of the training loop, in Phase I and Phase II: epoch 1 of a stage
-    draws another batch order, other augmentations of the same images and other step and global
-    random streams than epoch 0; a run killed after epoch 0 and resumed draws in epoch 1 exactly
-    what the uninterrupted run drew there (and not what it drew in epoch 0)."""
-    ckpt, stages = pretrained_tiny[0], ("phase1_round1_model1", "branch1")
-    argv = ("--branches", "1", "--fft-aug", "strong")
-    full = record_draws(monkeypatch)
-    run_coft(tmp_path, *argv, out="full", ckpt=ckpt)
-    for tag in stages:
-        steps = full[tag]
-        n = len(steps) // 2  # steps per epoch (2 epochs)
-        first, second = steps[:n], steps[n:]
-        assert n >= 1 and len(steps) == 2 * n, tag
-        order = [torch.cat([s["idx"] for s in e]) for e in (first, second)]
-        assert not torch.equal(order[0], order[1]), tag  # another order
-        x = [{int(i): s["x"][j] for s in e for j, i in enumerate(s["idx"])} for e in (first, second)]
-        common = x[0].keys() & x[1].keys()
-        # other augmentations (Phase I's weak crop has 36 offsets, so a few images draw the same one)
-        assert sum(not torch.equal(x[0][i], x[1][i]) for i in common) > 0.8 * len(common), tag
-        assert not torch.equal(first[0]["gen"], second[0]["gen"]), tag
-        assert not torch.equal(first[0]["rng"], second[0]["rng"]), tag
-    real_save = runs.atomic_save
-
-    def dying_save(obj, path):
-        real_save(obj, path)
-        if Path(path).name == "branch1.ckpt":  # Ctrl-C right after branch 1's first epoch checkpoint
-            raise KeyboardInterrupt
-    monkeypatch.setattr(runs, "atomic_save", dying_save)
-    killed = record_draws(monkeypatch)
-    with pytest.raises(SystemExit):
-        run_coft(tmp_path, *argv, out="killed", ckpt=ckpt)
-    monkeypatch.setattr(runs, "atomic_save", real_save)
-    resumed = record_draws(monkeypatch)
-    run_coft(tmp_path, *argv, "--resume", out="killed", ckpt=ckpt)
-    n = len(full["branch1"]) // 2
-    assert len(killed["branch1"]) == n and all(map(same_draws, killed["branch1"], full["branch1"][:n]))
-    assert list(resumed) == ["branch1"] and len(resumed["branch1"]) == n  # Phase I was not trained again
-    assert all(map(same_draws, resumed["branch1"], full["branch1"][n:]))
-
-
-def test_phase_flag_runs_phases_separately(tmp_path, pretrained_tiny):
-    ckpt = pretrained_tiny[0]
-    full = run_coft(tmp_path, out="full", ckpt=ckpt)
-    p1 = run_coft(tmp_path, "--phase", "1", out="split", ckpt=ckpt)
-    assert "branch1_acc" not in p1 and p1["phase1_model1_acc"] == full["phase1_model1_acc"]
-    p2 = run_coft(tmp_path, "--phase", "2", out="split", ckpt=ckpt)
-    assert numbers(p2) == numbers(full)
 
 
 # ---- an audit: every number and set of a finished run recomputed by hand from its saved files
@@ -789,7 +668,7 @@ def test_labelled_shots_join_the_seed_set_and_both_clean_sets(tmp_path, pretrain
     (items, labels), = trained_on
     assert labels == y_train[L].tolist() and "shots_acc" in m
     assert len(items) == len(L) and all(torch.equal(a[0], task.train[i][0]) for a, i in zip(items, L.tolist()))
-    assert "--labelled-shots" in cli_error(capsys, "--method", "shots", "--out", str(tmp_path / "x"))
+    assert "--labelled-shots" in coft_error(capsys, "--method", "shots", "--out", str(tmp_path / "x"))
 
 
 def test_fft_init_phase1_and_distillation_backbone(tmp_path, pretrained_tiny):
@@ -813,228 +692,10 @@ def test_fft_init_phase1_needs_a_backbone_its_vpt_fits(tmp_path, capsys):
     torch.save(randomized("tiny-rn").state_dict(), tmp_path / "rn.pt")
     for other, what in (("narrow", "width 32"), ("rn", "is a ResNet"), ("shallow", "1 blocks")):
         out = tmp_path / f"run-{other}"
-        err = cli_error(capsys, "--clip", str(tmp_path / "vit.pt"), "--fft-backbone", str(tmp_path / f"{other}.pt"),
+        err = coft_error(capsys, "--clip", str(tmp_path / "vit.pt"), "--fft-backbone", str(tmp_path / f"{other}.pt"),
                         "--fft-init", "phase1", "--M", "4", "--vpt-tokens", "2", "--out", str(out))
         assert "--fft-init pretrained" in err and what in err, err
         assert not list(out.rglob("*.pt"))  # refused before any work
-
-
-def cli_error(capsys, *argv):
-    return one_line_error(coft.main, capsys, *argv)
-
-
-def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert "--data-root is required" in cli_error(capsys, "--dataset", "dtd", "--out", str(tmp_path / "a"))
-    assert "unknown dataset" in cli_error(capsys, "--dataset", "mnist", "--out", str(tmp_path / "b"))
-    # a split file that names missing images
-    root = tmp_path / "DATA"
-    write_image(str(root / "dtd" / "images" / "banded" / "a.jpg"))
-    split = {"train": [["banded/a.jpg", 0, "banded"], ["banded/gone.jpg", 0, "banded"]],
-             "val": [], "test": [["banded/a.jpg", 0, "banded"]]}
-    (root / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
-    err = cli_error(capsys, "--dataset", "dtd", "--data-root", str(root), "--out", str(tmp_path / "c"))
-    assert "do not exist" in err and "gone.jpg" in err
-    # a checkpoint path that does not exist
-    assert "is neither a released model" in cli_error(capsys, "--clip", str(tmp_path / "nope.pt"),
-                                                       "--out", str(tmp_path / "d"))
-    # --eval-only / --phase 2 without the saved state they need
-    torch.save(randomized("tiny-vit").state_dict(), tmp_path / "tiny.pt")
-    small = ["--clip", str(tmp_path / "tiny.pt"), "--M", "4", "--K", "2", "--vpt-tokens", "2"]
-    assert "holds no run for --eval-only" in cli_error(capsys, *small, "--eval-only", "--out", str(tmp_path / "e"))
-    assert "holds no run for --phase 2" in cli_error(capsys, *small, "--phase", "2", "--out", str(tmp_path / "f"))
-    # ... or a run that lacks one of them
-    run_coft(tmp_path, *SHORT, out="g")
-    (tmp_path / "g" / "stages" / "phase1_round1_model2.pt").unlink()
-    assert "phase1_round1_model2.pt not found: --phase 2 needs Phase I" in cli_error(
-        capsys, *run_args(tmp_path, *SHORT[:-1], "2", out="g"))
-    assert "--eval-only needs a finished run" in cli_error(capsys, *run_args(tmp_path, *SHORT, "--eval-only", out="g"))
-
-
-def folder_state(out):
-    """Every file under a run folder with its bytes: to show a refused run changed nothing."""
-    return {p.relative_to(out): p.read_bytes() for p in sorted(Path(out).rglob("*")) if p.is_file()}
-
-
-SHORT = ("--p1-epochs", "1", "--fft-epochs", "1", "--phase", "1")
-
-
-def test_a_folder_holding_a_run_is_only_continued_with_its_own_config(tmp_path, capsys):
-    run_coft(tmp_path, *SHORT)
-    out = tmp_path / "run"
-    before = folder_state(out)
-    assert {str(p) for p in before} >= {"config.json", "metrics.json", "stages/phase1_round1_model1.pt"}
-    # without --resume: refused, whatever the flags
-    assert "holds a run already" in cli_error(capsys, *run_args(tmp_path, *SHORT))
-    # --resume with other settings (the issue's example): one line naming every difference
-    err = cli_error(capsys, *run_args(tmp_path, *SHORT, "--K", "2", "--p1-lr", "0.05", "--detach-neg", "--resume"))
-    assert "other settings" in err and "K: 4 -> 2" in err and "p1_lr: 0.03 -> 0.05" in err and "detach_neg" in err
-    # --resume with another --M, --eval-only on another dataset, --phase 2 with another Phase-II lr
-    assert "M: 4 -> 6" in cli_error(capsys, *run_args(tmp_path, *SHORT, "--M", "6", "--resume"))
-    make_imagefolder(tmp_path / "IF")
-    err = cli_error(capsys, *run_args(tmp_path, *SHORT, "--eval-only", "--dataset", "imagefolder",
-                                      "--data-root", str(tmp_path / "IF")))
-    assert "dataset: 'digits' -> 'imagefolder'" in err
-    assert "fft_lr" in cli_error(capsys, *run_args(tmp_path, "--p1-epochs", "1", "--fft-epochs", "1", "--phase", "2",
-                                                   "--fft-lr", "0.05"))
-    # bad input on --resume / --restart fails before anything is written or deleted
-    assert "data-root" in cli_error(capsys, *run_args(tmp_path, *SHORT, "--dataset", "dtd", "--data-root",
-                                                      str(tmp_path / "typo"), "--restart"))
-    assert folder_state(out) == before  # nothing above wrote, deleted or overwrote a file
-    # the same flags continue it: every finished stage is reused, every number the same
-    again = run_coft(tmp_path, *SHORT, "--resume", "--workers", "1", "--log-every", "5")
-    assert numbers(again) == numbers(json.loads(before[Path("metrics.json")]))
-    # --restart discards the run and makes it under the new flags
-    m = run_coft(tmp_path, *SHORT, "--K", "2", "--restart")
-    saved = torch.load(out / "stages" / "phase1_round1_model1.pt", weights_only=True)
-    assert m["seed_set"]["size"] <= 20 and saved["record"]["K"] == 2
-    assert json.loads((out / "config.json").read_text())["config"]["K"] == 2
-
-
-def test_a_stage_file_or_checkpoint_is_used_only_under_its_own_record(tmp_path, capsys):
-    """Stage files that reach a folder by another way than its own run (copied, or left by an
-    older version) are checked against the settings they record, not trusted."""
-    run_coft(tmp_path, *SHORT, out="a")
-    run_coft(tmp_path, *SHORT, "--p1-lr", "0.05", out="b")
-    a, b = tmp_path / "a" / "stages", tmp_path / "b" / "stages"
-    (a / "phase1_round1_model2.pt").write_bytes((b / "phase1_round1_model2.pt").read_bytes())
-    err = cli_error(capsys, *run_args(tmp_path, *SHORT, "--resume", out="a"))
-    assert "phase1_round1_model2.pt was made with other settings (p1_lr: 0.05 -> 0.03)" in err
-    # an epoch checkpoint likewise (as if killed mid-stage)
-    (a / "phase1_round1_model2.pt").unlink()
-    state = torch.load(b / "phase1_round1_model2.pt", weights_only=True)
-    runs.atomic_save({"epoch": 0, "record": state["record"], "model": state["model"]}, a / "phase1_round1_model2.ckpt")
-    assert "phase1_round1_model2.ckpt was made with other settings" in cli_error(
-        capsys, *run_args(tmp_path, *SHORT, "--resume", out="a"))
-    # a truncated stage file or checkpoint, on --resume and on --eval-only: one line naming the file
-    (a / "phase1_round1_model2.ckpt").write_bytes(b"PK\x03\x04 truncated")
-    err = cli_error(capsys, *run_args(tmp_path, *SHORT, "--resume", out="a"))
-    assert "cannot read" in err and "phase1_round1_model2.ckpt" in err
-    data_ = (a / "phase1_round1_model1.pt").read_bytes()
-    (a / "phase1_round1_model1.pt").write_bytes(data_[:len(data_) // 2])
-    for flag in ("--resume", "--eval-only"):
-        err = cli_error(capsys, *run_args(tmp_path, *SHORT, flag, out="a"))
-        assert "cannot read" in err and "phase1_round1_model1.pt" in err
-
-
-def test_defaults_follow_the_backbone_and_the_method():
-    """The paper's recipe for real backbones, the dev-chosen values for the stand-in (docs/demo.md),
-    explicit flags always win; rounds: 1, 3 with --plus or --method selftrain."""
-    def resolved(*argv):
-        a = coft.resolve_defaults(coft.parser().parse_args(list(argv)))
-        return a.M, a.vpt_tokens, a.clip_grad, a.fft_lr, a.rounds
-    assert resolved("--clip", "ViT-B/16") == (16, 20, 0.0, 5e-4, 1)
-    assert resolved("--clip", "demo") == (4, 0, 1.0, 2e-2, 1)
-    assert resolved("--clip", "demo", "--M", "16", "--vpt-tokens", "20", "--clip-grad", "0") == (16, 20, 0.0, 2e-2, 1)
-    assert resolved("--clip", "ViT-B/16", "--vpt-tokens", "0", "--plus")[1:] == (0, 0.0, 5e-4, 3)
-    assert resolved("--method", "selftrain")[-1] == 3 and resolved("--method", "selftrain", "--rounds", "1")[-1] == 1
-    thresholds = [coft.resolve_defaults(coft.parser().parse_args(["--clip", c])).threshold for c in ("demo", "RN50")]
-    assert thresholds == [0.7, 0.95]
-
-
-def test_stage_records_cover_the_settings_each_stage_depends_on():
-    """A Phase-I model's record has S*'s and Phase I's settings and none of Phase II's; a branch's
-    has all three: so a changed Phase-I flag invalidates the branches too."""
-    args = coft.resolve_defaults(coft.parser().parse_args([]))
-    config = {k: v for k, v in vars(args).items() if k not in coft.HOW}
-    config.update(data="d", clip="c", fft_backbone=None, zero_shot_prompts="z", rounds=1)
-    p1, br = coft.stage_record(config, "phase1_round2_model1"), coft.stage_record(config, "branch1")
-    assert {"K", "seed", "data", "clip", "zero_shot_prompts", "p1_lr", "lam", "M", "batch"} <= set(p1)
-    assert not {"fft_lr", "gamma", "queue", "workers", "device"} & set(p1)
-    assert set(p1) - {"stage"} < set(br) and {"fft_lr", "gamma", "queue", "rounds"} <= set(br)
-    assert not set(coft.HOW) & set(br)
-    # every flag is either a setting some stage depends on, or declared as not changing numbers
-    # (HOW), or one whose effect only metrics.json shows (method, eval split, ...)
-    reported_only = {"eval_split", "branches", "plus", "template_ensemble", "fft_lr", "head_init"}
-    flags = set(vars(args)) - {k for k in vars(args) if k.startswith("bench")}
-    assert flags <= set(coft.HOW) | set(br) | set(coft.stage_record(config, "topk")) | reported_only
-
-
-def test_results_do_not_depend_on_the_worker_count(tmp_path, pretrained_tiny):
-    """The same seed with 0 and 2 DataLoader workers: identical metrics and identical weights of
-    every stage (augmentations are seeded per sample, not per worker)."""
-    runs = [run_coft(tmp_path, "--workers", w, "--fft-aug", "strong", out=f"w{w}", ckpt=pretrained_tiny[0])
-            for w in ("0", "2")]
-    assert numbers(runs[0]) == numbers(runs[1])
-    for tag in ("phase1_round1_model1", "branch2"):
-        s0, s2 = stage_state(tmp_path / "w0", tag), stage_state(tmp_path / "w2", tag)
-        assert all(torch.equal(s0[k], s2[k]) for k in s0), tag
-
-
-def test_a_nan_loss_ends_the_cli_with_one_line(tmp_path, capsys, monkeypatch):
-    real = coft.phase1_losses
-    monkeypatch.setattr(coft, "phase1_losses", lambda *a, **kw: (lambda l1, l2: (l1 * float("nan"), l2))(*real(*a, **kw)))
-    err = cli_error(capsys, *run_args(tmp_path, *SHORT))
-    assert "phase I round 1 model 1: non-finite loss nan" in err and "step 1 of" in err
-    assert not (tmp_path / "run" / "metrics.json").exists()
-
-
-BAD_FLAGS = [("--clip-grad", "-1"), ("--K", "-1"), ("--K", "0"), ("--p1-epochs", "0"), ("--fft-epochs", "0"),
-             ("--rounds", "0"), ("--rounds", "-1"), ("--tau-c", "0"), ("--batch", "0"), ("--batch", "-3"),
-             ("--eval-batch", "0"), ("--p1-lr", "-0.1"), ("--fft-lr", "0"), ("--weight-decay", "-1"),
-             ("--momentum", "-0.5"), ("--momentum", "1"), ("--workers", "-1"), ("--queue", "0"), ("--M", "-2"),
-             ("--mu", "1.5"), ("--lam", "nan"), ("--K", "two")]
-
-
-@pytest.mark.parametrize("flag,value", BAD_FLAGS)
-def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flag, value):
-    err = cli_error(capsys, "--out", str(tmp_path / "r"), flag, value)
-    assert f"argument {flag}:" in err and value in err
-    assert not (tmp_path / "r").exists()
-
-
-def test_more_one_line_errors(tmp_path, capsys):
-    # --out naming a file
-    (tmp_path / "file").write_text("x")
-    assert "is a file" in cli_error(capsys, *run_args(tmp_path, out="file"))
-    # an unknown --fft-backbone / --clip: refused before the data or any model is loaded
-    assert "--fft-backbone 'ViT-Q/3'" in cli_error(capsys, *run_args(tmp_path, "--fft-backbone", "ViT-Q/3"))
-    assert not (tmp_path / "run").exists()
-    # a prompt longer than the context (tiny-vit: 16 tokens): names the flag that shortens it
-    err = cli_error(capsys, *run_args(tmp_path, "--M", "14", out="long"))
-    assert "use a smaller --M" in err and "longer than the backbone's context of 16" in err
-    # --restart with --eval-only; --eval-only in an empty folder
-    assert "--restart discards" in cli_error(capsys, *run_args(tmp_path, "--restart", "--eval-only"))
-    assert "holds no run" in cli_error(capsys, *run_args(tmp_path, "--eval-only", out="empty"))
-    # a dataset with one class, and two classes that read the same in a prompt
-    make_imagefolder(tmp_path / "one", classes=("cat",))
-    assert "classification needs at least two" in cli_error(
-        capsys, *run_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "one")))
-    make_imagefolder(tmp_path / "same", classes=("red_fox", "Red fox"))
-    assert "read the same in a prompt ('red fox')" in cli_error(
-        capsys, *run_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "same")))
-
-
-def test_table_on_a_damaged_metrics_file_is_one_line(tmp_path, capsys):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "metrics.json").write_text('{"method": "coft", "zero_')
-    assert "a/metrics.json is damaged" in cli_error(capsys, "--table", str(tmp_path / "a"))
-    (tmp_path / "a" / "metrics.json").write_text('{"method": "coft"}')  # partial: no numbers
-    assert "KeyError" in cli_error(capsys, "--table", str(tmp_path / "a"))
-
-
-def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
-    def interrupted(*a, **kw):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "fit", interrupted)
-    with pytest.raises(SystemExit) as e:
-        coft.main(run_args(tmp_path, *SHORT))
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 130 and "\n" not in err and "--resume continues" in err and str(tmp_path / "run") in err
-
-
-@pytest.mark.parametrize("demo,paper,n,expected", [("demo", "paper", 9, ("caltech101", "ucf101")),
-                                                    ("craft", "craft-paper", 11, ("imagenet", "sun397")),
-                                                    ("vecaf", None, 0, ()), ("bold", None, 0, ())])
-def test_run_sh_refuses_unknown_arguments_and_lists_missing_datasets_up_front(tmp_path, demo, paper, n, expected):
-    r = run_sh(demo, "--bogus")
-    assert r.returncode == 2 and "--bogus" in r.stderr and "pretraining" not in r.stdout
-    if paper is None:
-        return
-    make_dtd(tmp_path / "DATA")
-    r = run_sh(paper, str(tmp_path / "DATA"), env={"OUT": str(tmp_path / "runs")})
-    assert r.returncode == 2 and not (tmp_path / "runs").exists() and f"of {n} datasets" in r.stderr
-    missing = r.stderr.split("missing")[1]
-    assert all(name in missing for name in expected) and "dtd" not in missing
 
 
 # --------------------------------------------------------------------------- CoFT+
@@ -1059,7 +720,7 @@ def test_queue_wraps_around_and_overwrites_the_oldest():
     assert (mc.queue[:, 0].long() == mc.queue_idx).all()
 
 
-def test_ema_update_is_exact():
+def test_eq8_momentum_update_is_exact():
     mc = coft.MomentumContrast(tiny_finetuned(), size=4, mu=0.9)
     with torch.no_grad():
         for p in mc.model.parameters():
@@ -1077,7 +738,7 @@ def direct_info_nce(q, k, negatives, tau):
         (torch.exp(q[i] @ n / tau) for n in negatives[i]), torch.tensor(0.0)))) for i in range(len(q))]).mean()
 
 
-def test_info_nce_matches_direct_recomputation_and_keys_carry_no_gradient():
+def test_eq9_info_nce_equals_its_formula_and_keys_carry_no_gradient():
     mc = coft.MomentumContrast(tiny_finetuned(), size=6, tau=0.07)
     g = torch.Generator().manual_seed(0)
     mc.enqueue(F.normalize(torch.randn(4, mc.queue.shape[1], generator=g), dim=-1), torch.tensor([10, 11, 12, 13]))
@@ -1230,165 +891,6 @@ def test_plus_end_to_end_and_resume_restores_queue_and_momentum_encoder(tmp_path
     assert numbers(resumed) == numbers(full)
 
 
-def test_table_groups_seeds(tmp_path, capsys):
-    base = {"method": "coft", "zero_shot_acc": 50.0, "seed_set": {"size": 10, "precision": 90.0},
-            "clean_set_1": {"kept_fraction": 80.0, "precision": 70.0},
-            "clean_set_2": {"kept_fraction": 90.0, "precision": 72.0}, "phase1_agreement": 95.0,
-            "phase1_model1_acc": 60.0, "phase1_model2_acc": 62.0, "branch1_acc": 64.0, "branch2_acc": 66.0,
-            "time_s": {"total": 10.0}}
-    for s, acc in ((0, 70.0), (1, 74.0)):
-        (tmp_path / f"coft-s{s}").mkdir()
-        (tmp_path / f"coft-s{s}" / "metrics.json").write_text(json.dumps(dict(base, ensemble_acc=acc)))
-    coft.main(["--table", str(tmp_path / "coft-s0"), str(tmp_path / "coft-s1"), str(tmp_path / "missing")])
-    out = capsys.readouterr().out
-    assert "missing: no metrics.json" in out
-    mean_row = [line for line in out.splitlines() if line.startswith("coft ")][0].split()
-    # n, zero-shot, S* prec, kept %, clean prec, removed prec, AUROC margin, AUROC conf, agree %, phase I,
-    # branches, final acc (mean±sd of 70, 74)
-    assert mean_row[1] == "2" and mean_row[4] == "85.0±0.0" and mean_row[5] == "71.0±0.0"
-    assert mean_row[6:9] == ["-"] * 3 and mean_row[12] == "72.0±2.8"
-
-
-def test_table_shows_what_each_method_trained_on_and_the_filter_diagnosis():
-    seed_set = {"size": 160, "kept_fraction": 17.8, "precision": 90.0}
-    common = {"zero_shot_acc": 50.0, "seed_set": seed_set, "time_s": {"total": 1.0}}
-    rounds = [{"kept_fraction": 60.0, "precision": 70.0, "acc": 51.0}, {"kept_fraction": 65.0, "precision": 72.0,
-                                                                         "acc": 52.0}]
-    st = coft.run_summary(dict(common, method="selftrain", selftrain_rounds=rounds, selftrain_acc=52.0))
-    assert (st["kept %"], st["clean prec"], st["final acc"]) == ([65.0], [72.0], 52.0)  # the last round's set
-    tk = coft.run_summary(dict(common, method="topk", topk_acc=55.0))
-    assert (tk["kept %"], tk["clean prec"], tk["removed prec"], tk["final acc"]) == ([17.8], [90.0], [], 55.0)
-    clean = [{"kept_fraction": 99.0 + a, "precision": 60.0 + a, "removed_precision": 10.0 * a,
-              "auroc_peer_margin": 70.0 + a, "auroc_peer_confidence": 75.0 + a} for a in (0, 1)]
-    cf = coft.run_summary(dict(common, method="coft", clean_set_1=clean[0], clean_set_2=clean[1], ensemble_acc=58.0))
-    assert (cf["kept %"], cf["removed prec"], cf["AUROC margin"], cf["AUROC conf"]) == \
-        ([99.0, 100.0], [0.0, 10.0], [70.0, 71.0], [75.0, 76.0])
-
-
-@pytest.mark.parametrize("workers", [0, 1])
-def test_unreadable_image_names_the_file(tmp_path, capsys, workers):
-    root = tmp_path / "DATA"
-    for c in ("banded", "dotted"):
-        write_image(str(root / "train" / c / "a.png"))
-        write_image(str(root / "test" / c / "a.png"))
-    (root / "train" / "dotted" / "broken.png").write_bytes(b"not a png")
-    torch.save(randomized("tiny-vit").state_dict(), tmp_path / "tiny.pt")
-    err = cli_error(capsys, "--dataset", "imagefolder", "--data-root", str(root), "--clip", str(tmp_path / "tiny.pt"),
-                    "--M", "4", "--out", str(tmp_path / "run"), "--workers", str(workers))
-    assert "cannot read image" in err and "broken.png" in err
-
-
-def test_precision_is_part_of_a_runs_config(tmp_path, capsys):
-    """--precision auto on a CPU runs (and records) fp32; bf16 is recorded as such, and a run
-    folder made at one precision is not continued at another."""
-    m = run_coft(tmp_path, *SHORT)
-    assert m["precision"] == "fp32" and json.loads((tmp_path / "run" / "config.json").read_text())["config"][
-        "precision"] == "fp32"
-    b = run_coft(tmp_path, *SHORT, "--precision", "bf16", out="bf16")
-    assert b["precision"] == "bf16"
-    err = cli_error(capsys, *run_args(tmp_path, *SHORT, "--precision", "bf16", "--resume"))
-    assert "precision: 'fp32' -> 'bf16'" in err
-    assert "fp16 needs a GPU" in cli_error(capsys, *run_args(tmp_path, *SHORT, "--precision", "fp16", out="x"))
-
-
 # --------------------------------------------------------------------------- torchrun (DDP), gloo on CPU
 
-DDP_RUN = ("--plus", "--rounds", "1", "--queue", "100", "--fft-epochs", "2", "--batch", "50")
 
-
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    """torchrun --nproc_per_node 2 on CPU (gloo): every pass sharded and gathered, both phases
-    under DDP with each global batch split in two (50 = 25 + 25; the seed set's and the
-    unlabelled set's short last batches split unevenly), CoFT+'s keys gathered into one queue.
-    Same per-step losses of every stage and same metrics as the plain run; both processes end
-    with the same queue and momentum model, and with the plain run's."""
-    argv = run_args(tmp_path, *DDP_RUN, out="one")
-    cli_as_process(0, "coft", argv, tmp_path / "one")
-    one = torch.load(tmp_path / "one-rank0.pt", weights_only=False)
-    as_torchrun(cli_as_process, 2, "coft", run_args(tmp_path, *DDP_RUN, out="two"), tmp_path / "two")
-    ranks = [torch.load(tmp_path / f"two-rank{r}.pt", weights_only=False) for r in (0, 1)]
-    assert one["metrics"]["processes"] == 1 and ranks[0]["metrics"]["processes"] == 2
-    same_run(ranks[0], one)
-    assert ranks[0]["metrics"] == ranks[1]["metrics"] and ranks[0]["losses"] == ranks[1]["losses"]
-    assert one["contrast"].keys() == {"branch1", "branch2"}
-    for tag, state in one["contrast"].items():
-        assert int(state["count"]) == 100
-        for k, v in state.items():
-            assert torch.equal(ranks[0]["contrast"][tag][k], ranks[1]["contrast"][tag][k]), (tag, k)
-            assert torch.allclose(ranks[0]["contrast"][tag][k].double(), v.double(), atol=1e-5), (tag, k)
-    assert not (tmp_path / "two" / "stages" / "branch1.ckpt").exists()  # rank 0 wrote, and cleaned up
-
-
-def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
-    """A 2-process CoFT+ job whose rank 0 is SIGKILLed right after branch 1's first epoch
-    checkpoint, resumed by 2 processes: the very numbers of the uninterrupted job; resumed by
-    one plain process: the same to float tolerance (the sampler's global batches do not depend on
-    the process count)."""
-    argv = run_args(tmp_path, *DDP_RUN, "--branches", "1", out="full")
-    as_torchrun(cli_as_process, 2, "coft", argv, tmp_path / "full")
-    killed = run_args(tmp_path, *DDP_RUN, "--branches", "1", out="killed")
-    with pytest.raises(torch.multiprocessing.ProcessExitedException):  # rank 0 killed after branch 1's epoch 1
-        as_torchrun(cli_as_process, 2, "coft", killed, tmp_path / "killed", "branch1.ckpt")
-    assert (tmp_path / "killed" / "stages" / "branch1.ckpt").exists()
-    assert not (tmp_path / "killed" / "stages" / "branch1.pt").exists()
-    shutil.copytree(tmp_path / "killed", tmp_path / "killed-copy")
-    as_torchrun(cli_as_process, 2, "coft", killed + ["--resume"], tmp_path / "resumed")
-    full, resumed, resumed_1 = (torch.load(tmp_path / f"{n}.pt", weights_only=False)
-                                for n in ("full-rank0", "resumed-rank0", "resumed-rank1"))
-    assert resumed["metrics"] == full["metrics"] and resumed["losses"]["branch1"] == full["losses"]["branch1"]
-    # the resumed job ran branch 1's second epoch only (both processes read the checkpoint), Phase I not at all
-    assert resumed["steps"] == resumed_1["steps"] == {"branch1": full["steps"]["branch1"] // 2}
-    # resumed by a plain single process instead: the same global batches, so the same run to float tolerance
-    cli_as_process(0, "coft", run_args(tmp_path, *DDP_RUN, "--branches", "1", "--resume", out="killed-copy"),
-                    tmp_path / "plain")
-    plain = torch.load(tmp_path / "plain-rank0.pt", weights_only=False)
-    assert plain["steps"] == resumed["steps"]
-    same_run(plain, {**full, "losses": {"branch1": full["losses"]["branch1"]}})
-
-
-@pytest.mark.parametrize("late_rank", [None, 0])
-def test_under_torchrun_an_error_on_any_process_ends_the_job_with_one_line(tmp_path, late_rank):
-    """Every process meets the error (a flag, the run folder, a flag only GPUs take): rank 0 says
-    it once, also when it meets it last (held back 3 s at start-up and after the job forms, so
-    process 1 has long met it). One process meets it (an unreadable test image, in rank 1's shard of the evaluation
-    pass): that process says it, named, and rank 0, whose gather then breaks, stays silent. No
-    traceback from a process, no hang."""
-    run_coft(tmp_path, "--p1-epochs", "1", "--fft-epochs", "1", "--branches", "1")
-    make_imagefolder(tmp_path / "if")
-    write_image(str(tmp_path / "if" / "test" / "dog_big" / "9.png"))
-    (tmp_path / "if" / "test" / "dog_big" / "9.png").write_text("not a png")  # the last test image
-    for argv, expected in (
-            (run_args(tmp_path, "--K", "0"), "error: argument --K: must be >= 1"),
-            (run_args(tmp_path), "error: --out {} holds a run already".format(tmp_path / "run")),
-            (run_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "if"), "--batch", "4",
-                      "--K", "2", out="if-run"), "error (process 1 of 2): cannot read image "),
-            (run_args(tmp_path, "--sync-bn", out="bn"), "error: --sync-bn needs GPUs")):
-        assert_one_error_line(torchrun(coft.__file__, argv, tmp_path, late_rank), expected)
-
-
-def test_resnet_processes_evaluate_with_the_batchnorm_statistics_rank0_saves(tmp_path):
-    """ResNet without --sync-bn: each process's BatchNorm normalises its own slice of the batch,
-    so the running statistics drift apart; before every evaluation and checkpoint all processes
-    take rank 0's, the ones saved. So the 2-process job's numbers are its saved model's: a plain
-    --eval-only of the folder reproduces every prediction."""
-    argv = run_args(tmp_path, "--method", "topk", name="tiny-rn", out="rn")
-    as_torchrun(cli_as_process, 2, "coft", argv, tmp_path / "rn")
-    two = torch.load(tmp_path / "rn-rank0.pt", weights_only=False)["metrics"]
-    preds = torch.load(tmp_path / "rn" / "predictions.pt")
-    again = coft.main(argv + ["--eval-only"])
-    assert again["topk_acc"] == two["topk_acc"]
-    assert torch.equal(torch.load(tmp_path / "rn" / "predictions.pt")["topk"], preds["topk"])
-
-
-def test_sync_bn_converts_phase2_batchnorm_and_changes_nothing_in_a_plain_run(tmp_path, monkeypatch):
-    towers, real_fit = [], train.fit
-
-    def recording_fit(model, *a, **kw):
-        towers.append({type(m).__name__ for m in model.modules()})
-        return real_fit(model, *a, **kw)
-    monkeypatch.setattr(train, "fit", recording_fit)
-    plain = run_coft(tmp_path, "--method", "topk", name="tiny-rn", out="plain")
-    synced = run_coft(tmp_path, "--method", "topk", "--sync-bn", name="tiny-rn", out="sync")
-    assert "SyncBatchNorm" not in towers[0] and {"SyncBatchNorm", "ImageClassifier"} <= towers[1]
-    assert "BatchNorm2d" not in towers[1]
-    assert numbers(synced) == numbers(plain)

@@ -8,7 +8,6 @@ import runs
 import train
 
 
-
 def test_cosine_with_warmup():
     lrs = [train.cosine_with_warmup(s, 100, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -165,42 +164,3 @@ def test_shards_cover_the_range_in_order():
         assert sum(parts, []) == list(range(n)) and max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-class Numbered(torch.utils.data.Dataset):
-    """Item i: (x_i, label i % 3, i), x_i a fixed random vector."""
-
-    def __init__(self, n):
-        self.x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], i % 3, i
-
-
-def context(tmp):
-    return train.RunContext(out=tmp, config={}, device=torch.device("cpu"), precision="fp32",
-                            amp=train.amp_settings(torch.device("cpu"), "fp32")[0], seed=0, workers=0, eval_batch=2,
-                            log_every=0, resume=False)
-
-
-def score_in_two_processes(rank, tmp):
-    """One of 2 gloo processes: the evaluation pass over 7 items, saved per rank."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
-    try:
-        weight = torch.arange(8.0).reshape(4, 2)
-        out = context(tmp).scores(lambda x: x @ weight, Numbered(7))
-        torch.save((ddp.world(), out), f"{tmp}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_an_evaluation_pass_under_two_processes_equals_one_process(tmp_path):
-    """torchrun's data parallel evaluation: 2 gloo processes (7 items: shards of 4 and 3) each
-    get all 7 outputs in index order, equal to the single-process pass."""
-    torch.multiprocessing.spawn(score_in_two_processes, args=(str(tmp_path),), nprocs=2)
-    expected = context(tmp_path).scores(lambda x: x @ torch.arange(8.0).reshape(4, 2), Numbered(7))
-    assert ddp.world() == (0, 1) and expected.shape == (7, 2)
-    for rank in (0, 1):
-        where, out = torch.load(tmp_path / f"rank{rank}.pt")
-        assert where == (rank, 2) and torch.allclose(out, expected)

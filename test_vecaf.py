@@ -15,8 +15,7 @@ import data
 import runs
 import vecaf
 from clip_model import unit
-from conftest import (as_torchrun, assert_one_error_line, cli_as_process, one_line_error, randomized, same_run,
-                      torchrun, write_image)
+from conftest import one_line_error, run_vecaf, vecaf_args, vecaf_stage
 
 
 def pool(n, d=8, seed=0):
@@ -165,18 +164,6 @@ def test_cea_is_the_formula_and_its_special_cases():
 
 # ---- a run end to end (tiny backbone, digits)
 
-def run_args(tmp_path, *extra, out="run"):
-    ckpt = tmp_path / "tiny-vit.pt"
-    if not ckpt.exists():
-        torch.save(randomized("tiny-vit").state_dict(), ckpt)
-    return ["--dataset", "digits", "--clip", str(ckpt), "--out", str(tmp_path / out), "--budget", "6",
-            "--loops", "2", "--epochs", "2", "--batch", "4", "--iters", "20", "--ensemble", "2", "--log-every", "0",
-            "--warmup-epochs", "1", "--lr", "0.01", *extra]
-
-
-def run_vecaf(tmp_path, *extra, out="run"):
-    return vecaf.main(run_args(tmp_path, *extra, out=out))
-
 
 def numbers(m):
     """Every metric but the timings."""
@@ -184,14 +171,10 @@ def numbers(m):
             for k, v in m.items() if k != "time_s"}
 
 
-def stage(run_dir, tag):
-    return torch.load(Path(run_dir) / "stages" / f"{tag}.pt", weights_only=True)
-
-
 def test_run_grows_the_selection_and_cea_moves_exactly_the_picks(tmp_path):
     m = run_vecaf(tmp_path)
     run = tmp_path / "run"
-    s1, s2 = stage(run, "select1")["new"], stage(run, "select2")["new"]
+    s1, s2 = vecaf_stage(run, "select1")["new"], vecaf_stage(run, "select2")["new"]
     selected = torch.load(run / "predictions.pt", weights_only=True)["selected"]
     # 6 new per loop, earlier picks kept first, never picked twice
     assert selected.tolist() == s1.tolist() + s2.tolist() and len(set(selected.tolist())) == 12
@@ -201,11 +184,11 @@ def test_run_grows_the_selection_and_cea_moves_exactly_the_picks(tmp_path):
     assert [b for b, _ in m["curve"]] == [0, 1, 2, 5, 8] and m["final_acc"] == m["curve"][-1][1]
     # the loop-2 file's moved rows are CEA of the pretrained features towards the class-keyword
     # captions (the batch's distinct captions as keys), recomputed here from their definitions
-    f = stage(run, "features")["f"]
+    f = vecaf_stage(run, "features")["f"]
     task = data.load_task("digits")
     clip, _ = cm.load(str(tmp_path / "tiny-vit.pt"))
     t = cm.text_classifier(clip, cm.class_prompts(task.classnames, [task.templates[0]]), "cpu")
-    rows = stage(run, "loop2")["bank_rows"]
+    rows = vecaf_stage(run, "loop2")["bank_rows"]
     y = torch.tensor([label for _, label in task.train])
     for k, new in enumerate((s1, s2)):
         keys, row = y[new].unique(return_inverse=True)
@@ -234,7 +217,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         resumed = run_vecaf(tmp_path, "--resume", out=f"killed-{dies_at}")
         assert numbers(resumed) == numbers(full)
         for tag in ("loop2", "select2"):
-            a, b = stage(tmp_path / "full", tag), stage(tmp_path / f"killed-{dies_at}", tag)
+            a, b = vecaf_stage(tmp_path / "full", tag), vecaf_stage(tmp_path / f"killed-{dies_at}", tag)
             if "model" in a:
                 assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
             else:
@@ -257,9 +240,9 @@ def test_every_method_runs(tmp_path, method):
 
 
 def test_bad_input_gets_one_line(tmp_path, capsys):
-    err = one_line_error(vecaf.main, capsys, *run_args(tmp_path, "--budget", "500"))
+    err = one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--budget", "500"))
     assert "select 1000 but the pool" in err and "899" in err
-    assert "unknown dataset 'mnist'" in one_line_error(vecaf.main, capsys, *run_args(tmp_path, "--dataset", "mnist"))
+    assert "unknown dataset 'mnist'" in one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--dataset", "mnist"))
     captions = {f"#{i}": f"a digit, number {i}" for i in range(899)}
     for change, message in ((lambda c: c.pop("#5"), "1 of 899 train images have no caption, e.g. '#5'"),
                             (lambda c: c.update({"#899": "x"}), "1 caption(s) name images that are not in the "
@@ -267,12 +250,12 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
         bad = dict(captions)
         change(bad)
         (tmp_path / "c.json").write_text(json.dumps(bad))
-        assert message in one_line_error(vecaf.main, capsys, *run_args(tmp_path, "--captions",
+        assert message in one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--captions",
                                                                          str(tmp_path / "c.json")))
     assert not (tmp_path / "run").exists()  # nothing written before the checks
     # a run folder of another run: refused on --resume with what differs
     run_vecaf(tmp_path, "--method", "random", "--epochs", "1")
-    err = one_line_error(vecaf.main, capsys, *run_args(tmp_path, "--method", "activeft", "--epochs", "1",
+    err = one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--method", "activeft", "--epochs", "1",
                                                        "--resume"))
     assert "holds a run with other settings" in err and "method: 'random' -> 'activeft'" in err
     # a stage file of another run copied in: refused by its record
@@ -280,7 +263,7 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
     shutil.copy(tmp_path / "other" / "stages" / "select1.pt", tmp_path / "run" / "stages" / "select1.pt")
     (tmp_path / "run" / "stages" / "loop1.pt").unlink()
     (tmp_path / "run" / "stages" / "loop2.pt").unlink()
-    err = one_line_error(vecaf.main, capsys, *run_args(tmp_path, "--method", "random", "--epochs", "1", "--resume"))
+    err = one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--method", "random", "--epochs", "1", "--resume"))
     assert "select1.pt was made with other settings" in err
 
 
@@ -344,35 +327,3 @@ def test_table_and_plot(tmp_path, capsys):
     assert len(lines[1].get("points").split()) == 3  # vecaf: 0, 10, 20 batches
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    """torchrun --nproc_per_node 2 on CPU (gloo): the feature and loss passes sharded and
-    gathered, the selection made on rank 0's numbers on both, each loop's fine-tuning under DDP
-    with every batch of 5 split 3 + 2: the same per-step losses, selections, curves and final
-    accuracy as the plain run."""
-    cli_as_process(0, "vecaf", run_args(tmp_path, "--batch", "5", out="one"), tmp_path / "one")
-    as_torchrun(cli_as_process, 2, "vecaf", run_args(tmp_path, "--batch", "5", out="two"), tmp_path / "two")
-    one, two = (torch.load(tmp_path / f"{n}-rank0.pt", weights_only=False) for n in ("one", "two"))
-    assert list(one["losses"]) == ["loop1", "loop2"] and two["metrics"]["processes"] == 2
-    same_run(two, one)
-    for loop in (1, 2):
-        assert torch.equal(stage(tmp_path / "one", f"select{loop}")["new"], stage(tmp_path / "two", f"select{loop}")["new"])
-
-
-@pytest.mark.parametrize("late_rank", [None, 0])
-def test_under_torchrun_an_error_on_any_process_ends_the_job_with_one_line(tmp_path, late_rank):
-    """The real launcher, as for coft.py: an error every process meets (a flag, the run folder)
-    is said once by rank 0, also when rank 0 meets it last; an unreadable test image in rank 1's
-    shard of the evaluation pass is said once by process 1, named. No process traceback."""
-    for split, n in (("train", 4), ("test", 2)):
-        for c in ("cat", "dog"):
-            for i in range(n):
-                write_image(str(tmp_path / "if" / split / c / f"{i}.png"), color=(60 * i, 100 * (c == "cat"), 0))
-    (tmp_path / "if" / "test" / "dog" / "1.png").write_text("not a png")  # the last test image: rank 1's shard
-    run_vecaf(tmp_path, "--loops", "1", "--epochs", "1")
-    folder = ("--dataset", "imagefolder", "--data-root", str(tmp_path / "if"), "--budget", "2", "--loops", "1",
-              "--batch", "2")
-    for argv, expected in (
-            (run_args(tmp_path, "--budget", "0"), "error: argument --budget: must be >= 1"),
-            (run_args(tmp_path, "--loops", "1", "--epochs", "1"), f"error: --out {tmp_path / 'run'} holds a run"),
-            (run_args(tmp_path, *folder, out="if-run"), "error (process 1 of 2): cannot read image ")):
-        assert_one_error_line(torchrun(vecaf.__file__, argv, tmp_path, late_rank), expected)

@@ -386,6 +386,7 @@ class Progress:
             return
         el = time.time() - self.t0
         eta = el / max(step - self.first, 1) * (self.total - step)
-        extra = " ".join(f"{k} {ddp.across_processes(v.detach().float()).item():.3f}" for k, v in shares.items())
+        extra = " ".join(f"{k} {ddp.across_processes(v.detach().float()).item():.3f}" for k, v in shares.items()
+                         if len(shares) > 1)  # a loss of one term is the loss itself
         print(f"{self.tag} ep {epoch + 1}/{self.epochs} step {step}/{self.total} loss {loss.item():.3f} {extra} "
               f"grad norm {norm.item():.2f} lr {lr:.2e} {self.seen / el:.0f} img/s eta {eta:.0f}s", flush=True)

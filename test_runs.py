@@ -1,0 +1,389 @@
+"""Run folders, the CLIs and the training loop's promises, through coft.py (runs.py, train.py): one-line
+errors checked before any work, a folder continued only under its own config and records, exact
+resume, per-epoch randomness, results that do not depend on the worker count, the results table."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import coft
+import runs
+import train
+from conftest import (coft_args, coft_error, fit_arguments, make_dtd, make_imagefolder, numbers, randomized, run_coft,
+                      run_sh, stage_of, stage_state, write_image)
+
+
+def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, pretrained_tiny):
+    ckpt = pretrained_tiny[0]
+    full = run_coft(tmp_path, out="full", ckpt=ckpt)
+    real_save, calls = runs.atomic_save, []
+
+    def dying_save(obj, path):
+        calls.append(Path(path).name)
+        real_save(obj, path)
+        if Path(path).name == "branch1.ckpt":  # killed (Ctrl-C) right after branch 1's first epoch checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "atomic_save", dying_save)
+    with pytest.raises(SystemExit) as e:
+        run_coft(tmp_path, out="killed", ckpt=ckpt)
+    monkeypatch.setattr(runs, "atomic_save", real_save)
+    assert e.value.code == 130 and not (tmp_path / "killed" / "stages" / "branch1.pt").exists()
+    resumed = run_coft(tmp_path, "--resume", out="killed", ckpt=ckpt)
+    assert numbers(resumed) == numbers(full)
+
+
+TRAIN_FIT = train.fit
+
+
+def record_draws(monkeypatch):
+    """Patches train.fit to record, per stage, what every step drew: its batch's image indices
+    in order, the augmented images, and the state of the step's generator (complement labels)
+    and of torch's global generator as the step starts."""
+    seen = {}
+
+    def recording_fit(*a, **kw):
+        fit_args = fit_arguments(*a, **kw)
+        steps, step_fn = seen.setdefault(stage_of(fit_args), []), fit_args["step_fn"]
+
+        def step(model, b, draws):
+            steps.append({"idx": b[2].clone(), "x": b[0].clone(), "gen": draws.generator.get_state(),
+                          "rng": torch.get_rng_state()})
+            return step_fn(model, b, draws)
+        fit_args["step_fn"] = step
+        return TRAIN_FIT(**fit_args)  # a later call replaces an earlier recording
+    monkeypatch.setattr(train, "fit", recording_fit)
+    return seen
+
+
+def same_draws(a, b):
+    return all(torch.equal(a[k], b[k]) for k in ("idx", "x", "gen", "rng"))
+
+
+def test_every_epoch_draws_anew_and_a_resumed_epoch_draws_as_uninterrupted(tmp_path, monkeypatch, pretrained_tiny):
+    """Per-epoch randomness of the training loop, in Phase I and Phase II: epoch 1 of a stage
+    draws another batch order, other augmentations of the same images and other step and global
+    random streams than epoch 0; a run killed after epoch 0 and resumed draws in epoch 1 exactly
+    what the uninterrupted run drew there (and not what it drew in epoch 0)."""
+    ckpt, stages = pretrained_tiny[0], ("phase1_round1_model1", "branch1")
+    argv = ("--branches", "1", "--fft-aug", "strong")
+    full = record_draws(monkeypatch)
+    run_coft(tmp_path, *argv, out="full", ckpt=ckpt)
+    for tag in stages:
+        steps = full[tag]
+        n = len(steps) // 2  # steps per epoch (2 epochs)
+        first, second = steps[:n], steps[n:]
+        assert n >= 1 and len(steps) == 2 * n, tag
+        order = [torch.cat([s["idx"] for s in e]) for e in (first, second)]
+        assert not torch.equal(order[0], order[1]), tag  # another order
+        x = [{int(i): s["x"][j] for s in e for j, i in enumerate(s["idx"])} for e in (first, second)]
+        common = x[0].keys() & x[1].keys()
+        # other augmentations (Phase I's weak crop has 36 offsets, so a few images draw the same one)
+        assert sum(not torch.equal(x[0][i], x[1][i]) for i in common) > 0.8 * len(common), tag
+        assert not torch.equal(first[0]["gen"], second[0]["gen"]), tag
+        assert not torch.equal(first[0]["rng"], second[0]["rng"]), tag
+    real_save = runs.atomic_save
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "branch1.ckpt":  # Ctrl-C right after branch 1's first epoch checkpoint
+            raise KeyboardInterrupt
+    monkeypatch.setattr(runs, "atomic_save", dying_save)
+    killed = record_draws(monkeypatch)
+    with pytest.raises(SystemExit):
+        run_coft(tmp_path, *argv, out="killed", ckpt=ckpt)
+    monkeypatch.setattr(runs, "atomic_save", real_save)
+    resumed = record_draws(monkeypatch)
+    run_coft(tmp_path, *argv, "--resume", out="killed", ckpt=ckpt)
+    n = len(full["branch1"]) // 2
+    assert len(killed["branch1"]) == n and all(map(same_draws, killed["branch1"], full["branch1"][:n]))
+    assert list(resumed) == ["branch1"] and len(resumed["branch1"]) == n  # Phase I was not trained again
+    assert all(map(same_draws, resumed["branch1"], full["branch1"][n:]))
+
+
+def test_phase_flag_runs_phases_separately(tmp_path, pretrained_tiny):
+    ckpt = pretrained_tiny[0]
+    full = run_coft(tmp_path, out="full", ckpt=ckpt)
+    p1 = run_coft(tmp_path, "--phase", "1", out="split", ckpt=ckpt)
+    assert "branch1_acc" not in p1 and p1["phase1_model1_acc"] == full["phase1_model1_acc"]
+    p2 = run_coft(tmp_path, "--phase", "2", out="split", ckpt=ckpt)
+    assert numbers(p2) == numbers(full)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert "--data-root is required" in coft_error(capsys, "--dataset", "dtd", "--out", str(tmp_path / "a"))
+    assert "unknown dataset" in coft_error(capsys, "--dataset", "mnist", "--out", str(tmp_path / "b"))
+    # a split file that names missing images
+    root = tmp_path / "DATA"
+    write_image(str(root / "dtd" / "images" / "banded" / "a.jpg"))
+    split = {"train": [["banded/a.jpg", 0, "banded"], ["banded/gone.jpg", 0, "banded"]],
+             "val": [], "test": [["banded/a.jpg", 0, "banded"]]}
+    (root / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    err = coft_error(capsys, "--dataset", "dtd", "--data-root", str(root), "--out", str(tmp_path / "c"))
+    assert "do not exist" in err and "gone.jpg" in err
+    # a checkpoint path that does not exist
+    assert "is neither a released model" in coft_error(capsys, "--clip", str(tmp_path / "nope.pt"),
+                                                       "--out", str(tmp_path / "d"))
+    # --eval-only / --phase 2 without the saved state they need
+    torch.save(randomized("tiny-vit").state_dict(), tmp_path / "tiny.pt")
+    small = ["--clip", str(tmp_path / "tiny.pt"), "--M", "4", "--K", "2", "--vpt-tokens", "2"]
+    assert "holds no run for --eval-only" in coft_error(capsys, *small, "--eval-only", "--out", str(tmp_path / "e"))
+    assert "holds no run for --phase 2" in coft_error(capsys, *small, "--phase", "2", "--out", str(tmp_path / "f"))
+    # ... or a run that lacks one of them
+    run_coft(tmp_path, *SHORT, out="g")
+    (tmp_path / "g" / "stages" / "phase1_round1_model2.pt").unlink()
+    assert "phase1_round1_model2.pt not found: --phase 2 needs Phase I" in coft_error(
+        capsys, *coft_args(tmp_path, *SHORT[:-1], "2", out="g"))
+    assert "--eval-only needs a finished run" in coft_error(capsys, *coft_args(tmp_path, *SHORT, "--eval-only", out="g"))
+
+
+def folder_state(out):
+    """Every file under a run folder with its bytes: to show a refused run changed nothing."""
+    return {p.relative_to(out): p.read_bytes() for p in sorted(Path(out).rglob("*")) if p.is_file()}
+
+
+SHORT = ("--p1-epochs", "1", "--fft-epochs", "1", "--phase", "1")
+
+
+def test_a_folder_holding_a_run_is_only_continued_with_its_own_config(tmp_path, capsys):
+    run_coft(tmp_path, *SHORT)
+    out = tmp_path / "run"
+    before = folder_state(out)
+    assert {str(p) for p in before} >= {"config.json", "metrics.json", "stages/phase1_round1_model1.pt"}
+    # without --resume: refused, whatever the flags
+    assert "holds a run already" in coft_error(capsys, *coft_args(tmp_path, *SHORT))
+    # --resume with other settings (the issue's example): one line naming every difference
+    err = coft_error(capsys, *coft_args(tmp_path, *SHORT, "--K", "2", "--p1-lr", "0.05", "--detach-neg", "--resume"))
+    assert "other settings" in err and "K: 4 -> 2" in err and "p1_lr: 0.03 -> 0.05" in err and "detach_neg" in err
+    # --resume with another --M, --eval-only on another dataset, --phase 2 with another Phase-II lr
+    assert "M: 4 -> 6" in coft_error(capsys, *coft_args(tmp_path, *SHORT, "--M", "6", "--resume"))
+    make_imagefolder(tmp_path / "IF")
+    err = coft_error(capsys, *coft_args(tmp_path, *SHORT, "--eval-only", "--dataset", "imagefolder",
+                                      "--data-root", str(tmp_path / "IF")))
+    assert "dataset: 'digits' -> 'imagefolder'" in err
+    assert "fft_lr" in coft_error(capsys, *coft_args(tmp_path, "--p1-epochs", "1", "--fft-epochs", "1", "--phase", "2",
+                                                   "--fft-lr", "0.05"))
+    # bad input on --resume / --restart fails before anything is written or deleted
+    assert "data-root" in coft_error(capsys, *coft_args(tmp_path, *SHORT, "--dataset", "dtd", "--data-root",
+                                                      str(tmp_path / "typo"), "--restart"))
+    assert folder_state(out) == before  # nothing above wrote, deleted or overwrote a file
+    # the same flags continue it: every finished stage is reused, every number the same
+    again = run_coft(tmp_path, *SHORT, "--resume", "--workers", "1", "--log-every", "5")
+    assert numbers(again) == numbers(json.loads(before[Path("metrics.json")]))
+    # --restart discards the run and makes it under the new flags
+    m = run_coft(tmp_path, *SHORT, "--K", "2", "--restart")
+    saved = torch.load(out / "stages" / "phase1_round1_model1.pt", weights_only=True)
+    assert m["seed_set"]["size"] <= 20 and saved["record"]["K"] == 2
+    assert json.loads((out / "config.json").read_text())["config"]["K"] == 2
+
+
+def test_a_stage_file_or_checkpoint_is_used_only_under_its_own_record(tmp_path, capsys):
+    """Stage files that reach a folder by another way than its own run (copied, or left by an
+    older version) are checked against the settings they record, not trusted."""
+    run_coft(tmp_path, *SHORT, out="a")
+    run_coft(tmp_path, *SHORT, "--p1-lr", "0.05", out="b")
+    a, b = tmp_path / "a" / "stages", tmp_path / "b" / "stages"
+    (a / "phase1_round1_model2.pt").write_bytes((b / "phase1_round1_model2.pt").read_bytes())
+    err = coft_error(capsys, *coft_args(tmp_path, *SHORT, "--resume", out="a"))
+    assert "phase1_round1_model2.pt was made with other settings (p1_lr: 0.05 -> 0.03)" in err
+    # an epoch checkpoint likewise (as if killed mid-stage)
+    (a / "phase1_round1_model2.pt").unlink()
+    state = torch.load(b / "phase1_round1_model2.pt", weights_only=True)
+    runs.atomic_save({"epoch": 0, "record": state["record"], "model": state["model"]}, a / "phase1_round1_model2.ckpt")
+    assert "phase1_round1_model2.ckpt was made with other settings" in coft_error(
+        capsys, *coft_args(tmp_path, *SHORT, "--resume", out="a"))
+    # a truncated stage file or checkpoint, on --resume and on --eval-only: one line naming the file
+    (a / "phase1_round1_model2.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    err = coft_error(capsys, *coft_args(tmp_path, *SHORT, "--resume", out="a"))
+    assert "cannot read" in err and "phase1_round1_model2.ckpt" in err
+    data_ = (a / "phase1_round1_model1.pt").read_bytes()
+    (a / "phase1_round1_model1.pt").write_bytes(data_[:len(data_) // 2])
+    for flag in ("--resume", "--eval-only"):
+        err = coft_error(capsys, *coft_args(tmp_path, *SHORT, flag, out="a"))
+        assert "cannot read" in err and "phase1_round1_model1.pt" in err
+
+
+def test_defaults_follow_the_backbone_and_the_method():
+    """The paper's recipe for real backbones, the dev-chosen values for the stand-in (docs/demo.md),
+    explicit flags always win; rounds: 1, 3 with --plus or --method selftrain."""
+    def resolved(*argv):
+        a = coft.resolve_defaults(coft.parser().parse_args(list(argv)))
+        return a.M, a.vpt_tokens, a.clip_grad, a.fft_lr, a.rounds
+    assert resolved("--clip", "ViT-B/16") == (16, 20, 0.0, 5e-4, 1)
+    assert resolved("--clip", "demo") == (4, 0, 1.0, 2e-2, 1)
+    assert resolved("--clip", "demo", "--M", "16", "--vpt-tokens", "20", "--clip-grad", "0") == (16, 20, 0.0, 2e-2, 1)
+    assert resolved("--clip", "ViT-B/16", "--vpt-tokens", "0", "--plus")[1:] == (0, 0.0, 5e-4, 3)
+    assert resolved("--method", "selftrain")[-1] == 3 and resolved("--method", "selftrain", "--rounds", "1")[-1] == 1
+    thresholds = [coft.resolve_defaults(coft.parser().parse_args(["--clip", c])).threshold for c in ("demo", "RN50")]
+    assert thresholds == [0.7, 0.95]
+
+
+def test_stage_records_cover_the_settings_each_stage_depends_on():
+    """A Phase-I model's record has S*'s and Phase I's settings and none of Phase II's; a branch's
+    has all three: so a changed Phase-I flag invalidates the branches too."""
+    args = coft.resolve_defaults(coft.parser().parse_args([]))
+    config = {k: v for k, v in vars(args).items() if k not in coft.HOW}
+    config.update(data="d", clip="c", fft_backbone=None, zero_shot_prompts="z", rounds=1)
+    p1, br = coft.stage_record(config, "phase1_round2_model1"), coft.stage_record(config, "branch1")
+    assert {"K", "seed", "data", "clip", "zero_shot_prompts", "p1_lr", "lam", "M", "batch"} <= set(p1)
+    assert not {"fft_lr", "gamma", "queue", "workers", "device"} & set(p1)
+    assert set(p1) - {"stage"} < set(br) and {"fft_lr", "gamma", "queue", "rounds"} <= set(br)
+    assert not set(coft.HOW) & set(br)
+    # every flag is either a setting some stage depends on, or declared as not changing numbers
+    # (HOW), or one whose effect only metrics.json shows (method, eval split, ...)
+    reported_only = {"eval_split", "branches", "plus", "template_ensemble", "fft_lr", "head_init"}
+    flags = set(vars(args)) - {k for k in vars(args) if k.startswith("bench")}
+    assert flags <= set(coft.HOW) | set(br) | set(coft.stage_record(config, "topk")) | reported_only
+
+
+def test_results_do_not_depend_on_the_worker_count(tmp_path, pretrained_tiny):
+    """The same seed with 0 and 2 DataLoader workers: identical metrics and identical weights of
+    every stage (augmentations are seeded per sample, not per worker)."""
+    runs = [run_coft(tmp_path, "--workers", w, "--fft-aug", "strong", out=f"w{w}", ckpt=pretrained_tiny[0])
+            for w in ("0", "2")]
+    assert numbers(runs[0]) == numbers(runs[1])
+    for tag in ("phase1_round1_model1", "branch2"):
+        s0, s2 = stage_state(tmp_path / "w0", tag), stage_state(tmp_path / "w2", tag)
+        assert all(torch.equal(s0[k], s2[k]) for k in s0), tag
+
+
+def test_a_nan_loss_ends_the_cli_with_one_line(tmp_path, capsys, monkeypatch):
+    real = coft.phase1_losses
+    monkeypatch.setattr(coft, "phase1_losses", lambda *a, **kw: (lambda l1, l2: (l1 * float("nan"), l2))(*real(*a, **kw)))
+    err = coft_error(capsys, *coft_args(tmp_path, *SHORT))
+    assert "phase I round 1 model 1: non-finite loss nan" in err and "step 1 of" in err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+BAD_FLAGS = [("--clip-grad", "-1"), ("--K", "-1"), ("--K", "0"), ("--p1-epochs", "0"), ("--fft-epochs", "0"),
+             ("--rounds", "0"), ("--rounds", "-1"), ("--tau-c", "0"), ("--batch", "0"), ("--batch", "-3"),
+             ("--eval-batch", "0"), ("--p1-lr", "-0.1"), ("--fft-lr", "0"), ("--weight-decay", "-1"),
+             ("--momentum", "-0.5"), ("--momentum", "1"), ("--workers", "-1"), ("--queue", "0"), ("--M", "-2"),
+             ("--mu", "1.5"), ("--lam", "nan"), ("--K", "two")]
+
+
+@pytest.mark.parametrize("flag,value", BAD_FLAGS)
+def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, flag, value):
+    err = coft_error(capsys, "--out", str(tmp_path / "r"), flag, value)
+    assert f"argument {flag}:" in err and value in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_more_one_line_errors(tmp_path, capsys):
+    # --out naming a file
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in coft_error(capsys, *coft_args(tmp_path, out="file"))
+    # an unknown --fft-backbone / --clip: refused before the data or any model is loaded
+    assert "--fft-backbone 'ViT-Q/3'" in coft_error(capsys, *coft_args(tmp_path, "--fft-backbone", "ViT-Q/3"))
+    assert not (tmp_path / "run").exists()
+    # a prompt longer than the context (tiny-vit: 16 tokens): names the flag that shortens it
+    err = coft_error(capsys, *coft_args(tmp_path, "--M", "14", out="long"))
+    assert "use a smaller --M" in err and "longer than the backbone's context of 16" in err
+    # --restart with --eval-only; --eval-only in an empty folder
+    assert "--restart discards" in coft_error(capsys, *coft_args(tmp_path, "--restart", "--eval-only"))
+    assert "holds no run" in coft_error(capsys, *coft_args(tmp_path, "--eval-only", out="empty"))
+    # a dataset with one class, and two classes that read the same in a prompt
+    make_imagefolder(tmp_path / "one", classes=("cat",))
+    assert "classification needs at least two" in coft_error(
+        capsys, *coft_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "one")))
+    make_imagefolder(tmp_path / "same", classes=("red_fox", "Red fox"))
+    assert "read the same in a prompt ('red fox')" in coft_error(
+        capsys, *coft_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "same")))
+
+
+def test_table_on_a_damaged_metrics_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.json").write_text('{"method": "coft", "zero_')
+    assert "a/metrics.json is damaged" in coft_error(capsys, "--table", str(tmp_path / "a"))
+    (tmp_path / "a" / "metrics.json").write_text('{"method": "coft"}')  # partial: no numbers
+    assert "KeyError" in coft_error(capsys, "--table", str(tmp_path / "a"))
+
+
+def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "fit", interrupted)
+    with pytest.raises(SystemExit) as e:
+        coft.main(coft_args(tmp_path, *SHORT))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and "\n" not in err and "--resume continues" in err and str(tmp_path / "run") in err
+
+
+@pytest.mark.parametrize("demo,paper,n,expected", [("demo", "paper", 9, ("caltech101", "ucf101")),
+                                                    ("craft", "craft-paper", 11, ("imagenet", "sun397")),
+                                                    ("vecaf", None, 0, ()), ("bold", None, 0, ())])
+def test_run_sh_refuses_unknown_arguments_and_lists_missing_datasets_up_front(tmp_path, demo, paper, n, expected):
+    r = run_sh(demo, "--bogus")
+    assert r.returncode == 2 and "--bogus" in r.stderr and "pretraining" not in r.stdout
+    if paper is None:
+        return
+    make_dtd(tmp_path / "DATA")
+    r = run_sh(paper, str(tmp_path / "DATA"), env={"OUT": str(tmp_path / "runs")})
+    assert r.returncode == 2 and not (tmp_path / "runs").exists() and f"of {n} datasets" in r.stderr
+    missing = r.stderr.split("missing")[1]
+    assert all(name in missing for name in expected) and "dtd" not in missing
+
+
+def test_table_groups_seeds(tmp_path, capsys):
+    base = {"method": "coft", "zero_shot_acc": 50.0, "seed_set": {"size": 10, "precision": 90.0},
+            "clean_set_1": {"kept_fraction": 80.0, "precision": 70.0},
+            "clean_set_2": {"kept_fraction": 90.0, "precision": 72.0}, "phase1_agreement": 95.0,
+            "phase1_model1_acc": 60.0, "phase1_model2_acc": 62.0, "branch1_acc": 64.0, "branch2_acc": 66.0,
+            "time_s": {"total": 10.0}}
+    for s, acc in ((0, 70.0), (1, 74.0)):
+        (tmp_path / f"coft-s{s}").mkdir()
+        (tmp_path / f"coft-s{s}" / "metrics.json").write_text(json.dumps(dict(base, ensemble_acc=acc)))
+    coft.main(["--table", str(tmp_path / "coft-s0"), str(tmp_path / "coft-s1"), str(tmp_path / "missing")])
+    out = capsys.readouterr().out
+    assert "missing: no metrics.json" in out
+    lines = out.splitlines()
+    header = re.split(r"\s{2,}", next(line for line in lines if line.startswith("mean±sd over seeds")))
+    mean = dict(zip(header, re.split(r"\s{2,}", next(line for line in lines if line.startswith("coft ")))))
+    assert mean["n"] == "2" and mean["kept %"] == "85.0±0.0" and mean["clean prec"] == "71.0±0.0"
+    assert mean["removed prec"] == mean["AUROC margin"] == mean["AUROC conf"] == "-"
+    assert mean["final acc"] == "72.0±2.8"  # the mean ± sd of 70 and 74
+
+
+def test_table_shows_what_each_method_trained_on_and_the_filter_diagnosis():
+    seed_set = {"size": 160, "kept_fraction": 17.8, "precision": 90.0}
+    common = {"zero_shot_acc": 50.0, "seed_set": seed_set, "time_s": {"total": 1.0}}
+    rounds = [{"kept_fraction": 60.0, "precision": 70.0, "acc": 51.0}, {"kept_fraction": 65.0, "precision": 72.0,
+                                                                         "acc": 52.0}]
+    st = coft.run_summary(dict(common, method="selftrain", selftrain_rounds=rounds, selftrain_acc=52.0))
+    assert (st["kept %"], st["clean prec"], st["final acc"]) == ([65.0], [72.0], 52.0)  # the last round's set
+    tk = coft.run_summary(dict(common, method="topk", topk_acc=55.0))
+    assert (tk["kept %"], tk["clean prec"], tk["removed prec"], tk["final acc"]) == ([17.8], [90.0], [], 55.0)
+    clean = [{"kept_fraction": 99.0 + a, "precision": 60.0 + a, "removed_precision": 10.0 * a,
+              "auroc_peer_margin": 70.0 + a, "auroc_peer_confidence": 75.0 + a} for a in (0, 1)]
+    cf = coft.run_summary(dict(common, method="coft", clean_set_1=clean[0], clean_set_2=clean[1], ensemble_acc=58.0))
+    assert (cf["kept %"], cf["removed prec"], cf["AUROC margin"], cf["AUROC conf"]) == \
+        ([99.0, 100.0], [0.0, 10.0], [70.0, 71.0], [75.0, 76.0])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_names_the_file(tmp_path, capsys, workers):
+    root = tmp_path / "DATA"
+    for c in ("banded", "dotted"):
+        write_image(str(root / "train" / c / "a.png"))
+        write_image(str(root / "test" / c / "a.png"))
+    (root / "train" / "dotted" / "broken.png").write_bytes(b"not a png")
+    torch.save(randomized("tiny-vit").state_dict(), tmp_path / "tiny.pt")
+    err = coft_error(capsys, "--dataset", "imagefolder", "--data-root", str(root), "--clip", str(tmp_path / "tiny.pt"),
+                    "--M", "4", "--out", str(tmp_path / "run"), "--workers", str(workers))
+    assert "cannot read image" in err and "broken.png" in err
+
+
+def test_precision_is_part_of_a_runs_config(tmp_path, capsys):
+    """--precision auto on a CPU runs (and records) fp32; bf16 is recorded as such, and a run
+    folder made at one precision is not continued at another."""
+    m = run_coft(tmp_path, *SHORT)
+    assert m["precision"] == "fp32" and json.loads((tmp_path / "run" / "config.json").read_text())["config"][
+        "precision"] == "fp32"
+    b = run_coft(tmp_path, *SHORT, "--precision", "bf16", out="bf16")
+    assert b["precision"] == "bf16"
+    err = coft_error(capsys, *coft_args(tmp_path, *SHORT, "--precision", "bf16", "--resume"))
+    assert "precision: 'fp32' -> 'bf16'" in err
+    assert "fp16 needs a GPU" in coft_error(capsys, *coft_args(tmp_path, *SHORT, "--precision", "fp16", out="x"))
+
