@@ -454,7 +454,7 @@ def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, co
         s = run.sgd
         history = train.fit(trained, loss, batches, epochs, train.sgd(trained, lr, s["momentum"], s["weight_decay"]),
                             train.warmup_epochs_then_cosine(s["warmup_epochs"]), run.device, seed_of(run.seed, tag),
-                            run.precision, s["clip_grad"], runs.Checkpoint(runs.ckpt_path(run.out, tag), record,
+                            run.precision, s["clip_grad"], runs.Saved(runs.ckpt_path(run.out, tag), record,
                                                                             run.resume), what, run.log_every)
         saved = runs.save_stage(run.out, tag, record, model,
                                  grad_norms=train.grad_norm_summary(history["grad_norm"], s["clip_grad"]))

@@ -294,10 +294,9 @@ def collaborate(s, args):
                seed_of(s.seed, "cma-es")) if search else None
     z = torch.zeros(1, args.intrinsic_dim)  # the prompt in use (z = 0: p0)
     start, history = 0, {"best_fitness": [], "prompt_fitness": [], "refine_loss": []}
-    ckpt = runs.ckpt_path(s.out, "collaborate")
-    if s.resume and ckpt.exists():
-        state = runs.read_torch(ckpt)
-        runs.check_record(ckpt, state.get("record"), s.config)
+    ckpt = runs.Saved(runs.ckpt_path(s.out, "collaborate"), s.config, s.resume)
+    state = ckpt.load()
+    if state is not None:
         start, z, history = state["generation"], state["z"], state["history"]
         if es:
             es.load_state_dict(state["es"])
@@ -305,7 +304,7 @@ def collaborate(s, args):
             refiner.load_state_dict(state["refiner"])
             opt.load_state_dict(state["opt"])
         s.box.queries.update(state["queries"])  # they include the uploads just redone
-        print(f"collaborate: resumed from {ckpt} after generation {start}", flush=True)
+        print(f"collaborate: resumed from {ckpt.path} after generation {start}", flush=True)
     t0 = time.time()
     for g in range(start, G):
         s.box.forget()
@@ -345,10 +344,9 @@ def collaborate(s, args):
             print(f"gen {done}/{G} " + " ".join(parts) + f" queries {s.box.queries['prompts']} "
                   f"eta {el / (done - start) * (G - done):.0f}s", flush=True)
         if done % args.ckpt_every == 0 or done == G:
-            runs.atomic_save({"generation": done, "z": z, "history": history, "queries": dict(s.box.queries),
-                               "es": es.state_dict() if es else None,
-                               "refiner": refiner.state_dict() if refiner else None,
-                               "opt": opt.state_dict() if opt else None, "record": s.config}, ckpt)
+            ckpt.save({"generation": done, "z": z, "history": history, "queries": dict(s.box.queries),
+                       "es": es.state_dict() if es else None, "refiner": refiner.state_dict() if refiner else None,
+                       "opt": opt.state_dict() if opt else None})
     s.metrics["time_s"]["train"] = time.time() - t0
     s.box.forget()
     l = s.box.logits(generator(z), "eval")[0]
@@ -394,7 +392,7 @@ def coop(s, args):
     t0 = time.time()
     history = train.fit(model, step, lambda e: s.loader(s.shots, args.coop_batch, ("coop", e), shuffle=True),
                         epochs, train.sgd(model, args.coop_lr, 0.9, 5e-4), schedule, s.device, seed_of(s.seed, "coop"),
-                        s.precision, 0.0, runs.Checkpoint(runs.ckpt_path(s.out, "coop"), s.config, s.resume), "coop",
+                        s.precision, 0.0, runs.Saved(runs.ckpt_path(s.out, "coop"), s.config, s.resume), "coop",
                         s.log_every)
     s.metrics["time_s"]["train"] = time.time() - t0
     with torch.no_grad(), torch.autocast(**s.amp):

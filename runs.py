@@ -333,16 +333,17 @@ def load_stage(out, tag, record, model, missing=None):
     return saved
 
 
-class Checkpoint:
-    """Where fit keeps a stage's epoch checkpoint (stages/<tag>.ckpt, atomic writes, rank 0
-    alone), stored with the stage's record; on --resume (`resume`) fit continues from it if it
-    exists, and only under the same record."""
+class Saved:
+    """One scheme for a file of a run's saved work: an epoch checkpoint (train.fit's, CraFT's
+    search) or a stage's result (VeCAF's features and selections). It is stored with the record
+    of the settings that made it (atomic writes, rank 0 alone) and read back only when `reuse`
+    (--resume) is on, the file exists and its record equals `record`; load() -> its dict or None."""
 
-    def __init__(self, path, record, resume):
-        self.path, self.record, self.resume = Path(path), record, resume
+    def __init__(self, path, record, reuse):
+        self.path, self.record, self.reuse = Path(path), record, reuse
 
     def load(self):
-        if not (self.resume and self.path.exists()):
+        if not (self.reuse and self.path.exists()):
             return None
         state = read_torch(self.path, weights_only=False)
         check_record(self.path, state.get("record") if isinstance(state, dict) else None, self.record)
@@ -387,27 +388,46 @@ def cell(x, sd=None):
     return f"{x:.1f}" + ("" if sd is None else f"±{sd:.1f}")
 
 
-def table(run_dirs, summarise):
-    """One line per run (summarise(metrics.json's dict) -> {column: number, pair or None}), then,
-    for runs named <name>-s<seed>, one line per name with the mean and sd over seeds (a pair
-    counts as its mean)."""
-    runs, groups = [], {}
+def finished_runs(run_dirs):
+    """(folder, metrics) of every run folder with a metrics.json, in order; an unfinished run is
+    named on the console, an unreadable metrics.json is a one-line error."""
+    finished = []
     for d in run_dirs:
         path = Path(d) / "metrics.json"
         if not path.exists():
             print(f"{d}: no metrics.json (unfinished run)")
             continue
         try:
-            m = json.loads(path.read_text())
+            finished.append((Path(d), json.loads(path.read_text())))
+        except (OSError, ValueError) as e:
+            raise damaged(path, e) from None
+    return finished
+
+
+def damaged(path, e):
+    return RunError(f"{path} is damaged or not from a finished run of this code ({type(e).__name__}: "
+                    f"{str(e)[:60]}): rerun it with --resume, or leave it out of --table")
+
+
+def seed_group(name):
+    """The group of a run folder named <name>-s<seed>: <name> (runs of one setting over seeds)."""
+    return re.sub(r"-s\d+$", "", name)
+
+
+def table(run_dirs, summarise):
+    """One line per run (summarise(metrics.json's dict) -> {column: number, pair or None}), then,
+    for runs named <name>-s<seed>, one line per name with the mean and sd over seeds (a pair
+    counts as its mean)."""
+    rows_of, groups = [], {}
+    for folder, m in finished_runs(run_dirs):
+        try:
             summary = summarise(m)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise RunError(f"{path} is damaged or not from a finished run of this code ({type(e).__name__}: "
-                           f"{str(e)[:60]}): rerun it with --resume, or leave it out of --table") from None
-        name = Path(d).name
-        runs.append((name, m.get("method", "?"), summary))
-        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(summary)
-    cols = list(runs[0][2]) if runs else []
-    rows = [("run", "method", *cols)] + [(n, meth, *(cell(v) for v in s.values())) for n, meth, s in runs]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise damaged(folder / "metrics.json", e) from None
+        rows_of.append((folder.name, m.get("method", "?"), summary))
+        groups.setdefault(seed_group(folder.name), []).append(summary)
+    cols = list(rows_of[0][2]) if rows_of else []
+    rows = [("run", "method", *cols)] + [(n, meth, *(cell(v) for v in s.values())) for n, meth, s in rows_of]
     if any(len(g) > 1 for g in groups.values()):
         rows.append(("", "", *[""] * len(cols)))
         rows.append(("mean±sd over seeds", "n", *cols))

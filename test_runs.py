@@ -241,9 +241,9 @@ def test_stage_records_cover_the_settings_each_stage_depends_on():
 def test_results_do_not_depend_on_the_worker_count(tmp_path, pretrained_tiny):
     """The same seed with 0 and 2 DataLoader workers: identical metrics and identical weights of
     every stage (augmentations are seeded per sample, not per worker)."""
-    runs = [run_coft(tmp_path, "--workers", w, "--fft-aug", "strong", out=f"w{w}", ckpt=pretrained_tiny[0])
+    results = [run_coft(tmp_path, "--workers", w, "--fft-aug", "strong", out=f"w{w}", ckpt=pretrained_tiny[0])
             for w in ("0", "2")]
-    assert numbers(runs[0]) == numbers(runs[1])
+    assert numbers(results[0]) == numbers(results[1])
     for tag in ("phase1_round1_model1", "branch2"):
         s0, s2 = stage_state(tmp_path / "w0", tag), stage_state(tmp_path / "w2", tag)
         assert all(torch.equal(s0[k], s2[k]) for k in s0), tag

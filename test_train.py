@@ -79,7 +79,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     with pytest.raises(train.RunError, match=r"stage x: non-finite loss nan .* at step 5 of 6 \(epoch 2\).*"
                                              r"last good checkpoint is .*s.ckpt \(epoch 1\)"):
         train.fit(model, counted, lambda e: batches, 2, train.sgd(model, 0.1), train.warmup_epochs_then_cosine(1),
-                  torch.device("cpu"), 0, checkpoint=runs.Checkpoint(ckpt, None, False), tag="stage x", log_every=0)
+                  torch.device("cpu"), 0, checkpoint=runs.Saved(ckpt, None, False), tag="stage x", log_every=0)
     saved = torch.load(ckpt, weights_only=False)
     assert saved["epoch"] == 0 and torch.isfinite(saved["model"]["weight"]).all()
     assert torch.isfinite(model.weight).all()  # the NaN never reached the weights
@@ -151,10 +151,10 @@ def test_fit_collects_after_epoch_values_and_keeps_them_across_a_resume(tmp_path
         return after(epoch, m)
     with pytest.raises(KeyboardInterrupt):
         train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0,
-                  checkpoint=runs.Checkpoint(ckpt, {"r": 1}, False), log_every=0, after_epoch=dies_in_epoch_1)
+                  checkpoint=runs.Saved(ckpt, {"r": 1}, False), log_every=0, after_epoch=dies_in_epoch_1)
     model, opt = make()
     resumed = train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0,
-                        checkpoint=runs.Checkpoint(ckpt, {"r": 1}, True), log_every=0, after_epoch=after)
+                        checkpoint=runs.Saved(ckpt, {"r": 1}, True), log_every=0, after_epoch=after)
     assert resumed == full
 
 

@@ -311,10 +311,10 @@ def test_table_and_plot(tmp_path, capsys):
             "method": method, "curve": curve, "final_acc": curve[-1][1], "batches": curve[-1][0],
             "selected": 10, "loops": [{"acc": curve[1][1]}], "time_s": {"total": 1.0}}))
         return str(d)
-    runs = [write("full-s0", "full", [[0, 50.0], [100, 80.0]]), write("full-s1", "full", [[0, 50.0], [100, 90.0]]),
-            write("vecaf-s0", "vecaf", [[0, 50.0], [10, 81.0], [20, 85.0]]),
-            write("vecaf-s1", "vecaf", [[0, 50.0], [10, 70.0], [20, 79.0]])]
-    vecaf.main(["--table", *runs, "--plot", str(tmp_path / "c.svg")])
+    folders = [write("full-s0", "full", [[0, 50.0], [100, 80.0]]), write("full-s1", "full", [[0, 50.0], [100, 90.0]]),
+               write("vecaf-s0", "vecaf", [[0, 50.0], [10, 81.0], [20, 85.0]]),
+               write("vecaf-s1", "vecaf", [[0, 50.0], [10, 70.0], [20, 79.0]])]
+    vecaf.main(["--table", *folders, "--plot", str(tmp_path / "c.svg")])
     out = capsys.readouterr().out
     assert "0.95 x full-data final accuracy 85.00 = 80.75" in out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("vecaf-s", "full-s"))}

@@ -279,7 +279,7 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
     Randomness is re-seeded from (seed, epoch) at every epoch start (and each sample's
     augmentation is seeded by the loader), so a run resumed from an epoch checkpoint replays the
     same batches, augmentations and draws as an uninterrupted one. checkpoint: where the epoch
-    checkpoints go and whether to resume from one (runs.Checkpoint), or None.
+    checkpoints go and whether to resume from one (runs.Saved), or None.
     A non-finite loss (or, without a GradScaler, gradient norm) stops training with a RunError
     naming the step; the checkpoint of the last finished epoch is left as it was.
     after_epoch(epoch, model) -> a JSON-able value (e.g. an evaluation; the model is in eval mode

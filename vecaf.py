@@ -382,29 +382,21 @@ class Setup(train.RunContext):
         return {"stage": tag, **self.config}
 
 
-def read_saved(s, tag):
-    """stages/<tag>.pt (a result without a model: features, a selection) if this run saved it
-    before, checked against the settings that made it; None where it has to be computed."""
-    path = runs.stage_path(s.out, tag)
-    if not path.exists():
-        return None
-    saved = runs.read_torch(path)
-    runs.check_record(path, saved.get("record") if isinstance(saved, dict) else None, s.record(tag))
-    return saved
-
-
-def write_saved(s, tag, **content):
-    runs.atomic_save({"record": s.record(tag), **content}, runs.stage_path(s.out, tag))
+def stage_file(s, tag):
+    """stages/<tag>.pt, a result without a model (features, a selection): load() gives it if this
+    run saved it before under the same settings (else None: compute it), save(dict) writes it."""
+    return runs.Saved(runs.stage_path(s.out, tag), s.record(tag), reuse=True)
 
 
 def pool_features(s):
     """The pretrained image tower's unit features of the pool [N, D] (on the device), the space
     selection works in; computed once per run folder (stages/features.pt)."""
-    saved = read_saved(s, "features")
-    if saved is None:
-        saved = {"f": s.scores(lambda x: unit(s.clip.encode_image(x)), s.pool)}
-        write_saved(s, "features", **saved)
-    return saved["f"].to(s.device)
+    file = stage_file(s, "features")
+    features = file.load()
+    if features is None:
+        features = {"f": s.scores(lambda x: unit(s.clip.encode_image(x)), s.pool)}
+        file.save(features)
+    return features["f"].to(s.device)
 
 
 @torch.no_grad()
@@ -420,9 +412,10 @@ def select(s, args, loop, model, bank, taken):
     selectors (seeds keyed by loop and selector) optimise centroids on the unit feature bank with
     ODS weights from `model`'s per-sample losses where the method uses them, their centroids are
     combined (E > 1), and each centroid takes its nearest free sample."""
-    saved = read_saved(s, f"select{loop}")
-    if saved is not None:
-        return saved["new"].to(s.device), saved["diagnostics"]
+    file = stage_file(s, f"select{loop}")
+    done = file.load()
+    if done is not None:
+        return done["new"].to(s.device), done["diagnostics"]
     t = time.time()
     K = args.budget
     losses = per_sample_loss(s, model).to(s.device)  # for ODS and the diagnostics (every method)
@@ -443,7 +436,7 @@ def select(s, args, loop, model, bank, taken):
     # the picks' mean loss against the free pool's: how far selection leans towards what the model gets wrong
     diagnostics = {"select_s": time.time() - t, "loss_new": losses[new].mean().item(),
                    "loss_pool": losses.mean().item(), "loss_free": losses[~taken].mean().item()}
-    write_saved(s, f"select{loop}", new=new.cpu(), diagnostics=diagnostics)
+    file.save({"new": new.cpu(), "diagnostics": diagnostics})
     return new, diagnostics
 
 
@@ -469,7 +462,7 @@ def fine_tune(s, args, tag, model, idx, evaluate):
     opt = train.sgd(model, args.lr, args.momentum, args.weight_decay)
     return train.fit(model, loss, batches, args.epochs, opt, train.warmup_epochs_then_cosine(args.warmup_epochs),
                      s.device, seed_of(s.seed, tag), s.precision, args.clip_grad,
-                     runs.Checkpoint(runs.ckpt_path(s.out, tag), s.record(tag), s.resume), tag, s.log_every,
+                     runs.Saved(runs.ckpt_path(s.out, tag), s.record(tag), s.resume), tag, s.log_every,
                      after_epoch)
 
 
@@ -634,30 +627,17 @@ def batches_to(curve, target):
     return next((b for b, acc in curve if acc >= target), None)
 
 
-def read_runs(run_dirs):
-    """(name, metrics) of the finished runs among run_dirs, in order."""
-    runs = []
-    for d in run_dirs:
-        path = Path(d) / "metrics.json"
-        if path.exists():
-            try:
-                runs.append((Path(d).name, json.loads(path.read_text())))
-            except ValueError:
-                raise RunError(f"{path} is damaged: rerun it with --resume, or leave it out of --table") from None
-    return runs
-
-
 def report(run_dirs, target=0.95, at_batches=None, plot=None):
     """The results table of finished runs: per run the selection size, batches, accuracy after
     loop 1 and at the end; B2A, the batches to reach `target` x the full-data runs' mean final
     accuracy; and the accuracy at an equal number of batches (--at-batches, default the fewest
     batches any selection run trained). --plot FILE: the mean accuracy-vs-batches curve of each
     group of runs (name without -s<seed>) as an SVG."""
-    runs = read_runs(run_dirs)
-    full = [m["final_acc"] for _, m in runs if m.get("method") == "full"]
+    finished = [(folder.name, m) for folder, m in runs.finished_runs(run_dirs)]
+    full = [m["final_acc"] for _, m in finished if m.get("method") == "full"]
     goal = target * sum(full) / len(full) if full else None
     if at_batches is None:
-        at_batches = min((m["batches"] for _, m in runs if m.get("method") != "full"), default=None)
+        at_batches = min((m["batches"] for _, m in finished if m.get("method") != "full"), default=None)
     if goal is None:
         print("no full-data run (--method full) among the runs: no B2A target")
     else:
@@ -670,16 +650,15 @@ def report(run_dirs, target=0.95, at_batches=None, plot=None):
                 f"acc@{at_batches}": accuracy_at(m["curve"], at_batches) if at_batches is not None else None}
     runs.table(run_dirs, summarise)
     if plot:
-        print(f"wrote {write_svg(runs, plot, goal)}")
+        print(f"wrote {write_svg(finished, plot, goal)}")
 
 
-def mean_curves(runs):
+def mean_curves(finished):
     """{group: [(batches, mean accuracy over the group's runs)]}, the group being the run name
     without -s<seed>; runs of one setting are measured at the same batch counts."""
     groups = {}
-    for name, m in runs:
-        groups.setdefault(name.rsplit("-s", 1)[0] if name.rsplit("-s", 1)[-1].isdigit() else name, []).append(
-            m["curve"])
+    for name, m in finished:
+        groups.setdefault(runs.seed_group(name), []).append(m["curve"])
     out = {}
     for g, curves in groups.items():
         by_b = {}
@@ -700,11 +679,11 @@ def nice_ticks(lo, hi, n=5):
     return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 
-def write_svg(runs, path, goal=None, size=(720, 440)):
+def write_svg(finished, path, goal=None, size=(720, 440)):
     """Accuracy against training batches, one line per group of runs (the paper's Fig. 1b), as a
     hand-written SVG (no plotting package); `goal`, the B2A target, as a dashed line. Written
     atomically."""
-    curves = mean_curves(runs)
+    curves = mean_curves(finished)
     W, H = size
     left, right, top, bottom = 60, 170, 20, 45
     xs = [b for c in curves.values() for b, _ in c]
