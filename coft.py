@@ -364,6 +364,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import data
 import ddp
@@ -417,7 +418,7 @@ class Run(train.RunContext):
     computes (train.RunContext: also the seeded loaders and the evaluation pass), the task's
     images, the train split's true labels (for the precision diagnostics and the --labelled-shots
     images only: no stage reads them otherwise), and the results so far."""
-    needs: str  # which saved stages must exist: "" (none: train what is missing), "phase1" (--phase 2), "all"
+    must_load: str  # stages to load from --out, never train: "none", "phase1" (--phase 2) or "all" (--eval-only)
     sgd: dict  # both phases' SGD settings: batch, momentum, weight_decay, warmup_epochs, clip_grad
     task: data.Task
     clip: clip_model.CLIP  # frozen
@@ -440,9 +441,9 @@ def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, co
     `empty`: there is nothing to train on, so the model is saved as it is.
     Records the stage's gradient-norm summary in the metrics."""
     record = stage_record(run.config, tag)
-    needed = run.needs == "all" or (run.needs == "phase1" and tag.startswith("phase1"))
+    needed = run.must_load == "all" or (run.must_load == "phase1" and tag.startswith("phase1"))
     saved = runs.load_stage(run.out, tag, record, model, missing=needed and (
-        f"--eval-only needs a finished run in --out {run.out} (run without --eval-only first)" if run.needs == "all"
+        f"--eval-only needs a finished run in --out {run.out} (run without --eval-only first)" if run.must_load == "all"
         else f"--phase 2 needs Phase I in --out {run.out} (run --phase 1 first)"))
     if saved is None and empty:
         print(f"warning: {tag} has an empty training set; it stays at its initialisation", flush=True)
@@ -476,7 +477,7 @@ def zero_shot_and_seed_set(run, prompts, K):
 
     def zero_shot(x):
         return zero_shot_logits(run.clip, W, x, run.tau)
-    zs_train, zs_eval = run.scores(zero_shot, run.unlabelled), run.scores(zero_shot, run.evaluated)
+    zs_train, zs_eval = run.outputs(zero_shot, run.unlabelled), run.outputs(zero_shot, run.evaluated)
     run.predictions["y"], run.predictions["zero_shot"] = run.y_eval, zs_eval.argmax(1)
     run.metrics["zero_shot_acc"] = train.accuracy(zs_eval, run.y_eval)
     run.metrics["zero_shot_train_label_precision"] = label_precision(zs_train.argmax(1), run.y_true)
@@ -525,14 +526,14 @@ def phase1(run, args, seed_set):
             run_stage(run, tag, model, loss, batches, args.p1_epochs, args.p1_lr, f"phase I round {r} model {m}")
             # each model's scores on all unlabelled images, computed once and used for relabelling
             # (next round) or for both directions of the collaborative filter (last round)
-            s_pos, s_neg, t_pos = peft_scores(run, model, run.unlabelled)
-            eval_scores = peft_scores(run, model, run.evaluated)[0]
+            on_train = phase1_scores(run, model, run.unlabelled)
+            eval_scores = phase1_scores(run, model, run.evaluated).s_pos
             log[f"model{m}_acc"] = train.accuracy(eval_scores, run.y_eval)
             run.predictions[f"round{r}_model{m}"] = eval_scores.argmax(1)
             models.append(model)
-            scores.append((s_pos, s_neg, t_pos))
+            scores.append(on_train)
             if r < args.rounds:  # this model's own top-K by its positive-prompt softmax
-                sets[m - 1] = with_labelled(*topk_per_class((s_pos / run.tau).softmax(1), args.K), run.labelled,
+                sets[m - 1] = with_labelled(*topk_per_class((on_train.s_pos / run.tau).softmax(1), args.K), run.labelled,
                                             run.y_true)
         run.metrics["rounds"].append(log)
         print(f"phase I round {r}: " + "; ".join(
@@ -544,14 +545,22 @@ def phase1(run, args, seed_set):
     return models, scores, seed_sets
 
 
+class Phase1Scores(NamedTuple):
+    """A Phase-I model's scores on a dataset: its positive and negative prompts' similarities
+    s_pos, s_neg [N, C], and its positive prompts' text embeddings t_pos [C, D] (Phase II's head)."""
+    s_pos: torch.Tensor
+    s_neg: torch.Tensor
+    t_pos: torch.Tensor
+
+
 @torch.no_grad()
-def peft_scores(run, model, dataset):
-    """A Phase-I model over a dataset: (s+ [N, C], s- [N, C], t+ [C, D]), image features computed once."""
-    v = run.scores(model.image_features, dataset)  # [N, D]
+def phase1_scores(run, model, dataset):
+    """A Phase-I model over a dataset -> Phase1Scores, image features computed once."""
+    v = run.outputs(model.image_features, dataset)  # [N, D]
     with torch.autocast(**run.amp):
         t_pos, t_neg = model.prompts(run.clip)
     t_pos, t_neg = t_pos.float().cpu(), t_neg.float().cpu()
-    return similarity(v, t_pos), similarity(v, t_neg), t_pos
+    return Phase1Scores(similarity(v, t_pos), similarity(v, t_neg), t_pos)
 
 
 def generate_and_validate(run, scores):
@@ -560,11 +569,11 @@ def generate_and_validate(run, scores):
     are kept, with their true labels, in both clean sets. Returns [(indices, labels)] x 2 and
     the generated labels."""
     t = time.time()
-    y_gen = [s_pos.argmax(1) for s_pos, _, _ in scores]
+    y_gen = [s.s_pos.argmax(1) for s in scores]
     run.metrics["phase1_agreement"] = 100.0 * (y_gen[0] == y_gen[1]).float().mean().item()
     clean = []
     for a, b in ((0, 1), (1, 0)):
-        keep = collaborative_filter(y_gen[a], scores[b][0], scores[b][1])
+        keep = collaborative_filter(y_gen[a], scores[b].s_pos, scores[b].s_neg)
         labels = y_gen[a].clone()
         keep[run.labelled], labels[run.labelled] = True, run.y_true[run.labelled]
         idx = keep.nonzero().squeeze(1)
@@ -573,7 +582,8 @@ def generate_and_validate(run, scores):
             "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(keep),
             "precision": label_precision(labels[idx], run.y_true[idx]),
             "all_labels_precision": label_precision(y_gen[a], run.y_true),
-            **filter_diagnosis(y_gen[a], keep, scores[a][0], *scores[b][:2], run.tau, run.y_true)}
+            **filter_diagnosis(y_gen[a], keep, scores[a].s_pos, scores[b].s_pos, scores[b].s_neg, run.tau,
+                               run.y_true)}
         print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(keep)} "
               f"kept, precision {cell(c['precision'])} (all labels {cell(c['all_labels_precision'])})", flush=True)
     run.metrics["time_s"]["filter"] = time.time() - t
@@ -648,7 +658,7 @@ def phase2(run, args, scores, peft, clean, prompts, ft_clip=None):
     t = time.time()
     if ft_clip is None:
         clip, evaluated = run.clip, run.evaluated
-        heads = [t_pos.to(run.device) for _, _, t_pos in scores]  # each Phase-I model's own positive prompts
+        heads = [s.t_pos.to(run.device) for s in scores]  # each Phase-I model's own positive prompts
     else:
         clip = ft_clip.to(run.device)
         set_grad_checkpointing(clip, args.grad_checkpointing)
@@ -661,7 +671,7 @@ def phase2(run, args, scores, peft, clean, prompts, ft_clip=None):
             if args.fft_init == "phase1" else {}
         branch = fine_tune(run, args, f"branch{a + 1}", clip, heads[a] if args.head_init == "text" else None,
                            *clean[a], **init)
-        logits = run.scores(branch, evaluated)
+        logits = run.outputs(branch, evaluated)
         run.metrics[f"branch{a + 1}_acc"] = train.accuracy(logits, run.y_eval)
         run.predictions[f"branch{a + 1}"] = logits.argmax(1)
         probs.append(logits.softmax(1))
@@ -696,7 +706,7 @@ def fine_tune_baseline(run, args, W, seed_set):
     t = time.time()
     idx, y = seed_set if args.method == "topk" else (run.labelled, run.y_true[run.labelled])
     branch = fine_tune(run, args, args.method, run.clip, W if args.head_init == "text" else None, idx, y)
-    logits = run.scores(branch, run.evaluated)
+    logits = run.outputs(branch, run.evaluated)
     run.metrics[f"{args.method}_acc"] = train.accuracy(logits, run.y_eval)
     run.predictions[args.method] = logits.argmax(1)
     run.metrics["time_s"]["fine_tune"] = time.time() - t
@@ -719,14 +729,14 @@ def self_training(run, args, W, probs):
         idx, labels = with_labelled(idx, y[idx], run.labelled, run.y_true)
         model = fine_tune(run, args, f"selftrain_round{r}", run.clip, W if args.head_init == "text" else None,
                           idx, labels)
-        logits = run.scores(model, run.evaluated)
+        logits = run.outputs(model, run.evaluated)
         log = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(probs),
                "precision": label_precision(labels, run.y_true[idx]), "acc": train.accuracy(logits, run.y_eval)}
         run.metrics["selftrain_rounds"].append(log)
         print(f"self-training round {r}: {log['size']} images with confidence >= {args.threshold} (precision "
               f"{cell(log['precision'])}), {run.metrics['eval_split']} acc {log['acc']:.2f}", flush=True)
         if r < args.rounds:
-            probs = run.scores(model, run.unlabelled).softmax(1)  # the next round's labeller
+            probs = run.outputs(model, run.unlabelled).softmax(1)  # the next round's labeller
     run.metrics["selftrain_acc"] = log["acc"]
     run.predictions["selftrain"] = logits.argmax(1)
     run.metrics["time_s"]["fine_tune"] = time.time() - t
@@ -803,7 +813,7 @@ def prepare(args):
     if args.labelled_shots:
         metrics["labelled_shots"] = {"per_class": args.labelled_shots, "size": len(labelled)}
     ctx = Run(**runs.context(args, out, config, device, continuing),
-              needs="all" if args.eval_only else "phase1" if args.phase == "2" else "",
+              must_load="all" if args.eval_only else "phase1" if args.phase == "2" else "none",
               sgd={k: getattr(args, k) for k in SGD_KEYS}, task=task, clip=clip,
               tau=1.0 / clip.logit_scale.exp().item(), unlabelled=data.ImageDataset(task.train, test),
               evaluated=data.ImageDataset(eval_items, test), y_true=y_true,

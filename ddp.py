@@ -147,7 +147,7 @@ def from_rank0(t):
 
 
 def across_processes(share):
-    """A loss term of the global batch from each process's share (global_mean): their mean over
+    """A loss term of the global batch from each process's share (global_mean_shares): their mean over
     processes, the same number on every process. Plain run: share."""
     if not sharding():
         return share

@@ -173,7 +173,7 @@ def score_in_two_processes(rank, tmp):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
     try:
         weight = torch.arange(8.0).reshape(4, 2)
-        out = context(tmp).scores(lambda x: x @ weight, Numbered(7))
+        out = context(tmp).outputs(lambda x: x @ weight, Numbered(7))
         torch.save((ddp.world(), out), f"{tmp}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -183,7 +183,7 @@ def test_an_evaluation_pass_under_two_processes_equals_one_process(tmp_path):
     """torchrun's data parallel evaluation: 2 gloo processes (7 items: shards of 4 and 3) each
     get all 7 outputs in index order, equal to the single-process pass."""
     torch.multiprocessing.spawn(score_in_two_processes, args=(str(tmp_path),), nprocs=2)
-    expected = context(tmp_path).scores(lambda x: x @ torch.arange(8.0).reshape(4, 2), Numbered(7))
+    expected = context(tmp_path).outputs(lambda x: x @ torch.arange(8.0).reshape(4, 2), Numbered(7))
     assert ddp.world() == (0, 1) and expected.shape == (7, 2)
     for rank in (0, 1):
         where, out = torch.load(tmp_path / f"rank{rank}.pt")

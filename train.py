@@ -162,7 +162,7 @@ class RunContext:
         return loader(dataset, batch, seed_of(self.seed, *key), shuffle, self.workers, self.device.type == "cuda",
                       drop_last)
 
-    def scores(self, fn, dataset):
+    def outputs(self, fn, dataset):
         """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU).
         Under torchrun each process scores its contiguous shard and every process gets all N
         outputs back in index order (the passes are deterministic: the test transform)."""
@@ -181,8 +181,8 @@ class RunContext:
         y_train -> its logits on eval_set [N, classes]."""
         def encode(x):
             return torch.nn.functional.normalize(clip.encode_image(x).float(), dim=-1)
-        head = logistic_regression(self.scores(encode, train_set), y_train, classes)
-        return head(self.scores(encode, eval_set))
+        head = logistic_regression(self.outputs(encode, train_set), y_train, classes)
+        return head(self.outputs(encode, eval_set))
 
 
 # -----------------------------------------------------------------------------

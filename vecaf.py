@@ -26,6 +26,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -359,10 +360,16 @@ def caption_table(clip, args, task, pool_labels, device):
 # -----------------------------------------------------------------------------
 # One run: loops of selection and fine-tuning
 
-METHODS = {  # which of VeCAF's parts a --method uses: (ODS weights, CEA, ensemble of selectors)
-    "vecaf": (True, True, True), "activeft": (False, False, False), "ods": (True, False, False),
-    "cea": (False, True, False), "ensemble": (False, False, True), "random": (False, False, False),
-    "full": (False, False, False)}
+class Parts(NamedTuple):
+    """Which of VeCAF's parts a --method uses."""
+    ods: bool  # ODS weights on the selection objective
+    cea: bool  # caption-embedding augmentation
+    ensemble: bool  # an ensemble of selectors
+
+
+METHODS = {"vecaf": Parts(True, True, True), "activeft": Parts(False, False, False), "ods": Parts(True, False, False),
+           "cea": Parts(False, True, False), "ensemble": Parts(False, False, True),
+           "random": Parts(False, False, False), "full": Parts(False, False, False)}
 
 
 @dataclass
@@ -394,7 +401,7 @@ def pool_features(s):
     file = stage_file(s, "features")
     features = file.load()
     if features is None:
-        features = {"f": s.scores(lambda x: unit(s.clip.encode_image(x)), s.pool)}
+        features = {"f": s.outputs(lambda x: unit(s.clip.encode_image(x)), s.pool)}
         file.save(features)
     return features["f"].to(s.device)
 
@@ -403,7 +410,7 @@ def pool_features(s):
 def per_sample_loss(s, model):
     """The current model's cross-entropy on every pool image (test transform) [N]: ODS's training
     objective (plain CE, without the training's label smoothing)."""
-    return F.cross_entropy(s.scores(model, s.pool), s.y_pool, reduction="none")
+    return F.cross_entropy(s.outputs(model, s.pool), s.y_pool, reduction="none")
 
 
 def select(s, args, loop, model, bank, taken):
@@ -424,13 +431,13 @@ def select(s, args, loop, model, bank, taken):
         g = torch.Generator().manual_seed(seed_of(s.seed, "random", loop))
         new = free[torch.randperm(len(free), generator=g)[:K].to(s.device)]
     else:
-        use_ods, _, use_ensemble = METHODS[args.method]  # ActiveFT's selection, with these parts
+        parts = METHODS[args.method]  # ActiveFT's selection, with these of VeCAF's parts
         f = unit(bank)
-        w = objective_weights(losses, args.ods_weights) if use_ods else None
+        w = objective_weights(losses, args.ods_weights) if parts.ods else None
         centroids = torch.stack([
             optimise_centroids(f, K, seed_of(s.seed, "select", loop, e), args.iters, args.select_lr, args.tau,
                                args.beta, args.select_batch, w, args.ods_weighting)
-            for e in range(args.ensemble if use_ensemble else 1)])  # [E, K, D]
+            for e in range(args.ensemble if parts.ensemble else 1)])  # [E, K, D]
         new = nearest_unique(combine(centroids, args.optimal_up_to), f, taken)
     new = ddp.from_rank0(new)  # torchrun: every process fine-tunes on the very same selection
     # the picks' mean loss against the free pool's: how far selection leans towards what the model gets wrong
@@ -485,10 +492,10 @@ def active_finetuning(s, args):
     model = clip_model.ImageClassifier(s.clip.visual, len(s.task.classnames), W, s.clip.logit_scale.exp().item()).to(s.device)
 
     def evaluate(model):
-        return train.accuracy(s.scores(model, s.evaluated), s.y_eval)
+        return train.accuracy(s.outputs(model, s.evaluated), s.y_eval)
 
     bank = pool_features(s) if args.method != "full" else None  # [N, D]; CEA moves the selected rows
-    captions = caption_table(s.clip, args, s.task, s.y_pool, s.device) if METHODS[args.method][1] else None
+    captions = caption_table(s.clip, args, s.task, s.y_pool, s.device) if METHODS[args.method].cea else None
     selected = torch.zeros(0, dtype=torch.long, device=s.device)
     curve, loops = [[0, evaluate(model)]], []  # (training batches so far, eval accuracy)
     s.metrics["zero_shot_acc"] = curve[0][1]
@@ -542,7 +549,7 @@ def run(args):
     """The loops, then the final model's predictions; writes metrics.json and predictions.pt."""
     s = prepare(args)
     model, selected = active_finetuning(s, args)
-    logits = s.scores(model, s.evaluated)
+    logits = s.outputs(model, s.evaluated)
     print(f"{args.method}: {s.metrics['final_acc']:.2f} on {args.eval_split} after {s.metrics['batches']} batches "
           f"on {s.metrics['selected']} of {len(s.y_pool)} pool images", flush=True)
     return runs.finish_run(s.out, s.metrics, {"y": s.y_eval, "final": logits.argmax(1), "selected": selected.cpu()},
@@ -576,7 +583,7 @@ def prepare(args):
     eval_items = data.eval_items(task, args.eval_split)
     resolve_task_defaults(args, task)
     check_args(args, len(task.train))
-    if args.captions and METHODS[args.method][1]:
+    if args.captions and METHODS[args.method].cea:
         read_captions(args.captions, task.train, args.data_root)  # checked now, not after the features
     config, how = runs.settings(args, NO_NUMBER_FLAGS)
     config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
@@ -807,7 +814,7 @@ def resolve_defaults(args):
         args.lr = 3e-4 if demo else 0.01 * args.batch / 512
     if args.aug is None:  # crops of the 32-px digits cost the stand-in accuracy (docs/vecaf.md)
         args.aug = "none" if args.dataset.lower().startswith("digits") else "weak"
-    if not METHODS[args.method][2]:
+    if not METHODS[args.method].ensemble:
         args.ensemble = 1
     if args.workers is None:
         args.workers = train.default_workers(args.device)
