@@ -1,5 +1,6 @@
 """Shared by every test file: CPU threads, warnings, tiny CLIPs with the real key layout whose every
 tensor is random, and (once per session) a tiny backbone pretrained on rendered digits."""
+import inspect
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from PIL import Image
 import clip_model as cm
 import coft
 import standin
+import train
 import vecaf
 
 torch.set_num_threads(2)
@@ -182,11 +184,12 @@ def assert_one_error_line(r, expected):
     assert "[rank" not in r.stderr, r.stderr
 
 
+FIT_SIGNATURE = inspect.signature(train.fit)  # read before any test wraps train.fit
+
+
 def fit_arguments(*a, **k):
     """A train.fit call's arguments by name (for tests that wrap fit)."""
-    import inspect
-    import train
-    bound = inspect.signature(train.fit).bind(*a, **k)
+    bound = FIT_SIGNATURE.bind(*a, **k)
     bound.apply_defaults()
     return dict(bound.arguments)
 

@@ -253,16 +253,17 @@ def grad_norm_summary(norms, clip_grad):
 
 class Draws:
     """A step's per-sample randomness, from its epoch's step stream: draws(low, high) -> one
-    integer in [low, high) for each of the batch's b samples (e.g. complement labels). Under
-    torchrun the integers are drawn for the whole global batch and this process keeps its
-    slice's, so N processes draw what one process does."""
+    integer in [low, high) for each of the batch's samples (e.g. complement labels). The
+    integers are drawn for the whole batch of n and this process keeps its b samples' from
+    `start` on (under torchrun its slice of the global batch; a plain run: start 0, b = n), so N
+    processes draw what one process does."""
 
-    def __init__(self, generator, b):
-        self.generator, self.b = generator, b
+    def __init__(self, generator, n, start, b):
+        self.generator, self.n, self.start, self.b = generator, n, start, b
 
     def __call__(self, low, high):
-        n, start = ddp.global_batch(self.b)  # plain run: (b, 0)
-        return torch.randint(low, high, (n,), generator=self.generator, device="cpu")[start:start + self.b]
+        u = torch.randint(low, high, (self.n,), generator=self.generator, device="cpu")  # [n]
+        return u[self.start:self.start + self.b]
 
 
 def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precision="auto", clip_grad=0.0,
@@ -301,8 +302,9 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
         losses, norms = [], []  # kept on the device until the epoch ends: no host sync per step for these
         for i, batch in enumerate(ddp.own_share(make_loader(epoch))):
             batch = [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
+            draws = Draws(gen, *ddp.global_batch(len(batch[0])), len(batch[0]))  # plain run: (b, 0), no sync
             with torch.autocast(**amp):
-                terms = step_fn(model, batch, Draws(gen, len(batch[0])))
+                terms = step_fn(model, batch, draws)
             shares = ddp.global_mean_shares(terms)  # plain run: the terms' batch means themselves
             loss = add(shares.values())
             opt.zero_grad(set_to_none=True)
