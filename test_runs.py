@@ -224,18 +224,19 @@ def test_stage_records_cover_the_settings_each_stage_depends_on():
     """A Phase-I model's record has S*'s and Phase I's settings and none of Phase II's; a branch's
     has all three: so a changed Phase-I flag invalidates the branches too."""
     args = coft.resolve_defaults(coft.parser().parse_args([]))
-    config = {k: v for k, v in vars(args).items() if k not in coft.HOW}
+    config = runs.settings(args, coft.NO_NUMBER_FLAGS)[0]
     config.update(data="d", clip="c", fft_backbone=None, zero_shot_prompts="z", rounds=1)
     p1, br = coft.stage_record(config, "phase1_round2_model1"), coft.stage_record(config, "branch1")
     assert {"K", "seed", "data", "clip", "zero_shot_prompts", "p1_lr", "lam", "M", "batch"} <= set(p1)
     assert not {"fft_lr", "gamma", "queue", "workers", "device"} & set(p1)
     assert set(p1) - {"stage"} < set(br) and {"fft_lr", "gamma", "queue", "rounds"} <= set(br)
-    assert not set(coft.HOW) & set(br)
+    no_numbers = set(runs.NO_NUMBER_FLAGS) | set(coft.NO_NUMBER_FLAGS)
+    assert not no_numbers & set(br)
     # every flag is either a setting some stage depends on, or declared as not changing numbers
-    # (HOW), or one whose effect only metrics.json shows (method, eval split, ...)
+    # (runs.NO_NUMBER_FLAGS, coft.NO_NUMBER_FLAGS), or one whose effect only metrics.json shows (method, eval split, ...)
     reported_only = {"eval_split", "branches", "plus", "template_ensemble", "fft_lr", "head_init"}
     flags = set(vars(args)) - {k for k in vars(args) if k.startswith("bench")}
-    assert flags <= set(coft.HOW) | set(br) | set(coft.stage_record(config, "topk")) | reported_only
+    assert flags <= no_numbers | set(br) | set(coft.stage_record(config, "topk")) | reported_only
 
 
 def test_results_do_not_depend_on_the_worker_count(tmp_path, pretrained_tiny):
