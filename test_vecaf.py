@@ -209,7 +209,6 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
             if Path(path).name == dies_at:
                 raise KeyboardInterrupt
         monkeypatch.setattr(runs, "atomic_save", dying_save)
-        monkeypatch.setattr(vecaf.train, "atomic_save", dying_save)
         with pytest.raises(SystemExit) as e:
             run_vecaf(tmp_path, out=f"killed-{dies_at}")
         monkeypatch.undo()
