@@ -412,6 +412,53 @@ def stage_record(config, tag):
     return {"stage": tag, **{k: config[k] for k in dict.fromkeys(keys)}}
 
 
+@dataclass(frozen=True)
+class Phase1Settings:
+    """Stage 0 and Phase I's hyperparameters (Sec. 3.1; CoFT+'s rounds: Sec. 3.3.1)."""
+    K: int  # seed-set images per class (Sec. 3.1.1)
+    rounds: int  # R (1: CoFT)
+    M: int  # context tokens per prompt
+    ctx_init: str | None  # words to initialise both contexts from (None: random)
+    vpt_tokens: int  # visual prompt tokens per block (0: no VPT; ResNets: an adapter instead)
+    vpt_deep: bool
+    lam: float  # lambda, the weight of L2 (Eq. 6)
+    detach_neg: bool  # DeFT's variant: L2 trains the negative context only
+    epochs: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Phase2Settings:
+    """Phase II's hyperparameters (Sec. 3.2.2; CoFT+'s momentum contrast: Sec. 3.3.2, Eq. 9-10),
+    also the fine-tuning recipe of the top-K, labelled-shots and self-training baselines."""
+    branches: int
+    epochs: int
+    lr: float
+    aug: str  # the clean set's augmentation: "strong" or "weak"
+    init: str  # "pretrained", or "phase1": the Phase-I VPT / adapter carried into the tower
+    head_init: str  # "text" (Phase-I positive prompts / zero-shot weights) or "random"
+    contrast: bool  # CoFT+: + gamma * L_Cont (Eq. 10)
+    gamma: float
+    mu: float  # the key encoder's EMA momentum
+    tau_c: float  # InfoNCE temperature tau'
+    queue: int
+    sync_bn: bool
+    compile: bool
+    grad_checkpointing: bool
+
+
+def phase_settings(args):
+    """The CLI's (resolved) flags -> (Phase1Settings, Phase2Settings)."""
+    p1 = Phase1Settings(K=args.K, rounds=args.rounds, M=args.M, ctx_init=args.ctx_init, vpt_tokens=args.vpt_tokens,
+                        vpt_deep=args.vpt == "deep", lam=args.lam, detach_neg=args.detach_neg, epochs=args.p1_epochs,
+                        lr=args.p1_lr)
+    p2 = Phase2Settings(branches=args.branches, epochs=args.fft_epochs, lr=args.fft_lr, aug=args.fft_aug,
+                        init=args.fft_init, head_init=args.head_init, contrast=args.contrast, gamma=args.gamma,
+                        mu=args.mu, tau_c=args.tau_c, queue=args.queue, sync_bn=args.sync_bn, compile=args.compile,
+                        grad_checkpointing=args.grad_checkpointing)
+    return p1, p2
+
+
 @dataclass
 class Run(train.RunContext):
     """What the stages of one run share, made once by `prepare`: its folder, config and how it
@@ -419,7 +466,7 @@ class Run(train.RunContext):
     images, the train split's true labels (for the precision diagnostics and the --labelled-shots
     images only: no stage reads them otherwise), and the results so far."""
     must_load: str  # stages to load from --out, never train: "none", "phase1" (--phase 2) or "all" (--eval-only)
-    sgd: dict  # both phases' SGD settings: batch, momentum, weight_decay, warmup_epochs, clip_grad
+    sgd: train.SGDRecipe  # both phases' (each with its own lr and epochs)
     task: data.Task
     clip: clip_model.CLIP  # frozen
     tau: float  # CLIP's own temperature, used everywhere
@@ -452,13 +499,10 @@ def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, co
         trained = trained or model
         for m in compiled:
             m.compile()
-        s = run.sgd
-        history = train.fit(trained, loss, batches, epochs, train.sgd(trained, lr, s["momentum"], s["weight_decay"]),
-                            train.warmup_epochs_then_cosine(s["warmup_epochs"]), run.device, seed_of(run.seed, tag),
-                            run.precision, s["clip_grad"], runs.Saved(runs.ckpt_path(run.out, tag), record,
-                                                                            run.resume), what, run.log_every)
+        history = run.fit(trained, loss, batches, epochs, lr, run.sgd, tag,
+                          runs.Saved(runs.ckpt_path(run.out, tag), record, run.resume), what)
         saved = runs.save_stage(run.out, tag, record, model,
-                                 grad_norms=train.grad_norm_summary(history["grad_norm"], s["clip_grad"]))
+                                 grad_norms=train.grad_norm_summary(history["grad_norm"], run.sgd.clip_grad))
     run.metrics["grad_norms"][tag] = saved["grad_norms"]
     return model.eval()
 
@@ -490,7 +534,7 @@ def zero_shot_and_seed_set(run, prompts, K):
     return W, (idx, y), zs_train.softmax(1)
 
 
-def phase1(run, args, seed_set):
+def phase1(run, p1, seed_set):
     """Phase I (Sec. 3.1): two dual-prompt models differing only by seed, trained on their seed
     set with L1 + lambda * L2 (Eq. 4-6). CoFT+ (Sec. 3.3.1) runs R rounds: after round r each
     model relabels every image with its positive prompts and takes its own top-K as its next
@@ -506,24 +550,24 @@ def phase1(run, args, seed_set):
 
     def loss(model, batch, draws):  # L_Phase1 = L1 + lambda * L2 (Eq. 4-6) on a batch of S*
         x, y, _ = batch
-        l1, l2 = phase1_losses(model, x, y, complement_labels(y, C, draws(1, C)), run.tau, args.detach_neg)
-        return {"L1": (l1, len(y)), "lam*L2": (args.lam * l2, len(y))}
+        l1, l2 = phase1_losses(model, x, y, complement_labels(y, C, draws(1, C)), run.tau, p1.detach_neg)
+        return {"L1": (l1, len(y)), "lam*L2": (p1.lam * l2, len(y))}
 
-    for r in range(1, args.rounds + 1):
+    for r in range(1, p1.rounds + 1):
         models, scores, log = [], [], {}
         seed_sets.append(list(sets))
         for m in (1, 2):
             idx, y = sets[m - 1]
             log[f"model{m}_seed_set"] = {"size": len(idx), "precision": label_precision(y, run.y_true[idx])}
             torch.manual_seed(seed_of(run.seed, "init", r, m))  # fresh prompts / VPT every round
-            model = DualPromptModel(run.clip, run.task.classnames, args.M, args.ctx_init, args.vpt_tokens,
-                                    args.vpt == "deep").to(run.device)
+            model = DualPromptModel(run.clip, run.task.classnames, p1.M, p1.ctx_init, p1.vpt_tokens,
+                                    p1.vpt_deep).to(run.device)
             tag = f"phase1_round{r}_model{m}"
             seed_images = data.ImageDataset([run.task.train[i] for i in idx.tolist()], weak, labels=y.tolist())
 
             def batches(epoch, ds=seed_images, tag=tag):
-                return run.loader(ds, run.sgd["batch"], (tag, epoch), shuffle=True)
-            run_stage(run, tag, model, loss, batches, args.p1_epochs, args.p1_lr, f"phase I round {r} model {m}")
+                return run.loader(ds, run.sgd.batch, (tag, epoch), shuffle=True)
+            run_stage(run, tag, model, loss, batches, p1.epochs, p1.lr, f"phase I round {r} model {m}")
             # each model's scores on all unlabelled images, computed once and used for relabelling
             # (next round) or for both directions of the collaborative filter (last round)
             on_train = phase1_scores(run, model, run.unlabelled)
@@ -532,8 +576,8 @@ def phase1(run, args, seed_set):
             run.predictions[f"round{r}_model{m}"] = eval_scores.argmax(1)
             models.append(model)
             scores.append(on_train)
-            if r < args.rounds:  # this model's own top-K by its positive-prompt softmax
-                sets[m - 1] = with_labelled(*topk_per_class((on_train.s_pos / run.tau).softmax(1), args.K), run.labelled,
+            if r < p1.rounds:  # this model's own top-K by its positive-prompt softmax
+                sets[m - 1] = with_labelled(*topk_per_class((on_train.s_pos / run.tau).softmax(1), p1.K), run.labelled,
                                             run.y_true)
         run.metrics["rounds"].append(log)
         print(f"phase I round {r}: " + "; ".join(
@@ -606,37 +650,36 @@ def filter_diagnosis(y_a, keep, s_pos_a, s_pos_b, s_neg_b, tau, y_true):
             "auroc_own_confidence": auroc((s_pos_a / tau).softmax(1)[i, y_a], right)}
 
 
-def fine_tune(run, args, tag, clip, head, idx, y, vpt=None, adapter=None):
+def fine_tune(run, p2, tag, clip, head, idx, y, vpt=None, adapter=None):
     """Phase II for one branch (Sec. 3.2.2): fine-tune a copy of clip's image tower and a linear
     head (initialised from `head` [C, D], or at random) with cross-entropy on (x, y_a(x)) for the
-    train images idx with labels y, its clean set (Eq. 7), under --fft-aug at clip's resolution;
+    train images idx with labels y, its clean set (Eq. 7), under p2.aug at clip's resolution;
     also the top-K and labelled-shots baselines' trainer. CoFT+
     (--contrast, Eq. 10): + gamma * InfoNCE (Eq. 9) on two views of *all* unlabelled images, an
     epoch being one pass over them (WithUnlabelled). Every stream is keyed by `tag`, so the two
     branches never share one. Returns the trained ImageClassifier in eval mode."""
     model = clip_model.ImageClassifier(clip.visual, len(run.task.classnames), head, clip.logit_scale.exp().item(),
-                      vpt, adapter).to(run.device)
-    if args.sync_bn:  # ResNet towers under torchrun: BatchNorm statistics over the global batch
+                                       vpt, adapter).to(run.device)
+    if p2.sync_bn:  # ResNet towers under torchrun: BatchNorm statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    augment = data.make_transform(args.fft_aug, clip.visual.resolution, run.task)
+    augment = data.make_transform(p2.aug, clip.visual.resolution, run.task)
     train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist())
     if len(train_set) == 0:  # the validator rejected every label: nothing to fine-tune on
         return run_stage(run, tag, model, None, None, 0, 0, tag, empty=True)
-    batch = run.sgd["batch"]
-    drop = len(train_set) > batch  # no tiny last batch (BatchNorm, noisy steps) unless it is the only one
+    batch = run.sgd.batch
 
     def clean_batches(epoch, cycle=0):
-        return run.loader(train_set, batch, (tag, epoch, "clean", cycle), shuffle=True, drop_last=drop)
+        return run.train_loader(train_set, batch, (tag, epoch, "clean", cycle))
 
-    if not args.contrast:
+    if not p2.contrast:
         def loss(model, b, _):  # Eq. 7 on a batch (x, y, index) of the clean set
             return {"L_FFT": (F.cross_entropy(model(b[0]), b[1]), len(b[1]))}
-        return run_stage(run, tag, model, loss, clean_batches, args.fft_epochs, args.fft_lr, f"phase II {tag}",
-                         compiled=[model.visual] if args.compile else [])
+        return run_stage(run, tag, model, loss, clean_batches, p2.epochs, p2.lr, f"phase II {tag}",
+                         compiled=[model.visual] if p2.compile else [])
 
     views = data.ImageDataset(run.task.train, data.TwoViews(
         augment, data.make_transform("strong", clip.visual.resolution, run.task)))
-    mc = MomentumContrast(model, min(args.queue, len(views)), args.mu, args.tau_c, ddp.gather_batch).to(run.device)
+    mc = MomentumContrast(model, min(p2.queue, len(views)), p2.mu, p2.tau_c, ddp.gather_batch).to(run.device)
 
     def batches(epoch):
         return WithUnlabelled(lambda cycle: clean_batches(epoch, cycle),
@@ -645,12 +688,12 @@ def fine_tune(run, args, tag, clip, head, idx, y, vpt=None, adapter=None):
     def loss(mc, b, _):  # Eq. 10: L_FFT (Eq. 7) on the clean batch + gamma * L_Cont (Eq. 9) on the unlabelled one
         x, y, _, x_q, x_k, j = b
         return {"L_FFT": (F.cross_entropy(mc.model(x), y), len(y)),
-                "gamma*L_Cont": (args.gamma * mc(x_q, x_k, j), len(j))}
-    return run_stage(run, tag, model, loss, batches, args.fft_epochs, args.fft_lr, f"phase II {tag}", trained=mc,
-                     compiled=[mc.model.visual, mc.key_model.visual] if args.compile else [])
+                "gamma*L_Cont": (p2.gamma * mc(x_q, x_k, j), len(j))}
+    return run_stage(run, tag, model, loss, batches, p2.epochs, p2.lr, f"phase II {tag}", trained=mc,
+                     compiled=[mc.model.visual, mc.key_model.visual] if p2.compile else [])
 
 
-def phase2(run, args, scores, peft, clean, prompts, ft_clip=None):
+def phase2(run, p2, scores, peft, clean, prompts, ft_clip=None):
     """Phase II (Sec. 3.2.2) per branch a: a fresh copy of the pre-trained image tower (or of
     --fft-backbone's, the paper's distillation setting) fine-tuned on clean set a, its head
     initialised from Phase-I model a's positive prompts (another backbone: its zero-shot
@@ -661,15 +704,15 @@ def phase2(run, args, scores, peft, clean, prompts, ft_clip=None):
         heads = [s.t_pos.to(run.device) for s in scores]  # each Phase-I model's own positive prompts
     else:
         clip = ft_clip.to(run.device)
-        set_grad_checkpointing(clip, args.grad_checkpointing)
+        set_grad_checkpointing(clip, p2.grad_checkpointing)
         evaluated = data.ImageDataset(run.evaluated.items, data.make_transform("test", clip.visual.resolution,
                                                                                run.task))
         heads = [text_classifier(clip, prompts, run.device)] * 2  # the new backbone's zero-shot weights
     probs = []
-    for a in range(args.branches):
+    for a in range(p2.branches):
         init = dict(vpt=None if peft[a].vpt is None else peft[a].vpt.prompts, adapter=peft[a].adapter) \
-            if args.fft_init == "phase1" else {}
-        branch = fine_tune(run, args, f"branch{a + 1}", clip, heads[a] if args.head_init == "text" else None,
+            if p2.init == "phase1" else {}
+        branch = fine_tune(run, p2, f"branch{a + 1}", clip, heads[a] if p2.head_init == "text" else None,
                            *clean[a], **init)
         logits = run.outputs(branch, evaluated)
         run.metrics[f"branch{a + 1}_acc"] = train.accuracy(logits, run.y_eval)
@@ -699,43 +742,43 @@ def linear_probe(run):
           f"not a label-free method): {run.metrics['probe_acc']:.2f}", flush=True)
 
 
-def fine_tune_baseline(run, args, W, seed_set):
+def fine_tune_baseline(run, method, p2, W, seed_set):
     """--method topk: the UPL-like self-training baseline, Phase II's recipe on S* with its
     zero-shot labels (and any labelled shots); --method shots: the same on the labelled shots
     alone. One branch, its head initialised from the zero-shot weights W."""
     t = time.time()
-    idx, y = seed_set if args.method == "topk" else (run.labelled, run.y_true[run.labelled])
-    branch = fine_tune(run, args, args.method, run.clip, W if args.head_init == "text" else None, idx, y)
+    idx, y = seed_set if method == "topk" else (run.labelled, run.y_true[run.labelled])
+    branch = fine_tune(run, p2, method, run.clip, W if p2.head_init == "text" else None, idx, y)
     logits = run.outputs(branch, run.evaluated)
-    run.metrics[f"{args.method}_acc"] = train.accuracy(logits, run.y_eval)
-    run.predictions[args.method] = logits.argmax(1)
+    run.metrics[f"{method}_acc"] = train.accuracy(logits, run.y_eval)
+    run.predictions[method] = logits.argmax(1)
     run.metrics["time_s"]["fine_tune"] = time.time() - t
 
 
-def self_training(run, args, W, probs):
+def self_training(run, p2, rounds, threshold, W, probs):
     """--method selftrain: the self-training reference a reader tries first, iterative
     pseudo-labelling with a confidence threshold (Lee, 2013; in rounds, as noisy-student
     training). Round r: every unlabelled image whose label from the current labeller has
     softmax confidence >= --threshold joins the training set with that label (round 1's
     labeller: zero-shot, Eq. 1, `probs` [N, C]), and a fresh copy of the pre-trained tower with
     its head from W is fine-tuned on it by Phase II's recipe; the result labels round r + 1.
-    --rounds R rounds (default 3 for this method); the last round's model is the result.
+    `rounds` rounds (--rounds, default 3 for this method); the last round's model is the result.
     Unlike CoFT: no second model, no negative prompt, one global threshold."""
     t = time.time()
     run.metrics["selftrain_rounds"] = []
-    for r in range(1, args.rounds + 1):
+    for r in range(1, rounds + 1):
         conf, y = probs.max(1)
-        idx = (conf >= args.threshold).nonzero().squeeze(1)
+        idx = (conf >= threshold).nonzero().squeeze(1)
         idx, labels = with_labelled(idx, y[idx], run.labelled, run.y_true)
-        model = fine_tune(run, args, f"selftrain_round{r}", run.clip, W if args.head_init == "text" else None,
+        model = fine_tune(run, p2, f"selftrain_round{r}", run.clip, W if p2.head_init == "text" else None,
                           idx, labels)
         logits = run.outputs(model, run.evaluated)
         log = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(probs),
                "precision": label_precision(labels, run.y_true[idx]), "acc": train.accuracy(logits, run.y_eval)}
         run.metrics["selftrain_rounds"].append(log)
-        print(f"self-training round {r}: {log['size']} images with confidence >= {args.threshold} (precision "
+        print(f"self-training round {r}: {log['size']} images with confidence >= {threshold} (precision "
               f"{cell(log['precision'])}), {run.metrics['eval_split']} acc {log['acc']:.2f}", flush=True)
-        if r < args.rounds:
+        if r < rounds:
             probs = run.outputs(model, run.unlabelled).softmax(1)  # the next round's labeller
     run.metrics["selftrain_acc"] = log["acc"]
     run.predictions["selftrain"] = logits.argmax(1)
@@ -752,21 +795,22 @@ def run(args):
     pseudo_labels.pt (every seed set and clean set) and predictions.pt (eval-split predictions of
     every model); stages/ holds each finished stage (docs/runs.md)."""
     ctx, prompts, ft_clip = prepare(args)  # a Run: what the stages share
-    W, seed_set, zs_probs = zero_shot_and_seed_set(ctx, prompts, args.K)
+    p1, p2 = phase_settings(args)  # the stages see these, never the flags
+    W, seed_set, zs_probs = zero_shot_and_seed_set(ctx, prompts, p1.K)
     if args.method == "probe":
         linear_probe(ctx)
     elif args.method in ("topk", "shots"):
-        fine_tune_baseline(ctx, args, W, seed_set)
+        fine_tune_baseline(ctx, args.method, p2, W, seed_set)
     elif args.method == "selftrain":
-        self_training(ctx, args, W, zs_probs)
+        self_training(ctx, p2, args.rounds, args.threshold, W, zs_probs)
     else:
-        peft, scores, seed_sets = phase1(ctx, args, seed_set)
+        peft, scores, seed_sets = phase1(ctx, p1, seed_set)
         clean, y_gen = generate_and_validate(ctx, scores)
         runs.atomic_save({"labelled": ctx.labelled, "seed_sets": seed_sets, "generated": y_gen,
                           "clean": [idx for idx, _ in clean], "clean_labels": [y for _, y in clean]},
                          ctx.out / "pseudo_labels.pt")
         if args.phase != "1":
-            ensemble(ctx, phase2(ctx, args, scores, peft, clean, prompts, ft_clip))
+            ensemble(ctx, phase2(ctx, p2, scores, peft, clean, prompts, ft_clip))
     return runs.finish_run(ctx.out, ctx.metrics, ctx.predictions, ctx.t0)
 
 
@@ -781,7 +825,7 @@ def prepare(args):
     if (args.eval_only or args.phase == "2") and not runs.holds_run(args.out):
         raise RunError(f"--out {args.out} holds no run for {'--eval-only' if args.eval_only else '--phase 2'} "
                        f"to use: run {'it' if args.eval_only else '--phase 1'} first")
-    args.precision = train.resolve_precision(device, args.precision)  # the config records what ran
+    args = runs.with_precision(args, device)  # the config records what ran
     t0 = time.time()
     task = data.load_task(args.dataset, args.data_root)
     eval_items = data.eval_items(task, args.eval_split)
@@ -814,7 +858,7 @@ def prepare(args):
         metrics["labelled_shots"] = {"per_class": args.labelled_shots, "size": len(labelled)}
     ctx = Run(**runs.context(args, out, config, device, continuing),
               must_load="all" if args.eval_only else "phase1" if args.phase == "2" else "none",
-              sgd={k: getattr(args, k) for k in SGD_KEYS}, task=task, clip=clip,
+              sgd=train.SGDRecipe(**{k: getattr(args, k) for k in SGD_KEYS}), task=task, clip=clip,
               tau=1.0 / clip.logit_scale.exp().item(), unlabelled=data.ImageDataset(task.train, test),
               evaluated=data.ImageDataset(eval_items, test), y_true=y_true,
               y_eval=torch.tensor([label for _, label in eval_items]), labelled=labelled, metrics=metrics,
@@ -976,7 +1020,8 @@ def resolve_defaults(args):
     Phase-I capacity, 16 context tokens and 20 deep VPT tokens, sized for ViT-B/16; DeFT /
     ActiveCLIP: no clipping, Phase-II lr 5e-4) and the values chosen on the demo's dev splits for
     the offline stand-in, whose 16 patches and 24-token context a ViT-B/16 capacity overfits
-    (docs/demo.md); loader workers by device."""
+    (docs/demo.md); loader workers by device. Returns a resolved copy of the flags."""
+    args = argparse.Namespace(**vars(args))
     if args.plus:
         args.contrast = True
         args.rounds = args.rounds or 3
@@ -1026,14 +1071,13 @@ def main(argv=None):
     def body():
         if args.table:
             return runs.table(args.table, run_summary)
-        resolve_defaults(args)
         if args.write_llm_prompts:
             task = data.load_task(args.dataset, args.data_root)
             path = llm.write_class_prompts(args.write_llm_prompts, task.classnames, args.api_base, args.llm,
                                            os.environ.get("OPENAI_API_KEY"), args.prompts_per_class)
             print(f"wrote prompts for {len(task.classnames)} classes to {path}")
             return None
-        return run(args)
+        return run(resolve_defaults(args))
     where = "" if args.table or args.write_llm_prompts else \
         (f": finished stages and the last epoch checkpoint are in {args.out}/stages; the same command with "
          f"--resume continues from there")

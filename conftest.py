@@ -11,6 +11,7 @@ from PIL import Image
 
 import clip_model as cm
 import coft
+import runs
 import standin
 import train
 import vecaf
@@ -207,8 +208,6 @@ def cli_as_process(rank, module, argv, record, die_at=None):
     checkpoint file."""
     import importlib
     import signal
-    import runs
-    import train
     cli = importlib.import_module(module)
     real_fit, real_save, seen = train.fit, runs.atomic_save, {"losses": {}, "contrast": {}, "steps": {}}
 

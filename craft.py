@@ -243,6 +243,38 @@ def coop_epochs_for(shots):
     return 200 if shots >= 8 else 100 if shots >= 2 else 50
 
 
+@dataclass(frozen=True)
+class Settings:
+    """CraFT's hyperparameters (Sec. 3 and the official per-dataset settings, SETTINGS) and those
+    of the white-box CoOp reference, from the CLI's flags (settings_of)."""
+    method: str  # craft; bbt (search only); mlp (refiner only); coop; probe
+    budget: int  # prompt queries of the search
+    popsize: int  # CMA-ES population (queries per generation)
+    intrinsic_dim: int  # d, the dimension of z
+    a_std: float  # std of the entries of A (p = p0 + A z)
+    sigma0: float  # CMA-ES initial step size
+    bound: float  # box bound on z (0: none)
+    cma: str  # "full" or "separable"
+    prompt: str  # the prompt in use after a generation: "mean", "sample-mean" or "best"
+    aug: str  # the shots' augmentation: "crop" or "none"
+    hidden: int  # refiner width
+    lr: float  # refiner Adam learning rate
+    batch: int  # refiner batch
+    lam: float  # lambda, the weight of both KL terms
+    n: int  # the refiner's KL term is off after budget / n queries
+    raw_image_features: bool
+    ckpt_every: int  # generations between checkpoints
+    coop_epochs: int  # CoOp's epochs (by shots unless given: coop_epochs_for)
+    coop_lr: float
+    coop_batch: int
+
+
+def settings_of(args):
+    """The CLI's (resolved) flags -> Settings."""
+    given = {f: getattr(args, f) for f in Settings.__dataclass_fields__}
+    return Settings(**{**given, "coop_epochs": args.coop_epochs or coop_epochs_for(args.shots)})
+
+
 @dataclass
 class Setup(train.RunContext):
     """What a run's parts share, made once by `prepare` (train.RunContext: its folder, config,
@@ -254,13 +286,15 @@ class Setup(train.RunContext):
     y_shots: torch.Tensor  # [K*C]
     evaluated: data.ImageDataset  # the eval split under the test transform
     y_eval: torch.Tensor
-    p0: torch.Tensor  # [n, width] the embeddings of --ctx-init
+    ctx_init: str  # the words of p0
+    p0: torch.Tensor  # [n, width] their embeddings
+    scale: float  # the black box's logit scale
     metrics: dict
     predictions: dict
     t0: float
 
 
-def zero_shot(s, args):
+def zero_shot(s):
     """Zero-shot references (no training): the dataset's hand-written template, and p0 ("a photo
     of a {}.", where the search starts)."""
     s.box.upload("eval", s.evaluated, s.workers)
@@ -270,10 +304,10 @@ def zero_shot(s, args):
     s.metrics["p0_acc"] = train.accuracy(l_p0.cpu(), s.y_eval)
     s.predictions["zero_shot"] = l_template.argmax(1).cpu()
     print(f"zero-shot ({s.task.templates[0]!r}): {s.metrics['zero_shot_acc']:.2f}; "
-          f"p0 ({args.ctx_init!r} {{}}.): {s.metrics['p0_acc']:.2f}", flush=True)
+          f"p0 ({s.ctx_init!r} {{}}.): {s.metrics['p0_acc']:.2f}", flush=True)
 
 
-def collaborate(s, args):
+def collaborate(s, hp):
     """CraFT's collaborative training (--method craft), or one module alone (bbt: the CMA-ES
     prompt with the CE fitness; mlp: the refiner with the prompt fixed at p0). Per generation:
     one CMA-ES generation (popsize prompt queries on the pre-extracted features of one augmented
@@ -281,18 +315,18 @@ def collaborate(s, args):
     shots (--aug none: over the view's logits, no image re-encoded) with the prompt frozen. A
     checkpoint (CMA-ES state, refiner, Adam, prompt, query counters) is written atomically every
     --ckpt-every generations; --resume continues from it to the same result. Inference: one query with the final prompt, then argmax of l + g(l)."""
-    search, refine = args.method in SEARCHES, args.method in REFINES
-    G = args.budget // args.popsize  # generations
+    search, refine = hp.method in SEARCHES, hp.method in REFINES
+    G = hp.budget // hp.popsize  # generations
     y_view = s.y_shots.to(s.device)
     s.box.upload("view", s.shots, s.workers)  # the fitness's features: one augmented view, extracted once
-    generator = PromptGenerator(s.p0, args.intrinsic_dim, args.a_std, seed_of(s.seed, "A"))
+    generator = PromptGenerator(s.p0, hp.intrinsic_dim, hp.a_std, seed_of(s.seed, "A"))
     torch.manual_seed(seed_of(s.seed, "refiner"))
-    refiner = Refiner(len(s.task.classnames), args.hidden).to(s.device) if refine else None
-    opt = torch.optim.Adam(refiner.parameters(), lr=args.lr) if refine else None
-    es = CMAES(torch.zeros(args.intrinsic_dim), args.sigma0, args.popsize,
-               (-args.bound, args.bound) if args.bound else None, args.cma == "separable",
+    refiner = Refiner(len(s.task.classnames), hp.hidden).to(s.device) if refine else None
+    opt = torch.optim.Adam(refiner.parameters(), lr=hp.lr) if refine else None
+    es = CMAES(torch.zeros(hp.intrinsic_dim), hp.sigma0, hp.popsize,
+               (-hp.bound, hp.bound) if hp.bound else None, hp.cma == "separable",
                seed_of(s.seed, "cma-es")) if search else None
-    z = torch.zeros(1, args.intrinsic_dim)  # the prompt in use (z = 0: p0)
+    z = torch.zeros(1, hp.intrinsic_dim)  # the prompt in use (z = 0: p0)
     start, history = 0, {"best_fitness": [], "prompt_fitness": [], "refine_loss": []}
     ckpt = runs.Saved(runs.ckpt_path(s.out, "collaborate"), s.config, s.resume)
     state = ckpt.load()
@@ -310,31 +344,31 @@ def collaborate(s, args):
         s.box.forget()
         if search:  # input side: one CMA-ES generation, refiner frozen
             Z = es.ask()  # [popsize, d]
-            f = torch.cat([fitness(s.box.logits(generator(Zc), "view"), y_view, refiner, args.lam)
+            f = torch.cat([fitness(s.box.logits(generator(Zc), "view"), y_view, refiner, hp.lam)
                            for Zc in Z.split(max(1, 2 ** 24 // (len(y_view) * len(s.task.classnames))))])
             es.tell(f.double().cpu())
-            z = (es.mean if args.prompt == "mean" else es.best_x if args.prompt == "best"
-                 else es.sample(args.popsize).mean(0))[None].float()
+            z = (es.mean if hp.prompt == "mean" else es.best_x if hp.prompt == "best"
+                 else es.sample(hp.popsize).mean(0))[None].float()
             history["best_fitness"].append(f.min().item())
-        t = (g + 1) * args.popsize  # queries the search has used by now (the official `steps`)
+        t = (g + 1) * hp.popsize  # queries the search has used by now (the official `steps`)
         ctx = generator(z)  # [1, n, width]
         if refine:  # output side: one epoch of the refiner, prompt frozen
-            lam_o = consistency_weight(t, args.budget, args.n, args.lam)
+            lam_o = consistency_weight(t, hp.budget, hp.n, hp.lam)
             epoch = s.shots  # (augmented image, label, index)
-            if args.aug == "none":  # every epoch would see the uploaded view's images again: their logits
+            if hp.aug == "none":  # every epoch would see the uploaded view's images again: their logits
                 # under the frozen prompt are fixed, so one query serves the epoch; no image is loaded or encoded
-                l_view = s.box.logits(ctx, "view", raw=args.raw_image_features)[0].cpu()  # [K*C, C]
+                l_view = s.box.logits(ctx, "view", raw=hp.raw_image_features)[0].cpu()  # [K*C, C]
                 epoch = data.ImageDataset(list(zip(l_view, s.y_shots.tolist())), lambda l: l)  # (logits, label, index)
 
             def step(model, batch, _):
                 x, y, _ = batch
-                l = x if args.aug == "none" else s.box.logits(ctx, x, raw=args.raw_image_features)[0]  # [B, C]
+                l = x if hp.aug == "none" else s.box.logits(ctx, x, raw=hp.raw_image_features)[0]  # [B, C]
                 return {"loss": (refinement_loss(l, y, model, lam_o), len(y))}
-            h = train.fit(refiner, step, lambda e: s.loader(epoch, args.batch, ("refine", g), shuffle=True), 1,
+            h = train.fit(refiner, step, lambda e: s.loader(epoch, hp.batch, ("refine", g), shuffle=True), 1,
                           opt, lambda *_: 1.0, s.device, seed_of(s.seed, "refine", g), s.precision, log_every=0)
             history["refine_loss"].append(sum(h["loss"]) / len(h["loss"]))
         if search:
-            history["prompt_fitness"].append(fitness(s.box.logits(ctx, "view"), y_view, refiner, args.lam).item())
+            history["prompt_fitness"].append(fitness(s.box.logits(ctx, "view"), y_view, refiner, hp.lam).item())
         done = g + 1
         if s.log_every and (done % s.log_every == 0 or done == G):
             el = time.time() - t0
@@ -343,7 +377,7 @@ def collaborate(s, args):
             parts += [f"refine loss {history['refine_loss'][-1]:.3f}"] if refine else []
             print(f"gen {done}/{G} " + " ".join(parts) + f" queries {s.box.queries['prompts']} "
                   f"eta {el / (done - start) * (G - done):.0f}s", flush=True)
-        if done % args.ckpt_every == 0 or done == G:
+        if done % hp.ckpt_every == 0 or done == G:
             ckpt.save({"generation": done, "z": z, "history": history, "queries": dict(s.box.queries),
                        "es": es.state_dict() if es else None, "refiner": refiner.state_dict() if refiner else None,
                        "opt": opt.state_dict() if opt else None})
@@ -353,10 +387,10 @@ def collaborate(s, args):
     if refiner:
         with torch.no_grad():
             l = refiner.eval()(l)
-    s.metrics[f"{args.method}_acc"] = train.accuracy(l.cpu(), s.y_eval)
-    s.predictions[args.method] = l.argmax(1).cpu()
+    s.metrics[f"{hp.method}_acc"] = train.accuracy(l.cpu(), s.y_eval)
+    s.predictions[hp.method] = l.argmax(1).cpu()
     s.metrics["history"] = history
-    s.metrics["deploy_params"] = {"prompt": s.p0.numel(), "z": args.intrinsic_dim if search else 0,
+    s.metrics["deploy_params"] = {"prompt": s.p0.numel(), "z": hp.intrinsic_dim if search else 0,
                                   "refiner": sum(p.numel() for p in refiner.parameters()) if refiner else 0}
 
 
@@ -369,14 +403,13 @@ class CoOp(nn.Module):
         self.ctx = nn.Parameter(p0.clone().float())
 
 
-def coop(s, args):
+def coop(s, hp):
     """CoOp on the same shots and augmentation: SGD lr 0.002 (momentum 0.9, weight decay 5e-4),
     batch 32, one warm-up epoch at a constant 1e-5, then cosine; the context starts at p0; logits
     scale * cos(v, t) as the black box gives them. Trained through train.fit (a checkpoint per epoch)."""
     clip = s.clip
     sos, suffix = (t.to(s.device) for t in prompt_parts(clip, s.task.classnames))
     model = CoOp(s.p0).to(s.device)
-    epochs = args.coop_epochs or coop_epochs_for(args.shots)
 
     def text():
         return class_text_features(clip, sos, suffix, model.ctx[None])[0]  # [C, D]
@@ -385,19 +418,19 @@ def coop(s, args):
         x, y, _ = batch
         with torch.no_grad():
             v = unit(clip.encode_image(x))
-        return {"CE": (F.cross_entropy(args.scale * clip_model.similarity(v, text()), y), len(y))}
+        return {"CE": (F.cross_entropy(s.scale * clip_model.similarity(v, text()), y), len(y))}
 
     def schedule(step, total, per_epoch):  # CoOp's constant warm-up, then cosine over all epochs
-        return 1e-5 / args.coop_lr if step < per_epoch else 0.5 * (1 + math.cos(math.pi * step / total))
+        return 1e-5 / hp.coop_lr if step < per_epoch else 0.5 * (1 + math.cos(math.pi * step / total))
     t0 = time.time()
-    history = train.fit(model, step, lambda e: s.loader(s.shots, args.coop_batch, ("coop", e), shuffle=True),
-                        epochs, train.sgd(model, args.coop_lr, 0.9, 5e-4), schedule, s.device, seed_of(s.seed, "coop"),
+    history = train.fit(model, step, lambda e: s.loader(s.shots, hp.coop_batch, ("coop", e), shuffle=True),
+                        hp.coop_epochs, train.sgd(model, hp.coop_lr, 0.9, 5e-4), schedule, s.device, seed_of(s.seed, "coop"),
                         s.precision, 0.0, runs.Saved(runs.ckpt_path(s.out, "coop"), s.config, s.resume), "coop",
                         s.log_every)
     s.metrics["time_s"]["train"] = time.time() - t0
     with torch.no_grad(), torch.autocast(**s.amp):
         t = text()
-    l = train.predict(lambda x: args.scale * clip_model.similarity(unit(clip.encode_image(x)), t),
+    l = train.predict(lambda x: s.scale * clip_model.similarity(unit(clip.encode_image(x)), t),
                       s.loader(s.evaluated, s.eval_batch, ("eval",)), s.device, s.amp)[0]
     s.metrics["coop_acc"] = train.accuracy(l, s.y_eval)
     s.predictions["coop"] = l.argmax(1)
@@ -419,13 +452,14 @@ def linear_probe(s):
 def run(args):
     """Zero-shot references, then the method; writes metrics.json and predictions.pt."""
     s = prepare(args)
-    zero_shot(s, args)
+    hp = settings_of(args)  # the parts see these, never the flags
+    zero_shot(s)
     if args.method == "probe":
         linear_probe(s)
     elif args.method == "coop":
-        coop(s, args)
+        coop(s, hp)
     else:
-        collaborate(s, args)
+        collaborate(s, hp)
     s.metrics["queries"] = dict(s.box.queries, search=args.budget if args.method in SEARCHES else 0)
     print(f"{args.method}: {s.metrics[f'{args.method}_acc']:.2f} on {args.eval_split} ({s.box.queries['prompts']} "
           f"prompt queries, {s.box.queries['images']} images encoded)", flush=True)
@@ -443,7 +477,7 @@ def prepare(args):
     standin.check_backbone("--clip", args.clip)
     runs.check_out(args.out, args.resume, args.restart)
     device = torch.device(args.device)
-    args.precision = train.resolve_precision(device, args.precision)
+    args = runs.with_precision(args, device)
     t0 = time.time()
     task = data.load_task(args.dataset, args.data_root)
     eval_items = data.eval_items(task, args.eval_split)
@@ -455,9 +489,9 @@ def prepare(args):
     clip, _ = clip_model.load(standin.resolve(args.clip), device)
     clip.requires_grad_(False)
     amp = train.amp_settings(device, args.precision)[0]
-    if args.scale is None:  # what the model was trained with (the config records the flag as given)
-        args.scale = clip.logit_scale.exp().item()
-    box = BlackBox(clip, task.classnames, device, amp, args.scale, args.eval_batch)
+    # --scale left out: what the model was trained with (the config records the flag as given)
+    scale = args.scale or clip.logit_scale.exp().item()
+    box = BlackBox(clip, task.classnames, device, amp, scale, args.eval_batch)
     p0 = box.word_embeddings(args.ctx_init).to(device)  # [n, width]
     longest = int(box._suffix.argmax(1).max()) + 1  # class name + "." + EOT
     if 1 + len(p0) + longest > clip.context_length:
@@ -468,7 +502,7 @@ def prepare(args):
     crop = data.make_transform(args.aug if args.aug == "crop" else "test", clip.visual.resolution, task)
     test = data.make_transform("test", clip.visual.resolution, task)
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "shots": args.shots,
-               "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision, "scale": args.scale,
+               "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision, "scale": scale,
                "budget": args.budget if args.method in SEARCHES + ("mlp",) else None, "time_s": {}}
     print(f"{args.dataset}: {len(task.classnames)} classes, {args.shots} shots each, {len(eval_items)} "
           f"{args.eval_split} images; backbone {args.clip} on {device}, {args.precision}; method {args.method}",
@@ -476,7 +510,7 @@ def prepare(args):
     return Setup(**runs.context(args, out, config, device, args.resume), task=task, clip=clip, box=box, shots=data.ImageDataset(items, crop),
                  y_shots=torch.tensor([label for _, label in items]),
                  evaluated=data.ImageDataset(eval_items, test), y_eval=torch.tensor([lab for _, lab in eval_items]),
-                 p0=p0, metrics=metrics, predictions={}, t0=t0)
+                 ctx_init=args.ctx_init, p0=p0, scale=scale, metrics=metrics, predictions={}, t0=t0)
 
 
 # -----------------------------------------------------------------------------
@@ -536,7 +570,9 @@ def parser():
 
 def resolve_defaults(args):
     """Defaults that depend on other flags: the budget by shots, the official per-dataset settings
-    where the dataset is one of the paper's (else the row most of them share), workers by device."""
+    where the dataset is one of the paper's (else the row most of them share), workers by device.
+    Returns a resolved copy of the flags."""
+    args = argparse.Namespace(**vars(args))
     if args.budget is None:
         args.budget = budget_for(args.shots)
     row = dict(zip(SETTING_FLAGS, SETTINGS.get(args.dataset.lower(), DEFAULT_SETTINGS)))

@@ -257,6 +257,12 @@ def settings(args, no_number_flags=()):
             {k: v for k, v in vars(args).items() if k in skip})
 
 
+def with_precision(args, device):
+    """A copy of a CLI's flags with --precision resolved for the device (train.resolve_precision):
+    the config records what ran, and the flags as given stay as given."""
+    return argparse.Namespace(**{**vars(args), "precision": train.resolve_precision(device, args.precision)})
+
+
 def context(args, out, config, device, resume):
     """The fields of a train.RunContext from a CLI's flags (every method's run has them)."""
     return dict(out=out, config=config, device=device, precision=args.precision,

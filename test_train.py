@@ -124,6 +124,31 @@ def test_imports_run_one_way():
     assert all(not (methods - {m}) & imports(m) for m in methods)  # a sibling method depends on no other
 
 
+# the functions of each method file that may read the parsed flags: its CLI layer
+CLI_LAYER = {
+    "coft": {"run", "prepare", "run_config", "phase_settings", "check_args", "check_fft_init", "resolve_defaults",
+             "main"},
+    "craft": {"run", "prepare", "settings_of", "resolve_defaults", "main"},
+    "vecaf": {"run", "prepare", "settings_of", "check_args", "resolve_task_defaults", "resolve_defaults", "main"},
+}
+
+
+def test_only_the_cli_layer_reads_the_flags():
+    """A method's stages take explicit values (its settings dataclasses, named arguments), so
+    they can be called, and copied, without argparse: outside the CLI layer no function takes
+    `args` or reads a name `args`."""
+    import ast
+    from pathlib import Path
+    root = Path(train.__file__).parent
+    for module, cli in CLI_LAYER.items():
+        tree = ast.parse((root / f"{module}.py").read_text())
+        for f in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name not in cli):
+            reads = {n.id for n in ast.walk(f) if isinstance(n, ast.Name)} | {a.arg for a in ast.walk(f)
+                                                                                 if isinstance(a, ast.arg)}
+            assert "args" not in reads, f"{module}.{f.name} reads the flags"
+        assert cli <= {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, module
+
+
 def test_fit_collects_after_epoch_values_and_keeps_them_across_a_resume(tmp_path):
     def make():
         torch.manual_seed(0)

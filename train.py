@@ -162,6 +162,19 @@ class RunContext:
         return loader(dataset, batch, seed_of(self.seed, *key), shuffle, self.workers, self.device.type == "cuda",
                       drop_last)
 
+    def train_loader(self, dataset, batch, key):
+        """A fine-tuning set's shuffled batches (`loader` keyed by `key`), the last one dropped when
+        smaller than `batch` unless it is the only one: a tiny batch makes a noisy step (and
+        BatchNorm statistics of a few images)."""
+        return self.loader(dataset, batch, key, shuffle=True, drop_last=len(dataset) > batch)
+
+    def fit(self, model, step_fn, make_loader, epochs, lr, recipe, tag, checkpoint=None, what=None, after_epoch=None):
+        """`fit` by an SGDRecipe at learning rate `lr`, on this run's device, precision and log
+        interval, with the step stream of `tag` (seed_of(--seed, tag))."""
+        return fit(model, step_fn, make_loader, epochs, sgd(model, lr, recipe.momentum, recipe.weight_decay),
+                   warmup_epochs_then_cosine(recipe.warmup_epochs), self.device, seed_of(self.seed, tag),
+                   self.precision, recipe.clip_grad, checkpoint, what or tag, self.log_every, after_epoch)
+
     def outputs(self, fn, dataset):
         """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU).
         Under torchrun each process scores its contiguous shard and every process gets all N
@@ -220,6 +233,19 @@ def sgd(model, lr, momentum=0.9, weight_decay=5e-4):
     """SGD with momentum over the model's trainable parameters (both CoFT phases)."""
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
                            weight_decay=weight_decay)
+
+
+@dataclass(frozen=True)
+class SGDRecipe:
+    """How a model is fine-tuned, bar its lr and epochs: SGD with momentum and weight decay on
+    batches of `batch`, a linear warm-up of `warmup_epochs` then a cosine decay per step, gradient
+    norms clipped at `clip_grad` (0: off). CoFT's two phases share one; VeCAF's loops follow the
+    DeiT recipe."""
+    batch: int
+    momentum: float
+    weight_decay: float
+    warmup_epochs: int
+    clip_grad: float
 
 
 def cosine_with_warmup(step, total, warmup):

@@ -341,17 +341,17 @@ def encode_texts(clip, texts, device, batch=256):
     return torch.cat(out)
 
 
-def caption_table(clip, args, task, pool_labels, device):
+def caption_table(clip, task, pool_labels, device, template, ood_captions=None, captions=None, data_root=None):
     """What CEA moves the selected features towards: (t [U, D] unit embeddings of the distinct
     captions, caption_of [N] each pool image's row). --ood-captions: per class, the mean of its
     target-domain captions (prompt ensembling), which replace the in-domain ones; --captions: the
-    file's captions; otherwise class-keyword captions (--caption-template with the class name),
-    one per class."""
-    if args.ood_captions or not args.captions:
-        templates = args.ood_captions or [args.caption_template]
+    file's captions; otherwise class-keyword captions (`template`, --caption-template, with the
+    class name), one per class."""
+    if ood_captions or not captions:
+        templates = ood_captions or [template]
         return clip_model.text_classifier(clip, clip_model.class_prompts(task.classnames, templates), device), \
             pool_labels.to(device)
-    captions = read_captions(args.captions, task.train, args.data_root)
+    captions = read_captions(captions, task.train, data_root)
     distinct = sorted(set(captions))
     row = {c: u for u, c in enumerate(distinct)}
     return encode_texts(clip, distinct, device), torch.tensor([row[c] for c in captions], device=device)
@@ -372,6 +372,45 @@ METHODS = {"vecaf": Parts(True, True, True), "activeft": Parts(False, False, Fal
            "random": Parts(False, False, False), "full": Parts(False, False, False)}
 
 
+@dataclass(frozen=True)
+class Selection:
+    """How each loop selects (Sec. 3: ActiveFT's objective with VeCAF's parts, METHODS), from the
+    CLI's flags (settings_of)."""
+    method: str  # a key of METHODS
+    budget: int  # K: new images per loop
+    loops: int
+    iters: int  # centroid optimisation steps
+    select_lr: float  # their Adam lr
+    tau: float
+    beta: float  # the weight of the repulsion Z
+    select_batch: int  # pool samples per centroid step
+    ods_weights: str  # ODS weights from the per-sample losses: "none", "sigmoid" or "mean"
+    ods_weighting: str  # "kl" (the paper's weighted KL) or "official"
+    ensemble: int  # E selectors
+    optimal_up_to: int  # Hungarian matching up to this K, greedy beyond
+    eta: float  # CEA step
+    alpha: str  # CEA weight: "attention" or "one"
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """Each loop's fine-tuning (the paper's DeiT recipe), from the CLI's flags (settings_of)."""
+    epochs: int
+    lr: float
+    sgd: train.SGDRecipe
+    label_smoothing: float
+    aug: str
+    head_init: str  # "text" (the zero-shot classifier) or "random"
+    eval_every: int  # epochs between evaluations (the curve's points)
+
+
+def settings_of(args):
+    """The CLI's (resolved) flags -> (Selection, FineTuning)."""
+    def of(S):
+        return {f: getattr(args, f) for f in S.__dataclass_fields__ if hasattr(args, f)}
+    return Selection(**of(Selection)), FineTuning(**of(FineTuning), sgd=train.SGDRecipe(**of(train.SGDRecipe)))
+
+
 @dataclass
 class Setup(train.RunContext):
     """What a run's parts share, made once by `prepare` (train.RunContext: its folder, config,
@@ -382,6 +421,7 @@ class Setup(train.RunContext):
     y_pool: torch.Tensor  # [N]
     evaluated: data.ImageDataset  # the eval split under the test transform
     y_eval: torch.Tensor
+    captions: tuple | None  # CEA's targets (caption_table); None for methods without CEA
     metrics: dict
     t0: float
 
@@ -413,7 +453,7 @@ def per_sample_loss(s, model):
     return F.cross_entropy(s.outputs(model, s.pool), s.y_pool, reduction="none")
 
 
-def select(s, args, loop, model, bank, taken):
+def select(s, sel, loop, model, bank, taken):
     """This loop's K new pool indices [K] (none of them `taken`), saved as stages/select<loop>.pt
     before any fine-tuning so a resumed run does not redo it. random: uniform; otherwise E
     selectors (seeds keyed by loop and selector) optimise centroids on the unit feature bank with
@@ -424,21 +464,21 @@ def select(s, args, loop, model, bank, taken):
     if done is not None:
         return done["new"].to(s.device), done["diagnostics"]
     t = time.time()
-    K = args.budget
+    K = sel.budget
     losses = per_sample_loss(s, model).to(s.device)  # for ODS and the diagnostics (every method)
-    if args.method == "random":
+    if sel.method == "random":
         free = (~taken).nonzero().squeeze(1)
         g = torch.Generator().manual_seed(seed_of(s.seed, "random", loop))
         new = free[torch.randperm(len(free), generator=g)[:K].to(s.device)]
     else:
-        parts = METHODS[args.method]  # ActiveFT's selection, with these of VeCAF's parts
+        parts = METHODS[sel.method]  # ActiveFT's selection, with these of VeCAF's parts
         f = unit(bank)
-        w = objective_weights(losses, args.ods_weights) if parts.ods else None
+        w = objective_weights(losses, sel.ods_weights) if parts.ods else None
         centroids = torch.stack([
-            optimise_centroids(f, K, seed_of(s.seed, "select", loop, e), args.iters, args.select_lr, args.tau,
-                               args.beta, args.select_batch, w, args.ods_weighting)
-            for e in range(args.ensemble if parts.ensemble else 1)])  # [E, K, D]
-        new = nearest_unique(combine(centroids, args.optimal_up_to), f, taken)
+            optimise_centroids(f, K, seed_of(s.seed, "select", loop, e), sel.iters, sel.select_lr, sel.tau,
+                               sel.beta, sel.select_batch, w, sel.ods_weighting)
+            for e in range(sel.ensemble if parts.ensemble else 1)])  # [E, K, D]
+        new = nearest_unique(combine(centroids, sel.optimal_up_to), f, taken)
     new = ddp.from_rank0(new)  # torchrun: every process fine-tunes on the very same selection
     # the picks' mean loss against the free pool's: how far selection leans towards what the model gets wrong
     diagnostics = {"select_s": time.time() - t, "loss_new": losses[new].mean().item(),
@@ -447,30 +487,26 @@ def select(s, args, loop, model, bank, taken):
     return new, diagnostics
 
 
-def fine_tune(s, args, tag, model, idx, evaluate):
-    """The fine-tuning of one loop (the paper's recipe, and CoFT's Phase-II model and loop: the
-    image tower + linear head, train.fit): cross-entropy with label smoothing on the selected
-    pool images idx with their labels, SGD with momentum, warm-up + cosine, --epochs epochs,
-    continuing from `model` (the previous loop's). `evaluate(model)` runs every --eval-every
-    epochs and after the last. Returns fit's history."""
-    augment = data.make_transform(args.aug if args.aug != "none" else "test", s.clip.visual.resolution, s.task)
+def fine_tune(s, ft, tag, model, idx, evaluate):
+    """The fine-tuning of one loop (the paper's recipe on the model CoFT's Phase II also trains:
+    clip_model.ImageClassifier, the image tower + a linear head): cross-entropy with label
+    smoothing on the selected pool images idx with their labels, by ft.sgd (SGD with momentum,
+    warm-up + cosine) for ft.epochs, continuing from `model` (the previous loop's).
+    `evaluate(model)` runs every ft.eval_every epochs and after the last. Returns fit's history."""
+    augment = data.make_transform(ft.aug if ft.aug != "none" else "test", s.clip.visual.resolution, s.task)
     train_set = data.ImageDataset([s.task.train[i] for i in idx.tolist()], augment)
-    drop = len(train_set) > args.batch  # no tiny last batch unless it is the only one
 
     def batches(epoch):
-        return s.loader(train_set, args.batch, (tag, epoch), shuffle=True, drop_last=drop)
+        return s.train_loader(train_set, ft.sgd.batch, (tag, epoch))
 
     def loss(model, b, _):  # cross-entropy with label smoothing on a batch (x, y, index)
-        return {"CE": (F.cross_entropy(model(b[0]), b[1], label_smoothing=args.label_smoothing), len(b[1]))}
+        return {"CE": (F.cross_entropy(model(b[0]), b[1], label_smoothing=ft.label_smoothing), len(b[1]))}
 
     def after_epoch(epoch, model):
-        return evaluate(model) if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs else None
+        return evaluate(model) if (epoch + 1) % ft.eval_every == 0 or epoch + 1 == ft.epochs else None
 
-    opt = train.sgd(model, args.lr, args.momentum, args.weight_decay)
-    return train.fit(model, loss, batches, args.epochs, opt, train.warmup_epochs_then_cosine(args.warmup_epochs),
-                     s.device, seed_of(s.seed, tag), s.precision, args.clip_grad,
-                     runs.Saved(runs.ckpt_path(s.out, tag), s.record(tag), s.resume), tag, s.log_every,
-                     after_epoch)
+    return s.fit(model, loss, batches, ft.epochs, ft.lr, ft.sgd, tag,
+                 runs.Saved(runs.ckpt_path(s.out, tag), s.record(tag), s.resume), after_epoch=after_epoch)
 
 
 def last_finished(s, loops):
@@ -478,7 +514,7 @@ def last_finished(s, loops):
     return max((l for l in range(1, loops + 1) if runs.stage_path(s.out, f"loop{l}").exists()), default=0)
 
 
-def active_finetuning(s, args):
+def active_finetuning(s, sel, ft):
     """The loops (paper Sec. 3 and its experimental setting): per loop, select --budget new pool images
     (earlier picks stay selected), move the new picks' features towards their captions (CEA,
     where the method uses it: the moved features feed the next loops' selection), then fine-tune
@@ -488,49 +524,48 @@ def active_finetuning(s, args):
     continues exactly. --method full: one loop on the whole pool."""
     N = len(s.y_pool)
     W = clip_model.text_classifier(s.clip, clip_model.class_prompts(s.task.classnames, [s.task.templates[0]]),
-                                   s.device) if args.head_init == "text" else None
+                                   s.device) if ft.head_init == "text" else None
     model = clip_model.ImageClassifier(s.clip.visual, len(s.task.classnames), W, s.clip.logit_scale.exp().item()).to(s.device)
 
     def evaluate(model):
         return train.accuracy(s.outputs(model, s.evaluated), s.y_eval)
 
-    bank = pool_features(s) if args.method != "full" else None  # [N, D]; CEA moves the selected rows
-    captions = caption_table(s.clip, args, s.task, s.y_pool, s.device) if METHODS[args.method].cea else None
+    bank = pool_features(s) if sel.method != "full" else None  # [N, D]; CEA moves the selected rows
     selected = torch.zeros(0, dtype=torch.long, device=s.device)
     curve, loops = [[0, evaluate(model)]], []  # (training batches so far, eval accuracy)
     s.metrics["zero_shot_acc"] = curve[0][1]
-    done = last_finished(s, args.loops)
+    done = last_finished(s, sel.loops)
     if done:  # continue after the last finished loop (its file holds everything so far)
         saved = runs.load_stage(s.out, f"loop{done}", s.record(f"loop{done}"), model)
         selected, curve, loops = saved["selected"].to(s.device), saved["curve"], saved["loops"]
         if bank is not None:
             bank[selected] = saved["bank_rows"].to(s.device)
         print(f"loops 1-{done}: loaded from {s.out}/stages", flush=True)
-    for loop in range(done + 1, args.loops + 1):
+    for loop in range(done + 1, sel.loops + 1):
         t = time.time()
         taken = torch.zeros(N, dtype=torch.bool, device=s.device)
         taken[selected] = True
-        if args.method == "full":
+        if sel.method == "full":
             new, diagnostics = torch.arange(N, device=s.device), {}
         else:
-            new, diagnostics = select(s, args, loop, model, bank, taken)
-            if captions is not None:  # CEA on this loop's picks, their captions the attention's keys
-                t_all, caption_of = captions
+            new, diagnostics = select(s, sel, loop, model, bank, taken)
+            if s.captions is not None:  # CEA on this loop's picks, their captions the attention's keys
+                t_all, caption_of = s.captions
                 keys, row = caption_of[new].unique(return_inverse=True)
-                bank[new] = cea(bank[new], t_all[keys], row, args.eta, s.clip.logit_scale.exp().item(),
-                                None if args.alpha == "attention" else 1.0)
+                bank[new] = cea(bank[new], t_all[keys], row, sel.eta, s.clip.logit_scale.exp().item(),
+                                None if sel.alpha == "attention" else 1.0)
         selected = torch.cat([selected, new])
         tag = f"loop{loop}"
-        history = fine_tune(s, args, tag, model, selected, evaluate)
-        before, steps = loops_batches(loops), len(history["loss"]) // args.epochs  # steps per epoch
+        history = fine_tune(s, ft, tag, model, selected, evaluate)
+        before, steps = loops_batches(loops), len(history["loss"]) // ft.epochs  # steps per epoch
         curve += [[before + steps * (e + 1), acc] for e, acc in enumerate(history["after_epoch"]) if acc is not None]
         loops.append({"loop": loop, "selected": len(selected), "new": len(new), "acc": curve[-1][1],
                       "batches": before + len(history["loss"]), "classes": len(s.y_pool[selected.cpu()].unique()),
                       "time_s": time.time() - t, **diagnostics})
         runs.save_stage(s.out, tag, s.record(tag), model, selected=selected.cpu(), curve=curve, loops=loops,
                          bank_rows=None if bank is None else bank[selected].cpu())
-        print(f"loop {loop}/{args.loops}: {len(selected)} selected ({len(new)} new), {loops[-1]['batches']} batches, "
-              f"{args.eval_split} acc {curve[-1][1]:.2f}", flush=True)
+        print(f"loop {loop}/{sel.loops}: {len(selected)} selected ({len(new)} new), {loops[-1]['batches']} batches, "
+              f"{s.metrics['eval_split']} acc {curve[-1][1]:.2f}", flush=True)
     s.metrics.update(loops=loops, curve=curve, final_acc=curve[-1][1], batches=loops[-1]["batches"],
                      selected=len(selected))
     return model, selected
@@ -547,10 +582,10 @@ NO_NUMBER_FLAGS = ("plot", "target", "at_batches", "write_captions", "api_base",
 
 def run(args):
     """The loops, then the final model's predictions; writes metrics.json and predictions.pt."""
-    s = prepare(args)
-    model, selected = active_finetuning(s, args)
+    s, sel, ft = prepare(args)  # the parts see these settings, never the flags
+    model, selected = active_finetuning(s, sel, ft)
     logits = s.outputs(model, s.evaluated)
-    print(f"{args.method}: {s.metrics['final_acc']:.2f} on {args.eval_split} after {s.metrics['batches']} batches "
+    print(f"{sel.method}: {s.metrics['final_acc']:.2f} on {s.metrics['eval_split']} after {s.metrics['batches']} batches "
           f"on {s.metrics['selected']} of {len(s.y_pool)} pool images", flush=True)
     return runs.finish_run(s.out, s.metrics, {"y": s.y_eval, "final": logits.argmax(1), "selected": selected.cpu()},
                             s.t0)
@@ -573,15 +608,15 @@ def check_args(args, pool_size):
 
 
 def prepare(args):
-    """The checks, the run folder and the backbone, cheap mistakes first -> Setup."""
+    """The checks, the run folder and the backbone, cheap mistakes first -> (Setup, Selection,
+    FineTuning)."""
     device = runs.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
     standin.check_backbone("--clip", args.clip)
     runs.check_out(args.out, args.resume, args.restart)
-    args.precision = train.resolve_precision(device, args.precision)
     t0 = time.time()
     task = data.load_task(args.dataset, args.data_root)
     eval_items = data.eval_items(task, args.eval_split)
-    resolve_task_defaults(args, task)
+    args = resolve_task_defaults(runs.with_precision(args, device), task)
     check_args(args, len(task.train))
     if args.captions and METHODS[args.method].cea:
         read_captions(args.captions, task.train, args.data_root)  # checked now, not after the features
@@ -594,6 +629,9 @@ def prepare(args):
     clip, _ = clip_model.load(standin.resolve(args.clip), device)
     clip.requires_grad_(False)
     test = data.make_transform("test", clip.visual.resolution, task)
+    y_pool = torch.tensor([lab for _, lab in task.train])
+    captions = caption_table(clip, task, y_pool, device, args.caption_template,
+                             args.ood_captions, args.captions, args.data_root) if METHODS[args.method].cea else None
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed,
                "eval_split": args.eval_split, "precision": args.precision, "budget": args.budget,
                "loops": args.loops, "pool": len(task.train), "processes": ddp.world()[1], "time_s": {}}
@@ -601,15 +639,16 @@ def prepare(args):
           f"{args.eval_split} images; {args.method}: {args.loops} loop(s) of {args.budget} images; backbone "
           f"{args.clip} on {device}, {args.precision}", flush=True)
     return Setup(**runs.context(args, out, config, device, args.resume), task=task, clip=clip,
-                 pool=data.ImageDataset(task.train, test), y_pool=torch.tensor([lab for _, lab in task.train]),
+                 pool=data.ImageDataset(task.train, test), y_pool=y_pool,
                  evaluated=data.ImageDataset(eval_items, test), y_eval=torch.tensor([lab for _, lab in eval_items]),
-                 metrics=metrics, t0=t0)
+                 captions=captions, metrics=metrics, t0=t0), *settings_of(args)
 
 
 def resolve_task_defaults(args, task):
     """Defaults that depend on the data: the per-loop budget K (--budget, else --percent of the
     pool, at least 1; --method full: the whole pool in one loop) and the caption template (the
-    dataset's first)."""
+    dataset's first). Returns a resolved copy of the flags."""
+    args = argparse.Namespace(**vars(args))
     pool_size = len(task.train)
     args.caption_template = args.caption_template or task.templates[0]
     if args.method == "full":
@@ -808,7 +847,8 @@ def parser():
 def resolve_defaults(args):
     """Defaults that depend on other flags: the lr by batch (the stand-in's chosen on its dev
     split), the augmentation by dataset, one selector for methods without the ensemble, workers
-    by device."""
+    by device. Returns a resolved copy of the flags."""
+    args = argparse.Namespace(**vars(args))
     demo = args.clip == standin.NAME
     if args.lr is None:  # the recipe's linear scaling; the stand-in's value chosen on the digits' dev split
         args.lr = 3e-4 if demo else 0.01 * args.batch / 512
@@ -827,14 +867,13 @@ def main(argv=None):
     def body():
         if args.table:
             return report(args.table, args.target, args.at_batches, args.plot)
-        resolve_defaults(args)
         if args.write_captions:
             task = data.load_task(args.dataset, args.data_root)
             path = write_captions(args.write_captions, task.train, task.classnames, args.data_root, args.api_base,
                                   args.caption_model, os.environ.get("OPENAI_API_KEY"))
             print(f"wrote captions for {len(task.train)} images to {path}")
             return None
-        return run(args)
+        return run(resolve_defaults(args))
     where = f" (captions so far are in {args.write_captions})" if args.write_captions else "" if args.table else \
         (f": finished loops and the last epoch checkpoint are in {args.out}/stages; the same command with --resume "
          f"continues from there")
