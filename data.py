@@ -175,6 +175,8 @@ def make_transform(kind, resolution, task):
     strong: random resized crop, flip where allowed, RandAugment.
     crop: random resized crop of 50-100% of the area, flip where allowed (CraFT's and Tip-Adapter's
     few-shot augmentation).
+    inception: random resized crop of 8-100% of the area, flip where allowed (the standard ImageNet
+    training crop; CraFT's ImageNet data).
     Works on PIL images and on uint8 tensors alike (torchvision.transforms.v2)."""
     if kind == "test":
         return clip_model.preprocess(resolution)
@@ -183,8 +185,9 @@ def make_transform(kind, resolution, task):
     if kind == "weak":
         body = [v2.Resize(round(resolution * 8 / 7), interpolation=bicubic, antialias=True),
                 v2.RandomCrop(resolution)] + flip
-    elif kind == "crop":
-        body = [v2.RandomResizedCrop(resolution, scale=(0.5, 1.0), interpolation=bicubic, antialias=True)] + flip
+    elif kind in ("crop", "inception"):
+        low = 0.5 if kind == "crop" else 0.08
+        body = [v2.RandomResizedCrop(resolution, scale=(low, 1.0), interpolation=bicubic, antialias=True)] + flip
     elif kind == "strong":
         body = [v2.RandomResizedCrop(resolution, scale=(0.5, 1.0), interpolation=bicubic, antialias=True)] + flip + \
                [v2.RandAugment()]

@@ -132,15 +132,51 @@ def test_the_refiners_kl_term_switches_off_after_budget_over_n_queries():
     assert craft.consistency_weight(8000, 8000, 1, 0.1) == 0.1
 
 
-def test_budgets_and_dataset_settings():
+def test_budgets_epochs_and_dataset_settings_follow_the_official_scripts():
+    """The official configs per dataset; budgets by shots (the ImageNet script's 4000 at 8-16
+    shots, not the other scripts' 8000) and its 8-100% crop; CoOp's epochs by shots (ImageNet:
+    50 at every shot count)."""
     assert [craft.budget_for(k) for k in (1, 2, 4, 8, 16)] == [2000, 4000, 4000, 8000, 8000]
-    args = craft.resolve_defaults(craft.parser().parse_args(["--dataset", "dtd", "--shots", "4"]))
+    assert [craft.budget_for(k, "ImageNet") for k in (1, 2, 4, 8, 16)] == [2000, 4000, 4000, 4000, 4000]
+    assert [craft.coop_epochs_for(k) for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert [craft.coop_epochs_for(k, "imagenet") for k in (1, 2, 4, 8, 16)] == [50] * 5
+
+    def resolved(*argv):
+        args = craft.resolve_defaults(craft.parser().parse_args(list(argv)))
+        return args, craft.settings_of(args)
+    args, hp = resolved("--dataset", "dtd", "--shots", "4")
     assert (args.budget, args.sigma0, args.bound, args.a_std, args.n, args.batch, args.lam, args.hidden) == \
         (4000, 0.02, 5, 1.0, 1, 256, 0.001, 256)
-    args = craft.resolve_defaults(craft.parser().parse_args(["--dataset", "imagenet", "--sigma0", "0.5"]))
-    assert (args.budget, args.sigma0, args.bound, args.lam, args.hidden) == (8000, 0.5, 0.0, 0.0, 512)
-    args = craft.resolve_defaults(craft.parser().parse_args(["--dataset", "oxford_pets", "--shots", "1"]))
+    assert (hp.aug, hp.coop_epochs) == ("crop", 100)
+    args, hp = resolved("--dataset", "imagenet", "--sigma0", "0.5")
+    assert (args.budget, args.sigma0, args.bound, args.lam, args.hidden) == (4000, 0.5, 0.0, 0.0, 512)
+    assert (hp.aug, hp.coop_epochs) == ("inception", 50)
+    assert resolved("--dataset", "imagenet", "--budget", "8000", "--coop-epochs", "200")[1].coop_epochs == 200
+    args, _ = resolved("--dataset", "oxford_pets", "--shots", "1")
     assert (args.budget, args.batch, args.n) == (2000, 64, 1)
+    task = data.load_task("digits")
+    crops = {kind: data.make_transform(kind, 224, task).transforms[1] for kind in ("crop", "inception")}
+    assert crops["crop"].scale == (0.5, 1.0) and crops["inception"].scale == (0.08, 1.0)
+
+
+def test_the_fitness_view_is_drawn_from_the_runs_seed(tmp_path, monkeypatch):
+    """The augmented view the fitness scores (uploaded once) is drawn from --seed, as the official
+    code's view comes from its seed: the same shots under seeds 0 and 1 get other crops, and seed 0
+    again the same ones."""
+    views = []
+    upload = craft.BlackBox.upload
+
+    def recording(box, name, *a, **k):
+        upload(box, name, *a, **k)
+        if name == "view":
+            views.append(box._images["view"].clone())
+    monkeypatch.setattr(craft.BlackBox, "upload", recording)
+    shots = data.few_shot(data.load_task("digits"), 2, 0)
+    monkeypatch.setattr(craft.data, "few_shot", lambda *a, **k: shots)  # the same images under every seed
+    for seed, out in ((0, "a"), (1, "b"), (0, "c")):
+        craft.main(craft_args(tmp_path, "--method", "bbt", "--aug", "crop", "--budget", "8", "--seed", str(seed),
+                              out=out))
+    assert torch.equal(views[0], views[2]) and not torch.allclose(views[0], views[1], atol=1e-3)
 
 
 def test_few_shot_sampling():
