@@ -253,3 +253,59 @@ def test_sample_does_not_change_tell_nor_the_global_rng():
     after = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))  # the global RNG was not used
+
+
+def test_three_generations_equal_a_transcription_of_the_tutorials_equations():
+    """Pins CMAES (unbounded, full C) to the tutorial's Table 1 constants and eq. (41)-(47), transcribed
+    here independently, to 1e-12 after each of 3 generations on a shifted, rotated 5-d ellipsoid."""
+    n, lam, sigma, alpha_cov = 5, 10, 0.3, 2
+    m = torch.tensor([0.4, -1.2, 0.7, 2.0, -0.3], dtype=torch.float64)
+    rot, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(11)))
+    shift = torch.tensor([1.0, 2.0, -1.0, 0.5, 3.0], dtype=torch.float64)
+    scale = 10.0 ** torch.arange(n, dtype=torch.float64)
+
+    def f(X):
+        return (scale * ((X - shift) @ rot.T) ** 2).sum(-1)
+
+    mu = lam // 2  # Table 1
+    w = torch.tensor([math.log((lam + 1) / 2) - math.log(i) for i in range(1, mu + 1)], dtype=torch.float64)
+    w = w / w.sum()
+    mu_eff = 1 / (w ** 2).sum().item()
+    c_c = (4 + mu_eff / n) / (n + 4 + 2 * mu_eff / n)
+    c_sigma = (mu_eff + 2) / (n + mu_eff + 5)
+    d_sigma = 1 + 2 * max(0, math.sqrt((mu_eff - 1) / (n + 1)) - 1) + c_sigma
+    c_1 = alpha_cov / ((n + 1.3) ** 2 + mu_eff)
+    c_mu = min(1 - c_1, alpha_cov * (0.25 + mu_eff + 1 / mu_eff - 2) / ((n + 2) ** 2 + alpha_cov * mu_eff / 2))
+    e_norm = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n ** 2))
+    C, p_sigma, p_c = (torch.eye(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+                       torch.zeros(n, dtype=torch.float64))
+
+    def close(a, b):
+        return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                              rtol=1e-12, atol=1e-14)
+
+    es = CMAES(m, sigma, popsize=lam, seed=2)
+    assert es.eigen_every == 1  # C is re-decomposed after every tell(): ask() samples from the current C
+    hs = []
+    for g in range(3):
+        X = es.ask()
+        fx = f(X)
+        es.tell(fx)
+        y = ((X - m) / sigma)[torch.argsort(fx)][:mu]  # y_{i:lambda}, i <= mu
+        y_w = w @ y
+        m = m + sigma * y_w  # eq. (41)-(42), c_m = 1
+        D2, B = torch.linalg.eigh(C)  # C^{-1/2} = B D^{-1} B^T
+        p_sigma = ((1 - c_sigma) * p_sigma  # eq. (43)
+                   + math.sqrt(c_sigma * (2 - c_sigma) * mu_eff) * (B @ ((B.T @ y_w) / D2.sqrt())))
+        sigma = sigma * math.exp(c_sigma / d_sigma * (p_sigma.norm().item() / e_norm - 1))  # eq. (44)
+        h = (p_sigma.norm().item() / math.sqrt(1 - (1 - c_sigma) ** (2 * (g + 1)))  # h_sigma, g counts from 0
+             < (1.4 + 2 / (n + 1)) * e_norm)
+        hs.append(h)
+        p_c = (1 - c_c) * p_c + h * math.sqrt(c_c * (2 - c_c) * mu_eff) * y_w  # eq. (45)
+        delta_h = (1 - h) * c_c * (2 - c_c)
+        C = ((1 + c_1 * delta_h - c_1 - c_mu * w.sum()) * C + c_1 * torch.outer(p_c, p_c)  # eq. (47)
+             + c_mu * sum(w_i * torch.outer(y_i, y_i) for w_i, y_i in zip(w, y)))
+        for ours, theirs in [(es.m, m), (es.mean, m), (es.sigma, sigma), (es.C, C), (es.p_sigma, p_sigma),
+                             (es.p_c, p_c)]:
+            assert close(ours, theirs), g
+    assert hs == [True, True, False]  # both cases of h_sigma were taken

@@ -109,6 +109,21 @@ def test_ods_pulls_selection_towards_high_loss_samples_and_the_official_variant_
     assert 30 < plain < 60 and kl > plain + 5 and official < plain - 5
 
 
+def test_margins_and_the_official_weight_transforms_by_hand():
+    """margins: top-1 minus top-2 logit, at least 1e-4 (the official `margin_false`); the weight
+    transforms against their formulas; a transform giving a weight <= 0 is refused."""
+    logits = torch.tensor([[3.0, 1.0, 0.5], [2.0, 2.0, -1.0], [0.0, 4.0, 3.5]])
+    assert torch.allclose(vecaf.margins(logits), torch.tensor([2.0, 1e-4, 0.5]))
+    v = torch.tensor([0.5, 2.0, 3.0])
+    assert torch.allclose(vecaf.objective_weights(v, "exp"), v.exp())
+    assert torch.allclose(vecaf.objective_weights(v, "sigmoid"), v.sigmoid())
+    assert torch.allclose(vecaf.objective_weights(v, "mean"), v / v.mean() + 1e-6)
+    assert torch.allclose(vecaf.objective_weights(v, "normalize"), (v + 1e-6) / (v + 1e-6).norm())
+    assert torch.allclose(vecaf.objective_weights(v + 1, "log"), (v + 1).log())
+    with pytest.raises(ValueError, match="not all positive"):
+        vecaf.objective_weights(v, "log")  # log 0.5 < 0
+
+
 def test_mini_batches_cover_the_whole_pool_as_the_full_batch_does():
     f = pool(200, seed=4)
     full = vecaf.optimise_centroids(f, 10, seed=0, iters=50)
@@ -251,6 +266,12 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
         (tmp_path / "c.json").write_text(json.dumps(bad))
         assert message in one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--captions",
                                                                          str(tmp_path / "c.json")))
+    # flags of a part the method does not use: refused, not recorded in config.json and ignored
+    for method, flag, value in (("activeft", "--ood-captions", "a bold {}."), ("full", "--captions", "c.json"),
+                                ("cea", "--ods-weights", "sigmoid"), ("random", "--ods-objective", "margin"),
+                                ("ensemble", "--ods-weighting", "official")):
+        err = one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--method", method, flag, value))
+        assert f"{flag} " in err and f"--method {method} does not use" in err
     assert not (tmp_path / "run").exists()  # nothing written before the checks
     # a run folder of another run: refused on --resume with what differs
     run_vecaf(tmp_path, "--method", "random", "--epochs", "1")
@@ -326,3 +347,93 @@ def test_table_and_plot(tmp_path, capsys):
     assert len(lines[1].get("points").split()) == 3  # vecaf: 0, 10, 20 batches
 
 
+
+
+# ---- the loop's wiring, pinned against independent computations
+
+def test_ods_picks_the_images_its_objective_calls_hard_more_than_activeft(tmp_path, monkeypatch):
+    """A stubbed per-sample objective calls a random fifth of the pool hard (loss 5, others 0.05):
+    ODS (weighted-KL reading) must pick clearly more of them than ActiveFT on the same features
+    and seeds, and with margins (small = hard under the official weighting, which moves centroids
+    away from large weights) likewise. The features are stubbed too, spread over 8 dimensions (a
+    random tiny CLIP's are nearly parallel, so any selection picks alike)."""
+    N = 899
+    monkeypatch.setattr(vecaf, "pool_features", lambda s: pool(N, d=8, seed=1))
+    hard = torch.zeros(N, dtype=torch.bool)
+    hard[torch.randperm(N, generator=torch.Generator().manual_seed(0))[:N // 5]] = True
+    loss = torch.where(hard, 5.0, 0.05)
+    margin = torch.where(hard, 0.05, 5.0)
+    monkeypatch.setattr(vecaf, "per_sample_objective", lambda s, model: (loss, margin))
+    counts = {}
+    for method, extra in (("activeft", ()), ("ods", ()),
+                          ("ods-margin", ("--ods-objective", "margin", "--ods-weighting", "official"))):
+        run_vecaf(tmp_path, "--method", method.split("-")[0], *extra, "--loops", "1", "--budget", "40", "--iters",
+                  "150", "--select-lr", "0.05", "--epochs", "1", out=method)
+        counts[method] = int(hard[vecaf_stage(tmp_path / method, "select1")["new"]].sum())
+    assert counts["ods"] >= counts["activeft"] + 15 and counts["ods-margin"] >= counts["activeft"] + 4, counts
+
+
+def test_selection_reads_the_current_model_the_cea_moved_features_and_a_seed_per_selector(tmp_path, monkeypatch):
+    """Loop l's ODS objective is computed with the model loop l - 1 fine-tuned (loop 1: the
+    initial one); loop 2's centroids are optimised on the features with loop 1's picks moved by
+    CEA; the ensemble's selectors each draw from a seed of their own."""
+    seen_models, seen_features, seen_seeds = [], [], []
+    objective, optimise = vecaf.per_sample_objective, vecaf.optimise_centroids
+
+    def recording_objective(s, model):
+        seen_models.append({k: v.clone() for k, v in model.state_dict().items()})
+        return objective(s, model)
+
+    def recording_optimise(features, K, seed, *a, **k):
+        seen_features.append(features.clone())
+        seen_seeds.append(seed)
+        return optimise(features, K, seed, *a, **k)
+    monkeypatch.setattr(vecaf, "per_sample_objective", recording_objective)
+    monkeypatch.setattr(vecaf, "optimise_centroids", recording_optimise)
+    run_vecaf(tmp_path, "--method", "vecaf")
+    run = tmp_path / "run"
+    loop1, loop2 = vecaf_stage(run, "loop1"), vecaf_stage(run, "loop2")
+    assert len(seen_models) == 2 and all(torch.equal(seen_models[1][k], loop1["model"][k]) for k in loop1["model"])
+    assert not all(torch.equal(seen_models[0][k], loop1["model"][k]) for k in loop1["model"])
+    clip, _ = cm.load(str(tmp_path / "tiny-vit.pt"))
+    task = data.load_task("digits")
+    W = cm.text_classifier(clip, cm.class_prompts(task.classnames, [task.templates[0]]), "cpu")
+    head = seen_models[0]["head.weight"]  # loop 1: the zero-shot head (ImageClassifier: logit_scale * W)
+    assert torch.allclose(head, clip.logit_scale.exp() * W, atol=1e-5)
+    # 2 selectors per loop: loop 1's read the pretrained features, loop 2's the CEA-moved ones
+    assert len(seen_features) == 4 and len(set(seen_seeds)) == 4
+    f = vecaf_stage(run, "features")["f"]
+    s1 = vecaf_stage(run, "select1")["new"]
+    assert torch.allclose(seen_features[0], unit(f)) and torch.equal(seen_features[2], seen_features[3])
+    moved = unit(loop2["bank_rows"][:len(s1)])  # loop 1's picks after CEA
+    assert torch.allclose(seen_features[2][s1], moved, atol=1e-6) and not torch.allclose(seen_features[2][s1],
+                                                                                           unit(f[s1]), atol=1e-3)
+
+
+def test_the_fine_tuning_recipe_is_every_term_of_its_flags(tmp_path, monkeypatch):
+    """Loop 1's first logged loss recomputed by hand (cross-entropy with label smoothing of the
+    initial model on the first batch), and the optimiser and schedule train.fit is given: SGD
+    with the flags' momentum and weight decay, lr warm-up then cosine."""
+    import conftest
+    import train
+    calls = []
+    real_fit = train.fit
+
+    def recording_fit(*a, **k):
+        args = conftest.fit_arguments(*a, **k)
+        model, loader = args["model"], args["make_loader"](0)
+        x, y, _ = next(iter(loader))
+        with torch.no_grad():
+            by_hand = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.2).item()
+        history = real_fit(**args)
+        calls.append((by_hand, history, args["opt"], args["schedule"]))
+        return history
+    monkeypatch.setattr(train, "fit", recording_fit)
+    run_vecaf(tmp_path, "--method", "random", "--label-smoothing", "0.2", "--momentum", "0.7", "--weight-decay",
+              "0.003", "--lr", "0.02", "--warmup-epochs", "2", "--epochs", "4", "--loops", "1")
+    by_hand, history, opt, schedule = calls[0]
+    assert history["loss"][0] == pytest.approx(by_hand, rel=1e-5)
+    group = opt.param_groups[0]
+    assert (group["momentum"], group["weight_decay"], group["initial_lr"]) == (0.7, 0.003, 0.02)
+    # 6 images, batch 4, the last one dropped: one step per epoch; two warm-up steps, then a cosine over the rest
+    assert [schedule(i, 4, 1) for i in range(4)] == pytest.approx([0.5, 1.0, 1.0, 0.5])

@@ -81,18 +81,34 @@ def selection_loss(f, theta, tau=0.07, beta=1.0, w=None, weighting="kl", log_z=N
     return (w * J).sum() / w.sum()
 
 
-def objective_weights(losses, transform="none"):
-    """ODS weights from the current model's per-sample losses [N]: as they are (`none`), through a
-    sigmoid (`sigmoid`, the official code's option), or divided by their mean (`mean`), all
-    positive. The paper's p_L re-weights the pool by the training objective."""
-    losses = losses.float().clamp_min(0)
-    if transform == "sigmoid":
-        return torch.sigmoid(losses)
-    if transform == "mean":
-        return losses / losses.mean().clamp_min(1e-12) + 1e-6
+def margins(logits):
+    """The current model's margin per sample [N]: its top-1 minus its top-2 logit, at least 1e-4
+    (the official code's `margin_false`; the paper names margins beside losses as the training
+    objective ODS may read). Unlike the loss it needs no label."""
+    top2 = logits.float().topk(2, dim=1).values  # [N, 2]
+    return (top2[:, 0] - top2[:, 1]).clamp_min(1e-4)
+
+
+def objective_weights(values, transform="none"):
+    """ODS weights from the current model's per-sample objective [N] (losses or margins): as they
+    are (`none`), divided by their mean (`mean`), or through one of the official code's switches:
+    `sigmoid`, `log`, `exp`, `normalize` (unit L2 norm over the pool). The paper's p_L re-weights
+    the pool by the training objective, so the weights must be positive: a transform that gives a
+    weight <= 0 (log of a value below 1) raises ValueError."""
+    v = values.float().clamp_min(0)
     if transform == "none":
-        return losses + 1e-6  # a sample the model fits perfectly still counts a little
-    raise ValueError(f"unknown weight transform {transform!r}")
+        w = v + 1e-6  # a sample the model fits perfectly still counts a little
+    elif transform == "mean":
+        w = v / v.mean().clamp_min(1e-12) + 1e-6
+    elif transform in ("sigmoid", "log", "exp"):
+        w = getattr(torch, transform)(v)
+    elif transform == "normalize":
+        w = F.normalize(v + 1e-6, dim=0)
+    else:
+        raise ValueError(f"unknown weight transform {transform!r}")
+    if not bool((w > 0).all() and w.isfinite().all()):
+        raise ValueError(f"weights by {transform!r} are not all positive and finite (min {w.min().item():.3g})")
+    return w
 
 
 def optimise_centroids(features, K, seed, iters=300, lr=1e-3, tau=0.07, beta=1.0, batch=None, w=None,
@@ -384,7 +400,8 @@ class Selection:
     tau: float
     beta: float  # the weight of the repulsion Z
     select_batch: int  # pool samples per centroid step
-    ods_weights: str  # ODS weights from the per-sample losses: "none", "sigmoid" or "mean"
+    ods_objective: str  # what ODS weighs by: the per-sample "loss" or "margin"
+    ods_weights: str  # the weights from it (objective_weights)
     ods_weighting: str  # "kl" (the paper's weighted KL) or "official"
     ensemble: int  # E selectors
     optimal_up_to: int  # Hungarian matching up to this K, greedy beyond
@@ -447,17 +464,20 @@ def pool_features(s):
 
 
 @torch.no_grad()
-def per_sample_loss(s, model):
-    """The current model's cross-entropy on every pool image (test transform) [N]: ODS's training
-    objective (plain CE, without the training's label smoothing)."""
-    return F.cross_entropy(s.outputs(model, s.pool), s.y_pool, reduction="none")
+def per_sample_objective(s, model):
+    """The current model's logits on every pool image (test transform) -> (cross-entropy [N],
+    margins [N]): ODS's training objective, the loss (plain CE, without the training's label
+    smoothing) read with the TRUE label of every pool image, selected or not, as the official code
+    evaluates the pool with its targets; or the label-free margin."""
+    logits = s.outputs(model, s.pool)  # [N, C]
+    return F.cross_entropy(logits, s.y_pool, reduction="none"), margins(logits)
 
 
 def select(s, sel, loop, model, bank, taken):
     """This loop's K new pool indices [K] (none of them `taken`), saved as stages/select<loop>.pt
     before any fine-tuning so a resumed run does not redo it. random: uniform; otherwise E
     selectors (seeds keyed by loop and selector) optimise centroids on the unit feature bank with
-    ODS weights from `model`'s per-sample losses where the method uses them, their centroids are
+    ODS weights from `model`'s per-sample objective where the method uses them, their centroids are
     combined (E > 1), and each centroid takes its nearest free sample."""
     file = stage_file(s, f"select{loop}")
     done = file.load()
@@ -465,7 +485,7 @@ def select(s, sel, loop, model, bank, taken):
         return done["new"].to(s.device), done["diagnostics"]
     t = time.time()
     K = sel.budget
-    losses = per_sample_loss(s, model).to(s.device)  # for ODS and the diagnostics (every method)
+    losses, margin = (v.to(s.device) for v in per_sample_objective(s, model))  # for ODS and the diagnostics
     if sel.method == "random":
         free = (~taken).nonzero().squeeze(1)
         g = torch.Generator().manual_seed(seed_of(s.seed, "random", loop))
@@ -473,7 +493,12 @@ def select(s, sel, loop, model, bank, taken):
     else:
         parts = METHODS[sel.method]  # ActiveFT's selection, with these of VeCAF's parts
         f = unit(bank)
-        w = objective_weights(losses, sel.ods_weights) if parts.ods else None
+        w = None
+        if parts.ods:
+            try:
+                w = objective_weights(losses if sel.ods_objective == "loss" else margin, sel.ods_weights)
+            except ValueError as e:
+                raise RunError(f"ODS at loop {loop}: {e}: choose another --ods-weights") from None
         centroids = torch.stack([
             optimise_centroids(f, K, seed_of(s.seed, "select", loop, e), sel.iters, sel.select_lr, sel.tau,
                                sel.beta, sel.select_batch, w, sel.ods_weighting)
@@ -597,6 +622,18 @@ def check_args(args, pool_size):
     if args.method != "full" and total > pool_size:
         raise RunError(f"{args.loops} loops of {args.budget} images select {total} but the pool ({args.dataset}'s "
                        f"train split) has {pool_size}: lower --percent / --budget or --loops")
+    if not METHODS[args.method].cea:  # refused rather than accepted, recorded and ignored
+        for flag, value in (("--ood-captions", args.ood_captions), ("--captions", args.captions)):
+            if value:
+                raise RunError(f"{flag} feeds CEA, which --method {args.method} does not use: drop it, or use "
+                               f"--method vecaf or cea")
+    if not METHODS[args.method].ods:
+        for flag, value, default in (("--ods-objective", args.ods_objective, "loss"),
+                                     ("--ods-weights", args.ods_weights, "none"),
+                                     ("--ods-weighting", args.ods_weighting, "kl")):
+            if value != default:
+                raise RunError(f"{flag} sets ODS's weights, which --method {args.method} does not use: drop it, "
+                               f"or use --method vecaf or ods")
     for t in args.ood_captions or []:
         if "{}" not in t:
             raise RunError(f"--ood-captions {t!r} has no {{}} for the class name, e.g. 'a sketch of a {{}}.'")
@@ -806,8 +843,11 @@ def parser():
     a("--beta", type=number(float, 0, low_open=True), default=1.0, help="weight of the repulsion Z")
     a("--select-batch", type=number(int, 1), default=65536,
       help="pool samples per centroid step (the whole pool when smaller: CIFAR-size pools)")
-    a("--ods-weights", default="none", choices=["none", "sigmoid", "mean"],
-      help="ODS weights from the per-sample losses: as they are, through a sigmoid, or over their mean")
+    a("--ods-objective", default="loss", choices=["loss", "margin"],
+      help="ODS weighs the pool by the current model's per-sample loss (which reads every pool image's true "
+           "label, as the official code) or by its label-free margin, top-1 minus top-2 logit")
+    a("--ods-weights", default="none", choices=["none", "mean", "sigmoid", "log", "exp", "normalize"],
+      help="ODS weights from the objective: as it is, over its mean, or one of the official code's transforms")
     a("--ods-weighting", default="kl", choices=["kl", "official"],
       help="kl: w-weighted attraction (the paper's weighted KL); official: w inside e_i (the official code)")
     a("--ensemble", type=number(int, 1), default=3, help="selectors E of the ensemble (vecaf, ensemble)")
