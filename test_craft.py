@@ -311,3 +311,70 @@ def test_torchrun_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun gives each process (rank 0 prints)
     err = one_line_error(craft.main, capsys, "--out", str(tmp_path / "run"))
     assert "runs in one process" in err and not (tmp_path / "run").exists()
+
+
+# ---- the collaborative loop's wiring, pinned against independent computations
+
+@pytest.mark.parametrize("prompt", ["mean", "best"])
+def test_each_refiner_epoch_sees_the_prompt_the_search_just_named(tmp_path, monkeypatch, prompt):
+    """Per generation, the refiner's epoch (and the prompt-fitness record after it) queries the
+    black box with p0 + A z for the z --prompt names after that generation's tell (the CMA-ES
+    mean, or the best point so far), and lambda_O follows the official schedule: lambda while
+    the queries so far t = (g + 1) popsize <= budget / n, then 0."""
+    named, seen, weights, generators = [], [], [], []
+    tell, logits, refinement_loss = craft.CMAES.tell, craft.BlackBox.logits, craft.refinement_loss
+
+    def recording_tell(es, f):
+        tell(es, f)
+        named.append((es.mean if prompt == "mean" else es.best_x).clone())
+
+    def recording_logits(box, contexts, images, raw=False):
+        if images == "view" and len(contexts) == 1:
+            seen.append(contexts.clone())
+        return logits(box, contexts, images, raw)
+
+    def recording_loss(l, y, refiner, lam_o):
+        weights.append(lam_o)
+        return refinement_loss(l, y, refiner, lam_o)
+
+    class RecordingGenerator(craft.PromptGenerator):
+        def __init__(self, *a):
+            super().__init__(*a)
+            generators.append(self)
+    monkeypatch.setattr(craft.CMAES, "tell", recording_tell)
+    monkeypatch.setattr(craft.BlackBox, "logits", recording_logits)
+    monkeypatch.setattr(craft, "refinement_loss", recording_loss)
+    monkeypatch.setattr(craft, "PromptGenerator", RecordingGenerator)
+    craft.main(craft_args(tmp_path, "--prompt", prompt, "--n", "4", "--lam", "0.3", "--batch", "64"))
+    G = 48 // 8
+    assert len(named) == G and len(seen) == 2 * G  # the refiner's query and the prompt-fitness record
+    A, p0 = generators[0].A, generators[0].p0
+    for g in range(G):
+        expected = p0 + (named[g].float() @ A.T).view(1, *p0.shape)  # p = p0 + A z, written out
+        assert torch.allclose(seen[2 * g], expected, atol=1e-6) and torch.allclose(seen[2 * g + 1], expected, atol=1e-6)
+    assert not torch.allclose(seen[0], seen[-1], atol=1e-4)  # the search moved
+    # 20 shots, batch 64: one refiner step per generation; on while t <= 48 // 4 = 12, i.e. generation 1 only
+    assert weights == [0.3] + [0.0] * (G - 1)
+
+
+def test_inference_is_the_final_prompt_then_the_refiner_recomputed_from_the_checkpoint(tmp_path):
+    """The run's recorded predictions equal argmax of l + g(l), recomputed here from the final
+    checkpoint's z and refiner through a fresh black box: l the dev images' logits under
+    p0 + A z (A rebuilt from the run's seed)."""
+    craft.main(craft_args(tmp_path))
+    saved = torch.load(tmp_path / "run" / "stages" / "collaborate.ckpt", weights_only=False)  # z, refiner, ...
+    task = data.load_task("digits")
+    clip, _ = cm.load(str(tmp_path / "tiny-vit.pt"))
+    box = craft.BlackBox(clip, task.classnames, torch.device("cpu"), {"device_type": "cpu", "enabled": False},
+                         clip.logit_scale.exp().item())
+    box.upload("dev", data.ImageDataset(task.dev, data.make_transform("test", clip.visual.resolution, task)))
+    A_seed = train.seed_of(0, "A")
+    generator = craft.PromptGenerator(box.word_embeddings("a photo of a"), 16, craft.DEFAULT_SETTINGS[2], A_seed)
+    refiner = craft.Refiner(len(task.classnames))
+    refiner.load_state_dict(saved["refiner"])
+    with torch.no_grad():
+        expected = refiner(box.logits(generator(saved["z"]), "dev")[0]).argmax(1)
+    preds = torch.load(tmp_path / "run" / "predictions.pt")
+    assert torch.equal(preds["craft"], expected)
+    with torch.no_grad():  # and the refiner changes some prediction, so skipping it would show
+        assert not torch.equal(box.logits(generator(saved["z"]), "dev")[0].argmax(1), expected)
