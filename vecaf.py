@@ -670,7 +670,8 @@ def prepare(args):
     captions = caption_table(clip, task, y_pool, device, args.caption_template,
                              args.ood_captions, args.captions, args.data_root) if METHODS[args.method].cea else None
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed,
-               "eval_split": args.eval_split, "precision": args.precision, "budget": args.budget,
+               "ods_objective": args.ods_objective, "eval_split": args.eval_split, "precision": args.precision,
+               "budget": args.budget,
                "loops": args.loops, "pool": len(task.train), "processes": ddp.world()[1], "time_s": {}}
     print(f"{args.dataset}: {len(task.classnames)} classes, pool {len(task.train)}, {len(eval_items)} "
           f"{args.eval_split} images; {args.method}: {args.loops} loop(s) of {args.budget} images; backbone "
@@ -732,6 +733,10 @@ def report(run_dirs, target=0.95, at_batches=None, plot=None):
                 "final acc": m["final_acc"], "B2A": b2a, "reached": None if goal is None else float(b2a is not None),
                 f"acc@{at_batches}": accuracy_at(m["curve"], at_batches) if at_batches is not None else None}
     runs.table(run_dirs, summarise)
+    if any(METHODS.get(m.get("method"), Parts(False, False, False)).ods and m.get("ods_objective", "loss") == "loss"
+           for _, m in finished):
+        print("note: ODS weighs the pool by the current model's per-sample loss, which reads the true label of every "
+              "pool image, selected or not (as the official code); random and ActiveFT use no label")
     if plot:
         print(f"wrote {write_svg(finished, plot, goal)}")
 
@@ -869,7 +874,8 @@ def parser():
     # fine-tuning (the official DeiT recipe)
     a("--epochs", type=number(int, 1), default=20, help="fine-tuning epochs per loop")
     a("--batch", type=number(int, 1), default=64,
-      help="global batch size (the paper's); under torchrun each of N processes takes a contiguous 1/N of every batch")
+      help="global batch size (ours, for small pools; the official DeiT recipe's is 512, with the lr scaled by "
+           "batch / 512); under torchrun each of N processes takes a contiguous 1/N of every batch")
     a("--lr", type=number(float, 0, low_open=True), default=None,
       help="SGD lr (default 0.01 x batch / 512, the recipe; 3e-4 for the demo stand-in, chosen on its dev split)")
     a("--momentum", type=number(float, 0, 1, high_open=True), default=0.9)
