@@ -271,6 +271,7 @@ class Settings:
     n: int  # the refiner's KL term is off after budget / n queries
     raw_image_features: bool
     ckpt_every: int  # generations between checkpoints
+    trace_every: int  # generations between dev-split evaluations (0: none); recorded, never used
     coop_epochs: int  # CoOp's epochs (by shots unless given: coop_epochs_for)
     coop_lr: float
     coop_batch: int
@@ -293,6 +294,8 @@ class Setup(train.RunContext):
     y_shots: torch.Tensor  # [K*C]
     evaluated: data.ImageDataset  # the eval split under the test transform
     y_eval: torch.Tensor
+    dev: data.ImageDataset | None  # the dev split under the test transform, for --trace-every
+    shifts: dict  # --eval-datasets: name -> (images under the test transform, its classes [C'], labels [N])
     ctx_init: str  # the words of p0
     p0: torch.Tensor  # [n, width] their embeddings
     scale: float  # the black box's logit scale
@@ -335,7 +338,9 @@ def collaborate(s, hp):
                (-hp.bound, hp.bound) if hp.bound else None, hp.cma == "separable",
                seed_of(s.seed, "cma-es")) if search else None
     z = torch.zeros(1, hp.intrinsic_dim)  # the prompt in use (z = 0: p0)
-    start, history = 0, {"best_fitness": [], "prompt_fitness": [], "refine_loss": []}
+    start, history = 0, {"best_fitness": [], "prompt_fitness": [], "refine_loss": [], "dev_trace": []}
+    if hp.trace_every:
+        s.box.upload("dev", s.dev, s.workers)
     ckpt = runs.Saved(runs.ckpt_path(s.out, "collaborate"), s.config, s.resume)
     state = ckpt.load()
     if state is not None:
@@ -378,6 +383,10 @@ def collaborate(s, hp):
         if search:
             history["prompt_fitness"].append(fitness(s.box.logits(ctx, "view"), y_view, refiner, hp.lam).item())
         done = g + 1
+        if hp.trace_every and (done % hp.trace_every == 0 or done == G):  # recorded, never used to choose
+            y_dev = torch.tensor([label for _, label in s.dev.items])
+            acc = train.accuracy(F.one_hot(deployed(s.box, ctx, "dev", refiner).cpu(), len(s.task.classnames)), y_dev)
+            history["dev_trace"].append([done, t, acc])  # generation, search queries, dev accuracy
         if s.log_every and (done % s.log_every == 0 or done == G):
             el = time.time() - t0
             parts = [f"best fitness {history['best_fitness'][-1]:.3f} prompt {history['prompt_fitness'][-1]:.3f} "
@@ -391,15 +400,28 @@ def collaborate(s, hp):
                        "opt": opt.state_dict() if opt else None})
     s.metrics["time_s"]["train"] = time.time() - t0
     s.box.forget()
-    l = s.box.logits(generator(z), "eval")[0]
-    if refiner:
-        with torch.no_grad():
-            l = refiner.eval()(l)
-    s.metrics[f"{hp.method}_acc"] = train.accuracy(l.cpu(), s.y_eval)
-    s.predictions[hp.method] = l.argmax(1).cpu()
+    predicted = deployed(s.box, generator(z), "eval", refiner).cpu()
+    C = len(s.task.classnames)
+    s.metrics[f"{hp.method}_acc"] = train.accuracy(F.one_hot(predicted, C), s.y_eval)
+    s.predictions[hp.method] = predicted
+    for name, (images, classes, y) in s.shifts.items():  # the same classifier under distribution shift
+        s.box.upload(name, images, s.workers)
+        s.predictions[name] = deployed(s.box, generator(z), name, refiner, classes).cpu()
+        s.metrics.setdefault("shift_acc", {})[name] = train.accuracy(F.one_hot(s.predictions[name], C), y)
     s.metrics["history"] = history
     s.metrics["deploy_params"] = {"prompt": s.p0.numel(), "z": hp.intrinsic_dim if search else 0,
                                   "refiner": sum(p.numel() for p in refiner.parameters()) if refiner else 0}
+
+
+@torch.no_grad()
+def deployed(box, ctx, images, refiner=None, classes=None):
+    """CraFT's classifier as deployed: one query with the context ctx [1, n, width], then argmax of
+    l + g(l) over all classes, or over `classes` [C'] only (ImageNet-A / -R cover 200 of ImageNet's
+    1000: the official robustness script's label mapping). Returns the predicted labels [B]."""
+    l = box.logits(ctx, images)[0]  # [B, C]
+    if refiner is not None:
+        l = refiner.eval()(l)
+    return l.argmax(1) if classes is None else classes.to(l.device)[l[:, classes.to(l.device)].argmax(1)]
 
 
 class CoOp(nn.Module):
@@ -482,6 +504,11 @@ def prepare(args):
     if args.budget < args.popsize:
         raise RunError(f"--budget {args.budget} is smaller than one CMA-ES generation (--popsize {args.popsize} "
                        f"queries): give --budget {args.popsize} or more")
+    if args.method not in SEARCHES + REFINES:
+        for flag, value in (("--trace-every", args.trace_every), ("--eval-datasets", args.eval_datasets)):
+            if value:
+                raise RunError(f"{flag} evaluates CraFT's classifier (prompt + refiner), which --method "
+                               f"{args.method} does not train: drop it")
     standin.check_backbone("--clip", args.clip)
     runs.check_out(args.out, args.resume, args.restart)
     device = torch.device(args.device)
@@ -490,6 +517,12 @@ def prepare(args):
     task = data.load_task(args.dataset, args.data_root)
     eval_items = data.eval_items(task, args.eval_split)
     picked = data.few_shot(task, args.shots, seed_of(args.seed, "shots"))
+    if args.trace_every and not task.dev:
+        raise RunError(f"--trace-every evaluates on the dev split, which {args.dataset} does not have: drop it")
+    if args.eval_datasets and args.dataset.lower() != "imagenet":
+        raise RunError(f"--eval-datasets evaluates a classifier of ImageNet's classes: use it with --dataset "
+                       f"imagenet, not {args.dataset}")
+    shifts = {name: data.imagenet_shift(name, args.data_root) for name in args.eval_datasets or []}
     config, how = runs.settings(args, NO_NUMBER_FLAGS)
     config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
     out = runs.open_run(args.out, config, args.resume, args.restart, how=how)
@@ -509,6 +542,8 @@ def prepare(args):
     items = [task.train[i] for i in picked.tolist()]
     crop = data.make_transform("test" if args.aug == "none" else args.aug, clip.visual.resolution, task)
     test = data.make_transform("test", clip.visual.resolution, task)
+    shifts = {name: (data.ImageDataset(items, test), torch.tensor(classes), torch.tensor([lab for _, lab in items]))
+              for name, (items, classes) in shifts.items()}
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "shots": args.shots,
                "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision, "scale": scale,
                "budget": args.budget if args.method in SEARCHES + ("mlp",) else None, "time_s": {}}
@@ -518,6 +553,7 @@ def prepare(args):
     return Setup(**runs.context(args, out, config, device, args.resume), task=task, clip=clip, box=box, shots=data.ImageDataset(items, crop),
                  y_shots=torch.tensor([label for _, label in items]),
                  evaluated=data.ImageDataset(eval_items, test), y_eval=torch.tensor([lab for _, lab in eval_items]),
+                 dev=data.ImageDataset(task.dev, test) if args.trace_every else None, shifts=shifts,
                  ctx_init=args.ctx_init, p0=p0, scale=scale, metrics=metrics, predictions={}, t0=t0)
 
 
@@ -541,6 +577,12 @@ def parser():
     a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
     a("--eval-split", default="test", choices=["test", "dev"], help="dev: for choosing settings (never test)")
     a("--ckpt-every", type=number(int, 1), default=10, help="generations between checkpoints")
+    a("--trace-every", type=number(int, 0), default=0, metavar="G",
+      help="every G generations, record the current prompt + refiner's dev-split accuracy (metrics history "
+           "dev_trace; never used to choose anything); 0: off")
+    a("--eval-datasets", nargs="+", default=None, choices=list(data.IMAGENET_SHIFTS), metavar="NAME",
+      help="with --dataset imagenet: also evaluate the final prompt + refiner on these distribution-shift test "
+           f"sets in CoOp's layout under --data-root ({', '.join(data.IMAGENET_SHIFTS)})")
     # prompt generation
     a("--budget", type=number(int, 1), default=None, help="prompt queries of the search (default by shots, the "
       "official code's: 8000 for 8-16, 4000 for 2-4, 2000 for 1; imagenet: 4000 for 2-16)")

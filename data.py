@@ -521,7 +521,18 @@ def imagenet_task(root):
     for p in (train_dir, val_dir, names_path):
         if not os.path.exists(p):
             raise DataError(f"{name}: {p} not found; expected {_layout(name, root)}")
+    wnids, classnames = _imagenet_classes(names_path)
+    # the class folders must be exactly the wnids of classnames.txt, in both splits
+    for d in (train_dir, val_dir):
+        _check_same_classes(d, sorted(wnids), names_path, name)
+    train = _read_class_folders(train_dir, wnids, name)
+    test = _read_class_folders(val_dir, wnids, name)
+    return Task(name=name, classnames=classnames, templates=_templates(IMAGENET_TEMPLATE),
+                train=train, test=test, dev=[], flip=True)
 
+
+def _imagenet_classes(names_path):
+    """(wnids, class names) from CoOp's imagenet/classnames.txt ('<wnid> <name>' lines), in its order."""
     wnids, classnames = [], []
     with open(names_path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -534,14 +545,48 @@ def imagenet_task(root):
             classnames.append(parts[1].strip().replace("_", " "))
     if len(set(wnids)) != len(wnids):
         raise DataError(f"{names_path} lists a wnid twice; each class must appear once")
+    return wnids, classnames
 
-    # the class folders must be exactly the wnids of classnames.txt, in both splits
-    for d in (train_dir, val_dir):
-        _check_same_classes(d, sorted(wnids), names_path, name)
-    train = _read_class_folders(train_dir, wnids, name)
-    test = _read_class_folders(val_dir, wnids, name)
-    return Task(name=name, classnames=classnames, templates=_templates(IMAGENET_TEMPLATE),
-                train=train, test=test, dev=[], flip=True)
+
+# ImageNet's distribution shifts in CoOp's layout (its DATASETS.md): name -> (folder under the data
+# root, its image folder, what the class folders are named by)
+IMAGENET_SHIFTS = {
+    "imagenet_v2": ("imagenetv2", "imagenetv2-matched-frequency-format-val", "index"),
+    "imagenet_sketch": ("imagenet-sketch", "images", "wnid"),
+    "imagenet_a": ("imagenet-adversarial", "imagenet-a", "wnid"),
+    "imagenet_r": ("imagenet-rendition", "imagenet-r", "wnid"),
+}
+
+
+def imagenet_shift(name, root):
+    """A test set of ImageNet under distribution shift (IMAGENET_SHIFTS), for evaluating a model
+    trained on ImageNet: (items [(path, ImageNet label)], classes [the ImageNet labels it covers,
+    sorted]). Labels index imagenet/classnames.txt's order; ImageNet-V2's class folders are those
+    indices, the others' are wnids (ImageNet-A and -R cover 200 of the 1000 classes)."""
+    if name not in IMAGENET_SHIFTS:
+        raise DataError(f"unknown distribution-shift set {name!r}; known: {', '.join(IMAGENET_SHIFTS)}")
+    root = _check_root("imagenet", root)
+    names_path = os.path.join(root, "imagenet", "classnames.txt")
+    folder, images, named_by = IMAGENET_SHIFTS[name]
+    image_dir = os.path.join(root, folder, images)
+    for p in (names_path, image_dir):
+        if not os.path.exists(p):
+            raise DataError(f"{name}: {p} not found; expected {root}/{folder}/{images}/<class folder>/* beside "
+                            f"{_layout('imagenet', root)} (see CoOp's DATASETS.md)")
+    wnids, _ = _imagenet_classes(names_path)
+    label_of = {str(i): i for i in range(len(wnids))} if named_by == "index" else {w: i for i, w in enumerate(wnids)}
+    folders = _subfolders(image_dir)
+    unknown = [f for f in folders if f not in label_of]
+    if not folders:
+        raise DataError(f"{name}: {image_dir} has no class folders")
+    if unknown:
+        raise DataError(f"{name}: {image_dir} has class folders that are not ImageNet "
+                        f"{'class indices' if named_by == 'index' else 'wnids'} of {names_path}, e.g. {unknown[0]!r}")
+    classes = sorted(label_of[f] for f in folders)
+    items = [(p, label_of[f]) for f in folders for p in _list_class_folder(os.path.join(image_dir, f))]
+    if not items:
+        raise DataError(f"{name}: {image_dir} has no images")
+    return items, classes
 
 
 def imagefolder_task(root):

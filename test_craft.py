@@ -10,7 +10,7 @@ import clip_model as cm
 import craft
 import data
 import train
-from conftest import make_dtd, one_line_error, randomized
+from conftest import make_dtd, one_line_error, randomized, write_image
 
 CLASSES = ["zero", "one", "two", "sea lion", "three"]  # one two-token name
 
@@ -378,3 +378,73 @@ def test_inference_is_the_final_prompt_then_the_refiner_recomputed_from_the_chec
     assert torch.equal(preds["craft"], expected)
     with torch.no_grad():  # and the refiner changes some prediction, so skipping it would show
         assert not torch.equal(box.logits(generator(saved["z"]), "dev")[0].argmax(1), expected)
+
+
+def test_the_dev_trace_records_the_deployed_classifier_and_changes_no_number(tmp_path):
+    """--trace-every G records the dev accuracy of the current prompt + refiner every G
+    generations and after the last; the run's numbers are those of the same run untraced, and
+    the last point (eval split dev) is the run's own accuracy."""
+    plain = craft.main(craft_args(tmp_path, out="plain"))
+    traced = craft.main(craft_args(tmp_path, "--trace-every", "4", out="traced"))
+    trace = traced["history"].pop("dev_trace")
+    assert [(g, t) for g, t, _ in trace] == [(4, 32), (6, 48)] and trace[-1][2] == traced["craft_acc"]
+    assert traced["history"] == {k: v for k, v in plain["history"].items() if k != "dev_trace"}
+    assert traced["craft_acc"] == plain["craft_acc"] and traced["queries"]["prompts"] == plain["queries"]["prompts"]
+
+
+def make_imagenet(root, wnids=("n01", "n02", "n03"), shifted=(("imagenetv2", "imagenetv2-matched-frequency-format-val",
+                                                              ("0", "1", "2")),
+                                                             ("imagenet-adversarial", "imagenet-a", ("n02", "n03")))):
+    """A fake DATA/imagenet in CoOp's layout, 2 images per class and split, and shifted test sets."""
+    (Path(root) / "imagenet").mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / "imagenet" / "classnames.txt", "w") as f:
+        f.write("".join(f"{w} {name}\n" for w, name in zip(wnids, ("cat", "dog", "tree"))))
+    for split in ("train", "val"):
+        for k, w in enumerate(wnids):
+            for i in range(2):
+                write_image(str(Path(root) / "imagenet" / "images" / split / w / f"{i}.JPEG"), color=(90 * k, 40 * i, 0))
+    for folder, images, classes in shifted:
+        for k, c in enumerate(classes):
+            for i in range(3):
+                write_image(str(Path(root) / folder / images / c / f"{i}.jpg"), color=(0, 90 * k, 30 * i))
+
+
+def test_imagenet_shifts_are_scored_by_the_final_classifier_on_their_classes(tmp_path, capsys):
+    """--eval-datasets with --dataset imagenet: each shifted set's predictions are argmax of
+    l + g(l) over the classes it covers (ImageNet-A: 2 of the 3 here), recomputed from the final
+    checkpoint through a fresh black box, with labels from its class folders (ImageNet-V2: the
+    class index; the others: the wnid); and misuse is one line before any work."""
+    root = tmp_path / "DATA"
+    make_imagenet(root)
+    argv = craft_args(tmp_path, "--dataset", "imagenet", "--data-root", str(root), "--shots", "1", "--budget", "16",
+                      "--eval-split", "test", "--eval-datasets", "imagenet_v2", "imagenet_a")
+    m = craft.main(argv)
+    preds = torch.load(tmp_path / "run" / "predictions.pt")
+    saved = torch.load(tmp_path / "run" / "stages" / "collaborate.ckpt", weights_only=False)
+    clip, _ = cm.load(str(tmp_path / "tiny-vit.pt"))
+    task = data.load_task("imagenet", str(root))
+    box = craft.BlackBox(clip, task.classnames, torch.device("cpu"), {"device_type": "cpu", "enabled": False},
+                         clip.logit_scale.exp().item())
+    generator = craft.PromptGenerator(box.word_embeddings("a photo of a"), 16, (3 * 512) ** -0.5,
+                                      train.seed_of(0, "A"))
+    refiner = craft.Refiner(3, 512)
+    refiner.load_state_dict(saved["refiner"])
+    test = data.make_transform("test", clip.visual.resolution, task)
+    for name, folder, classes in (("imagenet_v2", "imagenetv2/imagenetv2-matched-frequency-format-val", [0, 1, 2]),
+                                  ("imagenet_a", "imagenet-adversarial/imagenet-a", [1, 2])):
+        files = sorted((root / folder).rglob("*.jpg"))
+        labels = torch.tensor([int(p.parent.name) if name == "imagenet_v2" else ["n01", "n02", "n03"].index(
+            p.parent.name) for p in files])
+        box.upload(name, data.ImageDataset([(str(p), 0) for p in files], test))
+        with torch.no_grad():
+            l = refiner(box.logits(generator(saved["z"]), name)[0])
+        expected = torch.tensor(classes)[l[:, classes].argmax(1)]
+        assert torch.equal(preds[name], expected)
+        if name == "imagenet_a":  # the restriction matters here: over all classes some image goes to class 0
+            assert (l.argmax(1) == 0).any()
+        assert m["shift_acc"][name] == pytest.approx(100.0 * (expected == labels).float().mean().item())
+    for extra, message in ((("--dataset", "digits"), "use it with --dataset imagenet, not digits"),
+                           (("--method", "coop"), "--eval-datasets evaluates CraFT's classifier"),
+                           (("--eval-datasets", "imagenet_r"), "imagenet-rendition/imagenet-r not found")):
+        assert message in one_line_error(craft.main, capsys, *argv, *extra, "--out", str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
