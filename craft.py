@@ -341,6 +341,7 @@ def collaborate(s, hp):
     start, history = 0, {"best_fitness": [], "prompt_fitness": [], "refine_loss": [], "dev_trace": []}
     if hp.trace_every:
         s.box.upload("dev", s.dev, s.workers)
+        y_dev = torch.tensor([label for _, label in s.dev.items])
     ckpt = runs.Saved(runs.ckpt_path(s.out, "collaborate"), s.config, s.resume)
     state = ckpt.load()
     if state is not None:
@@ -384,8 +385,7 @@ def collaborate(s, hp):
             history["prompt_fitness"].append(fitness(s.box.logits(ctx, "view"), y_view, refiner, hp.lam).item())
         done = g + 1
         if hp.trace_every and (done % hp.trace_every == 0 or done == G):  # recorded, never used to choose
-            y_dev = torch.tensor([label for _, label in s.dev.items])
-            acc = train.accuracy(F.one_hot(deployed(s.box, ctx, "dev", refiner).cpu(), len(s.task.classnames)), y_dev)
+            acc = train.accuracy(deployed(s.box, ctx, "dev", refiner).cpu(), y_dev)
             history["dev_trace"].append([done, t, acc])  # generation, search queries, dev accuracy
         if s.log_every and (done % s.log_every == 0 or done == G):
             el = time.time() - t0
@@ -400,14 +400,12 @@ def collaborate(s, hp):
                        "opt": opt.state_dict() if opt else None})
     s.metrics["time_s"]["train"] = time.time() - t0
     s.box.forget()
-    predicted = deployed(s.box, generator(z), "eval", refiner).cpu()
-    C = len(s.task.classnames)
-    s.metrics[f"{hp.method}_acc"] = train.accuracy(F.one_hot(predicted, C), s.y_eval)
-    s.predictions[hp.method] = predicted
+    s.predictions[hp.method] = deployed(s.box, generator(z), "eval", refiner).cpu()
+    s.metrics[f"{hp.method}_acc"] = train.accuracy(s.predictions[hp.method], s.y_eval)
     for name, (images, classes, y) in s.shifts.items():  # the same classifier under distribution shift
         s.box.upload(name, images, s.workers)
         s.predictions[name] = deployed(s.box, generator(z), name, refiner, classes).cpu()
-        s.metrics.setdefault("shift_acc", {})[name] = train.accuracy(F.one_hot(s.predictions[name], C), y)
+        s.metrics.setdefault("shift_acc", {})[name] = train.accuracy(s.predictions[name], y)
     s.metrics["history"] = history
     s.metrics["deploy_params"] = {"prompt": s.p0.numel(), "z": hp.intrinsic_dim if search else 0,
                                   "refiner": sum(p.numel() for p in refiner.parameters()) if refiner else 0}
@@ -421,7 +419,10 @@ def deployed(box, ctx, images, refiner=None, classes=None):
     l = box.logits(ctx, images)[0]  # [B, C]
     if refiner is not None:
         l = refiner.eval()(l)
-    return l.argmax(1) if classes is None else classes.to(l.device)[l[:, classes.to(l.device)].argmax(1)]
+    if classes is None:
+        return l.argmax(1)
+    classes = classes.to(l.device)
+    return classes[l[:, classes].argmax(1)]
 
 
 class CoOp(nn.Module):

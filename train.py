@@ -122,8 +122,10 @@ def predict(fn, loader, device, amp):
 
 
 def accuracy(scores, y):
-    """Top-1 accuracy in % of scores [N, C] (logits or probabilities) against labels [N]."""
-    return 100.0 * (scores.argmax(1) == y).float().mean().item()
+    """Top-1 accuracy in % of scores [N, C] (logits or probabilities), or of predicted labels [N],
+    against labels [N]."""
+    predicted = scores if scores.dim() == 1 else scores.argmax(1)
+    return 100.0 * (predicted == y).float().mean().item()
 
 
 def logistic_regression(f, y, classes, steps=500, lr=0.05, weight_decay=1e-4, scale=10.0):

@@ -357,17 +357,16 @@ def encode_texts(clip, texts, device, batch=256):
     return torch.cat(out)
 
 
-def caption_table(clip, task, pool_labels, device, template, ood_captions=None, captions=None, data_root=None):
+def caption_table(clip, task, pool_labels, device, template, ood_captions=None, captions=None):
     """What CEA moves the selected features towards: (t [U, D] unit embeddings of the distinct
     captions, caption_of [N] each pool image's row). --ood-captions: per class, the mean of its
-    target-domain captions (prompt ensembling), which replace the in-domain ones; --captions: the
-    file's captions; otherwise class-keyword captions (`template`, --caption-template, with the
-    class name), one per class."""
+    target-domain captions (prompt ensembling), which replace the in-domain ones; `captions`: the
+    pool's captions [N] (--captions, read_captions); otherwise class-keyword captions (`template`,
+    --caption-template, with the class name), one per class."""
     if ood_captions or not captions:
         templates = ood_captions or [template]
         return clip_model.text_classifier(clip, clip_model.class_prompts(task.classnames, templates), device), \
             pool_labels.to(device)
-    captions = read_captions(captions, task.train, data_root)
     distinct = sorted(set(captions))
     row = {c: u for u, c in enumerate(distinct)}
     return encode_texts(clip, distinct, device), torch.tensor([row[c] for c in captions], device=device)
@@ -655,8 +654,8 @@ def prepare(args):
     eval_items = data.eval_items(task, args.eval_split)
     args = resolve_task_defaults(runs.with_precision(args, device), task)
     check_args(args, len(task.train))
-    if args.captions and METHODS[args.method].cea:
-        read_captions(args.captions, task.train, args.data_root)  # checked now, not after the features
+    # read and checked now, before any work (check_args refuses --captions for methods without CEA)
+    pool_captions = read_captions(args.captions, task.train, args.data_root) if args.captions else None
     config, how = runs.settings(args, NO_NUMBER_FLAGS)
     config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
     if args.captions:  # the file by content
@@ -667,8 +666,8 @@ def prepare(args):
     clip.requires_grad_(False)
     test = data.make_transform("test", clip.visual.resolution, task)
     y_pool = torch.tensor([lab for _, lab in task.train])
-    captions = caption_table(clip, task, y_pool, device, args.caption_template,
-                             args.ood_captions, args.captions, args.data_root) if METHODS[args.method].cea else None
+    captions = caption_table(clip, task, y_pool, device, args.caption_template, args.ood_captions,
+                             pool_captions) if METHODS[args.method].cea else None
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed,
                "ods_objective": args.ods_objective, "eval_split": args.eval_split, "precision": args.precision,
                "budget": args.budget,
