@@ -76,12 +76,16 @@ vecaf)
   # --restart: re-measured every time (the folders hold the last run only); the stand-in's lr and
   # augmentation were chosen on the dev split (docs/vecaf.md)
   common=(--clip demo --seed "$SEED" --log-every 0 --restart)
+  # full data: its whole schedule (20 epochs, 280 batches: the B2A target), and a schedule that
+  # ends after 100 batches, the number every selection run below trains (5 loops x 20 epochs x 1)
   for ds in digits digits-bold; do
     tag=$([ "$ds" = digits ] && echo "" || echo "-bold")
     python vecaf.py "${common[@]}" --dataset "$ds" --method full --out "$OUT/vecaf/full$tag-s$SEED"
+    python vecaf.py "${common[@]}" --dataset "$ds" --method full --max-batches 100 \
+      --out "$OUT/vecaf/full-100batches$tag-s$SEED"
   done
   for pct in 1 2; do
-    runs=("$OUT/vecaf/full-s$SEED")
+    runs=("$OUT/vecaf/full-s$SEED" "$OUT/vecaf/full-100batches-s$SEED")
     for method in random activeft ods cea ensemble vecaf; do
       python vecaf.py "${common[@]}" --dataset digits --method "$method" --percent "$pct" --loops 5 \
         --out "$OUT/vecaf/$method-${pct}pct-s$SEED"
@@ -91,7 +95,7 @@ vecaf)
   done
   # out of distribution: the test digits' strokes thickened (dataset digits-bold); selection on the
   # ordinary pool, CEA towards in-domain captions or towards the target domain's ("a bold {}.")
-  runs=("$OUT/vecaf/full-bold-s$SEED")
+  runs=("$OUT/vecaf/full-bold-s$SEED" "$OUT/vecaf/full-100batches-bold-s$SEED")
   for method in activeft vecaf vecaf-ood; do
     ood=(); [ "$method" = vecaf-ood ] && ood=(--ood-captions "a bold {}.")
     python vecaf.py "${common[@]}" --dataset digits-bold --method "${method%-ood}" "${ood[@]}" --percent 2 \

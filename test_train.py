@@ -149,7 +149,12 @@ def test_only_the_cli_layer_reads_the_flags():
         assert cli <= {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, module
 
 
-def test_fit_collects_after_epoch_values_and_keeps_them_across_a_resume(tmp_path):
+@pytest.mark.parametrize("max_steps", [None, 5])
+def test_fit_evaluates_at_the_steps_asked_ends_at_max_steps_and_resumes_to_the_same(tmp_path, max_steps):
+    """3 epochs of 2 steps, evaluated every 3rd step and after the last; max_steps 5 cuts the last
+    epoch after its first step and is the schedule's total. A run killed inside its first
+    evaluation (second epoch) or its second (last epoch, cut short by max_steps) resumes to the
+    uninterrupted history."""
     def make():
         torch.manual_seed(0)
         model = torch.nn.Linear(2, 1)
@@ -157,30 +162,41 @@ def test_fit_collects_after_epoch_values_and_keeps_them_across_a_resume(tmp_path
 
     def loss(m, b, _):
         return {"loss": (m(b[0]).pow(2).mean(), len(b[0]))}
-    batches = lambda e: [(torch.ones(3, 2) * (e + 1),)]  # noqa: E731
-    seen = []
+    batches = lambda e: [(torch.ones(3, 2) * (e + 1),), (torch.ones(3, 2) * (e + 2),)]  # noqa: E731
+    totals, modes = set(), []
 
-    def after(epoch, m):
-        seen.append(m.training)
-        return [epoch, m.weight.sum().item()]
-    model, opt = make()
-    full = train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0, log_every=0,
-                     after_epoch=after)
-    assert [e for e, _ in full["after_epoch"]] == [0, 1, 2] and seen == [False] * 3
-    model, opt = make()
-    ckpt = tmp_path / "c.ckpt"
+    def schedule(step, total, per_epoch):
+        totals.add(total)
+        return 1 - step / total  # linear to 0 at the end: the last step's lr shows the total
 
-    def dies_in_epoch_1(epoch, m):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return after(epoch, m)
-    with pytest.raises(KeyboardInterrupt):
-        train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0,
-                  checkpoint=runs.Saved(ckpt, {"r": 1}, False), log_every=0, after_epoch=dies_in_epoch_1)
-    model, opt = make()
-    resumed = train.fit(model, loss, batches, 3, opt, train.warmup_epochs_then_cosine(0), "cpu", 0,
-                        checkpoint=runs.Saved(ckpt, {"r": 1}, True), log_every=0, after_epoch=after)
-    assert resumed == full
+    def evaluate(m):
+        modes.append(m.training)
+        return m.weight.sum().item()
+
+    def at(step, total):
+        return step % 3 == 0 or step == total
+
+    def fit(evaluate, checkpoint=None):
+        model, opt = make()
+        history = train.fit(model, loss, batches, 3, opt, schedule, "cpu", 0, log_every=0, checkpoint=checkpoint,
+                            evaluate=evaluate, evaluate_at=at, max_steps=max_steps)
+        return history, opt.param_groups[0]["lr"]
+    full, last_lr = fit(evaluate)
+    steps = max_steps or 6
+    assert len(full["loss"]) == steps and totals == {steps} and last_lr == 0.0
+    assert [s for s, _ in full["evaluated"]] == ([3, 5] if max_steps else [3, 6]) and modes == [False] * 2
+    for k in (1, 2):  # die in the k-th evaluation: in the second epoch, in the last (cut) one
+        ckpt = tmp_path / f"c{k}.ckpt"
+        calls = []
+
+        def dies(m):
+            calls.append(1)
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            return evaluate(m)
+        with pytest.raises(KeyboardInterrupt):
+            fit(dies, runs.Saved(ckpt, {"r": 1}, False))
+        assert fit(evaluate, runs.Saved(ckpt, {"r": 1}, True))[0] == full
 
 
 def test_shards_cover_the_range_in_order():

@@ -187,7 +187,7 @@ def numbers(m):
 
 
 def test_run_grows_the_selection_and_cea_moves_exactly_the_picks(tmp_path):
-    m = run_vecaf(tmp_path)
+    m = run_vecaf(tmp_path, "--eval-grid", "3")
     run = tmp_path / "run"
     s1, s2 = vecaf_stage(run, "select1")["new"], vecaf_stage(run, "select2")["new"]
     selected = torch.load(run / "predictions.pt", weights_only=True)["selected"]
@@ -196,7 +196,8 @@ def test_run_grows_the_selection_and_cea_moves_exactly_the_picks(tmp_path):
     assert [(loop["selected"], loop["new"]) for loop in m["loops"]] == [(6, 6), (12, 6)]
     # batch 4 with drop_last: 1 step per epoch on 6 images, 3 on 12 -> batches 2 then 2 + 6
     assert [loop["batches"] for loop in m["loops"]] == [2, 8] and m["batches"] == 8
-    assert [b for b, _ in m["curve"]] == [0, 1, 2, 5, 8] and m["final_acc"] == m["curve"][-1][1]
+    # evaluated every 3 batches counted over both loops, and at each loop's end
+    assert [b for b, _ in m["curve"]] == [0, 2, 3, 6, 8] and m["final_acc"] == m["curve"][-1][1]
     # the loop-2 file's moved rows are CEA of the pretrained features towards the class-keyword
     # captions (the batch's distinct captions as keys), recomputed here from their definitions
     f = vecaf_stage(run, "features")["f"]
@@ -241,14 +242,14 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", ["random", "activeft"])
 def test_a_pool_selected_to_its_last_image_has_no_repeat(tmp_path, method):
     """2 x 449 of 899 images: a loop that could pick an earlier loop's image would repeat some."""
-    run_vecaf(tmp_path, "--method", method, "--budget", "449", "--epochs", "1", "--batch", "128", "--eval-every", "9")
+    run_vecaf(tmp_path, "--method", method, "--budget", "449", "--epochs", "1", "--batch", "128")
     selected = torch.load(tmp_path / "run" / "predictions.pt", weights_only=True)["selected"]
     assert len(selected) == 898 and len(set(selected.tolist())) == 898
 
 
 @pytest.mark.parametrize("method", ["random", "activeft", "ods", "cea", "full"])
 def test_every_method_runs(tmp_path, method):
-    m = run_vecaf(tmp_path, "--method", method, "--epochs", "1")
+    m = run_vecaf(tmp_path, "--method", method, "--epochs", "1", "--eval-grid", "100")
     assert m["method"] == method
     assert m["selected"] == (899 if method == "full" else 12) and len(m["loops"]) == (1 if method == "full" else 2)
 
@@ -272,6 +273,11 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
                                 ("ensemble", "--ods-weighting", "official")):
         err = one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--method", method, flag, value))
         assert f"{flag} " in err and f"--method {method} does not use" in err
+    # --max-batches: the full-data reference only, and within its --epochs (899 // 4 = 224 per epoch)
+    err = one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--max-batches", "5"))
+    assert "--max-batches trains the full-data reference" in err and "--method vecaf's batches" in err
+    err = one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--method", "full", "--max-batches", "449"))
+    assert "more than --epochs 2 x 224 batches per epoch: raise --epochs to at least 3" in err
     assert not (tmp_path / "run").exists()  # nothing written before the checks
     # a run folder of another run: refused on --resume with what differs
     run_vecaf(tmp_path, "--method", "random", "--epochs", "1")
@@ -323,30 +329,75 @@ def test_b2a_and_accuracy_at_batches_on_a_known_curve():
     assert vecaf.accuracy_at([[5, 1.0]], 4) is None
 
 
-def test_table_and_plot(tmp_path, capsys):
-    def write(name, method, curve):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "metrics.json").write_text(json.dumps({
-            "method": method, "curve": curve, "final_acc": curve[-1][1], "batches": curve[-1][0],
-            "selected": 10, "loops": [{"acc": curve[1][1]}], "time_s": {"total": 1.0}}))
-        return str(d)
-    folders = [write("full-s0", "full", [[0, 50.0], [100, 80.0]]), write("full-s1", "full", [[0, 50.0], [100, 90.0]]),
-               write("vecaf-s0", "vecaf", [[0, 50.0], [10, 81.0], [20, 85.0]]),
-               write("vecaf-s1", "vecaf", [[0, 50.0], [10, 70.0], [20, 79.0]])]
-    vecaf.main(["--table", *folders, "--plot", str(tmp_path / "c.svg")])
-    out = capsys.readouterr().out
+def test_full_data_to_a_budget_is_a_schedule_ending_there_measured_on_the_grid(tmp_path):
+    """899 images in batches of 128: 7 per epoch. --max-batches 7 of 3 epochs is the 1-epoch run
+    batch for batch (the schedule's total is 7, not 21), and both are evaluated every 3 batches
+    (mid-epoch: a full-data epoch is no point of the grid) and at the end."""
+    common = ("--method", "full", "--batch", "128", "--warmup-epochs", "0", "--eval-grid", "3")
+    cut = run_vecaf(tmp_path, *common, "--epochs", "3", "--max-batches", "7", out="cut")
+    one = run_vecaf(tmp_path, *common, "--epochs", "1", out="one")
+    assert cut["batches"] == 7 and [b for b, _ in cut["curve"]] == [0, 3, 6, 7]
+    assert cut["curve"] == one["curve"]
+    a, b = vecaf_stage(tmp_path / "cut", "loop1")["model"], vecaf_stage(tmp_path / "one", "loop1")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def write_run(tmp_path, name, method, curve, grid=5, max_batches=None):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({
+        "method": method, "curve": curve, "final_acc": curve[-1][1], "batches": curve[-1][0], "eval_grid": grid,
+        "max_batches": max_batches, "selected": 10, "loops": [{"acc": curve[1][1]}], "time_s": {"total": 1.0}}))
+    return str(d)
+
+
+def test_table_reads_b2a_on_the_common_grid_and_full_data_at_its_own_budget(tmp_path, capsys):
+    """The target comes from the full-data runs trained to their whole schedule (85 -> 80.75),
+    not the one cut at 20 batches; B2A skips a loop end off the grid (81 at batch 7); acc@20 of a
+    full-data run is the one whose schedule ends at 20, never a longer run read mid-schedule; a
+    run on a grid of 2 makes the common grid 10."""
+    w = lambda *a, **k: write_run(tmp_path, *a, **k)  # noqa: E731
+    folders = [w("full-s0", "full", [[0, 50.0], [5, 60.0], [10, 70.0], [100, 80.0]]),
+               w("full-s1", "full", [[0, 50.0], [5, 60.0], [10, 85.0], [100, 90.0]]),
+               w("full20-s0", "full", [[0, 50.0], [5, 65.0], [10, 70.0], [15, 75.0], [20, 82.0]], max_batches=20),
+               w("vecaf-s0", "vecaf", [[0, 50.0], [4, 70.0], [7, 81.0], [10, 78.0], [15, 83.0], [20, 85.0]]),
+               w("vecaf-s1", "vecaf", [[0, 50.0], [10, 70.0], [20, 79.0]])]
+
+    def table(*extra):
+        vecaf.main(["--table", *folders, *extra])
+        out = capsys.readouterr().out
+        # columns: run method selected batches loop1 final B2A reached acc@20
+        return out, {line.split()[0]: line.split()[6:] for line in out.splitlines() if line.startswith(("vecaf-s",
+                                                                                                          "full"))}
+    out, rows = table("--plot", str(tmp_path / "c.svg"))
     assert "0.95 x full-data final accuracy 85.00 = 80.75" in out
-    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("vecaf-s", "full-s"))}
-    # columns: run method selected batches loop1 final B2A reached acc@20
-    assert lines["vecaf-s0"][6:] == ["10", "1.0", "85.0"] and lines["vecaf-s1"][6:] == ["-", "0.0", "79.0"]
-    assert lines["full-s0"][6:] == ["-", "0.0", "50.0"] and lines["full-s1"][6:] == ["100", "1.0", "50.0"]
+    assert rows["vecaf-s0"] == ["15", "1.0", "85.0"] and rows["vecaf-s1"] == ["-", "0.0", "79.0"]
+    assert rows["full-s0"] == ["-", "0.0", "-"] and rows["full-s1"] == ["10", "1.0", "-"]
+    assert rows["full20-s0"] == ["20", "1.0", "82.0"]
     svg = ElementTree.parse(tmp_path / "c.svg").getroot()
     lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
-    assert len(lines) == 2  # one mean curve per group
-    assert len(lines[1].get("points").split()) == 3  # vecaf: 0, 10, 20 batches
+    assert len(lines) == 3  # one mean curve per group
+    assert len(lines[2].get("points").split()) == 6  # vecaf: every batch count measured
+    folders.append(w("vecaf-s2", "vecaf", [[0, 50.0], [2, 60.0], [20, 79.0]], grid=2))
+    out, rows = table()
+    assert "common grid, every 10 batches" in out and rows["vecaf-s0"][0] == "20"
+    del folders[2]
+    out, rows = table()
+    assert "there is none: add one with --method full --max-batches 20" in out
 
 
+def test_table_refuses_runs_it_cannot_compare(tmp_path, capsys):
+    good = write_run(tmp_path, "vecaf-s0", "vecaf", [[0, 50.0], [10, 70.0]])
+    for name, content in (("craft", {"method": "craft", "shots": 1}), ("list", [1]), ("bare", {"method": "vecaf"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(content))
+        err = one_line_error(vecaf.main, capsys, "--table", good, str(tmp_path / name))
+        assert f"{name}/metrics.json is not from a finished VeCAF run" in err
+    old = json.loads((Path(good) / "metrics.json").read_text())
+    del old["eval_grid"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.json").write_text(json.dumps(old))
+    assert "evaluated at epoch ends only" in one_line_error(vecaf.main, capsys, "--table", good, str(tmp_path / "old"))
 
 
 # ---- the loop's wiring, pinned against independent computations

@@ -170,12 +170,14 @@ class RunContext:
         BatchNorm statistics of a few images)."""
         return self.loader(dataset, batch, key, shuffle=True, drop_last=len(dataset) > batch)
 
-    def fit(self, model, step_fn, make_loader, epochs, lr, recipe, tag, checkpoint=None, what=None, after_epoch=None):
+    def fit(self, model, step_fn, make_loader, epochs, lr, recipe, tag, checkpoint=None, what=None, evaluate=None,
+            evaluate_at=None, max_steps=None):
         """`fit` by an SGDRecipe at learning rate `lr`, on this run's device, precision and log
         interval, with the step stream of `tag` (seed_of(--seed, tag))."""
         return fit(model, step_fn, make_loader, epochs, sgd(model, lr, recipe.momentum, recipe.weight_decay),
                    warmup_epochs_then_cosine(recipe.warmup_epochs), self.device, seed_of(self.seed, tag),
-                   self.precision, recipe.clip_grad, checkpoint, what or tag, self.log_every, after_epoch)
+                   self.precision, recipe.clip_grad, checkpoint, what or tag, self.log_every, evaluate, evaluate_at,
+                   max_steps)
 
     def outputs(self, fn, dataset):
         """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU).
@@ -295,7 +297,7 @@ class Draws:
 
 
 def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precision="auto", clip_grad=0.0,
-        checkpoint=None, tag="train", log_every=20, after_epoch=None):
+        checkpoint=None, tag="train", log_every=20, evaluate=None, evaluate_at=None, max_steps=None):
     """The loop every stage uses: a per-step LR schedule, autocast at `precision`, optional
     gradient-norm clipping, a progress line, and a checkpoint after every epoch.
 
@@ -311,14 +313,18 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
     checkpoints go and whether to resume from one (runs.Saved), or None.
     A non-finite loss (or, without a GradScaler, gradient norm) stops training with a RunError
     naming the step; the checkpoint of the last finished epoch is left as it was.
-    after_epoch(epoch, model) -> a JSON-able value (e.g. an evaluation; the model is in eval mode
-    while it runs), called after every epoch and collected in history["after_epoch"].
-    Returns {"loss": [...], "grad_norm": [...], "after_epoch": [...]} for every step (norms before
-    clipping) and epoch, also kept in the checkpoints, so a resumed run returns them all."""
+    max_steps: training (and the schedule's total) ends after this many steps, the last epoch cut
+    short, if that comes before the end of `epochs`.
+    evaluate(model) -> a JSON-able value (e.g. an accuracy), called in eval mode after each step for
+    which evaluate_at(step, total) is true (steps counted from 1 over the whole fit, of `total`)
+    and collected as [step, value] in history["evaluated"].
+    Returns {"loss": [...], "grad_norm": [...], "evaluated": [...]}, the losses and norms (before
+    clipping) of every step, also kept in the checkpoints, so a resumed run returns them all."""
     params = [p for group in opt.param_groups for p in group["params"]]
     amp, scaler = amp_settings(device, precision)
     steps_per_epoch = len(make_loader(0))
-    total = epochs * steps_per_epoch
+    total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
+    epochs = -(-total // steps_per_epoch)  # the last one cut short at max_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, steps_per_epoch))
     start, history = resume(checkpoint, model, opt, sched, scaler, tag)
     step_fn = ddp.data_parallel(model, step_fn, device)  # torchrun: the whole step as one DDP forward
@@ -327,8 +333,11 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
     for epoch in range(start, epochs):
         torch.manual_seed(seed_of(seed, epoch))
         gen = torch.Generator().manual_seed(seed_of(seed, epoch, "step"))
-        losses, norms = [], []  # kept on the device until the epoch ends: no host sync per step for these
+        losses, norms, evaluated = [], [], []  # losses, norms kept on the device until the epoch ends: no sync
         for i, batch in enumerate(ddp.own_share(make_loader(epoch))):
+            step = epoch * steps_per_epoch + i + 1
+            if step > total:
+                break
             batch = [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
             draws = Draws(gen, *ddp.global_batch(len(batch[0])), len(batch[0]))  # plain run: (b, 0), no sync
             with torch.autocast(**amp):
@@ -343,22 +352,24 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
             loss = ddp.across_processes(loss.detach().float())  # the global batch's loss
             losses.append(loss)
             norms.append(norm)
-            stop_unless_finite(loss, norm, scaler, checkpoint, tag, epoch, epoch * steps_per_epoch + i + 1, total)
+            stop_unless_finite(loss, norm, scaler, checkpoint, tag, epoch, step, total)
             if scaler:
                 scaler.step(opt)
                 scaler.update()
             else:
                 opt.step()
             sched.step()
-            log(epoch, epoch * steps_per_epoch + i + 1, len(batch[0]), loss, norm, shares, sched.get_last_lr()[0])
+            log(epoch, step, len(batch[0]), loss, norm, shares, sched.get_last_lr()[0])
+            if evaluate is not None and evaluate_at(step, total):
+                ddp.sync_buffers(model)
+                model.eval()
+                evaluated.append([step, evaluate(model)])
+                model.train()
         if norms:
             history["loss"] += torch.stack(losses).cpu().tolist()
             history["grad_norm"] += torch.stack(norms).float().cpu().tolist()
+        history["evaluated"] += evaluated
         ddp.sync_buffers(model)
-        if after_epoch is not None:
-            model.eval()
-            history["after_epoch"].append(after_epoch(epoch, model))
-            model.train()
         if checkpoint:
             checkpoint.save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
                              "sched": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
@@ -381,7 +392,7 @@ def resume(checkpoint, model, opt, sched, scaler, tag):
     whose model, optimizer, schedule and loss scaler are restored."""
     state = checkpoint.load() if checkpoint else None
     if state is None:
-        return 0, {"loss": [], "grad_norm": [], "after_epoch": []}
+        return 0, {"loss": [], "grad_norm": [], "evaluated": []}
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])

@@ -417,7 +417,8 @@ class FineTuning:
     label_smoothing: float
     aug: str
     head_init: str  # "text" (the zero-shot classifier) or "random"
-    eval_every: int  # epochs between evaluations (the curve's points)
+    eval_grid: int  # evaluate every this many training batches, counted over all loops (the curve's points)
+    max_batches: int | None  # --method full: the schedule ends after this many batches
 
 
 def settings_of(args):
@@ -511,12 +512,15 @@ def select(s, sel, loop, model, bank, taken):
     return new, diagnostics
 
 
-def fine_tune(s, ft, tag, model, idx, evaluate):
+def fine_tune(s, ft, tag, model, idx, evaluate, before):
     """The fine-tuning of one loop (the paper's recipe on the model CoFT's Phase II also trains:
     clip_model.ImageClassifier, the image tower + a linear head): cross-entropy with label
     smoothing on the selected pool images idx with their labels, by ft.sgd (SGD with momentum,
-    warm-up + cosine) for ft.epochs, continuing from `model` (the previous loop's).
-    `evaluate(model)` runs every ft.eval_every epochs and after the last. Returns fit's history."""
+    warm-up + cosine) for ft.epochs (or ft.max_batches), continuing from `model` (the previous
+    loop's). `evaluate(model)` runs after every batch that ends on the grid, ft.eval_grid batches
+    counted over all loops (`before`: the earlier loops' batches), so that every run, whatever its
+    epoch length, is measured at the same batch counts; and after the loop's last batch.
+    Returns fit's history."""
     augment = data.make_transform(ft.aug if ft.aug != "none" else "test", s.clip.visual.resolution, s.task)
     train_set = data.ImageDataset([s.task.train[i] for i in idx.tolist()], augment)
 
@@ -526,11 +530,12 @@ def fine_tune(s, ft, tag, model, idx, evaluate):
     def loss(model, b, _):  # cross-entropy with label smoothing on a batch (x, y, index)
         return {"CE": (F.cross_entropy(model(b[0]), b[1], label_smoothing=ft.label_smoothing), len(b[1]))}
 
-    def after_epoch(epoch, model):
-        return evaluate(model) if (epoch + 1) % ft.eval_every == 0 or epoch + 1 == ft.epochs else None
+    def on_grid(step, total):
+        return (before + step) % ft.eval_grid == 0 or step == total
 
     return s.fit(model, loss, batches, ft.epochs, ft.lr, ft.sgd, tag,
-                 runs.Saved(runs.ckpt_path(s.out, tag), s.record(tag), s.resume), after_epoch=after_epoch)
+                 runs.Saved(runs.ckpt_path(s.out, tag), s.record(tag), s.resume), evaluate=evaluate,
+                 evaluate_at=on_grid, max_steps=ft.max_batches)
 
 
 def last_finished(s, loops):
@@ -580,9 +585,9 @@ def active_finetuning(s, sel, ft):
                                 None if sel.alpha == "attention" else 1.0)
         selected = torch.cat([selected, new])
         tag = f"loop{loop}"
-        history = fine_tune(s, ft, tag, model, selected, evaluate)
-        before, steps = loops_batches(loops), len(history["loss"]) // ft.epochs  # steps per epoch
-        curve += [[before + steps * (e + 1), acc] for e, acc in enumerate(history["after_epoch"]) if acc is not None]
+        before = loops_batches(loops)
+        history = fine_tune(s, ft, tag, model, selected, evaluate, before)
+        curve += [[before + step, acc] for step, acc in history["evaluated"]]
         loops.append({"loop": loop, "selected": len(selected), "new": len(new), "acc": curve[-1][1],
                       "batches": before + len(history["loss"]), "classes": len(s.y_pool[selected.cpu()].unique()),
                       "time_s": time.time() - t, **diagnostics})
@@ -633,6 +638,14 @@ def check_args(args, pool_size):
             if value != default:
                 raise RunError(f"{flag} sets ODS's weights, which --method {args.method} does not use: drop it, "
                                f"or use --method vecaf or ods")
+    if args.max_batches is not None:
+        if args.method != "full":
+            raise RunError(f"--max-batches trains the full-data reference to a budget; --method {args.method}'s "
+                           f"batches follow --loops, --epochs and --budget: drop it, or use --method full")
+        per_epoch = pool_size // args.batch if pool_size > args.batch else 1  # train_loader drops a last short batch
+        if args.max_batches > args.epochs * per_epoch:
+            raise RunError(f"--max-batches {args.max_batches} is more than --epochs {args.epochs} x {per_epoch} "
+                           f"batches per epoch: raise --epochs to at least {-(-args.max_batches // per_epoch)}")
     for t in args.ood_captions or []:
         if "{}" not in t:
             raise RunError(f"--ood-captions {t!r} has no {{}} for the class name, e.g. 'a sketch of a {{}}.'")
@@ -670,7 +683,7 @@ def prepare(args):
                              pool_captions) if METHODS[args.method].cea else None
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed,
                "ods_objective": args.ods_objective, "eval_split": args.eval_split, "precision": args.precision,
-               "budget": args.budget,
+               "budget": args.budget, "eval_grid": args.eval_grid, "max_batches": args.max_batches,
                "loops": args.loops, "pool": len(task.train), "processes": ddp.world()[1], "time_s": {}}
     print(f"{args.dataset}: {len(task.classnames)} classes, pool {len(task.train)}, {len(eval_items)} "
           f"{args.eval_split} images; {args.method}: {args.loops} loop(s) of {args.budget} images; backbone "
@@ -710,28 +723,59 @@ def batches_to(curve, target):
     return next((b for b, acc in curve if acc >= target), None)
 
 
+def on_grid(curve, grid):
+    """The curve's points at multiples of `grid` batches (a loop's last batch may fall between)."""
+    return [[b, acc] for b, acc in curve if b % grid == 0]
+
+
 def report(run_dirs, target=0.95, at_batches=None, plot=None):
     """The results table of finished runs: per run the selection size, batches, accuracy after
-    loop 1 and at the end; B2A, the batches to reach `target` x the full-data runs' mean final
-    accuracy; and the accuracy at an equal number of batches (--at-batches, default the fewest
-    batches any selection run trained). --plot FILE: the mean accuracy-vs-batches curve of each
-    group of runs (name without -s<seed>) as an SVG."""
+    loop 1 and at the end; B2A, the batches to reach `target` x the mean final accuracy of the
+    full-data runs trained to their whole schedule, read on the runs' common evaluation grid (a
+    full-data epoch holds many batches, a selection loop's few; both are measured every
+    --eval-grid batches); and the accuracy at an equal number of batches (--at-batches, default
+    the fewest batches any selection run trained), for a full-data run only where its schedule
+    ends there (--method full --max-batches), never read mid-schedule. --plot FILE: the mean
+    accuracy-vs-batches curve of each group of runs (name without -s<seed>) as an SVG."""
     finished = [(folder.name, m) for folder, m in runs.finished_runs(run_dirs)]
-    full = [m["final_acc"] for _, m in finished if m.get("method") == "full"]
+    for name, m in finished:
+        if not isinstance(m, dict) or m.get("method") not in METHODS or "curve" not in m:
+            raise RunError(f"{name}/metrics.json is not from a finished VeCAF run: leave it out of --table")
+        if "eval_grid" not in m:
+            raise RunError(f"{name} was evaluated at epoch ends only (made before --eval-grid), so its batch "
+                           f"counts are not comparable with other runs': rerun it")
+    grids = sorted({m["eval_grid"] for _, m in finished})
+    grid = math.lcm(*grids) if grids else 1
+    if len(grids) > 1:
+        print(f"runs evaluated every {', '.join(map(str, grids))} batches: B2A read on their common grid, "
+              f"every {grid} batches")
+    full = [m["final_acc"] for _, m in finished if m.get("method") == "full" and m.get("max_batches") is None]
     goal = target * sum(full) / len(full) if full else None
     if at_batches is None:
         at_batches = min((m["batches"] for _, m in finished if m.get("method") != "full"), default=None)
     if goal is None:
-        print("no full-data run (--method full) among the runs: no B2A target")
+        print("no full-data run trained to its whole schedule (--method full) among the runs: no B2A target")
     else:
-        print(f"B2A target: {target:g} x full-data final accuracy {sum(full) / len(full):.2f} = {goal:.2f}")
+        print(f"B2A target: {target:g} x full-data final accuracy {sum(full) / len(full):.2f} = {goal:.2f}; "
+              f"read every {grid} batches")
+
+    def at(m):  # a full-data run's accuracy counts at the budget its schedule ends at, not mid-schedule
+        if at_batches is None:
+            return None
+        if m["method"] == "full":
+            return m["final_acc"] if m["batches"] == at_batches else None
+        return accuracy_at(m["curve"], at_batches)
 
     def summarise(m):
-        b2a = batches_to(m["curve"], goal) if goal is not None else None
+        b2a = batches_to(on_grid(m["curve"], grid), goal) if goal is not None else None
         return {"selected": m["selected"], "batches": m["batches"], "loop 1": m["loops"][0]["acc"],
                 "final acc": m["final_acc"], "B2A": b2a, "reached": None if goal is None else float(b2a is not None),
-                f"acc@{at_batches}": accuracy_at(m["curve"], at_batches) if at_batches is not None else None}
+                f"acc@{at_batches}": at(m)}
     runs.table(run_dirs, summarise)
+    if at_batches is not None and any(m.get("method") == "full" for _, m in finished):
+        print(f"acc@{at_batches} of full data: runs whose schedule ends at {at_batches} batches only" + (
+            "" if any(m.get("method") == "full" and m["batches"] == at_batches for _, m in finished) else
+            f"; there is none: add one with --method full --max-batches {at_batches}"))
     if any(METHODS.get(m.get("method"), Parts(False, False, False)).ods and m.get("ods_objective", "loss") == "loss"
            for _, m in finished):
         print("note: ODS weighs the pool by the current model's per-sample loss, which reads the true label of every "
@@ -833,7 +877,13 @@ def parser():
       "the budget each loop; full: 1)")
     runs.run_flags(p)
     a("--eval-split", default="test", choices=["test", "dev"], help="dev: for choosing settings (never test)")
-    a("--eval-every", type=number(int, 1), default=1, help="epochs between evaluations (the curve's points)")
+    a("--eval-grid", type=number(int, 1), default=None,
+      help="evaluate every this many training batches, counted over all loops, and after each loop: the "
+           "curve's points, B2A's resolution; runs compared in one table share it (default: 5 for the digits, "
+           "100 otherwise)")
+    a("--max-batches", type=number(int, 1), default=None,
+      help="--method full: end the schedule (warm-up + cosine) and training after this many batches, within "
+           "--epochs: the full-data reference at an equal number of batches")
     a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
     a("--target", type=number(float, 0, 1, low_open=True), default=0.95,
       help="--table: B2A counts the batches to reach this fraction of the full-data runs' final accuracy")
@@ -897,8 +947,11 @@ def resolve_defaults(args):
     demo = args.clip == standin.NAME
     if args.lr is None:  # the recipe's linear scaling; the stand-in's value chosen on the digits' dev split
         args.lr = 3e-4 if demo else 0.01 * args.batch / 512
+    digits = args.dataset.lower().startswith("digits")
     if args.aug is None:  # crops of the 32-px digits cost the stand-in accuracy (docs/vecaf.md)
-        args.aug = "none" if args.dataset.lower().startswith("digits") else "weak"
+        args.aug = "none" if digits else "weak"
+    if args.eval_grid is None:  # per dataset, never per method: every run of a table shares the grid
+        args.eval_grid = 5 if digits else 100
     if not METHODS[args.method].ensemble:
         args.ensemble = 1
     if args.workers is None:
