@@ -12,9 +12,10 @@ the project: data.py and the methods build on it, never the other way round.
     context's prefix once (exact, by causality);
   * `encode_image(images, vpt=...)` takes visual prompt tokens (VPT shallow or deep).
 - Byte-level BPE tokenizer on the vendored `assets/bpe_simple_vocab_16e6.txt.gz`.
-- `load(name_or_path)`: TorchScript archives and plain state dicts, SHA256 check, resumable
-  download into a cache, one clear line when there is no network. (The offline stand-in, `--clip
-  demo`, is built and found by standin.py.)
+- `build_model(state_dict, act=...)`: a CLIP from OpenAI-layout tensors, given what they do not
+  reveal (the MLP activation, ...). Finding and reading checkpoints (OpenAI's releases, open_clip's
+  and Hugging Face's weights) is checkpoints.py's job; the offline stand-in, `--clip demo`, is
+  standin.py's.
 - `preprocess(resolution)`: CLIP's test transform; the zero-shot head: `class_prompts`,
   `text_classifier`, `zero_shot_logits`, with every similarity in fp32 (`similarity`).
 
@@ -24,17 +25,10 @@ F.scaled_dot_product_attention. `python bench.py --towers` times the towers.
 """
 import copy
 import gzip
-import hashlib
 import html
 import math
-import os
-import sys
-import time
-import urllib.error
-import urllib.request
-import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,6 +38,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's image normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class CLIPError(Exception):
@@ -107,15 +103,18 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(yp), self.out_proj(ys)
 
 
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}  # the weights do not say which: see CLIPConfig.act
+
+
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, act="quick_gelu"):
         super().__init__()
         self.attn = MultiheadAttention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, 4 * width)),
-            ("gelu", QuickGELU()),
+            ("gelu", ACTIVATIONS[act]()),
             ("c_proj", nn.Linear(4 * width, width)),
         ]))
         self.ln_2 = LayerNorm(width)
@@ -132,10 +131,10 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, act="quick_gelu"):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act) for _ in range(layers)])
         self.grad_checkpointing = False  # trade compute for memory (ViT-L/14 fine-tuning)
 
     def maybe_checkpoint(self, fn, *args):
@@ -170,7 +169,7 @@ class VisionTransformer(nn.Module):
     previous block's prompt outputs with a fresh set before every block 0..D-1. The image
     feature is still read at CLS, so with P = 0 the tower is exactly the plain ViT.
     """
-    def __init__(self, resolution, patch_size, width, layers, heads, output_dim):
+    def __init__(self, resolution, patch_size, width, layers, heads, output_dim, act="quick_gelu"):
         super().__init__()
         self.resolution, self.patch_size = resolution, patch_size
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
@@ -178,7 +177,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, act)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -298,6 +297,10 @@ class ModifiedResNet(nn.Module):
 
 @dataclass
 class CLIPConfig:
+    """A CLIP's sizes (all inferred from a state dict: config_from_state_dict) and what its
+    tensors do not reveal, which comes from the checkpoint's name or config (checkpoints.py):
+    the MLP activation, a ViT's heads where its head width is not 64, the image normalisation and
+    resizing the model was trained with."""
     embed_dim: int
     image_resolution: int
     vision_layers: object  # int (ViT) or tuple of 4 ints (ResNet)
@@ -308,6 +311,11 @@ class CLIPConfig:
     transformer_width: int = 512
     transformer_heads: int = 8
     transformer_layers: int = 12
+    act: str = "quick_gelu"  # OpenAI's and MetaCLIP's/DFN's; open_clip's LAION / DataComp weights: "gelu"
+    vision_heads: int | None = None  # None: width // 64 (every OpenAI model; open_clip's ViT-H-14: 16)
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+    resize_mode: str = "shortest"  # the test transform: "shortest" side then centre crop, or "squash"
 
     @property
     def is_vit(self):
@@ -321,6 +329,9 @@ CONFIGS = {
     "ViT-B/32": CLIPConfig(512, 224, 12, 768, 32),
     "ViT-B/16": CLIPConfig(512, 224, 12, 768, 16),
     "ViT-L/14": CLIPConfig(768, 224, 24, 1024, 14, transformer_width=768, transformer_heads=12),
+    # open_clip's ViT-H-14 (LAION-2B): GELU, 16 heads of 80
+    "ViT-H/14": CLIPConfig(1024, 224, 32, 1280, 14, transformer_width=1024, transformer_heads=16, transformer_layers=24,
+                           act="gelu", vision_heads=16),
     # The offline demo's stand-in, pretrained by us on rendered digits (see `standin`).
     "demo": CLIPConfig(128, 32, 4, 128, 8, context_length=24, transformer_width=128, transformer_heads=2,
                        transformer_layers=3),
@@ -336,13 +347,19 @@ class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.act not in ACTIVATIONS:
+            raise CLIPError(f"unknown activation {cfg.act!r}: use one of {', '.join(ACTIVATIONS)}")
         if cfg.is_vit:
             self.visual = VisionTransformer(cfg.image_resolution, cfg.vision_patch_size, cfg.vision_width,
-                                            cfg.vision_layers, cfg.vision_width // 64 or 1, cfg.embed_dim)
+                                            cfg.vision_layers, cfg.vision_heads or cfg.vision_width // 64 or 1,
+                                            cfg.embed_dim, cfg.act)
         else:
             self.visual = ModifiedResNet(cfg.vision_layers, cfg.embed_dim, cfg.vision_width * 32 // 64,
                                          cfg.image_resolution, cfg.vision_width)
-        self.transformer = Transformer(cfg.transformer_width, cfg.transformer_layers, cfg.transformer_heads)
+        # the test transform the image tower expects (data.make_transform reads it from the tower)
+        self.visual.image_mean, self.visual.image_std = tuple(cfg.image_mean), tuple(cfg.image_std)
+        self.visual.resize_mode = cfg.resize_mode
+        self.transformer = Transformer(cfg.transformer_width, cfg.transformer_layers, cfg.transformer_heads, cfg.act)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.transformer_width))
         self.ln_final = LayerNorm(cfg.transformer_width)
@@ -461,10 +478,13 @@ def config_from_state_dict(sd):
                         f"or a state dict saved from clip_model.CLIP") from None
 
 
-def build_model(sd, device="cpu"):
-    """A CLIP built from a state dict alone and loaded strictly, with fp32 parameters."""
+def build_model(sd, device="cpu", *, act, **known):
+    """A CLIP from a state dict in the OpenAI layout, loaded strictly, with fp32 parameters: every
+    size from the tensors' shapes, and what they do not reveal from the caller: `act`
+    ("quick_gelu" or "gelu", never assumed) and `known` CLIPConfig fields (vision_heads,
+    image_mean, ...). checkpoints.load finds these for every checkpoint form it reads."""
     sd = {k: v for k, v in sd.items() if k not in JIT_LEFTOVERS}
-    cfg = config_from_state_dict(sd)
+    cfg = replace(config_from_state_dict(sd), act=act, **known)
     model = CLIP(cfg)
     own = model.state_dict()
     wrong = [k for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
@@ -595,134 +615,8 @@ def tokenize(texts, context_length=77, truncate=False):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: names, download, loading
-
-CHECKPOINTS = {  # name -> (file, sha256); the hash is also a path segment of the URL
-    "RN50": ("RN50.pt", "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"),
-    "RN101": ("RN101.pt", "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599"),
-    "RN50x4": ("RN50x4.pt", "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd"),
-    "RN50x16": ("RN50x16.pt", "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa"),
-    "RN50x64": ("RN50x64.pt", "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c"),
-    "ViT-B/32": ("ViT-B-32.pt", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"),
-    "ViT-B/16": ("ViT-B-16.pt", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
-    "ViT-L/14": ("ViT-L-14.pt", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"),
-    "ViT-L/14@336px": ("ViT-L-14-336px.pt", "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"),
-}
-URL = "https://openaipublic.azureedge.net/clip/models/{sha}/{file}"
-
-
-def default_cache_dir():
-    return Path(os.environ.get("CLIP_CACHE", Path.home() / ".cache" / "clip"))
-
-
-def sha256_of(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download(url, dest, sha256, retries=3, progress=True):
-    """Fetch url to dest (a file path) and check its SHA256. The bytes go to `dest.part` first,
-    which a later call resumes with an HTTP Range request; dest appears (atomically, by rename)
-    only once the hash matches, so the cache never holds a corrupt file."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    if progress:
-        print(f"downloading {url} to {dest}", file=sys.stderr, flush=True)
-    last_error = None
-    for attempt in range(retries):
-        have = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as r:
-                status = getattr(r, "status", None)
-                if have and status != 206:  # server ignored the range: start over
-                    have = 0
-                total = int(r.headers.get("Content-Length") or 0) + have
-                with open(part, "ab" if have else "wb") as f:
-                    done, t0 = have, time.time()
-                    while block := r.read(1 << 20):
-                        f.write(block)
-                        done += len(block)
-                        if progress and sys.stderr.isatty():
-                            rate = (done - have) / max(time.time() - t0, 1e-6) / 2 ** 20
-                            print(f"\rdownloading {dest.name}: {done / 2 ** 20:.0f}/{total / 2 ** 20:.0f} MiB "
-                                  f"({rate:.1f} MiB/s)", end="", file=sys.stderr)
-                if progress and sys.stderr.isatty():
-                    print(file=sys.stderr)
-            break
-        except (urllib.error.URLError, OSError) as e:
-            last_error = e
-            if attempt + 1 < retries:
-                time.sleep(2 ** attempt)
-    else:
-        raise CLIPError(f"could not download {url} ({getattr(last_error, 'reason', last_error)}); "
-                        f"no network? Put the file at {dest} (sha256 {sha256}) and run again")
-    got = sha256_of(part)
-    if got != sha256:
-        part.unlink()
-        raise CLIPError(f"{url} downloaded with sha256 {got}, expected {sha256}; the partial file was "
-                        f"deleted, run again (or put a good copy at {dest})")
-    os.replace(part, dest)
-    return dest
-
-
-def checkpoint_path(name, cache_dir=None, url=None):
-    """Local path of a known checkpoint: the cached file (hash verified), else downloaded."""
-    file, sha = CHECKPOINTS[name]
-    path = Path(cache_dir or default_cache_dir()) / file
-    if path.exists():
-        if sha256_of(path) != sha:
-            raise CLIPError(f"{path} does not have the sha256 of {name} ({sha}): delete it and run again")
-        return path
-    return download(url or URL.format(sha=sha, file=file), path, sha)
-
-
-def read_state_dict(path):
-    """A TorchScript archive (OpenAI's release format) or a plain state dict file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CLIPError(f"no checkpoint at {path}: give one of {', '.join(CHECKPOINTS)} or a file path")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
-    except (RuntimeError, ValueError):
-        pass  # not TorchScript
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CLIPError(f"{path} is neither a TorchScript archive nor a state dict ({type(e).__name__}); "
-                        f"is the file complete?") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise CLIPError(f"{path} holds a {type(sd).__name__}, not a state dict")
-    return sd
-
-
-def load(name_or_path, device="cpu", cache_dir=None, url=None):
-    """(model, preprocess) from a released model's name (RN50 ... ViT-L/14@336px, downloaded into
-    the cache) or a checkpoint path. The model is in eval mode with fp32 parameters; preprocess is
-    CLIP's test transform at its resolution."""
-    if name_or_path in CHECKPOINTS:
-        path = checkpoint_path(name_or_path, cache_dir, url)
-    elif Path(name_or_path).exists():
-        path = Path(name_or_path)
-    else:
-        raise CLIPError(f"unknown model {name_or_path!r}: give one of {', '.join(CHECKPOINTS)} or a checkpoint path")
-    model = build_model(read_state_dict(path), device)
-    return model, preprocess(model.visual.resolution)
-
-
-# -----------------------------------------------------------------------------
 # Preprocessing
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def rgb(image):
@@ -730,14 +624,21 @@ def rgb(image):
     return image.convert("RGB") if hasattr(image, "convert") and image.mode != "RGB" else image
 
 
-def preprocess(resolution):
-    """CLIP's test transform: RGB, bicubic resize of the short side (antialiased), center crop,
-    scale to [0, 1], normalise with CLIP's mean and std. Takes PIL images and uint8 tensors
-    [3, H, W] alike (torchvision.transforms.v2); the training augmentations are data.make_transform's."""
+def preprocess(resolution, mean=CLIP_MEAN, std=CLIP_STD, resize_mode="shortest"):
+    """CLIP's test transform: RGB, bicubic resize (antialiased) of the short side then a center
+    crop ("shortest"), or of both sides ("squash", as some open_clip weights were evaluated),
+    scale to [0, 1], normalise with the model's mean and std (OpenAI's by default). Takes PIL
+    images and uint8 tensors [3, H, W] alike (torchvision.transforms.v2); the training
+    augmentations are data.make_transform's."""
     bicubic = v2.InterpolationMode.BICUBIC
-    return v2.Compose([rgb, v2.ToImage(), v2.Resize(resolution, interpolation=bicubic, antialias=True),
-                       v2.CenterCrop(resolution), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(CLIP_MEAN, CLIP_STD)])
+    resize = [v2.Resize(resolution, interpolation=bicubic, antialias=True), v2.CenterCrop(resolution)] \
+        if resize_mode == "shortest" else [v2.Resize((resolution, resolution), interpolation=bicubic, antialias=True)]
+    return v2.Compose([rgb, v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def preprocess_of(visual):
+    """The test transform an image tower expects (its resolution, mean/std and resize mode)."""
+    return preprocess(visual.resolution, visual.image_mean, visual.image_std, visual.resize_mode)
 
 
 # -----------------------------------------------------------------------------

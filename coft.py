@@ -398,8 +398,9 @@ def run_config(args, task, prompts):
     """Every setting that can change a number of this run, with the data, the zero-shot prompts
     and the backbones recorded by content."""
     config, _ = runs.settings(args, NO_NUMBER_FLAGS)
-    config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip),
-                  fft_backbone=standin.backbone_id(args.fft_backbone),
+    config.update(data=data.fingerprint(task, args.data_root),
+                  clip=standin.backbone_id("--clip", args.clip, args.clip_act),
+                  fft_backbone=standin.backbone_id("--fft-backbone", args.fft_backbone, args.clip_act),
                   zero_shot_prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16])
     return config
 
@@ -542,7 +543,7 @@ def phase1(run, p1, seed_set):
     Returns the last round's models and, per model, its scores on all unlabelled images
     (s+ [N, C], s- [N, C], t+ [C, D]) plus every round's seed sets."""
     t = time.time()
-    weak = data.make_transform("weak", run.clip.visual.resolution, run.task)
+    weak = data.make_transform("weak", run.clip.visual, run.task)
     sets, seed_sets = [seed_set, seed_set], []
     run.metrics["rounds"] = []
 
@@ -662,7 +663,7 @@ def fine_tune(run, p2, tag, clip, head, idx, y, vpt=None, adapter=None):
                                        vpt, adapter).to(run.device)
     if p2.sync_bn:  # ResNet towers under torchrun: BatchNorm statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    augment = data.make_transform(p2.aug, clip.visual.resolution, run.task)
+    augment = data.make_transform(p2.aug, clip.visual, run.task)
     train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist())
     if len(train_set) == 0:  # the validator rejected every label: nothing to fine-tune on
         return run_stage(run, tag, model, None, None, 0, 0, tag, empty=True)
@@ -678,7 +679,7 @@ def fine_tune(run, p2, tag, clip, head, idx, y, vpt=None, adapter=None):
                          compiled=[model.visual] if p2.compile else [])
 
     views = data.ImageDataset(run.task.train, data.TwoViews(
-        augment, data.make_transform("strong", clip.visual.resolution, run.task)))
+        augment, data.make_transform("strong", clip.visual, run.task)))
     mc = MomentumContrast(model, min(p2.queue, len(views)), p2.mu, p2.tau_c, ddp.gather_batch).to(run.device)
 
     def batches(epoch):
@@ -705,7 +706,7 @@ def phase2(run, p2, scores, peft, clean, prompts, ft_clip=None):
     else:
         clip = ft_clip.to(run.device)
         set_grad_checkpointing(clip, p2.grad_checkpointing)
-        evaluated = data.ImageDataset(run.evaluated.items, data.make_transform("test", clip.visual.resolution,
+        evaluated = data.ImageDataset(run.evaluated.items, data.make_transform("test", clip.visual,
                                                                                run.task))
         heads = [text_classifier(clip, prompts, run.device)] * 2  # the new backbone's zero-shot weights
     probs = []
@@ -833,18 +834,15 @@ def prepare(args):
     config = run_config(args, task, prompts)
     out = runs.open_run(args.out, config, continuing, args.restart, ["pseudo_labels.pt"],
                         runs.settings(args, NO_NUMBER_FLAGS)[1])
-    backbones = [standin.resolve(args.clip)]  # (the stand-in is pretrained here on first use)
-    if args.fft_backbone and args.method == "coft":  # Phase II on another backbone (distillation)
-        backbones.append(standin.resolve(args.fft_backbone))
     torch.manual_seed(args.seed)  # building a model draws random numbers (then overwritten): seeded too
-    clip, _ = clip_model.load(backbones[0], device)
+    clip, _ = standin.load("--clip", args.clip, args.clip_act, device)  # (the stand-in is pretrained on first use)
     clip.requires_grad_(False)
     set_grad_checkpointing(clip, args.grad_checkpointing)
     ft_clip = None  # loaded and checked now, used in Phase II
-    if len(backbones) > 1:
-        ft_clip, _ = clip_model.load(backbones[1], "cpu")
+    if args.fft_backbone and args.method == "coft":  # Phase II on another backbone (distillation)
+        ft_clip, _ = standin.load("--fft-backbone", args.fft_backbone, args.clip_act, "cpu")
         check_fft_init(args, clip, ft_clip)
-    test = data.make_transform("test", clip.visual.resolution, task)
+    test = data.make_transform("test", clip.visual, task)
     y_true = torch.tensor([label for _, label in task.train])
     # the semi-supervised setting (Sec. 4.4): true-labelled shots per class (all of a smaller class)
     labelled = data.few_shot(task, args.labelled_shots, seed_of(args.seed, "labelled shots"), True) \
@@ -880,7 +878,7 @@ def check_args(args, device):
         raise RunError(f"--restart discards the run in --out, so there would be nothing for "
                        f"{'--eval-only' if args.eval_only else '--phase 2'} to use: drop one of them")
     for flag, name in (("--clip", args.clip), ("--fft-backbone", args.fft_backbone)):
-        standin.check_backbone(flag, name)
+        standin.check_backbone(flag, name, args.clip_act)
 
 
 def check_fft_init(args, clip, ft_clip):
@@ -935,7 +933,9 @@ def parser():
     a = p.add_argument
     a("--dataset", default="digits", help="digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
     a("--data-root", default=None, help="root of the CoOp layout / image folder / CIFAR download dir")
-    a("--clip", default="demo", help="RN50 ... ViT-L/14@336px, a checkpoint path, or demo (offline stand-in)")
+    a("--clip", default="demo", help="demo (the offline stand-in), an OpenAI release (RN50 ... ViT-L/14@336px), "
+      "open_clip:ARCH/TAG[=FILE], a Hugging Face CLIPModel folder or hf:ORG/NAME, or a checkpoint file "
+      "(with --clip-act)")
     a("--out", default="runs/coft")
     a("--method", default="coft", choices=["coft", "topk", "selftrain", "shots", "probe"],
       help="topk: the UPL-like baseline (Phase II on S*); selftrain: iterative pseudo-labelling of every image "
@@ -984,7 +984,8 @@ def parser():
     a("--fft-aug", default="strong", choices=["strong", "weak"])
     a("--fft-init", default="pretrained", choices=["pretrained", "phase1"],
       help="phase1: also carry (and train) the Phase-I VPT / adapter in the fine-tuned encoder")
-    a("--fft-backbone", default=None, help="Phase II on another backbone (distillation), e.g. ViT-B/16")
+    a("--fft-backbone", default=None,
+      help="Phase II on another backbone (distillation), e.g. ViT-B/16; any --clip form")
     # CoFT+
     a("--plus", action="store_true", help="CoFT+: --rounds 3 --contrast, and LLM prompts (or the template ensemble)")
     a("--rounds", type=number(int, 1), default=None,

@@ -4,6 +4,7 @@ import inspect
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,6 +39,38 @@ def randomized(name, seed=0, **overrides):
             elif "running_var" in n:
                 b.copy_(0.5 + torch.rand(b.shape, generator=g))
     return m.eval()
+
+
+def tower(resolution=32, mean=cm.CLIP_MEAN, std=cm.CLIP_STD, resize_mode="shortest"):
+    """What data.make_transform reads of an image tower: its resolution and the normalisation and
+    test resize its weights were trained with (OpenAI's by default)."""
+    return SimpleNamespace(resolution=resolution, image_mean=mean, image_std=std, resize_mode=resize_mode)
+
+
+# ---- checkpoints as other libraries save them
+
+def hub_file(tmp_path, repo, name):
+    """Where huggingface_hub caches a repo's file (refs/main naming the snapshot)."""
+    root = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text("0123abcd")
+    (root / "snapshots" / "0123abcd").mkdir(parents=True, exist_ok=True)
+    return root / "snapshots" / "0123abcd" / name
+
+
+def tiny_hf(transformers, act, seed=0):
+    """A tiny transformers CLIPModel with every tensor random; 2 heads in each tower (head width
+    32: the heads must come from config.json)."""
+    torch.manual_seed(seed)
+    tower = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, hidden_act=act)
+    cfg = transformers.CLIPConfig(text_config=dict(tower, max_position_embeddings=16),
+                                  vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=32)
+    model = transformers.CLIPModel(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
 
 
 TEXTS = ["a photo of a cat.", "hello world", "x", "a b c d e f g h i j"]
@@ -276,7 +309,7 @@ def coft_args(tmp_path, *extra, name="tiny-vit", out="run", ckpt=None):
         ckpt = tmp_path / f"{name}.pt"
         if not ckpt.exists():
             torch.save(randomized(name).state_dict(), ckpt)
-    args = ["--dataset", "digits", "--clip", str(ckpt), "--out", str(tmp_path / out), "--M", "4", "--K", "4",
+    args = ["--dataset", "digits", "--clip", str(ckpt), "--clip-act", "quick_gelu", "--out", str(tmp_path / out), "--M", "4", "--K", "4",
             "--vpt-tokens", "2", "--p1-epochs", "2", "--fft-epochs", "2", "--batch", "64", "--fft-lr", "1e-3",
             "--log-every", "0", "--fft-aug", "weak", "--clip-grad", "1"]
     return args + list(extra)
@@ -304,7 +337,8 @@ def vecaf_args(tmp_path, *extra, out="run"):
     ckpt = tmp_path / "tiny-vit.pt"
     if not ckpt.exists():
         torch.save(randomized("tiny-vit").state_dict(), ckpt)
-    return ["--dataset", "digits", "--clip", str(ckpt), "--out", str(tmp_path / out), "--budget", "6",
+    return ["--dataset", "digits", "--clip", str(ckpt), "--clip-act", "quick_gelu", "--out", str(tmp_path / out),
+            "--budget", "6",
             "--loops", "2", "--epochs", "2", "--batch", "4", "--iters", "20", "--ensemble", "2", "--log-every", "0",
             "--warmup-epochs", "1", "--lr", "0.01", *extra]
 

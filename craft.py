@@ -472,7 +472,7 @@ def coop(s, hp):
 def linear_probe(s):
     """Logistic regression on the normalised image features of the shots (test transform, no
     augmentation), train.logistic_regression: a white-box reference."""
-    test = data.make_transform("test", s.clip.visual.resolution, s.task)
+    test = data.make_transform("test", s.clip.visual, s.task)
     l = s.linear_probe(s.clip, data.ImageDataset(s.shots.items, test), s.y_shots, s.evaluated,
                        len(s.task.classnames))
     s.metrics["probe_acc"] = train.accuracy(l, s.y_eval)
@@ -510,7 +510,7 @@ def prepare(args):
             if value:
                 raise RunError(f"{flag} evaluates CraFT's classifier (prompt + refiner), which --method "
                                f"{args.method} does not train: drop it")
-    standin.check_backbone("--clip", args.clip)
+    standin.check_backbone("--clip", args.clip, args.clip_act)
     runs.check_out(args.out, args.resume, args.restart)
     device = torch.device(args.device)
     args = runs.with_precision(args, device)
@@ -525,10 +525,11 @@ def prepare(args):
                        f"imagenet, not {args.dataset}")
     shifts = {name: data.imagenet_shift(name, args.data_root) for name in args.eval_datasets or []}
     config, how = runs.settings(args, NO_NUMBER_FLAGS)
-    config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
+    config.update(data=data.fingerprint(task, args.data_root),
+                  clip=standin.backbone_id("--clip", args.clip, args.clip_act))
     out = runs.open_run(args.out, config, args.resume, args.restart, how=how)
     torch.manual_seed(args.seed)
-    clip, _ = clip_model.load(standin.resolve(args.clip), device)
+    clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
     amp = train.amp_settings(device, args.precision)[0]
     # --scale left out: what the model was trained with (the config records the flag as given)
@@ -541,8 +542,8 @@ def prepare(args):
                        f"needs {1 + len(p0) + longest} tokens, more than the backbone's {clip.context_length}: "
                        f"use a shorter --ctx-init")
     items = [task.train[i] for i in picked.tolist()]
-    crop = data.make_transform("test" if args.aug == "none" else args.aug, clip.visual.resolution, task)
-    test = data.make_transform("test", clip.visual.resolution, task)
+    crop = data.make_transform("test" if args.aug == "none" else args.aug, clip.visual, task)
+    test = data.make_transform("test", clip.visual, task)
     shifts = {name: (data.ImageDataset(items, test), torch.tensor(classes), torch.tensor([lab for _, lab in items]))
               for name, (items, classes) in shifts.items()}
     metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "shots": args.shots,
@@ -568,7 +569,9 @@ def parser():
     a = p.add_argument
     a("--dataset", default="digits", help="digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
     a("--data-root", default=None)
-    a("--clip", default="demo", help="RN50 ... ViT-L/14@336px, a checkpoint path, or demo (offline stand-in)")
+    a("--clip", default="demo", help="demo (the offline stand-in), an OpenAI release (RN50 ... ViT-L/14@336px), "
+      "open_clip:ARCH/TAG[=FILE], a Hugging Face CLIPModel folder or hf:ORG/NAME, or a checkpoint file "
+      "(with --clip-act)")
     a("--out", default="runs/craft")
     a("--method", default="craft", choices=["craft", "bbt", "mlp", "coop", "probe"],
       help="bbt: CMA-ES prompt only (CE fitness); mlp: refinement MLP only (prompt p0); coop: white-box prompt "

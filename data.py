@@ -169,8 +169,10 @@ class TwoViews:
         return self.t1(img), self.t2(img)
 
 
-def make_transform(kind, resolution, task):
-    """test: CLIP's transform (clip_model.preprocess).
+def make_transform(kind, visual, task):
+    """The transforms for an image tower `visual` (its resolution, and the mean/std and test
+    resize its weights were trained with):
+    test: CLIP's test transform (clip_model.preprocess_of).
     weak: DeFT's (resize to 8/7 of the resolution, random crop, flip where the data allows).
     strong: random resized crop, flip where allowed, RandAugment.
     crop: random resized crop of 50-100% of the area, flip where allowed (CraFT's and Tip-Adapter's
@@ -179,7 +181,8 @@ def make_transform(kind, resolution, task):
     training crop; CraFT's ImageNet data).
     Works on PIL images and on uint8 tensors alike (torchvision.transforms.v2)."""
     if kind == "test":
-        return clip_model.preprocess(resolution)
+        return clip_model.preprocess_of(visual)
+    resolution = visual.resolution
     bicubic = v2.InterpolationMode.BICUBIC
     flip = [v2.RandomHorizontalFlip()] if task.flip else []
     if kind == "weak":
@@ -194,7 +197,7 @@ def make_transform(kind, resolution, task):
     else:
         raise ValueError(f"unknown transform {kind!r}")
     return v2.Compose([v2.ToImage()] + body + [v2.ToDtype(torch.float32, scale=True),
-                                               v2.Normalize(clip_model.CLIP_MEAN, clip_model.CLIP_STD)])
+                                               v2.Normalize(visual.image_mean, visual.image_std)])
 
 
 # -----------------------------------------------------------------------------

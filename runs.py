@@ -77,6 +77,9 @@ def number(kind=float, low=None, high=None, low_open=False, high_open=False):
 def run_flags(p):
     """The flags every method's CLI has, with the same meaning: where and how a run goes."""
     a = p.add_argument
+    a("--clip-act", default=None, choices=["quick_gelu", "gelu"],
+      help="the MLP activation of a --clip (or --fft-backbone) checkpoint file whose name does not give it: the "
+           "weights do not reveal it (OpenAI, MetaCLIP, DFN: quick_gelu; open_clip's LAION / DataComp: gelu)")
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--precision", default="auto", choices=PRECISIONS,
@@ -244,7 +247,10 @@ def read_config(out):
 
 # The flags every CLI has that change how a run goes, never its numbers (results do not depend on
 # the workers or the eval batch; the data are recorded by content, not by path)
-NO_NUMBER_FLAGS = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root")
+# (--clip-act changes numbers, but config.json records it inside the backbones' identities, as
+# --data-root inside the data's fingerprint)
+NO_NUMBER_FLAGS = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root",
+                   "clip_act")
 RESULT_FILES = ("metrics.json", "predictions.pt")  # every run's (finish_run), deleted by --restart
 
 

@@ -12,9 +12,10 @@ counting as a match, with the shared loop (train.fit) under AdamW and warm-up + 
 weights are cached under a name that hashes the settings and the architecture.
 
     python standin.py [--rebuild]      build (or find in the cache) the stand-in's checkpoint
-    --clip demo                        what every method's CLI calls it (resolve)
+    --clip demo                        what every method's CLI calls it (load)
 """
 import argparse
+import dataclasses
 import hashlib
 import math
 import time
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+import checkpoints
 import clip_model
 import ddp
 import runs
@@ -356,7 +358,7 @@ def path(cache_dir=None, settings=None):
     settings = {**STANDIN, **(settings or {})}
     key = hashlib.sha256(repr((sorted(settings.items()),
                                asdict(clip_model.CONFIGS[settings["config"]]))).encode()).hexdigest()[:12]
-    return Path(cache_dir or clip_model.default_cache_dir()) / f"standin-{key}.pt"
+    return Path(cache_dir or checkpoints.default_cache_dir()) / f"standin-{key}.pt"
 
 
 def build(cache_dir=None, rebuild=False, settings=None):
@@ -377,35 +379,40 @@ def build(cache_dir=None, rebuild=False, settings=None):
     return file
 
 
-def resolve(name, cache_dir=None):
-    """A --clip value -> the checkpoint file clip_model.load reads: "demo" -> the stand-in's
-    (pretrained on first use), a released model's name -> its file in the cache (downloaded on
-    first use, sha256 checked), a file path unchanged. Under torchrun rank 0 fills the cache
+def check_backbone(flag, name, act=None):
+    """A --clip-like flag's value -> checkpoints.Backbone (None for no value): the stand-in, or any
+    form checkpoints.describe reads, with `act` from --clip-act; refused in one line naming the
+    flag before anything is loaded."""
+    if name is None:
+        return None
+    if name == NAME:  # ours, built with CLIP's QuickGELU
+        if act not in (None, "quick_gelu"):
+            raise train.RunError(f"{flag} {NAME} runs quick_gelu, as it was pretrained: drop --clip-act {act}")
+        return checkpoints.Backbone(NAME, path(), "openai", "quick_gelu")
+    try:
+        return checkpoints.describe(name, act)
+    except clip_model.CLIPError as e:
+        raise train.RunError(f"{flag}: {e}") from None
+
+
+def backbone_id(flag, name, act=None):
+    """A backbone as a run's config records it: an OpenAI release's name (its file's sha256 is
+    checked whenever it is loaded), the stand-in's cache file (named by its settings' hash), else
+    the name with its weights' sha256 and activation (so moving a file does not matter, changing
+    it or its activation does)."""
+    b = check_backbone(flag, name, act)
+    return None if b is None else f"demo ({path().name})" if name == NAME else b.identity()
+
+
+def load(flag, name, act, device):
+    """(CLIP, test transform) of a --clip-like flag's value: the stand-in is pretrained and an
+    OpenAI release downloaded into the cache on first use; under torchrun rank 0 fills the cache
     first and the other processes then read it (ddp.rank0_first)."""
+    b = check_backbone(flag, name, act)
+
     def fetch():
-        if name == NAME:
-            return build(cache_dir)
-        return clip_model.checkpoint_path(name) if name in clip_model.CHECKPOINTS else name
-    return ddp.rank0_first(fetch)
-
-
-def check_backbone(flag, name):
-    """A --clip-like flag's value must be a released model, the stand-in, or a checkpoint file:
-    refused in one line before anything is loaded."""
-    if name and name != NAME and name not in clip_model.CHECKPOINTS and not Path(name).is_file():
-        raise train.RunError(f"{flag} {name!r} is neither a released model ({', '.join(clip_model.CHECKPOINTS)}), "
-                             f"{NAME}, nor a checkpoint file")
-
-
-def backbone_id(name):
-    """A backbone as a run's config records it: a released model's name (its file's sha256 is
-    checked whenever it is loaded), the stand-in's cache file (named by its settings' hash), or a
-    checkpoint file's own sha256 (so moving the file does not matter, changing it does)."""
-    if name is None or name in clip_model.CHECKPOINTS:
-        return name
-    if name == NAME:
-        return f"demo ({path().name})"
-    return "sha256:" + clip_model.sha256_of(name)[:16]
+        return build() if name == NAME else checkpoints.checkpoint_path(b.release) if b.release else b.path
+    return checkpoints.load(dataclasses.replace(b, path=ddp.rank0_first(fetch)), device)
 
 
 if __name__ == "__main__":

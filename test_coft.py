@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import clip_model as cm
 import coft
 import data
 import runs
 import train
-from conftest import coft_error, numbers, randomized, run_coft, stage_state
+from conftest import coft_error, numbers, randomized, run_coft, stage_state, tower
 
 
 # --------------------------------------------------------------------------- CoFT: building blocks
@@ -134,7 +135,8 @@ def test_the_method_runs_with_torch_and_clip_model_alone(tmp_path):
     shutil.copy(cm.__file__, tmp_path / "clip_model.py")
     shutil.copytree(Path(cm.__file__).parent / "assets", tmp_path / "assets")
     (tmp_path / "check.py").write_text(COPY_CHECK)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # the thread count of this process: float sums may depend on it
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     r = subprocess.run([sys.executable, "check.py", str(tmp_path / "copied.pt")], cwd=tmp_path, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -408,7 +410,7 @@ def test_end_to_end_every_accuracy_is_its_saved_predictions_accuracy(tmp_path, p
 def digit_tensors():
     """The digits task's train and test images under the test transform, and their labels."""
     task = data.digits_task()
-    tf = data.make_transform("test", 32, task)
+    tf = data.make_transform("test", tower(32), task)
     stack = lambda items: torch.stack([tf(img) for img, _ in items])  # noqa: E731
     labels = lambda items: torch.tensor([y for _, y in items])  # noqa: E731
     return task, stack(task.train), labels(task.train), stack(task.test), labels(task.test)
@@ -452,7 +454,7 @@ def audited_run(tmp_path_factory, pretrained_tiny):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "fit", recording_fit)
         m = run_coft(tmp, "--rounds", "2", ckpt=pretrained_tiny[0])
-    return tmp / "run", m, heads, cm.load(str(pretrained_tiny[0]))[0]
+    return tmp / "run", m, heads, checkpoints.load(str(pretrained_tiny[0]), act="quick_gelu")[0]
 
 
 def phase1_scores_by_hand(run_dir, clip, r, m, X):
@@ -571,7 +573,7 @@ def test_topk_baseline_and_resnet_backbone(tmp_path):
     m = run_coft(tmp_path, "--method", "topk", name="tiny-rn")
     assert "phase1_model1_acc" not in m
     # the baseline's number is its saved model's accuracy on the test images, fine-tuned on S*
-    clip = cm.load(str(tmp_path / "tiny-rn.pt"))[0]
+    clip = checkpoints.load(str(tmp_path / "tiny-rn.pt"), act="quick_gelu")[0]
     ft = cm.ImageClassifier(clip.visual, 10)
     ft.load_state_dict(stage_state(tmp_path / "run", "topk"))
     _, _, _, X_test, y_test = digit_tensors()
@@ -613,7 +615,7 @@ def test_self_training_relabels_with_its_own_model_above_the_threshold(tmp_path,
     trained_on = record_training_sets(monkeypatch)
     m = run_coft(tmp_path, "--method", "selftrain", "--rounds", "2", "--threshold", "0.3", ckpt=pretrained_tiny[0])
     task, X_train, y_train, X_test, y_test = digit_tensors()
-    clip = cm.load(str(pretrained_tiny[0]))[0]
+    clip = checkpoints.load(str(pretrained_tiny[0]), act="quick_gelu")[0]
     T = zero_shot_text(clip, task)
     with torch.no_grad():
         labellers = [(clip.logit_scale.exp() * F.normalize(clip.encode_image(X_train), dim=-1) @ T.t()).softmax(1)]
@@ -692,7 +694,8 @@ def test_fft_init_phase1_needs_a_backbone_its_vpt_fits(tmp_path, capsys):
     torch.save(randomized("tiny-rn").state_dict(), tmp_path / "rn.pt")
     for other, what in (("narrow", "width 32"), ("rn", "is a ResNet"), ("shallow", "1 blocks")):
         out = tmp_path / f"run-{other}"
-        err = coft_error(capsys, "--clip", str(tmp_path / "vit.pt"), "--fft-backbone", str(tmp_path / f"{other}.pt"),
+        err = coft_error(capsys, "--clip", str(tmp_path / "vit.pt"), "--clip-act", "quick_gelu",
+                         "--fft-backbone", str(tmp_path / f"{other}.pt"),
                         "--fft-init", "phase1", "--M", "4", "--vpt-tokens", "2", "--out", str(out))
         assert "--fft-init pretrained" in err and what in err, err
         assert not list(out.rglob("*.pt"))  # refused before any work
@@ -799,12 +802,12 @@ def test_llm_prompts_drive_the_zero_shot_pass(tmp_path, pretrained_tiny):
     prompts = {c: [f"a photo of the number {c}.", f"the digit {c}"] for c in data.DIGIT_NAMES}
     (tmp_path / "p.json").write_text(json.dumps(prompts))
     m = run_coft(tmp_path, "--llm-prompts", str(tmp_path / "p.json"), "--phase", "1", ckpt=pretrained_tiny[0])
-    clip, _ = cm.load(str(pretrained_tiny[0]))
+    clip, _ = checkpoints.load(str(pretrained_tiny[0]), act="quick_gelu")
     with torch.no_grad():  # each class: the mean of its prompts' normalised embeddings, by hand
         W = torch.stack([F.normalize(F.normalize(clip.encode_text(cm.tokenize(prompts[c], clip.context_length)),
                                                  dim=-1).mean(0), dim=0) for c in data.DIGIT_NAMES])
     task = data.digits_task()
-    x = torch.stack([data.make_transform("test", 32, task)(img) for img, _ in task.test])
+    x = torch.stack([data.make_transform("test", tower(32), task)(img) for img, _ in task.test])
     y = torch.tensor([label for _, label in task.test])
     with torch.no_grad():
         acc = 100.0 * (F.normalize(clip.encode_image(x), dim=-1) @ W.t()).argmax(1).eq(y).float().mean().item()
@@ -831,14 +834,14 @@ def test_rounds_restart_from_pretrained_weights(tmp_path, pretrained_tiny, monke
     monkeypatch.setattr(train, "fit", recording_fit)
     m = run_coft(tmp_path, "--rounds", "2", "--phase", "1", ckpt=pretrained_tiny[0])
     assert len(starts) == 4 and len(m["rounds"]) == 2  # 2 rounds x 2 models
-    pretrained = cm.load(str(pretrained_tiny[0]))[0].state_dict()
+    pretrained = checkpoints.load(str(pretrained_tiny[0]), act="quick_gelu")[0].state_dict()
     for start, backbone, _ in starts:
         assert all(torch.equal(pretrained[k], v) for k, v in backbone.items())
     r1m1_end, r2m1_start = starts[0][2], starts[2][0]
     for k in r2m1_start:
         assert not torch.equal(r2m1_start[k], r1m1_end[k])  # no carry-over of trained prompts / VPT
     # round 2's start is a fresh draw: re-creating the model under round 2's seed gives it exactly
-    clip = cm.load(str(pretrained_tiny[0]))[0]  # (building a model draws random numbers: before seeding)
+    clip = checkpoints.load(str(pretrained_tiny[0]), act="quick_gelu")[0]  # (building a model draws random numbers: before seeding)
     torch.manual_seed(coft.seed_of(0, "init", 2, 1))
     fresh = coft.DualPromptModel(clip, data.DIGIT_NAMES, 4, None, 2, True)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in r2m1_start.items())

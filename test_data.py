@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 
 import data
-from conftest import DTD_CLASSES, make_dtd, make_imagefolder, write_image
+from conftest import DTD_CLASSES, make_dtd, make_imagefolder, write_image, tower
 
 
 
@@ -20,10 +20,26 @@ def test_digit_transforms_never_flip():
     task = data.digits_task()
     assert task.flip is False
     for kind in ("weak", "strong"):
-        names = [type(t).__name__ for t in data.make_transform(kind, 32, task).transforms]
+        names = [type(t).__name__ for t in data.make_transform(kind, tower(32), task).transforms]
         assert "RandomHorizontalFlip" not in names
     assert "RandomHorizontalFlip" in [type(t).__name__ for t in data.make_transform(
-        "strong", 32, data.Task("x", ["a"], ["{}"], [], [], flip=True)).transforms]
+        "strong", tower(32), data.Task("x", ["a"], ["{}"], [], [], flip=True)).transforms]
+
+
+def test_every_transform_normalises_with_the_mean_and_std_its_tower_was_trained_with():
+    """A white image is (1 - mean) / std after every transform but RandAugment's colour changes:
+    with mean 0.5 and std 0.25 (not OpenAI's), 2.0 everywhere; the squash resize keeps a wide
+    image whole."""
+    from PIL import Image
+    white = Image.new("RGB", (48, 40), (255, 255, 255))
+    for kind in ("test", "weak", "crop", "inception"):
+        x = data.make_transform(kind, tower(32, (0.5,) * 3, (0.25,) * 3), data.digits_task())(white)
+        assert x.shape == (3, 32, 32) and torch.allclose(x, torch.full_like(x, 2.0)), kind
+    half = Image.new("RGB", (64, 32), (255, 255, 255))
+    half.paste((0, 0, 0), (0, 0, 16, 32))  # the left quarter black: a centre crop cuts it away, a squash keeps it
+    crop, squash = (data.make_transform("test", tower(32, resize_mode=m), data.digits_task())(half)
+                    for m in ("shortest", "squash"))
+    assert crop[0, 0, 0] > 0 and squash[0, 0, 0] < 0
 
 
 def test_image_over_pillows_size_limit_is_one_line(tmp_path, monkeypatch):

@@ -11,8 +11,8 @@ import torch
 import coft
 import runs
 import train
-from conftest import (coft_args, coft_error, fit_arguments, make_dtd, make_imagefolder, numbers, randomized, run_coft,
-                      run_sh, stage_of, stage_state, write_image)
+from conftest import (coft_args, coft_error, fit_arguments, make_dtd, make_imagefolder, numbers, randomized,
+                      run_coft, run_sh, stage_of, stage_state, tiny_hf, write_image)
 
 
 def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, pretrained_tiny):
@@ -124,11 +124,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = coft_error(capsys, "--dataset", "dtd", "--data-root", str(root), "--out", str(tmp_path / "c"))
     assert "do not exist" in err and "gone.jpg" in err
     # a checkpoint path that does not exist
-    assert "is neither a released model" in coft_error(capsys, "--clip", str(tmp_path / "nope.pt"),
+    assert "unknown model" in coft_error(capsys, "--clip", str(tmp_path / "nope.pt"),
                                                        "--out", str(tmp_path / "d"))
     # --eval-only / --phase 2 without the saved state they need
     torch.save(randomized("tiny-vit").state_dict(), tmp_path / "tiny.pt")
-    small = ["--clip", str(tmp_path / "tiny.pt"), "--M", "4", "--K", "2", "--vpt-tokens", "2"]
+    small = ["--clip", str(tmp_path / "tiny.pt"), "--clip-act", "quick_gelu", "--M", "4", "--K", "2", "--vpt-tokens", "2"]
     assert "holds no run for --eval-only" in coft_error(capsys, *small, "--eval-only", "--out", str(tmp_path / "e"))
     assert "holds no run for --phase 2" in coft_error(capsys, *small, "--phase", "2", "--out", str(tmp_path / "f"))
     # ... or a run that lacks one of them
@@ -277,7 +277,7 @@ def test_more_one_line_errors(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert "is a file" in coft_error(capsys, *coft_args(tmp_path, out="file"))
     # an unknown --fft-backbone / --clip: refused before the data or any model is loaded
-    assert "--fft-backbone 'ViT-Q/3'" in coft_error(capsys, *coft_args(tmp_path, "--fft-backbone", "ViT-Q/3"))
+    assert "--fft-backbone: unknown model 'ViT-Q/3'" in coft_error(capsys, *coft_args(tmp_path, "--fft-backbone", "ViT-Q/3"))
     assert not (tmp_path / "run").exists()
     # a prompt longer than the context (tiny-vit: 16 tokens): names the flag that shortens it
     err = coft_error(capsys, *coft_args(tmp_path, "--M", "14", out="long"))
@@ -372,7 +372,7 @@ def test_unreadable_image_names_the_file(tmp_path, capsys, workers):
     (root / "train" / "dotted" / "broken.png").write_bytes(b"not a png")
     torch.save(randomized("tiny-vit").state_dict(), tmp_path / "tiny.pt")
     err = coft_error(capsys, "--dataset", "imagefolder", "--data-root", str(root), "--clip", str(tmp_path / "tiny.pt"),
-                    "--M", "4", "--out", str(tmp_path / "run"), "--workers", str(workers))
+                    "--clip-act", "quick_gelu", "--M", "4", "--out", str(tmp_path / "run"), "--workers", str(workers))
     assert "cannot read image" in err and "broken.png" in err
 
 
@@ -388,3 +388,33 @@ def test_precision_is_part_of_a_runs_config(tmp_path, capsys):
     assert "precision: 'fp32' -> 'bf16'" in err
     assert "fp16 needs a GPU" in coft_error(capsys, *coft_args(tmp_path, *SHORT, "--precision", "fp16", out="x"))
 
+
+
+def test_every_method_runs_on_a_hugging_face_folder_with_its_activation_and_recorded_identity(tmp_path, capsys):
+    """A Hugging Face CLIPModel folder (GELU, its own mean/std) as --clip for VeCAF, CraFT and
+    CoFT (with a file as --fft-backbone, the distillation path): each run's config records the
+    folder with its weights' sha256 and activation; an --clip-act against the folder's config is
+    refused in one line, before any work."""
+    transformers = pytest.importorskip("transformers")
+    import craft
+    import vecaf
+    folder = tmp_path / "hf"
+    tiny_hf(transformers, "gelu").save_pretrained(folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                    image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    torch.save(randomized("tiny-vit").state_dict(), tmp_path / "student.pt")
+    v = ["--clip", str(folder), "--out", str(tmp_path / "v"), "--method", "random", "--budget", "6", "--loops", "1",
+         "--epochs", "1", "--batch", "4", "--log-every", "0"]
+    c = ["--clip", str(folder), "--out", str(tmp_path / "c"), "--shots", "1", "--budget", "16", "--popsize", "8",
+         "--intrinsic-dim", "8", "--log-every", "0", "--eval-split", "dev"]
+    k = ["--clip", str(folder), "--fft-backbone", str(tmp_path / "student.pt"), "--clip-act", "gelu", "--out",
+         str(tmp_path / "k"), "--M", "4", "--K", "2", "--vpt-tokens", "2", "--p1-epochs", "1", "--fft-epochs", "1",
+         "--batch", "64", "--log-every", "0", "--branches", "1"]
+    for main, argv, out in ((vecaf.main, v, "v"), (craft.main, c, "c"), (coft.main, k, "k")):
+        main(argv)
+        config = json.loads((tmp_path / out / "config.json").read_text())["config"]
+        assert re.fullmatch(rf"{re.escape(str(folder))} sha256:[0-9a-f]{{16}} gelu", config["clip"]), config["clip"]
+    assert re.fullmatch(r".*student.pt sha256:[0-9a-f]{16} gelu", config["fft_backbone"])
+    capsys.readouterr()
+    err = coft_error(capsys, *[a if a != "gelu" else "quick_gelu" for a in k], "--resume")
+    assert "whose config.json says gelu, not quick_gelu" in err

@@ -100,7 +100,8 @@ def test_precision_settings():
 
 
 def test_imports_run_one_way():
-    """clip_model and ddp import nothing from the project, train only ddp; data only clip_model;
+    """clip_model and ddp import nothing from the project, train only ddp; data and checkpoints
+    only clip_model;
     no library imports a method (coft, craft, vecaf, bench), nor a method another method."""
     import ast
     from pathlib import Path
@@ -115,10 +116,10 @@ def test_imports_run_one_way():
 
     assert imports("clip_model") == imports("ddp") == set() and imports("train") == {"ddp"}
     assert imports("runs") == {"clip_model", "data", "ddp", "train"}  # their errors are the CLIs' one-line errors
-    assert imports("data") == {"clip_model"}
-    assert imports("standin") <= {"clip_model", "data", "ddp", "runs", "train"}
+    assert imports("data") == imports("checkpoints") == {"clip_model"}
+    assert imports("standin") <= {"checkpoints", "clip_model", "data", "ddp", "runs", "train"}
     assert imports("llm") <= {"data", "runs"}
-    libraries = ("clip_model", "data", "standin", "train", "ddp", "runs", "llm")
+    libraries = ("clip_model", "checkpoints", "data", "standin", "train", "ddp", "runs", "llm")
     assert not {"coft", "craft", "vecaf", "bench"} & set().union(*(imports(m) for m in libraries))
     methods = {"coft", "craft", "vecaf"}
     assert all(not (methods - {m}) & imports(m) for m in methods)  # a sibling method depends on no other

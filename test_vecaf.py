@@ -10,6 +10,7 @@ from xml.etree import ElementTree
 import pytest
 import torch
 
+import checkpoints
 import clip_model as cm
 import data
 import runs
@@ -202,7 +203,7 @@ def test_run_grows_the_selection_and_cea_moves_exactly_the_picks(tmp_path):
     # captions (the batch's distinct captions as keys), recomputed here from their definitions
     f = vecaf_stage(run, "features")["f"]
     task = data.load_task("digits")
-    clip, _ = cm.load(str(tmp_path / "tiny-vit.pt"))
+    clip, _ = checkpoints.load(str(tmp_path / "tiny-vit.pt"), act="quick_gelu")
     t = cm.text_classifier(clip, cm.class_prompts(task.classnames, [task.templates[0]]), "cpu")
     rows = vecaf_stage(run, "loop2")["bank_rows"]
     y = torch.tensor([label for _, label in task.train])
@@ -446,7 +447,7 @@ def test_selection_reads_the_current_model_the_cea_moved_features_and_a_seed_per
     loop1, loop2 = vecaf_stage(run, "loop1"), vecaf_stage(run, "loop2")
     assert len(seen_models) == 2 and all(torch.equal(seen_models[1][k], loop1["model"][k]) for k in loop1["model"])
     assert not all(torch.equal(seen_models[0][k], loop1["model"][k]) for k in loop1["model"])
-    clip, _ = cm.load(str(tmp_path / "tiny-vit.pt"))
+    clip, _ = checkpoints.load(str(tmp_path / "tiny-vit.pt"), act="quick_gelu")
     task = data.load_task("digits")
     W = cm.text_classifier(clip, cm.class_prompts(task.classnames, [task.templates[0]]), "cpu")
     head = seen_models[0]["head.weight"]  # loop 1: the zero-shot head (ImageClassifier: logit_scale * W)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import clip_model
 import data
 import llm
@@ -521,7 +522,7 @@ def fine_tune(s, ft, tag, model, idx, evaluate, before):
     counted over all loops (`before`: the earlier loops' batches), so that every run, whatever its
     epoch length, is measured at the same batch counts; and after the loop's last batch.
     Returns fit's history."""
-    augment = data.make_transform(ft.aug if ft.aug != "none" else "test", s.clip.visual.resolution, s.task)
+    augment = data.make_transform(ft.aug if ft.aug != "none" else "test", s.clip.visual, s.task)
     train_set = data.ImageDataset([s.task.train[i] for i in idx.tolist()], augment)
 
     def batches(epoch):
@@ -660,7 +661,7 @@ def prepare(args):
     """The checks, the run folder and the backbone, cheap mistakes first -> (Setup, Selection,
     FineTuning)."""
     device = runs.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
-    standin.check_backbone("--clip", args.clip)
+    standin.check_backbone("--clip", args.clip, args.clip_act)
     runs.check_out(args.out, args.resume, args.restart)
     t0 = time.time()
     task = data.load_task(args.dataset, args.data_root)
@@ -670,14 +671,15 @@ def prepare(args):
     # read and checked now, before any work (check_args refuses --captions for methods without CEA)
     pool_captions = read_captions(args.captions, task.train, args.data_root) if args.captions else None
     config, how = runs.settings(args, NO_NUMBER_FLAGS)
-    config.update(data=data.fingerprint(task, args.data_root), clip=standin.backbone_id(args.clip))
+    config.update(data=data.fingerprint(task, args.data_root),
+                  clip=standin.backbone_id("--clip", args.clip, args.clip_act))
     if args.captions:  # the file by content
-        config["captions"] = "sha256:" + clip_model.sha256_of(args.captions)[:16]
+        config["captions"] = "sha256:" + checkpoints.sha256_of(args.captions)[:16]
     out = runs.open_run(args.out, config, args.resume, args.restart, how=how)
     torch.manual_seed(args.seed)
-    clip, _ = clip_model.load(standin.resolve(args.clip), device)
+    clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
-    test = data.make_transform("test", clip.visual.resolution, task)
+    test = data.make_transform("test", clip.visual, task)
     y_pool = torch.tensor([lab for _, lab in task.train])
     captions = caption_table(clip, task, y_pool, device, args.caption_template, args.ood_captions,
                              pool_captions) if METHODS[args.method].cea else None
@@ -866,7 +868,9 @@ def parser():
     a("--dataset", default="digits", help="digits (offline demo), digits-bold (its test strokes thickened), a "
       "CoOp dataset name, imagefolder, cifar10, cifar100")
     a("--data-root", default=None)
-    a("--clip", default="demo", help="RN50 ... ViT-L/14@336px, a checkpoint path, or demo (offline stand-in)")
+    a("--clip", default="demo", help="demo (the offline stand-in), an OpenAI release (RN50 ... ViT-L/14@336px), "
+      "open_clip:ARCH/TAG[=FILE], a Hugging Face CLIPModel folder or hf:ORG/NAME, or a checkpoint file "
+      "(with --clip-act)")
     a("--out", default="runs/vecaf")
     a("--method", default="vecaf", choices=list(METHODS),
       help="vecaf: ODS + CEA + ensemble; activeft: the base selection alone; ods / cea / ensemble: ActiveFT with "
