@@ -324,6 +324,29 @@ def read_safetensors(path):
     return out
 
 
+def write_safetensors(tensors, path):
+    """{name: tensor} -> a .safetensors file (read_safetensors' format), names sorted and no
+    metadata, so the bytes depend on the tensors alone: equal tensors, equal sha256. Written to a
+    temporary name, then renamed (atomic)."""
+    names = sorted(tensors)
+    header, offset = {}, 0
+    dtype_name = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    for k in names:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": dtype_name[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the tensors start 8-byte aligned
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for k in names:
+            f.write(tensors[k].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
+    return Path(path)
+
+
 def read_state_dict(path):
     """{name: tensor} from a .safetensors file, a TorchScript archive (OpenAI's release format) or
     a torch.save'd state dict (also one under a "state_dict" key)."""

@@ -8,18 +8,21 @@ seven"). The target (data.digits_task) is real handwritten UCI digits through th
 acquisition, so the gap between the domains is the glyph style only.
 
 Pretraining: CLIP's contrastive loss on (image, caption) pairs, every caption of the same digit
-counting as a match, with the shared loop (train.fit) under AdamW and warm-up + cosine. The
-weights are cached under a name that hashes the settings and the architecture.
+counting as a match, with the shared loop (train.fit) under AdamW and warm-up + cosine.
 
-    python standin.py [--rebuild]      build (or find in the cache) the stand-in's checkpoint
+The result is shipped, content-addressed: assets/standin.safetensors, whose sha256 is
+SHIPPED_SHA256 (matrices in fp16). Pretraining again gives the same tensors only with the same
+torch version and thread count (float sums), so the demos load the shipped file and never
+pretrain; `--rebuild` shows how it was made and whether this machine makes the same one.
+
+    python standin.py                  check the shipped checkpoint
+    python standin.py --rebuild        pretrain it again (~4 min on a CPU core), compare
     --clip demo                        what every method's CLI calls it (load)
 """
 import argparse
 import dataclasses
-import hashlib
 import math
 import time
-from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,7 +33,6 @@ from PIL import Image, ImageDraw, ImageFont
 import checkpoints
 import clip_model
 import ddp
-import runs
 import train
 from data import DIGIT_NAMES, digits_to_images
 
@@ -306,6 +308,9 @@ class RenderedBatches:
 
 STANDIN = dict(config="demo", steps=400, batch=256, lr=1e-3, weight_decay=0.1, warmup=40, seed=0, version=1)
 NAME = "demo"  # what --clip calls the stand-in
+# The shipped checkpoint, content-addressed: rebuild(STANDIN) on torch 2.14.1 (CPU, one thread)
+SHIPPED = clip_model.ASSETS / "standin.safetensors"
+SHIPPED_SHA256 = "275a008b0d646bd370366b54809e07d160f340d3243f9506d40eec47bbe38f8a"
 
 
 def clip_loss(v, t, logit_scale, labels):
@@ -351,32 +356,40 @@ def pretrain(model, steps, batch, lr, weight_decay, warmup, seed, log_every=50, 
     return history["loss"]
 
 
-def path(cache_dir=None, settings=None):
-    """Where the stand-in pretrained with `settings` is cached: the file name carries a hash of
-    the settings and the architecture, so changing either retrains (bump STANDIN["version"] when
-    the rendered data changes)."""
-    settings = {**STANDIN, **(settings or {})}
-    key = hashlib.sha256(repr((sorted(settings.items()),
-                               asdict(clip_model.CONFIGS[settings["config"]]))).encode()).hexdigest()[:12]
-    return Path(cache_dir or checkpoints.default_cache_dir()) / f"standin-{key}.pt"
+def shipped():
+    """The shipped stand-in (assets/standin.safetensors), refused in one line unless its sha256 is
+    SHIPPED_SHA256: the demo tables were measured from exactly these bytes."""
+    if not SHIPPED.is_file():
+        raise train.RunError(f"{SHIPPED} is missing: restore it (git checkout -- assets/{SHIPPED.name})")
+    got = checkpoints.sha256_of(SHIPPED)
+    if got != SHIPPED_SHA256:
+        raise train.RunError(f"{SHIPPED} has sha256 {got[:16]}..., not the stand-in the demo tables were measured "
+                             f"with ({SHIPPED_SHA256[:16]}...): restore it (git checkout -- assets/{SHIPPED.name}), "
+                             f"or adopt a rebuilt one by setting standin.SHIPPED_SHA256 to its hash")
+    return SHIPPED
 
 
-def build(cache_dir=None, rebuild=False, settings=None):
-    """Path of the stand-in's checkpoint (a plain state dict), pretraining it first if it is not
-    in the cache (see path)."""
-    file = path(cache_dir, settings)
+def as_shipped(state_dict):
+    """The stand-in as it is stored: matrices (the bulk: the token embedding) in fp16, vectors
+    and scalars (norms, biases, the temperature) in fp32; loading casts everything to fp32."""
+    return {k: v.half() if v.is_floating_point() and v.ndim >= 2 else v.float() if v.is_floating_point() else v
+            for k, v in state_dict.items()}
+
+
+def rebuild(out, settings=None):
+    """Pretrain the stand-in again from STANDIN's settings and store it as shipped at `out`.
+    Returns (path, sha256): the same sha256 as SHIPPED_SHA256 means the very same tensors
+    (write_safetensors' bytes depend on the tensors alone)."""
     settings = {**STANDIN, **(settings or {})}
-    if file.exists() and not rebuild:
-        return file
     print(f"pretraining the offline stand-in CLIP on rendered digits ({settings['steps']} steps of "
-          f"{settings['batch']}; cached at {file})", flush=True)
+          f"{settings['batch']}) into {out}", flush=True)
     model = clip_model.tiny_clip(settings["config"], seed=settings["seed"])
     t0 = time.time()
     pretrain(model, **settings)
     print(f"  pretraining took {time.time() - t0:.0f}s", flush=True)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    runs.atomic_save(model.state_dict(), file)
-    return file
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    path = checkpoints.write_safetensors(as_shipped(model.state_dict()), out)
+    return path, checkpoints.sha256_of(path)
 
 
 def check_backbone(flag, name, act=None):
@@ -388,7 +401,7 @@ def check_backbone(flag, name, act=None):
     if name == NAME:  # ours, built with CLIP's QuickGELU
         if act not in (None, "quick_gelu"):
             raise train.RunError(f"{flag} {NAME} runs quick_gelu, as it was pretrained: drop --clip-act {act}")
-        return checkpoints.Backbone(NAME, path(), "openai", "quick_gelu")
+        return checkpoints.Backbone(NAME, shipped(), "openai", "quick_gelu")
     try:
         return checkpoints.describe(name, act)
     except clip_model.CLIPError as e:
@@ -397,25 +410,31 @@ def check_backbone(flag, name, act=None):
 
 def backbone_id(flag, name, act=None):
     """A backbone as a run's config records it: an OpenAI release's name (its file's sha256 is
-    checked whenever it is loaded), the stand-in's cache file (named by its settings' hash), else
-    the name with its weights' sha256 and activation (so moving a file does not matter, changing
-    it or its activation does)."""
+    checked whenever it is loaded), the stand-in's sha256, else the name with its weights' sha256
+    and activation (so moving a file does not matter, changing it or its activation does)."""
     b = check_backbone(flag, name, act)
-    return None if b is None else f"demo ({path().name})" if name == NAME else b.identity()
+    return None if b is None else f"demo (sha256:{SHIPPED_SHA256[:16]})" if name == NAME else b.identity()
 
 
 def load(flag, name, act, device):
-    """(CLIP, test transform) of a --clip-like flag's value: the stand-in is pretrained and an
-    OpenAI release downloaded into the cache on first use; under torchrun rank 0 fills the cache
-    first and the other processes then read it (ddp.rank0_first)."""
+    """(CLIP, test transform) of a --clip-like flag's value: an OpenAI release is downloaded into
+    the cache on first use, rank 0 first under torchrun (ddp.rank0_first); the stand-in is the
+    shipped file."""
     b = check_backbone(flag, name, act)
 
     def fetch():
-        return build() if name == NAME else checkpoints.checkpoint_path(b.release) if b.release else b.path
+        return checkpoints.checkpoint_path(b.release) if b.release else b.path
     return checkpoints.load(dataclasses.replace(b, path=ddp.rank0_first(fetch)), device)
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="build (or find in the cache) the offline stand-in CLIP")
-    p.add_argument("--rebuild", action="store_true", help="pretrain again even if cached")
-    print(f"stand-in checkpoint: {build(rebuild=p.parse_args().rebuild)}")
+    p = argparse.ArgumentParser(description="the offline stand-in CLIP: check the shipped checkpoint, or rebuild it")
+    p.add_argument("--rebuild", action="store_true", help="pretrain it again and compare with the shipped file")
+    p.add_argument("--out", default=None, help="--rebuild: where to write (default: the cache folder)")
+    args = p.parse_args()
+    if not args.rebuild:
+        print(f"stand-in checkpoint: {shipped()} (sha256 {SHIPPED_SHA256})")
+    else:
+        path, sha = rebuild(args.out or checkpoints.default_cache_dir() / "standin-rebuilt.safetensors")
+        same = "the same tensors as" if sha == SHIPPED_SHA256 else "other tensors than"
+        print(f"rebuilt stand-in: {path} (sha256 {sha}): {same} the shipped {SHIPPED.name}")

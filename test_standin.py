@@ -1,6 +1,8 @@
-"""Tests of standin.py: the rendered, captioned digits and the stand-in's pretraining and cache."""
+"""Tests of standin.py: the rendered, captioned digits, the stand-in's pretraining and its shipped,
+content-addressed checkpoint."""
 import re
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -8,7 +10,7 @@ import checkpoints
 import clip_model as cm
 import data
 import standin
-
+import train
 
 
 def test_standin_pretraining_learns(pretrained_tiny):
@@ -39,17 +41,30 @@ def test_clip_loss_counts_same_digit_captions_as_matches():
     assert torch.isclose(standin.clip_loss(v, t, 10.0, labels), (soft_ce(logits) + soft_ce(logits.t())) / 2)
 
 
-def test_standin_is_cached_by_settings(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(standin, "pretrain", lambda model, **kw: calls.append(kw) or [0.0])
-    s = dict(config="tiny-vit", steps=3, batch=4)
-    p1 = standin.build(cache_dir=tmp_path, settings=s)
-    p2 = standin.build(cache_dir=tmp_path, settings=s)
-    assert p1 == p2 and len(calls) == 1 and p1.exists()  # the second call loads the cache
-    standin.build(cache_dir=tmp_path, settings=s, rebuild=True)
-    assert len(calls) == 2
-    p3 = standin.build(cache_dir=tmp_path, settings=dict(s, steps=4))
-    assert p3 != p1 and len(calls) == 3  # other settings, other file
+def test_the_shipped_standin_is_content_addressed(tmp_path, monkeypatch):
+    """--clip demo loads the shipped file, whose sha256 is checked (a changed byte is refused in
+    one line); rebuild() stores matrices in fp16 and the rest in fp32, and the same tensors give
+    the same bytes, so the sha256 says whether a rebuild made the shipped stand-in."""
+    model, _ = standin.load("--clip", "demo", None, "cpu")
+    assert model.cfg == cm.CONFIGS["demo"] and all(p.dtype == torch.float32 for p in model.parameters())
+    stored = checkpoints.read_safetensors(standin.SHIPPED)
+    assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in stored.items())
+    assert stored["token_embedding.weight"].dtype == torch.float16 and stored["logit_scale"].dtype == torch.float32
+    assert standin.backbone_id("--clip", "demo") == f"demo (sha256:{standin.SHIPPED_SHA256[:16]})"
+    changed = tmp_path / "standin.safetensors"
+    blob = bytearray(standin.SHIPPED.read_bytes())
+    blob[-1] ^= 1
+    changed.write_bytes(bytes(blob))
+    monkeypatch.setattr(standin, "SHIPPED", changed)
+    with pytest.raises(train.RunError, match="not the stand-in the demo tables were measured with") as e:
+        standin.check_backbone("--clip", "demo")
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(standin, "pretrain", lambda model, **kw: [0.0])  # the tiny model as initialised
+    s = dict(config="tiny-vit", steps=1, batch=4)
+    (p1, sha1), (p2, sha2) = (standin.rebuild(tmp_path / f"{i}.safetensors", s) for i in (1, 2))
+    assert sha1 == sha2 == checkpoints.sha256_of(p1) and p1.read_bytes() == p2.read_bytes()
+    built = checkpoints.read_safetensors(p1)
+    assert built["visual.proj"].dtype == torch.float16 and built["ln_final.weight"].dtype == torch.float32
     model, _ = checkpoints.load(str(p1), act="quick_gelu")
     assert model.cfg == cm.CONFIGS["tiny-vit"]
 
