@@ -817,8 +817,8 @@ def run(args):
 
 def prepare(args):
     """Everything a run checks and loads before its first stage, in the order that keeps a
-    mistake cheap: the flags, --out, the data and prompts, then the run folder (config.json),
-    then the backbones. Returns (Run, the zero-shot prompts, the --fft-backbone model or None)."""
+    mistake cheap: the flags, --out, the data and prompts, the backbones, and only then the run
+    folder (config.json; --restart discards the old run there). Returns (Run, the zero-shot prompts, the --fft-backbone model or None)."""
     device = runs.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
     check_args(args, device)
     continuing = args.resume or args.eval_only or args.phase == "2"
@@ -832,16 +832,17 @@ def prepare(args):
     eval_items = data.eval_items(task, args.eval_split)
     prompts = zero_shot_prompts(task, args.llm_prompts, args.template_ensemble, args.plus)
     config = run_config(args, task, prompts)
-    out = runs.open_run(args.out, config, continuing, args.restart, ["pseudo_labels.pt"],
-                        runs.settings(args, NO_NUMBER_FLAGS)[1])
     torch.manual_seed(args.seed)  # building a model draws random numbers (then overwritten): seeded too
-    clip, _ = standin.load("--clip", args.clip, args.clip_act, device)  # (the stand-in is pretrained on first use)
+    clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
     set_grad_checkpointing(clip, args.grad_checkpointing)
     ft_clip = None  # loaded and checked now, used in Phase II
     if args.fft_backbone and args.method == "coft":  # Phase II on another backbone (distillation)
         ft_clip, _ = standin.load("--fft-backbone", args.fft_backbone, args.clip_act, "cpu")
         check_fft_init(args, clip, ft_clip)
+    # every check passed: only now may --restart discard the run in --out
+    out = runs.open_run(args.out, config, continuing, args.restart, ["pseudo_labels.pt"],
+                        runs.settings(args, NO_NUMBER_FLAGS)[1])
     test = data.make_transform("test", clip.visual, task)
     y_true = torch.tensor([label for _, label in task.train])
     # the semi-supervised setting (Sec. 4.4): true-labelled shots per class (all of a smaller class)
@@ -1071,7 +1072,7 @@ def main(argv=None):
 
     def body():
         if args.table:
-            return runs.table(args.table, run_summary)
+            return runs.table(args.table, run_summary, ("coft", "coft+", "topk", "selftrain", "shots", "probe"))
         if args.write_llm_prompts:
             task = data.load_task(args.dataset, args.data_root)
             path = llm.write_class_prompts(args.write_llm_prompts, task.classnames, args.api_base, args.llm,
@@ -1080,8 +1081,7 @@ def main(argv=None):
             return None
         return run(resolve_defaults(args))
     where = "" if args.table or args.write_llm_prompts else \
-        (f": finished stages and the last epoch checkpoint are in {args.out}/stages; the same command with "
-         f"--resume continues from there")
+        runs.saved_in(args.out, "finished stages and the last epoch checkpoint")
     return runs.run_cli(body, where)
 
 

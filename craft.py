@@ -317,6 +317,13 @@ def zero_shot(s):
           f"p0 ({s.ctx_init!r} {{}}.): {s.metrics['p0_acc']:.2f}", flush=True)
 
 
+def last_checkpoint(ckpt):
+    """Where a stopped collaborate() can be resumed from, in words."""
+    if not ckpt.path.exists():
+        return "no checkpoint was written yet"
+    return f"its last checkpoint is {ckpt.path} (generation {runs.read_torch(ckpt.path, False)['generation']})"
+
+
 def collaborate(s, hp):
     """CraFT's collaborative training (--method craft), or one module alone (bbt: the CMA-ES
     prompt with the CE fitness; mlp: the refiner with the prompt fixed at p0). Per generation:
@@ -360,6 +367,11 @@ def collaborate(s, hp):
             Z = es.ask()  # [popsize, d]
             f = torch.cat([fitness(s.box.logits(generator(Zc), "view"), y_view, refiner, hp.lam)
                            for Zc in Z.split(max(1, 2 ** 24 // (len(y_view) * len(s.task.classnames))))])
+            if not torch.isfinite(f).all():  # CMA-ES cannot rank NaN / inf fitness values
+                raise RunError(f"generation {g + 1}: non-finite prompt fitness {f[~torch.isfinite(f)][0].item():.4g} "
+                               f"(prompts beyond what the text tower takes: --sigma0 {hp.sigma0:g}, --bound "
+                               f"{hp.bound:g}; or a diverged refiner: --lr {hp.lr:g}); stopped, "
+                               f"{last_checkpoint(ckpt)}: lower them")
             es.tell(f.double().cpu())
             z = (es.mean if hp.prompt == "mean" else es.best_x if hp.prompt == "best"
                  else es.sample(hp.popsize).mean(0))[None].float()
@@ -378,8 +390,12 @@ def collaborate(s, hp):
                 x, y, _ = batch
                 l = x if hp.aug == "none" else s.box.logits(ctx, x, raw=hp.raw_image_features)[0]  # [B, C]
                 return {"loss": (refinement_loss(l, y, model, lam_o), len(y))}
-            h = train.fit(refiner, step, lambda e: s.loader(epoch, hp.batch, ("refine", g), shuffle=True), 1,
-                          opt, lambda *_: 1.0, s.device, seed_of(s.seed, "refine", g), s.precision, log_every=0)
+            try:
+                h = train.fit(refiner, step, lambda e: s.loader(epoch, hp.batch, ("refine", g), shuffle=True), 1,
+                              opt, lambda *_: 1.0, s.device, seed_of(s.seed, "refine", g), s.precision,
+                              tag=f"the refiner's epoch in generation {g + 1}", log_every=0)
+            except RunError as e:
+                raise RunError(f"{e}; CraFT's run: {last_checkpoint(ckpt)}") from None
             history["refine_loss"].append(sum(h["loss"]) / len(h["loss"]))
         if search:
             history["prompt_fitness"].append(fitness(s.box.logits(ctx, "view"), y_view, refiner, hp.lam).item())
@@ -505,6 +521,13 @@ def prepare(args):
     if args.budget < args.popsize:
         raise RunError(f"--budget {args.budget} is smaller than one CMA-ES generation (--popsize {args.popsize} "
                        f"queries): give --budget {args.popsize} or more")
+    if args.budget % args.popsize:  # the search spends whole generations: the rest would be recorded, unspent
+        low = args.budget // args.popsize * args.popsize
+        raise RunError(f"--budget {args.budget} is not a whole number of CMA-ES generations of --popsize "
+                       f"{args.popsize} queries: give {low} or {low + args.popsize}")
+    if not args.ctx_init.split():
+        raise RunError("--ctx-init is empty: give the words the prompt starts from (e.g. 'a photo of a'); an empty "
+                       "context leaves the search nothing to change")
     if args.method not in SEARCHES + REFINES:
         for flag, value in (("--trace-every", args.trace_every), ("--eval-datasets", args.eval_datasets)):
             if value:
@@ -512,7 +535,7 @@ def prepare(args):
                                f"{args.method} does not train: drop it")
     standin.check_backbone("--clip", args.clip, args.clip_act)
     runs.check_out(args.out, args.resume, args.restart)
-    device = torch.device(args.device)
+    device = runs.check_device(args.device)
     args = runs.with_precision(args, device)
     t0 = time.time()
     task = data.load_task(args.dataset, args.data_root)
@@ -527,7 +550,6 @@ def prepare(args):
     config, how = runs.settings(args, NO_NUMBER_FLAGS)
     config.update(data=data.fingerprint(task, args.data_root),
                   clip=standin.backbone_id("--clip", args.clip, args.clip_act))
-    out = runs.open_run(args.out, config, args.resume, args.restart, how=how)
     torch.manual_seed(args.seed)
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
@@ -541,6 +563,7 @@ def prepare(args):
         raise RunError(f"a prompt of --ctx-init {args.ctx_init!r} ({len(p0)} tokens) and the longest class name "
                        f"needs {1 + len(p0) + longest} tokens, more than the backbone's {clip.context_length}: "
                        f"use a shorter --ctx-init")
+    out = runs.open_run(args.out, config, args.resume, args.restart, how=how)  # every check passed: now --restart
     items = [task.train[i] for i in picked.tolist()]
     crop = data.make_transform("test" if args.aug == "none" else args.aug, clip.visual, task)
     test = data.make_transform("test", clip.visual, task)
@@ -629,8 +652,8 @@ def resolve_defaults(args):
     where the dataset is one of the paper's (else the row most of them share), workers by device.
     Returns a resolved copy of the flags."""
     args = argparse.Namespace(**vars(args))
-    if args.budget is None:
-        args.budget = budget_for(args.shots, args.dataset)
+    if args.budget is None:  # whole generations of --popsize
+        args.budget = max(budget_for(args.shots, args.dataset) // args.popsize, 1) * args.popsize
     row = dict(zip(SETTING_FLAGS, SETTINGS.get(args.dataset.lower(), DEFAULT_SETTINGS)))
     row["bound"] = row["bound"] or 0.0
     for k, v in row.items():
@@ -656,10 +679,9 @@ def run_summary(m):
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.table:
-        return runs.run_cli(lambda: runs.table(args.table, run_summary))
-    return runs.run_cli(lambda: run(resolve_defaults(args)),
-                        f": the last checkpoint is in {args.out}/stages; the same command with --resume "
-                         f"continues from there")
+        return runs.run_cli(lambda: runs.table(args.table, run_summary, ("craft", "bbt", "mlp", "coop", "probe")))
+    return runs.run_cli(lambda: run(resolve_defaults(args)), runs.saved_in(args.out, "the finished stages and "
+                                                                             "the last checkpoint"))
 
 
 if __name__ == "__main__":

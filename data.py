@@ -713,8 +713,10 @@ def few_shot(task, shots, seed, all_of_smaller_classes=False):
         idx = (y == k).nonzero().squeeze(1)
         if len(idx) < shots and not all_of_smaller_classes:
             fewest = min(int((y == c).sum()) for c in range(len(task.classnames)))
+            advice = f"use --shots {fewest} or fewer" if fewest else \
+                f"every class needs train images: add some, or leave {name!r} out of the data"
             raise DataError(f"--shots {shots}: class {name!r} of {task.name} has only {len(idx)} train images; "
-                            f"use --shots {fewest} or fewer")
+                            f"{advice}")
         picked.append(idx[torch.randperm(len(idx), generator=g)[:shots]])
     return torch.cat(picked)
 

@@ -80,7 +80,7 @@ def run_flags(p):
     a("--clip-act", default=None, choices=["quick_gelu", "gelu"],
       help="the MLP activation of a --clip (or --fft-backbone) checkpoint file whose name does not give it: the "
            "weights do not reveal it (OpenAI, MetaCLIP, DFN: quick_gelu; open_clip's LAION / DataComp: gelu)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=number(int, 0, 2 ** 63 - 1), default=0, help="every random stream's root (0 .. 2^63 - 1)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--precision", default="auto", choices=PRECISIONS,
       help="auto: bf16 autocast on GPUs that support it, fp16 + loss scaling on older GPUs, fp32 on CPUs; "
@@ -99,12 +99,31 @@ def run_flags(p):
 # The CLI: start-up under torchrun, one-line errors, Ctrl-C
 
 
+def check_device(name):
+    """--device as a torch.device that exists here, else one line (before anything is written)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RunError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise RunError(f"--device {name}: torch sees no GPU on this machine (torch.cuda.is_available() is False): "
+                           f"use --device cpu")
+        if device.index is not None and device.index >= n:
+            raise RunError(f"--device {name}: this machine has {n} GPU(s), cuda:0 .. cuda:{n - 1}")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise RunError(f"--device {name}: use cpu, cuda or cuda:N")
+    return device
+
+
 def start_processes(device):
     """Join the torchrun job this process belongs to, if any (torchrun sets RANK, WORLD_SIZE,
     LOCAL_RANK and the rendezvous address): NCCL for GPUs, each process on the GPU of its local
     rank; gloo on CPUs. Processes other than rank 0 print nothing on stdout (rank 0 speaks for
-    all; errors still go to stderr). Returns the device this process computes on."""
-    device = torch.device(device)
+    all; errors still go to stderr). Returns the device this process computes on, checked first
+    (check_device)."""
+    device = check_device(device)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or distributed():
         return device
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -122,10 +141,21 @@ def start_processes(device):
     return device
 
 
+def saved_in(out, what):
+    """run_cli's Ctrl-C line for a run in `out`: where its saved `what` is and how to continue,
+    or that nothing was saved yet (looked at when Ctrl-C comes)."""
+    def line():
+        stages = Path(out) / "stages"
+        if stages.is_dir() and any(stages.iterdir()):
+            return f": {what} are in {stages}; the same command with --resume continues from there"
+        return ": nothing was saved yet (no stage or checkpoint had finished); the same command starts over"
+    return line
+
+
 def run_cli(body, interrupted="", errors=USER_ERRORS):
     """A CLI's body run the same way in every method: an error the user can fix (one of `errors`)
     prints its one line and exits 2, never a traceback; Ctrl-C prints `interrupted` (where the
-    saved work is) and exits 130.
+    saved work is; a function is asked at that moment, see saved_in) and exits 130.
     Under torchrun an error ends the whole job (torchrun stops every process once one exits) with
     one line, and what the error is decides who prints it, never timing:
       * an error every process meets by construction (the flags, the run folder, the config and
@@ -163,7 +193,7 @@ def run_cli(body, interrupted="", errors=USER_ERRORS):
         raise  # a fault of this process, with its traceback
     except KeyboardInterrupt:
         if launched_rank()[0] == 0:  # Ctrl-C reaches every process of a torchrun job
-            print(f"\ninterrupted{interrupted}", file=sys.stderr)
+            print(f"\ninterrupted{interrupted() if callable(interrupted) else interrupted}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -218,6 +248,8 @@ def check_out(out, resume, restart):
     """The cheap checks on --out, made before anything is loaded: it must be a folder (or not
     exist), and a folder holding a run is only continued (--resume) or discarded (--restart)."""
     out = Path(out)
+    if resume and restart:
+        raise RunError("--resume continues the run in --out and --restart discards it: give one of them")
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder: give a folder path")
     if holds_run(out) and not (resume or restart):
@@ -284,7 +316,8 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
       --resume of a folder holding a run: its config.json must equal `config`, else one line
         lists what differs;
     then write config.json (`how`: settings that do not change numbers, e.g. workers, for the
-    record only). Returns the folder."""
+    record only, with the CPU thread count: a run continued with another is warned about).
+    Returns the folder."""
     out = Path(out)
     check_out(out, resume, restart)
     if not restart and holds_run(out):
@@ -296,6 +329,11 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
             raise RunError(f"{out} holds a run with other settings ({'; '.join(diff[:6])}"
                            f"{'; ...' if len(diff) > 6 else ''}): continue it with its own flags "
                            f"(see its config.json), choose another --out, or add --restart to discard it")
+        was = json.loads((out / "config.json").read_text()).get("how", {}).get("cpu_threads")
+        if was is not None and was != torch.get_num_threads() and world()[0] == 0:
+            print(f"warning: {out} was started with {was} CPU threads, continued with {torch.get_num_threads()}: on "
+                  f"a CPU, float sums (and so the numbers) may then differ from an uninterrupted run's; set "
+                  f"OMP_NUM_THREADS={was} to continue it exactly", flush=True)
     barrier()  # torchrun: every process has checked the folder before rank 0 changes it
     if world()[0] == 0:
         if restart:
@@ -303,7 +341,8 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "stages", ignore_errors=True)
         (out / "stages").mkdir(parents=True, exist_ok=True)
-        write_json({"config": config, "how": how or {}}, out / "config.json")
+        write_json({"config": config, "how": {**(how or {}), "cpu_threads": torch.get_num_threads()}},
+                   out / "config.json")
     barrier()  # ... and no process reads a stage before rank 0 has deleted it (--restart)
     return out
 
@@ -319,7 +358,11 @@ def read_torch(path, weights_only=True):
 
 
 def check_record(path, saved, record):
-    """A stage file or checkpoint is used only under the settings that made it."""
+    """A stage file or checkpoint is used only under the settings that made it; a file without a
+    record (another torch file put in its place) is not one of this code's."""
+    if not isinstance(saved, dict) and record is not None:
+        raise RunError(f"{path} is not a stage file or checkpoint of this code (a torch file without its record): "
+                       f"delete it to redo that stage, or --restart")
     diff = differences(saved or {}, record)
     if diff:
         raise RunError(f"{path} was made with other settings ({'; '.join(diff[:6])}): it cannot be reused; "
@@ -400,12 +443,16 @@ def cell(x, sd=None):
     return f"{x:.1f}" + ("" if sd is None else f"±{sd:.1f}")
 
 
-def finished_runs(run_dirs):
+def finished_runs(run_dirs, methods=None):
     """(folder, metrics) of every run folder with a metrics.json, in order; an unfinished run is
-    named on the console, an unreadable metrics.json is a one-line error."""
+    named on the console; a folder that does not exist, an unreadable metrics.json, one of a run of
+    another CLI (its "method" not in `methods`, where given), or no finished run at all is a
+    one-line error."""
     finished = []
     for d in run_dirs:
         path = Path(d) / "metrics.json"
+        if not Path(d).is_dir():
+            raise RunError(f"--table {d}: no such folder")
         if not path.exists():
             print(f"{d}: no metrics.json (unfinished run)")
             continue
@@ -413,6 +460,12 @@ def finished_runs(run_dirs):
             finished.append((Path(d), json.loads(path.read_text())))
         except (OSError, ValueError) as e:
             raise damaged(path, e) from None
+        m = finished[-1][1]
+        if methods is not None and not (isinstance(m, dict) and m.get("method") in methods):
+            what = f"a {m.get('method')!r} run" if isinstance(m, dict) and "method" in m else "no run's metrics"
+            raise RunError(f"{path} holds {what}, not one of {', '.join(methods)}: leave it out of --table")
+    if not finished:
+        raise RunError(f"none of the {len(run_dirs)} --table folder(s) holds a finished run")
     return finished
 
 
@@ -426,12 +479,12 @@ def seed_group(name):
     return re.sub(r"-s\d+$", "", name)
 
 
-def table(run_dirs, summarise):
+def table(run_dirs, summarise, methods=None):
     """One line per run (summarise(metrics.json's dict) -> {column: number, pair or None}), then,
     for runs named <name>-s<seed>, one line per name with the mean and sd over seeds (a pair
-    counts as its mean)."""
+    counts as its mean). methods: the "method" values of this CLI's runs (finished_runs)."""
     rows_of, groups = [], {}
-    for folder, m in finished_runs(run_dirs):
+    for folder, m in finished_runs(run_dirs, methods):
         try:
             summary = summarise(m)
         except (KeyError, TypeError, AttributeError) as e:

@@ -278,6 +278,19 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
     err = cli_error(capsys, *craft_args(tmp_path, "--shots", "100"))
     assert "--shots 100: class" in err and "use --shots 87 or fewer" in err
     assert "smaller than one CMA-ES generation" in cli_error(capsys, *craft_args(tmp_path, "--budget", "7"))
+    # popsize 8: a budget the search would not spend whole, an empty context
+    assert "not a whole number of CMA-ES generations of --popsize 8 queries: give 16 or 24" in cli_error(
+        capsys, *craft_args(tmp_path, "--budget", "19"))
+    assert "--ctx-init is empty" in cli_error(capsys, *craft_args(tmp_path, "--ctx-init", " "))
+    # a search that leaves the text tower's range, a refiner that diverges: one line naming where
+    err = cli_error(capsys, *craft_args(tmp_path, "--sigma0", "1e30", "--bound", "0", out="far"))
+    assert "generation 1: non-finite prompt fitness" in err and "no checkpoint was written yet" in err
+    err = cli_error(capsys, *craft_args(tmp_path, "--lr", "1e30", out="diverged"))
+    assert "generation 2: non-finite prompt fitness" in err and "--lr 1e+30" in err
+    err = cli_error(capsys, *craft_args(tmp_path, "--lr", "1e30", "--method", "mlp", "--ckpt-every", "1",
+                                        out="diverged-mlp"))
+    assert "the refiner's epoch in generation 2: non-finite loss" in err and "this loop keeps no checkpoint" in err
+    assert "CraFT's run: its last checkpoint is" in err and "(generation 1)" in err
     assert "unknown dataset" in cli_error(capsys, *craft_args(tmp_path, "--dataset", "mnist"))
     assert "data-root" in cli_error(capsys, *craft_args(tmp_path, "--dataset", "dtd"))
     make_dtd(tmp_path / "DATA")
@@ -289,11 +302,18 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
     err = cli_error(capsys, *craft_args(tmp_path, "--budget", "24", "--resume"))
     assert "other settings" in err and "budget: 16 -> 24" in err
     assert "holds a run already" in cli_error(capsys, *craft_args(tmp_path, "--budget", "16"))
+    # --restart discards the run only once every check passed: a context too long for the backbone
+    err = cli_error(capsys, *craft_args(tmp_path, "--budget", "16", "--restart", "--ctx-init", "a " * 20))
+    assert "use a shorter --ctx-init" in err and (tmp_path / "run" / "metrics.json").exists()
     ckpt = tmp_path / "run" / "stages" / "collaborate.ckpt"
     state = torch.load(ckpt, weights_only=True)
     state["record"] = {**state["record"], "lam": 9.0}  # a checkpoint made by another run
     torch.save(state, ckpt)
     assert "made with other settings" in cli_error(capsys, *craft_args(tmp_path, "--budget", "16", "--resume"))
+    for other in ({"generation": 1}, [1, 2]):  # torch files, but no checkpoint of this code
+        torch.save(other, ckpt)
+        assert "is not a stage file or checkpoint of this code" in cli_error(capsys, *craft_args(
+            tmp_path, "--budget", "16", "--resume"))
 
 
 def test_table(tmp_path, capsys):

@@ -11,8 +11,8 @@ import torch
 import coft
 import runs
 import train
-from conftest import (coft_args, coft_error, fit_arguments, make_dtd, make_imagefolder, numbers, randomized,
-                      run_coft, run_sh, stage_of, stage_state, tiny_hf, write_image)
+from conftest import (coft_args, coft_error, fit_arguments, make_dtd, make_imagefolder, numbers, one_line_error,
+                      randomized, run_coft, run_sh, stage_of, stage_state, tiny_hf, write_image)
 
 
 def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, pretrained_tiny):
@@ -254,7 +254,7 @@ def test_a_nan_loss_ends_the_cli_with_one_line(tmp_path, capsys, monkeypatch):
     real = coft.phase1_losses
     monkeypatch.setattr(coft, "phase1_losses", lambda *a, **kw: (lambda l1, l2: (l1 * float("nan"), l2))(*real(*a, **kw)))
     err = coft_error(capsys, *coft_args(tmp_path, *SHORT))
-    assert "phase I round 1 model 1: non-finite loss nan" in err and "step 1 of" in err
+    assert "phase I round 1 model 1: non-finite loss (loss nan" in err and "step 1 of" in err
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
@@ -300,16 +300,34 @@ def test_table_on_a_damaged_metrics_file_is_one_line(tmp_path, capsys):
     assert "a/metrics.json is damaged" in coft_error(capsys, "--table", str(tmp_path / "a"))
     (tmp_path / "a" / "metrics.json").write_text('{"method": "coft"}')  # partial: no numbers
     assert "KeyError" in coft_error(capsys, "--table", str(tmp_path / "a"))
+    # a path that does not exist, a run of another CLI, folders without a finished run
+    err = coft_error(capsys, "--table", str(tmp_path / "nope"))
+    assert f"--table {tmp_path / 'nope'}: no such folder" in err
+    (tmp_path / "a" / "metrics.json").write_text('{"method": "craft", "shots": 1}')
+    assert "holds a 'craft' run, not one of coft, coft+" in coft_error(capsys, "--table", str(tmp_path / "a"))
+    (tmp_path / "b").mkdir()
+    assert "none of the 1 --table folder(s) holds a finished run" in coft_error(capsys, "--table", str(tmp_path / "b"))
 
 
 def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
-    def interrupted(*a, **kw):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "fit", interrupted)
-    with pytest.raises(SystemExit) as e:
-        coft.main(coft_args(tmp_path, *SHORT))
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 130 and "\n" not in err and "--resume continues" in err and str(tmp_path / "run") in err
+    """Before anything is saved: that nothing is; after the first stage: where it is, and --resume."""
+    real, calls = train.fit, []
+
+    def interrupted_at(n):
+        def fit(*a, **kw):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+        return fit
+    for n, expected in ((1, "nothing was saved yet"), (2, "--resume continues")):
+        calls.clear()
+        monkeypatch.setattr(train, "fit", interrupted_at(n))
+        with pytest.raises(SystemExit) as e:
+            coft.main(coft_args(tmp_path, *SHORT, "--restart"))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 130 and "\n" not in err and expected in err, err
+    assert str(tmp_path / "run" / "stages") in err
 
 
 @pytest.mark.parametrize("demo,paper,n,expected", [("demo", "paper", 9, ("caltech101", "ucf101")),
@@ -336,6 +354,7 @@ def test_table_groups_seeds(tmp_path, capsys):
     for s, acc in ((0, 70.0), (1, 74.0)):
         (tmp_path / f"coft-s{s}").mkdir()
         (tmp_path / f"coft-s{s}" / "metrics.json").write_text(json.dumps(dict(base, ensemble_acc=acc)))
+    (tmp_path / "missing").mkdir()  # an unfinished run: named, left out
     coft.main(["--table", str(tmp_path / "coft-s0"), str(tmp_path / "coft-s1"), str(tmp_path / "missing")])
     out = capsys.readouterr().out
     assert "missing: no metrics.json" in out
@@ -418,3 +437,51 @@ def test_every_method_runs_on_a_hugging_face_folder_with_its_activation_and_reco
     capsys.readouterr()
     err = coft_error(capsys, *[a if a != "gelu" else "quick_gelu" for a in k], "--resume")
     assert "whose config.json says gelu, not quick_gelu" in err
+
+
+def test_restart_keeps_the_run_until_every_check_passed(tmp_path, capsys):
+    """--restart with a backbone file that is not a checkpoint, a GPU this machine lacks, a
+    device that does not exist, or together with --resume: one line each, and the finished run in
+    --out is still there (VeCAF, CraFT and CoFT alike); a seed beyond 64 bits is refused too."""
+    import craft
+    import vecaf
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save(randomized("tiny-vit").state_dict(), tmp_path / "w.pt")
+    base = {"v": (vecaf.main, ["--method", "random", "--budget", "6", "--loops", "1", "--epochs", "1", "--batch", "4"]),
+            "c": (craft.main, ["--shots", "1", "--budget", "16", "--popsize", "8", "--intrinsic-dim", "8",
+                               "--eval-split", "dev"]),
+            "k": (coft.main, ["--M", "4", "--K", "2", "--vpt-tokens", "2", "--p1-epochs", "1", "--fft-epochs", "1",
+                              "--batch", "64", "--branches", "1"])}
+    for out, (main, flags) in base.items():
+        argv = [*flags, "--out", str(tmp_path / out), "--log-every", "0", "--clip-act", "quick_gelu"]
+        main([*argv, "--clip", str(tmp_path / "w.pt")])
+        for bad, message in ((["--clip", str(tmp_path / "junk.pt")], "neither a TorchScript archive nor a state dict"),
+                             (["--clip", str(tmp_path / "w.pt"), "--device", "foo"], "--device 'foo' is not a device"),
+                             (["--clip", str(tmp_path / "w.pt"), "--resume"], "--resume continues the run")):
+            err = one_line_error(main, capsys, *argv, *bad, "--restart")
+            assert message in err and (tmp_path / out / "metrics.json").exists(), (out, bad, err)
+        if not torch.cuda.is_available():
+            err = one_line_error(main, capsys, *argv, "--clip", str(tmp_path / "w.pt"), "--device", "cuda",
+                                 "--restart")
+            assert "torch sees no GPU" in err and (tmp_path / out / "metrics.json").exists()
+        assert "<= 9223372036854775807, got 18446744073709551616" in one_line_error(main, capsys, *argv, "--seed",
+                                                                                    str(2 ** 64))
+
+
+def test_a_run_continued_with_another_cpu_thread_count_is_warned_about(tmp_path, capsys):
+    """config.json keeps the CPU thread count (with the settings that change no number): a
+    --resume under another count says that the numbers may then differ, and how to match it."""
+    run_coft(tmp_path, *SHORT)
+    threads = torch.get_num_threads()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["how"]["cpu_threads"] == threads
+    capsys.readouterr()
+    torch.set_num_threads(threads + 1)
+    try:
+        run_coft(tmp_path, *SHORT, "--resume")
+        out = capsys.readouterr().out
+        assert f"started with {threads} CPU threads, continued with {threads + 1}" in out
+        assert f"OMP_NUM_THREADS={threads} to continue it exactly" in out
+        run_coft(tmp_path, *SHORT, "--resume")  # the count it was last continued with: no warning
+        assert "CPU threads" not in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)

@@ -76,7 +76,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
         return step(mdl, b, draws)
 
     ckpt = tmp_path / "s.ckpt"
-    with pytest.raises(train.RunError, match=r"stage x: non-finite loss nan .* at step 5 of 6 \(epoch 2\).*"
+    with pytest.raises(train.RunError, match=r"stage x: non-finite loss \(loss nan, .* at step 5 of 6 \(epoch 2\).*"
                                              r"last good checkpoint is .*s.ckpt \(epoch 1\)"):
         train.fit(model, counted, lambda e: batches, 2, train.sgd(model, 0.1), train.warmup_epochs_then_cosine(1),
                   torch.device("cpu"), 0, checkpoint=runs.Saved(ckpt, None, False), tag="stage x", log_every=0)

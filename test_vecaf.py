@@ -274,6 +274,15 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
                                 ("ensemble", "--ods-weighting", "official")):
         err = one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--method", method, flag, value))
         assert f"{flag} " in err and f"--method {method} does not use" in err
+    # a centroid lr that overflows the centroids: stopped, not picked in index order
+    err = one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--method", "activeft", "--select-lr", "1e30",
+                                                       out="diverged"))
+    assert "loop 1: the centroid optimisation diverged" in err and "--select-lr 1e+30: lower it" in err
+    # templates the class name cannot be put into once
+    for flag, t in (("--ood-captions", "a {} bold {}."), ("--caption-template", "a {name} digit {}"),
+                    ("--ood-captions", "bold"), ("--caption-template", "a {0} {}")):
+        err = one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, flag, t))
+        assert f"{flag} {t!r} needs exactly one {{}}" in err
     # --max-batches: the full-data reference only, and within its --epochs (899 // 4 = 224 per epoch)
     err = one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--max-batches", "5"))
     assert "--max-batches trains the full-data reference" in err and "--method vecaf's batches" in err
@@ -313,11 +322,16 @@ def test_captions_from_an_image_capable_model_resume_where_they_stopped(tmp_path
     monkeypatch.setattr(vecaf.llm, "caption_image", caption)
     pool = [(torch.zeros(3, 2, 2, dtype=torch.uint8), k % 2) for k in range(4)]
     path = tmp_path / "c.json"
-    with pytest.raises(data.DataError):
-        vecaf.write_captions(path, pool, ["cat", "dog"], None, "http://x", "m", save_every=2)
+    with pytest.raises(data.DataError):  # failing before the first periodic save: what came back is kept
+        vecaf.write_captions(path, pool, ["cat", "dog"], None, "http://x", "m", save_every=50)
     assert json.loads(path.read_text()) == {"#0": "a picture of cat", "#1": "a picture of dog"}
     vecaf.write_captions(path, pool, ["cat", "dog"], None, "http://x", "m", save_every=2)
     assert len(asked) == 5 and vecaf.read_captions(path, pool, None)[3] == "a picture of dog"
+    for content in ("{not json", "[1, 2]", '{"#0": 3}'):  # refused before a single (paid) request
+        path.write_text(content)
+        with pytest.raises(vecaf.RunError, match="exists but is not"):
+            vecaf.write_captions(path, pool, ["cat", "dog"], None, "http://x", "m")
+        assert len(asked) == 5 and path.read_text() == content
 
 
 # ---- results: B2A, accuracy at equal batches, the plot
@@ -389,11 +403,15 @@ def test_table_reads_b2a_on_the_common_grid_and_full_data_at_its_own_budget(tmp_
 
 def test_table_refuses_runs_it_cannot_compare(tmp_path, capsys):
     good = write_run(tmp_path, "vecaf-s0", "vecaf", [[0, 50.0], [10, 70.0]])
-    for name, content in (("craft", {"method": "craft", "shots": 1}), ("list", [1]), ("bare", {"method": "vecaf"})):
+    for name, content, message in (("craft", {"method": "craft", "shots": 1}, "holds a 'craft' run, not one of vecaf"),
+                                   ("list", [1], "holds no run's metrics"),
+                                   ("bare", {"method": "vecaf"}, "is not from a finished VeCAF run")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(content))
         err = one_line_error(vecaf.main, capsys, "--table", good, str(tmp_path / name))
-        assert f"{name}/metrics.json is not from a finished VeCAF run" in err
+        assert f"{name}/metrics.json" in err and message in err, err
+    err = one_line_error(vecaf.main, capsys, "--table", str(tmp_path / "nope"), "--plot", str(tmp_path / "x.svg"))
+    assert "no such folder" in err and not (tmp_path / "x.svg").exists()
     old = json.loads((Path(good) / "metrics.json").read_text())
     del old["eval_grid"]
     (tmp_path / "old").mkdir()

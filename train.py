@@ -80,8 +80,9 @@ class ShardedBatches(torch.utils.data.Sampler):
         self.generator, self.rank, self.world_size = generator, rank, world_size
         sizes = [batch] * (n // batch) + ([n % batch] if n % batch and not drop_last else [])
         if sizes and min(sizes) < world_size:
-            raise RunError(f"a batch of {min(sizes)} images cannot be split over {world_size} processes (each needs "
-                           f"at least one): use fewer processes or a --batch that leaves a larger last batch of {n}")
+            raise RunError(f"a batch of {min(sizes)} of {n} images cannot be split over {world_size} processes (each "
+                           f"needs at least one): use fewer processes, or more images per batch (VeCAF: a larger "
+                           f"--budget; else a --batch that leaves a larger last batch)")
 
     def __len__(self):
         return self.n // self.batch if self.drop_last else -(-self.n // self.batch)
@@ -408,8 +409,9 @@ def stop_unless_finite(loss, norm, scaler, checkpoint, tag, epoch, step, total):
     finite = torch.isfinite(loss) if scaler is not None else torch.isfinite(loss) & torch.isfinite(norm)
     if not finite:
         last = f"the last good checkpoint is {checkpoint.path} (epoch {epoch})" if checkpoint and epoch > 0 else \
-            "no epoch had finished, so there is no checkpoint"
-        raise RunError(f"{tag}: non-finite loss {loss.item():.4g} (gradient norm {norm.item():.4g}) at step "
+            "no epoch had finished, so there is no checkpoint" if checkpoint else "this loop keeps no checkpoint"
+        what = "loss" if not torch.isfinite(loss) else "gradient norm"
+        raise RunError(f"{tag}: non-finite {what} (loss {loss.item():.4g}, gradient norm {norm.item():.4g}) at step "
                        f"{step} of {total} (epoch {epoch + 1}); stopped, {last}: lower the learning rate "
                        f"or check the temperatures")
 

@@ -335,17 +335,31 @@ def write_captions(path, pool, classnames, root, api_base, model, api_key=None, 
     """Captions for the pool from an image-capable model (llm.caption_image, the class name as a
     hint: the pool is labelled), written to `path` every `save_every` images and at the end, each
     time atomically; an existing file's captions are kept, so a stopped run continues where it
-    stopped."""
+    stopped. An existing file that is not a JSON object of captions is refused before the first
+    (paid) request, and whatever came back is saved before an error or Ctrl-C is reported."""
     path = Path(path)
-    done = json.loads(path.read_text()) if path.exists() else {}
-    for i, (source, label) in enumerate(pool):
-        k = caption_key(source, i, root)
-        if k in done:
-            continue
-        done[k] = llm.caption_image(source, api_base, model, api_key, hint=data.prompt_name(classnames[label]))
-        if len(done) % save_every == 0:
+    done = {}
+    if path.exists():
+        try:
+            done = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(f"--write-captions {path} exists but is not readable JSON ({type(e).__name__}): move it "
+                           f"away, or give another file") from None
+        if not isinstance(done, dict) or not all(isinstance(v, str) for v in done.values()):
+            raise RunError(f"--write-captions {path} exists but is not a JSON object of captions: move it away, or "
+                           f"give another file")
+    try:
+        for i, (source, label) in enumerate(pool):
+            k = caption_key(source, i, root)
+            if k in done:
+                continue
+            done[k] = llm.caption_image(source, api_base, model, api_key, hint=data.prompt_name(classnames[label]))
+            if len(done) % save_every == 0:
+                runs.write_json(done, path)
+    finally:  # also when a request fails or Ctrl-C comes: nothing paid for is lost
+        if done:
             runs.write_json(done, path)
-    return runs.write_json(done, path)
+    return path
 
 
 @torch.no_grad()
@@ -504,6 +518,10 @@ def select(s, sel, loop, model, bank, taken):
             optimise_centroids(f, K, seed_of(s.seed, "select", loop, e), sel.iters, sel.select_lr, sel.tau,
                                sel.beta, sel.select_batch, w, sel.ods_weighting)
             for e in range(sel.ensemble if parts.ensemble else 1)])  # [E, K, D]
+        norms = centroids.norm(dim=-1)  # unit rows, unless theta overflowed (to inf, NaN or, normalised, 0)
+        if not (torch.isfinite(norms) & ((norms - 1).abs() < 1e-3)).all():  # nearest-unique would pick by index
+            raise RunError(f"loop {loop}: the centroid optimisation diverged (non-finite centroids) at --select-lr "
+                           f"{sel.select_lr:g}: lower it")
         new = nearest_unique(combine(centroids, sel.optimal_up_to), f, taken)
     new = ddp.from_rank0(new)  # torchrun: every process fine-tunes on the very same selection
     # the picks' mean loss against the free pool's: how far selection leans towards what the model gets wrong
@@ -647,11 +665,15 @@ def check_args(args, pool_size):
         if args.max_batches > args.epochs * per_epoch:
             raise RunError(f"--max-batches {args.max_batches} is more than --epochs {args.epochs} x {per_epoch} "
                            f"batches per epoch: raise --epochs to at least {-(-args.max_batches // per_epoch)}")
-    for t in args.ood_captions or []:
-        if "{}" not in t:
-            raise RunError(f"--ood-captions {t!r} has no {{}} for the class name, e.g. 'a sketch of a {{}}.'")
-    if "{}" not in args.caption_template:
-        raise RunError(f"--caption-template {args.caption_template!r} has no {{}} for the class name")
+    for flag, t in [("--ood-captions", t) for t in args.ood_captions or []] + [("--caption-template",
+                                                                               args.caption_template)]:
+        try:  # exactly one {} for the class name: str.format would fail later, after the features are computed
+            one = "{}" in t and t.format("\0").count("\0") == 1
+        except (IndexError, KeyError, ValueError):
+            one = False
+        if not one:
+            raise RunError(f"{flag} {t!r} needs exactly one {{}} for the class name and no other braces, e.g. "
+                           f"'a sketch of a {{}}.'")
     if args.captions and not Path(args.captions).is_file():
         raise RunError(f"--captions {args.captions}: no such file; give a JSON file {{image path: caption}}, or "
                        f"leave it out for class-keyword captions")
@@ -675,10 +697,10 @@ def prepare(args):
                   clip=standin.backbone_id("--clip", args.clip, args.clip_act))
     if args.captions:  # the file by content
         config["captions"] = "sha256:" + checkpoints.sha256_of(args.captions)[:16]
-    out = runs.open_run(args.out, config, args.resume, args.restart, how=how)
     torch.manual_seed(args.seed)
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
+    out = runs.open_run(args.out, config, args.resume, args.restart, how=how)  # every check passed: now --restart
     test = data.make_transform("test", clip.visual, task)
     y_pool = torch.tensor([lab for _, lab in task.train])
     captions = caption_table(clip, task, y_pool, device, args.caption_template, args.ood_captions,
@@ -739,9 +761,9 @@ def report(run_dirs, target=0.95, at_batches=None, plot=None):
     the fewest batches any selection run trained), for a full-data run only where its schedule
     ends there (--method full --max-batches), never read mid-schedule. --plot FILE: the mean
     accuracy-vs-batches curve of each group of runs (name without -s<seed>) as an SVG."""
-    finished = [(folder.name, m) for folder, m in runs.finished_runs(run_dirs)]
+    finished = [(folder.name, m) for folder, m in runs.finished_runs(run_dirs, tuple(METHODS))]
     for name, m in finished:
-        if not isinstance(m, dict) or m.get("method") not in METHODS or "curve" not in m:
+        if "curve" not in m:
             raise RunError(f"{name}/metrics.json is not from a finished VeCAF run: leave it out of --table")
         if "eval_grid" not in m:
             raise RunError(f"{name} was evaluated at epoch ends only (made before --eval-grid), so its batch "
@@ -773,7 +795,7 @@ def report(run_dirs, target=0.95, at_batches=None, plot=None):
         return {"selected": m["selected"], "batches": m["batches"], "loop 1": m["loops"][0]["acc"],
                 "final acc": m["final_acc"], "B2A": b2a, "reached": None if goal is None else float(b2a is not None),
                 f"acc@{at_batches}": at(m)}
-    runs.table(run_dirs, summarise)
+    runs.table(run_dirs, summarise, tuple(METHODS))
     if at_batches is not None and any(m.get("method") == "full" for _, m in finished):
         print(f"acc@{at_batches} of full data: runs whose schedule ends at {at_batches} batches only" + (
             "" if any(m.get("method") == "full" and m["batches"] == at_batches for _, m in finished) else
@@ -976,9 +998,11 @@ def main(argv=None):
             print(f"wrote captions for {len(task.train)} images to {path}")
             return None
         return run(resolve_defaults(args))
-    where = f" (captions so far are in {args.write_captions})" if args.write_captions else "" if args.table else \
-        (f": finished loops and the last epoch checkpoint are in {args.out}/stages; the same command with --resume "
-         f"continues from there")
+    def where():
+        if args.write_captions:
+            return f" (the captions so far are in {args.write_captions}; the same command continues)" \
+                if Path(args.write_captions).is_file() else " (no captions had been saved yet)"
+        return "" if args.table else runs.saved_in(args.out, "finished loops and the last epoch checkpoint")()
     return runs.run_cli(body, where)
 
 
