@@ -615,7 +615,9 @@ def main(argv=None):
     for precision in precisions:
         amp, _ = train.amp_settings(device, precision)
         report = reporter(device, figures, precision)
-        print(f"device {torch.cuda.get_device_name(device) if gpu else 'cpu'}, torch {torch.__version__}, "
+        cpu = "" if gpu else f" (capability {torch.backends.cpu.get_cpu_capability()}, native bf16 " \
+            f"{ {True: 'yes', False: 'no', None: 'unknown'}[train.cpu_bf16()]})"
+        print(f"device {torch.cuda.get_device_name(device) if gpu else 'cpu'}{cpu}, torch {torch.__version__}, "
               f"{precision} (autocast {str(amp.get('dtype', 'off')).removeprefix('torch.')}), threads "
               f"{torch.get_num_threads()}, peak bf16 {device_peak_tflops(device) or '-'} TFLOP/s", flush=True)
         if "towers" in sections:

@@ -84,7 +84,7 @@ def run_flags(p):
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--precision", default="auto", choices=PRECISIONS,
       help="auto: bf16 autocast on GPUs that support it, fp16 + loss scaling on older GPUs, fp32 on CPUs; "
-           "bf16 on a CPU is opt-in (fast with AVX512-BF16/AMX, and it changes the numbers)")
+           "bf16 on a CPU is opt-in (fast with AVX512-BF16 / AMX-BF16, refused without; it changes the numbers)")
     a("--workers", type=number(int, 0), default=None, help="DataLoader workers (default: 8 on CUDA, 0 on CPU)")
     a("--resume", action="store_true",
       help="continue the run in --out (same flags): finished stages are reused, the last epoch checkpoint resumed")

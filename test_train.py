@@ -206,3 +206,21 @@ def test_shards_cover_the_range_in_order():
         assert sum(parts, []) == list(range(n)) and max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+
+
+def test_bf16_is_refused_on_a_cpu_that_emulates_it(tmp_path, monkeypatch):
+    """The kernel's CPU flags decide: AVX512-BF16, AMX-BF16 or Arm's BF16 multiply bf16 natively;
+    without any (AVX2 only) bf16 is refused in one line; where the flags cannot be read, allowed."""
+    for flags, native in (("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16", True),
+                          ("fp asimd bf16", True), ("fpu sse avx2 fma", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor : 0\nflags : {flags}\n")
+        assert train.cpu_bf16(tmp_path / "cpuinfo") is native
+    assert train.cpu_bf16(tmp_path / "missing") is None
+    for native in (True, None):
+        monkeypatch.setattr(train, "cpu_bf16", lambda: native)
+        assert train.resolve_precision("cpu", "bf16") == "bf16"
+    monkeypatch.setattr(train, "cpu_bf16", lambda: False)
+    with pytest.raises(train.RunError, match="bf16 matrix products are emulated, 10-60x slower than fp32: use "
+                                             "--precision fp32"):
+        train.resolve_precision("cpu", "bf16")
+    assert train.resolve_precision("cpu", "fp32") == "fp32"

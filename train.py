@@ -217,7 +217,21 @@ def resolve_precision(device, precision="auto"):
         raise RunError("--precision fp16 needs a GPU (fp16 autocast with loss scaling): use bf16 or fp32 on a CPU")
     if precision not in PRECISIONS:
         raise RunError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cpu" and cpu_bf16() is False:
+        raise RunError(f"--precision bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, no avx512_bf16 / "
+                       f"amx_bf16 / bf16 flag): its bf16 matrix products are emulated, 10-60x slower than fp32: use "
+                       f"--precision fp32")
     return precision
+
+
+def cpu_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU multiplies bf16 natively (x86: AVX512-BF16 or AMX-BF16; Arm: BF16), from the
+    kernel's CPU flags; None where they cannot be read (not Linux): then bf16 is not refused."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def amp_settings(device, precision="auto"):
