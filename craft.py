@@ -541,6 +541,7 @@ def prepare(args):
     task = data.load_task(args.dataset, args.data_root)
     eval_items = data.eval_items(task, args.eval_split)
     picked = data.few_shot(task, args.shots, seed_of(args.seed, "shots"))
+    data.check_images([task.train[i] for i in picked.tolist()])  # the shots, before the zero-shot pass
     if args.trace_every and not task.dev:
         raise RunError(f"--trace-every evaluates on the dev split, which {args.dataset} does not have: drop it")
     if args.eval_datasets and args.dataset.lower() != "imagenet":

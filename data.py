@@ -144,6 +144,18 @@ def load_image(source):
         raise DataError(f"cannot read image {source} ({e}); remove or replace the file") from None
 
 
+def check_images(items):
+    """Open every file among items' sources (the header: cheap, no decoding), so that a missing or
+    unreadable image is one line before any work rather than after a pass over another split."""
+    for source, _ in items:
+        if not torch.is_tensor(source):
+            try:
+                with Image.open(source):
+                    pass
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read image {source} ({e}); remove or replace the file") from None
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """(transform(image), label, index) over a list of (source, label) items; `labels`, if given,
     replaces the items' labels (pseudo-labels)."""
