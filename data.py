@@ -130,13 +130,14 @@ def digits_task(shift=None):
                 parts["train"], parts["test"], parts["dev"], flip=False)
 
 
-def load_image(source):
-    """A uint8 tensor image as is, a path opened with PIL (errors name the file)."""
+def load_image(source, decode=True):
+    """A uint8 tensor image as is, a path opened with PIL (errors name the file); decode=False
+    reads the file's header only and returns None (a cheap check that it is a readable image)."""
     if torch.is_tensor(source):
         return source
     try:
         with Image.open(source) as im:
-            return im.convert("RGB")
+            return im.convert("RGB") if decode else None
     except Image.DecompressionBombError as e:  # Pillow's guard against huge images (not an OSError)
         raise DataError(f"image {source} is over Pillow's size limit ({e}); downscale it, or raise "
                         f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
@@ -148,12 +149,7 @@ def check_images(items):
     """Open every file among items' sources (the header: cheap, no decoding), so that a missing or
     unreadable image is one line before any work rather than after a pass over another split."""
     for source, _ in items:
-        if not torch.is_tensor(source):
-            try:
-                with Image.open(source):
-                    pass
-            except (OSError, ValueError) as e:
-                raise DataError(f"cannot read image {source} ({e}); remove or replace the file") from None
+        load_image(source, decode=False)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -266,6 +266,7 @@ def differences(saved, now):
 
 
 def read_config(out):
+    """A run folder's config.json: {"config": the settings that change numbers, "how": the rest}."""
     path = Path(out) / "config.json"
     try:
         saved = json.loads(path.read_text())
@@ -274,7 +275,7 @@ def read_config(out):
                        f"or another --out") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
         raise RunError(f"{path} is not a run config of this code: use --restart to discard the run or another --out")
-    return saved["config"]
+    return saved
 
 
 # The flags every CLI has that change how a run goes, never its numbers (results do not depend on
@@ -324,12 +325,13 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
         if not (out / "config.json").exists():
             raise RunError(f"{out} has saved stages but no config.json, so they cannot be checked: "
                            f"use --restart to discard them or another --out")
-        diff = differences(read_config(out), config)
+        saved = read_config(out)
+        diff = differences(saved["config"], config)
         if diff:
             raise RunError(f"{out} holds a run with other settings ({'; '.join(diff[:6])}"
                            f"{'; ...' if len(diff) > 6 else ''}): continue it with its own flags "
                            f"(see its config.json), choose another --out, or add --restart to discard it")
-        was = json.loads((out / "config.json").read_text()).get("how", {}).get("cpu_threads")
+        was = saved.get("how", {}).get("cpu_threads")
         if was is not None and was != torch.get_num_threads() and world()[0] == 0:
             print(f"warning: {out} was started with {was} CPU threads, continued with {torch.get_num_threads()}: on "
                   f"a CPU, float sums (and so the numbers) may then differ from an uninterrupted run's; set "
