@@ -1072,7 +1072,8 @@ def main(argv=None):
 
     def body():
         if args.table:
-            return runs.table(args.table, run_summary, ("coft", "coft+", "topk", "selftrain", "shots", "probe"))
+            methods = ("coft", "coft+", "topk", "selftrain", "shots", "probe")  # a run's "method" in metrics.json
+            return runs.table(runs.finished_runs(args.table, methods), run_summary)
         if args.write_llm_prompts:
             task = data.load_task(args.dataset, args.data_root)
             path = llm.write_class_prompts(args.write_llm_prompts, task.classnames, args.api_base, args.llm,

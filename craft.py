@@ -680,7 +680,8 @@ def run_summary(m):
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.table:
-        return runs.run_cli(lambda: runs.table(args.table, run_summary, ("craft", "bbt", "mlp", "coop", "probe")))
+        methods = ("craft", "bbt", "mlp", "coop", "probe")  # a run's "method" in metrics.json
+        return runs.run_cli(lambda: runs.table(runs.finished_runs(args.table, methods), run_summary))
     return runs.run_cli(lambda: run(resolve_defaults(args)), runs.saved_in(args.out, "the finished stages and "
                                                                              "the last checkpoint"))
 

@@ -481,12 +481,12 @@ def seed_group(name):
     return re.sub(r"-s\d+$", "", name)
 
 
-def table(run_dirs, summarise, methods=None):
-    """One line per run (summarise(metrics.json's dict) -> {column: number, pair or None}), then,
-    for runs named <name>-s<seed>, one line per name with the mean and sd over seeds (a pair
-    counts as its mean). methods: the "method" values of this CLI's runs (finished_runs)."""
+def table(finished, summarise):
+    """One line per finished run ((folder, metrics) pairs from finished_runs; summarise(metrics)
+    -> {column: number, pair or None}), then, for runs named <name>-s<seed>, one line per name with
+    the mean and sd over seeds (a pair counts as its mean)."""
     rows_of, groups = [], {}
-    for folder, m in finished_runs(run_dirs, methods):
+    for folder, m in finished:
         try:
             summary = summarise(m)
         except (KeyError, TypeError, AttributeError) as e:

@@ -370,7 +370,7 @@ def test_table_reads_b2a_on_the_common_grid_and_full_data_at_its_own_budget(tmp_
     """The target comes from the full-data runs trained to their whole schedule (85 -> 80.75),
     not the one cut at 20 batches; B2A skips a loop end off the grid (81 at batch 7); acc@20 of a
     full-data run is the one whose schedule ends at 20, never a longer run read mid-schedule; a
-    run on a grid of 2 makes the common grid 10."""
+    run on a grid of 2 makes the common grid 10; an unfinished run is named once and left out."""
     w = lambda *a, **k: write_run(tmp_path, *a, **k)  # noqa: E731
     folders = [w("full-s0", "full", [[0, 50.0], [5, 60.0], [10, 70.0], [100, 80.0]]),
                w("full-s1", "full", [[0, 50.0], [5, 60.0], [10, 85.0], [100, 90.0]]),
@@ -384,7 +384,11 @@ def test_table_reads_b2a_on_the_common_grid_and_full_data_at_its_own_budget(tmp_
         # columns: run method selected batches loop1 final B2A reached acc@20
         return out, {line.split()[0]: line.split()[6:] for line in out.splitlines() if line.startswith(("vecaf-s",
                                                                                                           "full"))}
+    (tmp_path / "unfinished-s0").mkdir()
+    folders.append(str(tmp_path / "unfinished-s0"))
     out, rows = table("--plot", str(tmp_path / "c.svg"))
+    assert out.count("unfinished-s0: no metrics.json (unfinished run)") == 1 and "unfinished-s0" not in rows
+    folders.pop()
     assert "0.95 x full-data final accuracy 85.00 = 80.75" in out
     assert rows["vecaf-s0"] == ["15", "1.0", "85.0"] and rows["vecaf-s1"] == ["-", "0.0", "79.0"]
     assert rows["full-s0"] == ["-", "0.0", "-"] and rows["full-s1"] == ["10", "1.0", "-"]

@@ -761,7 +761,8 @@ def report(run_dirs, target=0.95, at_batches=None, plot=None):
     the fewest batches any selection run trained), for a full-data run only where its schedule
     ends there (--method full --max-batches), never read mid-schedule. --plot FILE: the mean
     accuracy-vs-batches curve of each group of runs (name without -s<seed>) as an SVG."""
-    finished = [(folder.name, m) for folder, m in runs.finished_runs(run_dirs, tuple(METHODS))]
+    read = runs.finished_runs(run_dirs, tuple(METHODS))
+    finished = [(folder.name, m) for folder, m in read]
     for name, m in finished:
         if "curve" not in m:
             raise RunError(f"{name}/metrics.json is not from a finished VeCAF run: leave it out of --table")
@@ -795,7 +796,7 @@ def report(run_dirs, target=0.95, at_batches=None, plot=None):
         return {"selected": m["selected"], "batches": m["batches"], "loop 1": m["loops"][0]["acc"],
                 "final acc": m["final_acc"], "B2A": b2a, "reached": None if goal is None else float(b2a is not None),
                 f"acc@{at_batches}": at(m)}
-    runs.table(run_dirs, summarise, tuple(METHODS))
+    runs.table(read, summarise)
     if at_batches is not None and any(m.get("method") == "full" for _, m in finished):
         print(f"acc@{at_batches} of full data: runs whose schedule ends at {at_batches} batches only" + (
             "" if any(m.get("method") == "full" and m["batches"] == at_batches for _, m in finished) else
