@@ -517,7 +517,7 @@ def zero_shot_and_seed_set(run, prompts, K):
     seed set S*: per class the K most confident, joined by any labelled shots. Returns the
     zero-shot weights W [C, D], S* as (indices, labels) and the zero-shot softmax [N, C] of the
     unlabelled images."""
-    t = time.time()
+    cost = train.StageCost(run.device)
     W = text_classifier(run.clip, prompts, run.device)
 
     def zero_shot(x):
@@ -529,7 +529,7 @@ def zero_shot_and_seed_set(run, prompts, K):
     idx, y = with_labelled(*topk_per_class(zs_train.softmax(1), K), run.labelled, run.y_true)
     run.metrics["seed_set"] = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(zs_train),
                                "precision": label_precision(y, run.y_true[idx])}
-    run.metrics["time_s"]["zero_shot"] = time.time() - t
+    cost.record(run.metrics, "zero_shot")
     print(f"zero-shot {run.metrics['eval_split']} acc {run.metrics['zero_shot_acc']:.2f}; seed set S*: {len(idx)} "
           f"images, precision {cell(run.metrics['seed_set']['precision'])}", flush=True)
     return W, (idx, y), zs_train.softmax(1)
@@ -542,7 +542,7 @@ def phase1(run, p1, seed_set):
     seed set, and round r+1 restarts from pre-trained CLIP with fresh prompts and VPT.
     Returns the last round's models and, per model, its scores on all unlabelled images
     (s+ [N, C], s- [N, C], t+ [C, D]) plus every round's seed sets."""
-    t = time.time()
+    cost = train.StageCost(run.device)
     weak = data.make_transform("weak", run.clip.visual, run.task)
     sets, seed_sets = [seed_set, seed_set], []
     run.metrics["rounds"] = []
@@ -586,7 +586,7 @@ def phase1(run, p1, seed_set):
             f"{cell(log[f'model{m}_seed_set']['precision'])}), acc {log[f'model{m}_acc']:.2f}" for m in (1, 2)),
             flush=True)
     run.metrics["phase1_model1_acc"], run.metrics["phase1_model2_acc"] = log["model1_acc"], log["model2_acc"]
-    run.metrics["time_s"]["phase1"] = time.time() - t
+    cost.record(run.metrics, "phase1")
     return models, scores, seed_sets
 
 
@@ -613,7 +613,7 @@ def generate_and_validate(run, scores):
     keeps a label iff its s+ beats its s- for that class (collaborative_filter). Labelled shots
     are kept, with their true labels, in both clean sets. Returns [(indices, labels)] x 2 and
     the generated labels."""
-    t = time.time()
+    cost = train.StageCost(run.device)
     y_gen = [s.s_pos.argmax(1) for s in scores]
     run.metrics["phase1_agreement"] = 100.0 * (y_gen[0] == y_gen[1]).float().mean().item()
     clean = []
@@ -631,7 +631,7 @@ def generate_and_validate(run, scores):
                                run.y_true)}
         print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(keep)} "
               f"kept, precision {cell(c['precision'])} (all labels {cell(c['all_labels_precision'])})", flush=True)
-    run.metrics["time_s"]["filter"] = time.time() - t
+    cost.record(run.metrics, "filter")
     return clean, y_gen
 
 
@@ -699,7 +699,7 @@ def phase2(run, p2, scores, peft, clean, prompts, ft_clip=None):
     --fft-backbone's, the paper's distillation setting) fine-tuned on clean set a, its head
     initialised from Phase-I model a's positive prompts (another backbone: its zero-shot
     weights). Returns each branch's softmax on the eval split."""
-    t = time.time()
+    cost = train.StageCost(run.device)
     if ft_clip is None:
         clip, evaluated = run.clip, run.evaluated
         heads = [s.t_pos.to(run.device) for s in scores]  # each Phase-I model's own positive prompts
@@ -719,7 +719,7 @@ def phase2(run, p2, scores, peft, clean, prompts, ft_clip=None):
         run.metrics[f"branch{a + 1}_acc"] = train.accuracy(logits, run.y_eval)
         run.predictions[f"branch{a + 1}"] = logits.argmax(1)
         probs.append(logits.softmax(1))
-    run.metrics["time_s"]["phase2"] = time.time() - t
+    cost.record(run.metrics, "phase2")
     return probs
 
 
@@ -747,13 +747,13 @@ def fine_tune_baseline(run, method, p2, W, seed_set):
     """--method topk: the UPL-like self-training baseline, Phase II's recipe on S* with its
     zero-shot labels (and any labelled shots); --method shots: the same on the labelled shots
     alone. One branch, its head initialised from the zero-shot weights W."""
-    t = time.time()
+    cost = train.StageCost(run.device)
     idx, y = seed_set if method == "topk" else (run.labelled, run.y_true[run.labelled])
     branch = fine_tune(run, p2, method, run.clip, W if p2.head_init == "text" else None, idx, y)
     logits = run.outputs(branch, run.evaluated)
     run.metrics[f"{method}_acc"] = train.accuracy(logits, run.y_eval)
     run.predictions[method] = logits.argmax(1)
-    run.metrics["time_s"]["fine_tune"] = time.time() - t
+    cost.record(run.metrics, "fine_tune")
 
 
 def self_training(run, p2, rounds, threshold, W, probs):
@@ -765,7 +765,7 @@ def self_training(run, p2, rounds, threshold, W, probs):
     its head from W is fine-tuned on it by Phase II's recipe; the result labels round r + 1.
     `rounds` rounds (--rounds, default 3 for this method); the last round's model is the result.
     Unlike CoFT: no second model, no negative prompt, one global threshold."""
-    t = time.time()
+    cost = train.StageCost(run.device)
     run.metrics["selftrain_rounds"] = []
     for r in range(1, rounds + 1):
         conf, y = probs.max(1)
@@ -783,7 +783,7 @@ def self_training(run, p2, rounds, threshold, W, probs):
             probs = run.outputs(model, run.unlabelled).softmax(1)  # the next round's labeller
     run.metrics["selftrain_acc"] = log["acc"]
     run.predictions["selftrain"] = logits.argmax(1)
-    run.metrics["time_s"]["fine_tune"] = time.time() - t
+    cost.record(run.metrics, "fine_tune")
 
 
 # -----------------------------------------------------------------------------

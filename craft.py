@@ -361,6 +361,7 @@ def collaborate(s, hp):
         s.box.queries.update(state["queries"])  # they include the uploads just redone
         print(f"collaborate: resumed from {ckpt.path} after generation {start}", flush=True)
     t0 = time.time()
+    cost = train.StageCost(s.device)
     for g in range(start, G):
         s.box.forget()
         if search:  # input side: one CMA-ES generation, refiner frozen
@@ -414,7 +415,7 @@ def collaborate(s, hp):
             ckpt.save({"generation": done, "z": z, "history": history, "queries": dict(s.box.queries),
                        "es": es.state_dict() if es else None, "refiner": refiner.state_dict() if refiner else None,
                        "opt": opt.state_dict() if opt else None})
-    s.metrics["time_s"]["train"] = time.time() - t0
+    cost.record(s.metrics, "train")
     s.box.forget()
     s.predictions[hp.method] = deployed(s.box, generator(z), "eval", refiner).cpu()
     s.metrics[f"{hp.method}_acc"] = train.accuracy(s.predictions[hp.method], s.y_eval)
@@ -469,12 +470,12 @@ def coop(s, hp):
 
     def schedule(step, total, per_epoch):  # CoOp's constant warm-up, then cosine over all epochs
         return 1e-5 / hp.coop_lr if step < per_epoch else 0.5 * (1 + math.cos(math.pi * step / total))
-    t0 = time.time()
+    cost = train.StageCost(s.device)
     history = train.fit(model, step, lambda e: s.loader(s.shots, hp.coop_batch, ("coop", e), shuffle=True),
                         hp.coop_epochs, train.sgd(model, hp.coop_lr, 0.9, 5e-4), schedule, s.device, seed_of(s.seed, "coop"),
                         s.precision, 0.0, runs.Saved(runs.ckpt_path(s.out, "coop"), s.config, s.resume), "coop",
                         s.log_every)
-    s.metrics["time_s"]["train"] = time.time() - t0
+    cost.record(s.metrics, "train")
     with torch.no_grad(), torch.autocast(**s.amp):
         t = text()
     l = train.predict(lambda x: s.scale * clip_model.similarity(unit(clip.encode_image(x)), t),

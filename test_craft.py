@@ -11,7 +11,7 @@ import clip_model as cm
 import craft
 import data
 import train
-from conftest import make_dtd, make_imagefolder, one_line_error, randomized, write_image, tower
+from conftest import make_dtd, make_imagefolder, numbers, one_line_error, randomized, write_image, tower
 
 CLASSES = ["zero", "one", "two", "sea lion", "three"]  # one two-token name
 
@@ -205,10 +205,6 @@ def craft_args(tmp_path, *extra, out="run", ckpt=None):
             torch.save(randomized("tiny-vit").state_dict(), ckpt)
     return ["--clip", str(ckpt), "--clip-act", "quick_gelu", "--out", str(tmp_path / out), "--shots", "2", "--budget", "48", "--popsize", "8",
             "--intrinsic-dim", "16", "--log-every", "0", "--ckpt-every", "2", "--eval-split", "dev", *extra]
-
-
-def numbers(m):
-    return {k: v for k, v in m.items() if k != "time_s"}
 
 
 def test_a_run_counts_its_queries_and_records_its_result(tmp_path, pretrained_tiny):

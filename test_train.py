@@ -1,5 +1,7 @@
 """Tests of train.py: the training loop (schedule, clipping, non-finite stop) and the seeded loaders."""
 
+import os
+
 import pytest
 import torch
 
@@ -224,3 +226,21 @@ def test_bf16_is_refused_on_a_cpu_that_emulates_it(tmp_path, monkeypatch):
                                              "--precision fp32"):
         train.resolve_precision("cpu", "bf16")
     assert train.resolve_precision("cpu", "fp32") == "fp32"
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_a_stages_peak_memory_counts_its_own_allocations_not_an_earlier_stages():
+    """StageCost on a CPU: a stage that holds 256 MiB peaks at least that high; the next stage,
+    begun after it was freed, does not inherit that peak (VmHWM is reset at its start)."""
+    first = train.StageCost("cpu")
+    x = torch.ones(64 * 2 ** 20)  # 256 MiB, touched
+    x.add_(1)
+    held = first.peak_mib()
+    del x
+    second = train.StageCost("cpu")
+    y = torch.ones(1)
+    assert held - second.peak_mib() >= 200, (held, second.peak_mib())
+    metrics = {}
+    second.record(metrics, "stage")
+    assert metrics["time_s"]["stage"] >= 0 and metrics["peak_mib"]["stage"] == pytest.approx(second.peak_mib(), abs=64)
+    del y

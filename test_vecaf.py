@@ -16,7 +16,7 @@ import data
 import runs
 import vecaf
 from clip_model import unit
-from conftest import one_line_error, run_vecaf, vecaf_args, vecaf_stage
+from conftest import numbers, one_line_error, run_vecaf, vecaf_args, vecaf_stage
 
 
 def pool(n, d=8, seed=0):
@@ -179,12 +179,6 @@ def test_cea_is_the_formula_and_its_special_cases():
 
 
 # ---- a run end to end (tiny backbone, digits)
-
-
-def numbers(m):
-    """Every metric but the timings."""
-    return {k: ([{a: b for a, b in loop.items() if not a.endswith("_s")} for loop in v] if k == "loops" else v)
-            for k, v in m.items() if k != "time_s"}
 
 
 def test_run_grows_the_selection_and_cea_moves_exactly_the_picks(tmp_path):

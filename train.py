@@ -447,3 +447,39 @@ class Progress:
                          if len(shares) > 1)  # a loss of one term is the loss itself
         print(f"{self.tag} ep {epoch + 1}/{self.epochs} step {step}/{self.total} loss {loss.item():.3f} {extra} "
               f"grad norm {norm.item():.2f} lr {lr:.2e} {self.seen / el:.0f} img/s eta {eta:.0f}s", flush=True)
+
+
+class StageCost:
+    """A stage's wall time and peak memory, from its creation to record(): the GPU allocator's
+    peak on CUDA; on a Linux CPU the process's peak resident set (VmHWM, reset at the start
+    through /proc/self/clear_refs, so earlier stages' peaks do not count; memory the allocator
+    kept from them does). Where neither can be read, the peak is None."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set (Linux)
+            except OSError:
+                pass
+        self.t0 = time.time()
+
+    def seconds(self):
+        return time.time() - self.t0
+
+    def peak_mib(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        try:
+            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+            return int(line.split()[1]) / 1024  # kB
+        except (OSError, StopIteration, ValueError):
+            return None
+
+    def record(self, metrics, name):
+        """metrics["time_s"][name] and metrics["peak_mib"][name]: numbers of the machine, not of
+        the run (left out wherever runs are compared)."""
+        metrics.setdefault("time_s", {})[name] = self.seconds()
+        metrics.setdefault("peak_mib", {})[name] = self.peak_mib()

@@ -590,7 +590,7 @@ def active_finetuning(s, sel, ft):
             bank[selected] = saved["bank_rows"].to(s.device)
         print(f"loops 1-{done}: loaded from {s.out}/stages", flush=True)
     for loop in range(done + 1, sel.loops + 1):
-        t = time.time()
+        cost = train.StageCost(s.device)
         taken = torch.zeros(N, dtype=torch.bool, device=s.device)
         taken[selected] = True
         if sel.method == "full":
@@ -609,7 +609,7 @@ def active_finetuning(s, sel, ft):
         curve += [[before + step, acc] for step, acc in history["evaluated"]]
         loops.append({"loop": loop, "selected": len(selected), "new": len(new), "acc": curve[-1][1],
                       "batches": before + len(history["loss"]), "classes": len(s.y_pool[selected.cpu()].unique()),
-                      "time_s": time.time() - t, **diagnostics})
+                      "time_s": cost.seconds(), "peak_mib": cost.peak_mib(), **diagnostics})
         runs.save_stage(s.out, tag, s.record(tag), model, selected=selected.cpu(), curve=curve, loops=loops,
                          bank_rows=None if bank is None else bank[selected].cpu())
         print(f"loop {loop}/{sel.loops}: {len(selected)} selected ({len(new)} new), {loops[-1]['batches']} batches, "
