@@ -835,6 +835,8 @@ def prepare(args):
     torch.manual_seed(args.seed)  # building a model draws random numbers (then overwritten): seeded too
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
+    if args.method == "coft":  # Phase I's prompts must fit the context: said now, not after the zero-shot pass
+        PromptLearner(clip, task.classnames, args.M, args.ctx_init)
     set_grad_checkpointing(clip, args.grad_checkpointing)
     ft_clip = None  # loaded and checked now, used in Phase II
     if args.fft_backbone and args.method == "coft":  # Phase II on another backbone (distillation)

@@ -22,6 +22,18 @@ torch.set_num_threads(2)
 
 def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore::FutureWarning")  # torch.jit deprecation notices
+    config.addinivalue_line("markers", "realsize: full-size random models end to end (minutes): run with "
+                                       "`pytest -m realsize`, left out of the default suite")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-size smoke runs only when asked for by name (-m realsize), as .ci/run does."""
+    if "realsize" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="real-size smoke: run with `pytest -m realsize`")
+    for item in items:
+        if "realsize" in item.keywords:
+            item.add_marker(skip)
 
 
 def randomized(name, seed=0, **overrides):

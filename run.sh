@@ -2,17 +2,19 @@
 # Entry point.
 #   bash run.sh                      offline demo: the shipped stand-in CLIP adapted to real handwritten digits
 #   bash run.sh bold                 the second offline demo: the same digits with thickened strokes, where the
-#                                    stand-in's zero-shot labels are noisy (~59 % right) but its features good
+#                                    stand-in's zero-shot labels are noisy (~60 % right) but its features good
 #   bash run.sh paper DATA_ROOT      the paper's nine datasets (CoOp layout) with ViT-B/16
 #   bash run.sh craft                CraFT's offline few-shot demo (1-16 shots; every baseline)
 #   bash run.sh craft-paper DATA_ROOT  CraFT on its 11 datasets (CoOp layout) with RN50, 16 shots
 #   bash run.sh vecaf                VeCAF's offline demo (1% and 2% loops, every baseline; an OOD row)
+#   bash run.sh gpu-check            on a GPU machine: every CUDA path at real size (random ViT-B/16 and RN50,
+#                                    generated images; bf16, fp16, --compile, torchrun on NCCL, bench), one table
 # Environment: SEED (default 0), OUT (default runs), CLIP_CACHE (checkpoint cache, ~/.cache/clip),
 # OMP_NUM_THREADS (default 1 for the demos: their tables were measured on one thread, and float sums
 # may depend on the thread count).
 set -euo pipefail
 cd "$(dirname "$0")"
-usage="usage: bash run.sh [demo | bold | paper DATA_ROOT | craft | craft-paper DATA_ROOT | vecaf]"
+usage="usage: bash run.sh [demo | bold | paper DATA_ROOT | craft | craft-paper DATA_ROOT | vecaf | gpu-check]"
 mode=${1:-demo}
 SEED=${SEED:-0}
 OUT=${OUT:-runs}
@@ -100,6 +102,11 @@ vecaf)
   done
   python vecaf.py --table "${runs[@]}"
   echo "vecaf demo done in $(( $(date +%s) - start ))s"
+  ;;
+gpu-check)
+  if [ $# -gt 1 ]; then echo "error: unexpected argument '${2}'; $usage" >&2; exit 2; fi
+  # refuses in one line where torch sees no GPU; random weights and generated images, nothing downloaded
+  python smoke.py --gpu --out "$OUT/gpu-check"
   ;;
 paper | craft-paper)
   if [ $# -ne 2 ]; then echo "error: $mode needs exactly one DATA_ROOT; $usage" >&2; exit 2; fi

@@ -282,6 +282,7 @@ def test_more_one_line_errors(tmp_path, capsys):
     # a prompt longer than the context (tiny-vit: 16 tokens): names the flag that shortens it
     err = coft_error(capsys, *coft_args(tmp_path, "--M", "14", out="long"))
     assert "use a smaller --M" in err and "longer than the backbone's context of 16" in err
+    assert not (tmp_path / "long").exists()  # before the run folder, so before the zero-shot pass
     # --restart with --eval-only; --eval-only in an empty folder
     assert "--restart discards" in coft_error(capsys, *coft_args(tmp_path, "--restart", "--eval-only"))
     assert "holds no run" in coft_error(capsys, *coft_args(tmp_path, "--eval-only", out="empty"))
