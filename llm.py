@@ -73,8 +73,12 @@ def validated_prompts(table, classnames, source):
     if not isinstance(table, dict):
         raise DataError(f"{source}: expected a JSON object {{class name: [prompts]}}, got {type(table).__name__}")
     missing = [c for c in classnames if c not in table]
-    if missing:
-        raise DataError(f"{source}: no prompts for {len(missing)} class(es), e.g. {missing[:3]}")
+    if missing:  # a file written for other class names (e.g. CuPL's, for another spelling): both sides named
+        unmatched = [k for k in table if k not in set(classnames)]
+        raise DataError(f"{source}: no prompts for {len(missing)} of the {len(classnames)} classes, first "
+                        f"{', '.join(map(repr, missing[:3]))}" + (f"; keys that name no class: "
+                        f"{', '.join(map(repr, unmatched[:3]))}" if unmatched else "") +
+                        "; the keys must be the class names exactly as this dataset spells them")
     bad = [c for c in classnames if not isinstance(table[c], list) or not table[c]
            or not all(isinstance(p, str) and p.strip() for p in table[c])]
     if bad:

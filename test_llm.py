@@ -55,7 +55,7 @@ def test_llm_prompt_file_good_reply(chat_server, tmp_path):
 
 @pytest.mark.parametrize("reply, message", [
     ("Sure! Here are some prompts: cat, dog", "malformed reply"),
-    (json.dumps({"cat": ["a cat."]}), "no prompts for 1 class"),
+    (json.dumps({"cat": ["a cat."]}), "no prompts for 1 of the 2 classes"),
     (json.dumps({"cat": ["a cat."], "dog": []}), "non-empty list"),
 ])
 def test_llm_prompt_file_bad_replies_write_nothing(chat_server, tmp_path, reply, message):
@@ -63,6 +63,19 @@ def test_llm_prompt_file_bad_replies_write_nothing(chat_server, tmp_path, reply,
     with pytest.raises(data.DataError, match=message) as e:
         llm.write_class_prompts(tmp_path / "p.json", ["cat", "dog"], chat_server, "m")
     assert "\n" not in str(e.value) and not (tmp_path / "p.json").exists()
+
+
+def test_a_prompt_file_for_other_class_names_is_one_line_naming_both_sides(tmp_path):
+    """A CuPL-style file {class: [prompts]} whose keys are spelt otherwise (an underscore kept)
+    names the first classes without prompts and the first keys that name no class."""
+    path = tmp_path / "cupl.json"
+    path.write_text(json.dumps({"dog": ["a dog."], "tabby_cat": ["a tabby cat."], "sports car": ["a car."]}))
+    with pytest.raises(llm.DataError) as e:
+        llm.read_class_prompts(path, ["dog", "tabby cat", "sports car"])
+    msg = str(e.value)
+    assert "no prompts for 1 of the 3 classes, first 'tabby cat'" in msg and "keys that name no class: 'tabby_cat'" in msg
+    assert "\n" not in msg
+    assert llm.read_class_prompts(path, ["dog", "sports car"]) == [["a dog."], ["a car."]]  # extra keys are fine
 
 
 def test_llm_prompt_file_refused_connection(tmp_path, monkeypatch):
