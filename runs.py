@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -195,6 +196,51 @@ def run_cli(body, interrupted="", errors=USER_ERRORS):
         if launched_rank()[0] == 0:  # Ctrl-C reaches every process of a torchrun job
             print(f"\ninterrupted{interrupted() if callable(interrupted) else interrupted}", file=sys.stderr)
         sys.exit(130)
+    finally:  # after the error or Ctrl-C line, which the run's log.txt keeps too
+        stop_log()
+
+
+class Tee:
+    """A text stream that also writes everything to a log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.log.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, encoding, fileno, ...: the terminal's
+        return getattr(self.stream, name)
+
+
+_log = None  # (log file, the streams it replaced) while a run's log.txt is open
+
+
+def start_log(out, continued):
+    """From here on every line this process prints (stdout and stderr) also goes to out/log.txt,
+    after a marker line with the time and the command; a continued run (--resume, --eval-only,
+    --phase 2) appends to its log. It only writes text: no number depends on it."""
+    global _log
+    stop_log()
+    f = open(Path(out) / "log.txt", "a", buffering=1, encoding="utf-8")  # line-buffered: a killed run keeps its lines
+    f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S %Z')} {'continued' if continued else 'started'}: "
+            f"{shlex.join([Path(sys.executable).name, *sys.argv])}\n")
+    _log = (f, sys.stdout, sys.stderr)
+    sys.stdout, sys.stderr = Tee(sys.stdout, f), Tee(sys.stderr, f)
+
+
+def stop_log():
+    """Close the run's log.txt and give the streams back (a CLI called in-process, as in the tests)."""
+    global _log
+    if _log is not None:
+        f, sys.stdout, sys.stderr = _log
+        _log = None
+        f.close()
 
 
 
@@ -317,8 +363,8 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
       --resume of a folder holding a run: its config.json must equal `config`, else one line
         lists what differs;
     then write config.json (`how`: settings that do not change numbers, e.g. workers, for the
-    record only, with the CPU thread count: a run continued with another is warned about).
-    Returns the folder."""
+    record only, with the CPU thread count: a run continued with another is warned about) and
+    start the run's log.txt (start_log). Returns the folder."""
     out = Path(out)
     check_out(out, resume, restart)
     if not restart and holds_run(out):
@@ -332,19 +378,21 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
                            f"{'; ...' if len(diff) > 6 else ''}): continue it with its own flags "
                            f"(see its config.json), choose another --out, or add --restart to discard it")
         was = saved.get("how", {}).get("cpu_threads")
-        if was is not None and was != torch.get_num_threads() and world()[0] == 0:
-            print(f"warning: {out} was started with {was} CPU threads, continued with {torch.get_num_threads()}: on "
-                  f"a CPU, float sums (and so the numbers) may then differ from an uninterrupted run's; set "
-                  f"OMP_NUM_THREADS={was} to continue it exactly", flush=True)
+    continued = not restart and holds_run(out)
     barrier()  # torchrun: every process has checked the folder before rank 0 changes it
     if world()[0] == 0:
         if restart:
-            for name in ("config.json", *RESULT_FILES, *outputs):
+            for name in ("config.json", "log.txt", *RESULT_FILES, *outputs):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "stages", ignore_errors=True)
         (out / "stages").mkdir(parents=True, exist_ok=True)
         write_json({"config": config, "how": {**(how or {}), "cpu_threads": torch.get_num_threads()}},
                    out / "config.json")
+        start_log(out, continued)
+        if continued and was is not None and was != torch.get_num_threads():
+            print(f"warning: {out} was started with {was} CPU threads, continued with {torch.get_num_threads()}: on "
+                  f"a CPU, float sums (and so the numbers) may then differ from an uninterrupted run's; set "
+                  f"OMP_NUM_THREADS={was} to continue it exactly", flush=True)
     barrier()  # ... and no process reads a stage before rank 0 has deleted it (--restart)
     return out
 

@@ -12,7 +12,7 @@ import coft
 import runs
 import train
 from conftest import (coft_args, coft_error, fit_arguments, make_dtd, make_imagefolder, numbers, one_line_error,
-                      randomized, run_coft, run_sh, stage_of, stage_state, tiny_hf, write_image)
+                      randomized, run_coft, run_sh, run_vecaf, stage_of, stage_state, tiny_hf, write_image)
 
 
 def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, pretrained_tiny):
@@ -256,6 +256,39 @@ def test_a_nan_loss_ends_the_cli_with_one_line(tmp_path, capsys, monkeypatch):
     err = coft_error(capsys, *coft_args(tmp_path, *SHORT))
     assert "phase I round 1 model 1: non-finite loss (loss nan" in err and "step 1 of" in err
     assert not (tmp_path / "run" / "metrics.json").exists()
+    assert (tmp_path / "run" / "log.txt").read_text().splitlines()[-1] == err  # the log ends with the error
+
+
+def log_body(path):
+    """log.txt's lines, each run's marker line as ("marker", started | continued)."""
+    return [("marker", re.search(r" (started|continued): ", line).group(1)) if line.startswith("==== ") else line
+            for line in Path(path).read_text().splitlines()]
+
+
+def test_every_line_a_run_prints_is_in_its_log_and_a_continued_run_appends(tmp_path, capsys):
+    """log.txt holds what the run printed, line for line, after a marker with the time and the
+    command; --resume appends after a "continued" marker and keeps what was there; --restart
+    starts a new log. The same for VeCAF (one open_run for every CLI)."""
+    capsys.readouterr()
+    run_coft(tmp_path, *SHORT)
+    printed = capsys.readouterr()
+    first = log_body(tmp_path / "run" / "log.txt")
+    assert first[0] == ("marker", "started") and first[1:] == printed.out.splitlines() + printed.err.splitlines()
+    assert any(line.startswith("metrics: ") for line in first[1:])
+    marker = (tmp_path / "run" / "log.txt").read_text().splitlines()[0]
+    assert re.match(r"==== \d{4}-\d\d-\d\d \d\d:\d\d:\d\d .* started: python", marker), marker
+    run_coft(tmp_path, *SHORT, "--resume")
+    printed = capsys.readouterr()
+    both = log_body(tmp_path / "run" / "log.txt")
+    assert both[:len(first)] == first and both[len(first)] == ("marker", "continued")
+    assert both[len(first) + 1:] == printed.out.splitlines()
+    run_coft(tmp_path, *SHORT, "--restart")
+    assert log_body(tmp_path / "run" / "log.txt")[0] == ("marker", "started")
+    assert log_body(tmp_path / "run" / "log.txt").count(("marker", "started")) == 1
+    capsys.readouterr()
+    run_vecaf(tmp_path, "--loops", "1", "--epochs", "1", out="v")
+    printed = capsys.readouterr()
+    assert log_body(tmp_path / "v" / "log.txt")[1:] == printed.out.splitlines()
 
 
 BAD_FLAGS = [("--clip-grad", "-1"), ("--K", "-1"), ("--K", "0"), ("--p1-epochs", "0"), ("--fft-epochs", "0"),

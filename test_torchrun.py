@@ -22,7 +22,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     under DDP with each global batch split in two (50 = 25 + 25; the seed set's and the
     unlabelled set's short last batches split unevenly), CoFT+'s keys gathered into one queue.
     Same per-step losses of every stage and same metrics as the plain run; both processes end
-    with the same queue and momentum model, and with the plain run's."""
+    with the same queue and momentum model, and with the plain run's. Rank 0 writes log.txt."""
     argv = coft_args(tmp_path, *DDP_RUN, out="one")
     cli_as_process(0, "coft", argv, tmp_path / "one")
     one = torch.load(tmp_path / "one-rank0.pt", weights_only=False)
@@ -38,6 +38,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
             assert torch.equal(ranks[0]["contrast"][tag][k], ranks[1]["contrast"][tag][k]), (tag, k)
             assert torch.allclose(ranks[0]["contrast"][tag][k].double(), v.double(), atol=1e-5), (tag, k)
     assert not (tmp_path / "two" / "stages" / "branch1.ckpt").exists()  # rank 0 wrote, and cleaned up
+    log = (tmp_path / "two" / "log.txt").read_text()  # rank 0's alone: each line once
+    assert log.count("==== ") == 1 and log.count("\nmetrics: ") == 1 and log.count("phase I round 1:") == 1
 
 
 def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
