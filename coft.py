@@ -787,6 +787,47 @@ def self_training(run, p2, rounds, threshold, W, probs):
 
 
 # -----------------------------------------------------------------------------
+# A finished run's classifier, rebuilt from its stages (deploy.py)
+
+
+class Ensemble(nn.Module):
+    """The test-time ensemble (Sec. 3.2.2) as one module: images -> the log of the mean of the
+    branches' softmax outputs, so its softmax is that mean and its argmax the ensemble's label."""
+
+    def __init__(self, branches):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x):
+        return torch.stack([b(x).softmax(-1) for b in self.branches]).mean(0).log()
+
+
+def branch_from_stage(state, visual, classes):
+    """A Phase-II branch (ImageClassifier) from its stage file's state dict; the Phase-I VPT or
+    adapter it carries with --fft-init phase1 is read off the keys."""
+    vpt = state.get("vpt")
+    adapter = Adapter(state["adapter.down.weight"].shape[1]) if "adapter.down.weight" in state else None
+    model = clip_model.ImageClassifier(visual, classes, vpt=vpt, adapter=adapter)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def final_stages(metrics, config):
+    """The stages whose models make a finished run's classifier, as the run evaluated it: CoFT
+    and CoFT+ the ensemble of their branches, top-K and labelled shots their one model,
+    self-training its last round. None for runs without a trained classifier (the linear probe
+    keeps no weights; --phase 1 stops before Phase II)."""
+    method = metrics.get("method")
+    if method in ("coft", "coft+"):
+        return [f"branch{a + 1}" for a in range(config["branches"])] if "ensemble_acc" in metrics else None
+    if method in ("topk", "shots"):
+        return [method]
+    if method == "selftrain":
+        return [f"selftrain_round{len(metrics['selftrain_rounds'])}"]
+    return None
+
+
+# -----------------------------------------------------------------------------
 # A run, end to end
 
 
@@ -850,7 +891,8 @@ def prepare(args):
     # the semi-supervised setting (Sec. 4.4): true-labelled shots per class (all of a smaller class)
     labelled = data.few_shot(task, args.labelled_shots, seed_of(args.seed, "labelled shots"), True) \
         if args.labelled_shots else torch.zeros(0, dtype=torch.long)
-    metrics = {"dataset": args.dataset, "clip": args.clip, "method": "coft+" if args.plus else args.method,
+    metrics = {"dataset": args.dataset, "classnames": task.classnames, "clip": args.clip,
+               "method": "coft+" if args.plus else args.method,
                "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision,
                "parts": {"rounds": args.rounds, "contrast": args.contrast, "zero_shot_prompts":
                          "llm" if args.llm_prompts else "ensemble" if args.template_ensemble else "template"},

@@ -497,6 +497,50 @@ def linear_probe(s):
     s.metrics["deploy_params"] = {"prompt": 0, "z": 0, "refiner": 0, "head": (s.clip.cfg.embed_dim + 1) * l.shape[1]}
 
 
+# -----------------------------------------------------------------------------
+# A finished run's classifier, rebuilt from its checkpoint (deploy.py)
+
+
+class DeployedClassifier(nn.Module):
+    """CraFT's classifier as one module: images -> l + g(l), l = scale * cos(v, t) with the class
+    text features t [C, D] of the final prompt computed once (one prompt query), g the refiner
+    (none for BBT and CoOp). The same numbers as `deployed`, without the black box's bookkeeping."""
+
+    def __init__(self, clip, t, scale, refiner=None):
+        super().__init__()
+        self.clip, self.scale, self.refiner = clip, scale, refiner
+        self.register_buffer("t", t)
+
+    def forward(self, x):
+        v = unit(self.clip.encode_image(x)).float()  # [B, D]
+        with torch.autocast(v.device.type, enabled=False):
+            l = self.scale * v @ self.t.float().T  # [B, C]
+            return l if self.refiner is None else self.refiner(l)
+
+
+def final_classifier(out, clip, config, metrics, classnames):
+    """A finished run's classifier from its last checkpoint: craft / bbt / mlp: the prompt
+    p0 + reshape(A z) of the final z (A redrawn from the run's seed) and the refiner; coop: the
+    learned context. None for the linear probe, which keeps no weights."""
+    method = config["method"]
+    if method == "probe":
+        return None
+    p0 = clip.token_embedding.weight[clip_model.tokenizer().encode(config["ctx_init"])].detach().float()
+    if method == "coop":
+        ctx, refiner = runs.read_torch(runs.ckpt_path(out, "coop"), weights_only=False)["model"]["ctx"], None
+    else:
+        state = runs.read_torch(runs.ckpt_path(out, "collaborate"), weights_only=False)
+        ctx = PromptGenerator(p0, config["intrinsic_dim"], config["a_std"], seed_of(config["seed"], "A"))(state["z"])[0]
+        refiner = None
+        if state["refiner"] is not None:
+            refiner = Refiner(len(classnames), config["hidden"])
+            refiner.load_state_dict(state["refiner"])
+    sos, suffix = prompt_parts(clip, classnames)
+    with torch.no_grad():
+        t = class_text_features(clip, sos.to(p0), suffix.to(p0.device), ctx[None].to(p0))[0]  # [C, D]
+    return DeployedClassifier(clip, t, metrics["scale"], refiner).eval()
+
+
 def run(args):
     """Zero-shot references, then the method; writes metrics.json and predictions.pt."""
     s = prepare(args)
@@ -571,8 +615,9 @@ def prepare(args):
     test = data.make_transform("test", clip.visual, task)
     shifts = {name: (data.ImageDataset(items, test), torch.tensor(classes), torch.tensor([lab for _, lab in items]))
               for name, (items, classes) in shifts.items()}
-    metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "shots": args.shots,
-               "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision, "scale": scale,
+    metrics = {"dataset": args.dataset, "classnames": task.classnames, "clip": args.clip, "method": args.method,
+               "shots": args.shots, "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision,
+               "scale": scale,
                "budget": args.budget if args.method in SEARCHES + ("mlp",) else None, "time_s": {}}
     print(f"{args.dataset}: {len(task.classnames)} classes, {args.shots} shots each, {len(eval_items)} "
           f"{args.eval_split} images; backbone {args.clip} on {device}, {args.precision}; method {args.method}",

@@ -624,6 +624,14 @@ def loops_batches(loops):
     return loops[-1]["batches"] if loops else 0
 
 
+def final_classifier(out, clip, metrics, classnames):
+    """A finished run's classifier: the image tower and head fine-tuned in its last loop."""
+    state = runs.read_torch(runs.stage_path(out, f"loop{len(metrics['loops'])}"))["model"]
+    model = clip_model.ImageClassifier(clip.visual, len(classnames))
+    model.load_state_dict(state)
+    return model.eval()
+
+
 # besides runs.NO_NUMBER_FLAGS; the captions file is recorded by content
 NO_NUMBER_FLAGS = ("plot", "target", "at_batches", "write_captions", "api_base", "caption_model")
 
@@ -705,8 +713,9 @@ def prepare(args):
     y_pool = torch.tensor([lab for _, lab in task.train])
     captions = caption_table(clip, task, y_pool, device, args.caption_template, args.ood_captions,
                              pool_captions) if METHODS[args.method].cea else None
-    metrics = {"dataset": args.dataset, "clip": args.clip, "method": args.method, "seed": args.seed,
-               "ods_objective": args.ods_objective, "eval_split": args.eval_split, "precision": args.precision,
+    metrics = {"dataset": args.dataset, "classnames": task.classnames, "clip": args.clip, "method": args.method,
+               "seed": args.seed, "ods_objective": args.ods_objective, "eval_split": args.eval_split,
+               "precision": args.precision,
                "budget": args.budget, "eval_grid": args.eval_grid, "max_batches": args.max_batches,
                "loops": args.loops, "pool": len(task.train), "processes": ddp.world()[1], "time_s": {}}
     print(f"{args.dataset}: {len(task.classnames)} classes, pool {len(task.train)}, {len(eval_items)} "
