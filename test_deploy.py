@@ -45,6 +45,12 @@ def finished(digit_folder, tmp_path_factory):
                         "--out", str(out / "coft")])
     coft.main(common + ["--plus", "--rounds", "2", "--K", "4", "--p1-epochs", "1", "--fft-epochs", "1", "--batch",
                         "32", "--queue", "16", "--out", str(out / "coftplus")])
+    coft.main(common + ["--K", "4", "--p1-epochs", "1", "--fft-epochs", "1", "--batch", "32", "--vpt-tokens", "2",
+                        "--fft-init", "phase1", "--branches", "1", "--out", str(out / "coft-vpt")])
+    coft.main(common + ["--method", "topk", "--K", "4", "--fft-epochs", "1", "--batch", "32", "--out",
+                        str(out / "topk")])
+    coft.main(common + ["--method", "selftrain", "--rounds", "2", "--fft-epochs", "1", "--batch", "32", "--out",
+                        str(out / "selftrain")])
     craft.main(common + ["--shots", "2", "--budget", "80", "--out", str(out / "craft")])
     craft.main(common + ["--method", "coop", "--shots", "2", "--out", str(out / "coop")])
     vecaf.main(common + ["--budget", "10", "--loops", "2", "--epochs", "2", "--batch", "8", "--iters", "20",
@@ -52,7 +58,8 @@ def finished(digit_folder, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("run, key", [("coft", "ensemble"), ("coftplus", "ensemble"), ("craft", "craft"),
+@pytest.mark.parametrize("run, key", [("coft", "ensemble"), ("coftplus", "ensemble"), ("coft-vpt", "ensemble"),
+                                      ("topk", "topk"), ("selftrain", "selftrain"), ("craft", "craft"),
                                       ("coop", "coop"), ("vecaf", "final")])
 def test_predicting_a_runs_own_test_images_gives_what_the_run_recorded(finished, digit_folder, run, key, tmp_path,
                                                                         capsys):
@@ -168,3 +175,6 @@ def test_the_export_gives_the_runs_image_features_in_open_clip_and_here(finished
     capsys.readouterr()
     assert [p.name for p in deploy.export(finished / "craft", tmp_path / "craft")] == ["craft_classifier.pt"]
     assert "tunes no CLIP weight" in capsys.readouterr().out
+    names = [p.name for p in deploy.export(finished / "coft-vpt", tmp_path / "vpt")]
+    assert names == ["model.pt", "model_head.pt", "model_vpt.pt"] and "no place for" in capsys.readouterr().out
+    assert torch.load(tmp_path / "vpt" / "model_vpt.pt", weights_only=True)["vpt"].shape[-2] == 2
