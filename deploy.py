@@ -161,8 +161,10 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
     """The CLI: every image's top classes as CSV (path, class, probability[, class_2, probability_2,
     ...]) to csv_path (written whole at the end) or stdout; progress on stderr for large sets;
     unreadable images named on stderr and counted, the others classified."""
+    files = image_files(paths)  # the cheap checks first
+    if csv_path is not None and not Path(csv_path).resolve().parent.is_dir():
+        raise RunError(f"--csv {csv_path}: its folder does not exist")
     model, classnames, transform = load(run_dir, device, clip, clip_act)
-    files = image_files(paths)
     device = runs.check_device(str(device))
     header = ["path", "class", "probability"] + [f"{c}_{r}" for r in range(2, topk + 1) for c in ("class", "probability")]
     sink = sys.stdout if csv_path is None else tempfile.NamedTemporaryFile(
@@ -170,17 +172,22 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
     writer = csv.writer(sink)
     writer.writerow(header)
     failed = 0
-    for n, (path, top, err) in enumerate(classify(model, files, transform, device, topk, batch, workers), 1):
-        if err is not None:
-            failed += 1
-            print(f"warning: {err}", file=sys.stderr, flush=True)
-        else:
-            writer.writerow([path] + [v for k, p in top for v in (classnames[k], f"{p:.4f}")])
-        if len(files) >= 1000 and (n % (10 * batch) == 0 or n == len(files)):
-            print(f"{n}/{len(files)} images", file=sys.stderr, flush=True)
-    if csv_path is not None:
-        sink.close()
-        os.replace(sink.name, csv_path)
+    try:
+        for n, (path, top, err) in enumerate(classify(model, files, transform, device, topk, batch, workers), 1):
+            if err is not None:
+                failed += 1
+                print(f"warning: {err}", file=sys.stderr, flush=True)
+            else:
+                writer.writerow([path] + [v for k, p in top for v in (classnames[k], f"{p:.4f}")])
+            if len(files) >= 1000 and (n % (10 * batch) == 0 or n == len(files)):
+                print(f"{n}/{len(files)} images", file=sys.stderr, flush=True)
+    finally:  # the CSV appears whole or not at all
+        if csv_path is not None:
+            sink.close()
+            if sys.exc_info()[0] is None:
+                os.replace(sink.name, csv_path)
+            else:
+                os.unlink(sink.name)
     print(f"{len(files) - failed} image(s) classified" + (f" to {csv_path}" if csv_path else "") +
           (f"; {failed} could not be read (named above)" if failed else ""), file=sys.stderr, flush=True)
     return len(files) - failed, failed

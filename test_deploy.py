@@ -129,6 +129,8 @@ def test_a_run_it_cannot_use_is_one_line(finished, digit_folder, tmp_path, capsy
     (tmp_path / "empty").mkdir()
     assert "holds no images" in one_line_error(deploy.main, capsys, str(finished / "coft"), str(tmp_path / "empty"))
     assert "no such file" in one_line_error(deploy.main, capsys, str(finished / "coft"), str(tmp_path / "nope"))
+    err = one_line_error(deploy.main, capsys, str(finished / "coft"), images, "--csv", str(tmp_path / "nope" / "p.csv"))
+    assert "its folder does not exist" in err
     other = tmp_path / "other.pt"
     torch.save(clip_model.tiny_clip("tiny-vit").state_dict(), other)
     err = one_line_error(deploy.main, capsys, str(finished / "coft"), images, "--clip", str(other), "--clip-act",
