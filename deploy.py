@@ -62,8 +62,11 @@ def rebuild(run_dir, device="cpu", clip=None, clip_act=None):
     saved = runs.read_config(out)
     try:
         metrics = json.loads((out / "metrics.json").read_text())
+        if not isinstance(metrics, dict) or "clip" not in metrics or "method" not in metrics:
+            raise ValueError("no run's metrics")
     except (OSError, ValueError) as e:
-        raise runs.damaged(out / "metrics.json", e) from None
+        raise RunError(f"{out / 'metrics.json'} is damaged or not from a finished run of this code "
+                       f"({type(e).__name__}: {str(e)[:60]}): rerun the run with --resume") from None
     config, how = saved["config"], saved.get("how", {})
     name, act = clip or metrics["clip"], clip_act or how.get("clip_act")
     if standin.backbone_id("--clip", name, act) != config["clip"]:

@@ -126,6 +126,9 @@ def test_a_run_it_cannot_use_is_one_line(finished, digit_folder, tmp_path, capsy
     (tmp_path / "unfinished" / "config.json").write_text(json.dumps({"config": {}, "how": {}}))
     assert "holds no finished run" in one_line_error(deploy.main, capsys, str(tmp_path / "unfinished"), images)
     assert "not a run folder" in one_line_error(deploy.main, capsys, str(tmp_path), images)
+    (tmp_path / "unfinished" / "metrics.json").write_text("[1]")
+    assert "is damaged or not from a finished run" in one_line_error(deploy.main, capsys, str(tmp_path / "unfinished"),
+                                                                     images)
     (tmp_path / "empty").mkdir()
     assert "holds no images" in one_line_error(deploy.main, capsys, str(finished / "coft"), str(tmp_path / "empty"))
     assert "no such file" in one_line_error(deploy.main, capsys, str(finished / "coft"), str(tmp_path / "nope"))
