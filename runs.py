@@ -23,6 +23,7 @@ import shlex
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -191,6 +192,8 @@ def run_cli(body, interrupted="", errors=USER_ERRORS):
             print(f"error (process {rank} of {world_size}): the processes lost contact ({type(e).__name__}: "
                   f"{error_line(e)})", file=sys.stderr, flush=True)
             sys.exit(2)
+        if _log is not None:  # the terminal gets the traceback as Python prints it; the log a copy
+            traceback.print_exc(file=_log[0])
         raise  # a fault of this process, with its traceback
     except KeyboardInterrupt:
         if launched_rank()[0] == 0:  # Ctrl-C reaches every process of a torchrun job

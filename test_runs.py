@@ -265,10 +265,10 @@ def log_body(path):
             for line in Path(path).read_text().splitlines()]
 
 
-def test_every_line_a_run_prints_is_in_its_log_and_a_continued_run_appends(tmp_path, capsys):
+def test_every_line_a_run_prints_is_in_its_log_and_a_continued_run_appends(tmp_path, capsys, monkeypatch):
     """log.txt holds what the run printed, line for line, after a marker with the time and the
     command; --resume appends after a "continued" marker and keeps what was there; --restart
-    starts a new log. The same for VeCAF (one open_run for every CLI)."""
+    starts a new log. The same for VeCAF (one open_run for every CLI). A fault's traceback too."""
     capsys.readouterr()
     run_coft(tmp_path, *SHORT)
     printed = capsys.readouterr()
@@ -289,6 +289,12 @@ def test_every_line_a_run_prints_is_in_its_log_and_a_continued_run_appends(tmp_p
     run_vecaf(tmp_path, "--loops", "1", "--epochs", "1", out="v")
     printed = capsys.readouterr()
     assert log_body(tmp_path / "v" / "log.txt")[1:] == printed.out.splitlines()
+    # a fault of the code (not a user error): its traceback is in the log too
+    monkeypatch.setattr(coft, "phase1_losses", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        run_coft(tmp_path, *SHORT, out="fault")
+    log = (tmp_path / "fault" / "log.txt").read_text().splitlines()
+    assert log[-1] == "RuntimeError: boom" and "Traceback (most recent call last):" in log
 
 
 BAD_FLAGS = [("--clip-grad", "-1"), ("--K", "-1"), ("--K", "0"), ("--p1-epochs", "0"), ("--fft-epochs", "0"),
