@@ -170,7 +170,8 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
     model, classnames, transform = load(run_dir, device, clip, clip_act)
     device = runs.check_device(str(device))
     topk = min(topk, len(classnames))
-    header = ["path", "class", "probability"] + [f"{c}_{r}" for r in range(2, topk + 1) for c in ("class", "probability")]
+    header = ["path", "class", "probability"] + [f"{c}_{r}" for r in range(2, topk + 1)
+                                                 for c in ("class", "probability")]
     sink = sys.stdout if csv_path is None else tempfile.NamedTemporaryFile(
         "w", newline="", dir=Path(csv_path).resolve().parent, suffix=".part", delete=False)
     writer = csv.writer(sink)

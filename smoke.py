@@ -62,8 +62,8 @@ def write_image_folder(root, classes=3, train=6, test=2, size=256):
 
 def coft(ckpt, data, out, *extra):  # one true-labelled shot per class: on random weights a clean set can be empty
     return [sys.executable, str(HERE / "coft.py"), "--dataset", "imagefolder", "--data-root", str(data), "--clip",
-            str(ckpt), "--clip-act", "quick_gelu", "--out", str(out), "--restart", "--log-every", "0", "--K", "2", "--batch", "4",
-            "--p1-epochs", "1", "--fft-epochs", "1", "--queue", "8", "--labelled-shots", "1", *extra]
+            str(ckpt), "--clip-act", "quick_gelu", "--out", str(out), "--restart", "--log-every", "0", "--K", "2",
+            "--batch", "4", "--p1-epochs", "1", "--fft-epochs", "1", "--queue", "8", "--labelled-shots", "1", *extra]
 
 
 def craft(ckpt, data, out, *extra):  # one CMA-ES generation (40 candidates x C prompts), one refiner epoch
@@ -116,7 +116,8 @@ def gpu_parts(vit, rn, data, out, device, size):
               (f"bench.py towers, batch {64 if cuda else 2}",
                [sys.executable, str(HERE / "bench.py"), "--sections", "towers", "--models",
                 f"{SIZES[size][0]},{SIZES[size][1]}", "--device", device, "--precision", "bf16" if cuda else "fp32",
-                "--batch", "64" if cuda else "2", "--steps", "10" if cuda else "1", "--prompts", "256" if cuda else "8"])]
+                "--batch", "64" if cuda else "2", "--steps", "10" if cuda else "1",
+                "--prompts", "256" if cuda else "8"])]
     return parts
 
 
@@ -189,8 +190,9 @@ def main(argv=None):
             if name.startswith("bench"):
                 print(log.read_text().rstrip(), flush=True)
         gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
-        print(f"\n{gpu}, torch {torch.__version__}; peak memory: {'the GPU allocator' if gpu != 'CPU' else 'resident set'}"
-              f" per stage (metrics.json peak_mib), the process's resident set per whole process")
+        what = "the GPU allocator" if gpu != "CPU" else "resident set"
+        print(f"\n{gpu}, torch {torch.__version__}; peak memory: {what} per stage (metrics.json peak_mib), the "
+              f"process's resident set per whole process")
         widths = (34, 22, 9, 11)
         print(f"{'part':{widths[0]}} {'stage':{widths[1]}} {'time s':>{widths[2]}} {'peak MiB':>{widths[3]}}  result")
         for name, stage, sec, peak, status in rows:
