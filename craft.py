@@ -52,6 +52,11 @@ def prompt_parts(clip, classnames):
     return clip.token_embedding.weight[tokens[0, 0]].detach(), tokens[:, 1:]
 
 
+def word_embeddings(clip, words):
+    """The token embeddings [n, width] of `words`, without [SOS] / [EOT]: p0 for "a photo of a"."""
+    return clip.token_embedding.weight[clip_model.tokenizer().encode(words)].detach().clone()
+
+
 def class_text_features(clip, sos, suffix, contexts):
     """Unit text features [P, C, D] of the prompts "[SOS] p {class}." for P contexts p [P, n, width]:
     the shared prefix [SOS, p] is encoded once per context (clip_model.CLIP.encode_text_shared)."""
@@ -86,8 +91,7 @@ class BlackBox:
     def word_embeddings(self, words):
         """The input embeddings [n, width] of `words` (no [SOS]/[EOT]): the vocabulary a prompt is
         written in, which the paper's setting hands to the user (p0); not a query."""
-        ids = clip_model.tokenizer().encode(words)
-        return self._clip.token_embedding.weight[ids].detach().clone()
+        return word_embeddings(self._clip, words)
 
     def forget(self):
         """Drop the remembered last prompt (a new generation queries its prompt afresh)."""
@@ -525,7 +529,7 @@ def final_classifier(out, clip, config, metrics, classnames):
     method = config["method"]
     if method == "probe":
         return None
-    p0 = clip.token_embedding.weight[clip_model.tokenizer().encode(config["ctx_init"])].detach().float()
+    p0 = word_embeddings(clip, config["ctx_init"]).float()
     if method == "coop":
         ctx, refiner = runs.read_torch(runs.ckpt_path(out, "coop"), weights_only=False)["model"]["ctx"], None
     else:

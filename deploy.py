@@ -167,8 +167,8 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
     files = image_files(paths)  # the cheap checks first
     if csv_path is not None and not Path(csv_path).resolve().parent.is_dir():
         raise RunError(f"--csv {csv_path}: its folder does not exist")
-    model, classnames, transform = load(run_dir, device, clip, clip_act)
     device = runs.check_device(str(device))
+    model, classnames, transform = load(run_dir, device, clip, clip_act)
     topk = min(topk, len(classnames))
     header = ["path", "class", "probability"] + [f"{c}_{r}" for r in range(2, topk + 1)
                                                  for c in ("class", "probability")]

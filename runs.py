@@ -370,7 +370,8 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
     start the run's log.txt (start_log). Returns the folder."""
     out = Path(out)
     check_out(out, resume, restart)
-    if not restart and holds_run(out):
+    continued, was = not restart and holds_run(out), None  # was: the CPU thread count it was run with
+    if continued:
         if not (out / "config.json").exists():
             raise RunError(f"{out} has saved stages but no config.json, so they cannot be checked: "
                            f"use --restart to discard them or another --out")
@@ -381,7 +382,6 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
                            f"{'; ...' if len(diff) > 6 else ''}): continue it with its own flags "
                            f"(see its config.json), choose another --out, or add --restart to discard it")
         was = saved.get("how", {}).get("cpu_threads")
-    continued = not restart and holds_run(out)
     barrier()  # torchrun: every process has checked the folder before rank 0 changes it
     if world()[0] == 0:
         if restart:
@@ -392,7 +392,7 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
         write_json({"config": config, "how": {**(how or {}), "cpu_threads": torch.get_num_threads()}},
                    out / "config.json")
         start_log(out, continued)
-        if continued and was is not None and was != torch.get_num_threads():
+        if was is not None and was != torch.get_num_threads():
             print(f"warning: {out} was started with {was} CPU threads, continued with {torch.get_num_threads()}: on "
                   f"a CPU, float sums (and so the numbers) may then differ from an uninterrupted run's; set "
                   f"OMP_NUM_THREADS={was} to continue it exactly", flush=True)
