@@ -325,16 +325,18 @@ class WithUnlabelled:
             yield x, y, i, xq, xk, j
 
 
-def with_labelled(idx, y, labelled, y_true):
-    """A pseudo-labelled set (idx, y) joined with the labelled shots, which carry their true
-    labels (replacing a pseudo-label where a labelled image was already in the set)."""
+def with_labelled(idx, y, labelled, y_labelled):
+    """A pseudo-labelled set (idx, y) joined with the labelled images `labelled` [L], which carry
+    their given labels y_labelled [L] (replacing a pseudo-label where a labelled image was already
+    in the set)."""
     keep = ~torch.isin(idx, labelled)
-    return torch.cat([idx[keep], labelled]), torch.cat([y[keep], y_true[labelled]])
+    return torch.cat([idx[keep], labelled]), torch.cat([y[keep], y_labelled])
 
 
 def label_precision(pseudo, true):
-    """% of pseudo-labels that are right; None for an empty set (JSON has no NaN)."""
-    return 100.0 * (pseudo == true).float().mean().item() if len(pseudo) else None
+    """% of pseudo-labels that are right; None for an empty set or without true labels (JSON has
+    no NaN)."""
+    return 100.0 * (pseudo == true).float().mean().item() if len(pseudo) and true is not None else None
 
 
 def auroc(score, positive):
@@ -373,7 +375,7 @@ import runs
 import standin
 import train
 from clip_model import class_prompts, text_classifier, zero_shot_logits
-from runs import cell, number
+from runs import cell, number, shown
 from train import RunError, seed_of
 
 
@@ -394,11 +396,13 @@ PHASE2_KEYS = SGD_KEYS + ("method", "rounds", "fft_epochs", "fft_lr", "fft_aug",
                           "head_init", "contrast", "gamma", "mu", "tau_c", "queue", "threshold", "sync_bn")
 
 
-def run_config(args, task, prompts):
-    """Every setting that can change a number of this run, with the data, the zero-shot prompts
-    and the backbones recorded by content."""
+def run_config(args, task, prompts, labels=None):
+    """Every setting that can change a number of this run, with the data, the zero-shot prompts,
+    the backbones and any labels file recorded by content."""
     config, _ = runs.settings(args, NO_NUMBER_FLAGS)
-    config.update(data=data.fingerprint(task, args.data_root),
+    if labels is not None:
+        config["labels"] = labels.digest()
+    config.update(data=data.fingerprint(task, task.root),
                   clip=standin.backbone_id("--clip", args.clip, args.clip_act),
                   fft_backbone=standin.backbone_id("--fft-backbone", args.fft_backbone, args.clip_act),
                   zero_shot_prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16])
@@ -410,7 +414,8 @@ def stage_record(config, tag):
     also Phase II's (and with them the number of rounds before it); the baselines S*'s and Phase II's."""
     keys = PHASE1_KEYS if tag.startswith("phase1") else \
         PHASE1_KEYS + PHASE2_KEYS if tag.startswith("branch") else SEED_SET_KEYS + PHASE2_KEYS
-    return {"stage": tag, **{k: config[k] for k in dict.fromkeys(keys)}}
+    # a labels file (--labels) changes the seed set and so every stage: recorded where one was given
+    return {"stage": tag, **{k: config[k] for k in dict.fromkeys(keys + ("labels",)) if k in config}}
 
 
 @dataclass(frozen=True)
@@ -464,21 +469,36 @@ def phase_settings(args):
 class Run(train.RunContext):
     """What the stages of one run share, made once by `prepare`: its folder, config and how it
     computes (train.RunContext: also the seeded loaders and the evaluation pass), the task's
-    images, the train split's true labels (for the precision diagnostics and the --labelled-shots
-    images only: no stage reads them otherwise), and the results so far."""
+    images, the train split's true labels where it has them (for the precision diagnostics only:
+    no stage reads them), the labelled images (--labelled-shots or --labels) with their labels,
+    and the results so far."""
     must_load: str  # stages to load from --out, never train: "none", "phase1" (--phase 2) or "all" (--eval-only)
     sgd: train.SGDRecipe  # both phases' (each with its own lr and epochs)
     task: data.Task
     clip: clip_model.CLIP  # frozen
     tau: float  # CLIP's own temperature, used everywhere
     unlabelled: data.ImageDataset  # the train split's images under the test transform
-    evaluated: data.ImageDataset  # the eval split (test, or dev for tuning) under the test transform
-    y_true: torch.Tensor  # [N] the train split's labels
-    y_eval: torch.Tensor  # [N_eval]
-    labelled: torch.Tensor  # indices of the --labelled-shots images (empty without)
+    evaluated: data.ImageDataset  # the eval split (test, dev for tuning, or --check) under the test transform
+    y_true: torch.Tensor | None  # [N] the train split's labels; None for your own images
+    y_eval: torch.Tensor | None  # [N_eval]; None without a labelled eval split (--images without --check)
+    labelled: torch.Tensor  # [L] indices of the labelled images (empty without)
+    y_labelled: torch.Tensor  # [L] their labels
     metrics: dict
     predictions: dict  # eval-split predictions (argmax) of every model, for per-image analysis
     t0: float
+
+    def truth(self, idx=None):
+        """The true train labels (of the images idx) for a diagnostic figure; None without them."""
+        return None if self.y_true is None else self.y_true if idx is None else self.y_true[idx]
+
+    def score(self, name, fn):
+        """A model's accuracy on the eval split (fn: images -> scores), its argmax kept as
+        predictions[name]; None without a labelled eval split (then nothing is evaluated)."""
+        if self.y_eval is None:
+            return None
+        scores = self.outputs(fn, self.evaluated)
+        self.predictions[name] = scores.argmax(1)
+        return train.accuracy(scores, self.y_eval)
 
 
 def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, compiled=(), empty=False):
@@ -522,17 +542,21 @@ def zero_shot_and_seed_set(run, prompts, K):
 
     def zero_shot(x):
         return zero_shot_logits(run.clip, W, x, run.tau)
-    zs_train, zs_eval = run.outputs(zero_shot, run.unlabelled), run.outputs(zero_shot, run.evaluated)
-    run.predictions["y"], run.predictions["zero_shot"] = run.y_eval, zs_eval.argmax(1)
-    run.metrics["zero_shot_acc"] = train.accuracy(zs_eval, run.y_eval)
-    run.metrics["zero_shot_train_label_precision"] = label_precision(zs_train.argmax(1), run.y_true)
-    idx, y = with_labelled(*topk_per_class(zs_train.softmax(1), K), run.labelled, run.y_true)
+    zs_train = run.outputs(zero_shot, run.unlabelled)
+    if run.y_eval is not None:
+        run.predictions["y"] = run.y_eval
+    run.metrics["zero_shot_acc"] = run.score("zero_shot", zero_shot)
+    run.metrics["zero_shot_train_label_precision"] = label_precision(zs_train.argmax(1), run.truth())
+    probs = zs_train.softmax(1)
+    run.metrics["zero_shot_mean_confidence"] = 100.0 * probs.max(1).values.mean().item()
+    idx, y = with_labelled(*topk_per_class(probs, K), run.labelled, run.y_labelled)
     run.metrics["seed_set"] = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(zs_train),
-                               "precision": label_precision(y, run.y_true[idx])}
+                               "precision": label_precision(y, run.truth(idx))}
     cost.record(run.metrics, "zero_shot")
-    print(f"zero-shot {run.metrics['eval_split']} acc {run.metrics['zero_shot_acc']:.2f}; seed set S*: {len(idx)} "
-          f"images, precision {cell(run.metrics['seed_set']['precision'])}", flush=True)
-    return W, (idx, y), zs_train.softmax(1)
+    print(f"zero-shot {run.metrics['eval_split']} acc {shown(run.metrics['zero_shot_acc'])}, mean confidence "
+          f"{cell(run.metrics['zero_shot_mean_confidence'])} %; seed set S*: {len(idx)} images, precision "
+          f"{cell(run.metrics['seed_set']['precision'])}", flush=True)
+    return W, (idx, y), probs
 
 
 def phase1(run, p1, seed_set):
@@ -559,7 +583,7 @@ def phase1(run, p1, seed_set):
         seed_sets.append(list(sets))
         for m in (1, 2):
             idx, y = sets[m - 1]
-            log[f"model{m}_seed_set"] = {"size": len(idx), "precision": label_precision(y, run.y_true[idx])}
+            log[f"model{m}_seed_set"] = {"size": len(idx), "precision": label_precision(y, run.truth(idx))}
             torch.manual_seed(seed_of(run.seed, "init", r, m))  # fresh prompts / VPT every round
             model = DualPromptModel(run.clip, run.task.classnames, p1.M, p1.ctx_init, p1.vpt_tokens,
                                     p1.vpt_deep).to(run.device)
@@ -572,19 +596,23 @@ def phase1(run, p1, seed_set):
             # each model's scores on all unlabelled images, computed once and used for relabelling
             # (next round) or for both directions of the collaborative filter (last round)
             on_train = phase1_scores(run, model, run.unlabelled)
-            eval_scores = phase1_scores(run, model, run.evaluated).s_pos
-            log[f"model{m}_acc"] = train.accuracy(eval_scores, run.y_eval)
-            run.predictions[f"round{r}_model{m}"] = eval_scores.argmax(1)
+            log[f"model{m}_acc"] = None
+            if run.y_eval is not None:
+                eval_scores = phase1_scores(run, model, run.evaluated).s_pos
+                log[f"model{m}_acc"] = train.accuracy(eval_scores, run.y_eval)
+                run.predictions[f"round{r}_model{m}"] = eval_scores.argmax(1)
+            # label-free: how sure the model is of its own labels on the unlabelled images
+            log[f"model{m}_mean_confidence"] = 100.0 * (on_train.s_pos / run.tau).softmax(1).max(1).values.mean().item()
             models.append(model)
             scores.append(on_train)
             if r < p1.rounds:  # this model's own top-K by its positive-prompt softmax
                 sets[m - 1] = with_labelled(*topk_per_class((on_train.s_pos / run.tau).softmax(1), p1.K), run.labelled,
-                                            run.y_true)
+                                            run.y_labelled)
         run.metrics["rounds"].append(log)
         print(f"phase I round {r}: " + "; ".join(
             f"model {m}: seed set {log[f'model{m}_seed_set']['size']} (precision "
-            f"{cell(log[f'model{m}_seed_set']['precision'])}), acc {log[f'model{m}_acc']:.2f}" for m in (1, 2)),
-            flush=True)
+            f"{cell(log[f'model{m}_seed_set']['precision'])}), acc {shown(log[f'model{m}_acc'])}, mean confidence "
+            f"{cell(log[f'model{m}_mean_confidence'])} %" for m in (1, 2)), flush=True)
     run.metrics["phase1_model1_acc"], run.metrics["phase1_model2_acc"] = log["model1_acc"], log["model2_acc"]
     cost.record(run.metrics, "phase1")
     return models, scores, seed_sets
@@ -610,29 +638,33 @@ def phase1_scores(run, model, dataset):
 
 def generate_and_validate(run, scores):
     """Sec. 3.2.1, both directions: model a labels every unlabelled image (argmax of s+), model b
-    keeps a label iff its s+ beats its s- for that class (collaborative_filter). Labelled shots
-    are kept, with their true labels, in both clean sets. Returns [(indices, labels)] x 2 and
-    the generated labels."""
+    keeps a label iff its s+ beats its s- for that class (collaborative_filter). Labelled images
+    are kept, with their given labels, in both clean sets. Returns [(indices, labels)] x 2, the
+    generated labels, and per direction what a person reviewing the labels needs (every image's
+    label, whether it was kept, the peer's margin s+_b - s-_b at it)."""
     cost = train.StageCost(run.device)
     y_gen = [s.s_pos.argmax(1) for s in scores]
     run.metrics["phase1_agreement"] = 100.0 * (y_gen[0] == y_gen[1]).float().mean().item()
-    clean = []
+    clean, review = [], []
     for a, b in ((0, 1), (1, 0)):
         keep = collaborative_filter(y_gen[a], scores[b].s_pos, scores[b].s_neg)
         labels = y_gen[a].clone()
-        keep[run.labelled], labels[run.labelled] = True, run.y_true[run.labelled]
+        keep[run.labelled], labels[run.labelled] = True, run.y_labelled
         idx = keep.nonzero().squeeze(1)
         clean.append((idx, labels[idx]))
+        i = torch.arange(len(labels))
+        review.append((labels, keep, scores[b].s_pos[i, labels] - scores[b].s_neg[i, labels]))
         c = run.metrics[f"clean_set_{a + 1}"] = {
             "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(keep),
-            "precision": label_precision(labels[idx], run.y_true[idx]),
-            "all_labels_precision": label_precision(y_gen[a], run.y_true),
+            "precision": label_precision(labels[idx], run.truth(idx)),
+            "all_labels_precision": label_precision(y_gen[a], run.truth()),
             **filter_diagnosis(y_gen[a], keep, scores[a].s_pos, scores[b].s_pos, scores[b].s_neg, run.tau,
-                               run.y_true)}
+                               run.truth())}
         print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(keep)} "
               f"kept, precision {cell(c['precision'])} (all labels {cell(c['all_labels_precision'])})", flush=True)
+    print(f"the two Phase-I models agree on {run.metrics['phase1_agreement']:.1f} % of the labels", flush=True)
     cost.record(run.metrics, "filter")
-    return clean, y_gen
+    return clean, y_gen, review
 
 
 def filter_diagnosis(y_a, keep, s_pos_a, s_pos_b, s_neg_b, tau, y_true):
@@ -642,7 +674,10 @@ def filter_diagnosis(y_a, keep, s_pos_a, s_pos_b, s_neg_b, tau, y_true):
     the AUROC of three scores for ranking right above wrong labels: the filter's own margin
     s+_b - s-_b at y_a (model b, dual prompts), model b's plain softmax confidence in y_a (its
     positive prompts alone: the same peer without the negative prompt) and model a's own
-    confidence in its label. Diagnosis only (it reads the true train labels); Eq. 1 softmax at tau."""
+    confidence in its label. Diagnosis only (it reads the true train labels y_true: all None
+    without them); Eq. 1 softmax at tau."""
+    if y_true is None:
+        return dict.fromkeys(("removed_precision", "auroc_peer_margin", "auroc_peer_confidence", "auroc_own_confidence"))
     i = torch.arange(len(y_a))
     right = y_a == y_true
     return {"removed_precision": label_precision(y_a[~keep], y_true[~keep]),
@@ -698,7 +733,7 @@ def phase2(run, p2, scores, peft, clean, prompts, ft_clip=None):
     """Phase II (Sec. 3.2.2) per branch a: a fresh copy of the pre-trained image tower (or of
     --fft-backbone's, the paper's distillation setting) fine-tuned on clean set a, its head
     initialised from Phase-I model a's positive prompts (another backbone: its zero-shot
-    weights). Returns each branch's softmax on the eval split."""
+    weights). Returns each branch's softmax on the eval split (None without one)."""
     cost = train.StageCost(run.device)
     if ft_clip is None:
         clip, evaluated = run.clip, run.evaluated
@@ -715,19 +750,23 @@ def phase2(run, p2, scores, peft, clean, prompts, ft_clip=None):
             if p2.init == "phase1" else {}
         branch = fine_tune(run, p2, f"branch{a + 1}", clip, heads[a] if p2.head_init == "text" else None,
                            *clean[a], **init)
-        logits = run.outputs(branch, evaluated)
-        run.metrics[f"branch{a + 1}_acc"] = train.accuracy(logits, run.y_eval)
-        run.predictions[f"branch{a + 1}"] = logits.argmax(1)
-        probs.append(logits.softmax(1))
+        run.metrics[f"branch{a + 1}_acc"] = None
+        if run.y_eval is not None:
+            logits = run.outputs(branch, evaluated)
+            run.metrics[f"branch{a + 1}_acc"] = train.accuracy(logits, run.y_eval)
+            run.predictions[f"branch{a + 1}"] = logits.argmax(1)
+            probs.append(logits.softmax(1))
     cost.record(run.metrics, "phase2")
-    return probs
+    return probs if run.y_eval is not None else None
 
 
 def ensemble(run, probs):
     """The test-time ensemble (Sec. 3.2.2): the mean of the branches' softmax outputs."""
-    p = torch.stack(probs).mean(0)
-    run.metrics["ensemble_acc"] = train.accuracy(p, run.y_eval)
-    run.predictions["ensemble"] = p.argmax(1)
+    run.metrics["ensemble_acc"] = None
+    if probs is not None:
+        p = torch.stack(probs).mean(0)
+        run.metrics["ensemble_acc"] = train.accuracy(p, run.y_eval)
+        run.predictions["ensemble"] = p.argmax(1)
 
 
 # -----------------------------------------------------------------------------
@@ -748,11 +787,9 @@ def fine_tune_baseline(run, method, p2, W, seed_set):
     zero-shot labels (and any labelled shots); --method shots: the same on the labelled shots
     alone. One branch, its head initialised from the zero-shot weights W."""
     cost = train.StageCost(run.device)
-    idx, y = seed_set if method == "topk" else (run.labelled, run.y_true[run.labelled])
+    idx, y = seed_set if method == "topk" else (run.labelled, run.y_labelled)
     branch = fine_tune(run, p2, method, run.clip, W if p2.head_init == "text" else None, idx, y)
-    logits = run.outputs(branch, run.evaluated)
-    run.metrics[f"{method}_acc"] = train.accuracy(logits, run.y_eval)
-    run.predictions[method] = logits.argmax(1)
+    run.metrics[f"{method}_acc"] = run.score(method, branch)
     cost.record(run.metrics, "fine_tune")
 
 
@@ -770,19 +807,17 @@ def self_training(run, p2, rounds, threshold, W, probs):
     for r in range(1, rounds + 1):
         conf, y = probs.max(1)
         idx = (conf >= threshold).nonzero().squeeze(1)
-        idx, labels = with_labelled(idx, y[idx], run.labelled, run.y_true)
+        idx, labels = with_labelled(idx, y[idx], run.labelled, run.y_labelled)
         model = fine_tune(run, p2, f"selftrain_round{r}", run.clip, W if p2.head_init == "text" else None,
                           idx, labels)
-        logits = run.outputs(model, run.evaluated)
         log = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(probs),
-               "precision": label_precision(labels, run.y_true[idx]), "acc": train.accuracy(logits, run.y_eval)}
+               "precision": label_precision(labels, run.truth(idx)), "acc": run.score("selftrain", model)}
         run.metrics["selftrain_rounds"].append(log)
         print(f"self-training round {r}: {log['size']} images with confidence >= {threshold} (precision "
-              f"{cell(log['precision'])}), {run.metrics['eval_split']} acc {log['acc']:.2f}", flush=True)
+              f"{cell(log['precision'])}), {run.metrics['eval_split']} acc {shown(log['acc'])}", flush=True)
         if r < rounds:
             probs = run.outputs(model, run.unlabelled).softmax(1)  # the next round's labeller
-    run.metrics["selftrain_acc"] = log["acc"]
-    run.predictions["selftrain"] = logits.argmax(1)
+    run.metrics["selftrain_acc"] = log["acc"]  # the last round's model, whose predictions `score` kept
     cost.record(run.metrics, "fine_tune")
 
 
@@ -834,8 +869,9 @@ def final_stages(metrics, config):
 def run(args):
     """Zero-shot -> S* -> Phase I (two models; CoFT+: R rounds) -> collaborative filter ->
     Phase II (CoFT+: + momentum contrast) -> ensemble. Writes metrics.json, config.json,
-    pseudo_labels.pt (every seed set and clean set) and predictions.pt (eval-split predictions of
-    every model); stages/ holds each finished stage (docs/runs.md)."""
+    pseudo_labels.pt (every seed set and clean set), pseudo_labels.csv (every image's labels, for
+    a person to review) and predictions.pt (eval-split predictions of every model); stages/ holds
+    each finished stage (docs/runs.md)."""
     ctx, prompts, ft_clip = prepare(args)  # a Run: what the stages share
     p1, p2 = phase_settings(args)  # the stages see these, never the flags
     W, seed_set, zs_probs = zero_shot_and_seed_set(ctx, prompts, p1.K)
@@ -847,10 +883,11 @@ def run(args):
         self_training(ctx, p2, args.rounds, args.threshold, W, zs_probs)
     else:
         peft, scores, seed_sets = phase1(ctx, p1, seed_set)
-        clean, y_gen = generate_and_validate(ctx, scores)
+        clean, y_gen, review = generate_and_validate(ctx, scores)
         runs.atomic_save({"labelled": ctx.labelled, "seed_sets": seed_sets, "generated": y_gen,
                           "clean": [idx for idx, _ in clean], "clean_labels": [y for _, y in clean]},
                          ctx.out / "pseudo_labels.pt")
+        write_pseudo_labels(ctx, zs_probs, review)
         if args.phase != "1":
             ensemble(ctx, phase2(ctx, p2, scores, peft, clean, prompts, ft_clip))
     return runs.finish_run(ctx.out, ctx.metrics, ctx.predictions, ctx.t0)
@@ -869,10 +906,13 @@ def prepare(args):
                        f"to use: run {'it' if args.eval_only else '--phase 1'} first")
     args = runs.with_precision(args, device)  # the config records what ran
     t0 = time.time()
-    task = data.load_task(args.dataset, args.data_root)
+    task = runs.open_task(args)
     eval_items = data.eval_items(task, args.eval_split)
+    y_true = data.train_labels(task)
+    labels = data.read_labels(args.labels, task) if args.labels else None
+    check_labels(args, y_true, labels)
     prompts = zero_shot_prompts(task, args.llm_prompts, args.template_ensemble, args.plus)
-    config = run_config(args, task, prompts)
+    config = run_config(args, task, prompts, labels)
     torch.manual_seed(args.seed)  # building a model draws random numbers (then overwritten): seeded too
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
@@ -884,31 +924,43 @@ def prepare(args):
         ft_clip, _ = standin.load("--fft-backbone", args.fft_backbone, args.clip_act, "cpu")
         check_fft_init(args, clip, ft_clip)
     # every check passed: only now may --restart discard the run in --out
-    out = runs.open_run(args.out, config, continuing, args.restart, ["pseudo_labels.pt"],
+    out = runs.open_run(args.out, config, continuing, args.restart, ["pseudo_labels.pt", "pseudo_labels.csv"],
                         runs.settings(args, NO_NUMBER_FLAGS)[1])
     test = data.make_transform("test", clip.visual, task)
-    y_true = torch.tensor([label for _, label in task.train])
-    # the semi-supervised setting (Sec. 4.4): true-labelled shots per class (all of a smaller class)
-    labelled = data.few_shot(task, args.labelled_shots, seed_of(args.seed, "labelled shots"), True) \
-        if args.labelled_shots else torch.zeros(0, dtype=torch.long)
+    if labels is not None:  # the paper's few-labels setting (Sec. 4.4) from the labels a person gave
+        labelled, y_labelled = labels.index, labels.y
+    elif args.labelled_shots:  # ... or drawn: true-labelled shots per class (all of a smaller class)
+        labelled = data.few_shot(task, args.labelled_shots, seed_of(args.seed, "labelled shots"), True)
+        y_labelled = y_true[labelled]
+    else:
+        labelled = y_labelled = torch.zeros(0, dtype=torch.long)
     metrics = {"dataset": args.dataset, "classnames": task.classnames, "clip": args.clip,
                "method": "coft+" if args.plus else args.method,
                "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision,
                "parts": {"rounds": args.rounds, "contrast": args.contrast, "zero_shot_prompts":
-                         "llm" if args.llm_prompts else "ensemble" if args.template_ensemble else "template"},
+                         "llm" if args.llm_prompts else "classes file" if task.prompts else
+                         "ensemble" if args.template_ensemble else "template"},
                "processes": ddp.world()[1], "grad_norms": {}, "time_s": {}}
     if args.labelled_shots:
         metrics["labelled_shots"] = {"per_class": args.labelled_shots, "size": len(labelled)}
+    if labels is not None:
+        metrics["labels"] = {"file": args.labels, "size": len(labels), "per_class": labels.per_class(len(task.classnames))}
     ctx = Run(**runs.context(args, out, config, device, continuing),
               must_load="all" if args.eval_only else "phase1" if args.phase == "2" else "none",
               sgd=train.SGDRecipe(**{k: getattr(args, k) for k in SGD_KEYS}), task=task, clip=clip,
               tau=1.0 / clip.logit_scale.exp().item(), unlabelled=data.ImageDataset(task.train, test),
               evaluated=data.ImageDataset(eval_items, test), y_true=y_true,
-              y_eval=torch.tensor([label for _, label in eval_items]), labelled=labelled, metrics=metrics,
-              predictions={}, t0=t0)
+              y_eval=torch.tensor([label for _, label in eval_items]) if eval_items else None, labelled=labelled,
+              y_labelled=y_labelled, metrics=metrics, predictions={}, t0=t0)
     print(f"{args.dataset}: {len(task.classnames)} classes, {len(task.train)} unlabelled train images, "
           f"{len(eval_items)} {args.eval_split} images; backbone {args.clip} ({clip.visual.resolution}px) on "
           f"{device}, {args.precision}", flush=True)
+    if y_true is None:
+        print("the train images carry no labels: every figure that needs one (the label precisions, the filter's "
+              "removed-label precision and AUROCs) is absent: null in metrics.json, '-' in the table", flush=True)
+    if not eval_items:
+        print("no labelled check set (--check): no accuracy is reported; what can be known without labels is: the "
+              "mean confidences, the Phase-I models' agreement and the filter's kept fractions", flush=True)
     return ctx, prompts, ft_clip
 
 
@@ -917,13 +969,29 @@ def check_args(args, device):
     number's range is checked by the parser)."""
     if args.sync_bn and ddp.world()[1] > 1 and device.type != "cuda":
         raise RunError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): drop it on CPUs")
-    if args.method == "shots" and not args.labelled_shots:
-        raise RunError("--method shots fine-tunes on the labelled shots only: give --labelled-shots N (N > 0)")
+    if args.method == "shots" and not (args.labelled_shots or args.labels):
+        raise RunError("--method shots fine-tunes on the labelled shots only: give --labelled-shots N (N > 0) or "
+                       "--labels FILE")
+    if args.labelled_shots and args.labels:
+        raise RunError("--labelled-shots draws labelled images from the dataset's labels and --labels gives them: "
+                       "give one of the two")
     if args.restart and (args.eval_only or args.phase == "2"):
         raise RunError(f"--restart discards the run in --out, so there would be nothing for "
                        f"{'--eval-only' if args.eval_only else '--phase 2'} to use: drop one of them")
     for flag, name in (("--clip", args.clip), ("--fft-backbone", args.fft_backbone)):
         standin.check_backbone(flag, name, args.clip_act)
+
+
+def check_labels(args, y_true, labels):
+    """What needs labels the data do not have, refused before any work."""
+    if y_true is None and args.method == "probe":
+        raise RunError("--method probe fits the TRUE label of every train image (a ceiling for reference), and "
+                       "these images carry none: use another --method")
+    if y_true is None and args.labelled_shots:
+        raise RunError("--labelled-shots N draws labelled images from the dataset's labels, and these images carry "
+                       "none: label some yourself and give them with --labels FILE")
+    if labels is not None and not len(labels):
+        raise RunError(f"--labels {args.labels} labels no image: add rows path,class, or leave --labels out")
 
 
 def check_fft_init(args, clip, ft_clip):
@@ -946,6 +1014,27 @@ def check_fft_init(args, clip, ft_clip):
             f"{args.fft_backbone}'s {b.embed_dim}-d embedding: use --fft-init pretrained with --fft-backbone")
 
 
+def write_pseudo_labels(run, zs_probs, review):
+    """pseudo_labels.csv: every unlabelled image's labels, for a person to review (sort by a
+    margin to see the doubtful first). Columns: path (as a labels file names it), class (model
+    1's label: branch 1 trains on it where branch1_kept is 1), branch1_kept, branch1_peer_margin
+    (model 2's s+ - s- at that label: the filter keeps a label iff it is > 0), branch2_class,
+    branch2_kept, branch2_peer_margin (the other direction), zero_shot_class,
+    zero_shot_confidence (its softmax probability, Eq. 1), labelled (1: a label given by
+    --labels / --labelled-shots). Its path and class columns make it a labels file: keep the rows
+    you checked, correct their class, and give it to a new run as --labels."""
+    names, root = run.task.classnames, run.task.root
+    given = torch.zeros(len(zs_probs), dtype=torch.bool)
+    given[run.labelled] = True
+    conf, zs = (t.tolist() for t in zs_probs.max(1))
+    (y1, keep1, m1), (y2, keep2, m2) = ((y.tolist(), keep.int().tolist(), m.tolist()) for y, keep, m in review)
+    rows = ([data.item_key(source, i, root), names[y1[i]], keep1[i], f"{m1[i]:.4f}", names[y2[i]], keep2[i],
+             f"{m2[i]:.4f}", names[zs[i]], f"{conf[i]:.4f}", int(given[i])] for i, (source, _) in enumerate(run.task.train))
+    runs.write_csv(["path", "class", "branch1_kept", "branch1_peer_margin", "branch2_class", "branch2_kept",
+                    "branch2_peer_margin", "zero_shot_class", "zero_shot_confidence", "labelled"], rows,
+                   run.out / "pseudo_labels.csv")
+
+
 def set_grad_checkpointing(clip, on):
     """Recompute transformer blocks in the backward pass (memory for ViT-L/14); ResNet stages are
     not checkpointed."""
@@ -957,15 +1046,18 @@ def set_grad_checkpointing(clip, on):
 def zero_shot_prompts(task, llm_prompts=None, template_ensemble=False, plus=False):
     """The zero-shot pass's prompts per class: the dataset's hand-written template (CoFT); with
     CoFT+ the LLM-written prompts of --llm-prompts, or else the ensemble of hand-written
-    templates (said so on the console)."""
+    templates (said so on the console). A {class: [prompts]} file given as --classes is the
+    prompts (unless --llm-prompts is given too)."""
     if llm_prompts:
         return llm.read_class_prompts(llm_prompts, task.classnames)
+    if task.prompts:
+        return task.prompts
     if template_ensemble:
         if plus:
             print(f"CoFT+ without --llm-prompts: the zero-shot pass uses the ensemble of {len(task.templates)} "
                   f"hand-written templates instead of LLM-written prompts", flush=True)
         return class_prompts(task.classnames, task.templates)
-    return class_prompts(task.classnames, task.templates[:1])
+    return data.zero_shot_prompts(task)
 
 
 # -----------------------------------------------------------------------------
@@ -976,8 +1068,11 @@ def parser():
     p = runs.Parser(description="CoFT: label-free collaborative fine-tuning of CLIP",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--dataset", default="digits", help="digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
-    a("--data-root", default=None, help="root of the CoOp layout / image folder / CIFAR download dir")
+    runs.data_flags(p, "digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
+    a("--labels", default=None, metavar="FILE",
+      help="labelled images (the paper's few-labels setting, Sec. 4.4): a CSV path,class (paths relative to "
+           "--images / --data-root); they join S* and both clean sets with these labels. A run's "
+           "pseudo_labels.csv, rows checked and corrected, is such a file")
     a("--clip", default="demo", help="demo (the offline stand-in), an OpenAI release (RN50 ... ViT-L/14@336px), "
       "open_clip:ARCH/TAG[=FILE], a Hugging Face CLIPModel folder or hf:ORG/NAME, or a checkpoint file "
       "(with --clip-act)")
@@ -1068,6 +1163,7 @@ def resolve_defaults(args):
     the offline stand-in, whose 16 patches and 24-token context a ViT-B/16 capacity overfits
     (docs/demo.md); loader workers by device. Returns a resolved copy of the flags."""
     args = argparse.Namespace(**vars(args))
+    args.dataset = runs.dataset_name(args)
     if args.plus:
         args.contrast = True
         args.rounds = args.rounds or 3
@@ -1119,7 +1215,8 @@ def main(argv=None):
             methods = ("coft", "coft+", "topk", "selftrain", "shots", "probe")  # a run's "method" in metrics.json
             return runs.table(runs.finished_runs(args.table, methods), run_summary)
         if args.write_llm_prompts:
-            task = data.load_task(args.dataset, args.data_root)
+            args.dataset = runs.dataset_name(args)
+            task = runs.open_task(args)
             path = llm.write_class_prompts(args.write_llm_prompts, task.classnames, args.api_base, args.llm,
                                            os.environ.get("OPENAI_API_KEY"), args.prompts_per_class)
             print(f"wrote prompts for {len(task.classnames)} classes to {path}")

@@ -12,6 +12,7 @@ from PIL import Image
 
 import clip_model as cm
 import coft
+import data
 import runs
 import standin
 import train
@@ -147,6 +148,38 @@ def make_imagefolder(root, splits=("train", "test"), classes=("cat", "dog_big"))
             with open(os.path.join(root, split, c, "notes.txt"), "w") as f:
                 f.write("not an image")
 
+
+
+def write_digit_layouts(root, n_train=None, n_test=None):
+    """The digits' train and test images as PNG files in two layouts that list them in one order:
+    root/labelled/{train,test}/<class>/<n>.png (--dataset imagefolder, the labelled layout) and
+    your own images, root/flat/<n>.png (the train split, no labels), root/check/<class>/<n>.png (the
+    test split) and root/classes.txt (the class folders' sorted order, imagefolder's labels).
+    Returns (root, [(class name, pool index in the flat folder) per train image], the sorted class names)."""
+    task = data.digits_task()
+    root = Path(root)
+    classes = sorted(task.classnames)
+    train = sorted(task.train[:n_train], key=lambda item: classes.index(task.classnames[item[1]]))  # class folders' order
+    pool = []
+    for n, (image, label) in enumerate(train):
+        name = task.classnames[label]
+        for path in (root / "labelled" / "train" / name / f"{n:04d}.png", root / "flat" / f"{n:04d}.png"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+        pool.append(name)
+    for n, (image, label) in enumerate(task.test[:n_test]):
+        name = task.classnames[label]
+        for path in (root / "labelled" / "test" / name / f"{n:04d}.png", root / "check" / name / f"{n:04d}.png"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return root, pool, classes
+
+
+def write_labels(path, rows):
+    """A labels file: the header path,class, then (path, class) rows."""
+    Path(path).write_text("path,class\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    return path
 
 
 # ---- the CLIs' one-line errors and run.sh

@@ -38,7 +38,7 @@ import runs
 import train
 from cmaes import CMAES
 from clip_model import unit
-from runs import number
+from runs import number, shown
 from train import RunError, seed_of
 
 # -----------------------------------------------------------------------------
@@ -310,7 +310,10 @@ class Setup(train.RunContext):
 
 def zero_shot(s):
     """Zero-shot references (no training): the dataset's hand-written template, and p0 ("a photo
-    of a {}.", where the search starts)."""
+    of a {}.", where the search starts). Nothing without a labelled eval split."""
+    if s.y_eval is None:
+        s.metrics["zero_shot_acc"] = s.metrics["p0_acc"] = None
+        return
     s.box.upload("eval", s.evaluated, s.workers)
     l_template = s.box.hard_prompt_logits(s.task.templates[0], "eval")
     l_p0 = s.box.logits(s.p0[None], "eval")[0]
@@ -421,8 +424,10 @@ def collaborate(s, hp):
                        "opt": opt.state_dict() if opt else None})
     cost.record(s.metrics, "train")
     s.box.forget()
-    s.predictions[hp.method] = deployed(s.box, generator(z), "eval", refiner).cpu()
-    s.metrics[f"{hp.method}_acc"] = train.accuracy(s.predictions[hp.method], s.y_eval)
+    s.metrics[f"{hp.method}_acc"] = None
+    if s.y_eval is not None:
+        s.predictions[hp.method] = deployed(s.box, generator(z), "eval", refiner).cpu()
+        s.metrics[f"{hp.method}_acc"] = train.accuracy(s.predictions[hp.method], s.y_eval)
     for name, (images, classes, y) in s.shifts.items():  # the same classifier under distribution shift
         s.box.upload(name, images, s.workers)
         s.predictions[name] = deployed(s.box, generator(z), name, refiner, classes).cpu()
@@ -480,12 +485,14 @@ def coop(s, hp):
                         s.precision, 0.0, runs.Saved(runs.ckpt_path(s.out, "coop"), s.config, s.resume), "coop",
                         s.log_every)
     cost.record(s.metrics, "train")
-    with torch.no_grad(), torch.autocast(**s.amp):
-        t = text()
-    l = train.predict(lambda x: s.scale * clip_model.similarity(unit(clip.encode_image(x)), t),
-                      s.loader(s.evaluated, s.eval_batch, ("eval",)), s.device, s.amp)[0]
-    s.metrics["coop_acc"] = train.accuracy(l, s.y_eval)
-    s.predictions["coop"] = l.argmax(1)
+    s.metrics["coop_acc"] = None
+    if s.y_eval is not None:
+        with torch.no_grad(), torch.autocast(**s.amp):
+            t = text()
+        l = train.predict(lambda x: s.scale * clip_model.similarity(unit(clip.encode_image(x)), t),
+                          s.loader(s.evaluated, s.eval_batch, ("eval",)), s.device, s.amp)[0]
+        s.metrics["coop_acc"] = train.accuracy(l, s.y_eval)
+        s.predictions["coop"] = l.argmax(1)
     s.metrics["history"] = {"loss": history["loss"]}
     s.metrics["deploy_params"] = {"prompt": s.p0.numel(), "z": 0, "refiner": 0}
 
@@ -547,7 +554,7 @@ def final_classifier(out, clip, config, metrics, classnames):
 
 def run(args):
     """Zero-shot references, then the method; writes metrics.json and predictions.pt."""
-    s = prepare(args)
+    s, args = prepare(args)  # args: with the defaults that follow a labels file's shot count
     hp = settings_of(args)  # the parts see these, never the flags
     zero_shot(s)
     if args.method == "probe":
@@ -557,23 +564,27 @@ def run(args):
     else:
         collaborate(s, hp)
     s.metrics["queries"] = dict(s.box.queries, search=args.budget if args.method in SEARCHES else 0)
-    print(f"{args.method}: {s.metrics[f'{args.method}_acc']:.2f} on {args.eval_split} ({s.box.queries['prompts']} "
+    print(f"{args.method}: {shown(s.metrics[f'{args.method}_acc'])} on {args.eval_split} ({s.box.queries['prompts']} "
           f"prompt queries, {s.box.queries['images']} images encoded)", flush=True)
     return runs.finish_run(s.out, s.metrics, s.predictions, s.t0)
 
 
 def prepare(args):
-    """The checks, the run folder and the backbone, cheap mistakes first -> Setup."""
+    """The checks, the run folder and the backbone, cheap mistakes first -> (Setup, the flags with
+    the defaults that follow the shots resolved)."""
     if ddp.launched_rank()[1] > 1:  # N copies of one run would race on one folder
         raise RunError("craft.py runs in one process (its black box answers queries; nothing to split over GPUs): "
                        "run it with python, not torchrun")
-    if args.budget < args.popsize:
+    if args.budget is not None and args.budget < args.popsize:
         raise RunError(f"--budget {args.budget} is smaller than one CMA-ES generation (--popsize {args.popsize} "
                        f"queries): give --budget {args.popsize} or more")
-    if args.budget % args.popsize:  # the search spends whole generations: the rest would be recorded, unspent
+    if args.budget is not None and args.budget % args.popsize:  # the search spends whole generations
         low = args.budget // args.popsize * args.popsize
         raise RunError(f"--budget {args.budget} is not a whole number of CMA-ES generations of --popsize "
                        f"{args.popsize} queries: give {low} or {low + args.popsize}")
+    if args.labels and args.shots:
+        raise RunError("--shots N draws N labelled images per class and --labels gives the labelled images: give "
+                       "one of the two")
     if not args.ctx_init.split():
         raise RunError("--ctx-init is empty: give the words the prompt starts from (e.g. 'a photo of a'); an empty "
                        "context leaves the search nothing to change")
@@ -587,9 +598,18 @@ def prepare(args):
     device = runs.check_device(args.device)
     args = runs.with_precision(args, device)
     t0 = time.time()
-    task = data.load_task(args.dataset, args.data_root)
+    task = runs.open_task(args)
     eval_items = data.eval_items(task, args.eval_split)
-    picked = data.few_shot(task, args.shots, seed_of(args.seed, "shots"))
+    if args.method == "probe" and not eval_items:
+        raise RunError("--method probe keeps no weights, so without a labelled check set (--check) it would "
+                       "report nothing: add --check DIR or use another --method")
+    labels = data.read_labels(args.labels, task) if args.labels else None
+    if labels is not None:
+        picked, y_picked = labels.index, labels.y
+        args = with_shot_defaults(args, labels, task)
+    else:
+        picked = data.few_shot(task, args.shots, seed_of(args.seed, "shots"))
+        y_picked = torch.tensor([task.train[i][1] for i in picked.tolist()])
     data.check_images([task.train[i] for i in picked.tolist()])  # the shots, before the zero-shot pass
     if args.trace_every and not task.dev:
         raise RunError(f"--trace-every evaluates on the dev split, which {args.dataset} does not have: drop it")
@@ -598,7 +618,9 @@ def prepare(args):
                        f"imagenet, not {args.dataset}")
     shifts = {name: data.imagenet_shift(name, args.data_root) for name in args.eval_datasets or []}
     config, how = runs.settings(args, NO_NUMBER_FLAGS)
-    config.update(data=data.fingerprint(task, args.data_root),
+    if labels is not None:
+        config["labels"] = labels.digest()
+    config.update(data=data.fingerprint(task, task.root),
                   clip=standin.backbone_id("--clip", args.clip, args.clip_act))
     torch.manual_seed(args.seed)
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
@@ -619,18 +641,32 @@ def prepare(args):
     test = data.make_transform("test", clip.visual, task)
     shifts = {name: (data.ImageDataset(items, test), torch.tensor(classes), torch.tensor([lab for _, lab in items]))
               for name, (items, classes) in shifts.items()}
+    shots = args.shots if labels is None else len(labels) / len(task.classnames)  # uneven: the mean per class
     metrics = {"dataset": args.dataset, "classnames": task.classnames, "clip": args.clip, "method": args.method,
-               "shots": args.shots, "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision,
+               "shots": shots, "seed": args.seed, "eval_split": args.eval_split, "precision": args.precision,
                "scale": scale,
                "budget": args.budget if args.method in SEARCHES + ("mlp",) else None, "time_s": {}}
-    print(f"{args.dataset}: {len(task.classnames)} classes, {args.shots} shots each, {len(eval_items)} "
-          f"{args.eval_split} images; backbone {args.clip} on {device}, {args.precision}; method {args.method}",
-          flush=True)
-    return Setup(**runs.context(args, out, config, device, args.resume), task=task, clip=clip, box=box, shots=data.ImageDataset(items, crop),
-                 y_shots=torch.tensor([label for _, label in items]),
-                 evaluated=data.ImageDataset(eval_items, test), y_eval=torch.tensor([lab for _, lab in eval_items]),
+    if labels is None:
+        print(f"{args.dataset}: {len(task.classnames)} classes, {args.shots} shots each, {len(eval_items)} "
+              f"{args.eval_split} images; backbone {args.clip} on {device}, {args.precision}; method {args.method}",
+              flush=True)
+    else:
+        counts = labels.per_class(len(task.classnames))
+        print(f"{args.dataset}: {len(task.classnames)} classes, {len(labels)} labelled images from {args.labels} "
+              f"({min(counts)}-{max(counts)} per class), {len(eval_items)} {args.eval_split} images; backbone "
+              f"{args.clip} on {device}, {args.precision}; method {args.method}", flush=True)
+        if min(counts) == 0:
+            absent = [c for c, n in zip(task.classnames, counts) if n == 0]
+            print(f"warning: {len(absent)} class(es) have no labelled image ({', '.join(absent[:3])}"
+                  f"{', ...' if len(absent) > 3 else ''}): the search and the refiner never see them", flush=True)
+    if not eval_items:
+        print("no labelled check set (--check): no accuracy is reported", flush=True)
+    return Setup(**runs.context(args, out, config, device, args.resume), task=task, clip=clip, box=box,
+                 shots=data.ImageDataset(items, crop, labels=y_picked.tolist()), y_shots=y_picked,
+                 evaluated=data.ImageDataset(eval_items, test),
+                 y_eval=torch.tensor([lab for _, lab in eval_items]) if eval_items else None,
                  dev=data.ImageDataset(task.dev, test) if args.trace_every else None, shifts=shifts,
-                 ctx_init=args.ctx_init, p0=p0, scale=scale, metrics=metrics, predictions={}, t0=t0)
+                 ctx_init=args.ctx_init, p0=p0, scale=scale, metrics=metrics, predictions={}, t0=t0), args
 
 
 # -----------------------------------------------------------------------------
@@ -641,8 +677,11 @@ def parser():
     p = runs.Parser(description="CraFT: collaborative fine-tuning of a black-box CLIP (few-shot)",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--dataset", default="digits", help="digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
-    a("--data-root", default=None)
+    runs.data_flags(p, "digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
+    a("--labels", default=None, metavar="FILE",
+      help="the labelled images instead of --shots: a CSV path,class (paths relative to --images / --data-root); "
+           "any number per class (the fitness and the refiner's loss are means over images, so a class with more "
+           "images weighs more)")
     a("--clip", default="demo", help="demo (the offline stand-in), an OpenAI release (RN50 ... ViT-L/14@336px), "
       "open_clip:ARCH/TAG[=FILE], a Hugging Face CLIPModel folder or hf:ORG/NAME, or a checkpoint file "
       "(with --clip-act)")
@@ -650,7 +689,8 @@ def parser():
     a("--method", default="craft", choices=["craft", "bbt", "mlp", "coop", "probe"],
       help="bbt: CMA-ES prompt only (CE fitness); mlp: refinement MLP only (prompt p0); coop: white-box prompt "
            "tuning (gradients through CLIP); probe: logistic regression on the shots' features")
-    a("--shots", type=number(int, 1), default=16, help="train images per class (CoOp: 1, 2, 4, 8, 16)")
+    a("--shots", type=number(int, 1), default=None,
+      help="train images per class, drawn with the seed (CoOp: 1, 2, 4, 8, 16); default 16 unless --labels")
     runs.run_flags(p)
     a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
     a("--eval-split", default="test", choices=["test", "dev"], help="dev: for choosing settings (never test)")
@@ -703,7 +743,10 @@ def resolve_defaults(args):
     where the dataset is one of the paper's (else the row most of them share), workers by device.
     Returns a resolved copy of the flags."""
     args = argparse.Namespace(**vars(args))
-    if args.budget is None:  # whole generations of --popsize
+    args.dataset = runs.dataset_name(args)
+    if args.shots is None and not args.labels:
+        args.shots = 16
+    if args.budget is None and args.shots:  # whole generations of --popsize (--labels: with_shot_defaults)
         args.budget = max(budget_for(args.shots, args.dataset) // args.popsize, 1) * args.popsize
     row = dict(zip(SETTING_FLAGS, SETTINGS.get(args.dataset.lower(), DEFAULT_SETTINGS)))
     row["bound"] = row["bound"] or 0.0
@@ -717,6 +760,17 @@ def resolve_defaults(args):
         args.hidden = 512 if args.dataset.lower() == "imagenet" else 256
     if args.workers is None:
         args.workers = train.default_workers(args.device)
+    return args
+
+
+def with_shot_defaults(args, labels, task):
+    """The defaults that follow the shot count (the budget, CoOp's epochs), for labelled images
+    from a file: by their mean number per class, rounded (at least 1)."""
+    args = argparse.Namespace(**vars(args))
+    shots = max(1, round(len(labels) / len(task.classnames)))
+    if args.budget is None:
+        args.budget = max(budget_for(shots, args.dataset) // args.popsize, 1) * args.popsize
+    args.coop_epochs = args.coop_epochs or coop_epochs_for(shots, args.dataset)
     return args
 
 

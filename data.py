@@ -96,6 +96,8 @@ class Task:
     # views, or video frames) whose class survives a mirror image, as in CoOp's own augmentation;
     # not digits or text
     flip: bool = True
+    prompts: list | None = None  # per-class prompt lists from a {class: [prompts]} file (your own images)
+    root: str | None = None  # the folder that files a person writes name images relative to (item_key)
 
 
 def thicken(x8):
@@ -154,11 +156,12 @@ def check_images(items):
 
 class ImageDataset(torch.utils.data.Dataset):
     """(transform(image), label, index) over a list of (source, label) items; `labels`, if given,
-    replaces the items' labels (pseudo-labels)."""
+    replaces the items' labels (pseudo-labels). An item without a label (your own images) gives
+    -1, which only the label-free passes (features, scores) meet: they never read it."""
 
     def __init__(self, items, transform, labels=None):
         self.items, self.transform = items, transform
-        self.labels = [label for _, label in items] if labels is None else list(labels)
+        self.labels = [-1 if label is None else label for _, label in items] if labels is None else list(labels)
 
     def __len__(self):
         return len(self.items)
@@ -677,6 +680,291 @@ def cifar_task(name, root):
 
 
 # -----------------------------------------------------------------------------
+# Your own images: an unlabelled folder, class names, optionally a labelled check set and the
+# labels a person gives (one CSV format for every method: a header naming `path` and `class`)
+
+DEFAULT_TEMPLATE = "a photo of a {}."  # the zero-shot template of --images unless --template
+
+
+def check_template(template, flag="--template"):
+    """A zero-shot template has exactly one {} for the class name and no other braces, else one
+    line (str.format would fail later, after the expensive passes)."""
+    try:
+        one = "{}" in template and template.format("\0").count("\0") == 1
+    except (IndexError, KeyError, ValueError):
+        one = False
+    if not one:
+        raise DataError(f"{flag} {template!r} needs exactly one {{}} for the class name and no other braces, "
+                        f"e.g. 'a photo of a {{}}.'")
+    return template
+
+
+def with_template(task, template):
+    """The task with `template` as its primary (zero-shot) template, its other templates kept."""
+    task.templates = _templates(check_template(template), task.templates)
+    return task
+
+
+def list_images(folder):
+    """Every image file under folder (recursively, hidden files left out), sorted: the pool's order."""
+    return _list_class_folder(folder)
+
+
+def read_classes(path):
+    """--classes: a text file with one class name per line (blank lines skipped), or a JSON
+    {class: [prompts]} file (CuPL's format, as --llm-prompts), whose keys are the classes in file
+    order and whose prompts make the zero-shot classifier. -> (class names, prompts or None)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"--classes {path}: no such file; give a text file with one class name per line, or a "
+                        f"JSON {{class: [prompts]}} file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--classes {path} cannot be read as UTF-8 text ({type(e).__name__}): give a text file with "
+                        f"one class name per line") from None
+    if str(path).lower().endswith(".json") or text.lstrip().startswith("{"):
+        try:
+            table = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"--classes {path} is not valid JSON ({e}); give {{class: [prompts]}}") from None
+        ok = isinstance(table, dict) and table and all(
+            isinstance(v, list) and v and all(isinstance(p, str) and p.strip() for p in v) for v in table.values())
+        if not ok:
+            raise DataError(f"--classes {path}: expected a JSON object {{class name: [prompts]}} with a non-empty "
+                            f"list of non-empty strings for every class")
+        classnames = [c.strip() for c in table]
+        prompts = [[p.strip() for p in v] for v in table.values()]
+    else:
+        classnames, prompts, line_of = [], None, {}
+        for lineno, line in enumerate(text.splitlines(), 1):
+            name = line.strip()
+            if not name:
+                continue
+            if name in line_of:
+                raise DataError(f"--classes {path}: line {lineno} repeats the class {name!r} of line {line_of[name]}; "
+                                f"list each class once")
+            line_of[name] = lineno
+            classnames.append(name)
+    if any(not c for c in classnames):
+        raise DataError(f"--classes {path}: a class name is empty")
+    check_classnames(classnames, f"--classes {path}")
+    return classnames, prompts
+
+
+def check_readable(items, what):
+    """Open every image file among items' sources (the header: no decoding), and name the
+    unreadable ones in one line, before any work rather than in the middle of a pass."""
+    bad = []
+    for source, _ in items:
+        try:
+            load_image(source, decode=False)
+        except DataError as e:
+            bad.append(str(e).split("; ")[0])
+    if bad:
+        raise DataError(f"{what}: {len(bad)} of {len(items)} images cannot be read (first: {bad[0]}); remove or "
+                        f"replace {'it' if len(bad) == 1 else 'them'}")
+
+
+def check_set(folder, classnames, pool_folder):
+    """--check: a labelled check set as folder/<class>/<images> (searched recursively), a class
+    folder named as its class in --classes (case and "_" for " " aside); classes without a
+    folder are allowed. Items in class order, each class's files sorted."""
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        raise DataError(f"--check {folder} is not a folder; give a folder of class folders, <check>/<class>/<images>")
+    inside = os.path.commonpath([folder, pool_folder])
+    if inside in (folder, pool_folder):
+        raise DataError(f"--check {folder} and --images {pool_folder} overlap: a check image would also be an "
+                        f"unlabelled training image; keep the check set in a folder of its own")
+    label_of = {prompt_name(c): k for k, c in enumerate(classnames)}
+    folders = _subfolders(folder)
+    unknown = [f for f in folders if prompt_name(f) not in label_of]
+    if unknown:
+        raise DataError(f"--check {folder}: the class folder {unknown[0]!r} names none of the {len(classnames)} "
+                        f"classes of --classes ({', '.join(classnames[:4])}{', ...' if len(classnames) > 4 else ''}); "
+                        f"rename or remove it")
+    items = [(p, label_of[prompt_name(f)]) for f in sorted(folders, key=lambda f: label_of[prompt_name(f)])
+             for p in _list_class_folder(os.path.join(folder, f))]
+    if not items:
+        raise DataError(f"--check {folder} holds no images in class folders (looked for "
+                        f"{' '.join(IMAGE_EXTENSIONS)} in <check>/<class>/)")
+    return items
+
+
+def images_task(images, classes, template=None, check=None, flip=True):
+    """Your own images as a Task: the unlabelled pool (train) is every image under `images`,
+    searched recursively, in sorted order, with no label; the classes (and a prompt file's
+    prompts) from `classes` (read_classes); the zero-shot template `template` (default
+    DEFAULT_TEMPLATE); the test split the labelled check set `check` (check_set), else none;
+    `flip`: whether a mirror image keeps the class (photos: yes; text, digits: no).
+    Every image's header is read now, so an unreadable file is named before any work."""
+    images = os.path.abspath(images)
+    if not os.path.isdir(images):
+        raise DataError(f"--images {images} is not a folder; give the folder of your unlabelled images")
+    classnames, prompts = read_classes(classes)
+    templates = _templates(check_template(template or DEFAULT_TEMPLATE))
+    pool = [(p, None) for p in list_images(images)]
+    if not pool:
+        raise DataError(f"--images {images} holds no images (looked for {' '.join(IMAGE_EXTENSIONS)} in it and below)")
+    test = check_set(check, classnames, images) if check else []
+    check_readable(pool, f"--images {images}")
+    check_readable(test, f"--check {check}")
+    return Task(name="images", classnames=classnames, templates=templates, train=pool, test=test, dev=[],
+                flip=flip, prompts=prompts, root=images)
+
+
+def train_labels(task):
+    """The train split's labels [N], or None where its images carry none (your own images)."""
+    labels = [label for _, label in task.train]
+    return None if any(label is None for label in labels) else torch.tensor(labels)
+
+
+def zero_shot_prompts(task):
+    """Per class, the prompts of the zero-shot classifier: a prompt file's (task.prompts), else
+    the class name in the task's primary template."""
+    return task.prompts or clip_model.class_prompts(task.classnames, task.templates[:1])
+
+
+def item_key(source, index, root):
+    """How files a person reads or writes (labels, pseudo-labels, captions, images to label) name
+    pool image `index`: its path relative to root (--images or --data-root), or '#<index>' for
+    an image held in memory (digits, CIFAR)."""
+    if torch.is_tensor(source):
+        return f"#{index}"
+    return os.path.relpath(source, root) if root else os.path.normpath(source)
+
+
+def key_of_written(key, root):
+    """A path as a person wrote it -> item_key's spelling (an absolute path under root is relative)."""
+    key = key.strip()
+    if key.startswith("#"):
+        return key
+    return os.path.relpath(key, root) if root and os.path.isabs(key) else os.path.normpath(key)
+
+
+LABELS_COLUMNS = ("path", "class")
+
+
+def labels_digest(index, y):
+    """Pool images [n] with their labels [n], in this order, as a short sha256."""
+    return hashlib.sha256(json.dumps([index.tolist(), y.tolist()]).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Labels:
+    """A person's labels of pool images from a labels file: pool indices [n] and their classes [n],
+    class by class in the file's order within a class (the order shots are used in), and the
+    line of the file that gave each."""
+    file: str
+    index: torch.Tensor
+    y: torch.Tensor
+    line: dict  # pool index -> line number in the file
+
+    def __len__(self):
+        return len(self.index)
+
+    def digest(self):
+        """The labels by content and order (what a run that trains on them records)."""
+        return labels_digest(self.index, self.y)
+
+    def per_class(self, C):
+        return torch.bincount(self.y, minlength=C).tolist()
+
+
+def read_labels(path, task, missing_ok=False):
+    """A labels file: CSV with a header naming the columns `path` and `class` (others, e.g. a
+    pseudo-labels file's, are ignored); one row per image, its path relative to task.root
+    (item_key), its class one of task.classnames (case and "_" for " " aside). A path that is
+    not a pool image, a class that is not in the list, a path given two classes, an empty cell:
+    one line naming the row. The same path twice with one class counts once. A file that does
+    not exist is an error, or no labels yet where `missing_ok` (a person has not started)."""
+    path = Path(path)
+    empty = Labels(str(path), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), {})
+    if not path.exists() and missing_ok:
+        return empty
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [h.strip().lower() for h in next(reader, [])]
+            if not all(c in header for c in LABELS_COLUMNS):
+                raise DataError(f"labels file {path}: its first line must be a header naming the columns path and "
+                                f"class (found {_short(','.join(header), 60)})")
+            at = [header.index(c) for c in LABELS_COLUMNS]
+            rows = [(reader.line_num, row) for row in reader]
+    except FileNotFoundError:
+        raise DataError(f"labels file {path}: no such file; write a CSV with the header path,class") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"labels file {path} cannot be read as a UTF-8 CSV ({type(e).__name__}: "
+                        f"{str(e)[:60]})") from None
+    index_of = {item_key(source, i, task.root): i for i, (source, _) in enumerate(task.train)}
+    label_of = {prompt_name(c): k for k, c in enumerate(task.classnames)}
+    where = f"relative to {task.root}" if task.root else "'#<index>' for in-memory images"
+    given, line = {}, {}
+    for lineno, row in rows:
+        if not any(cell.strip() for cell in row):
+            continue
+        cells = [row[j].strip() if j < len(row) else "" for j in at]
+        if not all(cells):
+            raise DataError(f"labels file {path} line {lineno}: an empty {LABELS_COLUMNS[cells.index('')]} cell; "
+                            f"every row needs a path and a class")
+        key, name = key_of_written(cells[0], task.root), cells[1]
+        if key not in index_of:
+            raise DataError(f"labels file {path} line {lineno}: {cells[0]!r} is not an image of the pool (paths are "
+                            f"{where}); fix the path or remove the row")
+        if prompt_name(name) not in label_of:
+            shown = ", ".join(task.classnames[:4]) + (", ..." if len(task.classnames) > 4 else "")
+            raise DataError(f"labels file {path} line {lineno}: class {name!r} is not one of the "
+                            f"{len(task.classnames)} classes ({shown}); fix the class or add it to the class list")
+        i, k = index_of[key], label_of[prompt_name(name)]
+        if i in given and given[i] != k:
+            raise DataError(f"labels file {path} line {lineno} labels {cells[0]!r} {task.classnames[k]!r}, but line "
+                            f"{line[i]} labelled it {task.classnames[given[i]]!r}: keep one of the two rows")
+        if i not in given:
+            given[i], line[i] = k, lineno
+    if not given:
+        return empty
+    order = sorted(given, key=lambda i: given[i])  # stable: class by class, file order within a class
+    return Labels(str(path), torch.tensor(order), torch.tensor([given[i] for i in order]), line)
+
+
+def write_example(folder, seed=0):
+    """The demo's real handwritten digits as your own images would come (docs/own-images.md):
+    folder/images/<n>.png, the train split unlabelled (32-px PNGs, named in an order that does not
+    follow the class); folder/check/<class>/<n>.png, the test split as a labelled check set;
+    folder/classes.txt; and folder/answers.csv, every pool image's true class in the labels
+    format, for playing the person who labels. Returns the folder."""
+    folder = Path(folder)
+    task = digits_task()
+    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    answers = []
+    for n, i in enumerate(order):
+        image, label = task.train[i]
+        _save_png(image, folder / "images" / f"{n:04d}.png")
+        answers.append((f"{n:04d}.png", task.classnames[label]))
+    for n, (image, label) in enumerate(task.test):
+        _save_png(image, folder / "check" / task.classnames[label] / f"{n:04d}.png")
+    (folder / "classes.txt").write_text("\n".join(task.classnames) + "\n")
+    with open(folder / "answers.csv", "w", newline="") as f:
+        csv.writer(f).writerows([LABELS_COLUMNS, *answers])
+    return folder
+
+
+def _save_png(image, path):
+    """A uint8 tensor image [3, H, W] as a PNG file, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+
+
+def open_task(dataset=None, root=None, images=None, classes=None, template=None, check=None, flip=True):
+    """The task a CLI runs on: your own images (images_task) or a named dataset (load_task),
+    whose zero-shot template `template` may replace."""
+    if images is not None:
+        return images_task(images, classes, template, check, flip)
+    task = load_task(dataset, root)
+    return with_template(task, template) if template else task
+
+
+# -----------------------------------------------------------------------------
 # one entry point for the CLI
 
 COOP_NAMES = list(COOP_DATASETS) + ["fgvc_aircraft", "imagenet"]
@@ -699,13 +987,18 @@ def load_task(name, root=None):
     else:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(TASK_NAMES)}")
     check_classnames(task.classnames, name)
+    task.root = os.path.abspath(root) if root and key not in DIGIT_TASKS else None
     return task
 
 
 def eval_items(task, split):
-    """The labelled items a run reports on: the test split, or the dev split (for choosing settings)."""
+    """The labelled items a run reports on: the test split, or the dev split (for choosing
+    settings). Your own images' test split is their check set (--check), and without one a run
+    reports on nothing: []."""
     items = task.dev if split == "dev" else task.test
-    if not items:
+    if task.name == "images" and split == "dev":
+        raise DataError("your own images have no dev split (--check is the test split): use --eval-split test")
+    if not items and task.name != "images":
         raise DataError(f"{task.name} has no labelled {split} split; use --eval-split test")
     return items
 
@@ -714,7 +1007,10 @@ def few_shot(task, shots, seed, all_of_smaller_classes=False):
     """CoOp's few-shot protocol (CraFT's shots, CoFT's labelled shots): `shots` train images per
     class, drawn at random with `seed`. Returns indices into task.train (class by class). A class
     with fewer images is refused by name, or taken whole with all_of_smaller_classes."""
-    y = torch.tensor([label for _, label in task.train])
+    y = train_labels(task)
+    if y is None:
+        raise DataError(f"--shots draws labelled images per class, and {task.name}'s images carry no labels: "
+                        f"give the labels you have in a labels file (--labels)")
     g = torch.Generator().manual_seed(seed)
     picked = []
     for k, name in enumerate(task.classnames):
@@ -748,10 +1044,12 @@ def check_classnames(classnames, source):
 
 
 def fingerprint(task, root=None):
-    """What a run sees of a task, as a short sha256: class names, templates, flips, and every
-    split's items (image path relative to `root`, so a moved data folder keeps its fingerprint,
-    or an in-memory image's bytes; and the label). Files' contents are not read."""
-    h = hashlib.sha256(json.dumps([task.name, task.classnames, task.templates, task.flip]).encode())
+    """What a run sees of a task, as a short sha256: class names, templates (and a prompt file's
+    prompts), flips, and every split's items (image path relative to `root`, so a moved data
+    folder keeps its fingerprint, or an in-memory image's bytes; and the label). Files' contents
+    are not read."""
+    seen = [task.name, task.classnames, task.templates, task.flip] + ([task.prompts] if task.prompts else [])
+    h = hashlib.sha256(json.dumps(seen).encode())
     for split in (task.train, task.dev, task.test):
         h.update(b"\x00split")
         for source, label in split:
@@ -761,3 +1059,12 @@ def fingerprint(task, root=None):
                 h.update(str(os.path.relpath(source, root) if root else source).encode())
             h.update(f"\x00{label}\x00".encode())
     return h.hexdigest()[:16]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write the demo's digits as a folder of your own images would be")
+    p.add_argument("--write-example", required=True, metavar="FOLDER",
+                   help="FOLDER/images (unlabelled), FOLDER/check/<class> (labelled), classes.txt, answers.csv")
+    print(f"wrote {write_example(p.parse_args().write_example)}")

@@ -15,6 +15,7 @@ The rule for run folders (docs/runs.md):
   * --restart discards the folder's run (config, stages, outputs) and starts over.
 """
 import argparse
+import csv
 import json
 import math
 import os
@@ -38,6 +39,12 @@ from train import PRECISIONS, RunError
 
 # what every CLI reports in one line: a problem the user can fix (flags, files, the run folder)
 USER_ERRORS = (RunError, data.DataError, clip_model.CLIPError, OSError)
+WAITING = 3  # the exit status of a run that stopped to wait for a person (Waiting)
+
+
+class Waiting(Exception):
+    """A run stopped, with everything so far saved, until a person does what the message says
+    (VeCAF: label the images it selected). Not an error: its one line, then exit status 3."""
 
 
 # -----------------------------------------------------------------------------
@@ -95,6 +102,52 @@ def run_flags(p):
     a("--eval-batch", type=number(int, 1), default=256,
       help="evaluation batch per process (never changes a number)")
 
+
+
+def data_flags(p, datasets):
+    """The flags every method's CLI reads its data with: a named dataset (`datasets`: what
+    --dataset takes, in words) or your own images (docs/own-images.md); --labels is each method's."""
+    a = p.add_argument
+    a("--dataset", default=None, help=f"{datasets}; default digits (the offline demo)")
+    a("--data-root", default=None, help="root of the CoOp layout / image folder / CIFAR download dir")
+    a("--images", default=None, metavar="DIR",
+      help="your own images instead of --dataset: every image in DIR and below, unlabelled (with --classes)")
+    a("--classes", default=None, metavar="FILE",
+      help="with --images: the class names, one per line, or a JSON {class: [prompts]} file (its prompts make the "
+           "zero-shot classifier)")
+    a("--check", default=None, metavar="DIR",
+      help="with --images: a labelled check set, DIR/<class>/<images>, to report accuracy on (none: no accuracy)")
+    a("--template", default=None,
+      help="the zero-shot template, one {} for the class name (default: the dataset's hand-written one; "
+           "'a photo of a {}.' with --images)")
+    a("--no-flip", action="store_true",
+      help="with --images: no horizontal flips in the training augmentations (images whose class a mirror image "
+           "changes: text, digits, road signs)")
+
+
+def dataset_name(args):
+    """--dataset as a run records it: "images" for your own images, else the name (default digits)."""
+    if args.images is None:
+        for flag in ("classes", "check", "no_flip"):
+            if getattr(args, flag):
+                flag = "--" + flag.replace("_", "-")
+                raise RunError(f"{flag} goes with --images (your own images): add --images DIR, or drop {flag}")
+        return args.dataset or "digits"
+    if args.dataset not in (None, "images"):
+        raise RunError(f"--images DIR is the data (your own images): drop --dataset {args.dataset}")
+    if args.data_root:
+        raise RunError("--data-root locates a --dataset; --images DIR names your images' folder itself: drop "
+                       "--data-root")
+    if not args.classes:
+        raise RunError("--images needs --classes FILE: the class names, one per line, or a JSON {class: [prompts]} "
+                       "file")
+    return "images"
+
+
+def open_task(args):
+    """The task of a CLI's (resolved) data flags: your own images or a named dataset."""
+    return data.open_task(None if args.images else args.dataset, args.data_root, args.images, args.classes,
+                          args.template, args.check, not args.no_flip)
 
 
 # -----------------------------------------------------------------------------
@@ -174,6 +227,10 @@ def run_cli(body, interrupted="", errors=USER_ERRORS):
         result = body()
         ddp.end_processes()
         return result
+    except Waiting as e:  # every process stops at the same point; rank 0 says what to do next
+        if launched_rank()[0] == 0:
+            print(f"waiting: {e}", file=sys.stderr, flush=True)
+        sys.exit(WAITING)
     except errors as e:
         rank, world_size = launched_rank()
         if world_size > 1 and getattr(e, "own_share", False):
@@ -274,6 +331,21 @@ def write_text(text, path):
     return path
 
 
+def write_csv(header, rows, path):
+    """A CSV file (a header, then rows), written to a temporary file and renamed: a kill mid-write
+    leaves the previous file intact. Under torchrun only rank 0 writes. Returns the path."""
+    path = Path(path)
+    if world()[0] != 0:
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
 def write_json(obj, path):
     """JSON, written atomically (write_text)."""
     return write_text(json.dumps(obj, indent=1, ensure_ascii=False), path)
@@ -331,8 +403,10 @@ def read_config(out):
 # the workers or the eval batch; the data are recorded by content, not by path)
 # (--clip-act changes numbers, but config.json records it inside the backbones' identities, as
 # --data-root inside the data's fingerprint)
+# (--images, --classes, --check, --template and --no-flip are recorded by the data's fingerprint; each method
+# records the labels it trains on by content)
 NO_NUMBER_FLAGS = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root",
-                   "clip_act")
+                   "clip_act", "images", "classes", "check", "template", "no_flip", "labels")
 RESULT_FILES = ("metrics.json", "predictions.pt")  # every run's (finish_run), deleted by --restart
 
 
@@ -494,6 +568,11 @@ def cell(x, sd=None):
     if isinstance(x, int):  # counts (queries, shots)
         return str(x)
     return f"{x:.1f}" + ("" if sd is None else f"±{sd:.1f}")
+
+
+def shown(acc):
+    """An accuracy in a progress line: two decimals, '-' where there is none (no labelled eval split)."""
+    return "-" if acc is None else f"{acc:.2f}"
 
 
 def finished_runs(run_dirs, methods=None):

@@ -129,9 +129,9 @@ def test_imports_run_one_way():
 
 # the functions of each method file that may read the parsed flags: its CLI layer
 CLI_LAYER = {
-    "coft": {"run", "prepare", "run_config", "phase_settings", "check_args", "check_fft_init", "resolve_defaults",
-             "main"},
-    "craft": {"run", "prepare", "settings_of", "resolve_defaults", "main"},
+    "coft": {"run", "prepare", "run_config", "phase_settings", "check_args", "check_labels", "check_fft_init",
+             "resolve_defaults", "main"},
+    "craft": {"run", "prepare", "settings_of", "with_shot_defaults", "resolve_defaults", "main"},
     "vecaf": {"run", "prepare", "settings_of", "check_args", "resolve_task_defaults", "resolve_defaults", "main"},
 }
 

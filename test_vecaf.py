@@ -315,16 +315,17 @@ def test_captions_from_an_image_capable_model_resume_where_they_stopped(tmp_path
         return f"a picture of {hint}"
     monkeypatch.setattr(vecaf.llm, "caption_image", caption)
     pool = [(torch.zeros(3, 2, 2, dtype=torch.uint8), k % 2) for k in range(4)]
+    hints = ["cat", "dog"] * 2  # each image's class name where its label is known
     path = tmp_path / "c.json"
     with pytest.raises(data.DataError):  # failing before the first periodic save: what came back is kept
-        vecaf.write_captions(path, pool, ["cat", "dog"], None, "http://x", "m", save_every=50)
+        vecaf.write_captions(path, pool, hints, None, "http://x", "m", save_every=50)
     assert json.loads(path.read_text()) == {"#0": "a picture of cat", "#1": "a picture of dog"}
-    vecaf.write_captions(path, pool, ["cat", "dog"], None, "http://x", "m", save_every=2)
+    vecaf.write_captions(path, pool, hints, None, "http://x", "m", save_every=2)
     assert len(asked) == 5 and vecaf.read_captions(path, pool, None)[3] == "a picture of dog"
     for content in ("{not json", "[1, 2]", '{"#0": 3}'):  # refused before a single (paid) request
         path.write_text(content)
         with pytest.raises(vecaf.RunError, match="exists but is not"):
-            vecaf.write_captions(path, pool, ["cat", "dog"], None, "http://x", "m")
+            vecaf.write_captions(path, pool, hints, None, "http://x", "m")
         assert len(asked) == 5 and path.read_text() == content
 
 

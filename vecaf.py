@@ -41,7 +41,7 @@ import ddp
 import runs
 import train
 from clip_model import unit
-from runs import number
+from runs import number, shown
 from train import RunError, seed_of
 
 # -----------------------------------------------------------------------------
@@ -291,19 +291,11 @@ def cea(e, captions, caption_of, eta=1.2, scale=100.0, alpha=None):
 # Captions: a file, class keywords, a language model, or a target domain's description
 
 
-def caption_key(source, index, root):
-    """How a captions file names pool image `index`: its path relative to --data-root (the path
-    as listed without one), or '#<index>' for an image held in memory (digits, CIFAR)."""
-    if torch.is_tensor(source):
-        return f"#{index}"
-    return os.path.relpath(source, root) if root else os.path.normpath(source)
-
-
 def read_captions(path, pool, root):
     """A JSON file {image: caption} -> the pool's captions [N] in pool order. Keys are image paths
-    relative to --data-root (absolute paths are accepted too) or '#<index>' for in-memory images;
-    every pool image needs a caption and every key must name a pool image, else one line says
-    which and how many."""
+    relative to --data-root or --images (absolute paths are accepted too) or '#<index>' for
+    in-memory images (data.item_key); every pool image needs a caption and every key must name a
+    pool image, else one line says which and how many."""
     try:
         table = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -313,11 +305,8 @@ def read_captions(path, pool, root):
         raise data.DataError(f"{path}: expected a JSON object {{image path: caption}} whose captions are "
                              f"non-empty strings")
 
-    def key(k):  # an absolute path and a path relative to --data-root name the same image
-        return k if k.startswith("#") else os.path.relpath(k, root) if root and os.path.isabs(k) else \
-            os.path.normpath(k)
-    given = {key(k): v.strip() for k, v in table.items()}
-    keys = [caption_key(source, i, root) for i, (source, _) in enumerate(pool)]
+    given = {data.key_of_written(k, root): v.strip() for k, v in table.items()}
+    keys = [data.item_key(source, i, root) for i, (source, _) in enumerate(pool)]
     unknown = sorted(set(given) - set(keys))
     if unknown:
         raise data.DataError(f"{path}: {len(unknown)} caption(s) name images that are not in the train pool, e.g. "
@@ -331,12 +320,13 @@ def read_captions(path, pool, root):
     return [given[k] for k in keys]
 
 
-def write_captions(path, pool, classnames, root, api_base, model, api_key=None, save_every=50):
-    """Captions for the pool from an image-capable model (llm.caption_image, the class name as a
-    hint: the pool is labelled), written to `path` every `save_every` images and at the end, each
-    time atomically; an existing file's captions are kept, so a stopped run continues where it
-    stopped. An existing file that is not a JSON object of captions is refused before the first
-    (paid) request, and whatever came back is saved before an error or Ctrl-C is reported."""
+def write_captions(path, pool, hints, root, api_base, model, api_key=None, save_every=50):
+    """Captions for the pool from an image-capable model (llm.caption_image, with hints[i], the
+    class name of pool image i where its label is known, as a hint; None: no hint), written to
+    `path` every `save_every` images and at the end, each time atomically; an existing file's
+    captions are kept, so a stopped run continues where it stopped. An existing file that is not
+    a JSON object of captions is refused before the first (paid) request, and whatever came back
+    is saved before an error or Ctrl-C is reported."""
     path = Path(path)
     done = {}
     if path.exists():
@@ -349,11 +339,11 @@ def write_captions(path, pool, classnames, root, api_base, model, api_key=None, 
             raise RunError(f"--write-captions {path} exists but is not a JSON object of captions: move it away, or "
                            f"give another file")
     try:
-        for i, (source, label) in enumerate(pool):
-            k = caption_key(source, i, root)
+        for i, (source, _) in enumerate(pool):
+            k = data.item_key(source, i, root)
             if k in done:
                 continue
-            done[k] = llm.caption_image(source, api_base, model, api_key, hint=data.prompt_name(classnames[label]))
+            done[k] = llm.caption_image(source, api_base, model, api_key, hint=hints[i])
             if len(done) % save_every == 0:
                 runs.write_json(done, path)
     finally:  # also when a request fails or Ctrl-C comes: nothing paid for is lost
@@ -449,10 +439,15 @@ class Setup(train.RunContext):
     how it computes, the seeded loaders and the evaluation pass)."""
     task: data.Task
     clip: clip_model.CLIP  # frozen: the pretrained features and the caption embeddings
-    pool: data.ImageDataset  # the train split (the labelled pool) under the test transform
-    y_pool: torch.Tensor  # [N]
+    pool: data.ImageDataset  # the train split (the pool) under the test transform
+    # [N] the pool's labels: the dataset's (a simulated person, who knows every label), or those a
+    # person has given in the labels file (--labels), -1 for the images they have not labelled
+    y_pool: torch.Tensor
+    person: bool  # the labels come from a person (--labels): only the picks' labels are ever read
+    labels_file: str | None
+    line: dict  # with --labels: pool index -> its line in the labels file (for messages)
     evaluated: data.ImageDataset  # the eval split under the test transform
-    y_eval: torch.Tensor
+    y_eval: torch.Tensor | None  # None without a labelled eval split (--images without --check)
     captions: tuple | None  # CEA's targets (caption_table); None for methods without CEA
     metrics: dict
     t0: float
@@ -483,9 +478,11 @@ def per_sample_objective(s, model):
     """The current model's logits on every pool image (test transform) -> (cross-entropy [N],
     margins [N]): ODS's training objective, the loss (plain CE, without the training's label
     smoothing) read with the TRUE label of every pool image, selected or not, as the official code
-    evaluates the pool with its targets; or the label-free margin."""
+    evaluates the pool with its targets (None where a person labels the picks: they have not
+    labelled the pool); or the label-free margin."""
     logits = s.outputs(model, s.pool)  # [N, C]
-    return F.cross_entropy(logits, s.y_pool, reduction="none"), margins(logits)
+    losses = None if s.person else F.cross_entropy(logits, s.y_pool, reduction="none")
+    return losses, margins(logits)
 
 
 def select(s, sel, loop, model, bank, taken):
@@ -500,7 +497,7 @@ def select(s, sel, loop, model, bank, taken):
         return done["new"].to(s.device), done["diagnostics"]
     t = time.time()
     K = sel.budget
-    losses, margin = (v.to(s.device) for v in per_sample_objective(s, model))  # for ODS and the diagnostics
+    losses, margin = (None if v is None else v.to(s.device) for v in per_sample_objective(s, model))
     if sel.method == "random":
         free = (~taken).nonzero().squeeze(1)
         g = torch.Generator().manual_seed(seed_of(s.seed, "random", loop))
@@ -525,8 +522,9 @@ def select(s, sel, loop, model, bank, taken):
         new = nearest_unique(combine(centroids, sel.optimal_up_to), f, taken)
     new = ddp.from_rank0(new)  # torchrun: every process fine-tunes on the very same selection
     # the picks' mean loss against the free pool's: how far selection leans towards what the model gets wrong
-    diagnostics = {"select_s": time.time() - t, "loss_new": losses[new].mean().item(),
-                   "loss_pool": losses.mean().item(), "loss_free": losses[~taken].mean().item()}
+    diagnostics = {"select_s": time.time() - t}
+    for name, part in (("loss_new", new), ("loss_pool", slice(None)), ("loss_free", ~taken)):
+        diagnostics[name] = None if losses is None else losses[part].mean().item()
     file.save({"new": new.cpu(), "diagnostics": diagnostics})
     return new, diagnostics
 
@@ -534,14 +532,14 @@ def select(s, sel, loop, model, bank, taken):
 def fine_tune(s, ft, tag, model, idx, evaluate, before):
     """The fine-tuning of one loop (the paper's recipe on the model CoFT's Phase II also trains:
     clip_model.ImageClassifier, the image tower + a linear head): cross-entropy with label
-    smoothing on the selected pool images idx with their labels, by ft.sgd (SGD with momentum,
+    smoothing on the selected pool images idx with their labels (s.y_pool), by ft.sgd (SGD with momentum,
     warm-up + cosine) for ft.epochs (or ft.max_batches), continuing from `model` (the previous
     loop's). `evaluate(model)` runs after every batch that ends on the grid, ft.eval_grid batches
     counted over all loops (`before`: the earlier loops' batches), so that every run, whatever its
     epoch length, is measured at the same batch counts; and after the loop's last batch.
     Returns fit's history."""
     augment = data.make_transform(ft.aug if ft.aug != "none" else "test", s.clip.visual, s.task)
-    train_set = data.ImageDataset([s.task.train[i] for i in idx.tolist()], augment)
+    train_set = data.ImageDataset([s.task.train[i] for i in idx.tolist()], augment, labels=s.y_pool[idx.cpu()].tolist())
 
     def batches(epoch):
         return s.train_loader(train_set, ft.sgd.batch, (tag, epoch))
@@ -552,8 +550,11 @@ def fine_tune(s, ft, tag, model, idx, evaluate, before):
     def on_grid(step, total):
         return (before + step) % ft.eval_grid == 0 or step == total
 
+    record = s.record(tag)
+    if s.person:  # an epoch checkpoint resumes only under the labels it was trained with
+        record["labels"] = data.labels_digest(idx, s.y_pool[idx.cpu()])
     return s.fit(model, loss, batches, ft.epochs, ft.lr, ft.sgd, tag,
-                 runs.Saved(runs.ckpt_path(s.out, tag), s.record(tag), s.resume), evaluate=evaluate,
+                 runs.Saved(runs.ckpt_path(s.out, tag), record, s.resume), evaluate=evaluate,
                  evaluate_at=on_grid, max_steps=ft.max_batches)
 
 
@@ -571,12 +572,11 @@ def active_finetuning(s, sel, ft):
     the selection, the moved features, the curve) and each epoch checkpointed, so --resume
     continues exactly. --method full: one loop on the whole pool."""
     N = len(s.y_pool)
-    W = clip_model.text_classifier(s.clip, clip_model.class_prompts(s.task.classnames, [s.task.templates[0]]),
-                                   s.device) if ft.head_init == "text" else None
+    W = clip_model.text_classifier(s.clip, data.zero_shot_prompts(s.task), s.device) if ft.head_init == "text" else None
     model = clip_model.ImageClassifier(s.clip.visual, len(s.task.classnames), W, s.clip.logit_scale.exp().item()).to(s.device)
 
-    def evaluate(model):
-        return train.accuracy(s.outputs(model, s.evaluated), s.y_eval)
+    def evaluate(model):  # None without a labelled eval split: the curve then holds batch counts only
+        return None if s.y_eval is None else train.accuracy(s.outputs(model, s.evaluated), s.y_eval)
 
     bank = pool_features(s) if sel.method != "full" else None  # [N, D]; CEA moves the selected rows
     selected = torch.zeros(0, dtype=torch.long, device=s.device)
@@ -586,6 +586,8 @@ def active_finetuning(s, sel, ft):
     if done:  # continue after the last finished loop (its file holds everything so far)
         saved = runs.load_stage(s.out, f"loop{done}", s.record(f"loop{done}"), model)
         selected, curve, loops = saved["selected"].to(s.device), saved["curve"], saved["loops"]
+        if s.person:
+            same_labels(s, selected.cpu(), saved["labels"], loops)
         if bank is not None:
             bank[selected] = saved["bank_rows"].to(s.device)
         print(f"loops 1-{done}: loaded from {s.out}/stages", flush=True)
@@ -597,6 +599,11 @@ def active_finetuning(s, sel, ft):
             new, diagnostics = torch.arange(N, device=s.device), {}
         else:
             new, diagnostics = select(s, sel, loop, model, bank, taken)
+        unlabelled = new[s.y_pool[new.cpu()].to(new.device) < 0]
+        if len(unlabelled):  # a person labels the picks before the loop goes on
+            ask_for_labels(s, loop, model, unlabelled.cpu())
+        (s.out / TO_LABEL).unlink(missing_ok=True)  # every pick so far is labelled: nothing is asked now
+        if sel.method != "full":
             if s.captions is not None:  # CEA on this loop's picks, their captions the attention's keys
                 t_all, caption_of = s.captions
                 keys, row = caption_of[new].unique(return_inverse=True)
@@ -611,12 +618,51 @@ def active_finetuning(s, sel, ft):
                       "batches": before + len(history["loss"]), "classes": len(s.y_pool[selected.cpu()].unique()),
                       "time_s": cost.seconds(), "peak_mib": cost.peak_mib(), **diagnostics})
         runs.save_stage(s.out, tag, s.record(tag), model, selected=selected.cpu(), curve=curve, loops=loops,
-                         bank_rows=None if bank is None else bank[selected].cpu())
+                         bank_rows=None if bank is None else bank[selected].cpu(),
+                         **({"labels": s.y_pool[selected.cpu()]} if s.person else {}))
         print(f"loop {loop}/{sel.loops}: {len(selected)} selected ({len(new)} new), {loops[-1]['batches']} batches, "
-              f"{s.metrics['eval_split']} acc {curve[-1][1]:.2f}", flush=True)
+              f"{s.metrics['eval_split']} acc {shown(curve[-1][1])}", flush=True)
     s.metrics.update(loops=loops, curve=curve, final_acc=curve[-1][1], batches=loops[-1]["batches"],
                      selected=len(selected))
     return model, selected
+
+
+TO_LABEL = "to_label.csv"  # in the run folder: the images a person is asked to label
+
+
+def ask_for_labels(s, loop, model, idx):
+    """Stop the run for a person: write the picks idx that the labels file does not label yet to
+    to_label.csv (path as a labels file names it, loop, score: the current model's margin on it,
+    top-1 minus top-2 logit, low where it is unsure; suggestion: its top-1 class) and say what to
+    do next. The selection is saved (stages/select<loop>.pt), so the same command, once the labels
+    are in the file, goes on from here exactly."""
+    with torch.no_grad():
+        logits = s.outputs(model, torch.utils.data.Subset(s.pool, idx.tolist()))  # [n, C]
+    score, suggestion = margins(logits).tolist(), logits.argmax(1).tolist()
+    rows = ([data.item_key(s.task.train[i][0], i, s.task.root), loop, f"{score[j]:.4f}",
+             s.task.classnames[suggestion[j]]] for j, i in enumerate(idx.tolist()))
+    path = runs.write_csv(["path", "loop", "score", "suggestion"], rows, s.out / TO_LABEL)
+    raise runs.Waiting(f"loop {loop} selected {len(idx)} image(s) that {s.labels_file} does not label yet, listed "
+                       f"in {path}: add a row path,class for each to {s.labels_file}, then run the same command "
+                       f"again")
+
+
+def same_labels(s, selected, trained_on, loops):
+    """The labels file still gives every image the finished loops trained on the label it had
+    then (a finished loop cannot change), else one line naming the image and the row."""
+    now = s.y_pool[selected]
+    changed = (now != trained_on).nonzero().squeeze(1)
+    if not len(changed):
+        return
+    p = int(changed[0])
+    i = int(selected[p])
+    loop = next(l["loop"] for l in loops if p < l["selected"])
+    key, was = data.item_key(s.task.train[i][0], i, s.task.root), s.task.classnames[int(trained_on[p])]
+    if now[p] < 0:
+        raise RunError(f"{s.labels_file} no longer labels {key!r}, which loop {loop} trained on as {was!r}: put the "
+                       f"row back (a finished loop cannot change), or --restart")
+    raise RunError(f"{s.labels_file} line {s.line[i]} gives {key!r} the class {s.task.classnames[int(now[p])]!r}, but "
+                   f"loop {loop} trained on {was!r}: put the label back (a finished loop cannot change), or --restart")
 
 
 def loops_batches(loops):
@@ -640,11 +686,12 @@ def run(args):
     """The loops, then the final model's predictions; writes metrics.json and predictions.pt."""
     s, sel, ft = prepare(args)  # the parts see these settings, never the flags
     model, selected = active_finetuning(s, sel, ft)
-    logits = s.outputs(model, s.evaluated)
-    print(f"{sel.method}: {s.metrics['final_acc']:.2f} on {s.metrics['eval_split']} after {s.metrics['batches']} batches "
-          f"on {s.metrics['selected']} of {len(s.y_pool)} pool images", flush=True)
-    return runs.finish_run(s.out, s.metrics, {"y": s.y_eval, "final": logits.argmax(1), "selected": selected.cpu()},
-                            s.t0)
+    predictions = {"selected": selected.cpu()}
+    if s.y_eval is not None:
+        predictions.update(y=s.y_eval, final=s.outputs(model, s.evaluated).argmax(1))
+    print(f"{sel.method}: {shown(s.metrics['final_acc'])} on {s.metrics['eval_split']} after {s.metrics['batches']} "
+          f"batches on {s.metrics['selected']} of {len(s.y_pool)} pool images", flush=True)
+    return runs.finish_run(s.out, s.metrics, predictions, s.t0)
 
 
 def check_args(args, pool_size):
@@ -659,7 +706,7 @@ def check_args(args, pool_size):
                 raise RunError(f"{flag} feeds CEA, which --method {args.method} does not use: drop it, or use "
                                f"--method vecaf or cea")
     if not METHODS[args.method].ods:
-        for flag, value, default in (("--ods-objective", args.ods_objective, "loss"),
+        for flag, value, default in (("--ods-objective", args.ods_objective, None),
                                      ("--ods-weights", args.ods_weights, "none"),
                                      ("--ods-weighting", args.ods_weighting, "kl")):
             if value != default:
@@ -682,6 +729,9 @@ def check_args(args, pool_size):
         if not one:
             raise RunError(f"{flag} {t!r} needs exactly one {{}} for the class name and no other braces, e.g. "
                            f"'a sketch of a {{}}.'")
+    if args.labels and args.ods_objective == "loss":
+        raise RunError("--ods-objective loss reads the label of every pool image, and a person labels only the "
+                       "picks (--labels): use --ods-objective margin (the default with --labels)")
     if args.captions and not Path(args.captions).is_file():
         raise RunError(f"--captions {args.captions}: no such file; give a JSON file {{image path: caption}}, or "
                        f"leave it out for class-keyword captions")
@@ -692,25 +742,31 @@ def prepare(args):
     FineTuning)."""
     device = runs.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
     standin.check_backbone("--clip", args.clip, args.clip_act)
-    runs.check_out(args.out, args.resume, args.restart)
+    # a run stopped to wait for a person's labels goes on with the same command, no --resume needed
+    waiting = (Path(args.out) / TO_LABEL).exists() and not (Path(args.out) / "metrics.json").exists()
+    resume = args.resume or (waiting and not args.restart)
+    runs.check_out(args.out, resume, args.restart)
     t0 = time.time()
-    task = data.load_task(args.dataset, args.data_root)
+    task = runs.open_task(args)
     eval_items = data.eval_items(task, args.eval_split)
     args = resolve_task_defaults(runs.with_precision(args, device), task)
     check_args(args, len(task.train))
+    args.ods_objective = args.ods_objective or ("margin" if args.labels else "loss")
+    y_pool, labels = pool_labels(task, args.labels)
     # read and checked now, before any work (check_args refuses --captions for methods without CEA)
-    pool_captions = read_captions(args.captions, task.train, args.data_root) if args.captions else None
+    pool_captions = read_captions(args.captions, task.train, task.root) if args.captions else None
     config, how = runs.settings(args, NO_NUMBER_FLAGS)
-    config.update(data=data.fingerprint(task, args.data_root),
+    config.update(data=data.fingerprint(task, task.root),
                   clip=standin.backbone_id("--clip", args.clip, args.clip_act))
     if args.captions:  # the file by content
         config["captions"] = "sha256:" + checkpoints.sha256_of(args.captions)[:16]
+    if labels is not None:  # it grows between loops: each loop records the labels it trained on
+        config["labels"] = "a person's (--labels), checked per loop"
     torch.manual_seed(args.seed)
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
-    out = runs.open_run(args.out, config, args.resume, args.restart, how=how)  # every check passed: now --restart
+    out = runs.open_run(args.out, config, resume, args.restart, how=how)  # every check passed: now --restart
     test = data.make_transform("test", clip.visual, task)
-    y_pool = torch.tensor([lab for _, lab in task.train])
     captions = caption_table(clip, task, y_pool, device, args.caption_template, args.ood_captions,
                              pool_captions) if METHODS[args.method].cea else None
     metrics = {"dataset": args.dataset, "classnames": task.classnames, "clip": args.clip, "method": args.method,
@@ -721,10 +777,33 @@ def prepare(args):
     print(f"{args.dataset}: {len(task.classnames)} classes, pool {len(task.train)}, {len(eval_items)} "
           f"{args.eval_split} images; {args.method}: {args.loops} loop(s) of {args.budget} images; backbone "
           f"{args.clip} on {device}, {args.precision}", flush=True)
-    return Setup(**runs.context(args, out, config, device, args.resume), task=task, clip=clip,
-                 pool=data.ImageDataset(task.train, test), y_pool=y_pool,
-                 evaluated=data.ImageDataset(eval_items, test), y_eval=torch.tensor([lab for _, lab in eval_items]),
+    if labels is not None:
+        print(f"labels from a person: {len(labels)} image(s) labelled in {args.labels}", flush=True)
+    if not eval_items:
+        print("no labelled check set (--check): no accuracy is reported", flush=True)
+    return Setup(**runs.context(args, out, config, device, resume), task=task, clip=clip,
+                 pool=data.ImageDataset(task.train, test), y_pool=y_pool, person=labels is not None,
+                 labels_file=args.labels, line={} if labels is None else labels.line,
+                 evaluated=data.ImageDataset(eval_items, test),
+                 y_eval=torch.tensor([lab for _, lab in eval_items]) if eval_items else None,
                  captions=captions, metrics=metrics, t0=t0), *settings_of(args)
+
+
+def pool_labels(task, labels_file):
+    """The labels the loops may read [N] and the labels file read (or None): with --labels, a
+    person's, -1 for the images not labelled yet (a file that does not exist yet: none so far);
+    else the dataset's own (a simulated person who knows every label)."""
+    if labels_file is None:
+        y = data.train_labels(task)
+        if y is None:
+            raise RunError("VeCAF fine-tunes on the labels of the images it selects, and these images carry none: "
+                           "give --labels FILE (it need not exist yet): each loop lists the images to label and "
+                           "waits for their rows in FILE")
+        return y, None
+    labels = data.read_labels(labels_file, task, missing_ok=True)
+    y = torch.full((len(task.train),), -1, dtype=torch.long)
+    y[labels.index] = labels.y
+    return y, labels
 
 
 def resolve_task_defaults(args, task):
@@ -747,13 +826,13 @@ def resolve_task_defaults(args, task):
 
 def accuracy_at(curve, batches):
     """The accuracy last measured at or before `batches` training batches (None: none yet)."""
-    accs = [acc for b, acc in curve if b <= batches]
+    accs = [acc for b, acc in curve if b <= batches and acc is not None]
     return accs[-1] if accs else None
 
 
 def batches_to(curve, target):
     """B2A: the training batches after which the accuracy first reached `target` (None: never)."""
-    return next((b for b, acc in curve if acc >= target), None)
+    return next((b for b, acc in curve if acc is not None and acc >= target), None)
 
 
 def on_grid(curve, grid):
@@ -783,7 +862,8 @@ def report(run_dirs, target=0.95, at_batches=None, plot=None):
     if len(grids) > 1:
         print(f"runs evaluated every {', '.join(map(str, grids))} batches: B2A read on their common grid, "
               f"every {grid} batches")
-    full = [m["final_acc"] for _, m in finished if m.get("method") == "full" and m.get("max_batches") is None]
+    full = [m["final_acc"] for _, m in finished if m.get("method") == "full" and m.get("max_batches") is None
+            and m["final_acc"] is not None]
     goal = target * sum(full) / len(full) if full else None
     if at_batches is None:
         at_batches = min((m["batches"] for _, m in finished if m.get("method") != "full"), default=None)
@@ -815,6 +895,9 @@ def report(run_dirs, target=0.95, at_batches=None, plot=None):
         print("note: ODS weighs the pool by the current model's per-sample loss, which reads the true label of every "
               "pool image, selected or not (as the official code); random and ActiveFT use no label")
     if plot:
+        if not mean_curves(finished):
+            raise RunError("--plot: none of these runs measured an accuracy (no labelled check set): there is no "
+                           "curve to draw")
         print(f"wrote {write_svg(finished, plot, goal)}")
 
 
@@ -829,8 +912,10 @@ def mean_curves(finished):
         by_b = {}
         for curve in curves:
             for b, acc in curve:
-                by_b.setdefault(b, []).append(acc)
-        out[g] = [(b, sum(a) / len(a)) for b, a in sorted(by_b.items())]
+                if acc is not None:  # a run without a labelled eval split measures nothing
+                    by_b.setdefault(b, []).append(acc)
+        if by_b:
+            out[g] = [(b, sum(a) / len(a)) for b, a in sorted(by_b.items())]
     return out
 
 
@@ -897,9 +982,12 @@ def parser():
     p = runs.Parser(description="VeCAF: objective-aware active fine-tuning of CLIP's image tower",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--dataset", default="digits", help="digits (offline demo), digits-bold (its test strokes thickened), a "
-      "CoOp dataset name, imagefolder, cifar10, cifar100")
-    a("--data-root", default=None)
+    runs.data_flags(p, "digits (offline demo), digits-bold (its test strokes thickened), a CoOp dataset name, "
+                       "imagefolder, cifar10, cifar100")
+    a("--labels", default=None, metavar="FILE",
+      help="a person labels the picks: a CSV path,class (paths relative to --images / --data-root; the file need "
+           "not exist yet). Each loop writes the images to label to OUT/to_label.csv and stops (exit status 3) "
+           "until FILE labels them; the same command then goes on. Without it: the dataset's own labels")
     a("--clip", default="demo", help="demo (the offline stand-in), an OpenAI release (RN50 ... ViT-L/14@336px), "
       "open_clip:ARCH/TAG[=FILE], a Hugging Face CLIPModel folder or hf:ORG/NAME, or a checkpoint file "
       "(with --clip-act)")
@@ -933,9 +1021,10 @@ def parser():
     a("--beta", type=number(float, 0, low_open=True), default=1.0, help="weight of the repulsion Z")
     a("--select-batch", type=number(int, 1), default=65536,
       help="pool samples per centroid step (the whole pool when smaller: CIFAR-size pools)")
-    a("--ods-objective", default="loss", choices=["loss", "margin"],
+    a("--ods-objective", default=None, choices=["loss", "margin"],
       help="ODS weighs the pool by the current model's per-sample loss (which reads every pool image's true "
-           "label, as the official code) or by its label-free margin, top-1 minus top-2 logit")
+           "label, as the official code; the default) or by its label-free margin, top-1 minus top-2 logit (the "
+           "default with --labels)")
     a("--ods-weights", default="none", choices=["none", "mean", "sigmoid", "log", "exp", "normalize"],
       help="ODS weights from the objective: as it is, over its mean, or one of the official code's transforms")
     a("--ods-weighting", default="kl", choices=["kl", "official"],
@@ -980,6 +1069,7 @@ def resolve_defaults(args):
     split), the augmentation by dataset, one selector for methods without the ensemble, workers
     by device. Returns a resolved copy of the flags."""
     args = argparse.Namespace(**vars(args))
+    args.dataset = runs.dataset_name(args)
     demo = args.clip == standin.NAME
     if args.lr is None:  # the recipe's linear scaling; the stand-in's value chosen on the digits' dev split
         args.lr = 3e-4 if demo else 0.01 * args.batch / 512
@@ -1002,8 +1092,16 @@ def main(argv=None):
         if args.table:
             return report(args.table, args.target, args.at_batches, args.plot)
         if args.write_captions:
-            task = data.load_task(args.dataset, args.data_root)
-            path = write_captions(args.write_captions, task.train, task.classnames, args.data_root, args.api_base,
+            args.dataset = runs.dataset_name(args)
+            task = runs.open_task(args)
+            y = pool_labels(task, args.labels)[0] if args.labels else data.train_labels(task)
+            hints = [None if y is None or y[i] < 0 else data.prompt_name(task.classnames[y[i]])
+                     for i in range(len(task.train))]
+            if any(h is None for h in hints):  # the class hint reads a label: only the labels there are
+                print(f"{sum(h is None for h in hints)} of {len(hints)} images have no label"
+                      f"{' in ' + args.labels if args.labels else ''}: they are captioned without a class hint",
+                      flush=True)
+            path = write_captions(args.write_captions, task.train, hints, task.root, args.api_base,
                                   args.caption_model, os.environ.get("OPENAI_API_KEY"))
             print(f"wrote captions for {len(task.train)} images to {path}")
             return None
