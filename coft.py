@@ -1018,7 +1018,8 @@ def write_pseudo_labels(run, zs_probs, review):
     """pseudo_labels.csv: every unlabelled image's labels, for a person to review (sort by a
     margin to see the doubtful first). Columns: path (as a labels file names it), class (model
     1's label: branch 1 trains on it where branch1_kept is 1), branch1_kept, branch1_peer_margin
-    (model 2's s+ - s- at that label: the filter keeps a label iff it is > 0), branch2_class,
+    (model 2's s+ - s- at that label: the filter keeps a label iff it is > 0; a given label is
+    always kept), branch2_class,
     branch2_kept, branch2_peer_margin (the other direction), zero_shot_class,
     zero_shot_confidence (its softmax probability, Eq. 1), labelled (1: a label given by
     --labels / --labelled-shots). Its path and class columns make it a labels file: keep the rows
@@ -1028,8 +1029,8 @@ def write_pseudo_labels(run, zs_probs, review):
     given[run.labelled] = True
     conf, zs = (t.tolist() for t in zs_probs.max(1))
     (y1, keep1, m1), (y2, keep2, m2) = ((y.tolist(), keep.int().tolist(), m.tolist()) for y, keep, m in review)
-    rows = ([data.item_key(source, i, root), names[y1[i]], keep1[i], f"{m1[i]:.4f}", names[y2[i]], keep2[i],
-             f"{m2[i]:.4f}", names[zs[i]], f"{conf[i]:.4f}", int(given[i])] for i, (source, _) in enumerate(run.task.train))
+    rows = ([data.item_key(source, i, root), names[y1[i]], keep1[i], f"{m1[i]:.6g}", names[y2[i]], keep2[i],
+             f"{m2[i]:.6g}", names[zs[i]], f"{conf[i]:.6g}", int(given[i])] for i, (source, _) in enumerate(run.task.train))
     runs.write_csv(["path", "class", "branch1_kept", "branch1_peer_margin", "branch2_class", "branch2_kept",
                     "branch2_peer_margin", "zero_shot_class", "zero_shot_confidence", "labelled"], rows,
                    run.out / "pseudo_labels.csv")

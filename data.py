@@ -706,8 +706,14 @@ def with_template(task, template):
 
 
 def list_images(folder):
-    """Every image file under folder (recursively, hidden files left out), sorted: the pool's order."""
-    return _list_class_folder(folder)
+    """Every image file under folder, the pool in its order: each folder's files sorted, then its
+    subfolders in sorted order (as torchvision's ImageFolder walks); hidden files and folders
+    (.thumbnails, .ipynb_checkpoints) are left out."""
+    files = []
+    for d, subdirs, names in os.walk(folder, followlinks=True):
+        subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))  # the walk visits these, in this order
+        files.extend(os.path.join(d, n) for n in sorted(names) if _is_image(n) and not n.startswith("."))
+    return files
 
 
 def read_classes(path):

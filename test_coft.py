@@ -2,6 +2,7 @@
 backbones (end to end, an audit of every saved number, run folders and resume, one-line errors).
 Run every test file: python -m pytest -q"""
 import copy
+import csv
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import checkpoints
 import clip_model as cm
@@ -18,7 +20,8 @@ import coft
 import data
 import runs
 import train
-from conftest import coft_error, numbers, randomized, run_coft, stage_state, tower
+from conftest import (coft_args, coft_error, numbers, randomized, run_coft, stage_state, tower, write_digit_layouts,
+                      write_labels)
 
 
 # --------------------------------------------------------------------------- CoFT: building blocks
@@ -897,3 +900,163 @@ def test_plus_end_to_end_and_resume_restores_queue_and_momentum_encoder(tmp_path
 # --------------------------------------------------------------------------- torchrun (DDP), gloo on CPU
 
 
+
+
+# --------------------------------------------------------------------------- your own images
+
+@pytest.fixture(scope="module")
+def digit_layouts(tmp_path_factory):
+    """The digits as PNG files, labelled (--dataset imagefolder) and as your own images (a flat folder,
+    a check set, classes.txt), both listing the images in one order."""
+    return write_digit_layouts(tmp_path_factory.mktemp("layouts"))
+
+
+def own(root, *extra):
+    """The CLI arguments of a run on the flat folder instead of the digits."""
+    return ["--images", str(root / "flat"), "--classes", str(root / "classes.txt"), *extra]
+
+
+def without_dataset(argv):
+    i = argv.index("--dataset")
+    return argv[:i] + argv[i + 2:]
+
+
+LABEL_FIGURES = ("zero_shot_train_label_precision", "seed_set.precision", "clean_set_1.precision",
+                 "clean_set_1.all_labels_precision", "clean_set_1.removed_precision", "clean_set_1.auroc_peer_margin",
+                 "clean_set_2.auroc_peer_confidence", "clean_set_2.auroc_own_confidence", "rounds.0.model1_seed_set.precision")
+
+
+@pytest.mark.parametrize("variant", [(), ("--plus", "--rounds", "2", "--queue", "100")], ids=["coft", "coft+"])
+def test_coft_training_is_label_free_a_flat_folder_trains_the_labelled_layouts_weights(
+        tmp_path, pretrained_tiny, digit_layouts, variant):
+    """CoFT and CoFT+ on your own images (a flat folder, no label anywhere; the test split as --check)
+    train the same weights and make the same test predictions as on the labelled layout
+    (--dataset imagefolder, the same images in the same order): no step reads a train label. Every
+    figure that needs one is null there, and present here."""
+    root = digit_layouts[0]
+    ckpt = pretrained_tiny[0]
+    labelled = run_coft(tmp_path, "--dataset", "imagefolder", "--data-root", str(root / "labelled"), *variant,
+                        out="labelled", ckpt=ckpt)
+    flat = coft.main(without_dataset(coft_args(tmp_path, *own(root, "--check", str(root / "check")), *variant,
+                                               out="flat", ckpt=ckpt)))
+    stages = sorted(p.stem for p in (tmp_path / "flat" / "stages").glob("*.pt"))
+    assert stages == sorted(p.stem for p in (tmp_path / "labelled" / "stages").glob("*.pt")) and "branch2" in stages
+    for tag in stages:
+        a, b = stage_state(tmp_path / "labelled", tag), stage_state(tmp_path / "flat", tag)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), tag
+    pa, pb = torch.load(tmp_path / "labelled" / "predictions.pt"), torch.load(tmp_path / "flat" / "predictions.pt")
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    fa, fb = flat_metrics(labelled), flat_metrics(flat)
+    for k in LABEL_FIGURES:
+        assert fb[k] is None and isinstance(fa[k], float), k
+    assert fb["dataset"] == "images" and fb["ensemble_acc"] == fa["ensemble_acc"]
+    same = [k for k in fa if k not in LABEL_FIGURES and not k.startswith(("time_s", "peak_mib", "dataset")) and
+            "precision" not in k and "auroc" not in k and not k.endswith(("_s", "_mib"))]
+    assert all(fa[k] == fb[k] for k in same), [k for k in same if fa[k] != fb[k]]
+    assert fb["zero_shot_mean_confidence"] > 0 and fb["phase1_agreement"] > 0  # what is known without labels
+
+
+def flat_metrics(m):
+    from conftest import flat
+    return flat(m)
+
+
+def test_without_a_check_set_a_run_reports_what_needs_no_label_and_deploys(tmp_path, pretrained_tiny, digit_layouts,
+                                                                           capsys):
+    """Your own images without --check: no accuracy anywhere (null, '-' in the table, one line on why),
+    the label-free figures are there, and deploy.py uses the run as any other."""
+    import deploy
+    root = digit_layouts[0]
+    m = coft.main(without_dataset(coft_args(tmp_path, *own(root), out="bare", ckpt=pretrained_tiny[0])))
+    out = capsys.readouterr().out
+    assert "no labelled check set (--check): no accuracy is reported" in out and "carry no labels" in out
+    for k in ("zero_shot_acc", "phase1_model1_acc", "branch1_acc", "ensemble_acc"):
+        assert m[k] is None, k
+    assert 0 < m["zero_shot_mean_confidence"] <= 100 and 0 < m["clean_set_1"]["kept_fraction"] <= 100
+    assert 0 <= m["phase1_agreement"] <= 100 and m["rounds"][0]["model1_mean_confidence"] > 0
+    assert torch.load(tmp_path / "bare" / "predictions.pt") == {}
+    coft.main(["--table", str(tmp_path / "bare")])
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[0] == "bare" and row[2:4] == ["-", "-"]  # zero-shot, S* precision
+    model, classnames, transform = deploy.load(tmp_path / "bare")
+    assert classnames == (root / "classes.txt").read_text().split()
+    x = torch.stack([transform(Image.open(root / "flat" / f"{i:04d}.png").convert("RGB")) for i in range(3)])
+    assert model(x).shape == (3, 10)
+
+
+def test_pseudo_labels_csv_is_what_each_branch_trained_on_and_reads_back_as_labels(tmp_path, pretrained_tiny,
+                                                                                  digit_layouts):
+    """pseudo_labels.csv: a row per image; where branchA_kept is 1 its class is in clean set A with that
+    label, kept iff the peer's margin is > 0; the zero-shot class and confidence are the zero-shot
+    pass's. The file, rows checked and corrected, is a labels file: those rows become the next run's
+    labelled images."""
+    root = digit_layouts[0]
+    m = coft.main(without_dataset(coft_args(tmp_path, *own(root), "--phase", "1", out="p1", ckpt=pretrained_tiny[0])))
+    rows = list(csv.DictReader(open(tmp_path / "p1" / "pseudo_labels.csv")))
+    pl = torch.load(tmp_path / "p1" / "pseudo_labels.pt")
+    names = m["classnames"]
+    assert [r["path"] for r in rows] == [f"{i:04d}.png" for i in range(899)]
+    for a, (cls, kept, margin) in enumerate([("class", "branch1_kept", "branch1_peer_margin"),
+                                            ("branch2_class", "branch2_kept", "branch2_peer_margin")]):
+        assert [names.index(r[cls]) for r in rows] == pl["generated"][a].tolist()
+        keep = [i for i, r in enumerate(rows) if r[kept] == "1"]
+        assert keep == pl["clean"][a].tolist() == [i for i, r in enumerate(rows) if float(r[margin]) > 0]
+        assert [names.index(rows[i][cls]) for i in keep] == pl["clean_labels"][a].tolist()
+    assert sum(float(r["zero_shot_confidence"]) for r in rows) / 899 == pytest.approx(
+        m["zero_shot_mean_confidence"] / 100, abs=1e-4)
+    assert all(r["labelled"] == "0" for r in rows)
+    # a person checks five rows, corrects one, and gives the file back (other columns and all) as --labels
+    checked = tmp_path / "checked.csv"
+    with open(checked, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        fixed = [dict(r) for r in rows[:5]]
+        fixed[0]["class"] = names[(names.index(fixed[0]["class"]) + 1) % 10]
+        w.writerows(fixed)
+    coft.main(without_dataset(coft_args(tmp_path, *own(root), "--phase", "1", "--labels", str(checked), out="again",
+                                        ckpt=pretrained_tiny[0])))
+    again = list(csv.DictReader(open(tmp_path / "again" / "pseudo_labels.csv")))
+    given = [(r["path"], r["class"]) for r in again if r["labelled"] == "1"]
+    assert sorted(given) == sorted((r["path"], r["class"]) for r in fixed)
+    assert all(r["branch1_kept"] == r["branch2_kept"] == "1" and r["branch2_class"] == r["class"]
+               for r in again if r["labelled"] == "1")
+
+
+def test_a_labels_file_is_the_few_labels_setting(tmp_path, pretrained_tiny):
+    """--labels with the images --labelled-shots 2 draws, class by class in its order, trains what
+    --labelled-shots trains: the paper's few-labels setting from a person's file."""
+    task = data.digits_task()
+    drawn = data.few_shot(task, 2, coft.seed_of(0, "labelled shots"), True)
+    path = write_labels(tmp_path / "labels.csv", [(f"#{i}", task.classnames[task.train[i][1]]) for i in drawn.tolist()])
+    a = run_coft(tmp_path, "--labelled-shots", "2", "--phase", "1", out="shots", ckpt=pretrained_tiny[0])
+    b = run_coft(tmp_path, "--labels", str(path), "--phase", "1", out="file", ckpt=pretrained_tiny[0])
+    for tag in ("phase1_round1_model1", "phase1_round1_model2"):
+        sa, sb = stage_state(tmp_path / "shots", tag), stage_state(tmp_path / "file", tag)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), tag
+    pa, pb = torch.load(tmp_path / "shots" / "pseudo_labels.pt"), torch.load(tmp_path / "file" / "pseudo_labels.pt")
+    assert torch.equal(pa["labelled"], pb["labelled"]) and all(torch.equal(x, y) for x, y in zip(pa["clean"], pb["clean"]))
+    assert b["labels"] == {"file": str(path), "size": 20, "per_class": [2] * 10} and a["seed_set"] == b["seed_set"]
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (("--method", "probe"), "--method probe fits the TRUE label"),
+    (("--labelled-shots", "2"), "--labelled-shots N draws labelled images from the dataset's labels"),
+    (("--eval-split", "dev"), "no dev split"),
+    (("--dataset", "dtd"), "drop --dataset dtd"),
+    (("--data-root", "x"), "drop --data-root"),
+    (("--labels", "LABELS", "--labelled-shots", "1"), "give one of the two"),
+    (("--labels", "EMPTY"), "labels no image"),
+    (("--method", "shots"), "--labels FILE"),
+])
+def test_own_images_mistakes_are_one_line(tmp_path, capsys, digit_layouts, argv, expect):
+    root = digit_layouts[0]
+    write_labels(tmp_path / "labels.csv", [("0000.png", "zero")])
+    write_labels(tmp_path / "empty.csv", [])
+    argv = [str(tmp_path / "labels.csv") if a == "LABELS" else str(tmp_path / "empty.csv") if a == "EMPTY" else a
+            for a in argv]
+    err = coft_error(capsys, *own(root), "--out", str(tmp_path / "run"), *argv)
+    assert expect in err, err
+    assert not (tmp_path / "run").exists()
+    assert "--images needs --classes" in coft_error(capsys, "--images", str(root / "flat"), "--out", str(tmp_path / "r"))
+    assert "--check goes with --images" in coft_error(capsys, "--check", str(root / "check"), "--out",
+                                                      str(tmp_path / "r"))

@@ -11,7 +11,8 @@ import clip_model as cm
 import craft
 import data
 import train
-from conftest import make_dtd, make_imagefolder, numbers, one_line_error, randomized, write_image, tower
+from conftest import (make_dtd, make_imagefolder, numbers, one_line_error, randomized, tower, write_digit_layouts,
+                      write_image, write_labels)
 
 CLASSES = ["zero", "one", "two", "sea lion", "three"]  # one two-token name
 
@@ -471,3 +472,57 @@ def test_imagenet_shifts_are_scored_by_the_final_classifier_on_their_classes(tmp
                            (("--eval-datasets", "imagenet_r"), "imagenet-rendition/imagenet-r not found")):
         assert message in one_line_error(craft.main, capsys, *argv, *extra, "--out", str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
+
+
+# ---- your own images: the shots from a labels file
+
+def without(argv, *flags):
+    """argv without these flags and their values."""
+    drop = {i + d for i, a in enumerate(argv) if a in flags for d in (0, 1)}
+    return [a for i, a in enumerate(argv) if i not in drop]
+
+
+def test_shots_from_a_labels_file_equal_the_same_shots_drawn_from_class_folders(tmp_path, pretrained_tiny, capsys):
+    """CraFT on your own images with --labels naming the images --shots 2 draws from the labelled
+    layout (class by class, in its order) runs exactly as CraFT on that layout: the same search, refiner
+    and predictions. Uneven counts are taken as they are (the mean per class is the run's shots)."""
+    root, _, _ = write_digit_layouts(tmp_path / "data", n_train=300, n_test=100)
+    argv = without(craft_args(tmp_path, ckpt=pretrained_tiny[0]), "--shots", "--eval-split")
+    common = argv + ["--aug", "crop"]  # the shots re-read and augmented every refiner epoch
+    drawn = craft.main(common + ["--dataset", "imagefolder", "--data-root", str(root / "labelled"), "--shots", "2",
+                                 "--out", str(tmp_path / "drawn")])
+    task = data.load_task("imagefolder", root / "labelled")
+    picked = data.few_shot(task, 2, craft.seed_of(0, "shots"))
+    rows = [(f"{i:04d}.png", task.classnames[task.train[i][1]]) for i in picked.tolist()]
+    own = ["--images", str(root / "flat"), "--classes", str(root / "classes.txt"), "--check", str(root / "check")]
+    # interleaved classes: read back class by class, each in the file's order, the order drawn
+    labels = write_labels(tmp_path / "labels.csv", rows[0::2] + rows[1::2])
+    given = craft.main(common + own + ["--labels", str(labels), "--out", str(tmp_path / "given")])
+    pa, pb = torch.load(tmp_path / "drawn" / "predictions.pt"), torch.load(tmp_path / "given" / "predictions.pt")
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    a, b = numbers(drawn), numbers(given)
+    assert a.pop("dataset") == "imagefolder" and b.pop("dataset") == "images" and a.pop("shots") == 2 == b.pop("shots")
+    assert {k: v for k, v in a.items() if k != "time_s"} == {k: v for k, v in b.items() if k != "time_s"}
+    # uneven counts: 17 images, 1 or 2 per class, and one class without any (said so)
+    capsys.readouterr()
+    rows = [r for r in rows if r[1] != "zero"]
+    uneven = write_labels(tmp_path / "uneven.csv", rows[:1] + rows[2:])
+    m = craft.main(common + own + ["--labels", str(uneven), "--budget", "16", "--out", str(tmp_path / "uneven")])
+    out = capsys.readouterr().out
+    assert m["shots"] == pytest.approx(17 / 10) and "1 class(es) have no labelled image (zero)" in out
+    assert "17 labelled images" in out and "(0-2 per class)" in out
+
+
+def test_own_images_without_labels_or_a_check_set(tmp_path, capsys, pretrained_tiny):
+    """CraFT needs labelled shots: your images without --labels are one line; without --check it trains
+    and reports no accuracy (null), and --method probe, which keeps nothing, is refused."""
+    root, _, _ = write_digit_layouts(tmp_path / "data", n_train=60, n_test=0)
+    own = ["--images", str(root / "flat"), "--classes", str(root / "classes.txt")]
+    argv = without(craft_args(tmp_path, ckpt=pretrained_tiny[0]), "--shots", "--eval-split")
+    assert "carry no labels" in one_line_error(craft.main, capsys, *argv, *own)
+    labels = write_labels(tmp_path / "l.csv", [(f"{i:04d}.png", "zero") for i in range(3)] + [("0059.png", "one")])
+    assert "--method probe keeps no weights" in one_line_error(craft.main, capsys, *argv, *own, "--labels",
+                                                               str(labels), "--method", "probe")
+    assert "give one of the two" in one_line_error(craft.main, capsys, *argv, *own, "--labels", str(labels), "--shots", "2")
+    m = craft.main(argv + own + ["--labels", str(labels), "--out", str(tmp_path / "bare")])
+    assert m["craft_acc"] is None and m["zero_shot_acc"] is None and m["history"]["best_fitness"]

@@ -443,3 +443,157 @@ def test_cifar_corrupted(tmp_path, no_download):
     make_fake_cifar(tmp_path, torchvision.datasets.CIFAR10)
     msg = data_error(data.load_task, "cifar10", tmp_path)
     assert "corrupted" in msg and "download=True" in msg
+
+
+# -----------------------------------------------------------------------------
+# your own images: an unlabelled folder, class names, a check set, a person's labels
+
+def own_images(root):
+    """A pool of nested images in several formats, with files that are not images or hidden, a
+    class list and a check set whose folders spell the classes otherwise."""
+    for rel in ("b.png", "a/z.JPG", "a/b/c.webp", "c.jpeg", ".hidden.png", "a/.x/y.png"):
+        write_image(root / "pool" / rel)
+    (root / "pool" / "notes.txt").write_text("not an image")
+    (root / "classes.txt").write_text("golden retriever\n\nTabby cat\n")
+    write_image(root / "check" / "Golden_Retriever" / "1.png")
+    write_image(root / "check" / "tabby_cat" / "2.png")
+    write_image(root / "check" / "tabby_cat" / "sub" / "1.png")
+    return root
+
+
+def test_own_images_are_every_image_below_the_folder_in_sorted_order_without_labels(tmp_path):
+    own_images(tmp_path)
+    task = data.images_task(tmp_path / "pool", tmp_path / "classes.txt", check=tmp_path / "check")
+    pool = str(tmp_path / "pool")
+    assert [os.path.relpath(p, pool) for p, _ in task.train] == ["b.png", "c.jpeg", "a/z.JPG", "a/b/c.webp"]
+    assert all(y is None for _, y in task.train) and data.train_labels(task) is None
+    assert task.classnames == ["golden retriever", "Tabby cat"] and task.prompts is None and task.dev == []
+    assert task.templates[0] == data.DEFAULT_TEMPLATE and task.root == pool and task.flip
+    # the check set: class folders matched to the classes whatever their case and "_", classes in list order
+    assert [(os.path.relpath(p, tmp_path / "check"), y) for p, y in task.test] == [
+        ("Golden_Retriever/1.png", 0), ("tabby_cat/2.png", 1), ("tabby_cat/sub/1.png", 1)]
+    assert data.eval_items(task, "test") == task.test
+    # an image without a label reaches the label-free passes as -1, never as a class
+    assert data.ImageDataset(task.train, lambda im: 0)[0][1] == -1
+    # no check set: nothing to report on; a dev split there never is
+    bare = data.open_task(images=tmp_path / "pool", classes=tmp_path / "classes.txt", template="a {} here.",
+                          flip=False)
+    assert data.eval_items(bare, "test") == [] and bare.templates[0] == "a {} here." and not bare.flip
+    assert "no dev split" in data_error(data.eval_items, bare, "dev")
+    # a {class: [prompts]} file: the classes in its order, its prompts the zero-shot classifier's
+    (tmp_path / "prompts.json").write_text(json.dumps({"tabby cat": ["a striped cat."], "dog": ["a dog.", "a pup."]}))
+    task = data.images_task(tmp_path / "pool", tmp_path / "prompts.json")
+    assert task.classnames == ["tabby cat", "dog"] and data.zero_shot_prompts(task) == [["a striped cat."],
+                                                                                        ["a dog.", "a pup."]]
+    assert data.fingerprint(task, task.root) != data.fingerprint(
+        data.images_task(tmp_path / "pool", tmp_path / "prompts.json", template="a photo of the {}."), task.root)
+    # a named dataset's template set by --template, its fingerprint with it
+    digits = data.open_task("digits", template="a digit {}.")
+    assert digits.templates[0] == "a digit {}." and data.DIGITS_TEMPLATE in digits.templates
+    assert data.zero_shot_prompts(digits)[3] == ["a digit three."]
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("no folder", "is not a folder"),
+    ("empty pool", "holds no images"),
+    ("no class file", "--classes"),
+    ("repeated class", "line 3 repeats the class 'cat' of line 1"),
+    ("one class", "at least two"),
+    ("same in a prompt", "read the same in a prompt"),
+    ("bad json", "is not valid JSON"),
+    ("json without prompts", "non-empty list"),
+    ("bad template", "exactly one {}"),
+    ("check folder of no class", "'cow' names none of the 2 classes"),
+    ("check inside pool", "overlap"),
+    ("unreadable", "2 of 6 images cannot be read (first: cannot read image"),
+])
+def test_own_images_mistakes_are_one_line_before_any_work(tmp_path, case, expect):
+    own_images(tmp_path)
+    classes, pool, check, template = tmp_path / "classes.txt", tmp_path / "pool", None, None
+    if case == "no folder":
+        pool = tmp_path / "nowhere"
+    elif case == "empty pool":
+        pool = tmp_path / "empty"
+        pool.mkdir()
+        (pool / "x.txt").write_text("")
+    elif case == "no class file":
+        classes = tmp_path / "nothing.txt"
+    elif case == "repeated class":
+        classes.write_text("cat\ndog\ncat\n")
+    elif case == "one class":
+        classes.write_text("cat\n")
+    elif case == "same in a prompt":
+        classes.write_text("red_fox\nRed fox\n")
+    elif case == "bad json":
+        classes = tmp_path / "c.json"
+        classes.write_text("{oops")
+    elif case == "json without prompts":
+        classes = tmp_path / "c.json"
+        classes.write_text('{"cat": [], "dog": ["a dog."]}')
+    elif case == "bad template":
+        template = "a photo of a {} {}."
+    elif case == "check folder of no class":
+        check = tmp_path / "check"
+        write_image(check / "cow" / "1.png")
+    elif case == "check inside pool":
+        check = tmp_path / "pool" / "a"
+    elif case == "unreadable":
+        (pool / "broken.png").write_bytes(b"not a png")
+        (pool / "a" / "empty.jpg").write_bytes(b"")
+    msg = data_error(data.images_task, pool, classes, template, check)
+    assert expect in msg, msg
+
+
+def test_labels_file_is_read_class_by_class_and_every_bad_row_is_one_line_naming_it(tmp_path):
+    own_images(tmp_path)
+    task = data.images_task(tmp_path / "pool", tmp_path / "classes.txt")
+    path = tmp_path / "labels.csv"
+    # a BOM (spreadsheet export), extra columns, another column order, spaces, a "_" and case in a class, an
+    # absolute path, a blank row, the same row twice
+    path.write_text("\ufeffscore, Class ,path\n0.1,tabby_cat,b.png\n0.2,Golden Retriever, a/z.JPG\n\n"
+                    f"0.3,tabby cat,{tmp_path / 'pool' / 'c.jpeg'}\n0.1,tabby_cat,b.png\n", encoding="utf-8")
+    labels = data.read_labels(path, task)
+    # pool order: b.png, c.jpeg, a/z.JPG, a/b/c.webp; labels class by class, the file's order within a class:
+    # a/z.JPG (golden retriever), then b.png, c.jpeg (tabby cat)
+    assert labels.index.tolist() == [2, 0, 1] and labels.y.tolist() == [0, 1, 1] and len(labels) == 3
+    assert labels.line == {0: 2, 2: 3, 1: 5} and labels.per_class(2) == [1, 2]
+    assert labels.digest() == data.labels_digest(torch.tensor([2, 0, 1]), torch.tensor([0, 1, 1]))
+    # in-memory images (the digits) are '#<index>'
+    digits = data.digits_task()
+    path.write_text("path,class\n#5,three\n#0,one\n")
+    assert data.read_labels(path, digits).index.tolist() == [0, 5]
+    for content, expect in [
+            ("file,label\nb.png,tabby cat\n", "header naming the columns path and class"),
+            ("", "header naming the columns path and class"),
+            ("path,class\nb.png,tabby cat\nnope.png,tabby cat\n", "line 3: 'nope.png' is not an image of the pool"),
+            ("path,class\nb.png,tabby cat\nc.jpeg,cow\n", "line 3: class 'cow' is not one of the 2 classes"),
+            ("path,class\nb.png,tabby cat\nc.jpeg,golden retriever\nb.png,golden retriever\n",
+             "line 4 labels 'b.png' 'golden retriever', but line 2 labelled it 'Tabby cat'"),
+            ("path,class\nb.png,\n", "line 2: an empty class cell")]:
+        path.write_text(content)
+        msg = data_error(data.read_labels, path, task)
+        assert expect in msg, msg
+    assert "no such file" in data_error(data.read_labels, tmp_path / "none.csv", task)
+    assert len(data.read_labels(tmp_path / "none.csv", task, missing_ok=True)) == 0  # a person has not started
+    # a check-set image is not a pool image
+    path.write_text(f"path,class\n{tmp_path / 'check' / 'tabby_cat' / '2.png'},tabby cat\n")
+    assert "is not an image of the pool" in data_error(data.read_labels, path, task)
+
+
+def test_the_example_folder_is_the_digits_as_your_own_images(tmp_path):
+    """python data.py --write-example: the train split unlabelled (in an order that is not by class),
+    the test split as a check set, the classes, and answers.csv with every pool image's true class,
+    itself a labels file."""
+    data.write_example(tmp_path)
+    task = data.images_task(tmp_path / "images", tmp_path / "classes.txt", check=tmp_path / "check")
+    digits = data.digits_task()
+    assert task.classnames == digits.classnames and len(task.train) == len(digits.train)
+    assert sorted(y for _, y in task.test) == sorted(y for _, y in digits.test)
+    answers = data.read_labels(tmp_path / "answers.csv", task)
+    assert len(answers) == len(task.train)
+    y = torch.empty(len(task.train), dtype=torch.long)
+    y[answers.index] = answers.y
+    assert sorted(y.tolist()) == sorted(label for _, label in digits.train) and not torch.equal(y, y.sort().values)
+    for i in (0, 100, 500):  # each file is its image, and answers.csv names its class
+        x = torch.from_numpy(np.array(Image.open(task.train[i][0]))).permute(2, 0, 1)
+        assert any(torch.equal(x, im) and lab == y[i] for im, lab in digits.train)

@@ -1,5 +1,6 @@
 """VeCAF (vecaf.py): the selection objective, nearest-unique selection, ODS, the ensemble's
 matching and CEA, against direct recomputations and hand-made cases."""
+import csv
 import itertools
 import json
 import math
@@ -16,7 +17,7 @@ import data
 import runs
 import vecaf
 from clip_model import unit
-from conftest import numbers, one_line_error, run_vecaf, vecaf_args, vecaf_stage
+from conftest import numbers, one_line_error, run_vecaf, vecaf_args, vecaf_stage, write_digit_layouts, write_labels
 
 
 def pool(n, d=8, seed=0):
@@ -506,3 +507,109 @@ def test_the_fine_tuning_recipe_is_every_term_of_its_flags(tmp_path, monkeypatch
     assert (group["momentum"], group["weight_decay"], group["initial_lr"]) == (0.7, 0.003, 0.02)
     # 6 images, batch 4, the last one dropped: one step per epoch; two warm-up steps, then a cosine over the rest
     assert [schedule(i, 4, 1) for i in range(4)] == pytest.approx([0.5, 1.0, 1.0, 0.5])
+
+
+# ---- a person in the loop (--labels)
+
+def play_the_person(tmp_path, argv, labels, truth, edit=None):
+    """Run the CLI until it finishes, labelling between stops exactly the images it asks for (their
+    true classes appended to the labels file). Returns (metrics, the requests: [(loop, [path])])."""
+    requests = []
+    labels.write_text("path,class\n")
+    while True:
+        try:
+            return vecaf.main(argv), requests
+        except SystemExit as e:
+            assert e.code == runs.WAITING
+        asked = list(csv.DictReader(open(tmp_path / "run" / "to_label.csv")))
+        assert len({r["loop"] for r in asked}) == 1 and all(r["suggestion"] for r in asked)
+        requests.append((int(asked[0]["loop"]), [r["path"] for r in asked]))
+        with open(labels, "a") as f:
+            f.writelines(f"{r['path']},{truth[r['path']]}\n" for r in asked)
+
+
+def test_a_person_in_the_loop_trains_what_the_simulation_trains(tmp_path, capsys):
+    """VeCAF with --labels stops at each loop with the images to label; a person who writes exactly
+    those rows (here: their true classes) and reruns the same command gets the picks and weights of
+    the simulated run with the same label-free selection (ODS by margin), which reads the dataset's
+    labels instead. Every stop is one line on what to do next, the run is exact across stops, and
+    to_label.csv is gone at the end."""
+    task = data.load_task("digits")
+    truth = {f"#{i}": task.classnames[y] for i, (_, y) in enumerate(task.train)}
+    simulated = run_vecaf(tmp_path, "--ods-objective", "margin", out="simulated")
+    labels = tmp_path / "labels.csv"
+    person, requests = play_the_person(tmp_path, vecaf_args(tmp_path, "--labels", str(labels)), labels, truth)
+    picks = [vecaf_stage(tmp_path / "simulated", f"select{l}")["new"].tolist() for l in (1, 2)]
+    assert requests == [(1, [f"#{i}" for i in picks[0]]), (2, [f"#{i}" for i in picks[1]])]
+    for tag in ("loop1", "loop2"):
+        a, b = vecaf_stage(tmp_path / "simulated", tag), vecaf_stage(tmp_path / "run", tag)
+        assert torch.equal(a["selected"], b["selected"]) and all(torch.equal(a["model"][k], b["model"][k])
+                                                                 for k in a["model"])
+    assert person["curve"] == simulated["curve"] and person["ods_objective"] == "margin"
+    assert all(loop["loss_new"] is None for loop in person["loops"])  # the person never labelled the pool
+    assert not (tmp_path / "run" / "to_label.csv").exists()
+    err = capsys.readouterr().err
+    assert err.count("waiting: loop") == 2 and "add a row path,class for each to" in err and "same command" in err
+
+
+def test_a_labels_file_that_changes_what_a_finished_loop_trained_on_is_one_line_and_nothing_is_lost(tmp_path,
+                                                                                                   capsys):
+    """After loop 1 trained: a row changed or removed is refused, naming it; put back, the run goes on
+    from loop 2 (loop 1 is not redone). A labels file with a bad row is one line before any work."""
+    task = data.load_task("digits")
+    truth = {f"#{i}": task.classnames[y] for i, (_, y) in enumerate(task.train)}
+    labels = tmp_path / "labels.csv"
+    argv = vecaf_args(tmp_path, "--labels", str(labels))
+    labels.write_text("path,class\n")
+    with pytest.raises(SystemExit):
+        vecaf.main(argv)
+    asked = [r["path"] for r in csv.DictReader(open(tmp_path / "run" / "to_label.csv"))]
+    good = "path,class\n" + "".join(f"{p},{truth[p]}\n" for p in asked)
+    labels.write_text(good)
+    with pytest.raises(SystemExit):  # loop 1 trains, loop 2 asks
+        vecaf.main(argv)
+    capsys.readouterr()
+    loop1 = (tmp_path / "run" / "stages" / "loop1.pt").stat().st_mtime_ns
+    wrong = "nine" if truth[asked[2]] != "nine" else "one"
+    labels.write_text(good.replace(f"{asked[2]},{truth[asked[2]]}", f"{asked[2]},{wrong}"))
+    err = one_line_error(vecaf.main, capsys, *argv)
+    assert f"line 4 gives '{asked[2]}' the class '{wrong}', but loop 1 trained on '{truth[asked[2]]}'" in err
+    labels.write_text(good.replace(f"{asked[2]},{truth[asked[2]]}\n", ""))
+    err = one_line_error(vecaf.main, capsys, *argv)
+    assert f"no longer labels '{asked[2]}', which loop 1 trained on as '{truth[asked[2]]}'" in err
+    for row, expect in ((f"{asked[0]},cow\n", "class 'cow' is not one of"), ("#99999,one\n", "is not an image of the pool"),
+                        (f"{asked[0]},{wrong if truth[asked[0]] != wrong else 'one'}\n", "but line 2 labelled it")):
+        labels.write_text(good + row)
+        assert expect in one_line_error(vecaf.main, capsys, *argv)
+    labels.write_text(good)
+    with pytest.raises(SystemExit) as e:  # put back: loop 2 asks again, loop 1 untouched
+        vecaf.main(argv)
+    assert e.value.code == runs.WAITING and (tmp_path / "run" / "stages" / "loop1.pt").stat().st_mtime_ns == loop1
+    capsys.readouterr()
+    # what needs labels a person has not given: refused, or only the labels given are used
+    assert "use --ods-objective margin" in one_line_error(vecaf.main, capsys, *vecaf_args(
+        tmp_path, "--labels", str(labels), "--ods-objective", "loss", out="loss"))
+    root, _, _ = write_digit_layouts(tmp_path / "own", n_train=40, n_test=0)
+    own = ["--images", str(root / "flat"), "--classes", str(root / "classes.txt")]
+    assert "give --labels FILE" in one_line_error(vecaf.main, capsys, *without_dataset(vecaf_args(tmp_path, *own,
+                                                                                                  out="own")))
+
+
+def without_dataset(argv):
+    i = argv.index("--dataset")
+    return argv[:i] + argv[i + 2:]
+
+
+def test_write_captions_hints_only_the_classes_a_person_gave(tmp_path, monkeypatch, capsys):
+    """--write-captions on your own images: no class hint where no label is known (said how many);
+    with --labels, the given classes are the hints."""
+    hints = []
+    monkeypatch.setattr(vecaf.llm, "caption_image", lambda source, *a, hint=None, **k: hints.append(hint) or "x")
+    root, _, _ = write_digit_layouts(tmp_path / "own", n_train=5, n_test=0)
+    own = ["--images", str(root / "flat"), "--classes", str(root / "classes.txt")]
+    labels = write_labels(tmp_path / "labels.csv", [("0003.png", "seven")])
+    vecaf.main(own + ["--labels", str(labels), "--write-captions", str(tmp_path / "c.json")])
+    assert hints == [None, None, None, "seven", None] and "4 of 5 images have no label" in capsys.readouterr().out
+    hints.clear()
+    vecaf.main(["--write-captions", str(tmp_path / "d.json")] + vecaf_args(tmp_path)[:2])  # the digits: all labelled
+    assert len(hints) == 899 and None not in hints
