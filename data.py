@@ -933,21 +933,23 @@ def read_labels(path, task, missing_ok=False):
     return Labels(str(path), torch.tensor(order), torch.tensor([given[i] for i in order]), line)
 
 
-def write_example(folder, seed=0):
+def write_example(folder, size=None, seed=0):
     """The demo's real handwritten digits as your own images would come (docs/own-images.md):
     folder/images/<n>.png, the train split unlabelled (32-px PNGs, named in an order that does not
-    follow the class); folder/check/<class>/<n>.png, the test split as a labelled check set;
-    folder/classes.txt; and folder/answers.csv, every pool image's true class in the labels
-    format, for playing the person who labels. Returns the folder."""
+    follow the class); folder/check/<class>/<n>.png, the test split as a labelled check set (`size`
+    of each, drawn with `seed`, or all: 899 and 719); folder/classes.txt; and folder/answers.csv,
+    every pool image's true class in the labels format, for playing the person who labels.
+    Returns the folder."""
     folder = Path(folder)
     task = digits_task()
-    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed))[:size].tolist()
     answers = []
     for n, i in enumerate(order):
         image, label = task.train[i]
         _save_png(image, folder / "images" / f"{n:04d}.png")
         answers.append((f"{n:04d}.png", task.classnames[label]))
-    for n, (image, label) in enumerate(task.test):
+    checked = torch.randperm(len(task.test), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    for n, (image, label) in enumerate(task.test[i] for i in checked.tolist()):
         _save_png(image, folder / "check" / task.classnames[label] / f"{n:04d}.png")
     (folder / "classes.txt").write_text("\n".join(task.classnames) + "\n")
     with open(folder / "answers.csv", "w", newline="") as f:
@@ -1073,4 +1075,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Write the demo's digits as a folder of your own images would be")
     p.add_argument("--write-example", required=True, metavar="FOLDER",
                    help="FOLDER/images (unlabelled), FOLDER/check/<class> (labelled), classes.txt, answers.csv")
-    print(f"wrote {write_example(p.parse_args().write_example)}")
+    p.add_argument("--size", type=int, default=None,
+                   help="images in the folder and in the check set (default: all, 899 and 719)")
+    args = p.parse_args()
+    print(f"wrote {write_example(args.write_example, args.size)}")

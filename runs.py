@@ -210,7 +210,8 @@ def saved_in(out, what):
 def run_cli(body, interrupted="", errors=USER_ERRORS):
     """A CLI's body run the same way in every method: an error the user can fix (one of `errors`)
     prints its one line and exits 2, never a traceback; Ctrl-C prints `interrupted` (where the
-    saved work is; a function is asked at that moment, see saved_in) and exits 130.
+    saved work is; a function is asked at that moment, see saved_in) and exits 130; a run that
+    stops for a person (Waiting) prints what to do next and exits 3.
     Under torchrun an error ends the whole job (torchrun stops every process once one exits) with
     one line, and what the error is decides who prints it, never timing:
       * an error every process meets by construction (the flags, the run folder, the config and

@@ -588,7 +588,7 @@ def test_the_example_folder_is_the_digits_as_your_own_images(tmp_path):
     task = data.images_task(tmp_path / "images", tmp_path / "classes.txt", check=tmp_path / "check")
     digits = data.digits_task()
     assert task.classnames == digits.classnames and len(task.train) == len(digits.train)
-    assert sorted(y for _, y in task.test) == sorted(y for _, y in digits.test)
+    assert sorted(y for _, y in task.test) == sorted(y for _, y in digits.test)  # all: the whole test split
     answers = data.read_labels(tmp_path / "answers.csv", task)
     assert len(answers) == len(task.train)
     y = torch.empty(len(task.train), dtype=torch.long)

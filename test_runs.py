@@ -1,7 +1,9 @@
 """Run folders, the CLIs and the training loop's promises, through coft.py (runs.py, train.py): one-line
 errors checked before any work, a folder continued only under its own config and records, exact
 resume, per-epoch randomness, results that do not depend on the worker count, the results table."""
+import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -525,3 +527,36 @@ def test_a_run_continued_with_another_cpu_thread_count_is_warned_about(tmp_path,
         assert "CPU threads" not in capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
+
+
+# ---- the own-images walk-through (docs/own-images.md), run as written
+
+def test_the_own_images_walkthrough_runs_as_written(tmp_path):
+    """Every ```bash block of docs/own-images.md, in order, as one bash script that stops at the first
+    failing command, in a folder that holds the repository's code (and nothing else of it): the
+    generated folder, CoFT without labels, the pseudo-labels checked and given back, CraFT on them,
+    VeCAF with the person answering each stop, the table and deploy.py. Then what each step says
+    it writes is there."""
+    import subprocess
+    import sys
+    repo = Path(__file__).parent
+    for f in [*repo.glob("*.py"), repo / "assets"]:
+        (tmp_path / f.name).symlink_to(f)
+    blocks = re.findall(r"```bash\n(.*?)```", (repo / "docs" / "own-images.md").read_text(), re.S)
+    assert len(blocks) >= 6
+    env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+    r = subprocess.run(["bash", "-c", "set -e\n" + "\n".join(blocks)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    mine = tmp_path / "runs" / "mine"
+    rows = list(csv.DictReader(open(mine / "coft" / "pseudo_labels.csv")))
+    assert len(rows) == 300 and json.loads((mine / "coft" / "metrics.json").read_text())["ensemble_acc"] > 0
+    checked = list(csv.DictReader(open(tmp_path / "my_digits" / "checked.csv")))
+    assert len(checked) == 50 and len({r["class"] for r in rows if r["path"] in {c["path"] for c in checked}}) == 10
+    assert json.loads((mine / "coft-checked" / "metrics.json").read_text())["labels"]["size"] == 50
+    assert json.loads((mine / "craft" / "metrics.json").read_text())["shots"] == 5.0
+    vecaf_run = json.loads((mine / "vecaf" / "metrics.json").read_text())
+    assert vecaf_run["selected"] == 20 and not (mine / "vecaf" / "to_label.csv").exists()
+    assert r.stderr.count("waiting: loop") == 2
+    assert len((mine / "sevens.csv").read_text().splitlines()) == 1 + len(list((tmp_path / "my_digits" / "check" /
+                                                                                "seven").iterdir()))

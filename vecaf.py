@@ -778,7 +778,8 @@ def prepare(args):
           f"{args.eval_split} images; {args.method}: {args.loops} loop(s) of {args.budget} images; backbone "
           f"{args.clip} on {device}, {args.precision}", flush=True)
     if labels is not None:
-        print(f"labels from a person: {len(labels)} image(s) labelled in {args.labels}", flush=True)
+        print(f"labels from a person: {len(labels)} image(s) labelled in {args.labels}; selection reads no other "
+              f"label (ODS by the model's margin, CEA's class captions from the picks' given labels)", flush=True)
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported", flush=True)
     return Setup(**runs.context(args, out, config, device, resume), task=task, clip=clip,
