@@ -677,7 +677,8 @@ def filter_diagnosis(y_a, keep, s_pos_a, s_pos_b, s_neg_b, tau, y_true):
     confidence in its label. Diagnosis only (it reads the true train labels y_true: all None
     without them); Eq. 1 softmax at tau."""
     if y_true is None:
-        return dict.fromkeys(("removed_precision", "auroc_peer_margin", "auroc_peer_confidence", "auroc_own_confidence"))
+        return dict.fromkeys(("removed_precision", "auroc_peer_margin", "auroc_peer_confidence",
+                              "auroc_own_confidence"))
     i = torch.arange(len(y_a))
     right = y_a == y_true
     return {"removed_precision": label_precision(y_a[~keep], y_true[~keep]),
@@ -944,7 +945,8 @@ def prepare(args):
     if args.labelled_shots:
         metrics["labelled_shots"] = {"per_class": args.labelled_shots, "size": len(labelled)}
     if labels is not None:
-        metrics["labels"] = {"file": args.labels, "size": len(labels), "per_class": labels.per_class(len(task.classnames))}
+        metrics["labels"] = {"file": args.labels, "size": len(labels),
+                             "per_class": labels.per_class(len(task.classnames))}
     ctx = Run(**runs.context(args, out, config, device, continuing),
               must_load="all" if args.eval_only else "phase1" if args.phase == "2" else "none",
               sgd=train.SGDRecipe(**{k: getattr(args, k) for k in SGD_KEYS}), task=task, clip=clip,
@@ -1030,7 +1032,8 @@ def write_pseudo_labels(run, zs_probs, review):
     conf, zs = (t.tolist() for t in zs_probs.max(1))
     (y1, keep1, m1), (y2, keep2, m2) = ((y.tolist(), keep.int().tolist(), m.tolist()) for y, keep, m in review)
     rows = ([data.item_key(source, i, root), names[y1[i]], keep1[i], f"{m1[i]:.6g}", names[y2[i]], keep2[i],
-             f"{m2[i]:.6g}", names[zs[i]], f"{conf[i]:.6g}", int(given[i])] for i, (source, _) in enumerate(run.task.train))
+             f"{m2[i]:.6g}", names[zs[i]], f"{conf[i]:.6g}", int(given[i])]
+            for i, (source, _) in enumerate(run.task.train))
     runs.write_csv(["path", "class", "branch1_kept", "branch1_peer_margin", "branch2_class", "branch2_kept",
                     "branch2_peer_margin", "zero_shot_class", "zero_shot_confidence", "labelled"], rows,
                    run.out / "pseudo_labels.csv")

@@ -21,20 +21,27 @@ import vecaf
 torch.set_num_threads(2)
 
 
+# the long end-to-end checks, left out of the default suite and run when asked for by name, as .ci/run does
+LONG = {"realsize": "full-size random models end to end (minutes)",
+        "walkthrough": "docs/own-images.md's commands as written (a minute or two)"}
+
+
 def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore::FutureWarning")  # torch.jit deprecation notices
-    config.addinivalue_line("markers", "realsize: full-size random models end to end (minutes): run with "
-                                       "`pytest -m realsize`, left out of the default suite")
+    for name, what in LONG.items():
+        config.addinivalue_line("markers", f"{name}: {what}: run with `pytest -m {name}`, left out of the default "
+                                           f"suite")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The real-size smoke runs only when asked for by name (-m realsize), as .ci/run does."""
-    if "realsize" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="real-size smoke: run with `pytest -m realsize`")
-    for item in items:
-        if "realsize" in item.keywords:
-            item.add_marker(skip)
+    """The long checks (LONG) run only when asked for by name (-m realsize, -m walkthrough)."""
+    asked = config.getoption("markexpr") or ""
+    for name in LONG:
+        if name not in asked:
+            skip = pytest.mark.skip(reason=f"{LONG[name]}: run with `pytest -m {name}`")
+            for item in items:
+                if name in item.keywords:
+                    item.add_marker(skip)
 
 
 def randomized(name, seed=0, **overrides):
@@ -159,7 +166,8 @@ def write_digit_layouts(root, n_train=None, n_test=None):
     task = data.digits_task()
     root = Path(root)
     classes = sorted(task.classnames)
-    train = sorted(task.train[:n_train], key=lambda item: classes.index(task.classnames[item[1]]))  # class folders' order
+    # in the class folders' order, as imagefolder lists them
+    train = sorted(task.train[:n_train], key=lambda item: classes.index(task.classnames[item[1]]))
     pool = []
     for n, (image, label) in enumerate(train):
         name = task.classnames[label]

@@ -523,6 +523,7 @@ def test_own_images_without_labels_or_a_check_set(tmp_path, capsys, pretrained_t
     labels = write_labels(tmp_path / "l.csv", [(f"{i:04d}.png", "zero") for i in range(3)] + [("0059.png", "one")])
     assert "--method probe keeps no weights" in one_line_error(craft.main, capsys, *argv, *own, "--labels",
                                                                str(labels), "--method", "probe")
-    assert "give one of the two" in one_line_error(craft.main, capsys, *argv, *own, "--labels", str(labels), "--shots", "2")
+    assert "give one of the two" in one_line_error(craft.main, capsys, *argv, *own, "--labels", str(labels),
+                                                   "--shots", "2")
     m = craft.main(argv + own + ["--labels", str(labels), "--out", str(tmp_path / "bare")])
     assert m["craft_acc"] is None and m["zero_shot_acc"] is None and m["history"]["best_fitness"]

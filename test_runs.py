@@ -531,6 +531,7 @@ def test_a_run_continued_with_another_cpu_thread_count_is_warned_about(tmp_path,
 
 # ---- the own-images walk-through (docs/own-images.md), run as written
 
+@pytest.mark.walkthrough
 def test_the_own_images_walkthrough_runs_as_written(tmp_path):
     """Every ```bash block of docs/own-images.md, in order, as one bash script that stops at the first
     failing command, in a folder that holds the repository's code (and nothing else of it): the

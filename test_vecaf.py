@@ -577,8 +577,10 @@ def test_a_labels_file_that_changes_what_a_finished_loop_trained_on_is_one_line_
     labels.write_text(good.replace(f"{asked[2]},{truth[asked[2]]}\n", ""))
     err = one_line_error(vecaf.main, capsys, *argv)
     assert f"no longer labels '{asked[2]}', which loop 1 trained on as '{truth[asked[2]]}'" in err
-    for row, expect in ((f"{asked[0]},cow\n", "class 'cow' is not one of"), ("#99999,one\n", "is not an image of the pool"),
-                        (f"{asked[0]},{wrong if truth[asked[0]] != wrong else 'one'}\n", "but line 2 labelled it")):
+    other = wrong if truth[asked[0]] != wrong else "one"
+    for row, expect in ((f"{asked[0]},cow\n", "class 'cow' is not one of"),
+                        ("#99999,one\n", "is not an image of the pool"),
+                        (f"{asked[0]},{other}\n", "but line 2 labelled it")):
         labels.write_text(good + row)
         assert expect in one_line_error(vecaf.main, capsys, *argv)
     labels.write_text(good)

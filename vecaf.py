@@ -720,15 +720,9 @@ def check_args(args, pool_size):
         if args.max_batches > args.epochs * per_epoch:
             raise RunError(f"--max-batches {args.max_batches} is more than --epochs {args.epochs} x {per_epoch} "
                            f"batches per epoch: raise --epochs to at least {-(-args.max_batches // per_epoch)}")
-    for flag, t in [("--ood-captions", t) for t in args.ood_captions or []] + [("--caption-template",
-                                                                               args.caption_template)]:
-        try:  # exactly one {} for the class name: str.format would fail later, after the features are computed
-            one = "{}" in t and t.format("\0").count("\0") == 1
-        except (IndexError, KeyError, ValueError):
-            one = False
-        if not one:
-            raise RunError(f"{flag} {t!r} needs exactly one {{}} for the class name and no other braces, e.g. "
-                           f"'a sketch of a {{}}.'")
+    for t in args.ood_captions or []:  # str.format would fail later, after the features are computed
+        data.check_template(t, "--ood-captions")
+    data.check_template(args.caption_template, "--caption-template")
     if args.labels and args.ods_objective == "loss":
         raise RunError("--ods-objective loss reads the label of every pool image, and a person labels only the "
                        "picks (--labels): use --ods-objective margin (the default with --labels)")
