@@ -23,15 +23,19 @@ user (act=, the CLIs' --clip-act); never from a guess: a file that names none of
 Nothing here imports more than torch and clip_model; huggingface_hub, open_clip and
 transformers are never imported (their cache layouts and key names are read as plain files).
 """
+import collections
 import hashlib
+import io
 import json
 import os
+import pickle
+import re
 import struct
 import sys
 import time
 import urllib.error
 import urllib.request
-import warnings
+import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -347,23 +351,102 @@ def write_safetensors(tensors, path):
     return Path(path)
 
 
+# what the pickle of a TorchScript archive's tensors may name: a storage type per dtype, the tensor
+# rebuild, an ordered dict; its modules (__torch__.*) become _ScriptedModule shells
+STORAGE_DTYPES = {f"{name}Storage": dtype for name, dtype in (
+    ("Float", torch.float32), ("Half", torch.float16), ("BFloat16", torch.bfloat16), ("Double", torch.float64),
+    ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8),
+    ("Byte", torch.uint8), ("Bool", torch.bool))}
+
+
+class _ScriptedModule:
+    """What a TorchScript module becomes when its archive is read as data: its attributes only
+    (tensors, numbers, child modules); none of its code is loaded or run."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _rebuild_tensor(flat, offset, size, stride, *_):
+    """A tensor of the archive: a strided view of its storage, copied out."""
+    return flat.as_strided(size, stride, offset).clone()
+
+
+class _TensorsOnly(pickle.Unpickler):
+    """Unpickles a TorchScript archive's data.pkl as data: storages are read from the archive's
+    data/<key> entries, and any other name than those above is refused, so nothing in the file
+    can run code."""
+
+    def __init__(self, raw, archive, root):
+        super().__init__(io.BytesIO(raw))
+        self.archive, self.root = archive, root
+
+    def find_class(self, module, name):
+        if module.startswith("__torch__."):
+            return _ScriptedModule
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"{module}.{name} is not a tensor, number or module")
+
+    def persistent_load(self, pid):  # ("storage", dtype, key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:60]}")
+        raw = bytearray(self.archive.read(f"{self.root}/data/{pid[2]}"))
+        return torch.frombuffer(raw, dtype=pid[1]) if raw else torch.empty(0, dtype=pid[1])
+
+
+def read_torchscript(path):
+    """{name: tensor} of a TorchScript archive (OpenAI's release format), read as data: the
+    tensors of its data.pkl and their dotted names, as torch.jit.load(path).state_dict() gives
+    them, without loading or running any of the archive's code (a crafted archive can only be
+    refused). None where the file is no TorchScript archive."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        data = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if not data or not any(n.endswith("/code/") or "/code/" in n for n in archive.namelist()):
+            return None  # a torch.save zip (its pickle is data.pkl too, but no code/ folder)
+        root = data[0].split("/")[0]
+        try:
+            top = _TensorsOnly(archive.read(data[0]), archive, root).load()
+        except (pickle.UnpicklingError, KeyError, ValueError, TypeError, RuntimeError, EOFError) as e:
+            raise CLIPError(f"{path} is a TorchScript archive holding more than tensors and modules ({str(e)[:80]}): "
+                            f"refused, as reading it could run code") from None
+    out = {}
+
+    def walk(obj, prefix):
+        for k, v in (obj.state.items() if isinstance(obj, _ScriptedModule) and isinstance(obj.state, dict) else ()):
+            if torch.is_tensor(v):
+                out[prefix + k] = v
+            elif isinstance(v, _ScriptedModule):
+                walk(v, f"{prefix}{k}.")
+    walk(top, "")
+    return out
+
+
 def read_state_dict(path):
-    """{name: tensor} from a .safetensors file, a TorchScript archive (OpenAI's release format) or
-    a torch.save'd state dict (also one under a "state_dict" key)."""
+    """{name: tensor} from a .safetensors file, a TorchScript archive (OpenAI's release format, read
+    as data: read_torchscript) or a torch.save'd state dict (also one under a "state_dict" key),
+    read with weights_only=True. Nothing in the file can run code."""
     path = Path(path)
     if not path.is_file():
         raise CLIPError(f"no checkpoint at {path}")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
-    except (RuntimeError, ValueError):
-        pass  # not TorchScript
+    scripted = read_torchscript(path)
+    if scripted is not None:
+        return scripted
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        code = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))  # what the pickle would call
+        if code:
+            raise CLIPError(f"{path} holds more than tensors and numbers (its pickle calls {code.group(1)}), so "
+                            f"reading it could run code: refused") from None
         raise CLIPError(f"{path} is neither a TorchScript archive nor a state dict ({type(e).__name__}); "
                         f"is the file complete?") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):

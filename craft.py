@@ -328,7 +328,7 @@ def last_checkpoint(ckpt):
     """Where a stopped collaborate() can be resumed from, in words."""
     if not ckpt.path.exists():
         return "no checkpoint was written yet"
-    return f"its last checkpoint is {ckpt.path} (generation {runs.read_torch(ckpt.path, False)['generation']})"
+    return f"its last checkpoint is {ckpt.path} (generation {runs.read_torch(ckpt.path)['generation']})"
 
 
 def collaborate(s, hp):
@@ -538,9 +538,9 @@ def final_classifier(out, clip, config, metrics, classnames):
         return None
     p0 = word_embeddings(clip, config["ctx_init"]).float()
     if method == "coop":
-        ctx, refiner = runs.read_torch(runs.ckpt_path(out, "coop"), weights_only=False)["model"]["ctx"], None
+        ctx, refiner = runs.read_torch(runs.ckpt_path(out, "coop"), runs.REDO_STAGE)["model"]["ctx"], None
     else:
-        state = runs.read_torch(runs.ckpt_path(out, "collaborate"), weights_only=False)
+        state = runs.read_torch(runs.ckpt_path(out, "collaborate"), runs.REDO_STAGE)
         ctx = PromptGenerator(p0, config["intrinsic_dim"], config["a_std"], seed_of(config["seed"], "A"))(state["z"])[0]
         refiner = None
         if state["refiner"] is not None:

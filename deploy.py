@@ -88,7 +88,7 @@ def coft_classifier(out, clip, config, metrics, classnames):
     if tags is None:
         raise RunError(f"{out} is a {metrics['method']} run without a trained classifier (the linear probe keeps "
                        f"no weights; --phase 1 stops before Phase II)")
-    branches = [coft.branch_from_stage(runs.read_torch(runs.stage_path(out, t))["model"], clip.visual,
+    branches = [coft.branch_from_stage(runs.read_torch(runs.stage_path(out, t), runs.REDO_STAGE)["model"], clip.visual,
                                        len(classnames)) for t in tags]
     return coft.Ensemble(branches) if len(branches) > 1 else branches[0]
 

@@ -475,14 +475,27 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
     return out
 
 
-def read_torch(path, weights_only=True):
-    """torch.load with a one-line error naming the file (truncated, not a torch file, ...)."""
+# what to do about a missing or unreadable file of a *finished* run (deploy.py reads these)
+REDO_STAGE = "delete it and run the run's own command again with --resume, which redoes that stage"
+
+
+def read_torch(path, advice="delete it to redo that stage, or --restart"):
+    """torch.load of a file a run reads, as data: weights_only=True, so tensors, numbers, strings and
+    containers of them are all it gives back, and a file whose unpickling would run code (a
+    crafted checkpoint in a run folder someone sent you) is refused in one line naming it and
+    what it would call, as a missing, truncated or foreign file is; `advice`: what to do then."""
+    if not Path(path).is_file():
+        raise RunError(f"{path} is missing: {advice}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        code = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))  # what the pickle would call
+        if code:
+            raise RunError(f"{path} holds more than tensors and numbers (its pickle calls {code.group(1)}), so "
+                           f"reading it could run code: refused, it is not a file this code wrote; {advice}") from None
         first_line = (str(e).strip().splitlines() or ["empty"])[0][:80]
-        raise RunError(f"cannot read {path} ({type(e).__name__}: {first_line}); "
-                       f"the file is damaged: delete it to redo that stage, or --restart") from None
+        raise RunError(f"cannot read {path} ({type(e).__name__}: {first_line}); the file is damaged: "
+                       f"{advice}") from None
 
 
 def check_record(path, saved, record):
@@ -528,7 +541,7 @@ class Saved:
     def load(self):
         if not (self.reuse and self.path.exists()):
             return None
-        state = read_torch(self.path, weights_only=False)
+        state = read_torch(self.path)
         check_record(self.path, state.get("record") if isinstance(state, dict) else None, self.record)
         return state
 

@@ -36,25 +36,33 @@ def digit_folder(tmp_path_factory):
     return root
 
 
+def commands(digit_folder):
+    """The command (its CLI's main, its arguments but --out) of one run per CLI (and CoFT+, and
+    variants), on the stand-in and the digit folder."""
+    common = ["--dataset", "imagefolder", "--data-root", str(digit_folder), "--clip", "demo", "--log-every", "0"]
+    return {
+        "coft": (coft.main, common + ["--K", "4", "--p1-epochs", "2", "--fft-epochs", "2", "--batch", "32",
+                                      "--fft-lr", "2e-2"]),
+        "coftplus": (coft.main, common + ["--plus", "--rounds", "2", "--K", "4", "--p1-epochs", "1", "--fft-epochs",
+                                          "1", "--batch", "32", "--queue", "16"]),
+        "coft-vpt": (coft.main, common + ["--K", "4", "--p1-epochs", "1", "--fft-epochs", "1", "--batch", "32",
+                                          "--vpt-tokens", "2", "--fft-init", "phase1", "--branches", "1"]),
+        "topk": (coft.main, common + ["--method", "topk", "--K", "4", "--fft-epochs", "1", "--batch", "32"]),
+        "selftrain": (coft.main, common + ["--method", "selftrain", "--rounds", "2", "--fft-epochs", "1", "--batch",
+                                           "32"]),
+        "craft": (craft.main, common + ["--shots", "2", "--budget", "80"]),
+        "coop": (craft.main, common + ["--method", "coop", "--shots", "2"]),
+        "vecaf": (vecaf.main, common + ["--budget", "10", "--loops", "2", "--epochs", "2", "--batch", "8", "--iters",
+                                        "20"]),
+    }
+
+
 @pytest.fixture(scope="module")
 def finished(digit_folder, tmp_path_factory):
-    """One finished run per CLI (and CoFT+), on the stand-in and the digit folder."""
+    """One finished run per command (commands), in a folder of its name."""
     out = tmp_path_factory.mktemp("runs")
-    common = ["--dataset", "imagefolder", "--data-root", str(digit_folder), "--clip", "demo", "--log-every", "0"]
-    coft.main(common + ["--K", "4", "--p1-epochs", "2", "--fft-epochs", "2", "--batch", "32", "--fft-lr", "2e-2",
-                        "--out", str(out / "coft")])
-    coft.main(common + ["--plus", "--rounds", "2", "--K", "4", "--p1-epochs", "1", "--fft-epochs", "1", "--batch",
-                        "32", "--queue", "16", "--out", str(out / "coftplus")])
-    coft.main(common + ["--K", "4", "--p1-epochs", "1", "--fft-epochs", "1", "--batch", "32", "--vpt-tokens", "2",
-                        "--fft-init", "phase1", "--branches", "1", "--out", str(out / "coft-vpt")])
-    coft.main(common + ["--method", "topk", "--K", "4", "--fft-epochs", "1", "--batch", "32", "--out",
-                        str(out / "topk")])
-    coft.main(common + ["--method", "selftrain", "--rounds", "2", "--fft-epochs", "1", "--batch", "32", "--out",
-                        str(out / "selftrain")])
-    craft.main(common + ["--shots", "2", "--budget", "80", "--out", str(out / "craft")])
-    craft.main(common + ["--method", "coop", "--shots", "2", "--out", str(out / "coop")])
-    vecaf.main(common + ["--budget", "10", "--loops", "2", "--epochs", "2", "--batch", "8", "--iters", "20",
-                         "--out", str(out / "vecaf")])
+    for name, (main, argv) in commands(digit_folder).items():
+        main(argv + ["--out", str(out / name)])
     return out
 
 
@@ -183,3 +191,86 @@ def test_the_export_gives_the_runs_image_features_in_open_clip_and_here(finished
     names = [p.name for p in deploy.export(finished / "coft-vpt", tmp_path / "vpt")]
     assert names == ["model.pt", "model_head.pt", "model_vpt.pt"] and "no place for" in capsys.readouterr().out
     assert torch.load(tmp_path / "vpt" / "model_vpt.pt", weights_only=True)["vpt"].shape[-2] == 2
+
+
+# ---- a file a run reads is data: a pickle that would run code is refused
+
+class RunsCode:
+    """Unpickling this calls builtins.open(marker, "w"): a file appears if a reader runs code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import builtins
+        return builtins.open, (self.marker, "w")
+
+
+def crafted(path, marker):
+    """A pickle in place of the file at `path`: torch.save'd like the real one (a dict with a record)."""
+    torch.save({"record": {"stage": "x"}, "model": RunsCode(marker), "generation": 1}, path)
+
+
+def test_a_file_a_run_reads_that_would_run_code_is_refused_in_one_line(finished, digit_folder, tmp_path, capsys):
+    """In place of each kind of torch file a run reads (a stage file, an epoch checkpoint, CraFT's
+    search checkpoint, VeCAF's features and selections, a --clip checkpoint or TorchScript
+    archive), a pickle whose unpickling would create a marker file: every command that reads it
+    (--resume, --eval-only, --phase 2, deploy.py RUN IMAGES, deploy.py RUN --export, deploy.load)
+    refuses it in one line naming the file and what it would call, and the marker never appears.
+    --table reads metrics.json, JSON: a pickle there is one line too."""
+    marker = tmp_path / "MARKER"
+    runs_of = commands(digit_folder)
+
+    def copy(name):
+        dst = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(finished / name, dst)
+        return dst
+
+    def refused(main, *argv, expect="holds more than tensors and numbers (its pickle calls"):
+        err = one_line_error(main, capsys, *argv)
+        assert expect in err and not marker.exists(), err
+
+    cases = [  # (run, file put in place, what reads it)
+        ("coft", "stages/branch1.pt", ["--eval-only"]),
+        ("coft", "stages/phase1_round1_model2.pt", ["--phase", "2"]),
+        ("coft", "stages/branch2.ckpt", ["--resume"]),  # the epoch checkpoint of a stage not finished
+        ("coftplus", "stages/branch1.ckpt", ["--resume"]),
+        ("craft", "stages/collaborate.ckpt", ["--resume"]),
+        ("coop", "stages/coop.ckpt", ["--resume"]),
+        ("vecaf", "stages/features.pt", ["--resume"]),
+        ("vecaf", "stages/select2.pt", ["--resume"]),
+    ]
+    for name, rel, extra in cases:
+        run = copy(name)
+        if rel.endswith(".ckpt"):  # an unfinished stage: its stage file gone, its checkpoint there
+            (run / rel).with_suffix(".pt").unlink(missing_ok=True)
+            (run / "metrics.json").unlink()
+        if name == "vecaf" and rel == "stages/select2.pt":
+            (run / "stages" / "loop2.pt").unlink()
+        crafted(run / rel, marker)
+        main, argv = runs_of[name]
+        refused(main, *argv, "--out", str(run), *extra)
+    # deploy.py and deploy.load read the stage files and checkpoints of a finished run
+    for name, rel in (("coft", "stages/branch2.pt"), ("craft", "stages/collaborate.ckpt"),
+                      ("coop", "stages/coop.ckpt"), ("vecaf", "stages/loop2.pt")):
+        run = copy(name)
+        crafted(run / rel, marker)
+        refused(deploy.main, str(run), str(digit_folder / "test"))
+        refused(deploy.main, str(run), "--export", str(tmp_path / "export"))
+        with pytest.raises(deploy.RunError, match="its pickle calls"):
+            deploy.load(run)
+        assert not marker.exists()
+    # --table: metrics.json is read as JSON
+    run = copy("coft")
+    shutil.copy(run / "stages" / "branch1.pt", run / "metrics.json")
+    refused(coft.main, "--table", str(run), expect="metrics.json is damaged")
+    # --clip: a checkpoint file, and a TorchScript archive whose data.pkl would run code
+    crafted(tmp_path / "clip.pt", marker)
+    refused(coft.main, "--clip", str(tmp_path / "clip.pt"), "--clip-act", "quick_gelu", "--out", str(tmp_path / "c"))
+    import pickle
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "scripted.pt", "w") as z:
+        z.writestr("m/data.pkl", pickle.dumps(RunsCode(marker), protocol=2))
+        z.writestr("m/code/__torch__/m.py", "")
+    refused(coft.main, "--clip", str(tmp_path / "scripted.pt"), "--clip-act", "quick_gelu", "--out",
+            str(tmp_path / "s"), expect="TorchScript archive holding more than tensors and modules")

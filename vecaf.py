@@ -672,7 +672,7 @@ def loops_batches(loops):
 
 def final_classifier(out, clip, metrics, classnames):
     """A finished run's classifier: the image tower and head fine-tuned in its last loop."""
-    state = runs.read_torch(runs.stage_path(out, f"loop{len(metrics['loops'])}"))["model"]
+    state = runs.read_torch(runs.stage_path(out, f"loop{len(metrics['loops'])}"), runs.REDO_STAGE)["model"]
     model = clip_model.ImageClassifier(clip.visual, len(classnames))
     model.load_state_dict(state)
     return model.eval()
