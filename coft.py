@@ -20,6 +20,12 @@ run (one function per stage; the baselines beside them) and the CLI:
     python coft.py --dataset digits --clip demo --out runs/digits
     python coft.py --dataset dtd --data-root DATA --clip ViT-B/16 --out runs/dtd
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly (130); from main on, runs.run_cli speaks
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import copy
 import math
 

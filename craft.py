@@ -21,6 +21,12 @@ alone, prompt fixed at p0); coop (white-box prompt tuning with gradients through
 reference the paper compares to); probe (logistic regression on the shots' image features).
 Every run also reports zero-shot accuracy (dataset template, and p0 = the search's start).
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly (130); from main on, runs.run_cli speaks
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import argparse
 import math
 import time
@@ -394,9 +400,12 @@ def collaborate(s, hp):
                 l_view = s.box.logits(ctx, "view", raw=hp.raw_image_features)[0].cpu()  # [K*C, C]
                 epoch = data.ImageDataset(list(zip(l_view, s.y_shots.tolist())), lambda l: l)  # (logits, label, index)
 
+            last = {}
+
             def step(model, batch, _):
                 x, y, _ = batch
                 l = x if hp.aug == "none" else s.box.logits(ctx, x, raw=hp.raw_image_features)[0]  # [B, C]
+                last["l"] = l
                 return {"loss": (refinement_loss(l, y, model, lam_o), len(y))}
             try:
                 h = train.fit(refiner, step, lambda e: s.loader(epoch, hp.batch, ("refine", g), shuffle=True), 1,
@@ -404,9 +413,15 @@ def collaborate(s, hp):
                               tag=f"the refiner's epoch in generation {g + 1}", log_every=0)
             except RunError as e:
                 raise RunError(f"{e}; CraFT's run: {last_checkpoint(ckpt)}") from None
+            with torch.no_grad():  # a step can leave the outputs non-finite behind a finite loss: said now,
+                diverged = not torch.isfinite(refiner(last["l"])).all()  # not at the next generation, or never
+            if diverged:
+                raise RunError(f"generation {g + 1}: the refiner diverged in its epoch (its outputs are no longer "
+                               f"finite; --lr {hp.lr:g}); stopped, {last_checkpoint(ckpt)}: lower it")
             history["refine_loss"].append(sum(h["loss"]) / len(h["loss"]))
         if search:
             history["prompt_fitness"].append(fitness(s.box.logits(ctx, "view"), y_view, refiner, hp.lam).item())
+
         done = g + 1
         if hp.trace_every and (done % hp.trace_every == 0 or done == G):  # recorded, never used to choose
             acc = train.accuracy(deployed(s.box, ctx, "dev", refiner).cpu(), y_dev)
@@ -445,6 +460,8 @@ def deployed(box, ctx, images, refiner=None, classes=None):
     l = box.logits(ctx, images)[0]  # [B, C]
     if refiner is not None:
         l = refiner.eval()(l)
+        if not torch.isfinite(l).all():  # argmax would name one class for every image, silently
+            raise RunError("the refiner's outputs are not finite (it diverged: lower --lr); nothing is reported")
     if classes is None:
         return l.argmax(1)
     classes = classes.to(l.device)

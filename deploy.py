@@ -18,11 +18,16 @@ final prompt and the refiner, BBT the prompt, CoOp the learned context; VeCAF th
 loop. It is rebuilt from the run's saved stages on the backbone the run recorded (checked by its
 sha256), with the run's class names and test transform.
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly (130); from main on, runs.run_cli speaks
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import argparse
 import csv
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -109,20 +114,23 @@ def vecaf_classifier(out, clip, config, metrics, classnames):
 
 
 def image_files(paths):
-    """Files and folders (searched recursively, sorted) -> image paths; a missing path or a folder
-    without images is one line."""
-    found = []
+    """Files and folders (searched recursively, sorted) -> (image paths, the files of folders that
+    were passed over: not images by their extension); a missing path or a folder without images is
+    one line."""
+    found, other = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in data.IMAGE_EXTENSIONS)
-            if not files:
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            images = [f for f in files if f.suffix.lower() in data.IMAGE_EXTENSIONS]
+            if not images:
                 raise RunError(f"{p} holds no images (looked for {' '.join(data.IMAGE_EXTENSIONS)} in it and below)")
-            found += files
+            found += images
+            other += [f for f in files if f.suffix.lower() not in data.IMAGE_EXTENSIONS]
         elif p.is_file():
             found.append(p)
         else:
             raise RunError(f"{p}: no such file or folder")
-    return [str(f) for f in found]
+    return [str(f) for f in found], other
 
 
 class Images(torch.utils.data.Dataset):
@@ -164,9 +172,15 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
     """The CLI: every image's top classes as CSV (path, class, probability[, class_2, probability_2,
     ...]) to csv_path (written whole at the end) or stdout; progress on stderr for large sets;
     unreadable images named on stderr and counted, the others classified."""
-    files = image_files(paths)  # the cheap checks first
+    files, other = image_files(paths)  # the cheap checks first
     if csv_path is not None and not Path(csv_path).resolve().parent.is_dir():
         raise RunError(f"--csv {csv_path}: its folder does not exist")
+    if csv_path is not None and Path(csv_path).is_dir():
+        raise RunError(f"--csv {csv_path} is a folder: give the path of the CSV file to write")
+    if other:
+        kinds = sorted({f.suffix.lower() or "(none)" for f in other})
+        print(f"note: {len(other)} file(s) in the folders given are not images by their extension and are left out "
+              f"({', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''})", file=sys.stderr, flush=True)
     device = runs.check_device(str(device))
     model, classnames, transform = load(run_dir, device, clip, clip_act)
     topk = min(topk, len(classnames))
@@ -186,13 +200,17 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
                 writer.writerow([path] + [v for k, p in top for v in (classnames[k], f"{p:.4f}")])
             if len(files) >= 1000 and (n % (10 * batch) == 0 or n == len(files)):
                 print(f"{n}/{len(files)} images", file=sys.stderr, flush=True)
+        if failed == len(files):  # nothing classified is a failure, not "0 image(s) classified"
+            raise RunError(f"none of the {len(files)} image file(s) could be read (named above): nothing was "
+                           f"classified")
     finally:  # the CSV appears whole or not at all
         if csv_path is not None:
             sink.close()
-            if sys.exc_info()[0] is None:
-                os.replace(sink.name, csv_path)
-            else:
-                os.unlink(sink.name)
+            try:
+                if sys.exc_info()[0] is None:
+                    os.replace(sink.name, csv_path)
+            finally:
+                Path(sink.name).unlink(missing_ok=True)
     print(f"{len(files) - failed} image(s) classified" + (f" to {csv_path}" if csv_path else "") +
           (f"; {failed} could not be read (named above)" if failed else ""), file=sys.stderr, flush=True)
     return len(files) - failed, failed
@@ -211,8 +229,10 @@ def export(run_dir, folder, clip=None, clip_act=None):
     adapter carried into Phase II by --fft-init phase1) is saved beside it and said. CraFT tunes no
     CLIP weight: its classifier (class text features of the final prompt, scale, refiner) is
     saved instead. Returns the files written."""
-    model, classnames, _, backbone = rebuild(run_dir, "cpu", clip, clip_act)
     out = Path(folder)
+    if out.exists() and not out.is_dir():  # said before the model is rebuilt
+        raise RunError(f"--export {out} is a file: give a folder (it is created if missing)")
+    model, classnames, _, backbone = rebuild(run_dir, "cpu", clip, clip_act)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, craft.DeployedClassifier):
         path = out / "craft_classifier.pt"

@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -167,7 +168,12 @@ def check_device(name):
                            f"use --device cpu")
         if device.index is not None and device.index >= n:
             raise RunError(f"--device {name}: this machine has {n} GPU(s), cuda:0 .. cuda:{n - 1}")
-    elif device.type not in ("cpu", "mps", "xpu"):
+    elif device.type in ("mps", "xpu"):  # Apple and Intel GPUs: only where this torch has them
+        backend = getattr(torch.backends, "mps", None) if device.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise RunError(f"--device {name}: this torch sees no {device.type} device on this machine: use "
+                           f"{'cuda or ' if torch.cuda.is_available() else ''}cpu")
+    elif device.type != "cpu":
         raise RunError(f"--device {name}: use cpu, cuda or cuda:N")
     return device
 
@@ -224,6 +230,7 @@ def run_cli(body, interrupted="", errors=USER_ERRORS):
     A failing process leaves its notice after printing and before it exits, so a peer whose
     collective then breaks ("connection closed by peer") knows the failure was reported and
     exits without a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again (see the CLIs' tops)
     try:
         result = body()
         ddp.end_processes()
@@ -475,11 +482,11 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
     return out
 
 
-# what to do about a missing or unreadable file of a *finished* run (deploy.py reads these)
-REDO_STAGE = "delete it and run the run's own command again with --resume, which redoes that stage"
+# how a missing (or deleted) file of a *finished* run is made again (deploy.py reads these)
+REDO_STAGE = "the run's own command with --resume redoes that stage"
 
 
-def read_torch(path, advice="delete it to redo that stage, or --restart"):
+def read_torch(path, advice="--resume redoes that stage, --restart the whole run"):
     """torch.load of a file a run reads, as data: weights_only=True, so tensors, numbers, strings and
     containers of them are all it gives back, and a file whose unpickling would run code (a
     crafted checkpoint in a run folder someone sent you) is refused in one line naming it and
@@ -492,10 +499,11 @@ def read_torch(path, advice="delete it to redo that stage, or --restart"):
         code = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))  # what the pickle would call
         if code:
             raise RunError(f"{path} holds more than tensors and numbers (its pickle calls {code.group(1)}), so "
-                           f"reading it could run code: refused, it is not a file this code wrote; {advice}") from None
+                           f"reading it could run code: refused, it is not a file this code wrote; delete it ("
+                           f"{advice})") from None
         first_line = (str(e).strip().splitlines() or ["empty"])[0][:80]
-        raise RunError(f"cannot read {path} ({type(e).__name__}: {first_line}); the file is damaged: "
-                       f"{advice}") from None
+        raise RunError(f"cannot read {path} ({type(e).__name__}: {first_line}); the file is damaged: delete it "
+                       f"({advice})") from None
 
 
 def check_record(path, saved, record):
@@ -567,10 +575,27 @@ def finish_run(out, metrics, predictions, t0):
     """A run's result files, each written atomically: predictions.pt, then metrics.json (last:
     it marks a finished run), with the total time. Returns metrics."""
     metrics.setdefault("time_s", {})["total"] = time.time() - t0
+    bad = non_finite(metrics)
+    if bad:  # strict JSON has no NaN, and a table would list the run without comment
+        raise RunError(f"the run's {bad} is not a finite number ({non_finite(metrics, value=True)}): the run "
+                       f"diverged somewhere; its results are not written")
     atomic_save(predictions, Path(out) / "predictions.pt")
     write_json(metrics, Path(out) / "metrics.json")
     print("metrics: " + json.dumps({k: v for k, v in metrics.items() if k.endswith("acc")}), flush=True)
     return metrics
+
+
+def non_finite(d, prefix="", value=False):
+    """The dotted key of the first NaN or infinite number in nested metrics (its value where
+    `value`), or None."""
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
+    for k, v in items:
+        if isinstance(v, float) and not math.isfinite(v):
+            return v if value else f"{prefix}{k}"
+        found = non_finite(v, f"{prefix}{k}.", value)
+        if found is not None:
+            return found
+    return None
 
 
 def cell(x, sd=None):
@@ -602,8 +627,8 @@ def finished_runs(run_dirs, methods=None):
         if not path.exists():
             print(f"{d}: no metrics.json (unfinished run)")
             continue
-        try:
-            finished.append((Path(d), json.loads(path.read_text())))
+        try:  # strict JSON: a NaN in a metrics file is no finished run's result
+            finished.append((Path(d), json.loads(path.read_text(), parse_constant=strict_json)))
         except (OSError, ValueError) as e:
             raise damaged(path, e) from None
         m = finished[-1][1]
@@ -613,6 +638,10 @@ def finished_runs(run_dirs, methods=None):
     if not finished:
         raise RunError(f"none of the {len(run_dirs)} --table folder(s) holds a finished run")
     return finished
+
+
+def strict_json(name):
+    raise ValueError(f"{name} is not a number of strict JSON")
 
 
 def damaged(path, e):

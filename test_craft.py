@@ -283,8 +283,15 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
     err = cli_error(capsys, *craft_args(tmp_path, "--sigma0", "1e30", "--bound", "0", out="far"))
     assert "generation 1: non-finite prompt fitness" in err and "no checkpoint was written yet" in err
     err = cli_error(capsys, *craft_args(tmp_path, "--lr", "1e30", out="diverged"))
-    assert "generation 2: non-finite prompt fitness" in err and "--lr 1e+30" in err
-    err = cli_error(capsys, *craft_args(tmp_path, "--lr", "1e30", "--method", "mlp", "--ckpt-every", "1",
+    assert "generation 1: the refiner diverged in its epoch" in err and "--lr 1e+30" in err
+    # a refiner that diverges in the last (here the only) generation: one line, no result written (its
+    # outputs non-finite behind a finite loss would name one class for every image)
+    for method in ("craft", "mlp"):
+        err = cli_error(capsys, *craft_args(tmp_path, "--lr", "1e30", "--budget", "8", "--method", method,
+                                            out=f"last-{method}"))
+        assert "generation 1: the refiner diverged in its epoch" in err
+        assert not (tmp_path / f"last-{method}" / "metrics.json").exists()
+    err = cli_error(capsys, *craft_args(tmp_path, "--lr", "1e17", "--method", "mlp", "--ckpt-every", "1",
                                         out="diverged-mlp"))
     assert "the refiner's epoch in generation 2: non-finite loss" in err and "this loop keeps no checkpoint" in err
     assert "CraFT's run: its last checkpoint is" in err and "(generation 1)" in err

@@ -274,3 +274,41 @@ def test_a_file_a_run_reads_that_would_run_code_is_refused_in_one_line(finished,
         z.writestr("m/code/__torch__/m.py", "")
     refused(coft.main, "--clip", str(tmp_path / "scripted.pt"), "--clip-act", "quick_gelu", "--out",
             str(tmp_path / "s"), expect="TorchScript archive holding more than tensors and modules")
+
+
+def test_what_deploy_cannot_do_is_one_line_before_the_work_and_leaves_nothing_behind(finished, digit_folder, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """--csv onto a folder and --export onto a file are refused before the run is rebuilt (no .part file
+    left); images none of which can be read exit 2, not "0 image(s) classified", and files of other
+    extensions are said to be left out; a missing or damaged stage file is named as such, with what
+    to do (the run's own command with --resume); a device this machine lacks is one line."""
+    images = str(digit_folder / "test")
+    monkeypatch.setattr(deploy, "rebuild", lambda *a, **k: pytest.fail("the run was rebuilt before the cheap checks"))
+    (tmp_path / "out").mkdir()
+    err = one_line_error(deploy.main, capsys, str(finished / "coft"), images, "--csv", str(tmp_path / "out"))
+    assert "--csv" in err and "is a folder" in err
+    (tmp_path / "file").write_text("")
+    err = one_line_error(deploy.main, capsys, str(finished / "coft"), "--export", str(tmp_path / "file"))
+    assert "--export" in err and "is a file" in err
+    for device in ("mps", "xpu"):
+        assert f"sees no {device} device" in one_line_error(deploy.main, capsys, str(finished / "coft"), images,
+                                                            "--device", device)
+    monkeypatch.undo()
+    folder = tmp_path / "unreadable"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("text")
+    with pytest.raises(SystemExit) as e:
+        deploy.main([str(finished / "coft"), str(folder), "--csv", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: none of the 1 image file(s) could be read" in err
+    assert "1 file(s) in the folders given are not images by their extension and are left out (.txt)" in err
+    assert not (tmp_path / "p.csv").exists() and not list(tmp_path.rglob("*.part"))
+    run = tmp_path / "run"
+    shutil.copytree(finished / "coft", run)
+    (run / "stages" / "branch2.pt").unlink()
+    err = one_line_error(deploy.main, capsys, str(run), images)
+    assert "branch2.pt is missing: the run's own command with --resume redoes that stage" in err
+    (run / "stages" / "branch2.pt").write_bytes(b"truncated")
+    err = one_line_error(deploy.main, capsys, str(run), images)
+    assert "the file is damaged" in err and "--resume" in err and "--restart" not in err

@@ -342,6 +342,8 @@ def test_table_on_a_damaged_metrics_file_is_one_line(tmp_path, capsys):
     assert "a/metrics.json is damaged" in coft_error(capsys, "--table", str(tmp_path / "a"))
     (tmp_path / "a" / "metrics.json").write_text('{"method": "coft"}')  # partial: no numbers
     assert "KeyError" in coft_error(capsys, "--table", str(tmp_path / "a"))
+    (tmp_path / "a" / "metrics.json").write_text('{"method": "coft", "zero_shot_acc": NaN}')  # no strict JSON
+    assert "NaN is not a number of strict JSON" in coft_error(capsys, "--table", str(tmp_path / "a"))
     # a path that does not exist, a run of another CLI, folders without a finished run
     err = coft_error(capsys, "--table", str(tmp_path / "nope"))
     assert f"--table {tmp_path / 'nope'}: no such folder" in err
@@ -561,3 +563,49 @@ def test_the_own_images_walkthrough_runs_as_written(tmp_path):
     assert r.stderr.count("waiting: loop") == 2
     assert len((mine / "sevens.csv").read_text().splitlines()) == 1 + len(list((tmp_path / "my_digits" / "check" /
                                                                                 "seven").iterdir()))
+
+
+def test_a_run_whose_numbers_are_not_finite_writes_no_result(tmp_path, capsys, monkeypatch):
+    """runs.finish_run: a NaN or infinite number anywhere in a run's metrics is one line naming it,
+    and neither metrics.json (strict JSON has no NaN) nor predictions.pt is written."""
+    real = coft.ensemble
+
+    def nan_ensemble(run, probs):
+        real(run, probs)
+        run.metrics["ensemble_acc"] = float("nan")
+    monkeypatch.setattr(coft, "ensemble", nan_ensemble)
+    err = coft_error(capsys, *coft_args(tmp_path))
+    assert "the run's ensemble_acc is not a finite number (nan)" in err
+    assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "predictions.pt").exists()
+    assert runs.non_finite({"a": [1.0, {"b": float("inf")}]}) == "a.1.b" and runs.non_finite({"a": 1}) is None
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu"])
+def test_a_device_this_machine_lacks_is_one_line_in_every_cli(tmp_path, capsys, device):
+    import craft
+    import vecaf
+    for main in (coft.main, craft.main, vecaf.main):
+        err = one_line_error(main, capsys, "--device", device, "--out", str(tmp_path / "run"))
+        assert f"--device {device}: this torch sees no {device} device" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script", ["coft.py", "craft.py", "vecaf.py", "deploy.py"])
+def test_ctrl_c_while_the_libraries_load_exits_130_without_a_traceback(tmp_path, script):
+    """SIGINT delivered while the script imports torch (an import hook sends it to the process at that
+    moment, after the script's first lines and before any of its own work): no traceback, exit 130."""
+    import signal
+    import subprocess
+    import sys
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, signal, sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' and sys.argv and sys.argv[0].endswith('" + script + "'):\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Interrupt())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / script), "--help"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 128 + signal.SIGINT and "Traceback" not in r.stderr, r.stderr

@@ -412,6 +412,9 @@ def test_table_refuses_runs_it_cannot_compare(tmp_path, capsys):
         assert f"{name}/metrics.json" in err and message in err, err
     err = one_line_error(vecaf.main, capsys, "--table", str(tmp_path / "nope"), "--plot", str(tmp_path / "x.svg"))
     assert "no such folder" in err and not (tmp_path / "x.svg").exists()
+    for plot, what in ((tmp_path / "nowhere" / "x.svg", "its folder does not exist"), (tmp_path, "is a folder")):
+        err = one_line_error(vecaf.main, capsys, "--table", good, "--plot", str(plot))
+        assert f"--plot {plot}: {what}" in err and not list(tmp_path.rglob("*.tmp"))
     old = json.loads((Path(good) / "metrics.json").read_text())
     del old["eval_grid"]
     (tmp_path / "old").mkdir()

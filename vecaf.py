@@ -20,6 +20,12 @@ model's training objective, fine-tune on them, repeat with the selection growing
     python vecaf.py --method activeft ...          a baseline (random, activeft, ods, cea, ensemble, full)
     python vecaf.py --table runs/vecaf/* --plot curves.svg   results table (B2A, accuracy at equal batches)
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly (130); from main on, runs.run_cli speaks
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import argparse
 import json
 import math
@@ -844,6 +850,9 @@ def report(run_dirs, target=0.95, at_batches=None, plot=None):
     the fewest batches any selection run trained), for a full-data run only where its schedule
     ends there (--method full --max-batches), never read mid-schedule. --plot FILE: the mean
     accuracy-vs-batches curve of each group of runs (name without -s<seed>) as an SVG."""
+    if plot is not None and (not Path(plot).resolve().parent.is_dir() or Path(plot).is_dir()):  # before any work
+        raise RunError(f"--plot {plot}: {'is a folder' if Path(plot).is_dir() else 'its folder does not exist'}; give "
+                       f"the path of the SVG file to write")
     read = runs.finished_runs(run_dirs, tuple(METHODS))
     finished = [(folder.name, m) for folder, m in read]
     for name, m in finished:
