@@ -25,6 +25,12 @@ Sections:
           300 steps, the ensemble's matching of 3 selectors, and nearest-unique selection in chunked
           rounds vs the official way (a dense K x N similarity matrix, each row sorted, centroids
           choosing in index order; skipped where it would not fit), each with its peak memory
+  labels  CoFT's label steps over an unlabelled pool (zero-shot labels and S*, both Phase-I models' labels
+          and confidences, the collaborative filter both ways with its diagnosis and AUROCs) on synthetic
+          features: --pool N images (default ImageNet's 1,281,167), 1000 classes, 512-d, the way coft.py
+          computes them (a few numbers per image, blocks of rows) beside the full N x C score matrices of
+          the way before (at --reference-pool images, where they fit), each in a fresh process: time and
+          peak resident memory, and whether the two give the same picks and figures
   ddp     the inputs of the torchrun scaling estimate (docs/torchrun.md): a plain Phase-II step
           (batch --batch, 1000 classes) and the all-reduce of its gradient between 2 local processes
           (gloo on CPUs, NCCL with 2 GPUs), then the estimated step for 2, 4 and 8 processes
@@ -34,6 +40,7 @@ on a CPU) and, on GPUs with a known dense bf16 peak, MFU.
 """
 import argparse
 import copy
+import os
 import resource
 import time
 from pathlib import Path
@@ -49,7 +56,7 @@ import train
 import vecaf
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
-SECTIONS = ("towers", "coft", "craft", "vecaf", "ddp", "ref")
+SECTIONS = ("towers", "coft", "craft", "vecaf", "labels", "ddp", "ref")
 
 
 def device_peak_tflops(device):
@@ -576,6 +583,108 @@ def ddp_scaling(names, batch, steps, device, amp, report, classes=1000):
 # CLI
 
 
+# ---- CoFT's label steps over the pool: a few numbers per image, or N x C matrices
+
+LABEL_BLOCK = 65536  # rows of synthetic features drawn at once (each block from its own seed)
+
+
+def synthetic_features(N, D, seed):
+    """Unit features [N, D], drawn block by block from (seed, block) so any N gives the same rows."""
+    v = torch.empty(N, D)
+    for i in range(0, N, LABEL_BLOCK):
+        rows = v[i:i + LABEL_BLOCK]
+        rows.copy_(torch.randn(len(rows), D, generator=torch.Generator().manual_seed(seed * 100003 + i)))
+        rows.div_(rows.norm(dim=1, keepdim=True))
+    return v
+
+
+def label_steps(N, C, D, full, tau=0.01, K=16):
+    """CoFT's label steps on synthetic inputs (section labels): the zero-shot pass (its features made
+    batch by batch and dropped, as the real pass's images), S*, each Phase-I model's labels, the
+    filter both ways and its diagnosis. full=False: coft.py's functions; full=True: the N x C score
+    matrices of the way before, written out. Returns what both must give alike."""
+    g = torch.Generator().manual_seed(1)
+    W, t_pos_a, t_neg_a, t_pos_b, t_neg_b = (clip_model.unit(torch.randn(C, D, generator=g)) for _ in range(5))
+    y_true = torch.randint(0, C, (N,), generator=g)
+    if full:
+        zs = torch.cat([clip_model.similarity(synthetic_features(min(LABEL_BLOCK, N - i), D, 7 + i), W) / tau
+                        for i in range(0, N, LABEL_BLOCK)])  # [N, C]
+        conf, y_conf = zs.softmax(1).max(1)
+        keep = []
+        for k in range(C):  # S* as coft.py picked it before: per class, a stable sort of its images
+            idx = (y_conf == k).nonzero().squeeze(1)
+            keep.append(idx[torch.sort(-conf[idx], stable=True).indices[:K]])
+        seed_set = torch.cat(keep)
+    else:
+        parts = [coft.confidence_and_label(clip_model.similarity(synthetic_features(min(LABEL_BLOCK, N - i), D, 7 + i),
+                                                                  W) / tau) for i in range(0, N, LABEL_BLOCK)]
+        conf, y_conf = torch.cat([c for c, _ in parts]), torch.cat([y for _, y in parts])
+        seed_set = coft.topk_per_class(conf, y_conf, K)[0]
+    v = [synthetic_features(N, D, 1), synthetic_features(N, D, 2)]  # the two Phase-I models' features
+    t = [(t_pos_a, t_neg_a), (t_pos_b, t_neg_b)]
+    out = {"seed set": seed_set}
+    if full:
+        s_pos = [clip_model.similarity(v[m], t[m][0]) for m in (0, 1)]  # [N, C] each
+        s_neg = [clip_model.similarity(v[m], t[m][1]) for m in (0, 1)]
+        y = [s.argmax(1) for s in s_pos]
+        i = torch.arange(N)
+    else:
+        labels = [coft.labels_of(v[m], t[m][0], tau) for m in (0, 1)]
+        y, conf_of = [lab[0] for lab in labels], [lab[1] for lab in labels]
+    for a, b in ((0, 1), (1, 0)):
+        if full:
+            keep = s_pos[b][i, y[a]] > s_neg[b][i, y[a]]
+            margin = s_pos[b][i, y[a]] - s_neg[b][i, y[a]]
+            peer, own = (s_pos[b] / tau).softmax(1)[i, y[a]], (s_pos[a] / tau).softmax(1)[i, y[a]]
+        else:
+            (at_pos, peer), at_neg = coft.scores_at(v[b], t[b][0], y[a], tau), coft.scores_at(v[b], t[b][1], y[a])
+            keep, margin = coft.collaborative_filter(at_pos, at_neg), at_pos - at_neg
+            own = conf_of[a]  # the probability at a's own label: its top one
+        out[f"clean set {a + 1}"] = keep
+        out[f"diagnosis {a + 1}"] = coft.filter_diagnosis(y[a], keep, margin, peer, own, y_true)
+    return out
+
+
+def label_steps_in_a_process(N, C, D, full, queue):
+    """label_steps in this (fresh) process -> the queue: (seconds, peak resident GiB, each result
+    as a sha256 of its bytes or the figures themselves)."""
+    import hashlib
+    t0 = time.perf_counter()
+    out = label_steps(N, C, D, full)
+    seconds, peak = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    queue.put((seconds, peak, {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() if torch.is_tensor(v) else v
+                               for k, v in out.items()}))
+
+
+def label_costs(N, reference_N, C=1000, D=512):
+    """Section labels: each way in a fresh process (its peak resident memory is its own), at N and at
+    reference_N; the full matrices only where they fit (7 of them, 4 bytes each, in 3/4 of RAM)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(f"CoFT's label steps: {C} classes, {D}-d features; the two Phase-I models' features alone are "
+          f"{2 * N * D * 4 / 2 ** 30:.1f} GiB at N = {N}", flush=True)
+    results = {}
+    for n, full in ((reference_N, True), (reference_N, False), (N, False), (N, True)):
+        if full and 7 * n * C * 4 > 0.75 * ram:
+            print(f"  N = {n:>9}, N x C matrices: skipped (7 of them are {7 * n * C * 4 / 2 ** 30:.0f} GiB)", flush=True)
+            continue
+        q = ctx.Queue()
+        p = ctx.Process(target=label_steps_in_a_process, args=(n, C, D, full, q))
+        p.start()
+        seconds, peak, out = q.get()
+        p.join()
+        results[n, full] = out
+        print(f"  N = {n:>9}, {'N x C matrices (before)' if full else 'blocks of rows (coft.py)':24s} {seconds:7.1f} s  "
+              f"peak RSS {peak:6.2f} GiB", flush=True)
+    for n in sorted({n for n, _ in results}):
+        if (n, True) in results and (n, False) in results:
+            a, b = results[n, True], results[n, False]
+            same = a == b
+            print(f"  N = {n}: the two ways give {'the same' if same else 'DIFFERENT'} seed set, clean sets, "
+                  f"removed precisions and AUROCs", flush=True)
+
+
 def main(argv=None):
     p = runs.Parser(description="time each method's hot path on random weights of real size",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -594,6 +703,9 @@ def main(argv=None):
     a("--pool", type=runs.number(int, 2), default=None, help="vecaf: pool size N (default 1281167 GPU, 100000 CPU)")
     a("--centroids", type=runs.number(int, 1), default=None, help="vecaf: K (default 12811 GPU, 1000 CPU)")
     a("--select-batch", type=runs.number(int, 1), default=65536, help="vecaf: samples per centroid step")
+    a("--label-pool", type=runs.number(int, 2), default=1281167, help="labels: the unlabelled pool N")
+    a("--reference-pool", type=runs.number(int, 2), default=100000,
+      help="labels: N for the side-by-side run with the full N x C matrices")
     a("--official-candidates", type=runs.number(int, 1), default=None,
       help="craft: candidates of the official loop actually timed (then x40/k; default 40 GPU, 2 CPU)")
     args = p.parse_args(argv)
@@ -630,6 +742,8 @@ def main(argv=None):
         if "vecaf" in sections:
             vecaf_selection(args.pool or (1281167 if gpu else 100000), args.centroids or (12811 if gpu else 1000), 512,
                             args.select_batch, steps, device, report)
+        if "labels" in sections and precision == precisions[0]:  # fp32 similarities at any precision
+            label_costs(args.label_pool, args.reference_pool)
         if "ddp" in sections:
             ddp_scaling(names, batch, steps, device, amp, report)
         if "ref" in sections:

@@ -202,27 +202,71 @@ def phase1_losses(model, x, y, y_comp, tau, detach_neg=False):
 
 
 # -----------------------------------------------------------------------------
-# Pseudo-labels: the seed set S* (Sec. 3.1.1), the collaborative filter (Sec. 3.2.1), labelled shots
+# Pseudo-labels: the seed set S* (Sec. 3.1.1), the collaborative filter (Sec. 3.2.1), labelled shots.
+# Each step reads a few numbers per image (a label, a confidence, one score at a given label),
+# never a whole row of scores: they come from the image features [N, D] and the class embeddings
+# [C, D] block by block of rows, so memory holds [rows, C] at a time, not N x C (ImageNet's pool:
+# 1.28 M x 1000 classes, 5 GB per score matrix in fp32).
+
+BLOCK = 2 ** 24  # scores held at once: a block of BLOCK // C rows (64 MB in fp32)
 
 
-def topk_per_class(probs, K):
-    """Seed set S* (Sec. 3.1.1): per class k the (at most) K images whose pseudo-label is k, ranked by p(k|x) (Eq. 1);
-    ties go to the lower index. Returns (indices [<=C*K], pseudo-labels)."""
-    conf, y = probs.max(1)
-    keep = []
-    for k in range(probs.shape[1]):
-        idx = (y == k).nonzero().squeeze(1)
-        order = torch.sort(-conf[idx], stable=True).indices  # stable: equal confidences keep index order
-        keep.append(idx[order[:K]])
-    idx = torch.cat(keep)
+def row_blocks(n, C):
+    """Consecutive slices of n rows, BLOCK // C rows each (at least one)."""
+    step = max(1, BLOCK // C)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def confidence_and_label(logits):
+    """Eq. 1 per image: the softmax confidence max_k p(k|x) and its label [B] from logits [B, C]."""
+    return logits.float().softmax(1).max(1)
+
+
+def labels_of(v, t, tau):
+    """A model's own labels of the images v [N, D] (unit features) with class embeddings t [C, D],
+    s = similarity(v, t): per image [N], argmax_k s, and the softmax confidence max_k softmax(s/tau)
+    with its label (Eq. 1), block by block."""
+    y, conf, y_conf = [], [], []
+    for rows in row_blocks(len(v), len(t)):
+        s = similarity(v[rows], t)  # [B, C]
+        c, k = (s / tau).softmax(1).max(1)
+        y.append(s.argmax(1))
+        conf.append(c)
+        y_conf.append(k)
+    return torch.cat(y), torch.cat(conf), torch.cat(y_conf)
+
+
+def scores_at(v, t, labels, tau=None):
+    """The score s_{labels(x)}(x) of s = similarity(v, t) for each image [N], block by block: the
+    one number per image a step reads of another model's scores. With tau, also the probability
+    softmax(s / tau) there (Eq. 1), from the same blocks: (scores [N], probabilities [N])."""
+    at, prob = [], []
+    for rows in row_blocks(len(v), len(t)):
+        s = similarity(v[rows], t)  # [B, C]
+        k = labels[rows, None]
+        at.append(s.gather(1, k).squeeze(1))
+        if tau is not None:
+            prob.append((s / tau).softmax(1).gather(1, k).squeeze(1))
+    return torch.cat(at) if tau is None else (torch.cat(at), torch.cat(prob))
+
+
+def topk_per_class(conf, y, K):
+    """Seed set S* (Sec. 3.1.1): per class k the (at most) K images whose pseudo-label y is k, ranked
+    by their confidence conf = p(k|x) (Eq. 1); ties go to the lower index. conf, y: [N]. Returns
+    (indices [<= C*K], pseudo-labels), class by class. Two stable sorts, no per-class pass."""
+    order = torch.sort(-conf, stable=True).indices  # most confident first, equal confidences in index order
+    order = order[torch.sort(y[order], stable=True).indices]  # grouped by class, each group in that order
+    grouped = y[order]
+    rank = torch.arange(len(y)) - torch.searchsorted(grouped, grouped)  # position within its class
+    idx = order[rank < K]
     return idx, y[idx]
 
 
-def collaborative_filter(y_a, s_pos_b, s_neg_b):
-    """Model b validates model a's labels (Sec. 3.2.1): keep x iff s+_{y_a(x)}(x) > s-_{y_a(x)}(x) under model b.
-    No threshold: b's negative prompt is the per-sample threshold. Returns a bool mask [N]."""
-    i = torch.arange(len(y_a), device=y_a.device)
-    return s_pos_b[i, y_a] > s_neg_b[i, y_a]
+def collaborative_filter(s_pos_b, s_neg_b):
+    """Model b validates model a's labels (Sec. 3.2.1): keep x iff s+_{y_a(x)}(x) > s-_{y_a(x)}(x),
+    model b's positive and negative prompts' scores at model a's label (scores_at). No threshold:
+    b's negative prompt is the per-sample threshold. Returns a bool mask [N]."""
+    return s_pos_b > s_neg_b
 
 
 # -----------------------------------------------------------------------------
@@ -541,28 +585,34 @@ def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, co
 def zero_shot_and_seed_set(run, prompts, K):
     """Stage 0 (Sec. 3.1.1): zero-shot pseudo-labels of the unlabelled images by Eq. 1, and the
     seed set S*: per class the K most confident, joined by any labelled shots. Returns the
-    zero-shot weights W [C, D], S* as (indices, labels) and the zero-shot softmax [N, C] of the
-    unlabelled images."""
+    zero-shot weights W [C, D], S* as (indices, labels) and the unlabelled images' zero-shot
+    confidence and label [N] (each image's logits reduced in its batch: no N x C matrix)."""
     cost = train.StageCost(run.device)
     W = text_classifier(run.clip, prompts, run.device)
 
     def zero_shot(x):
         return zero_shot_logits(run.clip, W, x, run.tau)
-    zs_train = run.outputs(zero_shot, run.unlabelled)
+
+    def labels(x):  # [B, 3]: the softmax confidence, its label, the logits' argmax
+        logits = zero_shot(x)
+        conf, y = confidence_and_label(logits)
+        return torch.stack([conf, y.float(), logits.argmax(1).float()], 1)
+    zs = run.outputs(labels, run.unlabelled)  # [N, 3]
+    conf, y_conf, y_logit = zs.T.contiguous()  # contiguous: a mean over a strided column sums in another order
+    y_conf, y_logit = y_conf.long(), y_logit.long()
     if run.y_eval is not None:
         run.predictions["y"] = run.y_eval
     run.metrics["zero_shot_acc"] = run.score("zero_shot", zero_shot)
-    run.metrics["zero_shot_train_label_precision"] = label_precision(zs_train.argmax(1), run.truth())
-    probs = zs_train.softmax(1)
-    run.metrics["zero_shot_mean_confidence"] = 100.0 * probs.max(1).values.mean().item()
-    idx, y = with_labelled(*topk_per_class(probs, K), run.labelled, run.y_labelled)
-    run.metrics["seed_set"] = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(zs_train),
+    run.metrics["zero_shot_train_label_precision"] = label_precision(y_logit, run.truth())
+    run.metrics["zero_shot_mean_confidence"] = 100.0 * conf.mean().item()
+    idx, y = with_labelled(*topk_per_class(conf, y_conf, K), run.labelled, run.y_labelled)
+    run.metrics["seed_set"] = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(conf),
                                "precision": label_precision(y, run.truth(idx))}
     cost.record(run.metrics, "zero_shot")
     print(f"zero-shot {run.metrics['eval_split']} acc {shown(run.metrics['zero_shot_acc'])}, mean confidence "
           f"{cell(run.metrics['zero_shot_mean_confidence'])} %; seed set S*: {len(idx)} images, precision "
           f"{cell(run.metrics['seed_set']['precision'])}", flush=True)
-    return W, (idx, y), probs
+    return W, (idx, y), (conf, y_conf)
 
 
 def phase1(run, p1, seed_set):
@@ -570,8 +620,8 @@ def phase1(run, p1, seed_set):
     set with L1 + lambda * L2 (Eq. 4-6). CoFT+ (Sec. 3.3.1) runs R rounds: after round r each
     model relabels every image with its positive prompts and takes its own top-K as its next
     seed set, and round r+1 restarts from pre-trained CLIP with fresh prompts and VPT.
-    Returns the last round's models and, per model, its scores on all unlabelled images
-    (s+ [N, C], s- [N, C], t+ [C, D]) plus every round's seed sets."""
+    Returns the last round's models and, per model, what its scores on all unlabelled images are
+    made of and what it reads of them (Phase1Scores), plus every round's seed sets."""
     cost = train.StageCost(run.device)
     weak = data.make_transform("weak", run.clip.visual, run.task)
     sets, seed_sets = [seed_set, seed_set], []
@@ -604,15 +654,15 @@ def phase1(run, p1, seed_set):
             on_train = phase1_scores(run, model, run.unlabelled)
             log[f"model{m}_acc"] = None
             if run.y_eval is not None:
-                eval_scores = phase1_scores(run, model, run.evaluated).s_pos
-                log[f"model{m}_acc"] = train.accuracy(eval_scores, run.y_eval)
-                run.predictions[f"round{r}_model{m}"] = eval_scores.argmax(1)
+                predicted = phase1_scores(run, model, run.evaluated).y
+                log[f"model{m}_acc"] = train.accuracy(predicted, run.y_eval)
+                run.predictions[f"round{r}_model{m}"] = predicted
             # label-free: how sure the model is of its own labels on the unlabelled images
-            log[f"model{m}_mean_confidence"] = 100.0 * (on_train.s_pos / run.tau).softmax(1).max(1).values.mean().item()
+            log[f"model{m}_mean_confidence"] = 100.0 * on_train.conf.mean().item()
             models.append(model)
             scores.append(on_train)
             if r < p1.rounds:  # this model's own top-K by its positive-prompt softmax
-                sets[m - 1] = with_labelled(*topk_per_class((on_train.s_pos / run.tau).softmax(1), p1.K), run.labelled,
+                sets[m - 1] = with_labelled(*topk_per_class(on_train.conf, on_train.y_conf, p1.K), run.labelled,
                                             run.y_labelled)
         run.metrics["rounds"].append(log)
         print(f"phase I round {r}: " + "; ".join(
@@ -625,11 +675,16 @@ def phase1(run, p1, seed_set):
 
 
 class Phase1Scores(NamedTuple):
-    """A Phase-I model's scores on a dataset: its positive and negative prompts' similarities
-    s_pos, s_neg [N, C], and its positive prompts' text embeddings t_pos [C, D] (Phase II's head)."""
-    s_pos: torch.Tensor
-    s_neg: torch.Tensor
+    """A Phase-I model on a dataset: what its scores s+ = similarity(v, t_pos), s- = similarity(v,
+    t_neg) are made of (the images' unit features v [N, D]; the positive and negative prompts' text
+    embeddings t_pos, t_neg [C, D], t_pos also Phase II's head) and its own labels: y = argmax s+,
+    conf = max softmax(s+ / tau) and y_conf its label (labels_of). No N x C matrix."""
+    v: torch.Tensor
     t_pos: torch.Tensor
+    t_neg: torch.Tensor
+    y: torch.Tensor
+    conf: torch.Tensor
+    y_conf: torch.Tensor
 
 
 @torch.no_grad()
@@ -639,7 +694,7 @@ def phase1_scores(run, model, dataset):
     with torch.autocast(**run.amp):
         t_pos, t_neg = model.prompts(run.clip)
     t_pos, t_neg = t_pos.float().cpu(), t_neg.float().cpu()
-    return Phase1Scores(similarity(v, t_pos), similarity(v, t_neg), t_pos)
+    return Phase1Scores(v, t_pos, t_neg, *labels_of(v, t_pos, run.tau))
 
 
 def generate_and_validate(run, scores):
@@ -649,23 +704,26 @@ def generate_and_validate(run, scores):
     generated labels, and per direction what a person reviewing the labels needs (every image's
     label, whether it was kept, the peer's margin s+_b - s-_b at it)."""
     cost = train.StageCost(run.device)
-    y_gen = [s.s_pos.argmax(1) for s in scores]
+    y_gen = [s.y for s in scores]
     run.metrics["phase1_agreement"] = 100.0 * (y_gen[0] == y_gen[1]).float().mean().item()
     clean, review = [], []
     for a, b in ((0, 1), (1, 0)):
-        keep = collaborative_filter(y_gen[a], scores[b].s_pos, scores[b].s_neg)
-        labels = y_gen[a].clone()
+        A, B = scores[a], scores[b]
+        (s_pos_b, p_b), s_neg_b = scores_at(B.v, B.t_pos, y_gen[a], run.tau), scores_at(B.v, B.t_neg, y_gen[a])
+        keep = collaborative_filter(s_pos_b, s_neg_b)
+        labels, margin = y_gen[a].clone(), s_pos_b - s_neg_b
         keep[run.labelled], labels[run.labelled] = True, run.y_labelled
+        if len(run.labelled):  # the peer's margin at the given labels
+            margin = scores_at(B.v, B.t_pos, labels) - scores_at(B.v, B.t_neg, labels)
         idx = keep.nonzero().squeeze(1)
         clean.append((idx, labels[idx]))
-        i = torch.arange(len(labels))
-        review.append((labels, keep, scores[b].s_pos[i, labels] - scores[b].s_neg[i, labels]))
+        review.append((labels, keep, margin))
+        # model a's own confidence in its label y = argmax s+ is its top softmax probability, A.conf
+        diagnosis = filter_diagnosis(y_gen[a], keep, s_pos_b - s_neg_b, p_b, A.conf, run.truth())
         c = run.metrics[f"clean_set_{a + 1}"] = {
             "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(keep),
             "precision": label_precision(labels[idx], run.truth(idx)),
-            "all_labels_precision": label_precision(y_gen[a], run.truth()),
-            **filter_diagnosis(y_gen[a], keep, scores[a].s_pos, scores[b].s_pos, scores[b].s_neg, run.tau,
-                               run.truth())}
+            "all_labels_precision": label_precision(y_gen[a], run.truth()), **diagnosis}
         print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(keep)} "
               f"kept, precision {cell(c['precision'])} (all labels {cell(c['all_labels_precision'])})", flush=True)
     print(f"the two Phase-I models agree on {run.metrics['phase1_agreement']:.1f} % of the labels", flush=True)
@@ -673,24 +731,23 @@ def generate_and_validate(run, scores):
     return clean, y_gen, review
 
 
-def filter_diagnosis(y_a, keep, s_pos_a, s_pos_b, s_neg_b, tau, y_true):
+def filter_diagnosis(y_a, keep, peer_margin, peer_confidence, own_confidence, y_true):
     """Does the peer's negative prompt tell right pseudo-labels from wrong ones (Sec. 3.2.1's
     claim), and better than confidence alone? For model a's labels y_a [N] and the filter's
     mask `keep` [N]: the precision of the removed labels (beside the kept ones' precision), and
-    the AUROC of three scores for ranking right above wrong labels: the filter's own margin
+    the AUROC of three scores [N] for ranking right above wrong labels: the filter's own margin
     s+_b - s-_b at y_a (model b, dual prompts), model b's plain softmax confidence in y_a (its
     positive prompts alone: the same peer without the negative prompt) and model a's own
-    confidence in its label. Diagnosis only (it reads the true train labels y_true: all None
-    without them); Eq. 1 softmax at tau."""
+    confidence in its label (Eq. 1 softmax at tau). Diagnosis only (it reads the true train
+    labels y_true: all None without them)."""
     if y_true is None:
         return dict.fromkeys(("removed_precision", "auroc_peer_margin", "auroc_peer_confidence",
                               "auroc_own_confidence"))
-    i = torch.arange(len(y_a))
     right = y_a == y_true
     return {"removed_precision": label_precision(y_a[~keep], y_true[~keep]),
-            "auroc_peer_margin": auroc(s_pos_b[i, y_a] - s_neg_b[i, y_a], right),
-            "auroc_peer_confidence": auroc((s_pos_b / tau).softmax(1)[i, y_a], right),
-            "auroc_own_confidence": auroc((s_pos_a / tau).softmax(1)[i, y_a], right)}
+            "auroc_peer_margin": auroc(peer_margin, right),
+            "auroc_peer_confidence": auroc(peer_confidence, right),
+            "auroc_own_confidence": auroc(own_confidence, right)}
 
 
 def fine_tune(run, p2, tag, clip, head, idx, y, vpt=None, adapter=None):
@@ -800,30 +857,34 @@ def fine_tune_baseline(run, method, p2, W, seed_set):
     cost.record(run.metrics, "fine_tune")
 
 
-def self_training(run, p2, rounds, threshold, W, probs):
+def self_training(run, p2, rounds, threshold, W, labeller):
     """--method selftrain: the self-training reference a reader tries first, iterative
     pseudo-labelling with a confidence threshold (Lee, 2013; in rounds, as noisy-student
     training). Round r: every unlabelled image whose label from the current labeller has
     softmax confidence >= --threshold joins the training set with that label (round 1's
-    labeller: zero-shot, Eq. 1, `probs` [N, C]), and a fresh copy of the pre-trained tower with
+    labeller: zero-shot, Eq. 1, `labeller` = (confidence [N], label [N])), and a fresh copy of the pre-trained tower with
     its head from W is fine-tuned on it by Phase II's recipe; the result labels round r + 1.
     `rounds` rounds (--rounds, default 3 for this method); the last round's model is the result.
     Unlike CoFT: no second model, no negative prompt, one global threshold."""
     cost = train.StageCost(run.device)
     run.metrics["selftrain_rounds"] = []
     for r in range(1, rounds + 1):
-        conf, y = probs.max(1)
+        conf, y = labeller
         idx = (conf >= threshold).nonzero().squeeze(1)
         idx, labels = with_labelled(idx, y[idx], run.labelled, run.y_labelled)
         model = fine_tune(run, p2, f"selftrain_round{r}", run.clip, W if p2.head_init == "text" else None,
                           idx, labels)
-        log = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(probs),
+        log = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(conf),
                "precision": label_precision(labels, run.truth(idx)), "acc": run.score("selftrain", model)}
         run.metrics["selftrain_rounds"].append(log)
         print(f"self-training round {r}: {log['size']} images with confidence >= {threshold} (precision "
               f"{cell(log['precision'])}), {run.metrics['eval_split']} acc {shown(log['acc'])}", flush=True)
         if r < rounds:
-            probs = run.outputs(model, run.unlabelled).softmax(1)  # the next round's labeller
+            def labels(x, model=model):  # [B, 2]: each image's confidence and label, reduced in its batch
+                conf, y = confidence_and_label(model(x))
+                return torch.stack([conf, y.float()], 1)
+            conf, y = run.outputs(labels, run.unlabelled).T.contiguous()  # the next round's labeller
+            labeller = conf, y.long()
     run.metrics["selftrain_acc"] = log["acc"]  # the last round's model, whose predictions `score` kept
     cost.record(run.metrics, "fine_tune")
 
@@ -881,20 +942,20 @@ def run(args):
     each finished stage (docs/runs.md)."""
     ctx, prompts, ft_clip = prepare(args)  # a Run: what the stages share
     p1, p2 = phase_settings(args)  # the stages see these, never the flags
-    W, seed_set, zs_probs = zero_shot_and_seed_set(ctx, prompts, p1.K)
+    W, seed_set, zero_shot = zero_shot_and_seed_set(ctx, prompts, p1.K)
     if args.method == "probe":
         linear_probe(ctx)
     elif args.method in ("topk", "shots"):
         fine_tune_baseline(ctx, args.method, p2, W, seed_set)
     elif args.method == "selftrain":
-        self_training(ctx, p2, args.rounds, args.threshold, W, zs_probs)
+        self_training(ctx, p2, args.rounds, args.threshold, W, zero_shot)
     else:
         peft, scores, seed_sets = phase1(ctx, p1, seed_set)
         clean, y_gen, review = generate_and_validate(ctx, scores)
         runs.atomic_save({"labelled": ctx.labelled, "seed_sets": seed_sets, "generated": y_gen,
                           "clean": [idx for idx, _ in clean], "clean_labels": [y for _, y in clean]},
                          ctx.out / "pseudo_labels.pt")
-        write_pseudo_labels(ctx, zs_probs, review)
+        write_pseudo_labels(ctx, zero_shot, review)
         if args.phase != "1":
             ensemble(ctx, phase2(ctx, p2, scores, peft, clean, prompts, ft_clip))
     return runs.finish_run(ctx.out, ctx.metrics, ctx.predictions, ctx.t0)
@@ -1022,7 +1083,7 @@ def check_fft_init(args, clip, ft_clip):
             f"{args.fft_backbone}'s {b.embed_dim}-d embedding: use --fft-init pretrained with --fft-backbone")
 
 
-def write_pseudo_labels(run, zs_probs, review):
+def write_pseudo_labels(run, zero_shot, review):
     """pseudo_labels.csv: every unlabelled image's labels, for a person to review (sort by a
     margin to see the doubtful first). Columns: path (as a labels file names it), class (model
     1's label: branch 1 trains on it where branch1_kept is 1), branch1_kept, branch1_peer_margin
@@ -1033,9 +1094,9 @@ def write_pseudo_labels(run, zs_probs, review):
     --labels / --labelled-shots). Its path and class columns make it a labels file: keep the rows
     you checked, correct their class, and give it to a new run as --labels."""
     names, root = run.task.classnames, run.task.root
-    given = torch.zeros(len(zs_probs), dtype=torch.bool)
+    given = torch.zeros(len(zero_shot[0]), dtype=torch.bool)
     given[run.labelled] = True
-    conf, zs = (t.tolist() for t in zs_probs.max(1))
+    conf, zs = (t.tolist() for t in zero_shot)
     (y1, keep1, m1), (y2, keep2, m2) = ((y.tolist(), keep.int().tolist(), m.tolist()) for y, keep, m in review)
     rows = ([data.item_key(source, i, root), names[y1[i]], keep1[i], f"{m1[i]:.6g}", names[y2[i]], keep2[i],
              f"{m2[i]:.6g}", names[zs[i]], f"{conf[i]:.6g}", int(given[i])]

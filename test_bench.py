@@ -86,3 +86,14 @@ def test_bench_ddp_scaling_inputs_and_estimate(capsys):
     mib = sum(p.numel() for p in ft.parameters()) * 4 / 2 ** 20
     assert f"all-reduce of its gradient ({mib:.0f} MiB fp32), 2 processes, gloo" in out
     assert [f"{n} processes, global batch 4 ({4 / n:g} each)" in out for n in (2, 4, 8)] == [True] * 3
+
+
+def test_bench_label_steps_blockwise_beside_the_full_matrices(capsys):
+    """Section labels: coft.py's label steps and the full N x C matrices of before, each in its own
+    process, at two pool sizes: time and peak memory printed, and the same picks and figures."""
+    bench.main(["--sections", "labels", "--label-pool", "5000", "--reference-pool", "3000", "--device", "cpu"])
+    out = capsys.readouterr().out
+    for n in (3000, 5000):
+        for way in ("N x C matrices (before)", "blocks of rows (coft.py)"):
+            assert re.search(rf"N = +{n}, {re.escape(way)} +[\d.]+ s  peak RSS +[\d.]+ GiB", out), (n, way)
+        assert f"N = {n}: the two ways give the same seed set, clean sets" in out

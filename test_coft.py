@@ -34,7 +34,7 @@ def test_sec311_seed_set_is_the_top_k_per_class_with_ties_to_the_lower_index():
         [0.2, 0.8, 0.0],   # 3 -> class 1
         [0.7, 0.2, 0.1],   # 4 -> class 0
     ])
-    idx, y = coft.topk_per_class(probs, K=3)
+    idx, y = coft.topk_per_class(*probs.max(1), K=3)
     # class 0: 0 (0.9), 4 (0.7), then the tie 1/2 at 0.6 goes to the lower index; class 1 has 1 < K;
     # class 2 has no candidate at all
     assert idx.tolist() == [0, 4, 1, 3] and y.tolist() == [0, 0, 0, 1]
@@ -91,8 +91,13 @@ def test_eq6_l2_step_raises_p_clean_of_the_label_and_lowers_the_complements():
 
 
 def test_sec321_filter_keeps_a_label_iff_the_peers_positive_prompt_beats_its_negative():
-    s_pos_b, s_neg_b, y_a = random_scores(B=50, C=7, seed=4)
-    mask = coft.collaborative_filter(y_a, s_pos_b, s_neg_b)
+    """The filter on model b's scores at model a's labels, read from b's features and prompt
+    embeddings (scores_at), against the full score matrices by hand."""
+    g = torch.Generator().manual_seed(4)
+    v, t_pos, t_neg = (cm.unit(torch.randn(n, 8, generator=g)) for n in (50, 7, 7))
+    y_a = torch.randint(0, 7, (50,), generator=g)
+    s_pos_b, s_neg_b = cm.similarity(v, t_pos), cm.similarity(v, t_neg)  # [50, 7]
+    mask = coft.collaborative_filter(coft.scores_at(v, t_pos, y_a), coft.scores_at(v, t_neg, y_a))
     expected = [bool(s_pos_b[i, y_a[i]] > s_neg_b[i, y_a[i]]) for i in range(50)]
     assert mask.tolist() == expected and 0 < sum(expected) < 50
 
@@ -113,8 +118,9 @@ l1, l2 = m.phase1_losses(model, x, y, y_c, 0.01)
 (l1 + l2).backward()
 v, t_pos, t_neg = model(x)
 s_pos, s_neg = clip_model.similarity(v, t_pos), clip_model.similarity(v, t_neg)
-idx, y_star = m.topk_per_class((s_pos / 0.01).softmax(1), 1)
-keep = m.collaborative_filter(s_pos.argmax(1), s_pos, s_neg)
+y_own, conf, y_conf = m.labels_of(v.detach(), t_pos.detach(), 0.01)
+idx, y_star = m.topk_per_class(conf, y_conf, 1)
+keep = m.collaborative_filter(m.scores_at(v.detach(), t_pos.detach(), y_own), m.scores_at(v.detach(), t_neg.detach(), y_own))
 ft = clip_model.ImageClassifier(clip.visual, 3, t_pos.detach(), 100.0)
 mc = m.MomentumContrast(ft, size=4)
 nce = [mc(x[:3], x[3:], torch.arange(3)), mc(x[3:], x[:3], torch.arange(3, 6))]
@@ -168,6 +174,51 @@ def auroc_by_pairs(score, positive):
     pos, neg = score[positive], score[~positive]
     wins = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
     return 100.0 * wins.mean().item()
+
+
+def test_label_steps_blockwise_equal_the_full_score_matrices_ties_included(monkeypatch):
+    """The label steps read a few numbers per image, block by block of rows (coft.BLOCK, here 7
+    rows): labels and confidences (labels_of), S* (topk_per_class), the filter and its margin,
+    the softmax at another model's label (scores_at) and the AUROCs give exactly what the full
+    N x C matrices give, written out here as the run computed them before. Integer features:
+    every similarity is exact and many tie, in both labels and confidences."""
+    C, N, D, tau = 5, 60, 4, 0.5
+    monkeypatch.setattr(coft, "BLOCK", 7 * C)
+    assert len(coft.row_blocks(N, C)) == 9
+    g = torch.Generator().manual_seed(0)
+    v_a, v_b, t_pos_a, t_pos_b, t_neg_b = (torch.randint(-2, 3, (n, D), generator=g).float()
+                                           for n in (N, N, C, C, C))
+    s_pos_a, s_pos_b, s_neg_b = v_a @ t_pos_a.T, v_b @ t_pos_b.T, v_b @ t_neg_b.T  # [N, C], exact
+    probs_a = (s_pos_a / tau).softmax(1)
+    y_a, conf, y_conf = coft.labels_of(v_a, t_pos_a, tau)
+    assert torch.equal(y_a, s_pos_a.argmax(1)) and torch.equal(conf, probs_a.max(1).values)
+    assert torch.equal(y_conf, probs_a.max(1).indices)
+    ties = (s_pos_a == s_pos_a.max(1, keepdim=True).values).sum(1) > 1
+    assert ties.sum() >= 5 and (conf[:, None] == conf[None]).sum() > N + 20  # tied labels and tied confidences
+    # S*: per class the K most confident, ties to the lower index (the per-class loop it replaced)
+    for K in (1, 3, 100):
+        keep = []
+        for k in range(C):
+            idx = (y_conf == k).nonzero().squeeze(1)
+            keep.append(idx[torch.sort(-conf[idx], stable=True).indices[:K]])
+        idx, y = coft.topk_per_class(conf, y_conf, K)
+        assert torch.equal(idx, torch.cat(keep)) and torch.equal(y, y_conf[idx])
+    # the filter, its margin and the diagnosis' scores, at model a's labels
+    i = torch.arange(N)
+    at_pos, at_neg = coft.scores_at(v_b, t_pos_b, y_a), coft.scores_at(v_b, t_neg_b, y_a)
+    assert torch.equal(at_pos, s_pos_b[i, y_a]) and torch.equal(at_neg, s_neg_b[i, y_a])
+    keep = coft.collaborative_filter(at_pos, at_neg)
+    assert torch.equal(keep, s_pos_b[i, y_a] > s_neg_b[i, y_a]) and 0 < keep.sum() < N
+    (at_pos_too, peer), (_, own) = coft.scores_at(v_b, t_pos_b, y_a, tau), coft.scores_at(v_a, t_pos_a, y_a, tau)
+    assert torch.equal(peer, (s_pos_b / tau).softmax(1)[i, y_a]) and torch.equal(own, probs_a[i, y_a])
+    assert torch.equal(at_pos_too, at_pos) and torch.equal(own, conf)  # the probability at the top label: the top one
+    y_true = torch.randint(0, C, (N,), generator=g)
+    right = y_a == y_true
+    d = coft.filter_diagnosis(y_a, keep, at_pos - at_neg, peer, own, y_true)
+    assert d == {"removed_precision": coft.label_precision(y_a[~keep], y_true[~keep]),
+                 "auroc_peer_margin": coft.auroc(s_pos_b[i, y_a] - s_neg_b[i, y_a], right),
+                 "auroc_peer_confidence": coft.auroc((s_pos_b / tau).softmax(1)[i, y_a], right),
+                 "auroc_own_confidence": coft.auroc(probs_a[i, y_a], right)}
 
 
 def test_auroc_known_answers_ties_and_pairwise_count():
@@ -548,7 +599,7 @@ def test_audit_rounds_filter_heads_and_ensemble(audited_run):
 def test_branches_draw_their_own_batches_and_augmentations(tmp_path, pretrained_tiny, monkeypatch):
     """With equal clean sets (every label kept), the two branches still see different orders and
     different augmentations of the same image."""
-    monkeypatch.setattr(coft, "collaborative_filter", lambda y_a, s_pos, s_neg: torch.ones(len(y_a), dtype=torch.bool))
+    monkeypatch.setattr(coft, "collaborative_filter", lambda s_pos, s_neg: torch.ones(len(s_pos), dtype=torch.bool))
     first, real_fit = [], train.fit
 
     def recording_fit(model, step_fn, *a, **kw):

@@ -111,13 +111,15 @@ def loader(dataset, batch, seed, shuffle=False, workers=0, pin_memory=False, dro
 
 
 @torch.no_grad()
-def predict(fn, loader, device, amp):
-    """The evaluation pass: fn applied to every batch of an (x, y, index) loader under autocast,
-    outputs in fp32 on the CPU, concatenated in the loader's order -> (outputs [N, ...], labels [N])."""
+def predict(fn, loader, device, amp, with_labels=False):
+    """The evaluation pass: fn applied to every batch of an (x, y, index) loader under autocast
+    (fn(x), or fn(x, y) with_labels), outputs in fp32 on the CPU, concatenated in the loader's
+    order -> (outputs [N, ...], labels [N])."""
     outs, ys = [], []
     for x, y, _ in loader:
         with torch.autocast(**amp):
-            outs.append(fn(x.to(device, non_blocking=True)).float().cpu())
+            x = x.to(device, non_blocking=True)
+            outs.append((fn(x, y.to(device)) if with_labels else fn(x)).float().cpu())
         ys.append(y)
     return torch.cat(outs), torch.cat(ys)
 
@@ -180,17 +182,20 @@ class RunContext:
                    self.precision, recipe.clip_grad, checkpoint, what or tag, self.log_every, evaluate, evaluate_at,
                    max_steps)
 
-    def outputs(self, fn, dataset):
-        """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU).
-        Under torchrun each process scores its contiguous shard and every process gets all N
-        outputs back in index order (the passes are deterministic: the test transform)."""
+    def outputs(self, fn, dataset, with_labels=False):
+        """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU);
+        with_labels: fn(x, y), the batch's labels too (fn may reduce each image's row of scores
+        to a few numbers, so that no N x C matrix is gathered). Under torchrun each process scores
+        its contiguous shard and every process gets all N outputs back in index order (the passes
+        are deterministic: the test transform)."""
         if not ddp.sharding():
-            return predict(fn, self.loader(dataset, self.eval_batch), self.device, self.amp)[0]
+            return predict(fn, self.loader(dataset, self.eval_batch), self.device, self.amp, with_labels)[0]
         mine = ddp.shard(len(dataset), *ddp.world())
         # an empty shard (fewer items than processes) scores one item for the output's shape, then none
         part = torch.utils.data.Subset(dataset, mine if len(mine) else range(1))
         with ddp.single_process():  # the shard is loaded whole, in eval batches of --eval-batch per process
-            out = predict(fn, ddp.own_share(self.loader(part, self.eval_batch)), self.device, self.amp)[0][:len(mine)]
+            out = predict(fn, ddp.own_share(self.loader(part, self.eval_batch)), self.device, self.amp,
+                          with_labels)[0][:len(mine)]
         return ddp.gather_in_order(out, len(dataset))
 
     def linear_probe(self, clip, train_set, y_train, eval_set, classes):

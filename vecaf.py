@@ -481,14 +481,18 @@ def pool_features(s):
 
 @torch.no_grad()
 def per_sample_objective(s, model):
-    """The current model's logits on every pool image (test transform) -> (cross-entropy [N],
-    margins [N]): ODS's training objective, the loss (plain CE, without the training's label
-    smoothing) read with the TRUE label of every pool image, selected or not, as the official code
-    evaluates the pool with its targets (None where a person labels the picks: they have not
-    labelled the pool); or the label-free margin."""
-    logits = s.outputs(model, s.pool)  # [N, C]
-    losses = None if s.person else F.cross_entropy(logits, s.y_pool, reduction="none")
-    return losses, margins(logits)
+    """The current model on every pool image (test transform) -> (cross-entropy [N], margins [N]):
+    ODS's training objective, the loss (plain CE, without the training's label smoothing) read
+    with the TRUE label of every pool image, selected or not, as the official code evaluates the
+    pool with its targets (None where a person labels the picks: they have not labelled the
+    pool); or the label-free margin. Each image's logits are reduced in its batch: no N x C matrix."""
+    def objective(x, y):  # [B, 2]: the loss at the label, the margin
+        logits = model(x).float()
+        loss = torch.zeros(len(x), device=x.device) if s.person else F.cross_entropy(logits, y, reduction="none")
+        return torch.stack([loss, margins(logits)], 1)
+    out = s.outputs(objective, s.pool, with_labels=True)  # [N, 2]
+    loss, margin = out.T.contiguous()  # contiguous: a mean over a strided column sums in another order
+    return None if s.person else loss, margin
 
 
 def select(s, sel, loop, model, bank, taken):
