@@ -443,9 +443,10 @@ def read_state_dict(path):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        code = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))  # what the pickle would call
+        code = re.search(r"GLOBAL (\S+) was not an allowed|Unsupported class (\S+)", str(e))  # what it would call
         if code:
-            raise CLIPError(f"{path} holds more than tensors and numbers (its pickle calls {code.group(1)}), so "
+            raise CLIPError(f"{path} holds more than tensors and numbers (its pickle calls "
+                            f"{code.group(1) or code.group(2)}), so "
                             f"reading it could run code: refused") from None
         raise CLIPError(f"{path} is neither a TorchScript archive nor a state dict ({type(e).__name__}); "
                         f"is the file complete?") from None

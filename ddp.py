@@ -32,6 +32,7 @@ def launched_rank():
 
 def end_processes():
     if distributed():
+        dist.barrier()  # every process reaches the end before any leaves: torch 2.3's gloo teardown waits for all
         dist.destroy_process_group()
 
 

@@ -496,9 +496,10 @@ def read_torch(path, advice="--resume redoes that stage, --restart the whole run
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
-        code = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))  # what the pickle would call
+        code = re.search(r"GLOBAL (\S+) was not an allowed|Unsupported class (\S+)", str(e))  # what it would call
         if code:
-            raise RunError(f"{path} holds more than tensors and numbers (its pickle calls {code.group(1)}), so "
+            raise RunError(f"{path} holds more than tensors and numbers (its pickle calls "
+                           f"{code.group(1) or code.group(2)}), so "
                            f"reading it could run code: refused, it is not a file this code wrote; delete it ("
                            f"{advice})") from None
         first_line = (str(e).strip().splitlines() or ["empty"])[0][:80]
