@@ -693,20 +693,20 @@ def main(argv=None):
     a("--models", default="ViT-B/16,RN50", help=f"comma-separated, of {', '.join(clip_model.CONFIGS)}")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--precision", default="auto", help="comma-separated, of auto, fp32, bf16, fp16 (several: ratios at the end)")
-    a("--batch", type=runs.number(int, 1), default=None, help="images per step (default 64 on GPU, 8 on CPU)")
-    a("--prompts", type=runs.number(int, 4), default=256, help="prompts per text-tower step (towers)")
+    a("--batch", type=runs.number_type(int, 1), default=None, help="images per step (default 64 on GPU, 8 on CPU)")
+    a("--prompts", type=runs.number_type(int, 4), default=256, help="prompts per text-tower step (towers)")
     a("--classes", default=None, help="Phase-I class counts (default 10,100,1000 on GPU, 10,100 on CPU)")
-    a("--images", type=runs.number(int, 1), default=None,
+    a("--images", type=runs.number_type(int, 1), default=None,
       help="images in the generation pass (default 4096 GPU, 32 CPU)")
-    a("--steps", type=runs.number(int, 1), default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
+    a("--steps", type=runs.number_type(int, 1), default=None, help="timed steps per figure (default 10 GPU, 2 CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute transformer blocks in backward (coft)")
-    a("--pool", type=runs.number(int, 2), default=None, help="vecaf: pool size N (default 1281167 GPU, 100000 CPU)")
-    a("--centroids", type=runs.number(int, 1), default=None, help="vecaf: K (default 12811 GPU, 1000 CPU)")
-    a("--select-batch", type=runs.number(int, 1), default=65536, help="vecaf: samples per centroid step")
-    a("--label-pool", type=runs.number(int, 2), default=1281167, help="labels: the unlabelled pool N")
-    a("--reference-pool", type=runs.number(int, 2), default=100000,
+    a("--pool", type=runs.number_type(int, 2), default=None, help="vecaf: pool size N (default 1281167 GPU, 100000 CPU)")
+    a("--centroids", type=runs.number_type(int, 1), default=None, help="vecaf: K (default 12811 GPU, 1000 CPU)")
+    a("--select-batch", type=runs.number_type(int, 1), default=65536, help="vecaf: samples per centroid step")
+    a("--label-pool", type=runs.number_type(int, 2), default=1281167, help="labels: the unlabelled pool N")
+    a("--reference-pool", type=runs.number_type(int, 2), default=100000,
       help="labels: N for the side-by-side run with the full N x C matrices")
-    a("--official-candidates", type=runs.number(int, 1), default=None,
+    a("--official-candidates", type=runs.number_type(int, 1), default=None,
       help="craft: candidates of the official loop actually timed (then x40/k; default 40 GPU, 2 CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -138,7 +138,8 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False  # trade compute for memory (ViT-L/14 fine-tuning)
 
     def maybe_checkpoint(self, fn, *args):
-        if self.grad_checkpointing and torch.is_grad_enabled():  # also for a frozen tower that passes gradients to prompts
+        # also for a frozen tower that passes gradients on to the prompts
+        if self.grad_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 

@@ -70,9 +70,10 @@ class PromptLearner(nn.Module):
         except clip_model.CLIPError:  # say which prompt and which flags make it shorter
             n_tokens = {t: len(tok.encode(t)) + 2 for t in texts}  # + SOT and EOT
             longest = max(texts, key=n_tokens.get)
-            raise clip_model.CLIPError(f"the prompt {longest!r} ({M} context tokens + class name) is {n_tokens[longest]} tokens, "
-                           f"longer than the backbone's context of {clip.context_length}: use a smaller --M "
-                           f"(or --ctx-init with fewer words) or a shorter class name") from None
+            raise clip_model.CLIPError(
+                f"the prompt {longest!r} ({M} context tokens + class name) is {n_tokens[longest]} tokens, longer "
+                f"than the backbone's context of {clip.context_length}: use a smaller --M (or --ctx-init with fewer "
+                f"words) or a shorter class name") from None
         with torch.no_grad():
             emb = clip.token_embedding(tokens)  # [C, L, width]
         self.register_buffer("tokens", tokens, persistent=False)
@@ -346,7 +347,7 @@ class MomentumContrast(nn.Module):
         return loss
 
 
-class WithUnlabelled:
+class CleanAndUnlabelled:
     """Phase II batches for CoFT+ (paper Eq. 10: L_FFT on the clean set, L_Cont on *all*
     unlabelled images). An epoch is one pass over all unlabelled images, in batches of two views
     (x_q, x_k) with their indices; each comes with a clean-set batch (x, y, i) from a loader that
@@ -375,7 +376,7 @@ class WithUnlabelled:
             yield x, y, i, xq, xk, j
 
 
-def with_labelled(idx, y, labelled, y_labelled):
+def add_labelled(idx, y, labelled, y_labelled):
     """A pseudo-labelled set (idx, y) joined with the labelled images `labelled` [L], which carry
     their given labels y_labelled [L] (replacing a pseudo-label where a labelled image was already
     in the set)."""
@@ -425,17 +426,13 @@ import runs
 import standin
 import train
 from clip_model import class_prompts, text_classifier, zero_shot_logits
-from runs import cell, number, shown
+from runs import cell, number_type, shown
 from train import RunError, seed_of
 
 
 # -----------------------------------------------------------------------------
-# What a run is: its config, and the part of it each stage depends on (runs.py, "run folders")
-
-# CoFT's flags that change how a run goes, never its numbers (besides runs.NO_NUMBER_FLAGS), and
-# the LLM prompt file, whose contents the config records instead
-NO_NUMBER_FLAGS = ("compile", "grad_checkpointing", "eval_only", "phase", "llm_prompts", "write_llm_prompts",
-                   "api_base", "llm", "prompts_per_class")
+# What a run is: its settings, what its stages share, and the part of its config each stage
+# depends on (runs.py, "run folders")
 
 # each stage's record: the settings its result depends on
 SEED_SET_KEYS = ("dataset", "data", "clip", "seed", "precision", "K", "labelled_shots", "zero_shot_prompts")
@@ -446,25 +443,12 @@ PHASE2_KEYS = SGD_KEYS + ("method", "rounds", "fft_epochs", "fft_lr", "fft_aug",
                           "head_init", "contrast", "gamma", "mu", "tau_c", "queue", "threshold", "sync_bn")
 
 
-def run_config(args, task, prompts, labels=None):
-    """Every setting that can change a number of this run, with the data, the zero-shot prompts,
-    the backbones and any labels file recorded by content."""
-    config, _ = runs.settings(args, NO_NUMBER_FLAGS)
-    if labels is not None:
-        config["labels"] = labels.digest()
-    config.update(data=data.fingerprint(task, task.root),
-                  clip=standin.backbone_id("--clip", args.clip, args.clip_act),
-                  fft_backbone=standin.backbone_id("--fft-backbone", args.fft_backbone, args.clip_act),
-                  zero_shot_prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16])
-    return config
-
-
 def stage_record(config, tag):
     """The settings stage `tag` depends on: Phase-I models those of S* and of Phase I; a branch
-    also Phase II's (and with them the number of rounds before it); the baselines S*'s and Phase II's."""
+    also Phase II's (and with them the number of rounds before it); the baselines S*'s and
+    Phase II's; a labels file (--labels) changes the seed set and so every stage."""
     keys = PHASE1_KEYS if tag.startswith("phase1") else \
         PHASE1_KEYS + PHASE2_KEYS if tag.startswith("branch") else SEED_SET_KEYS + PHASE2_KEYS
-    # a labels file (--labels) changes the seed set and so every stage: recorded where one was given
     return {"stage": tag, **{k: config[k] for k in dict.fromkeys(keys + ("labels",)) if k in config}}
 
 
@@ -503,22 +487,22 @@ class Phase2Settings:
     grad_checkpointing: bool
 
 
-def phase_settings(args):
+def settings_of(args):
     """The CLI's (resolved) flags -> (Phase1Settings, Phase2Settings)."""
-    p1 = Phase1Settings(K=args.K, rounds=args.rounds, M=args.M, ctx_init=args.ctx_init, vpt_tokens=args.vpt_tokens,
-                        vpt_deep=args.vpt == "deep", lam=args.lam, detach_neg=args.detach_neg, epochs=args.p1_epochs,
-                        lr=args.p1_lr)
-    p2 = Phase2Settings(branches=args.branches, epochs=args.fft_epochs, lr=args.fft_lr, aug=args.fft_aug,
-                        init=args.fft_init, head_init=args.head_init, contrast=args.contrast, gamma=args.gamma,
-                        mu=args.mu, tau_c=args.tau_c, queue=args.queue, sync_bn=args.sync_bn, compile=args.compile,
-                        grad_checkpointing=args.grad_checkpointing)
-    return p1, p2
+    phase1 = Phase1Settings(K=args.K, rounds=args.rounds, M=args.M, ctx_init=args.ctx_init,
+                            vpt_tokens=args.vpt_tokens, vpt_deep=args.vpt == "deep", lam=args.lam,
+                            detach_neg=args.detach_neg, epochs=args.p1_epochs, lr=args.p1_lr)
+    phase2 = Phase2Settings(branches=args.branches, epochs=args.fft_epochs, lr=args.fft_lr, aug=args.fft_aug,
+                            init=args.fft_init, head_init=args.head_init, contrast=args.contrast, gamma=args.gamma,
+                            mu=args.mu, tau_c=args.tau_c, queue=args.queue, sync_bn=args.sync_bn, compile=args.compile,
+                            grad_checkpointing=args.grad_checkpointing)
+    return phase1, phase2
 
 
 @dataclass
-class Run(train.RunContext):
+class Run(runs.Run):
     """What the stages of one run share, made once by `prepare`: its folder, config and how it
-    computes (train.RunContext: also the seeded loaders and the evaluation pass), the task's
+    computes (runs.Run: also the seeded loaders, the evaluation pass and a stage), the task's
     images, the train split's true labels where it has them (for the precision diagnostics only:
     no stage reads them), the labelled images (--labelled-shots or --labels) with their labels,
     and the results so far."""
@@ -533,9 +517,19 @@ class Run(train.RunContext):
     y_eval: torch.Tensor | None  # [N_eval]; None without a labelled eval split (--images without --check)
     labelled: torch.Tensor  # [L] indices of the labelled images (empty without)
     y_labelled: torch.Tensor  # [L] their labels
-    metrics: dict
     predictions: dict  # eval-split predictions (argmax) of every model, for per-image analysis
-    t0: float
+    prompts: dict  # the zero-shot prompts per class
+    ft_clip: clip_model.CLIP | None  # --fft-backbone's model (Phase II on another backbone), or None
+
+    def record(self, tag):
+        return stage_record(self.config, tag)
+
+    def required(self, tag):
+        if self.must_load == "all":
+            return f"--eval-only needs a finished run in --out {self.out} (run without --eval-only first)"
+        if self.must_load == "phase1" and tag.startswith("phase1"):
+            return f"--phase 2 needs Phase I in --out {self.out} (run --phase 1 first)"
+        return None
 
     def truth(self, idx=None):
         """The true train labels (of the images idx) for a diagnostic figure; None without them."""
@@ -549,33 +543,6 @@ class Run(train.RunContext):
         scores = self.outputs(fn, self.evaluated)
         self.predictions[name] = scores.argmax(1)
         return train.accuracy(scores, self.y_eval)
-
-
-def run_stage(run, tag, model, loss, batches, epochs, lr, what, trained=None, compiled=(), empty=False):
-    """Stage `tag`: loaded into `model` if it finished before under the same settings, else
-    trained by train.fit (SGD with momentum, warm-up + cosine, the run's precision and clipping)
-    with the loss `loss` on `batches(epoch)`, then saved. `trained`: the module fit trains when it
-    wraps `model` (CoFT+'s MomentumContrast); `compiled`: modules to torch.compile first (--compile);
-    `empty`: there is nothing to train on, so the model is saved as it is.
-    Records the stage's gradient-norm summary in the metrics."""
-    record = stage_record(run.config, tag)
-    needed = run.must_load == "all" or (run.must_load == "phase1" and tag.startswith("phase1"))
-    saved = runs.load_stage(run.out, tag, record, model, missing=needed and (
-        f"--eval-only needs a finished run in --out {run.out} (run without --eval-only first)" if run.must_load == "all"
-        else f"--phase 2 needs Phase I in --out {run.out} (run --phase 1 first)"))
-    if saved is None and empty:
-        print(f"warning: {tag} has an empty training set; it stays at its initialisation", flush=True)
-        saved = runs.save_stage(run.out, tag, record, model, grad_norms=train.grad_norm_summary([], 0))
-    if saved is None:
-        trained = trained or model
-        for m in compiled:
-            m.compile()
-        history = run.fit(trained, loss, batches, epochs, lr, run.sgd, tag,
-                          runs.Saved(runs.ckpt_path(run.out, tag), record, run.resume), what)
-        saved = runs.save_stage(run.out, tag, record, model,
-                                 grad_norms=train.grad_norm_summary(history["grad_norm"], run.sgd.clip_grad))
-    run.metrics["grad_norms"][tag] = saved["grad_norms"]
-    return model.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -605,7 +572,7 @@ def zero_shot_and_seed_set(run, prompts, K):
     run.metrics["zero_shot_acc"] = run.score("zero_shot", zero_shot)
     run.metrics["zero_shot_train_label_precision"] = label_precision(y_logit, run.truth())
     run.metrics["zero_shot_mean_confidence"] = 100.0 * conf.mean().item()
-    idx, y = with_labelled(*topk_per_class(conf, y_conf, K), run.labelled, run.y_labelled)
+    idx, y = add_labelled(*topk_per_class(conf, y_conf, K), run.labelled, run.y_labelled)
     run.metrics["seed_set"] = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(conf),
                                "precision": label_precision(y, run.truth(idx))}
     cost.record(run.metrics, "zero_shot")
@@ -615,7 +582,7 @@ def zero_shot_and_seed_set(run, prompts, K):
     return W, (idx, y), (conf, y_conf)
 
 
-def phase1(run, p1, seed_set):
+def phase1(run, settings, seed_set):
     """Phase I (Sec. 3.1): two dual-prompt models differing only by seed, trained on their seed
     set with L1 + lambda * L2 (Eq. 4-6). CoFT+ (Sec. 3.3.1) runs R rounds: after round r each
     model relabels every image with its positive prompts and takes its own top-K as its next
@@ -631,24 +598,25 @@ def phase1(run, p1, seed_set):
 
     def loss(model, batch, draws):  # L_Phase1 = L1 + lambda * L2 (Eq. 4-6) on a batch of S*
         x, y, _ = batch
-        l1, l2 = phase1_losses(model, x, y, complement_labels(y, C, draws(1, C)), run.tau, p1.detach_neg)
-        return {"L1": (l1, len(y)), "lam*L2": (p1.lam * l2, len(y))}
+        l1, l2 = phase1_losses(model, x, y, complement_labels(y, C, draws(1, C)), run.tau, settings.detach_neg)
+        return {"L1": (l1, len(y)), "lam*L2": (settings.lam * l2, len(y))}
 
-    for r in range(1, p1.rounds + 1):
+    for r in range(1, settings.rounds + 1):
         models, scores, log = [], [], {}
         seed_sets.append(list(sets))
         for m in (1, 2):
             idx, y = sets[m - 1]
             log[f"model{m}_seed_set"] = {"size": len(idx), "precision": label_precision(y, run.truth(idx))}
             torch.manual_seed(seed_of(run.seed, "init", r, m))  # fresh prompts / VPT every round
-            model = DualPromptModel(run.clip, run.task.classnames, p1.M, p1.ctx_init, p1.vpt_tokens,
-                                    p1.vpt_deep).to(run.device)
+            model = DualPromptModel(run.clip, run.task.classnames, settings.M, settings.ctx_init, settings.vpt_tokens,
+                                    settings.vpt_deep).to(run.device)
             tag = f"phase1_round{r}_model{m}"
             seed_images = data.ImageDataset([run.task.train[i] for i in idx.tolist()], weak, labels=y.tolist())
 
             def batches(epoch, ds=seed_images, tag=tag):
                 return run.loader(ds, run.sgd.batch, (tag, epoch), shuffle=True)
-            run_stage(run, tag, model, loss, batches, p1.epochs, p1.lr, f"phase I round {r} model {m}")
+            run.stage(tag, model, loss, batches, epochs=settings.epochs, lr=settings.lr, recipe=run.sgd,
+                      what=f"phase I round {r} model {m}")
             # each model's scores on all unlabelled images, computed once and used for relabelling
             # (next round) or for both directions of the collaborative filter (last round)
             on_train = phase1_scores(run, model, run.unlabelled)
@@ -661,9 +629,9 @@ def phase1(run, p1, seed_set):
             log[f"model{m}_mean_confidence"] = 100.0 * on_train.conf.mean().item()
             models.append(model)
             scores.append(on_train)
-            if r < p1.rounds:  # this model's own top-K by its positive-prompt softmax
-                sets[m - 1] = with_labelled(*topk_per_class(on_train.conf, on_train.y_conf, p1.K), run.labelled,
-                                            run.y_labelled)
+            if r < settings.rounds:  # this model's own top-K by its positive-prompt softmax
+                sets[m - 1] = add_labelled(*topk_per_class(on_train.conf, on_train.y_conf, settings.K), run.labelled,
+                                           run.y_labelled)
         run.metrics["rounds"].append(log)
         print(f"phase I round {r}: " + "; ".join(
             f"model {m}: seed set {log[f'model{m}_seed_set']['size']} (precision "
@@ -750,69 +718,74 @@ def filter_diagnosis(y_a, keep, peer_margin, peer_confidence, own_confidence, y_
             "auroc_own_confidence": auroc(own_confidence, right)}
 
 
-def fine_tune(run, p2, tag, clip, head, idx, y, vpt=None, adapter=None):
+def fine_tune(run, settings, tag, clip, head, idx, y, vpt=None, adapter=None):
     """Phase II for one branch (Sec. 3.2.2): fine-tune a copy of clip's image tower and a linear
     head (initialised from `head` [C, D], or at random) with cross-entropy on (x, y_a(x)) for the
-    train images idx with labels y, its clean set (Eq. 7), under p2.aug at clip's resolution;
+    train images idx with labels y, its clean set (Eq. 7), under settings.aug at clip's resolution;
     also the top-K and labelled-shots baselines' trainer. CoFT+
     (--contrast, Eq. 10): + gamma * InfoNCE (Eq. 9) on two views of *all* unlabelled images, an
-    epoch being one pass over them (WithUnlabelled). Every stream is keyed by `tag`, so the two
+    epoch being one pass over them (CleanAndUnlabelled). Every stream is keyed by `tag`, so the two
     branches never share one. Returns the trained ImageClassifier in eval mode."""
     model = clip_model.ImageClassifier(clip.visual, len(run.task.classnames), head, clip.logit_scale.exp().item(),
                                        vpt, adapter).to(run.device)
-    if p2.sync_bn:  # ResNet towers under torchrun: BatchNorm statistics over the global batch
+    if settings.sync_bn:  # ResNet towers under torchrun: BatchNorm statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    augment = data.make_transform(p2.aug, clip.visual, run.task)
+    augment = data.make_transform(settings.aug, clip.visual, run.task)
     train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist())
     if len(train_set) == 0:  # the validator rejected every label: nothing to fine-tune on
-        return run_stage(run, tag, model, None, None, 0, 0, tag, empty=True)
+        run.stage(tag, model, None, None, epochs=0, lr=0, recipe=run.sgd)
+        return model
     batch = run.sgd.batch
 
     def clean_batches(epoch, cycle=0):
         return run.train_loader(train_set, batch, (tag, epoch, "clean", cycle))
 
-    if not p2.contrast:
+    if not settings.contrast:
         def loss(model, b, _):  # Eq. 7 on a batch (x, y, index) of the clean set
             return {"L_FFT": (F.cross_entropy(model(b[0]), b[1]), len(b[1]))}
-        return run_stage(run, tag, model, loss, clean_batches, p2.epochs, p2.lr, f"phase II {tag}",
-                         compiled=[model.visual] if p2.compile else [])
+        run.stage(tag, model, loss, clean_batches, epochs=settings.epochs, lr=settings.lr, recipe=run.sgd,
+                  what=f"phase II {tag}", compiled=[model.visual] if settings.compile else [])
+        return model
 
     views = data.ImageDataset(run.task.train, data.TwoViews(
         augment, data.make_transform("strong", clip.visual, run.task)))
-    mc = MomentumContrast(model, min(p2.queue, len(views)), p2.mu, p2.tau_c, ddp.gather_batch).to(run.device)
+    mc = MomentumContrast(model, min(settings.queue, len(views)), settings.mu, settings.tau_c,
+                          ddp.gather_batch).to(run.device)
 
     def batches(epoch):
-        return WithUnlabelled(lambda cycle: clean_batches(epoch, cycle),
-                              run.loader(views, batch, (tag, epoch, "unlabelled"), shuffle=True))
+        return CleanAndUnlabelled(lambda cycle: clean_batches(epoch, cycle),
+                                  run.loader(views, batch, (tag, epoch, "unlabelled"), shuffle=True))
 
     def loss(mc, b, _):  # Eq. 10: L_FFT (Eq. 7) on the clean batch + gamma * L_Cont (Eq. 9) on the unlabelled one
         x, y, _, x_q, x_k, j = b
         return {"L_FFT": (F.cross_entropy(mc.model(x), y), len(y)),
-                "gamma*L_Cont": (p2.gamma * mc(x_q, x_k, j), len(j))}
-    return run_stage(run, tag, model, loss, batches, p2.epochs, p2.lr, f"phase II {tag}", trained=mc,
-                     compiled=[mc.model.visual, mc.key_model.visual] if p2.compile else [])
+                "gamma*L_Cont": (settings.gamma * mc(x_q, x_k, j), len(j))}
+    run.stage(tag, model, loss, batches, epochs=settings.epochs, lr=settings.lr, recipe=run.sgd,
+              what=f"phase II {tag}", trained=mc,
+              compiled=[mc.model.visual, mc.key_model.visual] if settings.compile else [])
+    return model
 
 
-def phase2(run, p2, scores, peft, clean, prompts, ft_clip=None):
+def phase2(run, settings, scores, peft, clean):
     """Phase II (Sec. 3.2.2) per branch a: a fresh copy of the pre-trained image tower (or of
     --fft-backbone's, the paper's distillation setting) fine-tuned on clean set a, its head
     initialised from Phase-I model a's positive prompts (another backbone: its zero-shot
     weights). Returns each branch's softmax on the eval split (None without one)."""
     cost = train.StageCost(run.device)
-    if ft_clip is None:
+    if run.ft_clip is None:
         clip, evaluated = run.clip, run.evaluated
         heads = [s.t_pos.to(run.device) for s in scores]  # each Phase-I model's own positive prompts
     else:
-        clip = ft_clip.to(run.device)
-        set_grad_checkpointing(clip, p2.grad_checkpointing)
+        clip = run.ft_clip.to(run.device)
+        set_grad_checkpointing(clip, settings.grad_checkpointing)
         evaluated = data.ImageDataset(run.evaluated.items, data.make_transform("test", clip.visual,
                                                                                run.task))
-        heads = [text_classifier(clip, prompts, run.device)] * 2  # the new backbone's zero-shot weights
+        heads = [text_classifier(clip, run.prompts, run.device)] * 2  # the new backbone's zero-shot weights
     probs = []
-    for a in range(p2.branches):
+    for a in range(settings.branches):
         init = dict(vpt=None if peft[a].vpt is None else peft[a].vpt.prompts, adapter=peft[a].adapter) \
-            if p2.init == "phase1" else {}
-        branch = fine_tune(run, p2, f"branch{a + 1}", clip, heads[a] if p2.head_init == "text" else None,
+            if settings.init == "phase1" else {}
+        branch = fine_tune(run, settings, f"branch{a + 1}", clip, heads[a] if settings.head_init == "text" else None,
                            *clean[a], **init)
         run.metrics[f"branch{a + 1}_acc"] = None
         if run.y_eval is not None:
@@ -846,24 +819,25 @@ def linear_probe(run):
           f"not a label-free method): {run.metrics['probe_acc']:.2f}", flush=True)
 
 
-def fine_tune_baseline(run, method, p2, W, seed_set):
+def fine_tune_baseline(run, method, settings, W, seed_set):
     """--method topk: the UPL-like self-training baseline, Phase II's recipe on S* with its
     zero-shot labels (and any labelled shots); --method shots: the same on the labelled shots
     alone. One branch, its head initialised from the zero-shot weights W."""
     cost = train.StageCost(run.device)
     idx, y = seed_set if method == "topk" else (run.labelled, run.y_labelled)
-    branch = fine_tune(run, p2, method, run.clip, W if p2.head_init == "text" else None, idx, y)
+    branch = fine_tune(run, settings, method, run.clip, W if settings.head_init == "text" else None, idx, y)
     run.metrics[f"{method}_acc"] = run.score(method, branch)
     cost.record(run.metrics, "fine_tune")
 
 
-def self_training(run, p2, rounds, threshold, W, labeller):
+def self_training(run, settings, rounds, threshold, W, labeller):
     """--method selftrain: the self-training reference a reader tries first, iterative
     pseudo-labelling with a confidence threshold (Lee, 2013; in rounds, as noisy-student
     training). Round r: every unlabelled image whose label from the current labeller has
     softmax confidence >= --threshold joins the training set with that label (round 1's
-    labeller: zero-shot, Eq. 1, `labeller` = (confidence [N], label [N])), and a fresh copy of the pre-trained tower with
-    its head from W is fine-tuned on it by Phase II's recipe; the result labels round r + 1.
+    labeller: zero-shot, Eq. 1, `labeller` = (confidence [N], label [N])), and a fresh copy of
+    the pre-trained tower with its head from W is fine-tuned on it by Phase II's recipe; the
+    result labels round r + 1.
     `rounds` rounds (--rounds, default 3 for this method); the last round's model is the result.
     Unlike CoFT: no second model, no negative prompt, one global threshold."""
     cost = train.StageCost(run.device)
@@ -871,8 +845,8 @@ def self_training(run, p2, rounds, threshold, W, labeller):
     for r in range(1, rounds + 1):
         conf, y = labeller
         idx = (conf >= threshold).nonzero().squeeze(1)
-        idx, labels = with_labelled(idx, y[idx], run.labelled, run.y_labelled)
-        model = fine_tune(run, p2, f"selftrain_round{r}", run.clip, W if p2.head_init == "text" else None,
+        idx, labels = add_labelled(idx, y[idx], run.labelled, run.y_labelled)
+        model = fine_tune(run, settings, f"selftrain_round{r}", run.clip, W if settings.head_init == "text" else None,
                           idx, labels)
         log = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(conf),
                "precision": label_precision(labels, run.truth(idx)), "acc": run.score("selftrain", model)}
@@ -934,37 +908,56 @@ def final_stages(metrics, config):
 # A run, end to end
 
 
-def run(args):
+def end_to_end(args):
     """Zero-shot -> S* -> Phase I (two models; CoFT+: R rounds) -> collaborative filter ->
     Phase II (CoFT+: + momentum contrast) -> ensemble. Writes metrics.json, config.json,
     pseudo_labels.pt (every seed set and clean set), pseudo_labels.csv (every image's labels, for
     a person to review) and predictions.pt (eval-split predictions of every model); stages/ holds
     each finished stage (docs/runs.md)."""
-    ctx, prompts, ft_clip = prepare(args)  # a Run: what the stages share
-    p1, p2 = phase_settings(args)  # the stages see these, never the flags
-    W, seed_set, zero_shot = zero_shot_and_seed_set(ctx, prompts, p1.K)
+    run, (phase1_settings, phase2_settings) = prepare(args)  # the stages see these, never the flags
+    W, seed_set, zero_shot = zero_shot_and_seed_set(run, run.prompts, phase1_settings.K)
     if args.method == "probe":
-        linear_probe(ctx)
+        linear_probe(run)
     elif args.method in ("topk", "shots"):
-        fine_tune_baseline(ctx, args.method, p2, W, seed_set)
+        fine_tune_baseline(run, args.method, phase2_settings, W, seed_set)
     elif args.method == "selftrain":
-        self_training(ctx, p2, args.rounds, args.threshold, W, zero_shot)
+        self_training(run, phase2_settings, args.rounds, args.threshold, W, zero_shot)
     else:
-        peft, scores, seed_sets = phase1(ctx, p1, seed_set)
-        clean, y_gen, review = generate_and_validate(ctx, scores)
-        runs.atomic_save({"labelled": ctx.labelled, "seed_sets": seed_sets, "generated": y_gen,
+        peft, scores, seed_sets = phase1(run, phase1_settings, seed_set)
+        clean, y_gen, review = generate_and_validate(run, scores)
+        runs.atomic_save({"labelled": run.labelled, "seed_sets": seed_sets, "generated": y_gen,
                           "clean": [idx for idx, _ in clean], "clean_labels": [y for _, y in clean]},
-                         ctx.out / "pseudo_labels.pt")
-        write_pseudo_labels(ctx, zero_shot, review)
+                         run.out / "pseudo_labels.pt")
+        write_pseudo_labels(run, zero_shot, review)
         if args.phase != "1":
-            ensemble(ctx, phase2(ctx, p2, scores, peft, clean, prompts, ft_clip))
-    return runs.finish_run(ctx.out, ctx.metrics, ctx.predictions, ctx.t0)
+            ensemble(run, phase2(run, phase2_settings, scores, peft, clean))
+    return runs.finish_run(run.out, run.metrics, run.predictions, run.t0)
+
+
+# flags config.json leaves out: CoFT's that change how a run goes, never its numbers (besides
+# runs.UNRECORDED_FLAGS), and the LLM prompt file, whose contents the config records instead
+UNRECORDED_FLAGS = ("compile", "grad_checkpointing", "eval_only", "phase", "llm_prompts", "write_llm_prompts",
+                    "api_base", "llm", "prompts_per_class")
+
+
+def run_config(args, task, prompts, labels=None):
+    """Every setting that can change a number of this run, with the data, the zero-shot prompts,
+    the backbones and any labels file recorded by content."""
+    config, _ = runs.settings(args, UNRECORDED_FLAGS)
+    if labels is not None:
+        config["labels"] = labels.digest()
+    config.update(data=data.fingerprint(task, task.root),
+                  clip=standin.backbone_id("--clip", args.clip, args.clip_act),
+                  fft_backbone=standin.backbone_id("--fft-backbone", args.fft_backbone, args.clip_act),
+                  zero_shot_prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16])
+    return config
 
 
 def prepare(args):
     """Everything a run checks and loads before its first stage, in the order that keeps a
     mistake cheap: the flags, --out, the data and prompts, the backbones, and only then the run
-    folder (config.json; --restart discards the old run there). Returns (Run, the zero-shot prompts, the --fft-backbone model or None)."""
+    folder (config.json; --restart discards the old run there). Returns (Run, (Phase1Settings,
+    Phase2Settings))."""
     device = runs.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
     check_args(args, device)
     continuing = args.resume or args.eval_only or args.phase == "2"
@@ -974,7 +967,7 @@ def prepare(args):
                        f"to use: run {'it' if args.eval_only else '--phase 1'} first")
     args = runs.with_precision(args, device)  # the config records what ran
     t0 = time.time()
-    task = runs.open_task(args)
+    task = data.task_of(args)
     eval_items = data.eval_items(task, args.eval_split)
     y_true = data.train_labels(task)
     labels = data.read_labels(args.labels, task) if args.labels else None
@@ -993,7 +986,7 @@ def prepare(args):
         check_fft_init(args, clip, ft_clip)
     # every check passed: only now may --restart discard the run in --out
     out = runs.open_run(args.out, config, continuing, args.restart, ["pseudo_labels.pt", "pseudo_labels.csv"],
-                        runs.settings(args, NO_NUMBER_FLAGS)[1])
+                        runs.settings(args, UNRECORDED_FLAGS)[1])
     test = data.make_transform("test", clip.visual, task)
     if labels is not None:  # the paper's few-labels setting (Sec. 4.4) from the labels a person gave
         labelled, y_labelled = labels.index, labels.y
@@ -1014,13 +1007,13 @@ def prepare(args):
     if labels is not None:
         metrics["labels"] = {"file": args.labels, "size": len(labels),
                              "per_class": labels.per_class(len(task.classnames))}
-    ctx = Run(**runs.context(args, out, config, device, continuing),
+    run = Run(**runs.fields_of(args, out, config, device, continuing),
               must_load="all" if args.eval_only else "phase1" if args.phase == "2" else "none",
               sgd=train.SGDRecipe(**{k: getattr(args, k) for k in SGD_KEYS}), task=task, clip=clip,
               tau=1.0 / clip.logit_scale.exp().item(), unlabelled=data.ImageDataset(task.train, test),
               evaluated=data.ImageDataset(eval_items, test), y_true=y_true,
               y_eval=torch.tensor([label for _, label in eval_items]) if eval_items else None, labelled=labelled,
-              y_labelled=y_labelled, metrics=metrics, predictions={}, t0=t0)
+              y_labelled=y_labelled, metrics=metrics, predictions={}, t0=t0, prompts=prompts, ft_clip=ft_clip)
     print(f"{args.dataset}: {len(task.classnames)} classes, {len(task.train)} unlabelled train images, "
           f"{len(eval_items)} {args.eval_split} images; backbone {args.clip} ({clip.visual.resolution}px) on "
           f"{device}, {args.precision}", flush=True)
@@ -1030,7 +1023,7 @@ def prepare(args):
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported; what can be known without labels is: the "
               "mean confidences, the Phase-I models' agreement and the filter's kept fractions", flush=True)
-    return ctx, prompts, ft_clip
+    return run, settings_of(args)
 
 
 def check_args(args, device):
@@ -1137,9 +1130,9 @@ def zero_shot_prompts(task, llm_prompts=None, template_ensemble=False, plus=Fals
 
 def parser():
     p = runs.Parser(description="CoFT: label-free collaborative fine-tuning of CLIP",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    runs.data_flags(p, "digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
+    data.add_flags(p, "digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
     a("--labels", default=None, metavar="FILE",
       help="labelled images (the paper's few-labels setting, Sec. 4.4): a CSV path,class (paths relative to "
            "--images / --data-root); they join S* and both clean sets with these labels. A run's "
@@ -1162,35 +1155,36 @@ def parser():
     a("--eval-split", default="test", choices=["test", "dev"],
       help="dev: report on the labelled dev split instead (for choosing hyperparameters; never tune on test)")
     # seed set
-    a("--K", type=number(int, 1), default=16, help="seed-set images per class")
-    a("--labelled-shots", type=number(int, 0), default=0, metavar="N",
+    a("--K", type=number_type(int, 1), default=16, help="seed-set images per class")
+    a("--labelled-shots", type=number_type(int, 0), default=0, metavar="N",
       help="semi-supervised setting (paper Sec. 4.4): N true-labelled train images per class join S* and both "
            "clean sets with their true labels")
     # Phase I
-    a("--M", type=number(int, 1), default=None,
+    a("--M", type=number_type(int, 1), default=None,
       help="context tokens per prompt; default 16 (the paper's, for ViT-B/16), 4 for the demo backbone (chosen on "
            "the dev splits of both demo tasks)")
     a("--ctx-init", default=None, help='initialise both contexts from words, e.g. "a photo of a"')
-    a("--vpt-tokens", type=number(int, 0), default=None,
+    a("--vpt-tokens", type=number_type(int, 0), default=None,
       help="visual prompt tokens per block; default 20 (the paper's), 0 for the demo backbone (chosen on dev)")
     a("--vpt", default="deep", choices=["deep", "shallow"])
-    a("--lam", type=number(float, 0), default=1.0, help="weight of L2")
+    a("--lam", type=number_type(float, 0), default=1.0, help="weight of L2")
     a("--detach-neg", action="store_true",
       help="DeFT: L2 trains only the negative context (detached s+ and image features)")
-    a("--p1-epochs", type=number(int, 1), default=20)
-    a("--p1-lr", type=number(float, 0, low_open=True), default=0.03)
-    a("--batch", type=number(int, 1), default=64,
+    a("--p1-epochs", type=number_type(int, 1), default=20)
+    a("--p1-lr", type=number_type(float, 0, low_open=True), default=0.03)
+    a("--batch", type=number_type(int, 1), default=64,
       help="global batch size (the paper's); under torchrun each of N processes takes a contiguous 1/N of every batch")
-    a("--weight-decay", type=number(float, 0), default=5e-4, help="SGD weight decay, both phases")
-    a("--momentum", type=number(float, 0, 1, high_open=True), default=0.9, help="SGD momentum, both phases")
-    a("--warmup-epochs", type=number(int, 0), default=1, help="linear warm-up before the cosine decay, both phases")
-    a("--clip-grad", type=number(float, 0), default=None,
+    a("--weight-decay", type=number_type(float, 0), default=5e-4, help="SGD weight decay, both phases")
+    a("--momentum", type=number_type(float, 0, 1, high_open=True), default=0.9, help="SGD momentum, both phases")
+    a("--warmup-epochs", type=number_type(int, 0), default=1,
+      help="linear warm-up before the cosine decay, both phases")
+    a("--clip-grad", type=number_type(float, 0), default=None,
       help="gradient-norm clipping threshold, both phases (0: off); default off (the published recipes), 1.0 for "
            "the demo backbone (chosen on its dev split)")
     # Phase II
     a("--branches", type=int, default=2, choices=[1, 2])
-    a("--fft-epochs", type=number(int, 1), default=10)
-    a("--fft-lr", type=number(float, 0, low_open=True), default=None,
+    a("--fft-epochs", type=number_type(int, 1), default=10)
+    a("--fft-lr", type=number_type(float, 0, low_open=True), default=None,
       help="default 5e-4 (published); 2e-2 for the demo backbone (CoFT's choice on both demo tasks' dev splits)")
     a("--fft-aug", default="strong", choices=["strong", "weak"])
     a("--fft-init", default="pretrained", choices=["pretrained", "phase1"],
@@ -1199,31 +1193,30 @@ def parser():
       help="Phase II on another backbone (distillation), e.g. ViT-B/16; any --clip form")
     # CoFT+
     a("--plus", action="store_true", help="CoFT+: --rounds 3 --contrast, and LLM prompts (or the template ensemble)")
-    a("--rounds", type=number(int, 1), default=None,
+    a("--rounds", type=number_type(int, 1), default=None,
       help="Phase-I rounds R (default 1; 3 with --plus); --method selftrain: its rounds (default 3)")
     a("--contrast", action="store_true", help="momentum contrastive loss on all unlabelled images in Phase II")
-    a("--gamma", type=number(float, 0), default=1.0, help="weight of L_Cont")
-    a("--mu", type=number(float, 0, 1), default=0.999, help="EMA momentum of the key encoder")
-    a("--tau-c", type=number(float, 0, low_open=True), default=0.07, help="InfoNCE temperature tau'")
-    a("--queue", type=number(int, 1), default=4096, help="key queue size (capped to the number of unlabelled images)")
+    a("--gamma", type=number_type(float, 0), default=1.0, help="weight of L_Cont")
+    a("--mu", type=number_type(float, 0, 1), default=0.999, help="EMA momentum of the key encoder")
+    a("--tau-c", type=number_type(float, 0, low_open=True), default=0.07, help="InfoNCE temperature tau'")
+    a("--queue", type=number_type(int, 1), default=4096,
+      help="key queue size (capped to the number of unlabelled images)")
     a("--llm-prompts", default=None, help="JSON {class: [prompts]} for the zero-shot pass (CoFT+)")
     a("--template-ensemble", action="store_true", help="zero-shot pass with all hand-written templates")
     a("--write-llm-prompts", default=None, metavar="FILE",
       help="ask an OpenAI-compatible endpoint for class prompts, write FILE and exit (key: $OPENAI_API_KEY)")
     a("--api-base", default="https://api.openai.com/v1")
     a("--llm", default="gpt-4o-mini", help="model name for --write-llm-prompts")
-    a("--prompts-per-class", type=number(int, 1), default=10)
+    a("--prompts-per-class", type=number_type(int, 1), default=10)
     a("--head-init", default="text", choices=["text", "random"])
     a("--sync-bn", action="store_true",
       help="Phase II under torchrun with a ResNet backbone: BatchNorm statistics over the global batch "
            "(SyncBatchNorm, GPUs only) instead of each process's slice; no effect on ViTs or in a plain run")
     # self-training reference
-    a("--threshold", type=number(float, 0, 1), default=None,
+    a("--threshold", type=number_type(float, 0, 1), default=None,
       help="--method selftrain: softmax confidence an image's pseudo-label needs to be trained on; default 0.95 "
            "(FixMatch's), 0.7 for the demo backbone (chosen on both demo tasks' dev splits)")
     return p
-
-
 
 
 def resolve_defaults(args):
@@ -1234,7 +1227,7 @@ def resolve_defaults(args):
     the offline stand-in, whose 16 patches and 24-token context a ViT-B/16 capacity overfits
     (docs/demo.md); loader workers by device. Returns a resolved copy of the flags."""
     args = argparse.Namespace(**vars(args))
-    args.dataset = runs.dataset_name(args)
+    args.dataset = data.dataset_name(args)
     if args.plus:
         args.contrast = True
         args.rounds = args.rounds or 3
@@ -1286,16 +1279,16 @@ def main(argv=None):
             methods = ("coft", "coft+", "topk", "selftrain", "shots", "probe")  # a run's "method" in metrics.json
             return runs.table(runs.finished_runs(args.table, methods), run_summary)
         if args.write_llm_prompts:
-            args.dataset = runs.dataset_name(args)
-            task = runs.open_task(args)
+            args.dataset = data.dataset_name(args)
+            task = data.task_of(args)
             path = llm.write_class_prompts(args.write_llm_prompts, task.classnames, args.api_base, args.llm,
                                            os.environ.get("OPENAI_API_KEY"), args.prompts_per_class)
             print(f"wrote prompts for {len(task.classnames)} classes to {path}")
             return None
-        return run(resolve_defaults(args))
+        return end_to_end(resolve_defaults(args))
     where = "" if args.table or args.write_llm_prompts else \
         runs.saved_in(args.out, "finished stages and the last epoch checkpoint")
-    return runs.run_cli(body, where)
+    return runs.run_cli(body, where, errors=data.USER_ERRORS)
 
 
 if __name__ == "__main__":

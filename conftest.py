@@ -299,13 +299,13 @@ def cli_as_process(rank, module, argv, record, die_at=None):
 
     def recording_fit(*a, **k):
         fit_args = fit_arguments(*a, **k)
-        trained, step_fn, tag = fit_args["model"], fit_args["step_fn"], stage_of(fit_args)
+        trained, step_fn, tag = fit_args["model"], fit_args["loss"], stage_of(fit_args)
         seen["steps"][tag] = 0
 
         def counted(*b):
             seen["steps"][tag] += 1
             return step_fn(*b)
-        fit_args["step_fn"] = counted
+        fit_args["loss"] = counted
         history = real_fit(**fit_args)
         seen["losses"][tag] = history["loss"]
         if hasattr(trained, "queue"):  # CoFT+'s MomentumContrast: all but the online model

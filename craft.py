@@ -44,7 +44,7 @@ import runs
 import train
 from cmaes import CMAES
 from clip_model import unit
-from runs import number, shown
+from runs import number_type, shown
 from train import RunError, seed_of
 
 # -----------------------------------------------------------------------------
@@ -88,9 +88,8 @@ class BlackBox:
         self._sos, self._suffix = sos.to(device), suffix.to(device)
         self._images = {}
         self._last = None  # (contexts, text features) of the last prompt query
-        # text-tower batch: at most ~4096 prompts (contexts x classes) per call on a GPU; ~1024 on a
-        # CPU, where activations that fit the cache pay (ViT-B/16 text tower, 1 thread, C = 100: 212
-        # prompts/s at 4000 per call, 264 at 1000, 281 at 500)
+        # text-tower batch: about 4096 prompts (contexts x classes) per call on a GPU, 1024 on a CPU,
+        # where smaller calls run faster (their activations fit the cache)
         self._chunk = max(1, (4096 if device.type == "cuda" else 1024) // len(classnames))
         self.queries = {"prompts": 0, "images": 0}
 
@@ -98,6 +97,10 @@ class BlackBox:
         """The input embeddings [n, width] of `words` (no [SOS]/[EOT]): the vocabulary a prompt is
         written in, which the paper's setting hands to the user (p0); not a query."""
         return word_embeddings(self._clip, words)
+
+    def class_tokens(self):
+        """The longest class part of a prompt, "{class}. [EOT]", in tokens (what a context adds to)."""
+        return int(self._suffix.argmax(1).max()) + 1
 
     def forget(self):
         """Drop the remembered last prompt (a new generation queries its prompt afresh)."""
@@ -221,43 +224,11 @@ def consistency_weight(t, budget, n, lam):
 
 
 # -----------------------------------------------------------------------------
-# A run
+# A run: its settings, what its parts share
 
 
-# the official configs (RN50, 16 shots): sigma0, bound (None: unbounded), std of A, n (lambda_O is
-# switched off after budget/n queries), MLP batch, lambda. ImageNet's A has nn.Linear's default
-# initialisation (uniform, std 1/sqrt(3*512)); its MLP is 512 wide.
-SETTINGS = {
-    "caltech101": (1, 5, 0.2, 4, 256, 0.1), "oxford_pets": (0.02, 5, 0.2, 1, 64, 0.1),
-    "stanford_cars": (1, 5, 0.2, 4, 256, 0.1), "oxford_flowers": (1, 5, 0.2, 4, 256, 0.1),
-    "food101": (1, None, 0.2, 1, 256, 1.0), "fgvc_aircraft": (0.02, None, 0.2, 4, 256, 0.1),
-    "sun397": (1, 5, 0.2, 4, 256, 0.1), "dtd": (0.02, 5, 1.0, 1, 256, 0.001),
-    "eurosat": (0.02, 5, 1.0, 1, 256, 0.01), "ucf101": (1, 5, 0.2, 4, 256, 0.1),
-    "imagenet": (1, None, (3 * 512) ** -0.5, 1, 256, 0.0),
-}
-DEFAULT_SETTINGS = SETTINGS["caltech101"]  # the row most datasets share, for any other dataset
-SETTING_FLAGS = ("sigma0", "bound", "a_std", "n", "batch", "lam")
-
-# flags that change how a run goes, never its numbers
-NO_NUMBER_FLAGS = ("ckpt_every",)  # besides runs.NO_NUMBER_FLAGS
 SEARCHES = ("craft", "bbt")  # methods that search the prompt
 REFINES = ("craft", "mlp")  # methods that train the refiner
-
-
-def budget_for(shots, dataset=""):
-    """The official code's query budget by shots: 8000 for 8-16, 4000 for 2-4, 2000 for 1; its
-    ImageNet script: 4000 for 2-16 (the paper's text says 8000: give --budget 8000)."""
-    if dataset.lower() == "imagenet":
-        return 4000 if shots >= 2 else 2000
-    return 8000 if shots >= 8 else 4000 if shots >= 2 else 2000
-
-
-def coop_epochs_for(shots, dataset=""):
-    """CoOp's epochs (Zhou et al. 2022, its configs): 50 for 1 shot, 100 for 2-4, 200 for 8-16;
-    on ImageNet 50 for every shot count."""
-    if dataset.lower() == "imagenet":
-        return 50
-    return 200 if shots >= 8 else 100 if shots >= 2 else 50
 
 
 @dataclass(frozen=True)
@@ -294,9 +265,9 @@ def settings_of(args):
 
 
 @dataclass
-class Setup(train.RunContext):
-    """What a run's parts share, made once by `prepare` (train.RunContext: its folder, config,
-    how it computes, the seeded loaders)."""
+class Run(runs.Run):
+    """What a run's parts share, made once by `prepare` (runs.Run: its folder, config, how it
+    computes, the seeded loaders)."""
     task: data.Task
     clip: clip_model.CLIP  # used by the white-box references only (coop, probe)
     box: BlackBox
@@ -309,25 +280,146 @@ class Setup(train.RunContext):
     ctx_init: str  # the words of p0
     p0: torch.Tensor  # [n, width] their embeddings
     scale: float  # the black box's logit scale
-    metrics: dict
     predictions: dict
-    t0: float
 
 
-def zero_shot(s):
+# -----------------------------------------------------------------------------
+# The stages: the zero-shot references, CraFT, then the white-box references
+
+
+def zero_shot(run):
     """Zero-shot references (no training): the dataset's hand-written template, and p0 ("a photo
     of a {}.", where the search starts). Nothing without a labelled eval split."""
-    if s.y_eval is None:
-        s.metrics["zero_shot_acc"] = s.metrics["p0_acc"] = None
+    if run.y_eval is None:
+        run.metrics["zero_shot_acc"] = run.metrics["p0_acc"] = None
         return
-    s.box.upload("eval", s.evaluated, s.workers)
-    l_template = s.box.hard_prompt_logits(s.task.templates[0], "eval")
-    l_p0 = s.box.logits(s.p0[None], "eval")[0]
-    s.metrics["zero_shot_acc"] = train.accuracy(l_template.cpu(), s.y_eval)
-    s.metrics["p0_acc"] = train.accuracy(l_p0.cpu(), s.y_eval)
-    s.predictions["zero_shot"] = l_template.argmax(1).cpu()
-    print(f"zero-shot ({s.task.templates[0]!r}): {s.metrics['zero_shot_acc']:.2f}; "
-          f"p0 ({s.ctx_init!r} {{}}.): {s.metrics['p0_acc']:.2f}", flush=True)
+    run.box.upload("eval", run.evaluated, run.workers)
+    l_template = run.box.hard_prompt_logits(run.task.templates[0], "eval")
+    l_p0 = run.box.logits(run.p0[None], "eval")[0]
+    run.metrics["zero_shot_acc"] = train.accuracy(l_template.cpu(), run.y_eval)
+    run.metrics["p0_acc"] = train.accuracy(l_p0.cpu(), run.y_eval)
+    run.predictions["zero_shot"] = l_template.argmax(1).cpu()
+    print(f"zero-shot ({run.task.templates[0]!r}): {run.metrics['zero_shot_acc']:.2f}; "
+          f"p0 ({run.ctx_init!r} {{}}.): {run.metrics['p0_acc']:.2f}", flush=True)
+
+
+def collaborate(run, settings):
+    """CraFT's collaborative training (--method craft), or one module alone (bbt: the CMA-ES
+    prompt with the CE fitness; mlp: the refiner with the prompt fixed at p0). Per generation:
+    one CMA-ES generation (popsize prompt queries on the pre-extracted features of one augmented
+    view of the shots) with the refiner frozen, then one refiner epoch (refiner_epoch) with the
+    prompt frozen. A checkpoint is written every --ckpt-every generations; --resume continues
+    from it to the same result. Inference: one query with the final prompt, then argmax of l + g(l)."""
+    search, refine = settings.method in SEARCHES, settings.method in REFINES
+    G = settings.budget // settings.popsize  # generations
+    y_view = run.y_shots.to(run.device)
+    # the fitness's features: one augmented view, drawn from the run's seed and extracted once
+    run.box.upload("view", run.shots, run.workers, seed_of(run.seed, "view"))
+    generator = PromptGenerator(run.p0, settings.intrinsic_dim, settings.a_std, seed_of(run.seed, "A"))
+    torch.manual_seed(seed_of(run.seed, "refiner"))
+    refiner = Refiner(len(run.task.classnames), settings.hidden).to(run.device) if refine else None
+    opt = torch.optim.Adam(refiner.parameters(), lr=settings.lr) if refine else None
+    es = CMAES(torch.zeros(settings.intrinsic_dim), settings.sigma0, settings.popsize,
+               (-settings.bound, settings.bound) if settings.bound else None, settings.cma == "separable",
+               seed_of(run.seed, "cma-es")) if search else None
+    if settings.trace_every:
+        run.box.upload("dev", run.dev, run.workers)
+        y_dev = torch.tensor([label for _, label in run.dev.items])
+    ckpt = runs.RecordedFile(runs.ckpt_path(run.out, "collaborate"), run.config, run.resume)
+    start, z, history = resume_collaboration(ckpt, settings.intrinsic_dim, run.box, es, refiner, opt)
+    log = GenerationLog(G, start, run.log_every)
+    cost = train.StageCost(run.device)
+    for g in range(start, G):
+        run.box.forget()
+        if search:  # input side: one CMA-ES generation, refiner frozen
+            Z = es.ask()  # [popsize, d]
+            f = torch.cat([fitness(run.box.logits(generator(Zc), "view"), y_view, refiner, settings.lam)
+                           for Zc in Z.split(max(1, 2 ** 24 // (len(y_view) * len(run.task.classnames))))])
+            if not torch.isfinite(f).all():  # CMA-ES cannot rank NaN / inf fitness values
+                raise RunError(f"generation {g + 1}: non-finite prompt fitness {f[~torch.isfinite(f)][0].item():.4g} "
+                               f"(prompts beyond what the text tower takes: --sigma0 {settings.sigma0:g}, --bound "
+                               f"{settings.bound:g}; or a diverged refiner: --lr {settings.lr:g}); stopped, "
+                               f"{last_checkpoint(ckpt)}: lower them")
+            es.tell(f.double().cpu())
+            z = (es.mean if settings.prompt == "mean" else es.best_x if settings.prompt == "best"
+                 else es.sample(settings.popsize).mean(0))[None].float()
+            history["best_fitness"].append(f.min().item())
+        t = (g + 1) * settings.popsize  # queries the search has used by now (the official `steps`)
+        ctx = generator(z)  # [1, n, width]
+        if refine:  # output side: one epoch of the refiner, prompt frozen
+            lam_o = consistency_weight(t, settings.budget, settings.n, settings.lam)
+            history["refine_loss"].append(refiner_epoch(run, settings, refiner, opt, ctx, lam_o, g, ckpt))
+        if search:
+            history["prompt_fitness"].append(fitness(run.box.logits(ctx, "view"), y_view, refiner, settings.lam).item())
+        done = g + 1
+        if settings.trace_every and (done % settings.trace_every == 0 or done == G):  # recorded, never used to choose
+            acc = train.accuracy(classify(run.box, ctx, "dev", refiner).cpu(), y_dev)
+            history["dev_trace"].append([done, t, acc])  # generation, search queries, dev accuracy
+        log(done, history, es, run.box)
+        if done % settings.ckpt_every == 0 or done == G:
+            ckpt.save({"generation": done, "z": z, "history": history, "queries": dict(run.box.queries),
+                       "es": es.state_dict() if es else None, "refiner": refiner.state_dict() if refiner else None,
+                       "opt": opt.state_dict() if opt else None})
+    cost.record(run.metrics, "train")
+    run.box.forget()
+    run.metrics[f"{settings.method}_acc"] = None
+    if run.y_eval is not None:
+        run.predictions[settings.method] = classify(run.box, generator(z), "eval", refiner).cpu()
+        run.metrics[f"{settings.method}_acc"] = train.accuracy(run.predictions[settings.method], run.y_eval)
+    for name, (images, classes, y) in run.shifts.items():  # the same classifier under distribution shift
+        run.box.upload(name, images, run.workers)
+        run.predictions[name] = classify(run.box, generator(z), name, refiner, classes).cpu()
+        run.metrics.setdefault("shift_acc", {})[name] = train.accuracy(run.predictions[name], y)
+    run.metrics["history"] = history
+    run.metrics["deploy_params"] = {"prompt": run.p0.numel(), "z": settings.intrinsic_dim if search else 0,
+                                    "refiner": sum(p.numel() for p in refiner.parameters()) if refiner else 0}
+
+
+def refiner_epoch(run, settings, refiner, opt, ctx, lam_o, g, ckpt):
+    """The output side of generation g: one epoch of the refiner (Adam, constant lr) on L_O over
+    freshly augmented shots, the prompt ctx [1, n, width] frozen (--aug none: over the view's
+    logits, fixed under the frozen prompt: one query serves the epoch, no image re-encoded).
+    Returns the epoch's mean loss; a refiner that diverges is stopped here, in one line."""
+    epoch = run.shots  # (augmented image, label, index)
+    if settings.aug == "none":
+        l_view = run.box.logits(ctx, "view", raw=settings.raw_image_features)[0].cpu()  # [K*C, C]
+        epoch = data.ImageDataset(list(zip(l_view, run.y_shots.tolist())), lambda l: l)  # (logits, label, index)
+    last = {}
+
+    def loss(model, batch, _):
+        x, y, _ = batch
+        l = x if settings.aug == "none" else run.box.logits(ctx, x, raw=settings.raw_image_features)[0]  # [B, C]
+        last["l"] = l
+        return {"loss": (refinement_loss(l, y, model, lam_o), len(y))}
+    try:
+        history = train.fit(refiner, loss, lambda e: run.loader(epoch, settings.batch, ("refine", g), shuffle=True),
+                            epochs=1, opt=opt, schedule=lambda *_: 1.0, device=run.device,
+                            seed=seed_of(run.seed, "refine", g), precision=run.precision,
+                            tag=f"the refiner's epoch in generation {g + 1}", log_every=0)
+    except RunError as e:
+        raise RunError(f"{e}; CraFT's run: {last_checkpoint(ckpt)}") from None
+    with torch.no_grad():  # a step can leave the outputs non-finite behind a finite loss: said now,
+        diverged = not torch.isfinite(refiner(last["l"])).all()  # not at the next generation, or never
+    if diverged:
+        raise RunError(f"generation {g + 1}: the refiner diverged in its epoch (its outputs are no longer "
+                       f"finite; --lr {settings.lr:g}); stopped, {last_checkpoint(ckpt)}: lower it")
+    return sum(history["loss"]) / len(history["loss"])
+
+
+def resume_collaboration(ckpt, d, box, es, refiner, opt):
+    """(first generation, z [1, d], history): a fresh start (z = 0: p0), or where the checkpoint
+    left off, its CMA-ES state, refiner, Adam and query counters restored."""
+    state = ckpt.load()
+    if state is None:
+        return 0, torch.zeros(1, d), {"best_fitness": [], "prompt_fitness": [], "refine_loss": [], "dev_trace": []}
+    if es:
+        es.load_state_dict(state["es"])
+    if refiner:
+        refiner.load_state_dict(state["refiner"])
+        opt.load_state_dict(state["opt"])
+    box.queries.update(state["queries"])  # they include the uploads just redone
+    print(f"collaborate: resumed from {ckpt.path} after generation {state['generation']}", flush=True)
+    return state["generation"], state["z"], state["history"]
 
 
 def last_checkpoint(ckpt):
@@ -337,123 +429,25 @@ def last_checkpoint(ckpt):
     return f"its last checkpoint is {ckpt.path} (generation {runs.read_torch(ckpt.path)['generation']})"
 
 
-def collaborate(s, hp):
-    """CraFT's collaborative training (--method craft), or one module alone (bbt: the CMA-ES
-    prompt with the CE fitness; mlp: the refiner with the prompt fixed at p0). Per generation:
-    one CMA-ES generation (popsize prompt queries on the pre-extracted features of one augmented
-    view of the shots) with the refiner frozen, then one refiner epoch over freshly augmented
-    shots (--aug none: over the view's logits, no image re-encoded) with the prompt frozen. A
-    checkpoint (CMA-ES state, refiner, Adam, prompt, query counters) is written atomically every
-    --ckpt-every generations; --resume continues from it to the same result. Inference: one query with the final prompt, then argmax of l + g(l)."""
-    search, refine = hp.method in SEARCHES, hp.method in REFINES
-    G = hp.budget // hp.popsize  # generations
-    y_view = s.y_shots.to(s.device)
-    # the fitness's features: one augmented view, drawn from the run's seed and extracted once
-    s.box.upload("view", s.shots, s.workers, seed_of(s.seed, "view"))
-    generator = PromptGenerator(s.p0, hp.intrinsic_dim, hp.a_std, seed_of(s.seed, "A"))
-    torch.manual_seed(seed_of(s.seed, "refiner"))
-    refiner = Refiner(len(s.task.classnames), hp.hidden).to(s.device) if refine else None
-    opt = torch.optim.Adam(refiner.parameters(), lr=hp.lr) if refine else None
-    es = CMAES(torch.zeros(hp.intrinsic_dim), hp.sigma0, hp.popsize,
-               (-hp.bound, hp.bound) if hp.bound else None, hp.cma == "separable",
-               seed_of(s.seed, "cma-es")) if search else None
-    z = torch.zeros(1, hp.intrinsic_dim)  # the prompt in use (z = 0: p0)
-    start, history = 0, {"best_fitness": [], "prompt_fitness": [], "refine_loss": [], "dev_trace": []}
-    if hp.trace_every:
-        s.box.upload("dev", s.dev, s.workers)
-        y_dev = torch.tensor([label for _, label in s.dev.items])
-    ckpt = runs.Saved(runs.ckpt_path(s.out, "collaborate"), s.config, s.resume)
-    state = ckpt.load()
-    if state is not None:
-        start, z, history = state["generation"], state["z"], state["history"]
-        if es:
-            es.load_state_dict(state["es"])
-        if refiner:
-            refiner.load_state_dict(state["refiner"])
-            opt.load_state_dict(state["opt"])
-        s.box.queries.update(state["queries"])  # they include the uploads just redone
-        print(f"collaborate: resumed from {ckpt.path} after generation {start}", flush=True)
-    t0 = time.time()
-    cost = train.StageCost(s.device)
-    for g in range(start, G):
-        s.box.forget()
-        if search:  # input side: one CMA-ES generation, refiner frozen
-            Z = es.ask()  # [popsize, d]
-            f = torch.cat([fitness(s.box.logits(generator(Zc), "view"), y_view, refiner, hp.lam)
-                           for Zc in Z.split(max(1, 2 ** 24 // (len(y_view) * len(s.task.classnames))))])
-            if not torch.isfinite(f).all():  # CMA-ES cannot rank NaN / inf fitness values
-                raise RunError(f"generation {g + 1}: non-finite prompt fitness {f[~torch.isfinite(f)][0].item():.4g} "
-                               f"(prompts beyond what the text tower takes: --sigma0 {hp.sigma0:g}, --bound "
-                               f"{hp.bound:g}; or a diverged refiner: --lr {hp.lr:g}); stopped, "
-                               f"{last_checkpoint(ckpt)}: lower them")
-            es.tell(f.double().cpu())
-            z = (es.mean if hp.prompt == "mean" else es.best_x if hp.prompt == "best"
-                 else es.sample(hp.popsize).mean(0))[None].float()
-            history["best_fitness"].append(f.min().item())
-        t = (g + 1) * hp.popsize  # queries the search has used by now (the official `steps`)
-        ctx = generator(z)  # [1, n, width]
-        if refine:  # output side: one epoch of the refiner, prompt frozen
-            lam_o = consistency_weight(t, hp.budget, hp.n, hp.lam)
-            epoch = s.shots  # (augmented image, label, index)
-            if hp.aug == "none":  # every epoch would see the uploaded view's images again: their logits
-                # under the frozen prompt are fixed, so one query serves the epoch; no image is loaded or encoded
-                l_view = s.box.logits(ctx, "view", raw=hp.raw_image_features)[0].cpu()  # [K*C, C]
-                epoch = data.ImageDataset(list(zip(l_view, s.y_shots.tolist())), lambda l: l)  # (logits, label, index)
+class GenerationLog:
+    """collaborate's progress line every log_every generations (and after the last)."""
 
-            last = {}
+    def __init__(self, G, start, every):
+        self.G, self.start, self.every, self.t0 = G, start, every, time.time()
 
-            def step(model, batch, _):
-                x, y, _ = batch
-                l = x if hp.aug == "none" else s.box.logits(ctx, x, raw=hp.raw_image_features)[0]  # [B, C]
-                last["l"] = l
-                return {"loss": (refinement_loss(l, y, model, lam_o), len(y))}
-            try:
-                h = train.fit(refiner, step, lambda e: s.loader(epoch, hp.batch, ("refine", g), shuffle=True), 1,
-                              opt, lambda *_: 1.0, s.device, seed_of(s.seed, "refine", g), s.precision,
-                              tag=f"the refiner's epoch in generation {g + 1}", log_every=0)
-            except RunError as e:
-                raise RunError(f"{e}; CraFT's run: {last_checkpoint(ckpt)}") from None
-            with torch.no_grad():  # a step can leave the outputs non-finite behind a finite loss: said now,
-                diverged = not torch.isfinite(refiner(last["l"])).all()  # not at the next generation, or never
-            if diverged:
-                raise RunError(f"generation {g + 1}: the refiner diverged in its epoch (its outputs are no longer "
-                               f"finite; --lr {hp.lr:g}); stopped, {last_checkpoint(ckpt)}: lower it")
-            history["refine_loss"].append(sum(h["loss"]) / len(h["loss"]))
-        if search:
-            history["prompt_fitness"].append(fitness(s.box.logits(ctx, "view"), y_view, refiner, hp.lam).item())
-
-        done = g + 1
-        if hp.trace_every and (done % hp.trace_every == 0 or done == G):  # recorded, never used to choose
-            acc = train.accuracy(deployed(s.box, ctx, "dev", refiner).cpu(), y_dev)
-            history["dev_trace"].append([done, t, acc])  # generation, search queries, dev accuracy
-        if s.log_every and (done % s.log_every == 0 or done == G):
-            el = time.time() - t0
-            parts = [f"best fitness {history['best_fitness'][-1]:.3f} prompt {history['prompt_fitness'][-1]:.3f} "
-                     f"sigma {es.sigma:.3g}"] if search else []
-            parts += [f"refine loss {history['refine_loss'][-1]:.3f}"] if refine else []
-            print(f"gen {done}/{G} " + " ".join(parts) + f" queries {s.box.queries['prompts']} "
-                  f"eta {el / (done - start) * (G - done):.0f}s", flush=True)
-        if done % hp.ckpt_every == 0 or done == G:
-            ckpt.save({"generation": done, "z": z, "history": history, "queries": dict(s.box.queries),
-                       "es": es.state_dict() if es else None, "refiner": refiner.state_dict() if refiner else None,
-                       "opt": opt.state_dict() if opt else None})
-    cost.record(s.metrics, "train")
-    s.box.forget()
-    s.metrics[f"{hp.method}_acc"] = None
-    if s.y_eval is not None:
-        s.predictions[hp.method] = deployed(s.box, generator(z), "eval", refiner).cpu()
-        s.metrics[f"{hp.method}_acc"] = train.accuracy(s.predictions[hp.method], s.y_eval)
-    for name, (images, classes, y) in s.shifts.items():  # the same classifier under distribution shift
-        s.box.upload(name, images, s.workers)
-        s.predictions[name] = deployed(s.box, generator(z), name, refiner, classes).cpu()
-        s.metrics.setdefault("shift_acc", {})[name] = train.accuracy(s.predictions[name], y)
-    s.metrics["history"] = history
-    s.metrics["deploy_params"] = {"prompt": s.p0.numel(), "z": hp.intrinsic_dim if search else 0,
-                                  "refiner": sum(p.numel() for p in refiner.parameters()) if refiner else 0}
+    def __call__(self, done, history, es, box):
+        if not self.every or (done % self.every and done != self.G):
+            return
+        parts = [f"best fitness {history['best_fitness'][-1]:.3f} prompt {history['prompt_fitness'][-1]:.3f} "
+                 f"sigma {es.sigma:.3g}"] if es else []
+        parts += [f"refine loss {history['refine_loss'][-1]:.3f}"] if history["refine_loss"] else []
+        eta = (time.time() - self.t0) / (done - self.start) * (self.G - done)
+        print(f"gen {done}/{self.G} " + " ".join(parts) + f" queries {box.queries['prompts']} eta {eta:.0f}s",
+              flush=True)
 
 
 @torch.no_grad()
-def deployed(box, ctx, images, refiner=None, classes=None):
+def classify(box, ctx, images, refiner=None, classes=None):
     """CraFT's classifier as deployed: one query with the context ctx [1, n, width], then argmax of
     l + g(l) over all classes, or over `classes` [C'] only (ImageNet-A / -R cover 200 of ImageNet's
     1000: the official robustness script's label mapping). Returns the predicted labels [B]."""
@@ -477,52 +471,54 @@ class CoOp(nn.Module):
         self.ctx = nn.Parameter(p0.clone().float())
 
 
-def coop(s, hp):
+def coop(run, settings):
     """CoOp on the same shots and augmentation: SGD lr 0.002 (momentum 0.9, weight decay 5e-4),
     batch 32, one warm-up epoch at a constant 1e-5, then cosine; the context starts at p0; logits
     scale * cos(v, t) as the black box gives them. Trained through train.fit (a checkpoint per epoch)."""
-    clip = s.clip
-    sos, suffix = (t.to(s.device) for t in prompt_parts(clip, s.task.classnames))
-    model = CoOp(s.p0).to(s.device)
+    clip = run.clip
+    sos, suffix = (t.to(run.device) for t in prompt_parts(clip, run.task.classnames))
+    model = CoOp(run.p0).to(run.device)
 
     def text():
         return class_text_features(clip, sos, suffix, model.ctx[None])[0]  # [C, D]
 
-    def step(m, batch, _):
+    def loss(m, batch, _):
         x, y, _ = batch
         with torch.no_grad():
             v = unit(clip.encode_image(x))
-        return {"CE": (F.cross_entropy(s.scale * clip_model.similarity(v, text()), y), len(y))}
+        return {"CE": (F.cross_entropy(run.scale * clip_model.similarity(v, text()), y), len(y))}
 
     def schedule(step, total, per_epoch):  # CoOp's constant warm-up, then cosine over all epochs
-        return 1e-5 / hp.coop_lr if step < per_epoch else 0.5 * (1 + math.cos(math.pi * step / total))
-    cost = train.StageCost(s.device)
-    history = train.fit(model, step, lambda e: s.loader(s.shots, hp.coop_batch, ("coop", e), shuffle=True),
-                        hp.coop_epochs, train.sgd(model, hp.coop_lr, 0.9, 5e-4), schedule, s.device, seed_of(s.seed, "coop"),
-                        s.precision, 0.0, runs.Saved(runs.ckpt_path(s.out, "coop"), s.config, s.resume), "coop",
-                        s.log_every)
-    cost.record(s.metrics, "train")
-    s.metrics["coop_acc"] = None
-    if s.y_eval is not None:
-        with torch.no_grad(), torch.autocast(**s.amp):
+        return 1e-5 / settings.coop_lr if step < per_epoch else 0.5 * (1 + math.cos(math.pi * step / total))
+    cost = train.StageCost(run.device)
+    history = train.fit(model, loss, lambda e: run.loader(run.shots, settings.coop_batch, ("coop", e), shuffle=True),
+                        epochs=settings.coop_epochs, opt=train.sgd(model, settings.coop_lr, 0.9, 5e-4),
+                        schedule=schedule, device=run.device, seed=seed_of(run.seed, "coop"), precision=run.precision,
+                        checkpoint=runs.RecordedFile(runs.ckpt_path(run.out, "coop"), run.config, run.resume),
+                        tag="coop", log_every=run.log_every)
+    cost.record(run.metrics, "train")
+    run.metrics["coop_acc"] = None
+    if run.y_eval is not None:
+        with torch.no_grad(), torch.autocast(**run.amp):
             t = text()
-        l = train.predict(lambda x: s.scale * clip_model.similarity(unit(clip.encode_image(x)), t),
-                          s.loader(s.evaluated, s.eval_batch, ("eval",)), s.device, s.amp)[0]
-        s.metrics["coop_acc"] = train.accuracy(l, s.y_eval)
-        s.predictions["coop"] = l.argmax(1)
-    s.metrics["history"] = {"loss": history["loss"]}
-    s.metrics["deploy_params"] = {"prompt": s.p0.numel(), "z": 0, "refiner": 0}
+        l = train.predict(lambda x: run.scale * clip_model.similarity(unit(clip.encode_image(x)), t),
+                          run.loader(run.evaluated, run.eval_batch, ("eval",)), run.device, run.amp)[0]
+        run.metrics["coop_acc"] = train.accuracy(l, run.y_eval)
+        run.predictions["coop"] = l.argmax(1)
+    run.metrics["history"] = {"loss": history["loss"]}
+    run.metrics["deploy_params"] = {"prompt": run.p0.numel(), "z": 0, "refiner": 0}
 
 
-def linear_probe(s):
+def linear_probe(run):
     """Logistic regression on the normalised image features of the shots (test transform, no
     augmentation), train.logistic_regression: a white-box reference."""
-    test = data.make_transform("test", s.clip.visual, s.task)
-    l = s.linear_probe(s.clip, data.ImageDataset(s.shots.items, test), s.y_shots, s.evaluated,
-                       len(s.task.classnames))
-    s.metrics["probe_acc"] = train.accuracy(l, s.y_eval)
-    s.predictions["probe"] = l.argmax(1)
-    s.metrics["deploy_params"] = {"prompt": 0, "z": 0, "refiner": 0, "head": (s.clip.cfg.embed_dim + 1) * l.shape[1]}
+    test = data.make_transform("test", run.clip.visual, run.task)
+    l = run.linear_probe(run.clip, data.ImageDataset(run.shots.items, test), run.y_shots, run.evaluated,
+                         len(run.task.classnames))
+    run.metrics["probe_acc"] = train.accuracy(l, run.y_eval)
+    run.predictions["probe"] = l.argmax(1)
+    run.metrics["deploy_params"] = {"prompt": 0, "z": 0, "refiner": 0,
+                                    "head": (run.clip.cfg.embed_dim + 1) * l.shape[1]}
 
 
 # -----------------------------------------------------------------------------
@@ -532,7 +528,7 @@ def linear_probe(s):
 class DeployedClassifier(nn.Module):
     """CraFT's classifier as one module: images -> l + g(l), l = scale * cos(v, t) with the class
     text features t [C, D] of the final prompt computed once (one prompt query), g the refiner
-    (none for BBT and CoOp). The same numbers as `deployed`, without the black box's bookkeeping."""
+    (none for BBT and CoOp). The same numbers as `classify`, without the black box's bookkeeping."""
 
     def __init__(self, clip, t, scale, refiner=None):
         super().__init__()
@@ -569,26 +565,29 @@ def final_classifier(out, clip, config, metrics, classnames):
     return DeployedClassifier(clip, t, metrics["scale"], refiner).eval()
 
 
-def run(args):
+# -----------------------------------------------------------------------------
+# A run, end to end
+
+
+def end_to_end(args):
     """Zero-shot references, then the method; writes metrics.json and predictions.pt."""
-    s, args = prepare(args)  # args: with the defaults that follow a labels file's shot count
-    hp = settings_of(args)  # the parts see these, never the flags
-    zero_shot(s)
-    if args.method == "probe":
-        linear_probe(s)
-    elif args.method == "coop":
-        coop(s, hp)
+    run, settings = prepare(args)  # the parts see these settings, never the flags
+    zero_shot(run)
+    if settings.method == "probe":
+        linear_probe(run)
+    elif settings.method == "coop":
+        coop(run, settings)
     else:
-        collaborate(s, hp)
-    s.metrics["queries"] = dict(s.box.queries, search=args.budget if args.method in SEARCHES else 0)
-    print(f"{args.method}: {shown(s.metrics[f'{args.method}_acc'])} on {args.eval_split} ({s.box.queries['prompts']} "
-          f"prompt queries, {s.box.queries['images']} images encoded)", flush=True)
-    return runs.finish_run(s.out, s.metrics, s.predictions, s.t0)
+        collaborate(run, settings)
+    run.metrics["queries"] = dict(run.box.queries, search=settings.budget if settings.method in SEARCHES else 0)
+    print(f"{settings.method}: {shown(run.metrics[f'{settings.method}_acc'])} on {run.metrics['eval_split']} "
+          f"({run.box.queries['prompts']} prompt queries, {run.box.queries['images']} images encoded)", flush=True)
+    return runs.finish_run(run.out, run.metrics, run.predictions, run.t0)
 
 
 def prepare(args):
-    """The checks, the run folder and the backbone, cheap mistakes first -> (Setup, the flags with
-    the defaults that follow the shots resolved)."""
+    """The checks, the run folder and the backbone, cheap mistakes first -> (Run, Settings), with
+    the defaults that follow a labels file's shot count resolved."""
     if ddp.launched_rank()[1] > 1:  # N copies of one run would race on one folder
         raise RunError("craft.py runs in one process (its black box answers queries; nothing to split over GPUs): "
                        "run it with python, not torchrun")
@@ -615,7 +614,7 @@ def prepare(args):
     device = runs.check_device(args.device)
     args = runs.with_precision(args, device)
     t0 = time.time()
-    task = runs.open_task(args)
+    task = data.task_of(args)
     eval_items = data.eval_items(task, args.eval_split)
     if args.method == "probe" and not eval_items:
         raise RunError("--method probe keeps no weights, so without a labelled check set (--check) it would "
@@ -634,7 +633,7 @@ def prepare(args):
         raise RunError(f"--eval-datasets evaluates a classifier of ImageNet's classes: use it with --dataset "
                        f"imagenet, not {args.dataset}")
     shifts = {name: data.imagenet_shift(name, args.data_root) for name in args.eval_datasets or []}
-    config, how = runs.settings(args, NO_NUMBER_FLAGS)
+    config, how = runs.settings(args, UNRECORDED_FLAGS)
     if labels is not None:
         config["labels"] = labels.digest()
     config.update(data=data.fingerprint(task, task.root),
@@ -647,7 +646,7 @@ def prepare(args):
     scale = args.scale or clip.logit_scale.exp().item()
     box = BlackBox(clip, task.classnames, device, amp, scale, args.eval_batch)
     p0 = box.word_embeddings(args.ctx_init).to(device)  # [n, width]
-    longest = int(box._suffix.argmax(1).max()) + 1  # class name + "." + EOT
+    longest = box.class_tokens()
     if 1 + len(p0) + longest > clip.context_length:
         raise RunError(f"a prompt of --ctx-init {args.ctx_init!r} ({len(p0)} tokens) and the longest class name "
                        f"needs {1 + len(p0) + longest} tokens, more than the backbone's {clip.context_length}: "
@@ -678,23 +677,58 @@ def prepare(args):
                   f"{', ...' if len(absent) > 3 else ''}): the search and the refiner never see them", flush=True)
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported", flush=True)
-    return Setup(**runs.context(args, out, config, device, args.resume), task=task, clip=clip, box=box,
-                 shots=data.ImageDataset(items, crop, labels=y_picked.tolist()), y_shots=y_picked,
-                 evaluated=data.ImageDataset(eval_items, test),
-                 y_eval=torch.tensor([lab for _, lab in eval_items]) if eval_items else None,
-                 dev=data.ImageDataset(task.dev, test) if args.trace_every else None, shifts=shifts,
-                 ctx_init=args.ctx_init, p0=p0, scale=scale, metrics=metrics, predictions={}, t0=t0), args
+    run = Run(**runs.fields_of(args, out, config, device, args.resume), task=task, clip=clip, box=box,
+              shots=data.ImageDataset(items, crop, labels=y_picked.tolist()), y_shots=y_picked,
+              evaluated=data.ImageDataset(eval_items, test),
+              y_eval=torch.tensor([lab for _, lab in eval_items]) if eval_items else None,
+              dev=data.ImageDataset(task.dev, test) if args.trace_every else None, shifts=shifts,
+              ctx_init=args.ctx_init, p0=p0, scale=scale, metrics=metrics, predictions={}, t0=t0)
+    return run, settings_of(args)
 
 
 # -----------------------------------------------------------------------------
 # CLI
 
 
+# the official configs (RN50, 16 shots): sigma0, bound (None: unbounded), std of A, n (lambda_O is
+# switched off after budget/n queries), MLP batch, lambda. ImageNet's A has nn.Linear's default
+# initialisation (uniform, std 1/sqrt(3*512)); its MLP is 512 wide.
+SETTINGS = {
+    "caltech101": (1, 5, 0.2, 4, 256, 0.1), "oxford_pets": (0.02, 5, 0.2, 1, 64, 0.1),
+    "stanford_cars": (1, 5, 0.2, 4, 256, 0.1), "oxford_flowers": (1, 5, 0.2, 4, 256, 0.1),
+    "food101": (1, None, 0.2, 1, 256, 1.0), "fgvc_aircraft": (0.02, None, 0.2, 4, 256, 0.1),
+    "sun397": (1, 5, 0.2, 4, 256, 0.1), "dtd": (0.02, 5, 1.0, 1, 256, 0.001),
+    "eurosat": (0.02, 5, 1.0, 1, 256, 0.01), "ucf101": (1, 5, 0.2, 4, 256, 0.1),
+    "imagenet": (1, None, (3 * 512) ** -0.5, 1, 256, 0.0),
+}
+DEFAULT_SETTINGS = SETTINGS["caltech101"]  # the row most datasets share, for any other dataset
+SETTING_FLAGS = ("sigma0", "bound", "a_std", "n", "batch", "lam")
+
+# flags config.json leaves out: they change how a run goes, never its numbers (besides runs.UNRECORDED_FLAGS)
+UNRECORDED_FLAGS = ("ckpt_every",)
+
+
+def budget_for(shots, dataset=""):
+    """The official code's query budget by shots: 8000 for 8-16, 4000 for 2-4, 2000 for 1; its
+    ImageNet script: 4000 for 2-16 (the paper's text says 8000: give --budget 8000)."""
+    if dataset.lower() == "imagenet":
+        return 4000 if shots >= 2 else 2000
+    return 8000 if shots >= 8 else 4000 if shots >= 2 else 2000
+
+
+def coop_epochs_for(shots, dataset=""):
+    """CoOp's epochs (Zhou et al. 2022, its configs): 50 for 1 shot, 100 for 2-4, 200 for 8-16;
+    on ImageNet 50 for every shot count."""
+    if dataset.lower() == "imagenet":
+        return 50
+    return 200 if shots >= 8 else 100 if shots >= 2 else 50
+
+
 def parser():
     p = runs.Parser(description="CraFT: collaborative fine-tuning of a black-box CLIP (few-shot)",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    runs.data_flags(p, "digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
+    data.add_flags(p, "digits (offline demo), a CoOp dataset name, imagefolder, cifar10, cifar100")
     a("--labels", default=None, metavar="FILE",
       help="the labelled images instead of --shots: a CSV path,class (paths relative to --images / --data-root); "
            "any number per class (the fitness and the refiner's loss are means over images, so a class with more "
@@ -706,27 +740,27 @@ def parser():
     a("--method", default="craft", choices=["craft", "bbt", "mlp", "coop", "probe"],
       help="bbt: CMA-ES prompt only (CE fitness); mlp: refinement MLP only (prompt p0); coop: white-box prompt "
            "tuning (gradients through CLIP); probe: logistic regression on the shots' features")
-    a("--shots", type=number(int, 1), default=None,
+    a("--shots", type=number_type(int, 1), default=None,
       help="train images per class, drawn with the seed (CoOp: 1, 2, 4, 8, 16); default 16 unless --labels")
     runs.run_flags(p)
     a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
     a("--eval-split", default="test", choices=["test", "dev"], help="dev: for choosing settings (never test)")
-    a("--ckpt-every", type=number(int, 1), default=10, help="generations between checkpoints")
-    a("--trace-every", type=number(int, 0), default=0, metavar="G",
+    a("--ckpt-every", type=number_type(int, 1), default=10, help="generations between checkpoints")
+    a("--trace-every", type=number_type(int, 0), default=0, metavar="G",
       help="every G generations, record the current prompt + refiner's dev-split accuracy (metrics history "
            "dev_trace; never used to choose anything); 0: off")
     a("--eval-datasets", nargs="+", default=None, choices=list(data.IMAGENET_SHIFTS), metavar="NAME",
       help="with --dataset imagenet: also evaluate the final prompt + refiner on these distribution-shift test "
            f"sets in CoOp's layout under --data-root ({', '.join(data.IMAGENET_SHIFTS)})")
     # prompt generation
-    a("--budget", type=number(int, 1), default=None, help="prompt queries of the search (default by shots, the "
+    a("--budget", type=number_type(int, 1), default=None, help="prompt queries of the search (default by shots, the "
       "official code's: 8000 for 8-16, 4000 for 2-4, 2000 for 1; imagenet: 4000 for 2-16)")
-    a("--popsize", type=number(int, 2), default=40)
-    a("--intrinsic-dim", type=number(int, 1), default=512, help="dimension d of z")
+    a("--popsize", type=number_type(int, 2), default=40)
+    a("--intrinsic-dim", type=number_type(int, 1), default=512, help="dimension d of z")
     a("--ctx-init", default="a photo of a", help="p0: the words the context starts from")
-    a("--sigma0", type=number(float, 0, low_open=True), default=None, help="CMA-ES initial step size")
-    a("--bound", type=number(float, 0), default=None, help="box bound on z (0: none)")
-    a("--a-std", type=number(float, 0, low_open=True), default=None, help="std of the entries of A")
+    a("--sigma0", type=number_type(float, 0, low_open=True), default=None, help="CMA-ES initial step size")
+    a("--bound", type=number_type(float, 0), default=None, help="box bound on z (0: none)")
+    a("--a-std", type=number_type(float, 0, low_open=True), default=None, help="std of the entries of A")
     a("--cma", default="full", choices=["full", "separable"], help="separable: diagonal covariance (sep-CMA-ES)")
     a("--prompt", default="mean", choices=["mean", "sample-mean", "best"],
       help="the prompt in use after each generation: the CMA-ES mean; the official code's mean of a fresh sample "
@@ -735,23 +769,24 @@ def parser():
       help="train augmentation (the fitness's view and every refiner / CoOp epoch): crop: random resized crop of "
            "50-100%% + flip where allowed (official); inception: of 8-100%% (the official ImageNet data); none: the "
            "test transform. Default crop; inception for imagenet, none for digits (docs/craft.md)")
-    a("--scale", type=number(float, 0, low_open=True), default=None,
+    a("--scale", type=number_type(float, 0, low_open=True), default=None,
       help="logit scale of the black box (default: the backbone's own, exp(logit_scale): 100 for the released "
            "CLIPs, as the official code's fixed 100; ~14 for the demo stand-in)")
     # prediction refinement
-    a("--hidden", type=number(int, 1), default=None, help="refiner width (256; 512 on ImageNet)")
-    a("--lr", type=number(float, 0, low_open=True), default=1e-3, help="refiner Adam learning rate")
-    a("--batch", type=number(int, 1), default=None, help="refiner batch")
-    a("--lam", type=number(float, 0), default=None, help="weight of both KL terms (prediction consistency)")
-    a("--n", type=number(int, 1), default=None, help="the refiner's KL term is switched off after budget/n queries")
+    a("--hidden", type=number_type(int, 1), default=None, help="refiner width (256; 512 on ImageNet)")
+    a("--lr", type=number_type(float, 0, low_open=True), default=1e-3, help="refiner Adam learning rate")
+    a("--batch", type=number_type(int, 1), default=None, help="refiner batch")
+    a("--lam", type=number_type(float, 0), default=None, help="weight of both KL terms (prediction consistency)")
+    a("--n", type=number_type(int, 1), default=None,
+      help="the refiner's KL term is switched off after budget/n queries")
     a("--raw-image-features", action="store_true",
       help="the official code's quirk: the refiner trains on logits of unnormalised image features (its search "
            "and inference use normalised ones)")
     # white-box CoOp
-    a("--coop-epochs", type=number(int, 1), default=None,
+    a("--coop-epochs", type=number_type(int, 1), default=None,
       help="default by shots: 50 (1), 100 (2-4), 200 (8-16); imagenet: 50 (CoOp's configs)")
-    a("--coop-lr", type=number(float, 0, low_open=True), default=0.002)
-    a("--coop-batch", type=number(int, 1), default=32)
+    a("--coop-lr", type=number_type(float, 0, low_open=True), default=0.002)
+    a("--coop-batch", type=number_type(int, 1), default=32)
     return p
 
 
@@ -760,7 +795,7 @@ def resolve_defaults(args):
     where the dataset is one of the paper's (else the row most of them share), workers by device.
     Returns a resolved copy of the flags."""
     args = argparse.Namespace(**vars(args))
-    args.dataset = runs.dataset_name(args)
+    args.dataset = data.dataset_name(args)
     if args.shots is None and not args.labels:
         args.shots = 16
     if args.budget is None and args.shots:  # whole generations of --popsize (--labels: with_shot_defaults)
@@ -803,8 +838,8 @@ def main(argv=None):
     if args.table:
         methods = ("craft", "bbt", "mlp", "coop", "probe")  # a run's "method" in metrics.json
         return runs.run_cli(lambda: runs.table(runs.finished_runs(args.table, methods), run_summary))
-    return runs.run_cli(lambda: run(resolve_defaults(args)), runs.saved_in(args.out, "the finished stages and "
-                                                                             "the last checkpoint"))
+    return runs.run_cli(lambda: end_to_end(resolve_defaults(args)),
+                        runs.saved_in(args.out, "the finished stages and the last checkpoint"), errors=data.USER_ERRORS)
 
 
 if __name__ == "__main__":

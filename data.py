@@ -30,7 +30,11 @@ DIGITS_TEMPLATE = "a photo of the number {}."  # also one of the stand-in's capt
 
 
 class DataError(Exception):
-    """A data file is missing or malformed."""
+    """A data file is missing or malformed, or the data flags do not go together."""
+
+
+# what a CLI reports in one line (runs.run_cli) besides its own errors: the data's and the backbone's
+USER_ERRORS = (DataError, clip_model.CLIPError)
 
 
 # -----------------------------------------------------------------------------
@@ -997,6 +1001,52 @@ def load_task(name, root=None):
     check_classnames(task.classnames, name)
     task.root = os.path.abspath(root) if root and key not in DIGIT_TASKS else None
     return task
+
+
+def add_flags(p, datasets):
+    """The flags every method's CLI reads its data with: a named dataset (`datasets`: what
+    --dataset takes, in words) or your own images (docs/own-images.md); --labels is each method's."""
+    a = p.add_argument
+    a("--dataset", default=None, help=f"{datasets}; default digits (the offline demo)")
+    a("--data-root", default=None, help="root of the CoOp layout / image folder / CIFAR download dir")
+    a("--images", default=None, metavar="DIR",
+      help="your own images instead of --dataset: every image in DIR and below, unlabelled (with --classes)")
+    a("--classes", default=None, metavar="FILE",
+      help="with --images: the class names, one per line, or a JSON {class: [prompts]} file (its prompts make the "
+           "zero-shot classifier)")
+    a("--check", default=None, metavar="DIR",
+      help="with --images: a labelled check set, DIR/<class>/<images>, to report accuracy on (none: no accuracy)")
+    a("--template", default=None,
+      help="the zero-shot template, one {} for the class name (default: the dataset's hand-written one; "
+           "'a photo of a {}.' with --images)")
+    a("--no-flip", action="store_true",
+      help="with --images: no horizontal flips in the training augmentations (images whose class a mirror image "
+           "changes: text, digits, road signs)")
+
+
+def dataset_name(args):
+    """--dataset as a run records it: "images" for your own images, else the name (default digits)."""
+    if args.images is None:
+        for flag in ("classes", "check", "no_flip"):
+            if getattr(args, flag):
+                flag = "--" + flag.replace("_", "-")
+                raise DataError(f"{flag} goes with --images (your own images): add --images DIR, or drop {flag}")
+        return args.dataset or "digits"
+    if args.dataset not in (None, "images"):
+        raise DataError(f"--images DIR is the data (your own images): drop --dataset {args.dataset}")
+    if args.data_root:
+        raise DataError("--data-root locates a --dataset; --images DIR names your images' folder itself: drop "
+                        "--data-root")
+    if not args.classes:
+        raise DataError("--images needs --classes FILE: the class names, one per line, or a JSON {class: [prompts]} "
+                        "file")
+    return "images"
+
+
+def task_of(args):
+    """The task of a CLI's (resolved) data flags: your own images or a named dataset."""
+    return open_task(None if args.images else args.dataset, args.data_root, args.images, args.classes,
+                     args.template, args.check, not args.no_flip)
 
 
 def eval_items(task, split):

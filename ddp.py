@@ -188,12 +188,10 @@ class Step(torch.nn.Module):
 
 
 def data_parallel(model, step_fn, device):
-    """The step fit runs: step_fn itself in a plain run; under torchrun the whole step as one DDP
-    forward (DDP needs its forward to see every step), which averages the gradients in backward.
-    Buffers are not broadcast at every step (a CoFT+ queue is no BatchNorm statistic: every
-    process updates it identically); once per epoch all are made rank 0's (sync_buffers)."""
-    if not sharding():
-        return step_fn
+    """The step fit runs under torchrun: the whole step as one DDP forward (DDP needs its forward
+    to see every step), which averages the gradients in backward. Buffers are not broadcast at
+    every step (a CoFT+ queue is no BatchNorm statistic: every process updates it identically);
+    once per epoch all are made rank 0's (sync_buffers)."""
     wrapped = torch.nn.parallel.DistributedDataParallel(
         Step(model, step_fn), device_ids=[device.index] if torch.device(device).type == "cuda" else None,
         **NO_BUFFER_SYNC)
@@ -202,17 +200,6 @@ def data_parallel(model, step_fn, device):
 
 # -----------------------------------------------------------------------------
 # Who reports a failure (runs.run_cli)
-
-
-def own_share(batches):
-    """Iterate a loader over this process's own share of the data (under torchrun): an error
-    raised while reading it (an unreadable image) is marked as this process's alone, for
-    run_cli to report it named. Errors of the loop's body pass unmarked."""
-    try:
-        yield from batches
-    except Exception as e:
-        e.own_share = True
-        raise
 
 
 def notice_key(rank):

@@ -273,11 +273,11 @@ def main(argv=None):
     p.add_argument("images", nargs="*", help="image files and folders (searched recursively)")
     p.add_argument("--export", default=None, metavar="FOLDER", help="write the fine-tuned CLIP (OpenAI layout) and "
                                                                    "its head to FOLDER instead of classifying")
-    p.add_argument("--topk", type=runs.number(int, 1), default=1, help="classes per image (default 1)")
+    p.add_argument("--topk", type=runs.number_type(int, 1), default=1, help="classes per image (default 1)")
     p.add_argument("--csv", default=None, help="write the CSV here (default: stdout)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=runs.number(int, 1), default=64)
-    p.add_argument("--workers", type=runs.number(int, 0), default=0)
+    p.add_argument("--batch", type=runs.number_type(int, 1), default=64)
+    p.add_argument("--workers", type=runs.number_type(int, 0), default=0)
     p.add_argument("--clip", default=None, help="the run's backbone checkpoint, where its recorded path no longer "
                                                 "finds it (the same weights: checked by sha256)")
     p.add_argument("--clip-act", default=None, choices=["quick_gelu", "gelu"], help="with --clip: its activation")
@@ -285,9 +285,9 @@ def main(argv=None):
     if bool(args.images) == bool(args.export):
         p.error("give image files or folders to classify, or --export FOLDER (one of the two)")
     if args.export:
-        return runs.run_cli(lambda: export(args.run, args.export, args.clip, args.clip_act))
+        return runs.run_cli(lambda: export(args.run, args.export, args.clip, args.clip_act), errors=data.USER_ERRORS)
     return runs.run_cli(lambda: predict(args.run, args.images, args.topk, args.csv, args.device, args.batch,
-                                        args.workers, args.clip, args.clip_act))
+                                        args.workers, args.clip, args.clip_act), errors=data.USER_ERRORS)
 
 
 if __name__ == "__main__":

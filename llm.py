@@ -17,6 +17,7 @@ writes the file {image: caption}).
 import base64
 import io
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +26,6 @@ from pathlib import Path
 import torch
 from torchvision.transforms.functional import to_pil_image
 
-import runs
 from data import DataError, load_image
 
 
@@ -75,10 +75,10 @@ def validated_prompts(table, classnames, source):
     missing = [c for c in classnames if c not in table]
     if missing:  # a file written for other class names (e.g. CuPL's, for another spelling): both sides named
         unmatched = [k for k in table if k not in set(classnames)]
+        extra = f"; keys that name no class: {', '.join(map(repr, unmatched[:3]))}" if unmatched else ""
         raise DataError(f"{source}: no prompts for {len(missing)} of the {len(classnames)} classes, first "
-                        f"{', '.join(map(repr, missing[:3]))}" + (f"; keys that name no class: "
-                        f"{', '.join(map(repr, unmatched[:3]))}" if unmatched else "") +
-                        "; the keys must be the class names exactly as this dataset spells them")
+                        f"{', '.join(map(repr, missing[:3]))}{extra}; the keys must be the class names exactly as "
+                        f"this dataset spells them")
     bad = [c for c in classnames if not isinstance(table[c], list) or not table[c]
            or not all(isinstance(p, str) and p.strip() for p in table[c])]
     if bad:
@@ -103,7 +103,11 @@ def ask_class_prompts(classnames, api_base, model, api_key=None, n=10, chunk=25,
 
 def write_class_prompts(path, classnames, api_base, model, api_key=None, n=10):
     """Generate, validate, then write atomically: a bad reply never leaves a partial file."""
-    return runs.write_json(ask_class_prompts(classnames, api_base, model, api_key, n), path)
+    table, path = ask_class_prompts(classnames, api_base, model, api_key, n), Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)  # a kill mid-write leaves the previous file as it was
+    return path
 
 
 def read_class_prompts(path, classnames):

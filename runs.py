@@ -1,8 +1,10 @@
 """
 Run folders and the CLIs' plumbing, written once for the three methods (coft.py, craft.py,
 vecaf.py), each of which calls it in one line per step: checked flags, start-up under torchrun,
-one-line errors, opening or continuing a run, recording a finished stage or an epoch checkpoint,
-finishing a run, and the results table. Nothing here changes a number.
+one-line errors, opening or continuing a run, `Run` (what every run's stages share, and
+`Run.stage`: a stage trained by train.fit, or loaded where it finished before), recording a
+finished stage or an epoch checkpoint, finishing a run, and the results table. Nothing here
+changes a number.
 
 The rule for run folders (docs/runs.md):
   * --out holds one run. config.json records its settings (every flag that can change a number,
@@ -26,20 +28,20 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-import clip_model
-import data
 import ddp
 from ddp import barrier, distributed, launched_rank, world
 import train
-from train import PRECISIONS, RunError
+from train import PRECISIONS, RunError, seed_of
 
-# what every CLI reports in one line: a problem the user can fix (flags, files, the run folder)
-USER_ERRORS = (RunError, data.DataError, clip_model.CLIPError, OSError)
+# what every CLI reports in one line: a problem the user can fix (flags, files, the run folder), with
+# the CLI's own kinds (run_cli's `errors`: data.USER_ERRORS, the data's and the backbone's)
+USER_ERRORS = (RunError, OSError)
 WAITING = 3  # the exit status of a run that stopped to wait for a person (Waiting)
 
 
@@ -67,7 +69,7 @@ def error_line(e):
     return str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")
 
 
-def number(kind=float, low=None, high=None, low_open=False, high_open=False):
+def number_type(kind=float, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: `kind` within [low, high] (open ends where asked), else a clear message."""
     def parse(text):
         try:
@@ -90,65 +92,19 @@ def run_flags(p):
     a("--clip-act", default=None, choices=["quick_gelu", "gelu"],
       help="the MLP activation of a --clip (or --fft-backbone) checkpoint file whose name does not give it: the "
            "weights do not reveal it (OpenAI, MetaCLIP, DFN: quick_gelu; open_clip's LAION / DataComp: gelu)")
-    a("--seed", type=number(int, 0, 2 ** 63 - 1), default=0, help="every random stream's root (0 .. 2^63 - 1)")
+    a("--seed", type=number_type(int, 0, 2 ** 63 - 1), default=0, help="every random stream's root (0 .. 2^63 - 1)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--precision", default="auto", choices=PRECISIONS,
       help="auto: bf16 autocast on GPUs that support it, fp16 + loss scaling on older GPUs, fp32 on CPUs; "
            "bf16 on a CPU is opt-in (fast with AVX512-BF16 / AMX-BF16, refused without; it changes the numbers)")
-    a("--workers", type=number(int, 0), default=None, help="DataLoader workers (default: 8 on CUDA, 0 on CPU)")
+    a("--workers", type=number_type(int, 0), default=None, help="DataLoader workers (default: 8 on CUDA, 0 on CPU)")
     a("--resume", action="store_true",
       help="continue the run in --out (same flags): finished stages are reused, the last epoch checkpoint resumed")
     a("--restart", action="store_true", help="discard the run in --out (config, stages, results) and start over")
-    a("--log-every", type=number(int, 0), default=20, help="progress line every N steps (0: none)")
-    a("--eval-batch", type=number(int, 1), default=256,
+    a("--log-every", type=number_type(int, 0), default=20, help="progress line every N steps (0: none)")
+    a("--eval-batch", type=number_type(int, 1), default=256,
       help="evaluation batch per process (never changes a number)")
 
-
-
-def data_flags(p, datasets):
-    """The flags every method's CLI reads its data with: a named dataset (`datasets`: what
-    --dataset takes, in words) or your own images (docs/own-images.md); --labels is each method's."""
-    a = p.add_argument
-    a("--dataset", default=None, help=f"{datasets}; default digits (the offline demo)")
-    a("--data-root", default=None, help="root of the CoOp layout / image folder / CIFAR download dir")
-    a("--images", default=None, metavar="DIR",
-      help="your own images instead of --dataset: every image in DIR and below, unlabelled (with --classes)")
-    a("--classes", default=None, metavar="FILE",
-      help="with --images: the class names, one per line, or a JSON {class: [prompts]} file (its prompts make the "
-           "zero-shot classifier)")
-    a("--check", default=None, metavar="DIR",
-      help="with --images: a labelled check set, DIR/<class>/<images>, to report accuracy on (none: no accuracy)")
-    a("--template", default=None,
-      help="the zero-shot template, one {} for the class name (default: the dataset's hand-written one; "
-           "'a photo of a {}.' with --images)")
-    a("--no-flip", action="store_true",
-      help="with --images: no horizontal flips in the training augmentations (images whose class a mirror image "
-           "changes: text, digits, road signs)")
-
-
-def dataset_name(args):
-    """--dataset as a run records it: "images" for your own images, else the name (default digits)."""
-    if args.images is None:
-        for flag in ("classes", "check", "no_flip"):
-            if getattr(args, flag):
-                flag = "--" + flag.replace("_", "-")
-                raise RunError(f"{flag} goes with --images (your own images): add --images DIR, or drop {flag}")
-        return args.dataset or "digits"
-    if args.dataset not in (None, "images"):
-        raise RunError(f"--images DIR is the data (your own images): drop --dataset {args.dataset}")
-    if args.data_root:
-        raise RunError("--data-root locates a --dataset; --images DIR names your images' folder itself: drop "
-                       "--data-root")
-    if not args.classes:
-        raise RunError("--images needs --classes FILE: the class names, one per line, or a JSON {class: [prompts]} "
-                       "file")
-    return "images"
-
-
-def open_task(args):
-    """The task of a CLI's (resolved) data flags: your own images or a named dataset."""
-    return data.open_task(None if args.images else args.dataset, args.data_root, args.images, args.classes,
-                          args.template, args.check, not args.no_flip)
 
 
 # -----------------------------------------------------------------------------
@@ -213,10 +169,11 @@ def saved_in(out, what):
     return line
 
 
-def run_cli(body, interrupted="", errors=USER_ERRORS):
-    """A CLI's body run the same way in every method: an error the user can fix (one of `errors`)
-    prints its one line and exits 2, never a traceback; Ctrl-C prints `interrupted` (where the
-    saved work is; a function is asked at that moment, see saved_in) and exits 130; a run that
+def run_cli(body, interrupted="", errors=()):
+    """A CLI's body run the same way in every method: an error the user can fix (USER_ERRORS, or one
+    of the CLI's own `errors`) prints its one line and exits 2, never a traceback; Ctrl-C prints
+    `interrupted` (where the saved work is; a function is asked at that moment, see saved_in) and
+    exits 130; a run that
     stops for a person (Waiting) prints what to do next and exits 3.
     Under torchrun an error ends the whole job (torchrun stops every process once one exits) with
     one line, and what the error is decides who prints it, never timing:
@@ -226,7 +183,7 @@ def run_cli(body, interrupted="", errors=USER_ERRORS):
         say it (rank 0's failure notice), then exits silently: exiting at once would let
         torchrun stop rank 0 before it speaks;
       * an error met reading this process's own share of the data (an unreadable image in its
-        shard; `own_share` marks it) is printed by this process, named `error (process R of N)`.
+        shard; train.Loader marks it `while_reading`) is printed by this process, named `error (process R of N)`.
     A failing process leaves its notice after printing and before it exits, so a peer whose
     collective then breaks ("connection closed by peer") knows the failure was reported and
     exits without a traceback of its own."""
@@ -239,9 +196,9 @@ def run_cli(body, interrupted="", errors=USER_ERRORS):
         if launched_rank()[0] == 0:
             print(f"waiting: {e}", file=sys.stderr, flush=True)
         sys.exit(WAITING)
-    except errors as e:
+    except USER_ERRORS + tuple(errors) as e:
         rank, world_size = launched_rank()
-        if world_size > 1 and getattr(e, "own_share", False):
+        if world_size > 1 and getattr(e, "while_reading", False):
             print(f"error (process {rank} of {world_size}): {error_line(e)}", file=sys.stderr, flush=True)
         elif rank == 0 or not ddp.rank0_says_it():
             print(f"error{f' (process {rank} of {world_size})' if rank else ''}: {error_line(e)}", file=sys.stderr,
@@ -413,16 +370,16 @@ def read_config(out):
 # --data-root inside the data's fingerprint)
 # (--images, --classes, --check, --template and --no-flip are recorded by the data's fingerprint; each method
 # records the labels it trains on by content)
-NO_NUMBER_FLAGS = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root",
-                   "clip_act", "images", "classes", "check", "template", "no_flip", "labels")
+UNRECORDED_FLAGS = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root",
+                    "clip_act", "images", "classes", "check", "template", "no_flip", "labels")
 RESULT_FILES = ("metrics.json", "predictions.pt")  # every run's (finish_run), deleted by --restart
 
 
-def settings(args, no_number_flags=()):
+def settings(args, unrecorded_flags=()):
     """(config, how): a CLI's flags split into every setting that can change a number (config.json's
     "config", compared on --resume) and those that cannot (its "how", for the record): the CLIs'
-    shared NO_NUMBER_FLAGS and the method's own no_number_flags."""
-    skip = NO_NUMBER_FLAGS + tuple(no_number_flags)
+    shared UNRECORDED_FLAGS and the method's own unrecorded_flags."""
+    skip = UNRECORDED_FLAGS + tuple(unrecorded_flags)
     return ({k: v for k, v in sorted(vars(args).items()) if k not in skip},
             {k: v for k, v in vars(args).items() if k in skip})
 
@@ -433,8 +390,8 @@ def with_precision(args, device):
     return argparse.Namespace(**{**vars(args), "precision": train.resolve_precision(device, args.precision)})
 
 
-def context(args, out, config, device, resume):
-    """The fields of a train.RunContext from a CLI's flags (every method's run has them)."""
+def fields_of(args, out, config, device, resume):
+    """The fields every method's Run has (runs.Run), from a CLI's flags."""
     return dict(out=out, config=config, device=device, precision=args.precision,
                 amp=train.amp_settings(device, args.precision)[0], seed=args.seed, workers=args.workers,
                 eval_batch=args.eval_batch, log_every=args.log_every, resume=resume)
@@ -538,7 +495,7 @@ def load_stage(out, tag, record, model, missing=None):
     return saved
 
 
-class Saved:
+class RecordedFile:
     """One scheme for a file of a run's saved work: an epoch checkpoint (train.fit's, CraFT's
     search) or a stage's result (VeCAF's features and selections). It is stored with the record
     of the settings that made it (atomic writes, rank 0 alone) and read back only when `reuse`
@@ -566,6 +523,113 @@ def save_stage(out, tag, record, model, **extras):
         ckpt_path(out, tag).unlink(missing_ok=True)
     return extras
 
+
+
+# -----------------------------------------------------------------------------
+# A run: what its stages share, and a stage (trained, or loaded where it finished before)
+
+
+@dataclass
+class Run:
+    """Where and how a run computes, and its results so far; made once by a method's `prepare`.
+    Each method's Run (coft.Run, craft.Run, vecaf.Run) adds what its own stages share."""
+    out: Path  # the run folder
+    config: dict  # every setting that can change a number (config.json)
+    device: torch.device
+    precision: str  # resolved: fp32, bf16 or fp16
+    amp: dict  # its torch.autocast arguments (for the evaluation passes; fit makes its own)
+    seed: int
+    workers: int
+    eval_batch: int
+    log_every: int
+    resume: bool  # continue the stages and epoch checkpoints saved in out
+    metrics: dict  # what metrics.json will hold
+    t0: float  # when the run started (metrics' total time)
+
+    def record(self, tag):
+        """The settings stage `tag` depends on, stored with its files (default: the whole config)."""
+        return {"stage": tag, **self.config}
+
+    def required(self, tag):
+        """Why stage `tag` must have finished before (a run that only evaluates), or None."""
+        return None
+
+    def stage(self, tag, model, loss, batches, *, epochs, lr, recipe, what=None, record=None, trained=None,
+              compiled=(), evaluate=None, evaluate_at=None, max_steps=None, finished_file=True):
+        """Stage `tag`: `model` trained with train.fit on `loss` over batches(epoch) for `epochs`, by
+        SGD with momentum at `lr` (`recipe`, a train.SGDRecipe: warm-up then cosine, clipping), on
+        the run's device and precision, its randomness from (--seed, tag), an epoch checkpoint
+        (stages/<tag>.ckpt) after each epoch. With `finished_file` the trained model is saved as
+        stages/<tag>.pt, and a stage that finished before under the same `record` is loaded from
+        it instead of trained (batches None: nothing to train on, the model is saved as it is);
+        its gradient-norm summary goes to metrics["grad_norms"]. `trained`: what fit trains when it
+        wraps `model` (CoFT+'s MomentumContrast); `compiled`: modules to torch.compile first;
+        evaluate, evaluate_at, max_steps: fit's. `model` ends in eval mode. Returns fit's history
+        (None where loaded)."""
+        record = self.record(tag) if record is None else record
+        if finished_file:
+            saved = load_stage(self.out, tag, record, model, missing=self.required(tag))
+            if saved is None and batches is None:
+                print(f"warning: {tag} has an empty training set; it stays at its initialisation", flush=True)
+                saved = save_stage(self.out, tag, record, model, grad_norms=train.grad_norm_summary([], 0))
+            if saved is not None:
+                self.metrics["grad_norms"][tag] = saved["grad_norms"]
+                model.eval()
+                return None
+        trained = model if trained is None else trained
+        for m in compiled:
+            m.compile()
+        history = train.fit(trained, loss, batches, epochs=epochs,
+                            opt=train.sgd(trained, lr, recipe.momentum, recipe.weight_decay),
+                            schedule=train.warmup_epochs_then_cosine(recipe.warmup_epochs), device=self.device,
+                            seed=seed_of(self.seed, tag), precision=self.precision, clip_grad=recipe.clip_grad,
+                            checkpoint=RecordedFile(ckpt_path(self.out, tag), record, self.resume),
+                            tag=what or tag, log_every=self.log_every, evaluate=evaluate, evaluate_at=evaluate_at,
+                            max_steps=max_steps)
+        if finished_file:
+            saved = save_stage(self.out, tag, record, model,
+                               grad_norms=train.grad_norm_summary(history["grad_norm"], recipe.clip_grad))
+            self.metrics["grad_norms"][tag] = saved["grad_norms"]
+        model.eval()
+        return history
+
+    def loader(self, dataset, batch, key=(), shuffle=False, drop_last=False):
+        """train.loader with the stream seed seed_of(--seed, *key): each stage, branch, epoch and cycle
+        passes its own key, so a resumed run replays exactly the batches of an uninterrupted one,
+        no two stages share a stream, and the numbers do not depend on --workers."""
+        return train.loader(dataset, batch, seed_of(self.seed, *key), shuffle, self.workers, self.device.type == "cuda",
+                            drop_last)
+
+    def train_loader(self, dataset, batch, key):
+        """A fine-tuning set's shuffled batches (`loader` keyed by `key`), the last one dropped when
+        smaller than `batch` unless it is the only one: a tiny batch makes a noisy step (and
+        BatchNorm statistics of a few images)."""
+        return self.loader(dataset, batch, key, shuffle=True, drop_last=len(dataset) > batch)
+
+    def outputs(self, fn, dataset, with_labels=False):
+        """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU);
+        with_labels: fn(x, y), the batch's labels too (fn may reduce each image's row of scores
+        to a few numbers, so that no N x C matrix is gathered). Under torchrun each process scores
+        its contiguous shard and every process gets all N outputs back in index order (the passes
+        are deterministic: the test transform)."""
+        if not ddp.sharding():
+            return train.predict(fn, self.loader(dataset, self.eval_batch), self.device, self.amp, with_labels)[0]
+        mine = ddp.shard(len(dataset), *ddp.world())
+        # an empty shard (fewer items than processes) scores one item for the output's shape, then none
+        part = torch.utils.data.Subset(dataset, mine if len(mine) else range(1))
+        with ddp.single_process():  # the shard is loaded whole, in eval batches of --eval-batch per process
+            out = train.predict(fn, self.loader(part, self.eval_batch), self.device, self.amp,
+                                with_labels)[0][:len(mine)]
+        return ddp.gather_in_order(out, len(dataset))
+
+    def linear_probe(self, clip, train_set, y_train, eval_set, classes):
+        """The linear-probe reference (CoFT's with the true train labels, CraFT's on the shots):
+        logistic_regression on clip's frozen, normalised image features of train_set with labels
+        y_train -> its logits on eval_set [N, classes]."""
+        def encode(x):
+            return torch.nn.functional.normalize(clip.encode_image(x).float(), dim=-1)
+        head = train.logistic_regression(self.outputs(encode, train_set), y_train, classes)
+        return head(self.outputs(encode, eval_set))
 
 
 # -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 import clip_model
+import data
 import runs
 from train import RunError
 
@@ -199,7 +200,7 @@ def main(argv=None):
             print(f"{name:{widths[0]}} {stage:{widths[1]}} {sec:{widths[2]}.1f} {mib(peak):>{widths[3]}}  {status}")
         if failed:
             raise RunError(f"{len(failed)} part(s) failed: {', '.join(failed)}; their logs are named above")
-    return runs.run_cli(body)
+    return runs.run_cli(body, errors=data.USER_ERRORS)
 
 
 if __name__ == "__main__":

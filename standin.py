@@ -349,9 +349,10 @@ def pretrain(model, steps, batch, lr, weight_decay, warmup, seed, log_every=50, 
         v, t = model.encode_image((images - mean) / std), model.encode_text(tokens)
         return {"loss": (clip_loss(v, t, model.logit_scale.exp(), labels), len(labels))}
 
-    history = train.fit(model, contrastive_step, lambda epoch: RenderedBatches(batch, steps, seed,
-                        model.visual.resolution), 1, opt, schedule, "cpu", seed, precision="fp32",
-                        tag="pretrain", log_every=log_every)
+    history = train.fit(model, contrastive_step,
+                        lambda epoch: RenderedBatches(batch, steps, seed, model.visual.resolution), epochs=1, opt=opt,
+                        schedule=schedule, device="cpu", seed=seed, precision="fp32", tag="pretrain",
+                        log_every=log_every)
     cap_temperature()  # after the last step too
     return history["loss"]
 

@@ -76,6 +76,26 @@ def test_eq6_complement_labels_are_uniform_over_the_other_classes():
     assert counts[0] == 0 and (counts[1:] - 5000).abs().max() < 300
 
 
+def test_phase1_as_the_loop_runs_it_draws_every_other_class_as_complement_never_the_label(tmp_path, monkeypatch):
+    """Eq. 6 as Phase I's stage calls it: across the steps of two tiny Phase-I models, each
+    sample's complement label y' is another class than its label y, and every other class (every
+    offset (y' - y) mod C in 1 .. C-1) is drawn. A draw that can return y itself (then L2 pushes
+    the true class's s- up) or that never reaches some class fails."""
+    seen, real = [], coft.phase1_losses
+
+    def recording(model, x, y, y_comp, *a, **kw):
+        seen.append((y.clone(), y_comp.clone()))
+        return real(model, x, y, y_comp, *a, **kw)
+    monkeypatch.setattr(coft, "phase1_losses", recording)
+    run_coft(tmp_path, "--phase", "1", "--K", "8", "--p1-epochs", "2", "--batch", "16", "--vpt-tokens", "0")
+    y, y_comp = (torch.cat(t) for t in zip(*seen))
+    C = 10
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(y) == 2 * 2 * m["seed_set"]["size"] and ((y_comp >= 0) & (y_comp < C)).all()  # 2 models, 2 epochs
+    assert (y_comp != y).all()
+    assert set(((y_comp - y) % C).tolist()) == set(range(1, C))
+
+
 def test_eq6_l2_step_raises_p_clean_of_the_label_and_lowers_the_complements():
     """One gradient step on L2 must raise p_clean of the label and lower that of the complement."""
     s_pos, s_neg, y = random_scores(B=1, C=4, seed=3)
@@ -420,8 +440,8 @@ def test_contrastive_epoch_is_one_pass_over_all_unlabelled_images():
         return torch.utils.data.DataLoader(Items(5, False), batch_size=2, shuffle=True, drop_last=True,
                                            generator=torch.Generator().manual_seed(cycle))
 
-    batches = list(coft.WithUnlabelled(make_clean, unlabelled))
-    assert len(batches) == len(coft.WithUnlabelled(make_clean, unlabelled)) == 3  # ceil(10 / 4): no image dropped
+    batches = list(coft.CleanAndUnlabelled(make_clean, unlabelled))
+    assert len(batches) == len(coft.CleanAndUnlabelled(make_clean, unlabelled)) == 3  # ceil(10 / 4): no image dropped
     seen_u = torch.cat([b[5] for b in batches])
     assert sorted(seen_u.tolist()) == list(range(10))
     assert all(torch.equal(b[3][:, 0].long(), b[5]) for b in batches)  # views travel with their indices

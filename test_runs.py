@@ -48,13 +48,13 @@ def record_draws(monkeypatch):
 
     def recording_fit(*a, **kw):
         fit_args = fit_arguments(*a, **kw)
-        steps, step_fn = seen.setdefault(stage_of(fit_args), []), fit_args["step_fn"]
+        steps, step_fn = seen.setdefault(stage_of(fit_args), []), fit_args["loss"]
 
         def step(model, b, draws):
             steps.append({"idx": b[2].clone(), "x": b[0].clone(), "gen": draws.generator.get_state(),
                           "rng": torch.get_rng_state()})
             return step_fn(model, b, draws)
-        fit_args["step_fn"] = step
+        fit_args["loss"] = step
         return TRAIN_FIT(**fit_args)  # a later call replaces an earlier recording
     monkeypatch.setattr(train, "fit", recording_fit)
     return seen
@@ -226,16 +226,16 @@ def test_stage_records_cover_the_settings_each_stage_depends_on():
     """A Phase-I model's record has S*'s and Phase I's settings and none of Phase II's; a branch's
     has all three: so a changed Phase-I flag invalidates the branches too."""
     args = coft.resolve_defaults(coft.parser().parse_args([]))
-    config = runs.settings(args, coft.NO_NUMBER_FLAGS)[0]
+    config = runs.settings(args, coft.UNRECORDED_FLAGS)[0]
     config.update(data="d", clip="c", fft_backbone=None, zero_shot_prompts="z", rounds=1)
     p1, br = coft.stage_record(config, "phase1_round2_model1"), coft.stage_record(config, "branch1")
     assert {"K", "seed", "data", "clip", "zero_shot_prompts", "p1_lr", "lam", "M", "batch"} <= set(p1)
     assert not {"fft_lr", "gamma", "queue", "workers", "device"} & set(p1)
     assert set(p1) - {"stage"} < set(br) and {"fft_lr", "gamma", "queue", "rounds"} <= set(br)
-    no_numbers = set(runs.NO_NUMBER_FLAGS) | set(coft.NO_NUMBER_FLAGS)
+    no_numbers = set(runs.UNRECORDED_FLAGS) | set(coft.UNRECORDED_FLAGS)
     assert not no_numbers & set(br)
     # every flag is either a setting some stage depends on, or declared as not changing numbers
-    # (runs.NO_NUMBER_FLAGS, coft.NO_NUMBER_FLAGS), or one whose effect only metrics.json shows (method, eval split, ...)
+    # (runs.UNRECORDED_FLAGS, coft.UNRECORDED_FLAGS), or one whose effect only metrics.json shows (method, eval split, ...)
     reported_only = {"eval_split", "branches", "plus", "template_ensemble", "fft_lr", "head_init"}
     flags = set(vars(args)) - {k for k in vars(args) if k.startswith("bench")}
     assert flags <= no_numbers | set(br) | set(coft.stage_record(config, "topk")) | reported_only

@@ -8,6 +8,7 @@ import torch
 
 import coft
 import ddp
+import runs
 import train
 import vecaf
 from conftest import (as_torchrun, assert_one_error_line, cli_as_process, coft_args, make_imagefolder, numbers,
@@ -165,9 +166,9 @@ class Numbered(torch.utils.data.Dataset):
 
 
 def context(tmp):
-    return train.RunContext(out=tmp, config={}, device=torch.device("cpu"), precision="fp32",
-                            amp=train.amp_settings(torch.device("cpu"), "fp32")[0], seed=0, workers=0, eval_batch=2,
-                            log_every=0, resume=False)
+    return runs.Run(out=tmp, config={}, device=torch.device("cpu"), precision="fp32",
+                    amp=train.amp_settings(torch.device("cpu"), "fp32")[0], seed=0, workers=0, eval_batch=2,
+                    log_every=0, resume=False, metrics={}, t0=0.0)
 
 
 def score_in_two_processes(rank, tmp):

@@ -25,8 +25,8 @@ def test_fit_reports_pre_clip_norms_and_takes_the_clipped_step(clip_grad):
     g = [torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4]), torch.tensor([6.0, 8.0])]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)  # no momentum, no weight decay
     history = train.fit(model, lambda mdl, b, _: {"loss": ((mdl.w * b[0][0]).sum(), 1)}, lambda e: [(x[None],) for x in g],
-                        1, opt, train.warmup_epochs_then_cosine(0), torch.device("cpu"), 0, clip_grad=clip_grad,
-                        log_every=0)
+                        epochs=1, opt=opt, schedule=train.warmup_epochs_then_cosine(0), device=torch.device("cpu"),
+                        seed=0, clip_grad=clip_grad, log_every=0)
     norms = history["grad_norm"]
     assert norms == pytest.approx([5.0, 0.5, 10.0])
     clipped = [x * min(1.0, clip_grad / x.norm()) if clip_grad else x for x in g]
@@ -80,8 +80,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     ckpt = tmp_path / "s.ckpt"
     with pytest.raises(train.RunError, match=r"stage x: non-finite loss \(loss nan, .* at step 5 of 6 \(epoch 2\).*"
                                              r"last good checkpoint is .*s.ckpt \(epoch 1\)"):
-        train.fit(model, counted, lambda e: batches, 2, train.sgd(model, 0.1), train.warmup_epochs_then_cosine(1),
-                  torch.device("cpu"), 0, checkpoint=runs.Saved(ckpt, None, False), tag="stage x", log_every=0)
+        train.fit(model, counted, lambda e: batches, epochs=2, opt=train.sgd(model, 0.1),
+                  schedule=train.warmup_epochs_then_cosine(1), device=torch.device("cpu"), seed=0,
+                  checkpoint=runs.RecordedFile(ckpt, None, False), tag="stage x", log_every=0)
     saved = torch.load(ckpt, weights_only=False)
     assert saved["epoch"] == 0 and torch.isfinite(saved["model"]["weight"]).all()
     assert torch.isfinite(model.weight).all()  # the NaN never reached the weights
@@ -102,9 +103,8 @@ def test_precision_settings():
 
 
 def test_imports_run_one_way():
-    """clip_model and ddp import nothing from the project, train only ddp; data and checkpoints
-    only clip_model;
-    no library imports a method (coft, craft, vecaf, bench), nor a method another method."""
+    """clip_model and ddp import nothing from the project, train only ddp, runs only these two;
+    data and checkpoints only clip_model, llm only data; no library imports a method (coft, craft, vecaf, bench), nor a method another method."""
     import ast
     from pathlib import Path
     root = Path(train.__file__).parent
@@ -117,10 +117,10 @@ def test_imports_run_one_way():
         return names & local
 
     assert imports("clip_model") == imports("ddp") == set() and imports("train") == {"ddp"}
-    assert imports("runs") == {"clip_model", "data", "ddp", "train"}  # their errors are the CLIs' one-line errors
+    assert imports("runs") == {"ddp", "train"}  # the data's and the backbone's errors: each CLI names them
     assert imports("data") == imports("checkpoints") == {"clip_model"}
     assert imports("standin") <= {"checkpoints", "clip_model", "data", "ddp", "runs", "train"}
-    assert imports("llm") <= {"data", "runs"}
+    assert imports("llm") == {"data"}
     libraries = ("clip_model", "checkpoints", "data", "standin", "train", "ddp", "runs", "llm")
     assert not {"coft", "craft", "vecaf", "bench"} & set().union(*(imports(m) for m in libraries))
     methods = {"coft", "craft", "vecaf"}
@@ -129,10 +129,10 @@ def test_imports_run_one_way():
 
 # the functions of each method file that may read the parsed flags: its CLI layer
 CLI_LAYER = {
-    "coft": {"run", "prepare", "run_config", "phase_settings", "check_args", "check_labels", "check_fft_init",
+    "coft": {"end_to_end", "prepare", "run_config", "settings_of", "check_args", "check_labels", "check_fft_init",
              "resolve_defaults", "main"},
-    "craft": {"run", "prepare", "settings_of", "with_shot_defaults", "resolve_defaults", "main"},
-    "vecaf": {"run", "prepare", "settings_of", "check_args", "resolve_task_defaults", "resolve_defaults", "main"},
+    "craft": {"end_to_end", "prepare", "settings_of", "with_shot_defaults", "resolve_defaults", "main"},
+    "vecaf": {"end_to_end", "prepare", "settings_of", "check_args", "resolve_task_defaults", "resolve_defaults", "main"},
 }
 
 
@@ -181,8 +181,8 @@ def test_fit_evaluates_at_the_steps_asked_ends_at_max_steps_and_resumes_to_the_s
 
     def fit(evaluate, checkpoint=None):
         model, opt = make()
-        history = train.fit(model, loss, batches, 3, opt, schedule, "cpu", 0, log_every=0, checkpoint=checkpoint,
-                            evaluate=evaluate, evaluate_at=at, max_steps=max_steps)
+        history = train.fit(model, loss, batches, epochs=3, opt=opt, schedule=schedule, device="cpu", seed=0,
+                            log_every=0, checkpoint=checkpoint, evaluate=evaluate, evaluate_at=at, max_steps=max_steps)
         return history, opt.param_groups[0]["lr"]
     full, last_lr = fit(evaluate)
     steps = max_steps or 6
@@ -198,8 +198,8 @@ def test_fit_evaluates_at_the_steps_asked_ends_at_max_steps_and_resumes_to_the_s
                 raise KeyboardInterrupt
             return evaluate(m)
         with pytest.raises(KeyboardInterrupt):
-            fit(dies, runs.Saved(ckpt, {"r": 1}, False))
-        assert fit(evaluate, runs.Saved(ckpt, {"r": 1}, True))[0] == full
+            fit(dies, runs.RecordedFile(ckpt, {"r": 1}, False))
+        assert fit(evaluate, runs.RecordedFile(ckpt, {"r": 1}, True))[0] == full
 
 
 def test_shards_cover_the_range_in_order():

@@ -494,7 +494,7 @@ def test_the_fine_tuning_recipe_is_every_term_of_its_flags(tmp_path, monkeypatch
 
     def recording_fit(*a, **k):
         args = conftest.fit_arguments(*a, **k)
-        model, loader = args["model"], args["make_loader"](0)
+        model, loader = args["model"], args["batches"](0)
         x, y, _ = next(iter(loader))
         with torch.no_grad():
             by_hand = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=0.2).item()

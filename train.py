@@ -62,7 +62,7 @@ class SeededSamples(torch.utils.data.Dataset):
     def __getitem__(self, i):
         with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
             # the CPU generator only (augmentations run on the CPU): torch.manual_seed would also queue
-            # a CUDA seeding, recording a stack trace on every call (~0.1 ms) while CUDA is not initialised
+            # a CUDA seeding while CUDA is not initialised, recording a stack trace on every call
             torch.default_generator.manual_seed(seed_of(self.seed, i))
             return self.dataset[i]
 
@@ -95,6 +95,19 @@ class ShardedBatches(torch.utils.data.Sampler):
             yield full[part.start:part.stop]
 
 
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose iteration marks an error raised while reading the data (an unreadable
+    image; `while_reading`), so that under torchrun runs.run_cli names the process whose share it
+    was. An error of the code consuming the batches is not raised in here, and stays unmarked."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except Exception as e:
+            e.while_reading = True
+            raise
+
+
 def loader(dataset, batch, seed, shuffle=False, workers=0, pin_memory=False, drop_last=False):
     """A DataLoader whose order and augmentations depend only on `seed` (give each stage, branch,
     epoch and cycle its own, e.g. seed_of(run_seed, tag, epoch)): the order comes from a generator
@@ -103,11 +116,10 @@ def loader(dataset, batch, seed, shuffle=False, workers=0, pin_memory=False, dro
     gen = torch.Generator().manual_seed(seed)
     samples = SeededSamples(dataset, seed_of(seed, "samples"))
     if ddp.sharding():  # torchrun: this process's slice of each of the same global batches
-        return torch.utils.data.DataLoader(samples, batch_sampler=ShardedBatches(
-            len(dataset), batch, shuffle, drop_last, gen, *ddp.world()), generator=gen, num_workers=workers,
-            pin_memory=pin_memory)
-    return torch.utils.data.DataLoader(samples, batch_size=batch, shuffle=shuffle, generator=gen, drop_last=drop_last,
-                                       num_workers=workers, pin_memory=pin_memory)
+        return Loader(samples, batch_sampler=ShardedBatches(len(dataset), batch, shuffle, drop_last, gen, *ddp.world()),
+                      generator=gen, num_workers=workers, pin_memory=pin_memory)
+    return Loader(samples, batch_size=batch, shuffle=shuffle, generator=gen, drop_last=drop_last, num_workers=workers,
+                  pin_memory=pin_memory)
 
 
 @torch.no_grad()
@@ -143,69 +155,6 @@ def logistic_regression(f, y, classes, steps=500, lr=0.05, weight_decay=1e-4, sc
         opt.step()
     head.requires_grad_(False)
     return lambda g: head(g * scale)
-
-
-@dataclass
-class RunContext:
-    """Where and how a run computes, made once by a method's `prepare`; each method's dataclass
-    (coft.Run, craft.Setup, vecaf.Setup) adds what its own stages share."""
-    out: Path  # the run folder
-    config: dict  # every setting that can change a number (config.json)
-    device: torch.device
-    precision: str  # resolved: fp32, bf16 or fp16
-    amp: dict  # its torch.autocast arguments (for the evaluation passes; fit makes its own)
-    seed: int
-    workers: int
-    eval_batch: int
-    log_every: int
-    resume: bool  # continue the stages and epoch checkpoints saved in out
-
-    def loader(self, dataset, batch, key=(), shuffle=False, drop_last=False):
-        """`loader` with the stream seed seed_of(--seed, *key): each stage, branch, epoch and cycle
-        passes its own key, so a resumed run replays exactly the batches of an uninterrupted one,
-        no two stages share a stream, and the numbers do not depend on --workers."""
-        return loader(dataset, batch, seed_of(self.seed, *key), shuffle, self.workers, self.device.type == "cuda",
-                      drop_last)
-
-    def train_loader(self, dataset, batch, key):
-        """A fine-tuning set's shuffled batches (`loader` keyed by `key`), the last one dropped when
-        smaller than `batch` unless it is the only one: a tiny batch makes a noisy step (and
-        BatchNorm statistics of a few images)."""
-        return self.loader(dataset, batch, key, shuffle=True, drop_last=len(dataset) > batch)
-
-    def fit(self, model, step_fn, make_loader, epochs, lr, recipe, tag, checkpoint=None, what=None, evaluate=None,
-            evaluate_at=None, max_steps=None):
-        """`fit` by an SGDRecipe at learning rate `lr`, on this run's device, precision and log
-        interval, with the step stream of `tag` (seed_of(--seed, tag))."""
-        return fit(model, step_fn, make_loader, epochs, sgd(model, lr, recipe.momentum, recipe.weight_decay),
-                   warmup_epochs_then_cosine(recipe.warmup_epochs), self.device, seed_of(self.seed, tag),
-                   self.precision, recipe.clip_grad, checkpoint, what or tag, self.log_every, evaluate, evaluate_at,
-                   max_steps)
-
-    def outputs(self, fn, dataset, with_labels=False):
-        """The evaluation pass: fn over a dataset in eval batches -> outputs [N, ...] (fp32, CPU);
-        with_labels: fn(x, y), the batch's labels too (fn may reduce each image's row of scores
-        to a few numbers, so that no N x C matrix is gathered). Under torchrun each process scores
-        its contiguous shard and every process gets all N outputs back in index order (the passes
-        are deterministic: the test transform)."""
-        if not ddp.sharding():
-            return predict(fn, self.loader(dataset, self.eval_batch), self.device, self.amp, with_labels)[0]
-        mine = ddp.shard(len(dataset), *ddp.world())
-        # an empty shard (fewer items than processes) scores one item for the output's shape, then none
-        part = torch.utils.data.Subset(dataset, mine if len(mine) else range(1))
-        with ddp.single_process():  # the shard is loaded whole, in eval batches of --eval-batch per process
-            out = predict(fn, ddp.own_share(self.loader(part, self.eval_batch)), self.device, self.amp,
-                          with_labels)[0][:len(mine)]
-        return ddp.gather_in_order(out, len(dataset))
-
-    def linear_probe(self, clip, train_set, y_train, eval_set, classes):
-        """The linear-probe reference (CoFT's with the true train labels, CraFT's on the shots):
-        logistic_regression on clip's frozen, normalised image features of train_set with labels
-        y_train -> its logits on eval_set [N, classes]."""
-        def encode(x):
-            return torch.nn.functional.normalize(clip.encode_image(x).float(), dim=-1)
-        head = logistic_regression(self.outputs(encode, train_set), y_train, classes)
-        return head(self.outputs(encode, eval_set))
 
 
 # -----------------------------------------------------------------------------
@@ -316,70 +265,59 @@ class Draws:
         return u[self.start:self.start + self.b]
 
 
-def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precision="auto", clip_grad=0.0,
+def fit(model, loss, batches, *, epochs, opt, schedule, device, seed, precision="auto", clip_grad=0.0,
         checkpoint=None, tag="train", log_every=20, evaluate=None, evaluate_at=None, max_steps=None):
-    """The loop every stage uses: a per-step LR schedule, autocast at `precision`, optional
-    gradient-norm clipping, a progress line, and a checkpoint after every epoch.
-
-    step_fn(model, batch, draws) -> {name: (batch mean, batch size)} is the stage's loss on a
-    batch, written where the stage is: its terms, each the mean over the batch it was computed on;
-    the loss is their sum (under torchrun, the sum of their global-batch means). draws: a Draws
-    for the batch. make_loader(epoch) -> an iterable of batches with a length; opt: an optimizer
-    over the parameters to train (e.g. sgd(model, lr)); schedule(step, total_steps,
-    steps_per_epoch) -> LR multiplier (e.g. warmup_epochs_then_cosine(1)).
-    Randomness is re-seeded from (seed, epoch) at every epoch start (and each sample's
-    augmentation is seeded by the loader), so a run resumed from an epoch checkpoint replays the
-    same batches, augmentations and draws as an uninterrupted one. checkpoint: where the epoch
-    checkpoints go and whether to resume from one (runs.Saved), or None.
-    A non-finite loss (or, without a GradScaler, gradient norm) stops training with a RunError
-    naming the step; the checkpoint of the last finished epoch is left as it was.
-    max_steps: training (and the schedule's total) ends after this many steps, the last epoch cut
-    short, if that comes before the end of `epochs`.
-    evaluate(model) -> a JSON-able value (e.g. an accuracy), called in eval mode after each step for
-    which evaluate_at(step, total) is true (steps counted from 1 over the whole fit, of `total`)
-    and collected as [step, value] in history["evaluated"].
-    Returns {"loss": [...], "grad_norm": [...], "evaluated": [...]}, the losses and norms (before
-    clipping) of every step, also kept in the checkpoints, so a resumed run returns them all."""
+    """The loop every stage trains with: `epochs` passes over batches(epoch), each step the sum of
+    the terms loss(model, batch, draws) -> {name: (mean over the batch, batch size)} (draws: the
+    step's per-sample randomness, Draws), under autocast at `precision`, gradients clipped at
+    `clip_grad` (0: measured only), then opt's update and the schedule(step, total, steps per
+    epoch)'s learning rate. An epoch checkpoint after every epoch (`checkpoint`, a
+    runs.RecordedFile, or None), resumed from where one exists. Returns the losses and gradient
+    norms of every step, and [step, evaluate(model)] at the steps evaluate_at(step, total) picks."""
     params = [p for group in opt.param_groups for p in group["params"]]
     amp, scaler = amp_settings(device, precision)
-    steps_per_epoch = len(make_loader(0))
+    steps_per_epoch = len(batches(0))
     total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
-    epochs = -(-total // steps_per_epoch)  # the last one cut short at max_steps
+    epochs = -(-total // steps_per_epoch)  # max_steps: the last epoch cut short
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, total, steps_per_epoch))
     start, history = resume(checkpoint, model, opt, sched, scaler, tag)
-    step_fn = ddp.data_parallel(model, step_fn, device)  # torchrun: the whole step as one DDP forward
+    if ddp.sharding():  # torchrun: the whole step as one DDP forward, which averages the gradients in backward
+        loss = ddp.data_parallel(model, loss, device)
     log = Progress(tag, epochs, total, log_every, start * steps_per_epoch)
     model.train()
     for epoch in range(start, epochs):
+        # every epoch's randomness from (seed, epoch) alone, each sample's augmentation from the
+        # loader's: a run resumed from a checkpoint replays the batches of an uninterrupted one
         torch.manual_seed(seed_of(seed, epoch))
         gen = torch.Generator().manual_seed(seed_of(seed, epoch, "step"))
         losses, norms, evaluated = [], [], []  # losses, norms kept on the device until the epoch ends: no sync
-        for i, batch in enumerate(ddp.own_share(make_loader(epoch))):
+        for i, batch in enumerate(batches(epoch)):
             step = epoch * steps_per_epoch + i + 1
             if step > total:
                 break
             batch = [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
             draws = Draws(gen, *ddp.global_batch(len(batch[0])), len(batch[0]))  # plain run: (b, 0), no sync
             with torch.autocast(**amp):
-                terms = step_fn(model, batch, draws)
-            shares = ddp.global_mean_shares(terms)  # plain run: the terms' batch means themselves
-            loss = add(shares.values())
+                terms = loss(model, batch, draws)
+            # torchrun: each term's share of the global batch's mean; a plain run: the means themselves
+            shares = ddp.global_mean_shares(terms)
+            step_loss = add(shares.values())
             opt.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler else loss).backward()
+            (scaler.scale(step_loss) if scaler else step_loss).backward()
             if scaler:
                 scaler.unscale_(opt)
             norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf")).detach()  # inf: measure only
-            loss = ddp.across_processes(loss.detach().float())  # the global batch's loss
-            losses.append(loss)
+            step_loss = ddp.across_processes(step_loss.detach().float())  # the global batch's loss
+            losses.append(step_loss)
             norms.append(norm)
-            stop_unless_finite(loss, norm, scaler, checkpoint, tag, epoch, step, total)
+            stop_unless_finite(step_loss, norm, scaler, checkpoint, tag, epoch, step, total)
             if scaler:
                 scaler.step(opt)
                 scaler.update()
             else:
                 opt.step()
             sched.step()
-            log(epoch, step, len(batch[0]), loss, norm, shares, sched.get_last_lr()[0])
+            log(epoch, step, len(batch[0]), step_loss, norm, shares, sched.get_last_lr()[0])
             if evaluate is not None and evaluate_at(step, total):
                 ddp.sync_buffers(model)
                 model.eval()
@@ -390,7 +328,7 @@ def fit(model, step_fn, make_loader, epochs, opt, schedule, device, seed, precis
             history["grad_norm"] += torch.stack(norms).float().cpu().tolist()
         history["evaluated"] += evaluated
         ddp.sync_buffers(model)
-        if checkpoint:
+        if checkpoint:  # the history too, so that a resumed run returns every step's
             checkpoint.save({"epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
                              "sched": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                              "history": history})

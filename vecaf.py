@@ -47,7 +47,7 @@ import ddp
 import runs
 import train
 from clip_model import unit
-from runs import number, shown
+from runs import number_type, shown
 from train import RunError, seed_of
 
 # -----------------------------------------------------------------------------
@@ -384,7 +384,7 @@ def caption_table(clip, task, pool_labels, device, template, ood_captions=None, 
 
 
 # -----------------------------------------------------------------------------
-# One run: loops of selection and fine-tuning
+# A run: its settings, what its parts share
 
 class Parts(NamedTuple):
     """Which of VeCAF's parts a --method uses."""
@@ -440,9 +440,10 @@ def settings_of(args):
 
 
 @dataclass
-class Setup(train.RunContext):
-    """What a run's parts share, made once by `prepare` (train.RunContext: its folder, config,
-    how it computes, the seeded loaders and the evaluation pass)."""
+class Run(runs.Run):
+    """What a run's parts share, made once by `prepare` (runs.Run: its folder, config, how it
+    computes, the seeded loaders, the evaluation pass and a stage; every stage's record is the
+    whole config)."""
     task: data.Task
     clip: clip_model.CLIP  # frozen: the pretrained features and the caption embeddings
     pool: data.ImageDataset  # the train split (the pool) under the test transform
@@ -455,32 +456,31 @@ class Setup(train.RunContext):
     evaluated: data.ImageDataset  # the eval split under the test transform
     y_eval: torch.Tensor | None  # None without a labelled eval split (--images without --check)
     captions: tuple | None  # CEA's targets (caption_table); None for methods without CEA
-    metrics: dict
-    t0: float
-
-    def record(self, tag):
-        return {"stage": tag, **self.config}
 
 
-def stage_file(s, tag):
+# -----------------------------------------------------------------------------
+# The stages: loops of selection and fine-tuning
+
+
+def stage_file(run, tag):
     """stages/<tag>.pt, a result without a model (features, a selection): load() gives it if this
     run saved it before under the same settings (else None: compute it), save(dict) writes it."""
-    return runs.Saved(runs.stage_path(s.out, tag), s.record(tag), reuse=True)
+    return runs.RecordedFile(runs.stage_path(run.out, tag), run.record(tag), reuse=True)
 
 
-def pool_features(s):
+def pool_features(run):
     """The pretrained image tower's unit features of the pool [N, D] (on the device), the space
     selection works in; computed once per run folder (stages/features.pt)."""
-    file = stage_file(s, "features")
+    file = stage_file(run, "features")
     features = file.load()
     if features is None:
-        features = {"f": s.outputs(lambda x: unit(s.clip.encode_image(x)), s.pool)}
+        features = {"f": run.outputs(lambda x: unit(run.clip.encode_image(x)), run.pool)}
         file.save(features)
-    return features["f"].to(s.device)
+    return features["f"].to(run.device)
 
 
 @torch.no_grad()
-def per_sample_objective(s, model):
+def per_sample_objective(run, model):
     """The current model on every pool image (test transform) -> (cross-entropy [N], margins [N]):
     ODS's training objective, the loss (plain CE, without the training's label smoothing) read
     with the TRUE label of every pool image, selected or not, as the official code evaluates the
@@ -488,48 +488,48 @@ def per_sample_objective(s, model):
     pool); or the label-free margin. Each image's logits are reduced in its batch: no N x C matrix."""
     def objective(x, y):  # [B, 2]: the loss at the label, the margin
         logits = model(x).float()
-        loss = torch.zeros(len(x), device=x.device) if s.person else F.cross_entropy(logits, y, reduction="none")
+        loss = torch.zeros(len(x), device=x.device) if run.person else F.cross_entropy(logits, y, reduction="none")
         return torch.stack([loss, margins(logits)], 1)
-    out = s.outputs(objective, s.pool, with_labels=True)  # [N, 2]
+    out = run.outputs(objective, run.pool, with_labels=True)  # [N, 2]
     loss, margin = out.T.contiguous()  # contiguous: a mean over a strided column sums in another order
-    return None if s.person else loss, margin
+    return None if run.person else loss, margin
 
 
-def select(s, sel, loop, model, bank, taken):
+def select(run, selection, loop, model, bank, taken):
     """This loop's K new pool indices [K] (none of them `taken`), saved as stages/select<loop>.pt
     before any fine-tuning so a resumed run does not redo it. random: uniform; otherwise E
     selectors (seeds keyed by loop and selector) optimise centroids on the unit feature bank with
     ODS weights from `model`'s per-sample objective where the method uses them, their centroids are
     combined (E > 1), and each centroid takes its nearest free sample."""
-    file = stage_file(s, f"select{loop}")
+    file = stage_file(run, f"select{loop}")
     done = file.load()
     if done is not None:
-        return done["new"].to(s.device), done["diagnostics"]
+        return done["new"].to(run.device), done["diagnostics"]
     t = time.time()
-    K = sel.budget
-    losses, margin = (None if v is None else v.to(s.device) for v in per_sample_objective(s, model))
-    if sel.method == "random":
+    K = selection.budget
+    losses, margin = (None if v is None else v.to(run.device) for v in per_sample_objective(run, model))
+    if selection.method == "random":
         free = (~taken).nonzero().squeeze(1)
-        g = torch.Generator().manual_seed(seed_of(s.seed, "random", loop))
-        new = free[torch.randperm(len(free), generator=g)[:K].to(s.device)]
+        g = torch.Generator().manual_seed(seed_of(run.seed, "random", loop))
+        new = free[torch.randperm(len(free), generator=g)[:K].to(run.device)]
     else:
-        parts = METHODS[sel.method]  # ActiveFT's selection, with these of VeCAF's parts
+        parts = METHODS[selection.method]  # ActiveFT's selection, with these of VeCAF's parts
         f = unit(bank)
         w = None
         if parts.ods:
             try:
-                w = objective_weights(losses if sel.ods_objective == "loss" else margin, sel.ods_weights)
+                w = objective_weights(losses if selection.ods_objective == "loss" else margin, selection.ods_weights)
             except ValueError as e:
                 raise RunError(f"ODS at loop {loop}: {e}: choose another --ods-weights") from None
         centroids = torch.stack([
-            optimise_centroids(f, K, seed_of(s.seed, "select", loop, e), sel.iters, sel.select_lr, sel.tau,
-                               sel.beta, sel.select_batch, w, sel.ods_weighting)
-            for e in range(sel.ensemble if parts.ensemble else 1)])  # [E, K, D]
+            optimise_centroids(f, K, seed_of(run.seed, "select", loop, e), selection.iters, selection.select_lr,
+                               selection.tau, selection.beta, selection.select_batch, w, selection.ods_weighting)
+            for e in range(selection.ensemble if parts.ensemble else 1)])  # [E, K, D]
         norms = centroids.norm(dim=-1)  # unit rows, unless theta overflowed (to inf, NaN or, normalised, 0)
         if not (torch.isfinite(norms) & ((norms - 1).abs() < 1e-3)).all():  # nearest-unique would pick by index
             raise RunError(f"loop {loop}: the centroid optimisation diverged (non-finite centroids) at --select-lr "
-                           f"{sel.select_lr:g}: lower it")
-        new = nearest_unique(combine(centroids, sel.optimal_up_to), f, taken)
+                           f"{selection.select_lr:g}: lower it")
+        new = nearest_unique(combine(centroids, selection.optimal_up_to), f, taken)
     new = ddp.from_rank0(new)  # torchrun: every process fine-tunes on the very same selection
     # the picks' mean loss against the free pool's: how far selection leans towards what the model gets wrong
     diagnostics = {"select_s": time.time() - t}
@@ -539,41 +539,43 @@ def select(s, sel, loop, model, bank, taken):
     return new, diagnostics
 
 
-def fine_tune(s, ft, tag, model, idx, evaluate, before):
+def fine_tune(run, fine_tuning, tag, model, idx, evaluate, before):
     """The fine-tuning of one loop (the paper's recipe on the model CoFT's Phase II also trains:
     clip_model.ImageClassifier, the image tower + a linear head): cross-entropy with label
-    smoothing on the selected pool images idx with their labels (s.y_pool), by ft.sgd (SGD with momentum,
-    warm-up + cosine) for ft.epochs (or ft.max_batches), continuing from `model` (the previous
-    loop's). `evaluate(model)` runs after every batch that ends on the grid, ft.eval_grid batches
+    smoothing on the selected pool images idx with their labels (run.y_pool), by fine_tuning.sgd (SGD with momentum,
+    warm-up + cosine) for fine_tuning.epochs (or fine_tuning.max_batches), continuing from `model` (the previous
+    loop'run). `evaluate(model)` runs after every batch that ends on the grid, fine_tuning.eval_grid batches
     counted over all loops (`before`: the earlier loops' batches), so that every run, whatever its
     epoch length, is measured at the same batch counts; and after the loop's last batch.
     Returns fit's history."""
-    augment = data.make_transform(ft.aug if ft.aug != "none" else "test", s.clip.visual, s.task)
-    train_set = data.ImageDataset([s.task.train[i] for i in idx.tolist()], augment, labels=s.y_pool[idx.cpu()].tolist())
+    augment = data.make_transform(fine_tuning.aug if fine_tuning.aug != "none" else "test", run.clip.visual, run.task)
+    train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment,
+                                  labels=run.y_pool[idx.cpu()].tolist())
 
     def batches(epoch):
-        return s.train_loader(train_set, ft.sgd.batch, (tag, epoch))
+        return run.train_loader(train_set, fine_tuning.sgd.batch, (tag, epoch))
 
     def loss(model, b, _):  # cross-entropy with label smoothing on a batch (x, y, index)
-        return {"CE": (F.cross_entropy(model(b[0]), b[1], label_smoothing=ft.label_smoothing), len(b[1]))}
+        return {"CE": (F.cross_entropy(model(b[0]), b[1], label_smoothing=fine_tuning.label_smoothing), len(b[1]))}
 
     def on_grid(step, total):
-        return (before + step) % ft.eval_grid == 0 or step == total
+        return (before + step) % fine_tuning.eval_grid == 0 or step == total
 
-    record = s.record(tag)
-    if s.person:  # an epoch checkpoint resumes only under the labels it was trained with
-        record["labels"] = data.labels_digest(idx, s.y_pool[idx.cpu()])
-    return s.fit(model, loss, batches, ft.epochs, ft.lr, ft.sgd, tag,
-                 runs.Saved(runs.ckpt_path(s.out, tag), record, s.resume), evaluate=evaluate,
-                 evaluate_at=on_grid, max_steps=ft.max_batches)
+    record = run.record(tag)
+    if run.person:  # an epoch checkpoint resumes only under the labels it was trained with
+        record["labels"] = data.labels_digest(idx, run.y_pool[idx.cpu()])
+    # the loop's stage file (its model, the selection, the curve) is written by active_finetuning
+    return run.stage(tag, model, loss, batches, epochs=fine_tuning.epochs, lr=fine_tuning.lr, recipe=fine_tuning.sgd,
+                     record=record, evaluate=evaluate, evaluate_at=on_grid, max_steps=fine_tuning.max_batches,
+                     finished_file=False)
 
 
-def last_finished(s, loops):
+def last_finished(run, loops):
     """The last loop whose stage file exists (0: none)."""
-    return max((l for l in range(1, loops + 1) if runs.stage_path(s.out, f"loop{l}").exists()), default=0)
+    return max((l for l in range(1, loops + 1) if runs.stage_path(run.out, f"loop{l}").exists()), default=0)
 
 
-def active_finetuning(s, sel, ft):
+def active_finetuning(run, selection, fine_tuning):
     """The loops (paper Sec. 3 and its experimental setting): per loop, select --budget new pool images
     (earlier picks stay selected), move the new picks' features towards their captions (CEA,
     where the method uses it: the moved features feed the next loops' selection), then fine-tune
@@ -581,103 +583,110 @@ def active_finetuning(s, sel, ft):
     against the number of training batches. Every loop is saved (stages/loop<l>.pt: the model,
     the selection, the moved features, the curve) and each epoch checkpointed, so --resume
     continues exactly. --method full: one loop on the whole pool."""
-    N = len(s.y_pool)
-    W = clip_model.text_classifier(s.clip, data.zero_shot_prompts(s.task), s.device) if ft.head_init == "text" else None
-    model = clip_model.ImageClassifier(s.clip.visual, len(s.task.classnames), W, s.clip.logit_scale.exp().item()).to(s.device)
+    N = len(run.y_pool)
+    W = clip_model.text_classifier(run.clip, data.zero_shot_prompts(run.task), run.device) \
+        if fine_tuning.head_init == "text" else None
+    model = clip_model.ImageClassifier(run.clip.visual, len(run.task.classnames), W,
+                                       run.clip.logit_scale.exp().item()).to(run.device)
 
     def evaluate(model):  # None without a labelled eval split: the curve then holds batch counts only
-        return None if s.y_eval is None else train.accuracy(s.outputs(model, s.evaluated), s.y_eval)
+        return None if run.y_eval is None else train.accuracy(run.outputs(model, run.evaluated), run.y_eval)
 
-    bank = pool_features(s) if sel.method != "full" else None  # [N, D]; CEA moves the selected rows
-    selected = torch.zeros(0, dtype=torch.long, device=s.device)
+    bank = pool_features(run) if selection.method != "full" else None  # [N, D]; CEA moves the selected rows
+    selected = torch.zeros(0, dtype=torch.long, device=run.device)
     curve, loops = [[0, evaluate(model)]], []  # (training batches so far, eval accuracy)
-    s.metrics["zero_shot_acc"] = curve[0][1]
-    done = last_finished(s, sel.loops)
+    run.metrics["zero_shot_acc"] = curve[0][1]
+    done = last_finished(run, selection.loops)
     if done:  # continue after the last finished loop (its file holds everything so far)
-        saved = runs.load_stage(s.out, f"loop{done}", s.record(f"loop{done}"), model)
-        selected, curve, loops = saved["selected"].to(s.device), saved["curve"], saved["loops"]
-        if s.person:
-            same_labels(s, selected.cpu(), saved["labels"], loops)
+        saved = runs.load_stage(run.out, f"loop{done}", run.record(f"loop{done}"), model)
+        selected, curve, loops = saved["selected"].to(run.device), saved["curve"], saved["loops"]
+        if run.person:
+            same_labels(run, selected.cpu(), saved["labels"], loops)
         if bank is not None:
-            bank[selected] = saved["bank_rows"].to(s.device)
-        print(f"loops 1-{done}: loaded from {s.out}/stages", flush=True)
-    for loop in range(done + 1, sel.loops + 1):
-        cost = train.StageCost(s.device)
-        taken = torch.zeros(N, dtype=torch.bool, device=s.device)
+            bank[selected] = saved["bank_rows"].to(run.device)
+        print(f"loops 1-{done}: loaded from {run.out}/stages", flush=True)
+    for loop in range(done + 1, selection.loops + 1):
+        cost = train.StageCost(run.device)
+        taken = torch.zeros(N, dtype=torch.bool, device=run.device)
         taken[selected] = True
-        if sel.method == "full":
-            new, diagnostics = torch.arange(N, device=s.device), {}
+        if selection.method == "full":
+            new, diagnostics = torch.arange(N, device=run.device), {}
         else:
-            new, diagnostics = select(s, sel, loop, model, bank, taken)
-        unlabelled = new[s.y_pool[new.cpu()].to(new.device) < 0]
+            new, diagnostics = select(run, selection, loop, model, bank, taken)
+        unlabelled = new[run.y_pool[new.cpu()].to(new.device) < 0]
         if len(unlabelled):  # a person labels the picks before the loop goes on
-            ask_for_labels(s, loop, model, unlabelled.cpu())
-        (s.out / TO_LABEL).unlink(missing_ok=True)  # every pick so far is labelled: nothing is asked now
-        if sel.method != "full":
-            if s.captions is not None:  # CEA on this loop's picks, their captions the attention's keys
-                t_all, caption_of = s.captions
+            ask_for_labels(run, loop, model, unlabelled.cpu())
+        (run.out / TO_LABEL).unlink(missing_ok=True)  # every pick so far is labelled: nothing is asked now
+        if selection.method != "full":
+            if run.captions is not None:  # CEA on this loop's picks, their captions the attention's keys
+                t_all, caption_of = run.captions
                 keys, row = caption_of[new].unique(return_inverse=True)
-                bank[new] = cea(bank[new], t_all[keys], row, sel.eta, s.clip.logit_scale.exp().item(),
-                                None if sel.alpha == "attention" else 1.0)
+                bank[new] = cea(bank[new], t_all[keys], row, selection.eta, run.clip.logit_scale.exp().item(),
+                                None if selection.alpha == "attention" else 1.0)
         selected = torch.cat([selected, new])
         tag = f"loop{loop}"
         before = loops_batches(loops)
-        history = fine_tune(s, ft, tag, model, selected, evaluate, before)
+        history = fine_tune(run, fine_tuning, tag, model, selected, evaluate, before)
         curve += [[before + step, acc] for step, acc in history["evaluated"]]
         loops.append({"loop": loop, "selected": len(selected), "new": len(new), "acc": curve[-1][1],
-                      "batches": before + len(history["loss"]), "classes": len(s.y_pool[selected.cpu()].unique()),
+                      "batches": before + len(history["loss"]), "classes": len(run.y_pool[selected.cpu()].unique()),
                       "time_s": cost.seconds(), "peak_mib": cost.peak_mib(), **diagnostics})
-        runs.save_stage(s.out, tag, s.record(tag), model, selected=selected.cpu(), curve=curve, loops=loops,
-                         bank_rows=None if bank is None else bank[selected].cpu(),
-                         **({"labels": s.y_pool[selected.cpu()]} if s.person else {}))
-        print(f"loop {loop}/{sel.loops}: {len(selected)} selected ({len(new)} new), {loops[-1]['batches']} batches, "
-              f"{s.metrics['eval_split']} acc {shown(curve[-1][1])}", flush=True)
-    s.metrics.update(loops=loops, curve=curve, final_acc=curve[-1][1], batches=loops[-1]["batches"],
-                     selected=len(selected))
+        runs.save_stage(run.out, tag, run.record(tag), model, selected=selected.cpu(), curve=curve, loops=loops,
+                        bank_rows=None if bank is None else bank[selected].cpu(),
+                        **({"labels": run.y_pool[selected.cpu()]} if run.person else {}))
+        print(f"loop {loop}/{selection.loops}: {len(selected)} selected ({len(new)} new), {loops[-1]['batches']} "
+              f"batches, {run.metrics['eval_split']} acc {shown(curve[-1][1])}", flush=True)
+    run.metrics.update(loops=loops, curve=curve, final_acc=curve[-1][1], batches=loops[-1]["batches"],
+                       selected=len(selected))
     return model, selected
 
 
 TO_LABEL = "to_label.csv"  # in the run folder: the images a person is asked to label
 
 
-def ask_for_labels(s, loop, model, idx):
+def ask_for_labels(run, loop, model, idx):
     """Stop the run for a person: write the picks idx that the labels file does not label yet to
     to_label.csv (path as a labels file names it, loop, score: the current model's margin on it,
     top-1 minus top-2 logit, low where it is unsure; suggestion: its top-1 class) and say what to
     do next. The selection is saved (stages/select<loop>.pt), so the same command, once the labels
     are in the file, goes on from here exactly."""
     with torch.no_grad():
-        logits = s.outputs(model, torch.utils.data.Subset(s.pool, idx.tolist()))  # [n, C]
+        logits = run.outputs(model, torch.utils.data.Subset(run.pool, idx.tolist()))  # [n, C]
     score, suggestion = margins(logits).tolist(), logits.argmax(1).tolist()
-    rows = ([data.item_key(s.task.train[i][0], i, s.task.root), loop, f"{score[j]:.4f}",
-             s.task.classnames[suggestion[j]]] for j, i in enumerate(idx.tolist()))
-    path = runs.write_csv(["path", "loop", "score", "suggestion"], rows, s.out / TO_LABEL)
-    raise runs.Waiting(f"loop {loop} selected {len(idx)} image(s) that {s.labels_file} does not label yet, listed "
-                       f"in {path}: add a row path,class for each to {s.labels_file}, then run the same command "
+    rows = ([data.item_key(run.task.train[i][0], i, run.task.root), loop, f"{score[j]:.4f}",
+             run.task.classnames[suggestion[j]]] for j, i in enumerate(idx.tolist()))
+    path = runs.write_csv(["path", "loop", "score", "suggestion"], rows, run.out / TO_LABEL)
+    raise runs.Waiting(f"loop {loop} selected {len(idx)} image(run) that {run.labels_file} does not label yet, listed "
+                       f"in {path}: add a row path,class for each to {run.labels_file}, then run the same command "
                        f"again")
 
 
-def same_labels(s, selected, trained_on, loops):
+def same_labels(run, selected, trained_on, loops):
     """The labels file still gives every image the finished loops trained on the label it had
     then (a finished loop cannot change), else one line naming the image and the row."""
-    now = s.y_pool[selected]
+    now = run.y_pool[selected]
     changed = (now != trained_on).nonzero().squeeze(1)
     if not len(changed):
         return
     p = int(changed[0])
     i = int(selected[p])
     loop = next(l["loop"] for l in loops if p < l["selected"])
-    key, was = data.item_key(s.task.train[i][0], i, s.task.root), s.task.classnames[int(trained_on[p])]
+    key, was = data.item_key(run.task.train[i][0], i, run.task.root), run.task.classnames[int(trained_on[p])]
     if now[p] < 0:
-        raise RunError(f"{s.labels_file} no longer labels {key!r}, which loop {loop} trained on as {was!r}: put the "
+        raise RunError(f"{run.labels_file} no longer labels {key!r}, which loop {loop} trained on as {was!r}: put the "
                        f"row back (a finished loop cannot change), or --restart")
-    raise RunError(f"{s.labels_file} line {s.line[i]} gives {key!r} the class {s.task.classnames[int(now[p])]!r}, but "
-                   f"loop {loop} trained on {was!r}: put the label back (a finished loop cannot change), or --restart")
+    raise RunError(f"{run.labels_file} line {run.line[i]} gives {key!r} the class "
+                   f"{run.task.classnames[int(now[p])]!r}, but loop {loop} trained on {was!r}: put the label back (a "
+                   f"finished loop cannot change), or --restart")
 
 
 def loops_batches(loops):
     """Training batches of the loops so far."""
     return loops[-1]["batches"] if loops else 0
+
+
+# -----------------------------------------------------------------------------
+# A finished run's classifier, rebuilt from its last loop (deploy.py)
 
 
 def final_classifier(out, clip, metrics, classnames):
@@ -688,20 +697,24 @@ def final_classifier(out, clip, metrics, classnames):
     return model.eval()
 
 
-# besides runs.NO_NUMBER_FLAGS; the captions file is recorded by content
-NO_NUMBER_FLAGS = ("plot", "target", "at_batches", "write_captions", "api_base", "caption_model")
+# -----------------------------------------------------------------------------
+# A run, end to end
+
+# flags config.json leaves out: they change how a run goes, never its numbers (besides
+# runs.UNRECORDED_FLAGS); the captions file is recorded by content
+UNRECORDED_FLAGS = ("plot", "target", "at_batches", "write_captions", "api_base", "caption_model")
 
 
-def run(args):
+def end_to_end(args):
     """The loops, then the final model's predictions; writes metrics.json and predictions.pt."""
-    s, sel, ft = prepare(args)  # the parts see these settings, never the flags
-    model, selected = active_finetuning(s, sel, ft)
+    run, (selection, fine_tuning) = prepare(args)  # the parts see these settings, never the flags
+    model, selected = active_finetuning(run, selection, fine_tuning)
     predictions = {"selected": selected.cpu()}
-    if s.y_eval is not None:
-        predictions.update(y=s.y_eval, final=s.outputs(model, s.evaluated).argmax(1))
-    print(f"{sel.method}: {shown(s.metrics['final_acc'])} on {s.metrics['eval_split']} after {s.metrics['batches']} "
-          f"batches on {s.metrics['selected']} of {len(s.y_pool)} pool images", flush=True)
-    return runs.finish_run(s.out, s.metrics, predictions, s.t0)
+    if run.y_eval is not None:
+        predictions.update(y=run.y_eval, final=run.outputs(model, run.evaluated).argmax(1))
+    print(f"{selection.method}: {shown(run.metrics['final_acc'])} on {run.metrics['eval_split']} after "
+          f"{run.metrics['batches']} batches on {run.metrics['selected']} of {len(run.y_pool)} pool images", flush=True)
+    return runs.finish_run(run.out, run.metrics, predictions, run.t0)
 
 
 def check_args(args, pool_size):
@@ -742,8 +755,8 @@ def check_args(args, pool_size):
 
 
 def prepare(args):
-    """The checks, the run folder and the backbone, cheap mistakes first -> (Setup, Selection,
-    FineTuning)."""
+    """The checks, the run folder and the backbone, cheap mistakes first -> (Run, (Selection,
+    FineTuning))."""
     device = runs.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
     standin.check_backbone("--clip", args.clip, args.clip_act)
     # a run stopped to wait for a person's labels goes on with the same command, no --resume needed
@@ -751,7 +764,7 @@ def prepare(args):
     resume = args.resume or (waiting and not args.restart)
     runs.check_out(args.out, resume, args.restart)
     t0 = time.time()
-    task = runs.open_task(args)
+    task = data.task_of(args)
     eval_items = data.eval_items(task, args.eval_split)
     args = resolve_task_defaults(runs.with_precision(args, device), task)
     check_args(args, len(task.train))
@@ -759,7 +772,7 @@ def prepare(args):
     y_pool, labels = pool_labels(task, args.labels)
     # read and checked now, before any work (check_args refuses --captions for methods without CEA)
     pool_captions = read_captions(args.captions, task.train, task.root) if args.captions else None
-    config, how = runs.settings(args, NO_NUMBER_FLAGS)
+    config, how = runs.settings(args, UNRECORDED_FLAGS)
     config.update(data=data.fingerprint(task, task.root),
                   clip=standin.backbone_id("--clip", args.clip, args.clip_act))
     if args.captions:  # the file by content
@@ -779,19 +792,20 @@ def prepare(args):
                "budget": args.budget, "eval_grid": args.eval_grid, "max_batches": args.max_batches,
                "loops": args.loops, "pool": len(task.train), "processes": ddp.world()[1], "time_s": {}}
     print(f"{args.dataset}: {len(task.classnames)} classes, pool {len(task.train)}, {len(eval_items)} "
-          f"{args.eval_split} images; {args.method}: {args.loops} loop(s) of {args.budget} images; backbone "
+          f"{args.eval_split} images; {args.method}: {args.loops} loop(run) of {args.budget} images; backbone "
           f"{args.clip} on {device}, {args.precision}", flush=True)
     if labels is not None:
-        print(f"labels from a person: {len(labels)} image(s) labelled in {args.labels}; selection reads no other "
+        print(f"labels from a person: {len(labels)} image(run) labelled in {args.labels}; selection reads no other "
               f"label (ODS by the model's margin, CEA's class captions from the picks' given labels)", flush=True)
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported", flush=True)
-    return Setup(**runs.context(args, out, config, device, resume), task=task, clip=clip,
-                 pool=data.ImageDataset(task.train, test), y_pool=y_pool, person=labels is not None,
-                 labels_file=args.labels, line={} if labels is None else labels.line,
-                 evaluated=data.ImageDataset(eval_items, test),
-                 y_eval=torch.tensor([lab for _, lab in eval_items]) if eval_items else None,
-                 captions=captions, metrics=metrics, t0=t0), *settings_of(args)
+    run = Run(**runs.fields_of(args, out, config, device, resume), task=task, clip=clip,
+              pool=data.ImageDataset(task.train, test), y_pool=y_pool, person=labels is not None,
+              labels_file=args.labels, line={} if labels is None else labels.line,
+              evaluated=data.ImageDataset(eval_items, test),
+              y_eval=torch.tensor([lab for _, lab in eval_items]) if eval_items else None,
+              captions=captions, metrics=metrics, t0=t0)
+    return run, settings_of(args)
 
 
 def pool_labels(task, labels_file):
@@ -988,10 +1002,10 @@ def write_svg(finished, path, goal=None, size=(720, 440)):
 
 def parser():
     p = runs.Parser(description="VeCAF: objective-aware active fine-tuning of CLIP's image tower",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    runs.data_flags(p, "digits (offline demo), digits-bold (its test strokes thickened), a CoOp dataset name, "
-                       "imagefolder, cifar10, cifar100")
+    data.add_flags(p, "digits (offline demo), digits-bold (its test strokes thickened), a CoOp dataset name, "
+                   "imagefolder, cifar10, cifar100")
     a("--labels", default=None, metavar="FILE",
       help="a person labels the picks: a CSV path,class (paths relative to --images / --data-root; the file need "
            "not exist yet). Each loop writes the images to label to OUT/to_label.csv and stops (exit status 3) "
@@ -1003,31 +1017,31 @@ def parser():
     a("--method", default="vecaf", choices=list(METHODS),
       help="vecaf: ODS + CEA + ensemble; activeft: the base selection alone; ods / cea / ensemble: ActiveFT with "
            "one of VeCAF's parts; random: uniform picks; full: fine-tuning on the whole pool (one loop)")
-    a("--percent", type=number(float, 0, 100, low_open=True), default=1.0, help="per-loop budget, %% of the pool")
-    a("--budget", type=number(int, 1), default=None, help="per-loop budget in images (overrides --percent)")
-    a("--loops", type=number(int, 1), default=5, help="selection + fine-tuning loops (the selection grows by "
+    a("--percent", type=number_type(float, 0, 100, low_open=True), default=1.0, help="per-loop budget, %% of the pool")
+    a("--budget", type=number_type(int, 1), default=None, help="per-loop budget in images (overrides --percent)")
+    a("--loops", type=number_type(int, 1), default=5, help="selection + fine-tuning loops (the selection grows by "
       "the budget each loop; full: 1)")
     runs.run_flags(p)
     a("--eval-split", default="test", choices=["test", "dev"], help="dev: for choosing settings (never test)")
-    a("--eval-grid", type=number(int, 1), default=None,
+    a("--eval-grid", type=number_type(int, 1), default=None,
       help="evaluate every this many training batches, counted over all loops, and after each loop: the "
            "curve's points, B2A's resolution; runs compared in one table share it (default: 5 for the digits, "
            "100 otherwise)")
-    a("--max-batches", type=number(int, 1), default=None,
+    a("--max-batches", type=number_type(int, 1), default=None,
       help="--method full: end the schedule (warm-up + cosine) and training after this many batches, within "
            "--epochs: the full-data reference at an equal number of batches")
     a("--table", nargs="+", metavar="RUN_DIR", help="print a results table of finished runs and exit")
-    a("--target", type=number(float, 0, 1, low_open=True), default=0.95,
+    a("--target", type=number_type(float, 0, 1, low_open=True), default=0.95,
       help="--table: B2A counts the batches to reach this fraction of the full-data runs' final accuracy")
-    a("--at-batches", type=number(int, 0), default=None,
+    a("--at-batches", type=number_type(int, 0), default=None,
       help="--table: accuracy at this many batches (default: the fewest any selection run trained)")
     a("--plot", default=None, metavar="FILE.svg", help="--table: write the accuracy-vs-batches curves")
     # selection (ActiveFT + ODS + ensemble)
-    a("--iters", type=number(int, 1), default=300, help="centroid optimisation steps")
-    a("--select-lr", type=number(float, 0, low_open=True), default=1e-3, help="Adam lr of the centroids")
-    a("--tau", type=number(float, 0, low_open=True), default=0.07)
-    a("--beta", type=number(float, 0, low_open=True), default=1.0, help="weight of the repulsion Z")
-    a("--select-batch", type=number(int, 1), default=65536,
+    a("--iters", type=number_type(int, 1), default=300, help="centroid optimisation steps")
+    a("--select-lr", type=number_type(float, 0, low_open=True), default=1e-3, help="Adam lr of the centroids")
+    a("--tau", type=number_type(float, 0, low_open=True), default=0.07)
+    a("--beta", type=number_type(float, 0, low_open=True), default=1.0, help="weight of the repulsion Z")
+    a("--select-batch", type=number_type(int, 1), default=65536,
       help="pool samples per centroid step (the whole pool when smaller: CIFAR-size pools)")
     a("--ods-objective", default=None, choices=["loss", "margin"],
       help="ODS weighs the pool by the current model's per-sample loss (which reads every pool image's true "
@@ -1037,11 +1051,11 @@ def parser():
       help="ODS weights from the objective: as it is, over its mean, or one of the official code's transforms")
     a("--ods-weighting", default="kl", choices=["kl", "official"],
       help="kl: w-weighted attraction (the paper's weighted KL); official: w inside e_i (the official code)")
-    a("--ensemble", type=number(int, 1), default=3, help="selectors E of the ensemble (vecaf, ensemble)")
-    a("--optimal-up-to", type=number(int, 1), default=256,
+    a("--ensemble", type=number_type(int, 1), default=3, help="selectors E of the ensemble (vecaf, ensemble)")
+    a("--optimal-up-to", type=number_type(int, 1), default=256,
       help="centroid matching: Hungarian up to this K, a greedy match beyond")
     # CEA and captions
-    a("--eta", type=number(float, 0), default=1.2, help="CEA step")
+    a("--eta", type=number_type(float, 0), default=1.2, help="CEA step")
     a("--alpha", default="attention", choices=["attention", "one"],
       help="CEA weight: cross-attention (image query, the batch's caption keys); one: the official code")
     a("--captions", default=None, help="JSON {image path relative to --data-root: caption} ('#<index>' for "
@@ -1054,17 +1068,17 @@ def parser():
     a("--api-base", default="https://api.openai.com/v1")
     a("--caption-model", default="gpt-4o-mini")
     # fine-tuning (the official DeiT recipe)
-    a("--epochs", type=number(int, 1), default=20, help="fine-tuning epochs per loop")
-    a("--batch", type=number(int, 1), default=64,
+    a("--epochs", type=number_type(int, 1), default=20, help="fine-tuning epochs per loop")
+    a("--batch", type=number_type(int, 1), default=64,
       help="global batch size (ours, for small pools; the official DeiT recipe's is 512, with the lr scaled by "
            "batch / 512); under torchrun each of N processes takes a contiguous 1/N of every batch")
-    a("--lr", type=number(float, 0, low_open=True), default=None,
+    a("--lr", type=number_type(float, 0, low_open=True), default=None,
       help="SGD lr (default 0.01 x batch / 512, the recipe; 3e-4 for the demo stand-in, chosen on its dev split)")
-    a("--momentum", type=number(float, 0, 1, high_open=True), default=0.9)
-    a("--weight-decay", type=number(float, 0), default=1e-4)
-    a("--warmup-epochs", type=number(int, 0), default=5)
-    a("--label-smoothing", type=number(float, 0, 1, high_open=True), default=0.1)
-    a("--clip-grad", type=number(float, 0), default=0.0, help="gradient-norm clipping (0: off)")
+    a("--momentum", type=number_type(float, 0, 1, high_open=True), default=0.9)
+    a("--weight-decay", type=number_type(float, 0), default=1e-4)
+    a("--warmup-epochs", type=number_type(int, 0), default=5)
+    a("--label-smoothing", type=number_type(float, 0, 1, high_open=True), default=0.1)
+    a("--clip-grad", type=number_type(float, 0), default=0.0, help="gradient-norm clipping (0: off)")
     a("--aug", default=None, choices=["none", "weak", "crop", "strong"],
       help="fine-tuning augmentation (default weak; none for the digits, chosen on their dev split)")
     a("--head-init", default="text", choices=["text", "random"],
@@ -1077,7 +1091,7 @@ def resolve_defaults(args):
     split), the augmentation by dataset, one selector for methods without the ensemble, workers
     by device. Returns a resolved copy of the flags."""
     args = argparse.Namespace(**vars(args))
-    args.dataset = runs.dataset_name(args)
+    args.dataset = data.dataset_name(args)
     demo = args.clip == standin.NAME
     if args.lr is None:  # the recipe's linear scaling; the stand-in's value chosen on the digits' dev split
         args.lr = 3e-4 if demo else 0.01 * args.batch / 512
@@ -1100,8 +1114,8 @@ def main(argv=None):
         if args.table:
             return report(args.table, args.target, args.at_batches, args.plot)
         if args.write_captions:
-            args.dataset = runs.dataset_name(args)
-            task = runs.open_task(args)
+            args.dataset = data.dataset_name(args)
+            task = data.task_of(args)
             y = pool_labels(task, args.labels)[0] if args.labels else data.train_labels(task)
             hints = [None if y is None or y[i] < 0 else data.prompt_name(task.classnames[y[i]])
                      for i in range(len(task.train))]
@@ -1113,13 +1127,13 @@ def main(argv=None):
                                   args.caption_model, os.environ.get("OPENAI_API_KEY"))
             print(f"wrote captions for {len(task.train)} images to {path}")
             return None
-        return run(resolve_defaults(args))
+        return end_to_end(resolve_defaults(args))
     def where():
         if args.write_captions:
             return f" (the captions so far are in {args.write_captions}; the same command continues)" \
                 if Path(args.write_captions).is_file() else " (no captions had been saved yet)"
         return "" if args.table else runs.saved_in(args.out, "finished loops and the last epoch checkpoint")()
-    return runs.run_cli(body, where)
+    return runs.run_cli(body, where, errors=data.USER_ERRORS)
 
 
 if __name__ == "__main__":
