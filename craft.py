@@ -585,9 +585,9 @@ def end_to_end(args):
     return runs.finish_run(run.out, run.metrics, run.predictions, run.t0)
 
 
-def prepare(args):
-    """The checks, the run folder and the backbone, cheap mistakes first -> (Run, Settings), with
-    the defaults that follow a labels file's shot count resolved."""
+def check_args(args):
+    """Flag combinations that cannot work, refused before anything is loaded (each number's range
+    is checked by the parser)."""
     if ddp.launched_rank()[1] > 1:  # N copies of one run would race on one folder
         raise RunError("craft.py runs in one process (its black box answers queries; nothing to split over GPUs): "
                        "run it with python, not torchrun")
@@ -609,6 +609,12 @@ def prepare(args):
             if value:
                 raise RunError(f"{flag} evaluates CraFT's classifier (prompt + refiner), which --method "
                                f"{args.method} does not train: drop it")
+
+
+def prepare(args):
+    """The checks, the run folder and the backbone, cheap mistakes first -> (Run, Settings), with
+    the defaults that follow a labels file's shot count resolved."""
+    check_args(args)
     standin.check_backbone("--clip", args.clip, args.clip_act)
     runs.check_out(args.out, args.resume, args.restart)
     device = runs.check_device(args.device)
