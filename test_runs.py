@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,43 @@ def test_phase_flag_runs_phases_separately(tmp_path, pretrained_tiny):
     assert "branch1_acc" not in p1 and p1["phase1_model1_acc"] == full["phase1_model1_acc"]
     p2 = run_coft(tmp_path, "--phase", "2", out="split", ckpt=ckpt)
     assert numbers(p2) == numbers(full)
+
+
+def test_every_stage_reaches_its_loss_through_run_stage_and_train_fit_alone(tmp_path, monkeypatch):
+    """The reader's path (docs/files.md): from the stage function that defines a loss to that loss
+    being called, the only frames are Run.stage and train.fit (CoFT's Phase I, Phase II with Eq. 7
+    and with Eq. 10, VeCAF's fine-tuning) or train.fit alone (CraFT's refiner epoch, CoOp): nothing
+    else wraps a plain run's step. Seen from inside every loss of tiny runs of each stage."""
+    import craft
+    from test_craft import craft_args
+    chains, losses, real_fit = {}, set(), train.fit
+
+    def watching_fit(model, loss, *a, **k):
+        stage = loss.__qualname__.split(".<locals>.")[0]  # the function that defined the loss
+
+        def watched(*la, **lk):
+            frame, chain = sys._getframe(1), []
+            while frame is not None and frame.f_code.co_qualname != stage:  # outward from fit to the stage
+                if frame.f_code.co_filename != __file__:  # this test's own wrappers are not on the path
+                    chain.append(frame.f_code.co_qualname)
+                frame = frame.f_back
+            chains.setdefault(f"{loss.__module__}.{loss.__qualname__}", set()).add(
+                tuple(reversed(chain)) if frame is not None else "not called from its stage")
+            losses.add(loss.__code__)
+            return loss(*la, **lk)
+        return real_fit(model, watched, *a, **k)
+    monkeypatch.setattr(train, "fit", watching_fit)
+    short = ("--p1-epochs", "1", "--fft-epochs", "1", "--branches", "1")
+    run_coft(tmp_path, *short)
+    run_coft(tmp_path, *short, "--contrast", "--queue", "32", out="contrast")
+    run_vecaf(tmp_path, "--loops", "1", "--epochs", "1", out="vecaf")
+    for method in ("craft", "coop"):
+        craft.main(craft_args(tmp_path, "--method", method, "--budget", "16", out=method))
+    through_stage, through_fit = {("Run.stage", "fit")}, {("fit",)}
+    assert chains == {"coft.phase1.<locals>.loss": through_stage, "coft.fine_tune.<locals>.loss": through_stage,
+                      "vecaf.fine_tune.<locals>.loss": through_stage,
+                      "craft.refiner_epoch.<locals>.loss": through_fit, "craft.coop.<locals>.loss": through_fit}
+    assert len(losses) == 6  # fine_tune's two losses: Eq. 7 alone, and Eq. 10
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
