@@ -968,11 +968,6 @@ def test_plus_end_to_end_and_resume_restores_queue_and_momentum_encoder(tmp_path
     assert numbers(resumed) == numbers(full)
 
 
-# --------------------------------------------------------------------------- torchrun (DDP), gloo on CPU
-
-
-
-
 # --------------------------------------------------------------------------- your own images
 
 @pytest.fixture(scope="module")
