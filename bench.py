@@ -51,6 +51,7 @@ import torch.nn.functional as F
 import clip_model
 import coft
 import craft
+import ddp
 import runs
 import train
 import vecaf
@@ -534,7 +535,7 @@ def all_reduce_time(rank, world, nbytes, steps, folder, backend):
     sec, _ = time_per_call(lambda: dist.all_reduce(grad), steps, device)
     if rank == 0:
         (Path(folder) / "allreduce").write_text(str(sec))
-    dist.destroy_process_group()
+    ddp.end_processes()  # a barrier first: torch 2.3's gloo teardown can otherwise wait forever
 
 
 def ddp_scaling(names, batch, steps, device, amp, report, classes=1000):
