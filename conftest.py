@@ -406,3 +406,14 @@ def run_vecaf(tmp_path, *extra, out="run"):
 def vecaf_stage(run_dir, tag):
     """A finished VeCAF stage file (a loop's selection or model, with its record)."""
     return torch.load(Path(run_dir) / "stages" / f"{tag}.pt", weights_only=True)
+
+
+def craft_args(tmp_path, *extra, out="run", ckpt=None):
+    """The CLI arguments of a small, fast CraFT run on the digits (a random tiny backbone by default)."""
+    if ckpt is None:
+        ckpt = tmp_path / "tiny-vit.pt"
+        if not ckpt.exists():
+            torch.save(randomized("tiny-vit").state_dict(), ckpt)
+    return ["--clip", str(ckpt), "--clip-act", "quick_gelu", "--out", str(tmp_path / out), "--shots", "2", "--budget",
+            "48", "--popsize", "8", "--intrinsic-dim", "16", "--log-every", "0", "--ckpt-every", "2", "--eval-split",
+            "dev", *extra]

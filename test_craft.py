@@ -11,8 +11,8 @@ import clip_model as cm
 import craft
 import data
 import train
-from conftest import (make_dtd, make_imagefolder, numbers, one_line_error, randomized, tower, write_digit_layouts,
-                      write_image, write_labels)
+from conftest import (craft_args, make_dtd, make_imagefolder, numbers, one_line_error, randomized, tower,
+                      write_digit_layouts, write_image, write_labels)
 
 CLASSES = ["zero", "one", "two", "sea lion", "three"]  # one two-token name
 
@@ -198,15 +198,6 @@ def test_few_shot_sampling():
 
 
 # ---- a run, end to end (tiny)
-
-def craft_args(tmp_path, *extra, out="run", ckpt=None):
-    if ckpt is None:
-        ckpt = tmp_path / "tiny-vit.pt"
-        if not ckpt.exists():
-            torch.save(randomized("tiny-vit").state_dict(), ckpt)
-    return ["--clip", str(ckpt), "--clip-act", "quick_gelu", "--out", str(tmp_path / out), "--shots", "2", "--budget", "48", "--popsize", "8",
-            "--intrinsic-dim", "16", "--log-every", "0", "--ckpt-every", "2", "--eval-split", "dev", *extra]
-
 
 def test_a_run_counts_its_queries_and_records_its_result(tmp_path, pretrained_tiny):
     G, P, K, C, N_dev = 6, 8, 2, 10, 179

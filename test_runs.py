@@ -14,8 +14,9 @@ import torch
 import coft
 import runs
 import train
-from conftest import (coft_args, coft_error, fit_arguments, make_dtd, make_imagefolder, numbers, one_line_error,
-                      randomized, run_coft, run_sh, run_vecaf, stage_of, stage_state, tiny_hf, write_image)
+from conftest import (coft_args, coft_error, craft_args, fit_arguments, make_dtd, make_imagefolder, numbers,
+                      one_line_error, randomized, run_coft, run_sh, run_vecaf, stage_of, stage_state, tiny_hf,
+                      write_image)
 
 
 def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, pretrained_tiny):
@@ -121,7 +122,6 @@ def test_every_stage_reaches_its_loss_through_run_stage_and_train_fit_alone(tmp_
     and with Eq. 10, VeCAF's fine-tuning) or train.fit alone (CraFT's refiner epoch, CoOp): nothing
     else wraps a plain run's step. Seen from inside every loss of tiny runs of each stage."""
     import craft
-    from test_craft import craft_args
     chains, losses, real_fit = {}, set(), train.fit
 
     def watching_fit(model, loss, *a, **k):
