@@ -940,13 +940,13 @@ UNRECORDED_FLAGS = ("compile", "grad_checkpointing", "eval_only", "phase", "llm_
                     "api_base", "llm", "prompts_per_class")
 
 
-def run_config(args, task, prompts, labels=None):
-    """Every setting that can change a number of this run, with the data, the zero-shot prompts,
-    the backbones and any labels file recorded by content."""
+def run_config(args, images, prompts, labels=None):
+    """Every setting that can change a number of this run, with the data (`images`, its record:
+    data.record), the zero-shot prompts, the backbones and any labels file recorded by content."""
     config, _ = runs.settings(args, UNRECORDED_FLAGS)
     if labels is not None:
         config["labels"] = labels.digest()
-    config.update(data=data.fingerprint(task, task.root),
+    config.update(data=data.fingerprint(images),
                   clip=standin.backbone_id("--clip", args.clip, args.clip_act),
                   fft_backbone=standin.backbone_id("--fft-backbone", args.fft_backbone, args.clip_act),
                   zero_shot_prompts=hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16])
@@ -967,13 +967,16 @@ def prepare(args):
                        f"to use: run {'it' if args.eval_only else '--phase 1'} first")
     args = runs.with_precision(args, device)  # the config records what ran
     t0 = time.time()
-    task = data.task_of(args)
+    task = ddp.rank0_first(lambda: data.task_of(args))  # rank 0 fills the digest cache the others then read
     eval_items = data.eval_items(task, args.eval_split)
     y_true = data.train_labels(task)
     labels = data.read_labels(args.labels, task) if args.labels else None
     check_labels(args, y_true, labels)
     prompts = zero_shot_prompts(task, args.llm_prompts, args.template_ensemble, args.plus)
-    config = run_config(args, task, prompts, labels)
+    images = data.record(task)
+    config = run_config(args, images, prompts, labels)
+    if continuing:  # the images must be those the run was made with: said in words, before the backbone loads
+        data.check_same_images(args.out, images)
     torch.manual_seed(args.seed)  # building a model draws random numbers (then overwritten): seeded too
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
@@ -986,7 +989,7 @@ def prepare(args):
         check_fft_init(args, clip, ft_clip)
     # every check passed: only now may --restart discard the run in --out
     out = runs.open_run(args.out, config, continuing, args.restart, ["pseudo_labels.pt", "pseudo_labels.csv"],
-                        runs.settings(args, UNRECORDED_FLAGS)[1])
+                        runs.settings(args, UNRECORDED_FLAGS)[1], images)
     test = data.make_transform("test", clip.visual, task)
     if labels is not None:  # the paper's few-labels setting (Sec. 4.4) from the labels a person gave
         labelled, y_labelled = labels.index, labels.y

@@ -33,6 +33,14 @@ def pytest_configure(config):
                                            f"suite")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def digest_cache(tmp_path_factory):
+    """The image digest caches (data.cache_folder) of the whole session in a folder of its own, not
+    in the home folder; the CLIs the tests start as processes inherit it."""
+    os.environ["COFT_CACHE"] = str(tmp_path_factory.mktemp("coft-cache"))
+    return Path(os.environ["COFT_CACHE"])
+
+
 def pytest_collection_modifyitems(config, items):
     """The long checks (LONG) run only when asked for by name (-m realsize, -m walkthrough)."""
     asked = config.getoption("markexpr") or ""

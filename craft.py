@@ -642,8 +642,10 @@ def prepare(args):
     config, how = runs.settings(args, UNRECORDED_FLAGS)
     if labels is not None:
         config["labels"] = labels.digest()
-    config.update(data=data.fingerprint(task, task.root),
-                  clip=standin.backbone_id("--clip", args.clip, args.clip_act))
+    images = data.record(task)
+    config.update(data=data.fingerprint(images), clip=standin.backbone_id("--clip", args.clip, args.clip_act))
+    if args.resume:  # the images must be those the run was made with: said in words, before the backbone loads
+        data.check_same_images(args.out, images)
     torch.manual_seed(args.seed)
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
@@ -657,7 +659,7 @@ def prepare(args):
         raise RunError(f"a prompt of --ctx-init {args.ctx_init!r} ({len(p0)} tokens) and the longest class name "
                        f"needs {1 + len(p0) + longest} tokens, more than the backbone's {clip.context_length}: "
                        f"use a shorter --ctx-init")
-    out = runs.open_run(args.out, config, args.resume, args.restart, how=how)  # every check passed: now --restart
+    out = runs.open_run(args.out, config, args.resume, args.restart, how=how, images=images)  # checks passed
     items = [task.train[i] for i in picked.tolist()]
     crop = data.make_transform("test" if args.aug == "none" else args.aug, clip.visual, task)
     test = data.make_transform("test", clip.visual, task)

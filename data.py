@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,8 @@ class Task:
     flip: bool = True
     prompts: list | None = None  # per-class prompt lists from a {class: [prompts]} file (your own images)
     root: str | None = None  # the folder that files a person writes name images relative to (item_key)
+    digests: dict | None = None  # split -> every image's content digest, uint8 [N, DIGEST_BYTES] (know_contents)
+    check_root: str | None = None  # your own images' check set folder (--check): its images' keys are relative to it
 
 
 def thicken(x8):
@@ -149,6 +152,18 @@ def load_image(source, decode=True):
                         f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {source} ({e}); remove or replace the file") from None
+
+
+def image_problem(path):
+    """Why the file at `path` cannot be used as an image, in a few words, or None if it can."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Image.DecompressionBombError:
+        return "over Pillow's size limit"
+    except (OSError, ValueError) as e:
+        return f"not a readable image ({str(e)[:60]})"
+    return None
 
 
 def check_images(items):
@@ -488,24 +503,116 @@ def _is_image(filename):
     return filename.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _list_class_folder(class_dir):
-    """All image files under class_dir (recursively, like torchvision's ImageFolder), sorted."""
-    files = []
-    for d, subdirs, names in os.walk(class_dir, followlinks=True):
-        subdirs.sort()  # os.walk visits subdirectories in this order: keep the listing deterministic
-        files.extend(os.path.join(d, n) for n in sorted(names) if _is_image(n) and not n.startswith("."))
-    return files
+@dataclass
+class Listing:
+    """The image files below a folder (list_images): each file once, and what could not be read."""
+    files: list  # paths as first reached from the folder, in walk order
+    problems: list  # (path, why): folders that cannot be listed, links that lead nowhere
+    repeats: list  # (path, the path it repeats): a file or folder reached again through a link, counted once
+    others: list  # files that are not images by their extension (left out)
+
+    def refuse_problems(self, what):
+        """One line naming what could not be listed, if anything."""
+        if self.problems:
+            raise DataError(f"{what}: {problems_line(self.problems)}")
+
+
+def problems_line(problems, total=None):
+    """Problems [(path, why)] in one line: how many images cannot be read (of `total`) and folders
+    cannot be listed, the first three named, and what to do."""
+    folders = sum(why.startswith("cannot be listed") for _, why in problems)
+    files = len(problems) - folders
+    counts = ([f"{files}{f' of {total}' if total is not None else ''} image{'s' if files != 1 else ''} cannot be "
+               f"read"] if files else []) + ([f"{folders} folder{'s' if folders != 1 else ''} cannot be listed"]
+                                             if folders else [])
+    shown = "; ".join(f"{path}: {why}" for path, why in problems[:3]) + ("; ..." if len(problems) > 3 else "")
+    return f"{', '.join(counts)} ({shown}): fix or remove {'it' if len(problems) == 1 else 'them'}"
+
+
+def left_out(others):
+    """The files of other extensions a listing left out, in words (how many, of which kinds)."""
+    kinds = sorted({os.path.splitext(f)[1].lower() or "(none)" for f in others})
+    return (f"{len(others)} file(s) are not images by their extension and are left out ({', '.join(kinds[:5])}"
+            f"{', ...' if len(kinds) > 5 else ''}; images: {' '.join(IMAGE_EXTENSIONS)})")
+
+
+def identity(st):
+    """A file's identity from its os.stat: its device and inode, as one int."""
+    return st.st_dev << 64 | st.st_ino
+
+
+def list_images(folder, seen=None):
+    """Every image file below `folder` (by extension, case aside), the one listing of your own
+    images, check sets, image-folder datasets and deploy.py: each folder's files in sorted order,
+    then its subfolders in sorted order (as torchvision's ImageFolder walks); hidden files and
+    folders (.thumbnails, .ipynb_checkpoints) left out; links followed, but every file and folder
+    counted once by its identity (device and inode), however many links or hard links reach it,
+    so that a link to a folder above is no loop and a link to another folder no second copy.
+    What cannot be read (a folder without permission, a link to nothing) is listed in
+    `problems`, never skipped without a word, and files of other extensions in `others`. `seen` (identity -> path) may be shared by several
+    calls, so that a file reached from two folders counts once (and is named in `repeats`)."""
+    seen = {} if seen is None else seen
+    files, problems, repeats, others = [], [], [], []
+    stack = [str(folder)]
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.stat(d)
+            key = identity(st)
+            if key in seen:  # a folder met before: a loop, or a second link to it
+                repeats.append((d, seen[key]))
+                continue
+            seen[key] = d
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            problems.append((d, f"cannot be listed ({e.strerror or type(e).__name__})"))
+            continue
+        subfolders = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():  # follows a link
+                    subfolders.append(e.path)
+                    continue
+                if not _is_image(e.name):
+                    others.append(e.path)
+                    continue
+                st = e.stat()  # follows a link
+            except OSError as err:
+                why = "a link to nothing" if e.is_symlink() and not os.path.exists(e.path) else \
+                    f"cannot be read ({err.strerror or type(err).__name__})"
+                problems.append((e.path, why))
+                continue
+            key = identity(st)
+            if key in seen:
+                repeats.append((e.path, seen[key]))
+                continue
+            seen[key] = e.path
+            files.append(e.path)
+        stack.extend(reversed(subfolders))  # popped in sorted order, depth first
+    return Listing(files, problems, repeats, others)
 
 
 def _read_class_folders(split_dir, class_folders, what):
-    """[(path, label)] for the images in split_dir/<class_folders[label]>/; every class must have images."""
-    items = []
+    """[(path, label)] for the images in split_dir/<class_folders[label]>/ (list_images: each file
+    once, every problem in one line); every class must have images, and a file that two class
+    folders reach (through links) is refused: it would carry two labels."""
+    items, seen, label_of = [], {}, {}
     for label, c in enumerate(class_folders):
-        files = _list_class_folder(os.path.join(split_dir, c))
-        if not files:
-            raise DataError(f"{what}: {os.path.join(split_dir, c)} has no images "
-                            f"(looked for {' '.join(IMAGE_EXTENSIONS)}); every class needs at least one")
-        items.extend((p, label) for p in files)
+        folder = os.path.join(split_dir, c)
+        listing = list_images(folder, seen)
+        listing.refuse_problems(what)
+        if not listing.files:
+            raise DataError(f"{what}: {folder} has no images (looked for {' '.join(IMAGE_EXTENSIONS)}); every class "
+                            f"needs at least one")
+        for path, first in listing.repeats:
+            if label_of.get(first, label) != label:
+                raise DataError(f"{what}: {path} and {first} are one file (a link), so it would be an image of two "
+                                f"classes, {class_folders[label_of[first]]!r} and {c!r}: keep it in one class folder")
+        items.extend((p, label) for p in listing.files)
+        label_of.update((p, label) for p in listing.files)
     return items
 
 
@@ -709,17 +816,6 @@ def with_template(task, template):
     return task
 
 
-def list_images(folder):
-    """Every image file under folder, the pool in its order: each folder's files sorted, then its
-    subfolders in sorted order (as torchvision's ImageFolder walks); hidden files and folders
-    (.thumbnails, .ipynb_checkpoints) are left out."""
-    files = []
-    for d, subdirs, names in os.walk(folder, followlinks=True):
-        subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))  # the walk visits these, in this order
-        files.extend(os.path.join(d, n) for n in sorted(names) if _is_image(n) and not n.startswith("."))
-    return files
-
-
 def read_classes(path):
     """--classes: a text file with one class name per line (blank lines skipped), or a JSON
     {class: [prompts]} file (CuPL's format, as --llm-prompts), whose keys are the classes in file
@@ -775,15 +871,17 @@ def check_readable(items, what):
                         f"replace {'it' if len(bad) == 1 else 'them'}")
 
 
-def check_set(folder, classnames, pool_folder):
+def check_set(folder, classnames, pool_folder, seen):
     """--check: a labelled check set as folder/<class>/<images> (searched recursively), a class
     folder named as its class in --classes (case and "_" for " " aside); classes without a
-    folder are allowed. Items in class order, each class's files sorted."""
+    folder are allowed. Items in class order, each class's files sorted (list_images). No file
+    of it may be an image of the pool (`seen`: the pool listing's, so that a link from one folder
+    into the other is found too), nor reached from two class folders. -> (items, problems)."""
     folder = os.path.abspath(folder)
     if not os.path.isdir(folder):
         raise DataError(f"--check {folder} is not a folder; give a folder of class folders, <check>/<class>/<images>")
-    inside = os.path.commonpath([folder, pool_folder])
-    if inside in (folder, pool_folder):
+    real, real_pool = os.path.realpath(folder), os.path.realpath(pool_folder)
+    if os.path.commonpath([real, real_pool]) in (real, real_pool):
         raise DataError(f"--check {folder} and --images {pool_folder} overlap: a check image would also be an "
                         f"unlabelled training image; keep the check set in a folder of its own")
     label_of = {prompt_name(c): k for k, c in enumerate(classnames)}
@@ -793,34 +891,64 @@ def check_set(folder, classnames, pool_folder):
         raise DataError(f"--check {folder}: the class folder {unknown[0]!r} names none of the {len(classnames)} "
                         f"classes of --classes ({', '.join(classnames[:4])}{', ...' if len(classnames) > 4 else ''}); "
                         f"rename or remove it")
-    items = [(p, label_of[prompt_name(f)]) for f in sorted(folders, key=lambda f: label_of[prompt_name(f)])
-             for p in _list_class_folder(os.path.join(folder, f))]
-    if not items:
+    items, problems, class_of = [], [], {}
+    for f in sorted(folders, key=lambda f: label_of[prompt_name(f)]):
+        listing = list_images(os.path.join(folder, f), seen)
+        for path, first in listing.repeats:
+            if not first.startswith(folder + os.sep):
+                raise DataError(f"--check {folder} and --images {pool_folder} share files: {path} is {first} (a link), "
+                                f"so a check image would also be an unlabelled training image; keep the check set "
+                                f"apart from the pool")
+            if class_of[first] != f:
+                raise DataError(f"--check {folder}: {path} and {first} are one file (a link), so it would be a check "
+                                f"image of two classes, {class_of[first]!r} and {f!r}: keep it in one class folder")
+        items += [(p, label_of[prompt_name(f)]) for p in listing.files]
+        class_of.update((p, f) for p in listing.files)
+        problems += listing.problems
+    if not items and not problems:
         raise DataError(f"--check {folder} holds no images in class folders (looked for "
                         f"{' '.join(IMAGE_EXTENSIONS)} in <check>/<class>/)")
-    return items
+    return items, problems
 
 
 def images_task(images, classes, template=None, check=None, flip=True):
-    """Your own images as a Task: the unlabelled pool (train) is every image under `images`,
-    searched recursively, in sorted order, with no label; the classes (and a prompt file's
-    prompts) from `classes` (read_classes); the zero-shot template `template` (default
-    DEFAULT_TEMPLATE); the test split the labelled check set `check` (check_set), else none;
-    `flip`: whether a mirror image keeps the class (photos: yes; text, digits: no).
-    Every image's header is read now, so an unreadable file is named before any work."""
+    """Your own images as a Task: the unlabelled pool (train) is every image under `images`
+    (list_images: searched recursively, in sorted order, each file once), with no label; the
+    classes (and a prompt file's prompts) from `classes` (read_classes); the zero-shot template
+    `template` (default DEFAULT_TEMPLATE); the test split the labelled check set `check`
+    (check_set), else none; `flip`: whether a mirror image keeps the class (photos: yes; text,
+    digits: no). Every file is read now (know_contents), so that whatever cannot be read is
+    named, all at once, before any work; check images whose content is a pool image's are
+    warned about (a file both folders reach is refused by check_set)."""
     images = os.path.abspath(images)
     if not os.path.isdir(images):
         raise DataError(f"--images {images} is not a folder; give the folder of your unlabelled images")
     classnames, prompts = read_classes(classes)
     templates = _templates(check_template(template or DEFAULT_TEMPLATE))
-    pool = [(p, None) for p in list_images(images)]
-    if not pool:
+    seen = {}
+    listing = list_images(images, seen)
+    if not listing.files and not listing.problems:
         raise DataError(f"--images {images} holds no images (looked for {' '.join(IMAGE_EXTENSIONS)} in it and below)")
-    test = check_set(check, classnames, images) if check else []
-    check_readable(pool, f"--images {images}")
-    check_readable(test, f"--check {check}")
-    return Task(name="images", classnames=classnames, templates=templates, train=pool, test=test, dev=[],
-                flip=flip, prompts=prompts, root=images)
+    test, check_problems = check_set(check, classnames, images, seen) if check else ([], [])
+    if listing.others:
+        print(f"note: --images {images}: {left_out(listing.others)}", flush=True)
+    if listing.repeats:
+        path, first = listing.repeats[0]
+        print(f"note: --images {images}: {len(listing.repeats)} file(s) or folder(s) are reached again through links "
+              f"(first: {os.path.relpath(path, images)} is {os.path.relpath(first, images)}); each counts once",
+              flush=True)
+    task = Task(name="images", classnames=classnames, templates=templates, train=[(p, None) for p in listing.files],
+                test=test, dev=[], flip=flip, prompts=prompts, root=images,
+                check_root=os.path.abspath(check) if check else None)
+    know_contents(task, listing.problems + check_problems)
+    pool_of = {bytes(d): p for d, (p, _) in zip(task.digests["train"].numpy(), task.train)}
+    copies = [(p, pool_of[bytes(d)]) for d, (p, _) in zip(task.digests["test"].numpy(), task.test)
+              if bytes(d) in pool_of]
+    if copies:  # other files, the same bytes: copies, or images that are alike to the bit (blank frames)
+        print(f"warning: --check {check}: {len(copies)} of {len(task.test)} check images have the content of a pool "
+              f"image (first: {_shown(copies[0][0])}, as {_shown(copies[0][1])}): the runs train on them too, so their "
+              f"accuracy is not that of unseen images; remove such copies from one of the two folders", flush=True)
+    return task
 
 
 def train_labels(task):
@@ -841,6 +969,8 @@ def item_key(source, index, root):
     an image held in memory (digits, CIFAR)."""
     if torch.is_tensor(source):
         return f"#{index}"
+    if root and source.startswith(root + os.sep) and os.path.normpath(source) == source:
+        return source[len(root) + 1:]  # what relpath gives, without its cost (a million pool images)
     return os.path.relpath(source, root) if root else os.path.normpath(source)
 
 
@@ -969,10 +1099,11 @@ def _save_png(image, path):
 
 def open_task(dataset=None, root=None, images=None, classes=None, template=None, check=None, flip=True):
     """The task a CLI runs on: your own images (images_task) or a named dataset (load_task),
-    whose zero-shot template `template` may replace."""
+    whose zero-shot template `template` may replace; either way every image is known by its
+    content (know_contents), and what cannot be read is refused in one line now."""
     if images is not None:
         return images_task(images, classes, template, check, flip)
-    task = load_task(dataset, root)
+    task = know_contents(load_task(dataset, root))
     return with_template(task, template) if template else task
 
 
@@ -1101,22 +1232,253 @@ def check_classnames(classnames, source):
         seen[prompt_name(c)] = c
 
 
-def fingerprint(task, root=None):
-    """What a run sees of a task, as a short sha256: class names, templates (and a prompt file's
-    prompts), flips, and every split's items (image path relative to `root`, so a moved data
-    folder keeps its fingerprint, or an in-memory image's bytes; and the label). Files' contents
-    are not read."""
-    seen = [task.name, task.classnames, task.templates, task.flip] + ([task.prompts] if task.prompts else [])
-    h = hashlib.sha256(json.dumps(seen).encode())
-    for split in (task.train, task.dev, task.test):
-        h.update(b"\x00split")
-        for source, label in split:
-            if torch.is_tensor(source):
-                h.update(source.contiguous().numpy().tobytes())
-            else:
-                h.update(str(os.path.relpath(source, root) if root else source).encode())
-            h.update(f"\x00{label}\x00".encode())
+# -----------------------------------------------------------------------------
+# Every image known by its content: a digest per file (cached by its size and times, so that a
+# repeated command reads only what changed), the problems found reading it, and the record a run
+# keeps of its data (images.pt) to refuse continuing on other images
+
+DIGEST_BYTES = 16  # sha256 cut to 128 bits
+# File times are coarse (a clock tick on ext4, 2 s on FAT): a file changed within this long of
+# being read could keep its size and times, so its cached digest is not trusted (read again next time)
+SETTLE_NS = 2_000_000_000
+CHUNK = 20_000  # files per step of the pass: its memory is that of one step's folder caches
+
+
+def cache_folder():
+    """The folder of the digest caches: $COFT_CACHE/images, else ~/.cache/coft/images (one JSON file
+    per image folder, never in the image folder itself: the project writes nothing it was given)."""
+    return Path(os.environ.get("COFT_CACHE", Path.home() / ".cache" / "coft")) / "images"
+
+
+def _cache_file(folder):
+    key = hashlib.sha256(os.path.realpath(folder).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return cache_folder() / f"{key}.json"
+
+
+def _read_cache(folder):
+    """A folder's cache: file name -> [size, mtime_ns, ctime_ns, inode, digest (hex), problem, settled];
+    {} where there is none or it cannot be read (then every file is read again)."""
+    try:
+        saved = json.loads(_cache_file(folder).read_text(encoding="utf-8"))
+        return saved["files"] if saved.get("folder") == os.path.realpath(folder) else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+_cache_warned = []
+
+
+def _write_cache(folder, files):
+    """Write a folder's cache atomically (a temporary file of this process, then rename: several
+    processes may write the same cache); a cache that cannot be written is said once, not fatal."""
+    path = _cache_file(folder)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"folder": os.path.realpath(folder), "files": files}), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        if not _cache_warned:
+            _cache_warned.append(path)
+            print(f"note: cannot write the image digest cache in {cache_folder()} ({e.strerror or e}): every image "
+                  f"is read again by the next command (set COFT_CACHE to a writable folder)", flush=True)
+
+
+def _read_file(path):
+    """(the file's digest, why it cannot be used as an image or None): its bytes read once."""
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or type(e).__name__})"
+    return h.digest()[:DIGEST_BYTES], image_problem(path)
+
+
+def contents(sources):
+    """Every source's digest, as uint8 [N, DIGEST_BYTES] (an in-memory image: its bytes'), and the
+    problems found [(path, why)]: files that cannot be read or used as images (image_problem).
+    A file's digest and problem are cached by its size, times and inode (cache_folder), so a
+    repeated pass reads only the files that changed; a file whose times are within SETTLE_NS of
+    the pass that read it is read again next time, since a change within a clock tick can leave
+    them as they were. Files are read by a pool of threads (hashing and decoding release the
+    GIL): the results do not depend on their number."""
+    from concurrent.futures import ThreadPoolExecutor
+    blob = bytearray(len(sources) * DIGEST_BYTES)  # row i: source i's digest
+    problems = {}
+    folders = {}  # folder -> [index of each of its files], in order of first appearance
+    for i, source in enumerate(sources):
+        if torch.is_tensor(source):
+            blob[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES] = \
+                hashlib.sha256(source.contiguous().numpy().tobytes()).digest()[:DIGEST_BYTES]
+        else:
+            folders.setdefault(os.path.dirname(source), []).append(i)
+    steps, step = [], []
+    for folder, rows in folders.items():  # steps of whole folders, about CHUNK files each
+        step.append((folder, rows))
+        if sum(len(r) for _, r in step) >= CHUNK:
+            steps, step = steps + [step], []
+    steps += [step] if step else []
+    with ThreadPoolExecutor() as threads:
+        for step in steps:
+            started = time.time_ns()  # before any file of this step is looked at
+            caches, todo = {}, []
+            for folder, rows in step:
+                cache = caches[folder] = _read_cache(folder)
+                for i in rows:
+                    try:
+                        st = os.stat(sources[i])
+                    except OSError as e:
+                        problems[i] = f"cannot be read ({e.strerror or type(e).__name__})"
+                        continue
+                    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+                    hit = cache.get(os.path.basename(sources[i]))
+                    if hit and hit[:4] == stamp and hit[6]:
+                        blob[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES] = bytes.fromhex(hit[4])
+                        if hit[5]:
+                            problems[i] = hit[5]
+                    else:
+                        todo.append((i, folder, stamp))
+            for (i, folder, stamp), (digest, problem) in zip(todo, threads.map(_read_file,
+                                                                              [sources[i] for i, _, _ in todo])):
+                if problem:
+                    problems[i] = problem
+                if digest is None:
+                    continue
+                blob[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES] = digest
+                settled = max(stamp[1], stamp[2]) < started - SETTLE_NS
+                caches[folder][os.path.basename(sources[i])] = stamp + [digest.hex(), problem, settled]
+            for folder in {folder for _, folder, _ in todo}:
+                _write_cache(folder, caches[folder])
+    digests = torch.frombuffer(blob, dtype=torch.uint8).reshape(len(sources), DIGEST_BYTES) if sources else \
+        torch.zeros(0, DIGEST_BYTES, dtype=torch.uint8)  # [N, DIGEST_BYTES]
+    return digests, [(sources[i], problems[i]) for i in sorted(problems)]
+
+
+SPLITS = ("train", "dev", "test")
+
+
+def know_contents(task, problems=()):
+    """task.digests: every split's digests (contents), the files that cannot be read or used named
+    in one line (with `problems` found listing them), all at once, before any work. Returns task."""
+    task.digests, problems, total = {}, list(problems), len(problems)
+    for split in SPLITS:
+        items = getattr(task, split)
+        task.digests[split], found = contents([source for source, _ in items])
+        problems += found
+        total += len(items)
+    if problems:
+        where = f"--images {task.root}" if task.name == "images" else task.name
+        raise DataError(f"{where}: {problems_line([(_shown(p, task.root), why) for p, why in problems], total)}")
+    return task
+
+
+def _shown(path, root=None):
+    """A path as a message shows it: relative to `root` (the data's folder), else to the current
+    folder, where it lies below it."""
+    for base in (root, os.getcwd()):
+        if base and os.path.isabs(path) and not os.path.relpath(path, base).startswith(".."):
+            return os.path.relpath(path, base)
+    return path
+
+
+def record(task):
+    """What a run knows its data by: the task's class names, templates, prompts and decoding, and
+    per split every image's key (item_key: its path relative to the data's folder, or to the check
+    set's), digest and label (-1: none). A run folder keeps it (images.pt); continuing refuses other data in words
+    (check_same_images)."""
+    if getattr(task, "digests", None) is None:
+        know_contents(task)
+    splits = {}
+    for split in SPLITS:
+        items, root = getattr(task, split), task.check_root if split == "test" and task.check_root else task.root
+        splits[split] = {"paths": [item_key(source, i, root) for i, (source, _) in enumerate(items)],
+                         "digests": task.digests[split],
+                         "labels": torch.tensor([-1 if label is None else label for _, label in items],
+                                                dtype=torch.long)}
+    about = {"name": task.name, "classnames": task.classnames, "templates": task.templates, "flip": task.flip,
+             "prompts": task.prompts, "exif_orientation": getattr(task, "exif_orientation", True)}
+    return {"task": about, "splits": splits}
+
+
+def fingerprint(r):
+    """The data a run sees, as a short sha256 of its record (record(task)): a file changed, added,
+    removed or renamed, a label, a class name or a template changes it; a moved data folder
+    does not (paths are relative to it)."""
+    h = hashlib.sha256(json.dumps(r["task"], sort_keys=True).encode())
+    for split in SPLITS:
+        s = r["splits"][split]
+        h.update(b"\x00split" + "\x00".join(s["paths"]).encode("utf-8", "surrogateescape"))
+        h.update(s["digests"].numpy().tobytes() + s["labels"].numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def split_name(task_name, split):
+    """How messages name a split: your own images' train split is the pool, their test split the check set."""
+    if task_name == "images":
+        return {"train": "pool", "test": "check set"}.get(split, split)
+    return split
+
+
+def changes(saved, now):
+    """What differs between two records (record()), in words, e.g. "pool: 3 images changed, 1 added
+    (first: IMG_0001.JPG changed)"; [] where they are the same."""
+    words = []
+    for key, what in (("name", "dataset"), ("classnames", "class names"), ("templates", "templates"),
+                      ("prompts", "class prompts"), ("flip", "flip setting"), ("exif_orientation", "decoding")):
+        if saved["task"].get(key) != now["task"].get(key):
+            words.append(f"the {what} changed")
+    for split in SPLITS:
+        old, new = _by_path(saved["splits"][split]), _by_path(now["splits"][split])
+        added, removed = [p for p in new if p not in old], [p for p in old if p not in new]
+        gone = {old[p] for p in removed}  # (digest, label) no longer under their old name
+        renamed = [p for p in added if new[p] in gone]  # the same image with the same label, another name
+        kinds = {"renamed": renamed,
+                 "changed": [p for p in new if p in old and old[p][0] != new[p][0]],
+                 "relabelled": [p for p in new if p in old and old[p][0] == new[p][0] and old[p][1] != new[p][1]],
+                 "added": [p for p in added if p not in set(renamed)],
+                 "removed": [p for p in removed if old[p] not in {new[q] for q in renamed}]}
+        counts = [(len(v), k) for k, v in kinds.items() if v]
+        name = split_name(now["task"]["name"], split)
+        if counts:
+            n, kind = counts[0]
+            said = [f"{n} image{'s' if n > 1 else ''} {kind}"] + [f"{m} {k}" for m, k in counts[1:]]
+            words.append(f"{name}: {', '.join(said)} (first: {kinds[kind][0]} {kind})")
+        elif saved["splits"][split]["paths"] != now["splits"][split]["paths"]:
+            words.append(f"{name}: the images' order changed")
+    return words
+
+
+def _by_path(split):
+    """A record's split as {path: (digest bytes, label)}."""
+    blob = split["digests"].numpy().tobytes()
+    return {p: (blob[k * DIGEST_BYTES:(k + 1) * DIGEST_BYTES], y)
+            for k, (p, y) in enumerate(zip(split["paths"], split["labels"].tolist()))}
+
+
+def check_same_images(out, images):
+    """Before a run in `out` is continued (--resume, --phase 2, --eval-only, a VeCAF step): the
+    data must be what it was made with (its images.pt), else one line saying what changed. A run
+    folder made before runs recorded their data by content cannot be checked: refused, saying so."""
+    import runs
+    path = Path(out) / runs.IMAGES
+    if not runs.holds_run(out):
+        return
+    if not path.exists():
+        raise DataError(f"{out} holds a run made before runs recorded their images by content (it has no {runs.IMAGES}), "
+                        f"so the images it was made with cannot be checked: start it over with --restart or use "
+                        f"another --out (deploy.py still uses it as it is)")
+    saved = runs.read_torch(path, "--restart starts the run over")
+    try:
+        what = changes(saved, images)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise DataError(f"{path} is not a record of this code ({type(e).__name__}): --restart starts the run over")
+    if what:
+        raise DataError(f"the data differ from those the run in {out} was made with ({'; '.join(what[:3])}"
+                        f"{'; ...' if len(what) > 3 else ''}): put the images back as they were, or start a new "
+                        f"run (another --out, or --restart)")
 
 
 if __name__ == "__main__":

@@ -114,20 +114,26 @@ def vecaf_classifier(out, clip, config, metrics, classnames):
 
 
 def image_files(paths):
-    """Files and folders (searched recursively, sorted) -> (image paths, the files of folders that
-    were passed over: not images by their extension); a missing path or a folder without images is
-    one line."""
-    found, other = [], []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
-            images = [f for f in files if f.suffix.lower() in data.IMAGE_EXTENSIONS]
-            if not images:
+    """Files and folders -> (image paths, the files of folders that were passed over: not images
+    by their extension): a folder lists as --images does (data.list_images: recursively, sorted,
+    hidden files left out, links followed, each file once); a file given by name is taken as it
+    is. A missing path or a folder without images is one line; what a folder holds that cannot be
+    read (a folder without permission, a link to nothing) is warned about, the rest classified."""
+    found, other, seen = [], [], {}
+    for p in paths:
+        if os.path.isdir(p):
+            listing = data.list_images(p, seen)
+            if not listing.files and not listing.problems:
                 raise RunError(f"{p} holds no images (looked for {' '.join(data.IMAGE_EXTENSIONS)} in it and below)")
-            found += images
-            other += [f for f in files if f.suffix.lower() not in data.IMAGE_EXTENSIONS]
-        elif p.is_file():
-            found.append(p)
+            for path, why in listing.problems:
+                print(f"warning: {path}: {why}", file=sys.stderr, flush=True)
+            found += listing.files
+            other += listing.others
+        elif os.path.isfile(p):
+            key = data.identity(os.stat(p))
+            if key not in seen:
+                seen[key] = p
+                found.append(p)
         else:
             raise RunError(f"{p}: no such file or folder")
     return [str(f) for f in found], other
@@ -178,9 +184,7 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
     if csv_path is not None and Path(csv_path).is_dir():
         raise RunError(f"--csv {csv_path} is a folder: give the path of the CSV file to write")
     if other:
-        kinds = sorted({f.suffix.lower() or "(none)" for f in other})
-        print(f"note: {len(other)} file(s) in the folders given are not images by their extension and are left out "
-              f"({', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''})", file=sys.stderr, flush=True)
+        print(f"note: in the folders given, {data.left_out(other)}", file=sys.stderr, flush=True)
     device = runs.check_device(str(device))
     model, classnames, transform = load(run_dir, device, clip, clip_act)
     topk = min(topk, len(classnames))

@@ -373,6 +373,7 @@ def read_config(out):
 UNRECORDED_FLAGS = ("device", "workers", "log_every", "eval_batch", "resume", "restart", "out", "table", "data_root",
                     "clip_act", "images", "classes", "check", "template", "no_flip", "labels")
 RESULT_FILES = ("metrics.json", "predictions.pt")  # every run's (finish_run), deleted by --restart
+IMAGES = "images.pt"  # the record of a run's data by content (data.record), written by open_run
 
 
 def settings(args, unrecorded_flags=()):
@@ -397,16 +398,18 @@ def fields_of(args, out, config, device, resume):
                 eval_batch=args.eval_batch, log_every=args.log_every, resume=resume)
 
 
-def open_run(out, config, resume, restart, outputs=(), how=None):
+def open_run(out, config, resume, restart, outputs=(), how=None, images=None):
     """Make --out the folder of the run `config` (a JSON-able dict of every setting that can
     change a number), after the cheap checks of check_out:
       --restart: delete config.json, stages/, RESULT_FILES and `outputs` (the method's own result
         files), start over;
       --resume of a folder holding a run: its config.json must equal `config`, else one line
         lists what differs;
-    then write config.json (`how`: settings that do not change numbers, e.g. workers, for the
-    record only, with the CPU thread count: a run continued with another is warned about) and
-    start the run's log.txt (start_log). Returns the folder."""
+    then write `images` (the record of the data by content, data.record: images.pt, written before
+    config.json, so that a folder with a config has its record) and config.json (`how`: settings
+    that do not change numbers, e.g. workers, for the record only, with the CPU thread count: a run
+    continued with another is warned about) and start the run's log.txt (start_log). Returns the
+    folder."""
     out = Path(out)
     check_out(out, resume, restart)
     continued, was = not restart and holds_run(out), None  # was: the CPU thread count it was run with
@@ -424,10 +427,12 @@ def open_run(out, config, resume, restart, outputs=(), how=None):
     barrier()  # torchrun: every process has checked the folder before rank 0 changes it
     if world()[0] == 0:
         if restart:
-            for name in ("config.json", "log.txt", *RESULT_FILES, *outputs):
+            for name in ("config.json", "log.txt", IMAGES, *RESULT_FILES, *outputs):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "stages", ignore_errors=True)
         (out / "stages").mkdir(parents=True, exist_ok=True)
+        if images is not None:
+            atomic_save(images, out / IMAGES)
         write_json({"config": config, "how": {**(how or {}), "cpu_threads": torch.get_num_threads()}},
                    out / "config.json")
         start_log(out, continued)

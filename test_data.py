@@ -98,7 +98,7 @@ def test_digits_bold_shifts_the_named_splits(name, shifted):
         images = (data.digits_to_images(expected) * 255).round().to(torch.uint8)
         assert all(torch.equal(im, x) for im, (x, _) in zip(images, b))
         assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b)) == (part not in shifted)
-    assert data.fingerprint(bold) != data.fingerprint(plain)
+    assert data.fingerprint(data.record(bold)) != data.fingerprint(data.record(plain))
 
 
 def test_eval_items_is_test_or_dev_and_names_a_missing_split():
@@ -485,8 +485,8 @@ def test_own_images_are_every_image_below_the_folder_in_sorted_order_without_lab
     task = data.images_task(tmp_path / "pool", tmp_path / "prompts.json")
     assert task.classnames == ["tabby cat", "dog"] and data.zero_shot_prompts(task) == [["a striped cat."],
                                                                                         ["a dog.", "a pup."]]
-    assert data.fingerprint(task, task.root) != data.fingerprint(
-        data.images_task(tmp_path / "pool", tmp_path / "prompts.json", template="a photo of the {}."), task.root)
+    assert data.fingerprint(data.record(task)) != data.fingerprint(data.record(
+        data.images_task(tmp_path / "pool", tmp_path / "prompts.json", template="a photo of the {}.")))
     # a named dataset's template set by --template, its fingerprint with it
     digits = data.open_task("digits", template="a digit {}.")
     assert digits.templates[0] == "a digit {}." and data.DIGITS_TEMPLATE in digits.templates
@@ -505,7 +505,7 @@ def test_own_images_are_every_image_below_the_folder_in_sorted_order_without_lab
     ("bad template", "exactly one {}"),
     ("check folder of no class", "'cow' names none of the 2 classes"),
     ("check inside pool", "overlap"),
-    ("unreadable", "2 of 6 images cannot be read (first: cannot read image"),
+    ("unreadable", "2 of 6 images cannot be read (broken.png: "),
 ])
 def test_own_images_mistakes_are_one_line_before_any_work(tmp_path, case, expect):
     own_images(tmp_path)
@@ -597,3 +597,170 @@ def test_the_example_folder_is_the_digits_as_your_own_images(tmp_path):
     for i in (0, 100, 500):  # each file is its image, and answers.csv names its class
         x = torch.from_numpy(np.array(Image.open(task.train[i][0]))).permute(2, 0, 1)
         assert any(torch.equal(x, im) and lab == y[i] for im, lab in digits.train)
+
+
+# ---- one listing, and every image known by its content (issue 45: real image folders, trusted)
+
+def distinct_images(folder, names, start=0):
+    """A small PNG of its own content at each name below folder (no two files alike: a colour per
+    number from `start`)."""
+    for n, name in enumerate(names, start):
+        write_image(folder / name, color=(10 * n, 255 - 10 * n, 7 * n))
+    return folder
+
+
+def rel(paths, root):
+    return [os.path.relpath(p, root) for p in paths]
+
+
+def test_a_file_reached_by_many_links_counts_once_and_a_link_loop_is_no_loop(tmp_path, capsys):
+    """A link to a folder above (a loop), a second link to a folder, a file link and a hard link
+    reach the files a.png ... d.png again: each is listed once, where the walk meets it first;
+    hidden files and folders are left out; the run says what it counted once."""
+    pool = distinct_images(tmp_path / "pool", ["a.png", "b.png", "sub/c.png", "sub/deeper/d.png"])
+    os.symlink("..", pool / "sub" / "up")  # a loop
+    os.symlink(pool / "sub", pool / "zz-again")  # the same folder twice
+    os.symlink(pool / "a.png", pool / "z-link.png")
+    os.link(pool / "b.png", pool / "sub" / "hard.png")
+    write_image(pool / ".thumbnails" / "t.png")
+    write_image(pool / ".hidden.png")
+    listing = data.list_images(pool)
+    assert rel(listing.files, pool) == ["a.png", "b.png", "sub/c.png", "sub/deeper/d.png"]
+    assert sorted(rel([p for p, _ in listing.repeats], pool)) == ["sub/hard.png", "sub/up", "z-link.png", "zz-again"]
+    assert listing.problems == [] and listing.others == []
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    task = data.images_task(pool, tmp_path / "classes.txt")
+    assert rel([p for p, _ in task.train], pool) == ["a.png", "b.png", "sub/c.png", "sub/deeper/d.png"]
+    assert "4 file(s) or folder(s) are reached again through links (first: " in capsys.readouterr().out
+    # deploy.py lists a folder as --images does
+    import deploy
+    assert deploy.image_files([str(pool)])[0] == listing.files
+
+
+def test_a_check_set_reached_from_the_pool_through_a_link_is_refused(tmp_path, capsys):
+    """The pool and the check set share no file, whatever link or nesting joins them, and no check
+    file is an image of two classes; a check image with the bytes of a pool image is warned about."""
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    classes = tmp_path / "classes.txt"
+
+    def fresh(name):
+        root = tmp_path / name
+        distinct_images(root / "pool", ["a.png", "b.png"])
+        distinct_images(root / "check", ["cat/1.png", "dog/2.png", "dog/3.png"], start=10)
+        return root / "pool", root / "check"
+    pool, check = fresh("folder-link")
+    os.symlink(check, pool / "checked")
+    assert "share files" in data_error(data.images_task, pool, classes, None, check)
+    pool, check = fresh("file-link")
+    os.symlink(check / "dog" / "2.png", pool / "two.png")
+    assert "share files" in data_error(data.images_task, pool, classes, None, check)
+    pool, check = fresh("hard-link")
+    os.link(check / "cat" / "1.png", pool / "one.png")
+    assert "share files" in data_error(data.images_task, pool, classes, None, check)
+    pool, check = fresh("nested-by-link")  # --check names a link to a folder inside the pool
+    os.symlink(pool, tmp_path / "nested-by-link" / "alias")
+    assert "overlap" in data_error(data.images_task, pool, classes, None, tmp_path / "nested-by-link" / "alias")
+    pool, check = fresh("two-classes")
+    os.symlink(check / "dog" / "3.png", check / "cat" / "3.png")
+    assert "image of two classes, 'cat' and 'dog'" in data_error(data.images_task, pool, classes, None, check)
+    pool, check = fresh("copy")
+    (pool / "copy.png").write_bytes((check / "dog" / "3.png").read_bytes())
+    capsys.readouterr()
+    task = data.images_task(pool, classes, None, check)
+    assert len(task.test) == 3 and len(task.train) == 3
+    assert "1 of 3 check images have the content of a pool image (first: " in capsys.readouterr().out
+
+
+def test_whatever_cannot_be_read_is_named_in_one_line_all_at_once(tmp_path, monkeypatch):
+    """Files that cannot be read or decoded, links to nothing and folders that cannot be listed,
+    in the pool and in the check set, are counted and the first named in one line, before any work."""
+    pool = distinct_images(tmp_path / "pool", ["a.png", "b.png", "c.png", "locked/d.png"])
+    check = distinct_images(tmp_path / "check", ["cat/1.png"], start=10)
+    jpeg = pool / "truncated.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:-200])
+    (pool / "empty.png").write_bytes(b"")
+    os.symlink(tmp_path / "gone.png", pool / "link.png")
+    png = check / "cat" / "cut.png"
+    png.write_bytes((pool / "a.png").read_bytes()[:40])
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    locked, scandir = str(pool / "locked"), os.scandir
+
+    def no_permission(path="."):  # what a folder without read permission gives (the tests may run as root)
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+    monkeypatch.setattr(data.os, "scandir", no_permission)
+    msg = data_error(data.images_task, pool, tmp_path / "classes.txt", None, check)
+    assert "4 of 9 images cannot be read, 1 folder cannot be listed (" in msg
+    for name in ("empty.png: ", "link.png: a link to nothing", "locked: cannot be listed (Permission denied)"):
+        assert name in msg, msg
+
+
+def test_digests_are_read_again_only_where_a_file_may_have_changed(tmp_path, monkeypatch):
+    """A repeated pass reads no file whose size, times and inode are those cached, unless they
+    were within SETTLE_NS of the pass that read it: a change within a clock tick can keep them."""
+    folder = distinct_images(tmp_path / "images", [f"{n}.png" for n in range(5)])
+    paths = [str(folder / f"{n}.png") for n in range(5)]
+    reads, real_read = [], data._read_file
+    monkeypatch.setattr(data, "_read_file", lambda p: reads.append(os.path.basename(p)) or real_read(p))
+    first, problems = data.contents(paths)
+    assert problems == [] and len(reads) == 5
+    assert [bytes(d) for d in first.numpy()] == [hashlib.sha256(open(p, "rb").read()).digest()[:16] for p in paths]
+    reads.clear()
+    data.contents(paths)
+    assert len(reads) == 5  # written moments ago: not trusted yet
+    later = data.time.time_ns() + 10 * data.SETTLE_NS
+    monkeypatch.setattr(data.time, "time_ns", lambda: later)
+    reads.clear()
+    data.contents(paths)
+    data.contents(paths)
+    assert len(reads) == 5  # the first of the two passes: settled from then on, the second reads nothing
+    (folder / "3.png").write_bytes((folder / "0.png").read_bytes() + b"x")
+    reads.clear()
+    again, _ = data.contents(paths)
+    assert reads == ["3.png"] and torch.equal(again[[0, 1, 2, 4]], first[[0, 1, 2, 4]])
+    assert bytes(again[3].numpy()) == hashlib.sha256((folder / "3.png").read_bytes()).digest()[:16]
+
+
+def test_a_change_that_keeps_a_files_size_and_times_is_found_while_they_are_recent(tmp_path, monkeypatch):
+    """A file rewritten within the same clock tick keeps its size and times: a digest read within
+    SETTLE_NS of the file's times is read again, so the change is found."""
+    folder = distinct_images(tmp_path / "images", ["a.bmp", "b.bmp"])  # BMP: the same size for the same shape
+    a = str(folder / "a.bmp")
+    data.contents([a])
+    st, stat = os.stat(a), os.stat
+    (folder / "a.bmp").write_bytes((folder / "b.bmp").read_bytes())
+    assert os.path.getsize(a) == st.st_size
+    monkeypatch.setattr(data.os, "stat", lambda p, *k, **kw: st if str(p) == a else stat(p, *k, **kw))
+    digest, _ = data.contents([a])
+    assert bytes(digest[0].numpy()) == hashlib.sha256((folder / "b.bmp").read_bytes()).digest()[:16]
+
+
+def test_a_record_follows_contents_not_where_the_folders_are(tmp_path, capsys):
+    """A record (what a run keeps of its data) is the same for a moved copy of the folders; any
+    change of content, name, label or class list is said in words."""
+    root = tmp_path / "a"
+    distinct_images(root / "pool", ["x.png", "y.png", "sub/z.png"])
+    distinct_images(root / "check", ["cat/1.png", "dog/2.png"], start=10)
+    (root / "classes.txt").write_text("cat\ndog\n")
+
+    def record(r, classes="classes.txt"):
+        return data.record(data.images_task(r / "pool", r / classes, None, r / "check"))
+    before = record(root)
+    import shutil
+    shutil.copytree(root, tmp_path / "b")
+    moved = record(tmp_path / "b")
+    assert data.fingerprint(moved) == data.fingerprint(before) and data.changes(before, moved) == []
+    b = tmp_path / "b"
+    (b / "pool" / "y.png").write_bytes((b / "check" / "cat" / "1.png").read_bytes())  # same name, other image
+    (b / "pool" / "x.png").rename(b / "pool" / "w.png")
+    write_image(b / "pool" / "new.png", color=(1, 2, 3))
+    (b / "check" / "dog" / "2.png").rename(b / "check" / "cat" / "2.png")
+    (b / "classes2.txt").write_text("cat\ndog\nbird\n")
+    assert data.changes(before, record(b, "classes2.txt")) == [
+        "the class names changed",
+        "pool: 1 image renamed, 1 changed, 1 added (first: w.png renamed)",
+        "check set: 1 image added, 1 removed (first: cat/2.png added)"]
+    capsys.readouterr()
+    assert data.fingerprint(record(b)) != data.fingerprint(before)

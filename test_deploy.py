@@ -302,7 +302,7 @@ def test_what_deploy_cannot_do_is_one_line_before_the_work_and_leaves_nothing_be
         deploy.main([str(finished / "coft"), str(folder), "--csv", str(tmp_path / "p.csv")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "error: none of the 1 image file(s) could be read" in err
-    assert "1 file(s) in the folders given are not images by their extension and are left out (.txt)" in err
+    assert "in the folders given, 1 file(s) are not images by their extension and are left out (.txt;" in err
     assert not (tmp_path / "p.csv").exists() and not list(tmp_path.rglob("*.part"))
     run = tmp_path / "run"
     shutil.copytree(finished / "coft", run)

@@ -764,7 +764,7 @@ def prepare(args):
     resume = args.resume or (waiting and not args.restart)
     runs.check_out(args.out, resume, args.restart)
     t0 = time.time()
-    task = data.task_of(args)
+    task = ddp.rank0_first(lambda: data.task_of(args))  # rank 0 fills the digest cache the others then read
     eval_items = data.eval_items(task, args.eval_split)
     args = resolve_task_defaults(runs.with_precision(args, device), task)
     check_args(args, len(task.train))
@@ -773,16 +773,18 @@ def prepare(args):
     # read and checked now, before any work (check_args refuses --captions for methods without CEA)
     pool_captions = read_captions(args.captions, task.train, task.root) if args.captions else None
     config, how = runs.settings(args, UNRECORDED_FLAGS)
-    config.update(data=data.fingerprint(task, task.root),
-                  clip=standin.backbone_id("--clip", args.clip, args.clip_act))
+    images = data.record(task)
+    config.update(data=data.fingerprint(images), clip=standin.backbone_id("--clip", args.clip, args.clip_act))
     if args.captions:  # the file by content
         config["captions"] = "sha256:" + checkpoints.sha256_of(args.captions)[:16]
     if labels is not None:  # it grows between loops: each loop records the labels it trained on
         config["labels"] = "a person's (--labels), checked per loop"
+    if resume:  # the images must be those the run was made with (also between two steps with a person)
+        data.check_same_images(args.out, images)
     torch.manual_seed(args.seed)
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
-    out = runs.open_run(args.out, config, resume, args.restart, how=how)  # every check passed: now --restart
+    out = runs.open_run(args.out, config, resume, args.restart, how=how, images=images)  # checks passed: now --restart
     test = data.make_transform("test", clip.visual, task)
     captions = caption_table(clip, task, y_pool, device, args.caption_template, args.ood_captions,
                              pool_captions) if METHODS[args.method].cea else None
