@@ -31,6 +31,11 @@ Sections:
           computes them (a few numbers per image, blocks of rows) beside the full N x C score matrices of
           the way before (at --reference-pool images, where they fit), each in a fresh process: time and
           peak resident memory, and whether the two give the same picks and figures
+  pool    knowing a folder of your own images by content (data.list_images, data.contents): --pool-files
+          small generated PNGs in folders of 1,000; the listing, the first pass (every file read, hashed and
+          checked), a repeat pass (the digest cache: only files whose size or times changed are read) and one
+          after 1 % of the files changed, each in a fresh process (time, files read, peak resident memory),
+          then the same scaled to ImageNet's 1,281,167 files
   ddp     the inputs of the torchrun scaling estimate (docs/torchrun.md): a plain Phase-II step
           (batch --batch, 1000 classes) and the all-reduce of its gradient between 2 local processes
           (gloo on CPUs, NCCL with 2 GPUs), then the estimated step for 2, 4 and 8 processes
@@ -57,7 +62,7 @@ import train
 import vecaf
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
-SECTIONS = ("towers", "coft", "craft", "vecaf", "labels", "ddp", "ref")
+SECTIONS = ("towers", "coft", "craft", "vecaf", "labels", "pool", "ddp", "ref")
 
 
 def device_peak_tflops(device):
@@ -686,6 +691,69 @@ def label_costs(N, reference_N, C=1000, D=512):
                   f"removed precisions and AUROCs", flush=True)
 
 
+def pool_pass(folder, cache, queue):
+    """One pass over a folder as a run makes it (section pool), in this fresh process: the listing,
+    then every file's digest and check -> the queue: (files, listing s, pass s, files read, peak GiB)."""
+    os.environ["COFT_CACHE"] = cache
+    import data
+    reads, read = [], data._read_file
+    data._read_file = lambda p: reads.append(1) or read(p)
+    t0 = time.perf_counter()
+    files = data.list_images(folder).files
+    t1 = time.perf_counter()
+    _, problems = data.contents(files)
+    t2 = time.perf_counter()
+    assert not problems, problems[:3]
+    queue.put((len(files), t1 - t0, t2 - t1, len(reads), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20))
+
+
+def pool_costs(N, imagenet=1281167):
+    """Section pool: N generated PNGs (16 x 16 px, about 1 KB: what is measured is the per-file cost
+    of listing, stat, cache and reading, not the disk's bandwidth), four passes each in a fresh process."""
+    import multiprocessing
+    import shutil
+    import tempfile
+    import numpy as np
+    from PIL import Image
+    root = Path(tempfile.mkdtemp(prefix="bench-pool-"))
+    folder, cache = root / "images", str(root / "cache")
+    try:
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        for i in range(N):
+            path = folder / f"{i // 1000:04d}" / f"{i:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+        size = sum(p.stat().st_size for p in folder.rglob("*.png"))
+        print(f"knowing a folder by content: {N} PNG files in {-(-N // 1000)} folders, {size / 2 ** 20:.0f} MiB, "
+              f"written in {time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs", flush=True)
+        ctx = multiprocessing.get_context("spawn")
+
+        def measure(what):
+            q = ctx.Queue()
+            p = ctx.Process(target=pool_pass, args=(str(folder), cache, q))
+            p.start()
+            files, listing, seconds, reads, peak = q.get()
+            p.join()
+            print(f"  {what:34s} listing {listing:6.1f} s, pass {seconds:6.1f} s ({1e6 * seconds / files:6.1f} us a "
+                  f"file), {reads:>7} files read, peak RSS {peak:5.2f} GiB", flush=True)
+            return listing, seconds
+        first = measure("first pass (no cache)")
+        repeat = measure("repeat pass")
+        changed = range(0, N, 100)
+        for i in changed:
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                folder / f"{i // 1000:04d}" / f"{i:07d}.png")
+        measure(f"after {len(changed)} files changed")
+        scale = imagenet / N
+        print(f"  at ImageNet's {imagenet} files (x{scale:.1f}): listing about {first[0] * scale:.0f} s; a repeat pass "
+              f"about {repeat[1] * scale:.0f} s; a first pass about {first[1] * scale:.0f} s plus, per file, the "
+              f"reading and hashing of its bytes (ImageNet's average is 110 KB: 140 GB in all) and its check "
+              f"(section decode)", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv=None):
     p = runs.Parser(description="time each method's hot path on random weights of real size",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -707,6 +775,7 @@ def main(argv=None):
     a("--label-pool", type=runs.number_type(int, 2), default=1281167, help="labels: the unlabelled pool N")
     a("--reference-pool", type=runs.number_type(int, 2), default=100000,
       help="labels: N for the side-by-side run with the full N x C matrices")
+    a("--pool-files", type=runs.number_type(int, 100), default=100000, help="pool: image files generated")
     a("--official-candidates", type=runs.number_type(int, 1), default=None,
       help="craft: candidates of the official loop actually timed (then x40/k; default 40 GPU, 2 CPU)")
     args = p.parse_args(argv)
@@ -745,6 +814,8 @@ def main(argv=None):
                             args.select_batch, steps, device, report)
         if "labels" in sections and precision == precisions[0]:  # fp32 similarities at any precision
             label_costs(args.label_pool, args.reference_pool)
+        if "pool" in sections and precision == precisions[0]:
+            pool_costs(args.pool_files)
         if "ddp" in sections:
             ddp_scaling(names, batch, steps, device, amp, report)
         if "ref" in sections:

@@ -253,19 +253,43 @@ if os.environ.get("RANK") == "{rank}":  # this process starts {delay} s after th
 """
 
 
-def torchrun(script, argv, cwd, late_rank=None, delay=3.0):
+UNREADABLE_IN_RANK1 = """\
+import builtins, os
+if os.environ.get("RANK") == "1":  # rank 1 alone cannot decode {name!r}, as if it turned unreadable after the check
+    _import = builtins.__import__
+
+    def _hooked(name, *a, **k):
+        module = _import(name, *a, **k)
+        if name == "data" and hasattr(module, "ImageDataset") and not hasattr(module, "_unreadable"):
+            module._unreadable, getitem = True, module.ImageDataset.__getitem__
+
+            def failing(self, i):
+                if str(self.items[i][0]).endswith({name!r}):
+                    raise module.DataError(f"cannot read image {{self.items[i][0]}} (it changed since it was checked)")
+                return getitem(self, i)
+            module.ImageDataset.__getitem__ = failing
+        return module
+    builtins.__import__ = _hooked
+"""
+
+
+def torchrun(script, argv, cwd, late_rank=None, delay=3.0, unreadable_in_rank1=None):
     """`torchrun --nproc_per_node 2 script ...` (the real launcher), 1 thread per process.
     late_rank: that process is held back `delay` s at start-up and again right after joining the
     job (a sitecustomize on the processes' PYTHONPATH), so the other one meets first every check
     made before the job forms (the flags) or before the next collective (the run folder): an
-    adversarial order, for tests whose outcome must not depend on the order."""
+    adversarial order, for tests whose outcome must not depend on the order.
+    unreadable_in_rank1: a file name that rank 1 alone cannot decode when a pass reads it (after
+    the up-front check every process passed): an error met by one process in its own share."""
     import subprocess
     import sys
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if late_rank is not None:
-        site = Path(cwd) / f"late-rank{late_rank}"
+    site_code = (LATE_RANK.format(rank=late_rank, delay=delay) if late_rank is not None else "") + \
+        (UNREADABLE_IN_RANK1.format(name=unreadable_in_rank1) if unreadable_in_rank1 else "")
+    if site_code:
+        site = Path(cwd) / f"site-{late_rank}-{str(unreadable_in_rank1).replace('/', '-')}"
         site.mkdir(exist_ok=True)
-        (site / "sitecustomize.py").write_text(LATE_RANK.format(rank=late_rank, delay=delay))
+        (site / "sitecustomize.py").write_text(site_code)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *argv],
                           capture_output=True, text=True, timeout=300, env=env, cwd=cwd)

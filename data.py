@@ -522,8 +522,8 @@ def problems_line(problems, total=None):
     cannot be listed, the first three named, and what to do."""
     folders = sum(why.startswith("cannot be listed") for _, why in problems)
     files = len(problems) - folders
-    counts = ([f"{files}{f' of {total}' if total is not None else ''} image{'s' if files != 1 else ''} cannot be "
-               f"read"] if files else []) + ([f"{folders} folder{'s' if folders != 1 else ''} cannot be listed"]
+    counts = ([f"{files}{f' of {total}' if total is not None else ''} image"
+               f"{'s' if (files if total is None else total) != 1 else ''} cannot be read"] if files else []) + ([f"{folders} folder{'s' if folders != 1 else ''} cannot be listed"]
                                              if folders else [])
     shown = "; ".join(f"{path}: {why}" for path, why in problems[:3]) + ("; ..." if len(problems) > 3 else "")
     return f"{', '.join(counts)} ({shown}): fix or remove {'it' if len(problems) == 1 else 'them'}"

@@ -97,3 +97,14 @@ def test_bench_label_steps_blockwise_beside_the_full_matrices(capsys):
         for way in ("N x C matrices (before)", "blocks of rows (coft.py)"):
             assert re.search(rf"N = +{n}, {re.escape(way)} +[\d.]+ s  peak RSS +[\d.]+ GiB", out), (n, way)
         assert f"N = {n}: the two ways give the same seed set, clean sets" in out
+
+
+def test_bench_pool_first_repeat_and_changed_passes(capsys):
+    """Section pool: the first pass reads every file, a repeat reads none but the files written within
+    the last moments (data.SETTLE_NS), the pass after 1 % changed reads those again."""
+    bench.main(["--sections", "pool", "--pool-files", "300", "--device", "cpu"])
+    out = capsys.readouterr().out
+    reads = [int(n) for n in re.findall(r"s a file\), +(\d+) files read", out)]
+    assert "300 PNG files in 1 folders" in out and len(reads) == 3 and reads[0] == 300
+    assert reads[1] <= 300 and reads[2] >= 3  # the repeat may read again what was written within 2 s of it
+    assert "at ImageNet's 1281167 files" in out

@@ -647,3 +647,94 @@ def test_ctrl_c_while_the_libraries_load_exits_130_without_a_traceback(tmp_path,
     r = subprocess.run([sys.executable, str(Path(__file__).parent / script), "--help"], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 128 + signal.SIGINT and "Traceback" not in r.stderr, r.stderr
+
+
+# ---- a run knows its images by content (issue 45: real image folders, trusted)
+
+def on_own_images(argv, root, check=True):
+    """A CLI's arguments on the digits turned into a run on your own images (conftest.write_digit_layouts)."""
+    i = argv.index("--dataset") if "--dataset" in argv else len(argv)
+    return argv[:i] + argv[i + 2:] + ["--images", str(root / "flat"), "--classes", str(root / "classes.txt")] + \
+        (["--check", str(root / "check")] if check else [])
+
+
+def mirrored(path):
+    """The image at path replaced by its mirror image, under the same name (a camera's IMG_0001.JPG reused)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).load()
+        flipped = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped.save(path)
+
+
+def test_every_command_that_continues_a_run_refuses_other_images_in_words(tmp_path, capsys):
+    """--resume, --phase 2 and --eval-only (CoFT), --resume (CraFT) and a VeCAF step after a person's
+    labels refuse images that are not those the run was made with: the same names with other
+    images, one added, a check image changed. One line says what changed; nothing in the run folder
+    is touched; with the images put back, the run goes on. A folder made before runs recorded their
+    images is refused, saying why and what to do."""
+    from conftest import write_digit_layouts
+    root, pool, _ = write_digit_layouts(tmp_path / "own", n_train=30, n_test=10)
+    flat, out = root / "flat", tmp_path / "run"
+    coft_own = on_own_images(coft_args(tmp_path, *SHORT), root)
+    coft.main(coft_own)
+    before, original = folder_state(out), (flat / "0003.png").read_bytes()
+    mirrored(flat / "0003.png")
+    continuing = {"--resume": coft_own + ["--resume"], "--eval-only": coft_own + ["--eval-only"],
+                  "--phase 2": [a if a != "1" or coft_own[i - 1] != "--phase" else "2" for i, a in enumerate(coft_own)]}
+    for flag, argv in continuing.items():
+        err = coft_error(capsys, *argv)
+        assert f"the data differ from those the run in {out} was made with (pool: 1 image changed (first: 0003.png " \
+               f"changed))" in err, (flag, err)
+    (flat / "0003.png").write_bytes(original)
+    write_image(flat / "0100.png", color=(1, 2, 3))
+    assert "(pool: 1 image added (first: 0100.png added))" in coft_error(capsys, *continuing["--phase 2"])
+    (flat / "0100.png").unlink()
+    mirrored(root / "check" / "one" / "0005.png")
+    assert "(check set: 1 image changed (first: one/0005.png changed))" in coft_error(capsys, *continuing["--eval-only"])
+    assert folder_state(out) == before
+    mirrored(root / "check" / "one" / "0005.png")  # a mirror image mirrored: the file as it was
+    assert coft.main(continuing["--phase 2"])["ensemble_acc"] is not None
+    # CraFT, a finished run continued
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,class\n" + "".join(f"{n:04d}.png,{c}\n" for n, c in enumerate(pool[:12])))
+    craft_own = on_own_images(craft_args(tmp_path, "--labels", str(labels), "--eval-split", "test", out="craft"), root)
+    craft_own.remove("--shots"), craft_own.remove("2")
+    import craft
+    craft.main(craft_own)
+    mirrored(flat / "0005.png")
+    err = one_line_error(craft.main, capsys, *craft_own, "--resume")
+    assert "(pool: 1 image changed (first: 0005.png changed))" in err
+    mirrored(flat / "0005.png")
+    # VeCAF with a person: a step after the labels came, on other images
+    import vecaf
+    from conftest import vecaf_args
+    person = tmp_path / "person.csv"
+    vecaf_own = on_own_images(vecaf_args(tmp_path, "--labels", str(person), out="vecaf"), root)
+    with pytest.raises(SystemExit) as e:
+        vecaf.main(vecaf_own)
+    assert e.value.code == runs.WAITING
+    capsys.readouterr()
+    mirrored(flat / "0007.png")
+    assert "(pool: 1 image changed (first: 0007.png changed))" in one_line_error(vecaf.main, capsys, *vecaf_own)
+    # a run folder made before images.pt: refused, saying why and what to do
+    (out / "images.pt").unlink()
+    err = coft_error(capsys, *coft_own, "--resume")
+    assert "made before runs recorded their images by content" in err and "--restart" in err
+
+
+def test_an_unreadable_image_stops_a_run_before_its_folder_holds_one_and_the_same_command_then_works(tmp_path, capsys):
+    """A truncated image and a link to nothing are named in one line before anything is loaded or
+    written; once the files are fixed, the same command runs (no 'holds a run already')."""
+    from conftest import write_digit_layouts
+    root, _, _ = write_digit_layouts(tmp_path / "own", n_train=20, n_test=0)
+    good = (root / "flat" / "0004.png").read_bytes()
+    (root / "flat" / "0004.png").write_bytes(good[:len(good) // 2])
+    os.symlink(tmp_path / "nowhere.png", root / "flat" / "0100.png")
+    argv = on_own_images(coft_args(tmp_path, *SHORT), root, check=False)
+    err = coft_error(capsys, *argv)
+    assert "2 of 21 images cannot be read (" in err and "0004.png: " in err and "0100.png: a link to nothing" in err
+    assert not runs.holds_run(tmp_path / "run")
+    (root / "flat" / "0004.png").write_bytes(good)
+    (root / "flat" / "0100.png").unlink()
+    assert coft.main(argv)["phase1_agreement"] is not None

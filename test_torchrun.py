@@ -72,22 +72,28 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("late_rank", [None, 0])
 def test_under_torchrun_an_error_on_any_process_ends_the_job_with_one_line(tmp_path, late_rank):
-    """Every process meets the error (a flag, the run folder, a flag only GPUs take): rank 0 says
-    it once, also when it meets it last (held back 3 s at start-up and after the job forms, so
-    process 1 has long met it). One process meets it (an unreadable test image, in rank 1's shard of the evaluation
-    pass): that process says it, named, and rank 0, whose gather then breaks, stays silent. No
-    traceback from a process, no hang."""
+    """Every process meets the error (a flag, the run folder, a flag only GPUs take, an unreadable
+    image found before any work): rank 0 says it once, also when it meets it last (held back 3 s
+    at start-up and after the job forms, so process 1 has long met it). One process meets it (a
+    test image in rank 1's shard of the evaluation pass that it alone cannot read): that process
+    says it, named, and rank 0, whose gather then breaks, stays silent. No traceback from a
+    process, no hang."""
     run_coft(tmp_path, "--p1-epochs", "1", "--fft-epochs", "1", "--branches", "1")
     make_imagefolder(tmp_path / "if")
-    write_image(str(tmp_path / "if" / "test" / "dog_big" / "9.png"))
-    (tmp_path / "if" / "test" / "dog_big" / "9.png").write_text("not a png")  # the last test image
-    for argv, expected in (
-            (coft_args(tmp_path, "--K", "0"), "error: argument --K: must be >= 1"),
-            (coft_args(tmp_path), "error: --out {} holds a run already".format(tmp_path / "run")),
-            (coft_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "if"), "--batch", "4",
-                      "--K", "2", out="if-run"), "error (process 1 of 2): cannot read image "),
-            (coft_args(tmp_path, "--sync-bn", out="bn"), "error: --sync-bn needs GPUs")):
-        assert_one_error_line(torchrun(coft.__file__, argv, tmp_path, late_rank), expected)
+    write_image(str(tmp_path / "if" / "test" / "dog_big" / "9.png"))  # the last test image
+    make_imagefolder(tmp_path / "bad")
+    (tmp_path / "bad" / "test" / "dog_big" / "9.png").write_text("not a png")
+    folder = ("--batch", "4", "--K", "2", "--dataset", "imagefolder", "--data-root")
+    for argv, expected, unreadable in (
+            (coft_args(tmp_path, "--K", "0"), "error: argument --K: must be >= 1", None),
+            (coft_args(tmp_path), "error: --out {} holds a run already".format(tmp_path / "run"), None),
+            (coft_args(tmp_path, *folder, str(tmp_path / "bad"), out="bad-run"),
+             "error: imagefolder: 1 of 9 images cannot be read (", None),
+            (coft_args(tmp_path, *folder, str(tmp_path / "if"), out="if-run"),
+             "error (process 1 of 2): cannot read image ", "9.png"),
+            (coft_args(tmp_path, "--sync-bn", out="bn"), "error: --sync-bn needs GPUs", None)):
+        assert_one_error_line(torchrun(coft.__file__, argv, tmp_path, late_rank, unreadable_in_rank1=unreadable),
+                              expected)
 
 
 def test_resnet_processes_evaluate_with_the_batchnorm_statistics_rank0_saves(tmp_path):
@@ -135,21 +141,23 @@ def test_vecaf_two_processes_equal_one_with_the_same_global_batch(tmp_path):
 @pytest.mark.parametrize("late_rank", [None, 0])
 def test_vecaf_under_torchrun_an_error_on_any_process_ends_the_job_with_one_line(tmp_path, late_rank):
     """The real launcher, as for coft.py: an error every process meets (a flag, the run folder)
-    is said once by rank 0, also when rank 0 meets it last; an unreadable test image in rank 1's
-    shard of the evaluation pass is said once by process 1, named. No process traceback."""
+    is said once by rank 0, also when rank 0 meets it last; a test image in rank 1's shard of the
+    evaluation pass that it alone cannot read is said once by process 1, named. No process traceback."""
     for split, n in (("train", 4), ("test", 2)):
         for c in ("cat", "dog"):
             for i in range(n):
                 write_image(str(tmp_path / "if" / split / c / f"{i}.png"), color=(60 * i, 100 * (c == "cat"), 0))
-    (tmp_path / "if" / "test" / "dog" / "1.png").write_text("not a png")  # the last test image: rank 1's shard
     run_vecaf(tmp_path, "--loops", "1", "--epochs", "1")
     folder = ("--dataset", "imagefolder", "--data-root", str(tmp_path / "if"), "--budget", "2", "--loops", "1",
               "--batch", "2")
-    for argv, expected in (
-            (vecaf_args(tmp_path, "--budget", "0"), "error: argument --budget: must be >= 1"),
-            (vecaf_args(tmp_path, "--loops", "1", "--epochs", "1"), f"error: --out {tmp_path / 'run'} holds a run"),
-            (vecaf_args(tmp_path, *folder, out="if-run"), "error (process 1 of 2): cannot read image ")):
-        assert_one_error_line(torchrun(vecaf.__file__, argv, tmp_path, late_rank), expected)
+    for argv, expected, unreadable in (
+            (vecaf_args(tmp_path, "--budget", "0"), "error: argument --budget: must be >= 1", None),
+            (vecaf_args(tmp_path, "--loops", "1", "--epochs", "1"), f"error: --out {tmp_path / 'run'} holds a run",
+             None),
+            (vecaf_args(tmp_path, *folder, out="if-run"), "error (process 1 of 2): cannot read image ",
+             "test/dog/1.png")):  # the last test image: rank 1's shard
+        assert_one_error_line(torchrun(vecaf.__file__, argv, tmp_path, late_rank, unreadable_in_rank1=unreadable),
+                              expected)
 
 
 class Numbered(torch.utils.data.Dataset):
