@@ -14,7 +14,7 @@ from PIL import Image
 import clip_model
 import data
 import standin
-from conftest import DTD_CLASSES, make_dtd, make_imagefolder, write_image, write_image_forms, tower
+from conftest import DTD_CLASSES, form_images, make_dtd, make_imagefolder, write_image, write_image_forms, tower
 
 
 
@@ -659,3 +659,61 @@ def test_without_orientation_the_stored_pixels_are_read_as_the_papers_pipelines_
         assert np.array_equal(np.asarray(data.decode_image(path, exif_orientation=False)), stored), form
         assert np.array_equal(ds[i][0], stored), form
         assert not np.array_equal(np.asarray(data.decode_image(path)), stored) or stored.shape[0] == stored.shape[1]
+
+
+def test_every_kind_of_unusable_file_is_named_and_all_of_them_in_one_line_before_any_work(tmp_path, monkeypatch):
+    """image_problem names why each file cannot be used (and nothing for a usable one, where
+    decode_image then succeeds); check_readable counts them all and names the first three, paths
+    relative to the folder, in one line."""
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    grey, colour = form_images(1)
+    image, grey = Image.fromarray(colour[0]), grey[0].astype(np.int64)  # grey: 0..255
+    expected = {}
+    for fmt, suffix in (("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("WEBP", "webp"), ("TIFF", "tif"),
+                        ("BMP", "bmp")):
+        path = folder / f"cut.{suffix}"
+        image.resize((256, 320)).save(path, fmt)
+        path.write_bytes(path.read_bytes()[:path.stat().st_size * 3 // 4])
+        if fmt != "WEBP":  # Pillow decodes a WebP as it opens it
+            Image.open(path).close()  # the header is whole: a check that reads it alone passes the file
+        expected[path] = "truncated"
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    (folder / "album.jpg").mkdir()
+    (folder / "locked.png").write_bytes((folder / "cut.png").read_bytes())
+    Image.fromarray((grey * 1000).astype(np.int32)).save(folder / "counts.tif")
+    Image.fromarray(grey.astype(np.float32)).save(folder / "floats.tif")
+    Image.fromarray(np.full((4, 4), np.nan, np.float32)).save(folder / "nan.tif")
+    expected.update({folder / "empty.png": "an empty file (0 bytes)", folder / "notes.jpg": "not an image",
+                     folder / "album.jpg": "a folder, not a file", folder / "locked.png": "permission denied",
+                     folder / "gone.png": "no such file",
+                     folder / "counts.tif": "32-bit integer pixels outside 0..65535 (0..255000), with no white point "
+                                            "viewers agree on",
+                     folder / "floats.tif": "float pixels outside [0, 1] (0..255)",
+                     folder / "nan.tif": "float pixels outside [0, 1] (NaN among them)"})
+    good = []
+    for name, saved in (("a.png", image), ("b.jpg", image), ("c.png", Image.fromarray((grey * 257).astype(np.uint16))),
+                        ("d.tif", Image.fromarray((grey / 255).astype(np.float32)))):
+        saved.save(folder / name)
+        good.append(folder / name)
+    real_open = open
+
+    def locked_open(file, *a, **k):  # the tests may run as root, whom file permissions do not stop
+        if str(file) == str(folder / "locked.png"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+    monkeypatch.setattr("builtins.open", locked_open)
+    for path, why in expected.items():
+        assert why in (data.image_problem(str(path)) or ""), (path.name, data.image_problem(str(path)))
+        assert why in data_error(data.decode_image, str(path)) and str(path) in data_error(data.decode_image, str(path))
+    assert data.image_problem(str(folder / "floats.tif")).endswith(": convert it to 8- or 16-bit")
+    for path in good:
+        assert data.image_problem(str(path)) is None and data.decode_image(str(path)).mode == "RGB"
+    items = [(str(p), None) for p in sorted(good + list(expected))]
+    msg = data_error(data.check_readable, items, f"--images {folder}", str(folder))
+    assert msg.startswith(f"--images {folder}: 14 of 18 images cannot be read (album.jpg: a folder, not a file; "
+                          f"counts.tif: 32-bit integer pixels outside 0..65535") and msg.endswith(
+        "; cut.bmp: truncated (the file ends before its image does); and 11 more): remove or replace them"), msg
+    assert msg.count(": ") == 6  # the folder, the three files named (and counts.tif's advice), the advice: no more
+    data.check_readable([(str(p), None) for p in good] + [(torch.zeros(3, 2, 2, dtype=torch.uint8), 0)], "x")
