@@ -214,12 +214,6 @@ def _read(path, exif_orientation):
         with Image.open(path) as image:  # the first frame; a multi-frame file's others are never read
             image.load()  # every pixel decoded here, so a truncated or damaged file fails now
             turn = UPRIGHT.get(orientation(image)) if exif_orientation else None
-            wide = image.mode.startswith("I") or image.mode == "F"
-            rgb = eight_bit(image) if wide else clip_model.rgb(image)
-            if rgb is image:  # plain RGB: a copy, as the opened file's image is closed on leaving `with`
-                rgb = image.convert("RGB")
-    except Unusable:
-        raise
     except FileNotFoundError:
         raise Unusable("no such file") from None
     except IsADirectoryError:
@@ -237,6 +231,11 @@ def _read(path, exif_orientation):
         if "truncated" in msg:
             raise Unusable("truncated (the file ends before its image does)") from None
         raise Unusable(f"damaged or truncated ({type(e).__name__}: {msg})") from None
+    try:
+        wide = image.mode.startswith("I") or image.mode == "F"
+        rgb = eight_bit(image) if wide else clip_model.rgb(image).convert("RGB")  # convert: a plain image, a copy
+    except ValueError as e:  # a mode Pillow cannot convert to RGB
+        raise Unusable(f"mode {image.mode}, which Pillow cannot show as RGB ({e})") from None
     return rgb.transpose(turn) if turn is not None else rgb
 
 
