@@ -468,7 +468,8 @@ def write_image_forms(folder, n=10):
     reads alike. Returns [(form, file, reference file)]. Orientation: JPEG with EXIF orientation
     2..8 (the reference: its decoded stored pixels turned as the tag says), PNG, TIFF and
     lossless WebP with the tag; 16-bit PNG and TIFF (I;16, I;16B; values 257 g + noise in
-    -128..128, which a viewer shows as g), 32-bit integer (I) and float (F) TIFF; transparency:
+    -128..128, which a viewer shows as g; a PNG with a 16-bit transparency key), 32-bit integer (I)
+    and float (F) TIFF; transparency:
     LA and RGBA PNG with partial alpha, P with a transparent palette index, L and RGB with a
     transparency key, a two-frame GIF (its first frame read), whose transparent pixels carry junk
     colour; CMYK TIFF; 1-bit PNG and TIFF."""
@@ -507,6 +508,10 @@ def write_image_forms(folder, n=10):
         add("png-16bit", i, save(Image.fromarray(wide.astype(np.uint16)), ".png"), grey_rgb)
         add("tiff-16bit", i, save(Image.fromarray(wide.astype(np.uint16)), ".tif"), grey_rgb)
         add("tiff-16bit-big-endian", i, save(Image.fromarray(wide.astype(">u2")), ".tif"), grey_rgb)
+        keyed = wide.copy()
+        keyed[:, 28:] = 7  # a 16-bit transparency key (tRNS) on a band; any other pixel of value 7 is transparent too
+        add("png-16bit-transparency-key", i, save(Image.fromarray(keyed.astype(np.uint16)), ".png", transparency=7),
+            np.where(keyed[..., None] == 7, 255, grey_rgb).astype(np.uint8))
         add("tiff-32bit-int", i, save(Image.fromarray(wide.astype(np.int32)), ".tif"), grey_rgb)
         floats = np.clip(g / 255 + rng.uniform(-0.4, 0.4, g.shape) / 255, 0, 1).astype(np.float32)
         add("tiff-float", i, save(Image.fromarray(floats), ".tif"), grey_rgb)

@@ -611,7 +611,7 @@ def image_forms(tmp_path_factory):
 
 
 def test_every_form_of_an_image_decodes_to_what_a_viewer_shows_and_predicts_as_the_plain_file(image_forms):
-    """The same 10 images in 42 forms (conftest.write_image_forms: EXIF orientation 2..8 in JPEG,
+    """The same 10 images in 43 forms (conftest.write_image_forms: EXIF orientation 2..8 in JPEG,
     PNG, TIFF and WebP; 16-bit, 32-bit integer and float grey; alpha, transparent palette
     indices and transparency keys over junk colour; CMYK; 1-bit; a GIF's first frame): each
     decodes to exactly the pixels of its plain upright 8-bit reference PNG, and the stand-in CLIP
@@ -620,7 +620,7 @@ def test_every_form_of_an_image_decodes_to_what_a_viewer_shows_and_predicts_as_t
     every form but CMYK, 1-bit and TIFF's orientation (Pillow 13 turns TIFFs itself) fails."""
     import deploy
     forms = sorted({form for form, _, _ in image_forms})
-    assert len(forms) == 42 and len(image_forms) == 420
+    assert len(forms) == 43 and len(image_forms) == 430
     wrong = sorted({form for form, path, ref in image_forms
                     if not np.array_equal(np.asarray(data.decode_image(path)), np.asarray(Image.open(ref).convert("RGB")))})
     assert wrong == [], wrong
