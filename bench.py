@@ -40,6 +40,12 @@ Sections:
           (batch --batch, 1000 classes) and the all-reduce of its gradient between 2 local processes
           (gloo on CPUs, NCCL with 2 GPUs), then the estimated step for 2, 4 and 8 processes
   ref     needs open-clip-torch (a test-only dependency)
+  decode  checking image files before training: per image, on generated JPEGs of ImageNet's typical size
+          (500 x 375, about 110 KB), a header read (Image.open), a full decode, Pillow's draft-mode JPEG
+          decode (1/8 scale), data.image_problem (the check every pool image gets) and the sha256 of the
+          bytes; the full decode and image_problem in a pool of threads; each extrapolated to ImageNet's
+          1.28 M images; then which problem files (truncated JPEG, PNG, GIF, WebP, TIFF, BMP, empty, text
+          named .jpg, 16-bit, float outside [0, 1], ...) each check refuses
 Each line: ms per step, images/s or prompts/s, peak memory (GPU allocator, or the process's RSS
 on a CPU) and, on GPUs with a known dense bf16 peak, MFU.
 """
@@ -62,7 +68,7 @@ import train
 import vecaf
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
-SECTIONS = ("towers", "coft", "craft", "vecaf", "labels", "pool", "ddp", "ref")
+SECTIONS = ("towers", "coft", "craft", "vecaf", "labels", "pool", "decode", "ddp", "ref")
 
 
 def device_peak_tflops(device):
@@ -752,6 +758,168 @@ def pool_costs(N, imagenet=1281167):
               f"(section decode)", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+# ---- checking image files before training: what each check costs and what it finds
+
+IMAGENET_TRAIN = 1281167
+
+
+def natural_image(seed, width=500, height=375):
+    """A PIL RGB image with a natural photo's statistics, for JPEG timings: noise with a 1/f
+    amplitude spectrum (as natural images have), mostly shared by the channels, and a few flat
+    shapes with hard edges; pure noise would not compress and flat colour would compress to nothing."""
+    from PIL import Image, ImageDraw
+    g = torch.Generator().manual_seed(seed)
+    fy, fx = torch.fft.fftfreq(height)[:, None], torch.fft.rfftfreq(width)[None]
+    amplitude = (fx ** 2 + fy ** 2).sqrt().clamp(min=1 / max(width, height)).reciprocal()  # [H, W // 2 + 1]
+    phase = torch.exp(2j * torch.pi * torch.rand(3, height, width // 2 + 1, generator=g))
+    x = torch.fft.irfft2(amplitude * phase, s=(height, width))  # [3, H, W]
+    x = 0.8 * x.mean(0, keepdim=True) + 0.2 * x  # mostly luminance, some colour
+    x = (128 + 40 * (x - x.mean()) / x.std()).clamp(0, 255).to(torch.uint8)
+    image = Image.fromarray(x.permute(1, 2, 0).contiguous().numpy())
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = (torch.rand(2, generator=g) * torch.tensor([width, height])).tolist()
+        w, h = (20 + 100 * torch.rand(2, generator=g)).tolist()
+        colour = tuple(torch.randint(0, 256, (3,), generator=g).tolist())
+        shape = draw.ellipse if torch.rand(1, generator=g) < 0.5 else draw.rectangle
+        shape([x0, y0, x0 + w, y0 + h], fill=colour)
+    return image
+
+
+def problem_files(folder, image):
+    """One file per problem a check must find, and two a check must let pass -> {kind: path}:
+    `image` saved in each format then cut to half its length, an empty file, text named .jpg, a
+    folder named .jpg, 32-bit integer and float TIFFs outside 0..65535 and [0, 1] (no white point),
+    and two usable files: a 16-bit PNG and a JPEG with an EXIF orientation."""
+    import numpy as np
+    from PIL import Image
+    folder = Path(folder)
+    files = {}
+    small = image.resize((250, 188))
+    for fmt, suffix in (("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("WEBP", "webp"), ("TIFF", "tif"),
+                        ("BMP", "bmp")):
+        path = folder / f"truncated.{suffix}"
+        small.save(path, fmt)
+        whole = path.read_bytes()
+        path.write_bytes(whole[:len(whole) // 2])
+        files[f"truncated {fmt}"] = path
+    files["empty file"] = folder / "empty.jpg"
+    files["empty file"].write_bytes(b"")
+    files["text named .jpg"] = folder / "notes.jpg"
+    files["text named .jpg"].write_text("not an image\n")
+    files["folder named .jpg"] = folder / "folder.jpg"
+    files["folder named .jpg"].mkdir(exist_ok=True)
+    grey = np.asarray(small.convert("L")).astype(np.int64)
+    files["32-bit integers over 65535"] = folder / "int32.tif"
+    Image.fromarray((grey * 1000).astype(np.int32)).save(files["32-bit integers over 65535"])
+    files["floats outside [0, 1]"] = folder / "float.tif"
+    Image.fromarray(grey.astype(np.float32)).save(files["floats outside [0, 1]"])
+    files["16-bit PNG (usable)"] = folder / "sixteen.png"
+    Image.fromarray((grey * 257).astype(np.uint16)).save(files["16-bit PNG (usable)"])
+    files["JPEG with orientation (usable)"] = folder / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    small.save(files["JPEG with orientation (usable)"], exif=exif)
+    return files
+
+
+def header_check(path):
+    from PIL import Image
+    with Image.open(path):
+        pass
+
+
+def full_decode(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()
+
+
+def draft_decode(path):
+    """Pillow's draft mode: a JPEG decoded at 1/8 scale (every coefficient still read; a smaller
+    inverse DCT); other formats in full."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im.draft("RGB", (im.width // 8, im.height // 8))
+        im.load()
+
+
+def file_sha256(path):
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def refused(check, path):
+    """Whether a check refuses the file: data.image_problem names a problem, the others raise."""
+    import data
+    if check is data.image_problem:
+        return check(str(path)) is not None
+    try:
+        check(str(path))
+    except Exception:
+        return True
+    return False
+
+
+def decode_costs(n, threads, repeats=3):
+    """Section decode: the cost per image of each check on n generated JPEGs of ImageNet's size
+    (the files in the page cache: a cold disk adds its read time, the same for every check), one
+    thread then pools of `threads`, each the best of `repeats` passes, as wall time and as the
+    process's CPU time (their ratio: the cores kept busy, which shows whether the decodes ran in
+    parallel, free of the GIL, even where other work shares the cores), extrapolated to
+    ImageNet's train set, and to 16 free cores as the CPU time / 16; then what each check refuses
+    among problem_files."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+    import data
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    checks = {"header (Image.open)": header_check, "full decode (Image.open + load)": full_decode,
+              "draft decode (JPEG at 1/8 scale)": draft_decode, "data.image_problem (the check)": data.image_problem,
+              "sha256 of the bytes (for comparison)": file_sha256}
+
+    def per_image(fn, paths, t):
+        """(wall, CPU) seconds per image, the pass with the least wall time."""
+        best = (float("inf"), 0.0)
+        for _ in range(repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            if t == 1:
+                for p in paths:
+                    fn(p)
+            else:
+                with ThreadPoolExecutor(t) as pool:
+                    list(pool.map(fn, paths))
+            best = min(best, ((time.perf_counter() - t0) / len(paths), (time.process_time() - c0) / len(paths)))
+        return best
+
+    def line(what, wall, cpu=None):
+        busy = f"CPU {1000 * cpu:6.3f} ms ({cpu / wall:4.2f} cores busy)" if cpu else " " * 32
+        print(f"  {what:45s} {1000 * wall:7.3f} ms/image {busy} {1 / wall:7.0f} images/s   1.28 M images: "
+              f"{IMAGENET_TRAIN * wall / 60:6.1f} min", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i in range(n):
+            paths.append(os.path.join(folder, f"{i:05d}.jpg"))
+            natural_image(i).save(paths[-1], quality=92)
+        size = sum(os.path.getsize(p) for p in paths) / n / 1024
+        print(f"checking image files: {n} generated JPEGs, 500 x 375, mean {size:.0f} KB (ImageNet's train set: "
+              f"about 110 KB, {IMAGENET_TRAIN} images); {cores} CPU cores here (load average "
+              f"{os.getloadavg()[0]:.1f}); per image, best of {repeats} passes, files in the page cache", flush=True)
+        for p in paths:  # the page cache warmed, so every check reads from memory
+            file_sha256(p)
+        for what, fn in checks.items():
+            line(what, *per_image(fn, paths, 1))
+            for t in (t for t in threads if t > 1 and fn in (full_decode, data.image_problem)):
+                wall, cpu = per_image(fn, paths, t)
+                line(f"  {t} threads", wall, cpu)
+                if fn is data.image_problem and t == max(threads):
+                    line("  16 threads on 16 free cores (CPU time / 16)", cpu / 16)
+        files = problem_files(folder, natural_image(0))
+        print("  which files each check refuses (header / full decode / draft / image_problem):", flush=True)
+        for kind, path in files.items():
+            marks = " / ".join("refused" if refused(fn, path) else "passes" for what, fn in checks.items()
+                               if fn is not file_sha256)
+            why = data.image_problem(str(path))
+            print(f"    {kind:32s} {marks}" + (f"   ({why})" if why else ""), flush=True)
 
 
 def main(argv=None):
@@ -778,6 +946,8 @@ def main(argv=None):
     a("--pool-files", type=runs.number_type(int, 100), default=100000, help="pool: image files generated")
     a("--official-candidates", type=runs.number_type(int, 1), default=None,
       help="craft: candidates of the official loop actually timed (then x40/k; default 40 GPU, 2 CPU)")
+    a("--decode-images", type=runs.number_type(int, 1), default=200, help="decode: generated JPEGs timed")
+    a("--decode-threads", default="2,16", help="decode: thread pool sizes timed besides one thread")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -820,6 +990,8 @@ def main(argv=None):
             ddp_scaling(names, batch, steps, device, amp, report)
         if "ref" in sections:
             reference(names, batch, classes, steps, device, amp)
+        if "decode" in sections and precision == precisions[0]:  # no model, no precision
+            decode_costs(args.decode_images, [int(t) for t in args.decode_threads.split(",")])
     if len(precisions) > 1:  # each figure's time at every precision, and the speed-up over the first
         print(f"time per step: {' vs '.join(precisions)}", flush=True)
         for what, t in figures.items():

@@ -611,7 +611,8 @@ def phase1(run, settings, seed_set):
             model = DualPromptModel(run.clip, run.task.classnames, settings.M, settings.ctx_init, settings.vpt_tokens,
                                     settings.vpt_deep).to(run.device)
             tag = f"phase1_round{r}_model{m}"
-            seed_images = data.ImageDataset([run.task.train[i] for i in idx.tolist()], weak, labels=y.tolist())
+            seed_images = data.ImageDataset([run.task.train[i] for i in idx.tolist()], weak, labels=y.tolist(),
+                                             exif_orientation=run.task.exif_orientation)
 
             def batches(epoch, ds=seed_images, tag=tag):
                 return run.loader(ds, run.sgd.batch, (tag, epoch), shuffle=True)
@@ -731,7 +732,8 @@ def fine_tune(run, settings, tag, clip, head, idx, y, vpt=None, adapter=None):
     if settings.sync_bn:  # ResNet towers under torchrun: BatchNorm statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     augment = data.make_transform(settings.aug, clip.visual, run.task)
-    train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist())
+    train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist(),
+                                   exif_orientation=run.task.exif_orientation)
     if len(train_set) == 0:  # the validator rejected every label: nothing to fine-tune on
         run.stage(tag, model, None, None, epochs=0, lr=0, recipe=run.sgd)
         return model
@@ -748,7 +750,7 @@ def fine_tune(run, settings, tag, clip, head, idx, y, vpt=None, adapter=None):
         return model
 
     views = data.ImageDataset(run.task.train, data.TwoViews(
-        augment, data.make_transform("strong", clip.visual, run.task)))
+        augment, data.make_transform("strong", clip.visual, run.task)), exif_orientation=run.task.exif_orientation)
     mc = MomentumContrast(model, min(settings.queue, len(views)), settings.mu, settings.tau_c,
                           ddp.gather_batch).to(run.device)
 
@@ -778,8 +780,8 @@ def phase2(run, settings, scores, peft, clean):
     else:
         clip = run.ft_clip.to(run.device)
         set_grad_checkpointing(clip, settings.grad_checkpointing)
-        evaluated = data.ImageDataset(run.evaluated.items, data.make_transform("test", clip.visual,
-                                                                               run.task))
+        evaluated = data.ImageDataset(run.evaluated.items, data.make_transform("test", clip.visual, run.task),
+                                      exif_orientation=run.evaluated.exif_orientation)
         heads = [text_classifier(clip, run.prompts, run.device)] * 2  # the new backbone's zero-shot weights
     probs = []
     for a in range(settings.branches):
@@ -1013,8 +1015,9 @@ def prepare(args):
     run = Run(**runs.fields_of(args, out, config, device, continuing),
               must_load="all" if args.eval_only else "phase1" if args.phase == "2" else "none",
               sgd=train.SGDRecipe(**{k: getattr(args, k) for k in SGD_KEYS}), task=task, clip=clip,
-              tau=1.0 / clip.logit_scale.exp().item(), unlabelled=data.ImageDataset(task.train, test),
-              evaluated=data.ImageDataset(eval_items, test), y_true=y_true,
+              tau=1.0 / clip.logit_scale.exp().item(),
+              unlabelled=data.ImageDataset(task.train, test, exif_orientation=task.exif_orientation),
+              evaluated=data.ImageDataset(eval_items, test, exif_orientation=task.exif_orientation), y_true=y_true,
               y_eval=torch.tensor([label for _, label in eval_items]) if eval_items else None, labelled=labelled,
               y_labelled=y_labelled, metrics=metrics, predictions={}, t0=t0, prompts=prompts, ft_clip=ft_clip)
     print(f"{args.dataset}: {len(task.classnames)} classes, {len(task.train)} unlabelled train images, "

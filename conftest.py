@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -449,3 +450,130 @@ def craft_args(tmp_path, *extra, out="run", ckpt=None):
     return ["--clip", str(ckpt), "--clip-act", "quick_gelu", "--out", str(tmp_path / out), "--shots", "2", "--budget",
             "48", "--popsize", "8", "--intrinsic-dim", "16", "--log-every", "0", "--ckpt-every", "2", "--eval-split",
             "dev", *extra]
+
+
+# ---- one set of images written in every form a file can hold them (data.decode_image's tests)
+
+# EXIF orientation o -> what a viewer does to the stored pixels [H, W, ...] to show them upright, written from the
+# tag's definition (row 0 / column 0 of the stored image is the shown image's ...), not from Pillow's table
+SHOWN = {2: lambda a: a[:, ::-1],  # top / right: mirrored left-right
+         3: lambda a: a[::-1, ::-1],  # bottom / right: turned half a turn
+         4: lambda a: a[::-1],  # bottom / left: mirrored top-bottom
+         5: lambda a: a.swapaxes(0, 1),  # left / top: mirrored along the main diagonal
+         6: lambda a: np.rot90(a, -1),  # right / top: turned a quarter clockwise
+         7: lambda a: a[::-1, ::-1].swapaxes(0, 1),  # right / bottom: mirrored along the other diagonal
+         8: lambda a: np.rot90(a, 1)}  # left / bottom: turned a quarter anticlockwise
+STORED = {o: SHOWN[{6: 8, 8: 6}.get(o, o)] for o in SHOWN}  # the inverse: what a camera stores for an upright view
+
+
+def form_images(n=10):
+    """n distinct images that no orientation maps onto themselves: the real digits of n classes
+    (white on black, 32 x 32) on a 40 x 32 canvas with a grey mark in its top-left corner.
+    -> grey [n, 40, 32] and colour [n, 40, 32, 3] uint8 numpy arrays."""
+    task = data.digits_task()
+    first = {}
+    for image, label in task.test:
+        first.setdefault(label, image[0].numpy())
+    grey = np.zeros((n, 40, 32), np.uint8)
+    for i in range(n):
+        grey[i, 8:] = first[i % 10] if i < 10 else 255 - first[i % 10]
+        grey[i, :4, :6] = 128
+    colour = np.stack([grey, (grey * 0.6).astype(np.uint8), 255 - grey], -1)
+    return grey, colour
+
+
+def _exif(o):
+    exif = Image.Exif()
+    exif[0x0112] = o
+    return exif
+
+
+def over_white(c, a):
+    """c [..., k] uint8 under alpha a [...] over white, rounded: the reference a viewer shows."""
+    c, a = c.astype(np.int64), a.astype(np.int64)[..., None]
+    return np.round((c * a + 255 * (255 - a)) / 255).astype(np.uint8)
+
+
+def write_image_forms(folder, n=10):
+    """The images of form_images written in every form data.decode_image reads, each beside a
+    reference: the 8-bit RGB PNG of what a viewer shows, stored upright, which every decode
+    reads alike. Returns [(form, file, reference file)]. Orientation: JPEG with EXIF orientation
+    2..8 (the reference: its decoded stored pixels turned as the tag says), PNG, TIFF and
+    lossless WebP with the tag; 16-bit PNG and TIFF (I;16, I;16B; values 257 g + noise in
+    -128..128, which a viewer shows as g; a PNG with a 16-bit transparency key), 32-bit integer (I)
+    and float (F) TIFF; transparency:
+    LA and RGBA PNG with partial alpha, P with a transparent palette index, L and RGB with a
+    transparency key, a two-frame GIF (its first frame read), whose transparent pixels carry junk
+    colour; CMYK TIFF; 1-bit PNG and TIFF."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    grey, colour = form_images(n)
+    rng = np.random.default_rng(0)
+    out = []
+
+    def add(form, i, write, reference):
+        path, ref = folder / f"{form}_{i}", folder / f"{form}_{i}_reference.png"
+        path = write(path)
+        Image.fromarray(np.ascontiguousarray(reference)).save(ref)
+        out.append((form, str(path), str(ref)))
+
+    def save(image, suffix, **kw):
+        def write(path):
+            image.save(path.with_suffix(suffix), **kw)
+            return path.with_suffix(suffix)
+        return write
+
+    for i in range(n):
+        g, c = grey[i], colour[i]
+        for o in SHOWN:
+            stored = np.ascontiguousarray(STORED[o](c))
+            jpeg = folder / f"jpeg-o{o}_{i}.jpg"
+            Image.fromarray(stored).save(jpeg, exif=_exif(o))
+            with Image.open(jpeg) as im:
+                decoded = np.asarray(im.convert("RGB"))  # the stored pixels as decoded, not turned
+            add(f"jpeg-o{o}", i, lambda p, jpeg=jpeg: jpeg, SHOWN[o](decoded))
+            add(f"png-o{o}", i, save(Image.fromarray(stored), ".png", exif=_exif(o)), c)
+            add(f"tiff-o{o}", i, save(Image.fromarray(stored), ".tif", tiffinfo={0x0112: o}), c)
+            add(f"webp-o{o}", i, save(Image.fromarray(stored), ".webp", lossless=True, exif=_exif(o)), c)
+        grey_rgb = np.repeat(g[..., None], 3, -1)
+        wide = np.clip(g.astype(np.int64) * 257 + rng.integers(-128, 129, g.shape), 0, 65535)
+        add("png-16bit", i, save(Image.fromarray(wide.astype(np.uint16)), ".png"), grey_rgb)
+        add("tiff-16bit", i, save(Image.fromarray(wide.astype(np.uint16)), ".tif"), grey_rgb)
+        add("tiff-16bit-big-endian", i, save(Image.fromarray(wide.astype(">u2")), ".tif"), grey_rgb)
+        keyed = wide.copy()
+        keyed[:, 28:] = 7  # a 16-bit transparency key (tRNS) on a band; any other pixel of value 7 is transparent too
+        add("png-16bit-transparency-key", i, save(Image.fromarray(keyed.astype(np.uint16)), ".png", transparency=7),
+            np.where(keyed[..., None] == 7, 255, grey_rgb).astype(np.uint8))
+        add("tiff-32bit-int", i, save(Image.fromarray(wide.astype(np.int32)), ".tif"), grey_rgb)
+        floats = np.clip(g / 255 + rng.uniform(-0.4, 0.4, g.shape) / 255, 0, 1).astype(np.float32)
+        add("tiff-float", i, save(Image.fromarray(floats), ".tif"), grey_rgb)
+        alpha = ((np.arange(40)[:, None] * 7 + np.arange(32)[None] * 3) % 256).astype(np.uint8)
+        alpha[:, 20:] = 0  # a transparent band whose pixels hold junk
+        junk = rng.integers(0, 256, c.shape, dtype=np.uint8)
+        hidden = np.where(alpha[..., None] == 0, junk, c)
+        add("png-LA", i, save(Image.fromarray(np.stack([hidden[..., 0], alpha], -1), "LA"), ".png"),
+            np.repeat(over_white(hidden[..., :1], alpha), 3, -1))
+        add("png-RGBA", i, save(Image.fromarray(np.dstack([hidden, alpha])), ".png"), over_white(hidden, alpha))
+        index = np.maximum(g, 1)
+        index[:, 20:] = 0  # index 0: transparent, its palette colour junk
+        palette = Image.new("P", (32, 40))
+        palette.putpalette([255, 0, 255] + [v for k in range(1, 256) for v in (k, k, k)])
+        palette.frombytes(index.tobytes())
+        shown = np.where(index[..., None] == 0, 255, np.repeat(index[..., None], 3, -1)).astype(np.uint8)
+        add("png-P-transparent-index", i, save(palette, ".png", transparency=0), shown)
+        second = palette.copy()
+        second.frombytes(rng.integers(0, 256, (40, 32), dtype=np.uint8).tobytes())
+        add("gif-P-transparent-index-first-of-2-frames", i,
+            save(palette, ".gif", transparency=0, save_all=True, append_images=[second], optimize=False), shown)
+        add("png-L-transparency-key", i, save(Image.fromarray(g), ".png", transparency=0),
+            np.repeat(np.where(g == 0, 255, g)[..., None], 3, -1))
+        key = (0, 0, 255)  # the background colour of `colour`
+        add("png-RGB-transparency-key", i, save(Image.fromarray(c), ".png", transparency=key),
+            np.where((c == key).all(-1, keepdims=True), 255, c).astype(np.uint8))
+        add("tiff-CMYK", i, save(Image.frombytes("CMYK", (32, 40), np.dstack([255 - c, np.zeros_like(g)]).tobytes()),
+                                 ".tif"), c)
+        binary = np.where(g > 127, 255, 0).astype(np.uint8)
+        one = Image.fromarray(binary).convert("1", dither=Image.Dither.NONE)
+        add("png-1bit", i, save(one, ".png"), np.repeat(binary[..., None], 3, -1))
+        add("tiff-1bit", i, save(one, ".tif"), np.repeat(binary[..., None], 3, -1))
+    return out

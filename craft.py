@@ -513,8 +513,8 @@ def linear_probe(run):
     """Logistic regression on the normalised image features of the shots (test transform, no
     augmentation), train.logistic_regression: a white-box reference."""
     test = data.make_transform("test", run.clip.visual, run.task)
-    l = run.linear_probe(run.clip, data.ImageDataset(run.shots.items, test), run.y_shots, run.evaluated,
-                         len(run.task.classnames))
+    shots = data.ImageDataset(run.shots.items, test, exif_orientation=run.task.exif_orientation)
+    l = run.linear_probe(run.clip, shots, run.y_shots, run.evaluated, len(run.task.classnames))
     run.metrics["probe_acc"] = train.accuracy(l, run.y_eval)
     run.predictions["probe"] = l.argmax(1)
     run.metrics["deploy_params"] = {"prompt": 0, "z": 0, "refiner": 0,
@@ -632,7 +632,6 @@ def prepare(args):
     else:
         picked = data.few_shot(task, args.shots, seed_of(args.seed, "shots"))
         y_picked = torch.tensor([task.train[i][1] for i in picked.tolist()])
-    data.check_images([task.train[i] for i in picked.tolist()])  # the shots, before the zero-shot pass
     if args.trace_every and not task.dev:
         raise RunError(f"--trace-every evaluates on the dev split, which {args.dataset} does not have: drop it")
     if args.eval_datasets and args.dataset.lower() != "imagenet":
@@ -663,7 +662,8 @@ def prepare(args):
     items = [task.train[i] for i in picked.tolist()]
     crop = data.make_transform("test" if args.aug == "none" else args.aug, clip.visual, task)
     test = data.make_transform("test", clip.visual, task)
-    shifts = {name: (data.ImageDataset(items, test), torch.tensor(classes), torch.tensor([lab for _, lab in items]))
+    shifts = {name: (data.ImageDataset(items, test, exif_orientation=False),  # ImageNet's shifts: the papers' decode
+                     torch.tensor(classes), torch.tensor([lab for _, lab in items]))
               for name, (items, classes) in shifts.items()}
     shots = args.shots if labels is None else len(labels) / len(task.classnames)  # uneven: the mean per class
     metrics = {"dataset": args.dataset, "classnames": task.classnames, "clip": args.clip, "method": args.method,
@@ -686,10 +686,11 @@ def prepare(args):
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported", flush=True)
     run = Run(**runs.fields_of(args, out, config, device, args.resume), task=task, clip=clip, box=box,
-              shots=data.ImageDataset(items, crop, labels=y_picked.tolist()), y_shots=y_picked,
-              evaluated=data.ImageDataset(eval_items, test),
+              shots=data.ImageDataset(items, crop, labels=y_picked.tolist(), exif_orientation=task.exif_orientation),
+              y_shots=y_picked, evaluated=data.ImageDataset(eval_items, test, exif_orientation=task.exif_orientation),
               y_eval=torch.tensor([lab for _, lab in eval_items]) if eval_items else None,
-              dev=data.ImageDataset(task.dev, test) if args.trace_every else None, shifts=shifts,
+              dev=data.ImageDataset(task.dev, test, exif_orientation=task.exif_orientation) if args.trace_every
+              else None, shifts=shifts,
               ctx_init=args.ctx_init, p0=p0, scale=scale, metrics=metrics, predictions={}, t0=t0)
     return run, settings_of(args)
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,10 @@ class Task:
     root: str | None = None  # the folder that files a person writes name images relative to (item_key)
     digests: dict | None = None  # split -> every image's content digest, uint8 [N, DIGEST_BYTES] (know_contents)
     check_root: str | None = None  # your own images' check set folder (--check): its images' keys are relative to it
+    # whether image files are turned as their EXIF Orientation tag says, as a viewer shows them (decode_image): your
+    # own images, imagefolder; not the papers' benchmark datasets (CoOp's, FGVC-Aircraft, ImageNet and its shifts),
+    # whose pipelines decoded without it, so that their numbers stay comparable; in-memory images have no tag
+    exif_orientation: bool = True
 
 
 def thicken(x8):
@@ -139,54 +144,159 @@ def digits_task(shift=None):
                 parts["train"], parts["test"], parts["dev"], flip=False)
 
 
-def load_image(source, decode=True):
-    """A uint8 tensor image as is, a path opened with PIL (errors name the file); decode=False
-    reads the file's header only and returns None (a cheap check that it is a readable image)."""
-    if torch.is_tensor(source):
-        return source
+# -----------------------------------------------------------------------------
+# Image files as a viewer shows them (docs/own-images.md#how-an-image-file-is-read): one decode for
+# training, check sets, captions and deploy.py, and one check of every file before any work.
+
+# the EXIF Orientation tag's values 2..8 -> the transpose that turns the stored pixels upright (the
+# table of Pillow's ImageOps.exif_transpose); 1 and any other value: as stored
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+REPLACE = "remove or replace the file"
+
+
+class Unusable(Exception):
+    """Why a file cannot be used as an image (a few words, no path), and what to do about it."""
+
+    def __init__(self, why, todo=REPLACE):
+        super().__init__(why)
+        self.why, self.todo = why, todo
+
+
+def orientation(image):
+    """The EXIF Orientation tag (1..8) of an opened image file; 1 (as stored) where it has none, an
+    unknown value, or an EXIF block that cannot be parsed (viewers then show the stored pixels too)."""
     try:
-        with Image.open(source) as im:
-            return im.convert("RGB") if decode else None
+        o = image.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block, whatever Pillow's parser raises on it
+        return 1
+    return o if isinstance(o, int) and o in UPRIGHT else 1
+
+
+def eight_bit(image):
+    """A grey image of more than 8 bits (Pillow's modes I;16*, I, F) as the 8-bit RGB a viewer
+    shows: 16-bit values v scaled to round(255 v / 65535), not clipped (Pillow's own convert makes
+    every value above 255 white); mode I (32-bit integers, what some readers give for 16-bit data)
+    read as 16-bit where its values lie in 0..65535; mode F (floats) as round(255 v) where they lie
+    in [0, 1]. A transparency key (16-bit PNGs' tRNS) becomes white. Outside those ranges no white
+    point is agreed on: Unusable."""
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")  # exact: every 16-bit value fits a 32-bit integer
+    dtype = torch.float32 if image.mode == "F" else torch.int32
+    v = torch.frombuffer(bytearray(image.tobytes()), dtype=dtype).reshape(image.height, image.width)
+    if image.mode == "F":
+        if not bool(((v >= 0) & (v <= 1)).all()):  # NaN fails both comparisons
+            raise Unusable(f"float pixels outside [0, 1] ({_extremes(v)}), with no white point viewers agree on",
+                           "convert it to 8- or 16-bit")
+        grey = (v.double() * 255).round()
+    else:
+        if v.min() < 0 or v.max() > 65535:
+            raise Unusable(f"32-bit integer pixels outside 0..65535 ({_extremes(v)}), with no white point viewers "
+                           f"agree on", "convert it to 8- or 16-bit")
+        grey = (v.double() * (255 / 65535)).round()  # v / 257: never a tie, so no rounding rule decides
+    grey = grey.to(torch.uint8)
+    key = image.info.get("transparency")
+    if isinstance(key, int) and image.mode != "F":
+        grey[v == key] = 255  # white where the key marks a pixel transparent
+    return Image.frombytes("L", image.size, grey.numpy().tobytes()).convert("RGB")
+
+
+def _extremes(v):
+    """'min..max' of a tensor of pixel values, NaN named."""
+    if v.is_floating_point() and bool(v.isnan().any()):
+        return "NaN among them"
+    return f"{v.min().item():g}..{v.max().item():g}"
+
+
+def _read(path, exif_orientation):
+    """The first frame of the image file at `path` as a viewer shows it, a PIL RGB image; any
+    reason it cannot be is Unusable. High bit depths: eight_bit; every other mode through
+    clip_model.rgb (transparency over white, then Pillow's conversion: grey, palette, CMYK, ...)."""
+    try:
+        with Image.open(path) as image:  # the first frame; a multi-frame file's others are never read
+            image.load()  # every pixel decoded here, so a truncated or damaged file fails now
+            turn = UPRIGHT.get(orientation(image)) if exif_orientation else None
+    except FileNotFoundError:
+        raise Unusable("no such file") from None
+    except IsADirectoryError:
+        raise Unusable("a folder, not a file") from None
+    except PermissionError:
+        raise Unusable("permission denied", "make it readable, or remove it") from None
     except Image.DecompressionBombError as e:  # Pillow's guard against huge images (not an OSError)
-        raise DataError(f"image {source} is over Pillow's size limit ({e}); downscale it, or raise "
-                        f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read image {source} ({e}); remove or replace the file") from None
+        raise Unusable(f"over Pillow's size limit ({e})", "downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if you "
+                                                          "trust the file") from None
+    except Image.UnidentifiedImageError:
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        raise Unusable("an empty file (0 bytes)" if empty else "not an image (no format Pillow reads)") from None
+    except Exception as e:  # whatever a damaged file makes Pillow's decoders raise (OSError, SyntaxError, ...)
+        msg = " ".join(str(e).split())[:80]
+        if "truncated" in msg:
+            raise Unusable("truncated (the file ends before its image does)") from None
+        raise Unusable(f"damaged or truncated ({type(e).__name__}: {msg})") from None
+    try:
+        wide = image.mode.startswith("I") or image.mode == "F"
+        rgb = eight_bit(image) if wide else clip_model.rgb(image).convert("RGB")  # convert: a plain image, a copy
+    except ValueError as e:  # a mode Pillow cannot convert to RGB
+        raise Unusable(f"mode {image.mode}, which Pillow cannot show as RGB ({e})") from None
+    return rgb.transpose(turn) if turn is not None else rgb
+
+
+def decode_image(path, exif_orientation=True):
+    """The image file at `path` as a viewer shows it, a PIL RGB image: turned as its EXIF
+    Orientation tag says (unless exif_orientation=False: the papers' benchmark datasets, read as
+    their pipelines read them), 16-bit and float grey scaled to 8 bits, transparent pixels over
+    white, other modes by Pillow's conversion, a multi-frame file's first frame. A file that
+    cannot be used (image_problem) is a one-line DataError naming it."""
+    try:
+        return _read(path, exif_orientation)
+    except Unusable as e:
+        raise DataError(f"cannot read image {path}: {e.why}; {e.todo}") from None
 
 
 def image_problem(path):
-    """Why the file at `path` cannot be used as an image, in a few words, or None if it can."""
+    """Why the file at `path` cannot be used as an image, in a few words without the path
+    (missing, unreadable, not an image, empty, truncated or damaged, a mode with no agreed white
+    point, over Pillow's size limit), or None if it can: decode_image succeeds exactly where this
+    is None, since this is that decode. The cost is a full decode (bench.py --sections decode,
+    docs/efficiency.md#checking-every-image-before-training)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-    except Image.DecompressionBombError:
-        return "over Pillow's size limit"
-    except (OSError, ValueError) as e:
-        return f"not a readable image ({str(e)[:60]})"
+        _read(path, exif_orientation=False)
+    except Unusable as e:
+        return e.why if e.todo == REPLACE else f"{e.why}: {e.todo}"
     return None
 
 
-def check_images(items):
-    """Open every file among items' sources (the header: cheap, no decoding), so that a missing or
-    unreadable image is one line before any work rather than after a pass over another split."""
-    for source, _ in items:
-        load_image(source, decode=False)
+def load_image(source, decode=True, exif_orientation=True):
+    """A uint8 tensor image [3, H, W] as it is; an image file (a path) through decode_image, its
+    errors one line naming the file. decode=False only checks that the file can be used (the same
+    full decode, see image_problem) and returns None."""
+    if torch.is_tensor(source):
+        return source
+    if decode:
+        return decode_image(source, exif_orientation)
+    problem = image_problem(source)
+    if problem is not None:
+        raise DataError(f"cannot read image {source}: {problem}")
+    return None
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """(transform(image), label, index) over a list of (source, label) items; `labels`, if given,
     replaces the items' labels (pseudo-labels). An item without a label (your own images) gives
-    -1, which only the label-free passes (features, scores) meet: they never read it."""
+    -1, which only the label-free passes (features, scores) meet: they never read it. Files are
+    read by decode_image, turned by their EXIF orientation where `exif_orientation` (pass the
+    task's: False for the papers' benchmark datasets)."""
 
-    def __init__(self, items, transform, labels=None):
-        self.items, self.transform = items, transform
+    def __init__(self, items, transform, labels=None, exif_orientation=True):
+        self.items, self.transform, self.exif_orientation = items, transform, exif_orientation
         self.labels = [-1 if label is None else label for _, label in items] if labels is None else list(labels)
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        return self.transform(load_image(self.items[i][0])), self.labels[i], i
+        return self.transform(load_image(self.items[i][0], exif_orientation=self.exif_orientation)), self.labels[i], i
 
 
 class TwoViews:
@@ -447,7 +557,7 @@ def coop_task(name, root):
     _check_exist(splits["train"] + splits["val"] + splits["test"], split_path, image_dir)
     templates = _templates(template, EXTRA_TEMPLATES.get(name, GENERIC_TEMPLATES))
     return Task(name=name, classnames=classnames, templates=templates,
-                train=splits["train"], test=splits["test"], dev=splits["val"], flip=True)
+                train=splits["train"], test=splits["test"], dev=splits["val"], flip=True, exif_orientation=False)
 
 
 # -----------------------------------------------------------------------------
@@ -493,7 +603,7 @@ def fgvc_aircraft_task(root):
     _check_exist(splits["train"] + splits["val"] + splits["test"], f"{base}/images_variant_*.txt", image_dir)
     return Task(name=name, classnames=[v.replace("_", " ") for v in variants],
                 templates=_templates(FGVC_AIRCRAFT_TEMPLATE), train=splits["train"], test=splits["test"],
-                dev=splits["val"], flip=True)
+                dev=splits["val"], flip=True, exif_orientation=False)
 
 
 # -----------------------------------------------------------------------------
@@ -653,7 +763,7 @@ def imagenet_task(root):
     train = _read_class_folders(train_dir, wnids, name)
     test = _read_class_folders(val_dir, wnids, name)
     return Task(name=name, classnames=classnames, templates=_templates(IMAGENET_TEMPLATE),
-                train=train, test=test, dev=[], flip=True)
+                train=train, test=test, dev=[], flip=True, exif_orientation=False)
 
 
 def _imagenet_classes(names_path):
@@ -857,18 +967,11 @@ def read_classes(path):
     return classnames, prompts
 
 
-def check_readable(items, what):
-    """Open every image file among items' sources (the header: no decoding), and name the
-    unreadable ones in one line, before any work rather than in the middle of a pass."""
-    bad = []
-    for source, _ in items:
-        try:
-            load_image(source, decode=False)
-        except DataError as e:
-            bad.append(str(e).split("; ")[0])
-    if bad:
-        raise DataError(f"{what}: {len(bad)} of {len(items)} images cannot be read (first: {bad[0]}); remove or "
-                        f"replace {'it' if len(bad) == 1 else 'them'}")
+def check_threads():
+    """Threads for checking images: the CPU cores this process may use, at most 16 (the measured
+    speed-up, docs/efficiency.md#checking-every-image-before-training)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores))
 
 
 def check_set(folder, classnames, pool_folder, seen):
@@ -1292,8 +1395,8 @@ def _read_file(path):
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
-    except OSError as e:
-        return None, f"cannot be read ({e.strerror or type(e).__name__})"
+    except OSError as e:  # image_problem says why in the words it has for each case (a folder, no permission)
+        return None, image_problem(path) or f"cannot be read ({e.strerror or type(e).__name__})"
     return h.digest()[:DIGEST_BYTES], image_problem(path)
 
 
@@ -1305,7 +1408,6 @@ def contents(sources):
     the pass that read it is read again next time, since a change within a clock tick can leave
     them as they were. Files are read by a pool of threads (hashing and decoding release the
     GIL): the results do not depend on their number."""
-    from concurrent.futures import ThreadPoolExecutor
     blob = bytearray(len(sources) * DIGEST_BYTES)  # row i: source i's digest
     problems = {}
     folders = {}  # folder -> [index of each of its files], in order of first appearance
@@ -1321,7 +1423,7 @@ def contents(sources):
         if sum(len(r) for _, r in step) >= CHUNK:
             steps, step = steps + [step], []
     steps += [step] if step else []
-    with ThreadPoolExecutor() as threads:
+    with ThreadPoolExecutor(check_threads()) as threads:
         for step in steps:
             started = time.time_ns()  # before any file of this step is looked at
             caches, todo = {}, []
@@ -1399,7 +1501,7 @@ def record(task):
                          "labels": torch.tensor([-1 if label is None else label for _, label in items],
                                                 dtype=torch.long)}
     about = {"name": task.name, "classnames": task.classnames, "templates": task.templates, "flip": task.flip,
-             "prompts": task.prompts, "exif_orientation": getattr(task, "exif_orientation", True)}
+             "prompts": task.prompts, "exif_orientation": task.exif_orientation}
     return {"task": about, "splits": splits}
 
 

@@ -7,10 +7,13 @@ in your own code, and new images classified by it.
 
 In your own code (a plain nn.Module: no argparse, run folder or torchrun in the way):
 
-    import deploy
+    import data, deploy
     model, classnames, transform = deploy.load("runs/dtd")
-    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])   # [B, 3, R, R]
-    probs = model(x).softmax(-1)                                               # [B, C]
+    x = torch.stack([transform(data.load_image(p)) for p in paths])   # [B, 3, R, R]
+    probs = model(x).softmax(-1)                                     # [B, C]
+
+data.load_image reads a file as a viewer shows it (EXIF orientation, 16-bit, transparency:
+data.decode_image), as the CLI does; Image.open(p).convert("RGB") would not.
 
 The classifier is exactly the one the run reports: CoFT / CoFT+ the ensemble of its Phase-II
 branches (Sec. 3.2.2), top-K / labelled shots their model, self-training its last round; CraFT the
@@ -141,7 +144,8 @@ def image_files(paths):
 
 class Images(torch.utils.data.Dataset):
     """(index, transformed image or None, error line or None) per path: an unreadable file is
-    reported, not fatal."""
+    reported, not fatal. New images are read as a viewer shows them, EXIF orientation included
+    (data.decode_image), whatever data the run was trained on."""
 
     def __init__(self, paths, transform):
         self.paths, self.transform = paths, transform
@@ -151,7 +155,7 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, self.transform(data.load_image(self.paths[i])), None
+            return i, self.transform(data.decode_image(self.paths[i], exif_orientation=True)), None
         except data.DataError as e:
             return i, None, str(e)
 

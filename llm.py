@@ -119,9 +119,10 @@ def read_class_prompts(path, classnames):
     return [validated_prompts(table, classnames, str(path))[c] for c in classnames]
 
 
-def image_url(source):
-    """An image (path or uint8 tensor [3, H, W]) as a PNG data URL, the form chat endpoints take."""
-    image = load_image(source)
+def image_url(source, exif_orientation=True):
+    """An image (path or uint8 tensor [3, H, W]) as a PNG data URL, the form chat endpoints take;
+    a file as data.decode_image shows it (turned by its EXIF orientation where `exif_orientation`)."""
+    image = load_image(source, exif_orientation=exif_orientation)
     if torch.is_tensor(image):
         image = to_pil_image(image)
     buf = io.BytesIO()
@@ -129,13 +130,14 @@ def image_url(source):
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def caption_image(source, api_base, model, api_key=None, hint=None, **chat_options):
+def caption_image(source, api_base, model, api_key=None, hint=None, exif_orientation=True, **chat_options):
     """One short caption of an image from an image-capable chat model (the image sent inline);
     `hint` (e.g. the class name of a labelled pool image) is offered as context. The reply must
     be one non-empty line, else DataError."""
     ask = "Describe this image in one short sentence, as a caption." + \
         (f" It shows a {hint}; name it in the caption." if hint else "")
-    content = [{"type": "text", "text": ask}, {"type": "image_url", "image_url": {"url": image_url(source)}}]
+    url = image_url(source, exif_orientation)  # a file as training reads it (`exif_orientation`: the task's)
+    content = [{"type": "text", "text": ask}, {"type": "image_url", "image_url": {"url": url}}]
     reply = chat([{"role": "user", "content": content}], api_base, model, api_key, **chat_options)
     caption = " ".join(reply.strip().strip('"').split())
     if not caption:

@@ -108,3 +108,20 @@ def test_bench_pool_first_repeat_and_changed_passes(capsys):
     assert "300 PNG files in 1 folders" in out and len(reads) == 3 and reads[0] == 300
     assert reads[1] <= 300 and reads[2] >= 3  # the repeat may read again what was written within 2 s of it
     assert "at ImageNet's 1281167 files" in out
+def test_bench_decode_costs_and_what_each_check_refuses(capsys):
+    """Section decode prints each check's cost on generated ImageNet-size JPEGs, its extrapolation
+    to 1.28 M images, and which problem files each check refuses: a header read passes truncated
+    files that data.image_problem (the check every pool image gets) refuses, and image_problem
+    refuses no usable file."""
+    bench.main(["--sections", "decode", "--decode-images", "3", "--decode-threads", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    for what in ("header (Image.open)", "full decode (Image.open + load)", "draft decode (JPEG at 1/8 scale)",
+                 "data.image_problem (the check)", "2 threads", "16 threads on 16 free cores",
+                 "sha256 of the bytes"):
+        assert re.search(rf"{re.escape(what)} .* ms/image .* images/s   1\.28 M images: +[\d.]+ min", out), what
+    table = dict(re.findall(r"^    (.+?) {2,}(\w+ / \w+ / \w+ / \w+)", out, re.M))
+    assert len(table) == 13, table
+    for kind, marks in table.items():
+        header, full, draft, check = marks.split(" / ")
+        assert check == ("passes" if "usable" in kind else "refused"), kind
+    assert table["truncated JPEG"].startswith("passes / refused / refused")  # the header alone misses it

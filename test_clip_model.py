@@ -236,6 +236,25 @@ def test_preprocess_transform():
     assert torch.allclose(out[:, 0, 0], (1 - torch.tensor(cm.CLIP_MEAN)) / torch.tensor(cm.CLIP_STD), atol=1e-5)
 
 
+def test_the_test_transform_lays_transparency_over_white_and_refuses_unscaled_wide_images():
+    """A PIL image a user passes: transparent pixels become white (convert("RGB") would show the
+    red they hide), half-transparent ones half way, a transparency key too; 16-bit and float images
+    are refused in one line, as they need data.load_image's scaling."""
+    from PIL import Image
+    rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 0))
+    rgba.putpixel((1, 0), (0, 0, 255, 128))
+    assert [cm.rgb(rgba).getpixel((x, 0)) for x in (0, 1)] == [(255, 255, 255), (127, 127, 255)]  # round((255 * 127) / 255) = 127
+    keyed = Image.new("RGB", (1, 1), (9, 9, 9))
+    keyed.info["transparency"] = (9, 9, 9)
+    assert cm.rgb(keyed).getpixel((0, 0)) == (255, 255, 255)
+    plain = Image.new("RGB", (1, 1), (9, 9, 9))
+    assert cm.rgb(plain) is plain and torch.equal(cm.rgb(torch.zeros(3, 1, 1)), torch.zeros(3, 1, 1))
+    for mode in ("I;16", "I", "F"):
+        with pytest.raises(cm.CLIPError, match="data.load_image") as e:
+            cm.preprocess(32)(Image.new(mode, (4, 4)))
+        assert "\n" not in str(e.value)
+
+
 # --------------------------------------------------------------------------- reference
 
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])

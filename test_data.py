@@ -11,8 +11,10 @@ import torch
 import torchvision
 from PIL import Image
 
+import clip_model
 import data
-from conftest import DTD_CLASSES, make_dtd, make_imagefolder, write_image, tower
+import standin
+from conftest import DTD_CLASSES, form_images, make_dtd, make_imagefolder, write_image, write_image_forms, tower
 
 
 
@@ -150,7 +152,7 @@ def test_coop_dtd_loads(tmp_path):
     assert task.templates[0] == "{} texture."
     assert len(set(task.templates)) == len(task.templates) and all("{}" in t for t in task.templates)
     assert (len(task.train), len(task.dev), len(task.test)) == (6, 3, 3)
-    assert task.flip is True
+    assert task.flip is True and task.exif_orientation is False  # the papers' decode, for comparable numbers
     for items in (task.train, task.dev, task.test):
         for path, label in items:
             assert isinstance(path, str) and os.path.isabs(path) and os.path.isfile(path)
@@ -186,6 +188,7 @@ def test_coop_stanford_cars_images_in_folder_itself(tmp_path):
     (base / "split_zhou_StanfordCars.json").write_text(json.dumps(split))
     task = data.load_task("stanford_cars", tmp_path)
     assert task.classnames == ["2012 Tesla Model S", "2000 AM General Hummer SUV"] and task.dev == []
+    assert task.exif_orientation is False
     assert task.train == [(str(base / "cars_train" / "00001.jpg"), 0), (str(base / "cars_train" / "00002.jpg"), 1)]
 
 
@@ -203,7 +206,7 @@ def test_fgvc_aircraft_loads(tmp_path):
             write_image(str(base / "images" / f"{i}.jpg"))
     task = data.load_task("fgvc_aircraft", tmp_path)
     assert task.classnames == variants
-    assert task.templates[0] == "a photo of a {}, a type of aircraft."
+    assert task.templates[0] == "a photo of a {}, a type of aircraft." and task.exif_orientation is False
     assert task.train == [(str(base / "images" / f"{i}.jpg"), y) for i, y in zip(ids["train"], labels["train"])]
     assert [y for _, y in task.dev] == [2] and [y for _, y in task.test] == [0, 1]
 
@@ -224,7 +227,7 @@ def test_imagenet_loads(tmp_path):
                 write_image(str(base / "images" / split / w / f"{w}_{i}.JPEG"))
     task = data.load_task("imagenet", tmp_path)
     assert task.classnames == ["tench", "goldfish fish"]
-    assert task.templates[0] == "a photo of a {}."
+    assert task.templates[0] == "a photo of a {}." and task.exif_orientation is False
     assert (len(task.train), len(task.dev), len(task.test)) == (6, 0, 4)
     assert [y for _, y in task.train] == [0, 0, 0, 1, 1, 1]
     assert all(p.endswith(".JPEG") and f"/{wnids[y]}/" in p for p, y in task.train + task.test)
@@ -244,7 +247,7 @@ def test_imagefolder_loads(tmp_path):
     make_imagefolder(tmp_path, splits=("train", "test", "val"))
     task = data.load_task("imagefolder", tmp_path)
     assert task.classnames == ["cat", "dog big"]
-    assert task.templates[0] == "a photo of a {}."
+    assert task.templates[0] == "a photo of a {}." and task.exif_orientation is True  # turned, as a viewer shows
     assert (len(task.train), len(task.dev), len(task.test)) == (4, 4, 4)
     assert all(os.path.isabs(p) and os.path.isfile(p) for p, _ in task.train + task.dev + task.test)
     assert [os.path.basename(os.path.dirname(p)) for p, _ in task.train] == ["cat", "cat", "dog_big", "dog_big"]
@@ -468,7 +471,7 @@ def test_own_images_are_every_image_below_the_folder_in_sorted_order_without_lab
     assert [os.path.relpath(p, pool) for p, _ in task.train] == ["b.png", "c.jpeg", "a/z.JPG", "a/b/c.webp"]
     assert all(y is None for _, y in task.train) and data.train_labels(task) is None
     assert task.classnames == ["golden retriever", "Tabby cat"] and task.prompts is None and task.dev == []
-    assert task.templates[0] == data.DEFAULT_TEMPLATE and task.root == pool and task.flip
+    assert task.templates[0] == data.DEFAULT_TEMPLATE and task.root == pool and task.flip and task.exif_orientation
     # the check set: class folders matched to the classes whatever their case and "_", classes in list order
     assert [(os.path.relpath(p, tmp_path / "check"), y) for p, y in task.test] == [
         ("Golden_Retriever/1.png", 0), ("tabby_cat/2.png", 1), ("tabby_cat/sub/1.png", 1)]
@@ -505,7 +508,8 @@ def test_own_images_are_every_image_below_the_folder_in_sorted_order_without_lab
     ("bad template", "exactly one {}"),
     ("check folder of no class", "'cow' names none of the 2 classes"),
     ("check inside pool", "overlap"),
-    ("unreadable", "2 of 6 images cannot be read (broken.png: "),
+    ("unreadable", "2 of 6 images cannot be read (broken.png: not an image (no format Pillow reads); a/empty.jpg: an "
+                   "empty file (0 bytes)): fix or remove them"),
 ])
 def test_own_images_mistakes_are_one_line_before_any_work(tmp_path, case, expect):
     own_images(tmp_path)
@@ -764,3 +768,118 @@ def test_a_record_follows_contents_not_where_the_folders_are(tmp_path, capsys):
         "check set: 1 image added, 1 removed (first: cat/2.png added)"]
     capsys.readouterr()
     assert data.fingerprint(record(b)) != data.fingerprint(before)
+# ---- image files as a viewer shows them, and the check of every file before any work
+
+@pytest.fixture(scope="module")
+def image_forms(tmp_path_factory):
+    return write_image_forms(tmp_path_factory.mktemp("forms"))
+
+
+def test_every_form_of_an_image_decodes_to_what_a_viewer_shows_and_predicts_as_the_plain_file(image_forms):
+    """The same 10 images in 43 forms (conftest.write_image_forms: EXIF orientation 2..8 in JPEG,
+    PNG, TIFF and WebP; 16-bit, 32-bit integer and float grey; alpha, transparent palette
+    indices and transparency keys over junk colour; CMYK; 1-bit; a GIF's first frame): each
+    decodes to exactly the pixels of its plain upright 8-bit reference PNG, and the stand-in CLIP
+    gives each exactly the reference's logits through the path training and check sets take
+    (ImageDataset, the test transform) and deploy.py's classify. On Image.open(p).convert("RGB")
+    every form but CMYK, 1-bit and TIFF's orientation (Pillow 13 turns TIFFs itself) fails."""
+    import deploy
+    forms = sorted({form for form, _, _ in image_forms})
+    assert len(forms) == 43 and len(image_forms) == 430
+    wrong = sorted({form for form, path, ref in image_forms
+                    if not np.array_equal(np.asarray(data.decode_image(path)), np.asarray(Image.open(ref).convert("RGB")))})
+    assert wrong == [], wrong
+    clip, _ = standin.load("--clip", "demo", None, "cpu")
+    task = data.digits_task()
+    transform = data.make_transform("test", clip.visual, task)
+    W = clip_model.text_classifier(clip, data.zero_shot_prompts(task), "cpu")
+
+    def logits(paths):
+        ds = data.ImageDataset([(p, 0) for p in paths], transform)
+        with torch.no_grad():
+            return clip_model.zero_shot_logits(clip, W, torch.stack([ds[i][0] for i in range(len(ds))]), 0.01)
+    files, refs = [p for _, p, _ in image_forms], [r for _, _, r in image_forms]
+    got, expected = logits(files), logits(refs)
+    assert [f for f, a, b in zip([f for f, _, _ in image_forms], got, expected) if not torch.equal(a, b)] == []
+    assert len(set(expected.argmax(1).tolist())) >= 5  # the references are told apart: predictions mean something
+
+    def zero_shot(x):
+        return clip_model.zero_shot_logits(clip, W, x, 0.01)
+    deployed = list(deploy.classify(zero_shot, files, transform, "cpu", topk=3, batch=50))
+    assert [top for _, top, _ in deployed] == [top for _, top, _ in deploy.classify(zero_shot, refs, transform, "cpu",
+                                                                                     topk=3, batch=50)]
+    assert all(err is None for _, _, err in deployed)
+
+
+def test_without_orientation_the_stored_pixels_are_read_as_the_papers_pipelines_read_them(image_forms):
+    """exif_orientation=False (the papers' benchmark datasets): a JPEG, PNG or WebP with an
+    orientation tag gives its stored pixels, as Image.open(p).convert("RGB"), through decode_image
+    and ImageDataset; the benchmark loaders set it, imagefolder and your own images do not."""
+    turned = [(form, path) for form, path, _ in image_forms if form.split("-")[0] in ("jpeg", "png", "webp")
+              and "-o" in form]
+    assert len(turned) == 3 * 7 * 10
+    ds = data.ImageDataset([(p, 0) for _, p in turned], lambda im: np.asarray(im), exif_orientation=False)
+    for i, (form, path) in enumerate(turned):
+        stored = np.asarray(Image.open(path).convert("RGB"))
+        assert np.array_equal(np.asarray(data.decode_image(path, exif_orientation=False)), stored), form
+        assert np.array_equal(ds[i][0], stored), form
+        assert not np.array_equal(np.asarray(data.decode_image(path)), stored) or stored.shape[0] == stored.shape[1]
+
+
+def test_every_kind_of_unusable_file_is_named_and_all_of_them_in_one_line_before_any_work(tmp_path, monkeypatch):
+    """image_problem names why each file cannot be used (and nothing for a usable one, where
+    decode_image then succeeds); the pass over every file (know_contents) counts them all and names
+    the first three, paths relative to the folder, in one line."""
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    grey, colour = form_images(1)
+    image, grey = Image.fromarray(colour[0]), grey[0].astype(np.int64)  # grey: 0..255
+    expected = {}
+    for fmt, suffix in (("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("WEBP", "webp"), ("TIFF", "tif"),
+                        ("BMP", "bmp")):
+        path = folder / f"cut.{suffix}"
+        image.resize((256, 320)).save(path, fmt)
+        path.write_bytes(path.read_bytes()[:path.stat().st_size * 3 // 4])
+        if fmt != "WEBP":  # Pillow decodes a WebP as it opens it
+            Image.open(path).close()  # the header is whole: a check that reads it alone passes the file
+        expected[path] = "truncated"
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    (folder / "album.jpg").mkdir()
+    (folder / "locked.png").write_bytes((folder / "cut.png").read_bytes())
+    Image.fromarray((grey * 1000).astype(np.int32)).save(folder / "counts.tif")
+    Image.fromarray(grey.astype(np.float32)).save(folder / "floats.tif")
+    Image.fromarray(np.full((4, 4), np.nan, np.float32)).save(folder / "nan.tif")
+    expected.update({folder / "empty.png": "an empty file (0 bytes)", folder / "notes.jpg": "not an image",
+                     folder / "album.jpg": "a folder, not a file", folder / "locked.png": "permission denied",
+                     folder / "gone.png": "no such file",
+                     folder / "counts.tif": "32-bit integer pixels outside 0..65535 (0..255000), with no white point "
+                                            "viewers agree on",
+                     folder / "floats.tif": "float pixels outside [0, 1] (0..255)",
+                     folder / "nan.tif": "float pixels outside [0, 1] (NaN among them)"})
+    good = []
+    for name, saved in (("a.png", image), ("b.jpg", image), ("c.png", Image.fromarray((grey * 257).astype(np.uint16))),
+                        ("d.tif", Image.fromarray((grey / 255).astype(np.float32)))):
+        saved.save(folder / name)
+        good.append(folder / name)
+    real_open = open
+
+    def locked_open(file, *a, **k):  # the tests may run as root, whom file permissions do not stop
+        if str(file) == str(folder / "locked.png"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+    monkeypatch.setattr("builtins.open", locked_open)
+    for path, why in expected.items():
+        assert why in (data.image_problem(str(path)) or ""), (path.name, data.image_problem(str(path)))
+        assert why in data_error(data.decode_image, str(path)) and str(path) in data_error(data.decode_image, str(path))
+    assert data.image_problem(str(folder / "floats.tif")).endswith(": convert it to 8- or 16-bit")
+    for path in good:
+        assert data.image_problem(str(path)) is None and data.decode_image(str(path)).mode == "RGB"
+    items = [(str(p), None) for p in sorted(good + list(expected))]
+    msg = data_error(data.know_contents, data.Task("images", ["a", "b"], ["{}"], items, [], root=str(folder)))
+    assert msg.startswith(f"--images {folder}: 14 of 18 images cannot be read (album.jpg: a folder, not a file; "
+                          f"counts.tif: 32-bit integer pixels outside 0..65535") and msg.endswith(
+        "; cut.bmp: truncated (the file ends before its image does); ...): fix or remove them"), msg
+    assert msg.count(": ") == 6  # the folder, the three files named (and counts.tif's advice), the advice: no more
+    data.know_contents(data.Task("x", ["a", "b"], ["{}"], [(str(p), None) for p in good] +
+                                 [(torch.zeros(3, 2, 2, dtype=torch.uint8), 0)], []))

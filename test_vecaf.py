@@ -309,7 +309,7 @@ def test_captions_file_keys(tmp_path):
 def test_captions_from_an_image_capable_model_resume_where_they_stopped(tmp_path, monkeypatch):
     asked = []
 
-    def caption(source, api_base, model, api_key=None, hint=None):
+    def caption(source, api_base, model, api_key=None, hint=None, exif_orientation=True):
         asked.append(hint)
         if len(asked) == 3:
             raise data.DataError("endpoint down")

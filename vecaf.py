@@ -326,13 +326,14 @@ def read_captions(path, pool, root):
     return [given[k] for k in keys]
 
 
-def write_captions(path, pool, hints, root, api_base, model, api_key=None, save_every=50):
+def write_captions(path, pool, hints, root, api_base, model, api_key=None, save_every=50, exif_orientation=True):
     """Captions for the pool from an image-capable model (llm.caption_image, with hints[i], the
     class name of pool image i where its label is known, as a hint; None: no hint), written to
     `path` every `save_every` images and at the end, each time atomically; an existing file's
     captions are kept, so a stopped run continues where it stopped. An existing file that is not
     a JSON object of captions is refused before the first (paid) request, and whatever came back
-    is saved before an error or Ctrl-C is reported."""
+    is saved before an error or Ctrl-C is reported. Image files are read as training reads them
+    (`exif_orientation`: the task's)."""
     path = Path(path)
     done = {}
     if path.exists():
@@ -349,7 +350,8 @@ def write_captions(path, pool, hints, root, api_base, model, api_key=None, save_
             k = data.item_key(source, i, root)
             if k in done:
                 continue
-            done[k] = llm.caption_image(source, api_base, model, api_key, hint=hints[i])
+            done[k] = llm.caption_image(source, api_base, model, api_key, hint=hints[i],
+                                        exif_orientation=exif_orientation)
             if len(done) % save_every == 0:
                 runs.write_json(done, path)
     finally:  # also when a request fails or Ctrl-C comes: nothing paid for is lost
@@ -550,7 +552,7 @@ def fine_tune(run, fine_tuning, tag, model, idx, evaluate, before):
     Returns fit's history."""
     augment = data.make_transform(fine_tuning.aug if fine_tuning.aug != "none" else "test", run.clip.visual, run.task)
     train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment,
-                                  labels=run.y_pool[idx.cpu()].tolist())
+                                  labels=run.y_pool[idx.cpu()].tolist(), exif_orientation=run.task.exif_orientation)
 
     def batches(epoch):
         return run.train_loader(train_set, fine_tuning.sgd.batch, (tag, epoch))
@@ -802,9 +804,10 @@ def prepare(args):
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported", flush=True)
     run = Run(**runs.fields_of(args, out, config, device, resume), task=task, clip=clip,
-              pool=data.ImageDataset(task.train, test), y_pool=y_pool, person=labels is not None,
+              pool=data.ImageDataset(task.train, test, exif_orientation=task.exif_orientation), y_pool=y_pool,
+              person=labels is not None,
               labels_file=args.labels, line={} if labels is None else labels.line,
-              evaluated=data.ImageDataset(eval_items, test),
+              evaluated=data.ImageDataset(eval_items, test, exif_orientation=task.exif_orientation),
               y_eval=torch.tensor([lab for _, lab in eval_items]) if eval_items else None,
               captions=captions, metrics=metrics, t0=t0)
     return run, settings_of(args)
@@ -1126,7 +1129,8 @@ def main(argv=None):
                       f"{' in ' + args.labels if args.labels else ''}: they are captioned without a class hint",
                       flush=True)
             path = write_captions(args.write_captions, task.train, hints, task.root, args.api_base,
-                                  args.caption_model, os.environ.get("OPENAI_API_KEY"))
+                                  args.caption_model, os.environ.get("OPENAI_API_KEY"),
+                                  exif_orientation=task.exif_orientation)
             print(f"wrote captions for {len(task.train)} images to {path}")
             return None
         return end_to_end(resolve_defaults(args))
