@@ -48,7 +48,7 @@ def test_the_box_with_p0_equals_clip_on_the_written_prompt():
         assert (l - ref).abs().max() < 1e-3
         # and the hard-prompt path (the zero-shot reference) gives the same on an uploaded set
         box.upload("x", as_dataset(x))
-        assert (box.hard_prompt_logits("a photo of a {}.", "x") - ref).abs().max() < 1e-3
+        assert (box.hard_prompt_logits([[f"a photo of a {c}."] for c in CLASSES], "x") - ref).abs().max() < 1e-3
 
 
 def test_the_box_hands_out_no_gradients_and_counts_exactly():

@@ -388,7 +388,11 @@ def test_table_on_a_damaged_metrics_file_is_one_line(tmp_path, capsys):
     (tmp_path / "a" / "metrics.json").write_text('{"method": "craft", "shots": 1}')
     assert "holds a 'craft' run, not one of coft, coft+" in coft_error(capsys, "--table", str(tmp_path / "a"))
     (tmp_path / "b").mkdir()
-    assert "none of the 1 --table folder(s) holds a finished run" in coft_error(capsys, "--table", str(tmp_path / "b"))
+    err = coft_error(capsys, "--table", str(tmp_path / "b"))
+    assert f"the --table folder {tmp_path / 'b'} holds no finished run" in err
+    (tmp_path / "c").mkdir()
+    assert "none of the 2 --table folders holds a finished run" in coft_error(capsys, "--table", str(tmp_path / "b"),
+                                                                             str(tmp_path / "c"))
 
 
 def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
