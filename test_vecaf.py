@@ -419,6 +419,14 @@ def test_table_refuses_runs_it_cannot_compare(tmp_path, capsys):
     for plot, what in ((tmp_path / "nowhere" / "x.svg", "its folder does not exist"), (tmp_path, "is a folder")):
         err = one_line_error(vecaf.main, capsys, "--table", good, "--plot", str(plot))
         assert f"--plot {plot}: {what}" in err and not list(tmp_path.rglob("*.tmp"))
+    # an existing file that is not an SVG (a mistyped name) is refused, an earlier plot overwritten
+    (tmp_path / "notes.txt").write_text("mine")
+    err = one_line_error(vecaf.main, capsys, "--table", good, "--plot", str(tmp_path / "notes.txt"))
+    assert f"--plot {tmp_path / 'notes.txt'} exists and is not an SVG file" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "old.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"></svg>')
+    vecaf.main(["--table", good, "--plot", str(tmp_path / "old.svg")])
+    assert "polyline" in (tmp_path / "old.svg").read_text()
     old = json.loads((Path(good) / "metrics.json").read_text())
     del old["eval_grid"]
     (tmp_path / "old").mkdir()
