@@ -1239,7 +1239,8 @@ def parser():
     a("--llm-prompts", default=None, help="JSON {class: [prompts]} for the zero-shot pass (CoFT+)")
     a("--template-ensemble", action="store_true", help="zero-shot pass with all hand-written templates")
     a("--write-llm-prompts", default=None, metavar="FILE",
-      help="ask an OpenAI-compatible endpoint for class prompts, write FILE and exit (key: $OPENAI_API_KEY)")
+      help="ask an OpenAI-compatible endpoint for class prompts, write FILE (a new file) and exit (key: "
+           "$OPENAI_API_KEY)")
     a("--api-base", default="https://api.openai.com/v1")
     a("--llm", default="gpt-4o-mini", help="model name for --write-llm-prompts")
     a("--prompts-per-class", type=number_type(int, 1), default=10)

@@ -347,9 +347,11 @@ def main(argv=None):
     p.add_argument("run", help="a finished run folder (any CLI's --out)")
     p.add_argument("images", nargs="*", help="image files and folders (searched recursively)")
     p.add_argument("--export", default=None, metavar="FOLDER", help="write the fine-tuned CLIP (OpenAI layout) and "
-                                                                   "its head to FOLDER instead of classifying")
+                                                                   "its head to FOLDER instead of classifying (a "
+                                                                   "folder holding another run's export is refused)")
     p.add_argument("--topk", type=runs.number_type(int, 1), default=1, help="classes per image (default 1)")
-    p.add_argument("--csv", default=None, help="write the CSV here (default: stdout)")
+    p.add_argument("--csv", default=None, help="write the CSV here (default: stdout); an existing file only if it "
+                                               "is an earlier predictions CSV")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=runs.number_type(int, 1), default=64)
     p.add_argument("--workers", type=runs.number_type(int, 0), default=0)

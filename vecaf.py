@@ -1059,7 +1059,7 @@ def parser():
       help="--table: B2A counts the batches to reach this fraction of the full-data runs' final accuracy")
     a("--at-batches", type=number_type(int, 0), default=None,
       help="--table: accuracy at this many batches (default: the fewest any selection run trained)")
-    a("--plot", default=None, metavar="FILE.svg", help="--table: write the accuracy-vs-batches curves")
+    a("--plot", default=None, metavar="FILE.svg", help="--table: write the accuracy-vs-batches curves (an existing file only if an SVG)")
     # selection (ActiveFT + ODS + ensemble)
     a("--iters", type=number_type(int, 1), default=300, help="centroid optimisation steps")
     a("--select-lr", type=number_type(float, 0, low_open=True), default=1e-3, help="Adam lr of the centroids")
