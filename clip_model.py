@@ -492,8 +492,8 @@ def build_model(sd, device="cpu", *, act, **known):
     if wrong:  # a damaged or edited checkpoint: the shapes contradict the ones inferred from it
         k = wrong[0]
         raise CLIPError(f"state dict tensor {k} has shape {tuple(sd[k].shape)}, but the model inferred from the others "
-                        f"needs {tuple(own[k].shape)} ({len(wrong)} such tensor(s)): the checkpoint is damaged or "
-                        f"not an OpenAI-layout CLIP")
+                        f"needs {tuple(own[k].shape)} ({len(wrong)} such tensor{'' if len(wrong) == 1 else 's'}): "
+                        f"the checkpoint is damaged or not an OpenAI-layout CLIP")
     missing, unexpected = model.load_state_dict(sd, strict=False)  # fp16 values are cast into fp32 params
     if missing or unexpected:
         raise CLIPError(f"state dict does not match the inferred {cfg}: missing {sorted(missing)[:5]}, "

@@ -974,6 +974,7 @@ def prepare(args):
     y_true = data.train_labels(task)
     labels = data.read_labels(args.labels, task) if args.labels else None
     check_labels(args, y_true, labels)
+    check_prompt_flags(args, task)
     prompts = zero_shot_prompts(task, args.llm_prompts, args.template_ensemble, args.plus)
     images = data.record(task)
     config = run_config(args, images, prompts, labels)
@@ -1020,16 +1021,28 @@ def prepare(args):
               evaluated=data.ImageDataset(eval_items, test, exif_orientation=task.exif_orientation), y_true=y_true,
               y_eval=torch.tensor([label for _, label in eval_items]) if eval_items else None, labelled=labelled,
               y_labelled=y_labelled, metrics=metrics, predictions={}, t0=t0, prompts=prompts, ft_clip=ft_clip)
-    print(f"{args.dataset}: {len(task.classnames)} classes, {len(task.train)} unlabelled train images, "
+    print(f"{data.named(task.name)}: {len(task.classnames)} classes, {len(task.train)} unlabelled train images, "
           f"{len(eval_items)} {args.eval_split} images; backbone {args.clip} ({clip.visual.resolution}px) on "
           f"{device}, {args.precision}", flush=True)
+    if labels is not None:
+        counts = labels.per_class(len(task.classnames))
+        print(f"labels you gave: {runs.counted(len(labels), 'image')} in {args.labels} ({min(counts)}-{max(counts)} "
+              f"per class, {sum(n > 0 for n in counts)} of {len(counts)} classes); {LABELS_USE[args.method]}", flush=True)
     if y_true is None:
-        print("the train images carry no labels: every figure that needs one (the label precisions, the filter's "
-              "removed-label precision and AUROCs) is absent: null in metrics.json, '-' in the table", flush=True)
+        given = "" if labels is None else " beyond the ones you gave"
+        print(f"the train images carry no labels{given}: every figure that needs the true label of every train image "
+              f"(the label precisions, the filter's removed-label precision and AUROCs) is absent: null in "
+              f"metrics.json, '-' in the table", flush=True)
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported; what can be known without labels is: the "
               "mean confidences, the Phase-I models' agreement and the filter's kept fractions", flush=True)
     return run, settings_of(args)
+
+
+# what each method does with the labels a person gave (--labels), as the run says it
+LABELS_USE = {"coft": "they join S* and both clean sets with these labels", "topk": "they join S* with these labels",
+              "selftrain": "they join every round's training set with these labels",
+              "shots": "the model is fine-tuned on them alone"}
 
 
 def check_args(args, device):
@@ -1040,6 +1053,10 @@ def check_args(args, device):
     if args.method == "shots" and not (args.labelled_shots or args.labels):
         raise RunError("--method shots fine-tunes on the labelled shots only: give --labelled-shots N (N > 0) or "
                        "--labels FILE")
+    if args.method == "probe" and (args.labels or args.labelled_shots):
+        flag = "--labels" if args.labels else "--labelled-shots"
+        raise RunError(f"--method probe fits the true label of every train image, so {flag} is not used: drop it, or "
+                       f"use another --method")
     if args.labelled_shots and args.labels:
         raise RunError("--labelled-shots draws labelled images from the dataset's labels and --labels gives them: "
                        "give one of the two")
@@ -1060,6 +1077,24 @@ def check_labels(args, y_true, labels):
                        "none: label some yourself and give them with --labels FILE")
     if labels is not None and not len(labels):
         raise RunError(f"--labels {args.labels} labels no image: add rows path,class, or leave --labels out")
+
+
+def check_prompt_flags(args, task):
+    """The zero-shot prompts come from one place: --llm-prompts, else a {class: [prompts]} --classes
+    file, else the templates (--template, --template-ensemble). A flag that the prompts in use
+    would leave unread is refused rather than recorded in config.json and ignored (--plus implies
+    the template ensemble only where no prompts are given)."""
+    prompts_file = f"--classes {args.classes}" if task.prompts else None
+    if args.llm_prompts and prompts_file:
+        raise RunError(f"--llm-prompts {args.llm_prompts} and the prompts of {prompts_file} would both make the "
+                       f"zero-shot classifier: give one of the two (the classes one per line with --llm-prompts)")
+    given = f"--llm-prompts {args.llm_prompts}" if args.llm_prompts else prompts_file
+    if given and args.template:  # a prompts file with --template is refused by data.images_task
+        raise RunError(f"--template is not used: the prompts of {given} make the zero-shot classifier; drop "
+                       f"--template")
+    if given and args.template_ensemble and not (args.plus and not args.llm_prompts):
+        raise RunError(f"--template-ensemble is not used: the prompts of {given} make the zero-shot classifier; "
+                       f"drop --template-ensemble")
 
 
 def check_fft_init(args, clip, ft_clip):
@@ -1210,7 +1245,8 @@ def parser():
     a("--llm-prompts", default=None, help="JSON {class: [prompts]} for the zero-shot pass (CoFT+)")
     a("--template-ensemble", action="store_true", help="zero-shot pass with all hand-written templates")
     a("--write-llm-prompts", default=None, metavar="FILE",
-      help="ask an OpenAI-compatible endpoint for class prompts, write FILE and exit (key: $OPENAI_API_KEY)")
+      help="ask an OpenAI-compatible endpoint for class prompts, write FILE (a new file) and exit (key: "
+           "$OPENAI_API_KEY)")
     a("--api-base", default="https://api.openai.com/v1")
     a("--llm", default="gpt-4o-mini", help="model name for --write-llm-prompts")
     a("--prompts-per-class", type=number_type(int, 1), default=10)

@@ -144,13 +144,14 @@ class BlackBox:
             return self.scale * v.float() @ t.float().transpose(1, 2)
 
     @torch.no_grad()
-    def hard_prompt_logits(self, template, images):
-        """Logits [B, C] of a hand-written prompt ("a photo of a {}.") for an uploaded set: the
-        zero-shot reference. One prompt query."""
-        prompts = clip_model.class_prompts(self._classnames, [template])
+    def hard_prompt_logits(self, prompts, images):
+        """Logits [B, C] of hand-written prompts for an uploaded set, the zero-shot reference:
+        `prompts` per class (a template's, or a prompts file's, each class's prompts averaged as in
+        clip_model.text_classifier). As many prompt queries as the most prompts a class has (one
+        for a template)."""
         with torch.autocast(**self._amp):
             t = clip_model.text_classifier(self._clip, prompts, self._device)  # [C, D]
-        self.queries["prompts"] += 1
+        self.queries["prompts"] += max(len(p) for p in prompts)
         return self.scale * clip_model.similarity(unit(self._images[images]), t)
 
 
@@ -288,19 +289,21 @@ class Run(runs.Run):
 
 
 def zero_shot(run):
-    """Zero-shot references (no training): the dataset's hand-written template, and p0 ("a photo
-    of a {}.", where the search starts). Nothing without a labelled eval split."""
+    """Zero-shot references (no training): the dataset's hand-written template (your images: the
+    prompts of a {class: [prompts]} --classes file, where given), and p0 ("a photo of a {}.",
+    where the search starts). Nothing without a labelled eval split."""
     if run.y_eval is None:
         run.metrics["zero_shot_acc"] = run.metrics["p0_acc"] = None
         return
     run.box.upload("eval", run.evaluated, run.workers)
-    l_template = run.box.hard_prompt_logits(run.task.templates[0], "eval")
+    l_template = run.box.hard_prompt_logits(data.zero_shot_prompts(run.task), "eval")
     l_p0 = run.box.logits(run.p0[None], "eval")[0]
     run.metrics["zero_shot_acc"] = train.accuracy(l_template.cpu(), run.y_eval)
     run.metrics["p0_acc"] = train.accuracy(l_p0.cpu(), run.y_eval)
     run.predictions["zero_shot"] = l_template.argmax(1).cpu()
-    print(f"zero-shot ({run.task.templates[0]!r}): {run.metrics['zero_shot_acc']:.2f}; "
-          f"p0 ({run.ctx_init!r} {{}}.): {run.metrics['p0_acc']:.2f}", flush=True)
+    hand_written = "the prompts of --classes" if run.task.prompts else repr(run.task.templates[0])
+    print(f"zero-shot ({hand_written}): {run.metrics['zero_shot_acc']:.2f}; "
+          f"p0 ({run.ctx_init + ' {}.'!r}): {run.metrics['p0_acc']:.2f}", flush=True)
 
 
 def collaborate(run, settings):
@@ -671,18 +674,19 @@ def prepare(args):
                "scale": scale,
                "budget": args.budget if args.method in SEARCHES + ("mlp",) else None, "time_s": {}}
     if labels is None:
-        print(f"{args.dataset}: {len(task.classnames)} classes, {args.shots} shots each, {len(eval_items)} "
+        print(f"{data.named(task.name)}: {len(task.classnames)} classes, {args.shots} shots each, {len(eval_items)} "
               f"{args.eval_split} images; backbone {args.clip} on {device}, {args.precision}; method {args.method}",
               flush=True)
     else:
         counts = labels.per_class(len(task.classnames))
-        print(f"{args.dataset}: {len(task.classnames)} classes, {len(labels)} labelled images from {args.labels} "
-              f"({min(counts)}-{max(counts)} per class), {len(eval_items)} {args.eval_split} images; backbone "
-              f"{args.clip} on {device}, {args.precision}; method {args.method}", flush=True)
+        print(f"{data.named(task.name)}: {len(task.classnames)} classes, {len(labels)} labelled images from "
+              f"{args.labels} ({min(counts)}-{max(counts)} per class), {len(eval_items)} {args.eval_split} images; "
+              f"backbone {args.clip} on {device}, {args.precision}; method {args.method}", flush=True)
         if min(counts) == 0:
             absent = [c for c, n in zip(task.classnames, counts) if n == 0]
-            print(f"warning: {len(absent)} class(es) have no labelled image ({', '.join(absent[:3])}"
-                  f"{', ...' if len(absent) > 3 else ''}): the search and the refiner never see them", flush=True)
+            print(f"warning: {runs.counted(len(absent), 'class', 'classes')} {'has' if len(absent) == 1 else 'have'} "
+                  f"no labelled image ({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}): the search and "
+                  f"the refiner never see {'it' if len(absent) == 1 else 'them'}", flush=True)
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported", flush=True)
     run = Run(**runs.fields_of(args, out, config, device, args.resume), task=task, clip=clip, box=box,

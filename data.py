@@ -482,8 +482,8 @@ def _classnames_from_labels(label_names, source):
     n = max(label_names) + 1
     gaps = [c for c in range(n) if c not in label_names]
     if gaps:
-        raise DataError(f"{source} has labels up to {n - 1} but no item with label(s) {gaps[:5]}; "
-                        f"labels must be 0..C-1 with C the number of classes")
+        raise DataError(f"{source} has labels up to {n - 1} but no item with label{'s' if len(gaps) > 1 else ''} "
+                        f"{gaps[:5]}; labels must be 0..C-1 with C the number of classes")
     return [label_names[c].replace("_", " ") for c in range(n)]
 
 
@@ -640,10 +640,9 @@ def problems_line(problems, total=None):
 
 
 def left_out(others):
-    """The files of other extensions a listing left out, in words (how many, of which kinds)."""
+    """The files of other extensions a listing left out, in words: how many, of which kinds."""
     kinds = sorted({os.path.splitext(f)[1].lower() or "(none)" for f in others})
-    return (f"{len(others)} file(s) are not images by their extension and are left out ({', '.join(kinds[:5])}"
-            f"{', ...' if len(kinds) > 5 else ''}; images: {' '.join(IMAGE_EXTENSIONS)})")
+    return f"{len(others)} file{'s' if len(others) != 1 else ''} ({', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''})"
 
 
 def identity(st):
@@ -926,10 +925,29 @@ def with_template(task, template):
     return task
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice, where json.loads would keep the last value silently."""
+
+
+def json_object(pairs):
+    """json.loads' object_pairs_hook for a file a person writes: the object as a dict, or
+    DuplicateKey naming the first key given twice (its first value would be lost without a word)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def read_classes(path):
-    """--classes: a text file with one class name per line (blank lines skipped), or a JSON
-    {class: [prompts]} file (CuPL's format, as --llm-prompts), whose keys are the classes in file
-    order and whose prompts make the zero-shot classifier. -> (class names, prompts or None)."""
+    """--classes: a text file with one class name per line, or a JSON {class: [prompts]} file
+    (CuPL's format, as --llm-prompts), whose keys are the classes in file order and whose prompts
+    make the zero-shot classifier. -> (class names, prompts or None).
+    The text file's rules: blank lines and lines starting with '#' (comments) are skipped; a comma
+    or a tab in a name, or a ' #' inside a line, is refused (a pasted CSV or list, an inline
+    comment), as is a class given twice; in the JSON file a class given twice is refused (json
+    would keep only its last prompts)."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -940,7 +958,10 @@ def read_classes(path):
                         f"one class name per line") from None
     if str(path).lower().endswith(".json") or text.lstrip().startswith("{"):
         try:
-            table = json.loads(text)
+            table = json.loads(text, object_pairs_hook=json_object)
+        except DuplicateKey as e:
+            raise DataError(f"--classes {path}: the class {e.args[0]!r} is a key twice (JSON would keep only its last "
+                            f"prompts): merge its prompts into one list") from None
         except ValueError as e:
             raise DataError(f"--classes {path} is not valid JSON ({e}); give {{class: [prompts]}}") from None
         ok = isinstance(table, dict) and table and all(
@@ -954,8 +975,12 @@ def read_classes(path):
         classnames, prompts, line_of = [], None, {}
         for lineno, line in enumerate(text.splitlines(), 1):
             name = line.strip()
-            if not name:
+            if not name or name.startswith("#"):  # a blank line or a comment
                 continue
+            for mark, what in ((",", "a comma"), ("\t", "a tab"), (" #", "a ' #'")):
+                if mark in name:
+                    raise DataError(f"--classes {path}: line {lineno} {_short(name, 60)} holds {what}: the file is one "
+                                    f"class name per line, alone (a comment is a line of its own starting with #)")
             if name in line_of:
                 raise DataError(f"--classes {path}: line {lineno} repeats the class {name!r} of line {line_of[name]}; "
                                 f"list each class once")
@@ -1027,6 +1052,10 @@ def images_task(images, classes, template=None, check=None, flip=True):
     if not os.path.isdir(images):
         raise DataError(f"--images {images} is not a folder; give the folder of your unlabelled images")
     classnames, prompts = read_classes(classes)
+    if prompts is not None and template is not None:  # one of the two would be recorded and ignored
+        raise DataError(f"--template and the prompts of --classes {classes} both say how to prompt for a class, and "
+                        f"the prompts make the zero-shot classifier: drop --template, or give the class names one "
+                        f"per line")
     templates = _templates(check_template(template or DEFAULT_TEMPLATE))
     seen = {}
     listing = list_images(images, seen)
@@ -1034,7 +1063,8 @@ def images_task(images, classes, template=None, check=None, flip=True):
         raise DataError(f"--images {images} holds no images (looked for {' '.join(IMAGE_EXTENSIONS)} in it and below)")
     test, check_problems = check_set(check, classnames, images, seen) if check else ([], [])
     if listing.others:
-        print(f"note: --images {images}: {left_out(listing.others)}", flush=True)
+        print(f"note: --images {images}: not images by their extension, so left out: {left_out(listing.others)}",
+              flush=True)
     if listing.repeats:
         path, first = listing.repeats[0]
         print(f"note: --images {images}: {len(listing.repeats)} file(s) or folder(s) are reached again through links "
@@ -1246,8 +1276,9 @@ def add_flags(p, datasets):
     a("--images", default=None, metavar="DIR",
       help="your own images instead of --dataset: every image in DIR and below, unlabelled (with --classes)")
     a("--classes", default=None, metavar="FILE",
-      help="with --images: the class names, one per line, or a JSON {class: [prompts]} file (its prompts make the "
-           "zero-shot classifier)")
+      help="with --images: the class names, one per line (blank lines and lines starting with # skipped; no comma "
+           "or tab in a name), or a JSON {class: [prompts]} file (its prompts make the zero-shot classifier; not with "
+           "--template)")
     a("--check", default=None, metavar="DIR",
       help="with --images: a labelled check set, DIR/<class>/<images>, to report accuracy on (none: no accuracy)")
     a("--template", default=None,
@@ -1295,13 +1326,23 @@ def eval_items(task, split):
     return items
 
 
+def named(task_name):
+    """How a message names a run's data: the dataset's name, or "your images" (--images)."""
+    return "your images" if task_name == "images" else task_name
+
+
+def train_images_of(task_name):
+    """How a message names a run's train split: "your images" or "the train images of <dataset>"."""
+    return "your images" if task_name == "images" else f"the train images of {task_name}"
+
+
 def few_shot(task, shots, seed, all_of_smaller_classes=False):
     """CoOp's few-shot protocol (CraFT's shots, CoFT's labelled shots): `shots` train images per
     class, drawn at random with `seed`. Returns indices into task.train (class by class). A class
     with fewer images is refused by name, or taken whole with all_of_smaller_classes."""
     y = train_labels(task)
     if y is None:
-        raise DataError(f"--shots draws labelled images per class, and {task.name}'s images carry no labels: "
+        raise DataError(f"--shots draws labelled images per class, and {train_images_of(task.name)} carry no labels: "
                         f"give the labels you have in a labels file (--labels)")
     g = torch.Generator().manual_seed(seed)
     picked = []
@@ -1326,7 +1367,8 @@ def check_classnames(classnames, source):
     """At least two classes, and no two names that read the same in a prompt (`red_fox` and
     `Red fox` would get identical text embeddings: one class could never be predicted)."""
     if len(classnames) < 2:
-        raise DataError(f"{source} has {len(classnames)} class(es) {classnames}; classification needs at least two")
+        raise DataError(f"{source} has {len(classnames)} class{'' if len(classnames) == 1 else 'es'} {classnames}; "
+                        f"classification needs at least two")
     seen = {}
     for c in classnames:
         if prompt_name(c) in seen:
@@ -1585,6 +1627,7 @@ def check_same_images(out, images):
 
 if __name__ == "__main__":
     import argparse
+    import sys
 
     p = argparse.ArgumentParser(description="Write the demo's digits as a folder of your own images would be")
     p.add_argument("--write-example", required=True, metavar="FOLDER",
@@ -1592,4 +1635,8 @@ if __name__ == "__main__":
     p.add_argument("--size", type=int, default=None,
                    help="images in the folder and in the check set (default: all, 899 and 719)")
     args = p.parse_args()
+    if os.path.isdir(args.write_example) and os.listdir(args.write_example):  # its classes.txt could be yours
+        print(f"error: --write-example {args.write_example} is not empty: give a new folder, so that no file of "
+              f"yours is overwritten", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {write_example(args.write_example, args.size)}")

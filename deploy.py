@@ -29,8 +29,10 @@ if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly (130); from
 
 import argparse
 import csv
+import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -61,13 +63,18 @@ def load(run_dir, device="cpu", clip=None, clip_act=None):
     return rebuild(run_dir, device, clip, clip_act)[:3]
 
 
-def rebuild(run_dir, device="cpu", clip=None, clip_act=None):
-    """load(), and the backbone CLIP the classifier was built on (for export)."""
-    out = Path(run_dir)
+def finished_config(out):
+    """A finished run folder's config.json ({"config", "how"}), else one line saying what the folder is."""
     if not (out / "metrics.json").exists():
         raise RunError(f"{out} holds no finished run (no metrics.json): finish it with its command and --resume"
                        if (out / "config.json").exists() else f"{out} is not a run folder (no config.json)")
-    saved = runs.read_config(out)
+    return runs.read_config(out)
+
+
+def rebuild(run_dir, device="cpu", clip=None, clip_act=None):
+    """load(), and the backbone CLIP the classifier was built on (for export)."""
+    out = Path(run_dir)
+    saved = finished_config(out)
     try:
         metrics = json.loads((out / "metrics.json").read_text())
         if not isinstance(metrics, dict) or "clip" not in metrics or "method" not in metrics:
@@ -178,6 +185,20 @@ def classify(model, paths, transform, device, topk=1, batch=64, workers=0, preci
                 yield paths[i], top.get(i) if err is None else None, err
 
 
+PREDICTIONS_HEADER = ("path", "class", "probability")
+
+
+def is_predictions_csv(path):
+    """Whether a file is a CSV that `predict` wrote (its header), which --csv may overwrite, unlike
+    any other file (a labels file, a run's pseudo_labels.csv)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return tuple(header[:3]) == PREDICTIONS_HEADER
+
+
 def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, workers=0, clip=None, clip_act=None):
     """The CLI: every image's top classes as CSV (path, class, probability[, class_2, probability_2,
     ...]) to csv_path (written whole at the end) or stdout; progress on stderr for large sets;
@@ -187,12 +208,16 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
         raise RunError(f"--csv {csv_path}: its folder does not exist")
     if csv_path is not None and Path(csv_path).is_dir():
         raise RunError(f"--csv {csv_path} is a folder: give the path of the CSV file to write")
+    if csv_path is not None and Path(csv_path).exists() and not is_predictions_csv(csv_path):
+        raise RunError(f"--csv {csv_path} exists and is not a CSV of this command's predictions (its first line is not "
+                       f"{','.join(PREDICTIONS_HEADER)}...): give a new file name; only such a CSV is overwritten")
     if other:
-        print(f"note: in the folders given, {data.left_out(other)}", file=sys.stderr, flush=True)
+        print(f"note: not images by their extension, so left out: {data.left_out(other)} in the folders given",
+              file=sys.stderr, flush=True)
     device = runs.check_device(str(device))
     model, classnames, transform = load(run_dir, device, clip, clip_act)
     topk = min(topk, len(classnames))
-    header = ["path", "class", "probability"] + [f"{c}_{r}" for r in range(2, topk + 1)
+    header = list(PREDICTIONS_HEADER) + [f"{c}_{r}" for r in range(2, topk + 1)
                                                  for c in ("class", "probability")]
     sink = sys.stdout if csv_path is None else tempfile.NamedTemporaryFile(
         "w", newline="", dir=Path(csv_path).resolve().parent, suffix=".part", delete=False)
@@ -208,9 +233,9 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
                 writer.writerow([path] + [v for k, p in top for v in (classnames[k], f"{p:.4f}")])
             if len(files) >= 1000 and (n % (10 * batch) == 0 or n == len(files)):
                 print(f"{n}/{len(files)} images", file=sys.stderr, flush=True)
-        if failed == len(files):  # nothing classified is a failure, not "0 image(s) classified"
-            raise RunError(f"none of the {len(files)} image file(s) could be read (named above): nothing was "
-                           f"classified")
+        if failed == len(files):  # nothing classified is a failure, not "0 images classified"
+            raise RunError(f"{'the image file' if len(files) == 1 else f'none of the {len(files)} image files'} "
+                           f"could {'not ' if len(files) == 1 else ''}be read (named above): nothing was classified")
     finally:  # the CSV appears whole or not at all
         if csv_path is not None:
             sink.close()
@@ -219,7 +244,7 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
                     os.replace(sink.name, csv_path)
             finally:
                 Path(sink.name).unlink(missing_ok=True)
-    print(f"{len(files) - failed} image(s) classified" + (f" to {csv_path}" if csv_path else "") +
+    print(f"{runs.counted(len(files) - failed, 'image')} classified" + (f" to {csv_path}" if csv_path else "") +
           (f"; {failed} could not be read (named above)" if failed else ""), file=sys.stderr, flush=True)
     return len(files) - failed, failed
 
@@ -236,14 +261,15 @@ def export(run_dir, folder, clip=None, clip_act=None):
     linear head as a separate tensor file. What that layout cannot hold (Phase-I VPT tokens or an
     adapter carried into Phase II by --fft-init phase1) is saved beside it and said. CraFT tunes no
     CLIP weight: its classifier (class text features of the final prompt, scale, refiner) is
-    saved instead. Returns the files written."""
+    saved instead. Beside the files, export.json names the run they came from (check_export_folder).
+    Returns the files written."""
     out = Path(folder)
-    if out.exists() and not out.is_dir():  # said before the model is rebuilt
-        raise RunError(f"--export {out} is a file: give a folder (it is created if missing)")
+    identity = check_export_folder(out, run_dir)  # said before the model is rebuilt
     model, classnames, _, backbone = rebuild(run_dir, "cpu", clip, clip_act)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, craft.DeployedClassifier):
         path = out / "craft_classifier.pt"
+        write_manifest(out, identity, [path])
         runs.atomic_save({"text_features": model.t, "scale": model.scale, "classnames": classnames,
                           "refiner": None if model.refiner is None else model.refiner.state_dict()}, path)
         print(f"CraFT tunes no CLIP weight (the CLIP is a black box), so there is no fine-tuned CLIP to export; its "
@@ -251,27 +277,76 @@ def export(run_dir, folder, clip=None, clip_act=None):
         return [path]
     base = backbone.state_dict()
     branches = list(model.branches) if isinstance(model, coft.Ensemble) else [model]
+    names = [f"branch{a}" if len(branches) > 1 else "model" for a in range(1, len(branches) + 1)]
+    extras = [{k: v for k, v in (("vpt", b.vpt), ("adapter", b.adapter)) if v is not None} for b in branches]
+    beside = [out / f"{name}_{'_'.join(extra)}.pt" if extra else None for name, extra in zip(names, extras)]
+    write_manifest(out, identity, [f for name, side in zip(names, beside)
+                                   for f in (out / f"{name}.pt", out / f"{name}_head.pt", side) if f is not None])
     written = []
-    for a, branch in enumerate(branches, 1):
-        name = f"branch{a}" if len(branches) > 1 else "model"
+    for name, branch, extra, side in zip(names, branches, extras, beside):
         state = {**base, **{f"visual.{k}": v for k, v in branch.visual.state_dict().items()}}
         runs.atomic_save(state, out / f"{name}.pt")
         runs.atomic_save({"weight": branch.head.weight.detach(), "bias": branch.head.bias.detach(),
                           "classnames": classnames}, out / f"{name}_head.pt")
         written += [out / f"{name}.pt", out / f"{name}_head.pt"]
-        extra = {k: v for k, v in (("vpt", branch.vpt), ("adapter", branch.adapter)) if v is not None}
         if extra:
-            runs.atomic_save({k: v.detach() if torch.is_tensor(v) else v.state_dict() for k, v in extra.items()},
-                             out / f"{name}_{'_'.join(extra)}.pt")
-            written.append(out / f"{name}_{'_'.join(extra)}.pt")
+            runs.atomic_save({k: v.detach() if torch.is_tensor(v) else v.state_dict() for k, v in extra.items()}, side)
+            written.append(side)
             print(f"note: {name} was fine-tuned with Phase I's {' and '.join(extra)}, which the OpenAI layout has no "
                   f"place for: saved beside, in {written[-1]}; the exported tower alone gives other features",
                   flush=True)
     if len(branches) > 1:
         print(f"the run's classifier is the ensemble of its {len(branches)} branches: the mean of their softmax "
               f"outputs (each branch: logits = head(normalised image feature))", flush=True)
-    print(f"wrote {', '.join(str(w) for w in written)}", flush=True)
+    print(f"wrote {', '.join(str(w) for w in written)} (and {EXPORT_MANIFEST}: the run they came from)", flush=True)
     return written
+
+
+EXPORT_MANIFEST = "export.json"  # in an export folder: the run its files came from
+# every file name an export writes: an export folder without a manifest that holds one of these is refused
+EXPORTED = re.compile(r"(model|branch\d+)(_head|_vpt|_adapter|_vpt_adapter)?\.pt|craft_classifier\.pt")
+
+
+def run_identity(run_dir):
+    """A finished run as an export's manifest names it: its folder (resolved) and its config's digest."""
+    config = finished_config(Path(run_dir))["config"]
+    return {"run": str(Path(run_dir).resolve()),
+            "config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]}
+
+
+def check_export_folder(out, run_dir):
+    """--export FOLDER before the model is rebuilt: a folder, new or holding no other run's export.
+    A folder whose export.json names this run (its folder and config) takes the re-export; one whose
+    manifest names another run, or that holds an export's file names without a manifest, is refused
+    in one line, so no export is overwritten without a word. Returns this run's identity."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--export {out} is a file: give a folder (it is created if missing)")
+    identity = run_identity(run_dir)
+    manifest = out / EXPORT_MANIFEST
+    if manifest.exists():
+        try:
+            saved = json.loads(manifest.read_text())
+            saved = {k: saved[k] for k in identity}
+        except (OSError, ValueError, TypeError, KeyError):
+            raise RunError(f"--export {out}: its {EXPORT_MANIFEST} is damaged, so which run's export the folder "
+                           f"holds is unknown: give another folder") from None
+        if saved != identity:
+            same = f"an earlier run in {saved['run']}, of other settings" if saved["run"] == identity["run"] \
+                else saved["run"]
+            raise RunError(f"--export {out} holds the export of another run ({same}): give another folder, or move "
+                           f"that export away first")
+    elif out.is_dir():
+        clash = sorted(f.name for f in out.iterdir() if EXPORTED.fullmatch(f.name))
+        if clash:
+            raise RunError(f"--export {out} already holds {clash[0]}, and no {EXPORT_MANIFEST} says which run it is "
+                           f"from: give another folder, or move the file away first")
+    return identity
+
+
+def write_manifest(out, identity, files):
+    """export.json: the run the export's files came from (check_export_folder reads it), written
+    before them, so that a re-export of the run after an interrupted export is not refused."""
+    runs.write_json({**identity, "files": [Path(f).name for f in files]}, out / EXPORT_MANIFEST)
 
 
 def main(argv=None):
@@ -280,9 +355,11 @@ def main(argv=None):
     p.add_argument("run", help="a finished run folder (any CLI's --out)")
     p.add_argument("images", nargs="*", help="image files and folders (searched recursively)")
     p.add_argument("--export", default=None, metavar="FOLDER", help="write the fine-tuned CLIP (OpenAI layout) and "
-                                                                   "its head to FOLDER instead of classifying")
+                                                                   "its head to FOLDER instead of classifying (a "
+                                                                   "folder holding another run's export is refused)")
     p.add_argument("--topk", type=runs.number_type(int, 1), default=1, help="classes per image (default 1)")
-    p.add_argument("--csv", default=None, help="write the CSV here (default: stdout)")
+    p.add_argument("--csv", default=None, help="write the CSV here (default: stdout); an existing file only if it "
+                                               "is an earlier predictions CSV")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=runs.number_type(int, 1), default=64)
     p.add_argument("--workers", type=runs.number_type(int, 0), default=0)

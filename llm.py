@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms.functional import to_pil_image
 
-from data import DataError, load_image
+from data import DataError, DuplicateKey, json_object, load_image
 
 
 def chat(messages, api_base, model, api_key=None, retries=3, timeout=120, temperature=0.7):
@@ -82,7 +82,8 @@ def validated_prompts(table, classnames, source):
     bad = [c for c in classnames if not isinstance(table[c], list) or not table[c]
            or not all(isinstance(p, str) and p.strip() for p in table[c])]
     if bad:
-        raise DataError(f"{source}: class(es) {bad[:3]} need a non-empty list of non-empty strings")
+        raise DataError(f"{source}: {len(bad)} class{'' if len(bad) == 1 else 'es'} ({', '.join(map(repr, bad[:3]))}"
+                        f"{', ...' if len(bad) > 3 else ''}) need a non-empty list of non-empty strings")
     return {c: [p.strip() for p in table[c]] for c in classnames}
 
 
@@ -102,18 +103,27 @@ def ask_class_prompts(classnames, api_base, model, api_key=None, n=10, chunk=25,
 
 
 def write_class_prompts(path, classnames, api_base, model, api_key=None, n=10):
-    """Generate, validate, then write atomically: a bad reply never leaves a partial file."""
-    table, path = ask_class_prompts(classnames, api_base, model, api_key, n), Path(path)
+    """Generate, validate, then write atomically: a bad reply never leaves a partial file. An
+    existing file is refused before the (paid) request: it may be prompts a run was made with,
+    or a file of the person's own (their --classes)."""
+    path = Path(path)
+    if path.exists():
+        raise DataError(f"--write-llm-prompts {path} exists: give a new file name (or move the old one away "
+                        f"yourself), so that no prompts file is overwritten")
+    table = ask_class_prompts(classnames, api_base, model, api_key, n)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(table, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)  # a kill mid-write leaves the previous file as it was
+    os.replace(tmp, path)  # a kill mid-write leaves no partial file
     return path
 
 
 def read_class_prompts(path, classnames):
     """A JSON file {class name: [prompt, ...]} -> per-class prompt lists in class order."""
     try:
-        table = json.loads(Path(path).read_text())
+        table = json.loads(Path(path).read_text(), object_pairs_hook=json_object)
+    except DuplicateKey as e:
+        raise DataError(f"the prompt file {path} names the class {e.args[0]!r} twice (JSON would keep only its last "
+                        f"prompts): merge its prompts into one list") from None
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read the prompt file {path} ({e}); write it with --write-llm-prompts") from None
     return [validated_prompts(table, classnames, str(path))[c] for c in classnames]

@@ -123,7 +123,7 @@ def check_device(name):
             raise RunError(f"--device {name}: torch sees no GPU on this machine (torch.cuda.is_available() is False): "
                            f"use --device cpu")
         if device.index is not None and device.index >= n:
-            raise RunError(f"--device {name}: this machine has {n} GPU(s), cuda:0 .. cuda:{n - 1}")
+            raise RunError(f"--device {name}: this machine has {counted(n, 'GPU')}, cuda:0 .. cuda:{n - 1}")
     elif device.type in ("mps", "xpu"):  # Apple and Intel GPUs: only where this torch has them
         backend = getattr(torch.backends, "mps", None) if device.type == "mps" else getattr(torch, "xpu", None)
         if backend is None or not backend.is_available():
@@ -679,6 +679,11 @@ def cell(x, sd=None):
     return f"{x:.1f}" + ("" if sd is None else f"±{sd:.1f}")
 
 
+def counted(n, noun, nouns=None):
+    """A count in words: "1 image", "3 images" (`nouns`: the plural where it is not noun + "s")."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def shown(acc):
     """An accuracy in a progress line: two decimals, '-' where there is none (no labelled eval split)."""
     return "-" if acc is None else f"{acc:.2f}"
@@ -706,7 +711,8 @@ def finished_runs(run_dirs, methods=None):
             what = f"a {m.get('method')!r} run" if isinstance(m, dict) and "method" in m else "no run's metrics"
             raise RunError(f"{path} holds {what}, not one of {', '.join(methods)}: leave it out of --table")
     if not finished:
-        raise RunError(f"none of the {len(run_dirs)} --table folder(s) holds a finished run")
+        raise RunError(f"none of the {counted(len(run_dirs), '--table folder')} holds a finished run"
+                       if len(run_dirs) != 1 else f"the --table folder {run_dirs[0]} holds no finished run")
     return finished
 
 

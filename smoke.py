@@ -199,7 +199,8 @@ def main(argv=None):
         for name, stage, sec, peak, status in rows:
             print(f"{name:{widths[0]}} {stage:{widths[1]}} {sec:{widths[2]}.1f} {mib(peak):>{widths[3]}}  {status}")
         if failed:
-            raise RunError(f"{len(failed)} part(s) failed: {', '.join(failed)}; their logs are named above")
+            raise RunError(f"{runs.counted(len(failed), 'part')} failed: {', '.join(failed)}; their logs are "
+                           f"named above")
     return runs.run_cli(body, errors=data.USER_ERRORS)
 
 

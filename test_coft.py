@@ -1106,6 +1106,35 @@ def test_a_labels_file_is_the_few_labels_setting(tmp_path, pretrained_tiny):
     assert b["labels"] == {"file": str(path), "size": 20, "per_class": [2] * 10} and a["seed_set"] == b["seed_set"]
 
 
+@pytest.mark.parametrize("classes, argv, expect", [
+    ("json", ("--llm-prompts", "P"), "--llm-prompts P and the prompts of --classes"),
+    ("json", ("--template-ensemble",), "--template-ensemble is not used: the prompts of --classes"),
+    ("json", ("--template", "a {}."), "--template and the prompts of --classes"),
+    (None, ("--llm-prompts", "P", "--template", "a {}."), "--template is not used: the prompts of --llm-prompts P"),
+    (None, ("--llm-prompts", "P", "--template-ensemble"), "--template-ensemble is not used"),
+    (None, ("--llm-prompts", "P", "--template-ensemble", "--plus"), "--template-ensemble is not used"),
+    (None, ("--method", "probe", "--labels", "L"), "--method probe fits the true label of every train image, so "
+                                                   "--labels is not used"),
+    (None, ("--method", "probe", "--labelled-shots", "2"), "so --labelled-shots is not used"),
+])
+def test_a_flag_the_run_would_leave_unread_is_refused(tmp_path, capsys, classes, argv, expect):
+    """The zero-shot prompts come from one place (--llm-prompts, a {class: [prompts]} --classes file,
+    or the templates): a flag the prompts in use leave unread is one line before any work, not a
+    setting recorded in config.json and ignored; so are labels --method probe never reads. --plus
+    with a prompts file is no conflict (its template ensemble stands in for missing prompts)."""
+    root, _, _ = write_digit_layouts(tmp_path / "own", n_train=10, n_test=0)
+    (root / "c.json").write_text(json.dumps({c: [f"a photo of the digit {c}."] for c in data.DIGIT_NAMES}))
+    data_flags = ["--images", str(root / "flat"), "--classes", str(root / "c.json")] if classes else []
+    argv = coft_args(tmp_path)[2 if classes else 0:] + data_flags + list(argv)
+    assert coft_args(tmp_path)[:2] == ["--dataset", "digits"]
+    err = coft_error(capsys, *argv)
+    assert expect in err, err
+    assert not (tmp_path / "run").exists()
+    plus = coft.resolve_defaults(coft.parser().parse_args(data_flags + ["--plus"]))
+    assert plus.template_ensemble
+    coft.check_prompt_flags(plus, data.task_of(plus))  # no error
+
+
 @pytest.mark.parametrize("argv, expect", [
     (("--method", "probe"), "--method probe fits the TRUE label"),
     (("--labelled-shots", "2"), "--labelled-shots N draws labelled images from the dataset's labels"),

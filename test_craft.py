@@ -48,7 +48,7 @@ def test_the_box_with_p0_equals_clip_on_the_written_prompt():
         assert (l - ref).abs().max() < 1e-3
         # and the hard-prompt path (the zero-shot reference) gives the same on an uploaded set
         box.upload("x", as_dataset(x))
-        assert (box.hard_prompt_logits("a photo of a {}.", "x") - ref).abs().max() < 1e-3
+        assert (box.hard_prompt_logits([[f"a photo of a {c}."] for c in CLASSES], "x") - ref).abs().max() < 1e-3
 
 
 def test_the_box_hands_out_no_gradients_and_counts_exactly():
@@ -508,7 +508,7 @@ def test_shots_from_a_labels_file_equal_the_same_shots_drawn_from_class_folders(
     uneven = write_labels(tmp_path / "uneven.csv", rows[:1] + rows[2:])
     m = craft.main(common + own + ["--labels", str(uneven), "--budget", "16", "--out", str(tmp_path / "uneven")])
     out = capsys.readouterr().out
-    assert m["shots"] == pytest.approx(17 / 10) and "1 class(es) have no labelled image (zero)" in out
+    assert m["shots"] == pytest.approx(17 / 10) and "1 class has no labelled image (zero)" in out
     assert "17 labelled images" in out and "(0-2 per class)" in out
 
 
@@ -526,3 +526,31 @@ def test_own_images_without_labels_or_a_check_set(tmp_path, capsys, pretrained_t
                                                    "--shots", "2")
     m = craft.main(argv + own + ["--labels", str(labels), "--out", str(tmp_path / "bare")])
     assert m["craft_acc"] is None and m["zero_shot_acc"] is None and m["history"]["best_fitness"]
+
+
+def test_the_zero_shot_reference_reads_a_prompts_file_given_as_classes(tmp_path, capsys):
+    """With a {class: [prompts]} --classes file, CraFT's zero-shot reference is that file's classifier
+    (as CoFT's and VeCAF's are): one prompt per class spelt as a template would spell it gives the
+    template's predictions and accuracy, other prompts other predictions; a class's several prompts
+    are averaged and cost as many prompt queries as the most a class has."""
+    root, pool, classes = write_digit_layouts(tmp_path / "data", n_train=30, n_test=40)
+    labels = write_labels(tmp_path / "l.csv", [(f"{i:04d}.png", c) for i, c in enumerate(pool)][:4])
+    argv = without(craft_args(tmp_path), "--shots", "--eval-split") + [
+        "--images", str(root / "flat"), "--check", str(root / "check"), "--labels", str(labels), "--method", "probe"]
+    (tmp_path / "same.json").write_text(json.dumps({c: [f"a photo of the number {c}."] for c in classes}))
+    (tmp_path / "other.json").write_text(json.dumps({c: [f"{c}", f"a blurry {c}."] for c in classes}))
+    m = {}
+    template = ["--classes", str(root / "classes.txt"), "--template", "a photo of the number {}."]
+    for name, flags in (("template", template),
+                        ("same", ["--classes", str(tmp_path / "same.json")]),
+                        ("other", ["--classes", str(tmp_path / "other.json")])):
+        capsys.readouterr()
+        m[name] = craft.main(argv + flags + ["--out", str(tmp_path / name)])
+        m[name]["zero_shot"] = torch.load(tmp_path / name / "predictions.pt")["zero_shot"]
+        m[name]["out"] = capsys.readouterr().out
+    assert torch.equal(m["same"]["zero_shot"], m["template"]["zero_shot"])
+    assert m["same"]["zero_shot_acc"] == m["template"]["zero_shot_acc"]
+    assert not torch.equal(m["other"]["zero_shot"], m["template"]["zero_shot"])
+    assert m["other"]["queries"]["prompts"] == m["template"]["queries"]["prompts"] + 1
+    assert "zero-shot ('a photo of the number {}.')" in m["template"]["out"]
+    assert "zero-shot (the prompts of --classes)" in m["same"]["out"]

@@ -317,7 +317,7 @@ def test_error_root_is_the_dataset_folder(tmp_path):
     ('{"train": [["a.jpg", true, "x"]], "val": [], "test": []}', "item 0 of 'train'"),
     ('{"train": {"a": 1}, "val": [], "test": []}', "'train' must be a list"),
     ('{"train": [["a.jpg", 0, "x"], ["b.jpg", 0, "y"]], "val": [], "test": [["c.jpg", 0, "x"]]}', "named both"),
-    ('{"train": [["a.jpg", 1, "x"]], "val": [], "test": [["c.jpg", 1, "x"]]}', "no item with label(s) [0]"),
+    ('{"train": [["a.jpg", 1, "x"]], "val": [], "test": [["c.jpg", 1, "x"]]}', "no item with label [0]"),
     ('{"train": [], "val": [], "test": [["c.jpg", 0, "x"]]}', "empty 'train' or 'test'"),
 ])
 def test_error_malformed_split_file(tmp_path, content, expect):
@@ -488,8 +488,9 @@ def test_own_images_are_every_image_below_the_folder_in_sorted_order_without_lab
     task = data.images_task(tmp_path / "pool", tmp_path / "prompts.json")
     assert task.classnames == ["tabby cat", "dog"] and data.zero_shot_prompts(task) == [["a striped cat."],
                                                                                         ["a dog.", "a pup."]]
-    assert data.fingerprint(data.record(task)) != data.fingerprint(data.record(
-        data.images_task(tmp_path / "pool", tmp_path / "prompts.json", template="a photo of the {}.")))
+    # --template beside it would be recorded in the run's fingerprint and never read: refused
+    assert "--template and the prompts of --classes" in data_error(
+        data.images_task, tmp_path / "pool", tmp_path / "prompts.json", "a photo of the {}.")
     # a named dataset's template set by --template, its fingerprint with it
     digits = data.open_task("digits", template="a digit {}.")
     assert digits.templates[0] == "a digit {}." and data.DIGITS_TEMPLATE in digits.templates
@@ -504,6 +505,12 @@ def test_own_images_are_every_image_below_the_folder_in_sorted_order_without_lab
     ("one class", "at least two"),
     ("same in a prompt", "read the same in a prompt"),
     ("bad json", "is not valid JSON"),
+    ("json class twice", "the class 'cat' is a key twice (JSON would keep only its last prompts)"),
+    ("pasted csv", "line 1 'class,count' holds a comma"),
+    ("trailing comma", "line 1 'dog,' holds a comma"),
+    ("tab", "line 1 '0\\tdog' holds a tab"),
+    ("inline comment", "line 2 'cat  # the pet' holds a ' #'"),
+    ("template beside prompts", "--template and the prompts of --classes"),
     ("json without prompts", "non-empty list"),
     ("bad template", "exactly one {}"),
     ("check folder of no class", "'cow' names none of the 2 classes"),
@@ -534,6 +541,20 @@ def test_own_images_mistakes_are_one_line_before_any_work(tmp_path, case, expect
     elif case == "json without prompts":
         classes = tmp_path / "c.json"
         classes.write_text('{"cat": [], "dog": ["a dog."]}')
+    elif case == "json class twice":
+        classes = tmp_path / "c.json"
+        classes.write_text('{"cat": ["a cat."], "dog": ["a dog."], "cat": ["a kitten."]}')
+    elif case == "pasted csv":
+        classes.write_text("class,count\ncat,3\n")
+    elif case == "trailing comma":
+        classes.write_text("dog,\ncat,\n")
+    elif case == "tab":
+        classes.write_text("0\tdog\n1\tcat\n")
+    elif case == "inline comment":
+        classes.write_text("dog\ncat  # the pet\n")
+    elif case == "template beside prompts":
+        classes, template = tmp_path / "c.json", "a photo of a {}."
+        classes.write_text('{"cat": ["a cat."], "dog": ["a dog."]}')
     elif case == "bad template":
         template = "a photo of a {} {}."
     elif case == "check folder of no class":
@@ -546,6 +567,13 @@ def test_own_images_mistakes_are_one_line_before_any_work(tmp_path, case, expect
         (pool / "a" / "empty.jpg").write_bytes(b"")
     msg = data_error(data.images_task, pool, classes, template, check)
     assert expect in msg, msg
+
+
+def test_a_class_list_skips_blank_and_comment_lines(tmp_path):
+    """classes.txt: a line whose first character (spaces aside) is # is a comment, as in most list
+    files; blank lines are skipped; "C#" (a # inside a name, no space before it) is a name."""
+    (tmp_path / "classes.txt").write_text("# my classes, one per line\n\ncat\n  # dogs: both kinds\nC#\ndog\n#\n")
+    assert data.read_classes(tmp_path / "classes.txt") == (["cat", "C#", "dog"], None)
 
 
 def test_labels_file_is_read_class_by_class_and_every_bad_row_is_one_line_naming_it(tmp_path):
@@ -883,3 +911,16 @@ def test_every_kind_of_unusable_file_is_named_and_all_of_them_in_one_line_before
     assert msg.count(": ") == 6  # the folder, the three files named (and counts.tif's advice), the advice: no more
     data.know_contents(data.Task("x", ["a", "b"], ["{}"], [(str(p), None) for p in good] +
                                  [(torch.zeros(3, 2, 2, dtype=torch.uint8), 0)], []))
+def test_the_example_is_never_written_over_a_folder_that_holds_files(tmp_path):
+    """python data.py --write-example FOLDER: a folder that holds anything (a classes.txt of yours) is
+    refused in one line, and nothing in it changes."""
+    import subprocess
+    import sys
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "classes.txt").write_text("cat\ndog\n")
+    r = subprocess.run([sys.executable, "data.py", "--write-example", str(tmp_path / "mine"), "--size", "2"],
+                       cwd=os.path.dirname(os.path.abspath(data.__file__)), capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert f"--write-example {tmp_path / 'mine'} is not empty" in r.stderr
+    assert os.listdir(tmp_path / "mine") == ["classes.txt"] and (tmp_path / "mine" / "classes.txt").read_text() == \
+        "cat\ndog\n"

@@ -93,7 +93,7 @@ def test_predicting_a_runs_own_test_images_gives_what_the_run_recorded(finished,
     r = rows[path]
     assert top == [(r["class"], r["probability"]), (r["class_2"], r["probability_2"]),
                    (r["class_3"], r["probability_3"])]
-    assert "image(s) classified" in capsys.readouterr().err
+    assert f"{len(rows)} images classified" in capsys.readouterr().err
 
 
 def test_coft_is_the_mean_of_its_branches_probabilities(finished, digit_folder):
@@ -124,7 +124,7 @@ def test_unreadable_images_are_named_and_the_others_classified(finished, digit_f
     assert lines[0] == "path,class,probability" and len(lines) == 1 + 4 + 1
     assert "broken.png" not in captured.out and all(len(line.split(",")) == 3 for line in lines)
     err = captured.err.splitlines()
-    assert sum("broken.png" in e for e in err) == 1 and err[-1] == "5 image(s) classified; 1 could not be read " \
+    assert sum("broken.png" in e for e in err) == 1 and err[-1] == "5 images classified; 1 could not be read " \
                                                                   "(named above)"
 
 
@@ -191,6 +191,46 @@ def test_the_export_gives_the_runs_image_features_in_open_clip_and_here(finished
     names = [p.name for p in deploy.export(finished / "coft-vpt", tmp_path / "vpt")]
     assert names == ["model.pt", "model_head.pt", "model_vpt.pt"] and "no place for" in capsys.readouterr().out
     assert torch.load(tmp_path / "vpt" / "model_vpt.pt", weights_only=True)["vpt"].shape[-2] == 2
+
+
+def test_an_export_folder_takes_only_its_own_runs_export_and_csv_only_overwrites_predictions(
+        finished, digit_folder, tmp_path, capsys, monkeypatch):
+    """--export FOLDER writes export.json (the run's folder and config digest) beside the files; the
+    same run exports there again; another run's export, an export's file without a manifest or a
+    damaged manifest is refused in one line before the run is rebuilt, the files left as they were.
+    --csv overwrites an earlier predictions CSV, and refuses any other file (a labels file)."""
+    folder = tmp_path / "export"
+    deploy.main([str(finished / "vecaf"), "--export", str(folder)])
+    manifest = json.loads((folder / "export.json").read_text())
+    assert manifest["run"] == str((finished / "vecaf").resolve()) and manifest["files"] == ["model.pt",
+                                                                                          "model_head.pt"]
+    assert len(manifest["config"]) == 16 and "export.json" in capsys.readouterr().out
+    deploy.main([str(finished / "vecaf"), "--export", str(folder)])  # its own export: written again
+    written = {f.name: f.read_bytes() for f in folder.iterdir()}
+    monkeypatch.setattr(deploy, "rebuild", lambda *a, **k: pytest.fail("the run was rebuilt before the check"))
+    err = one_line_error(deploy.main, capsys, str(finished / "coft"), "--export", str(folder))
+    assert f"--export {folder} holds the export of another run ({(finished / 'vecaf').resolve()})" in err
+    (folder / "export.json").write_text(json.dumps({**manifest, "config": "0" * 16}))  # the folder's run redone
+    err = one_line_error(deploy.main, capsys, str(finished / "vecaf"), "--export", str(folder))
+    assert "holds the export of another run (an earlier run in" in err and "of other settings" in err
+    (folder / "export.json").write_text("{")
+    assert "its export.json is damaged" in one_line_error(deploy.main, capsys, str(finished / "vecaf"), "--export",
+                                                         str(folder))
+    (folder / "export.json").unlink()
+    err = one_line_error(deploy.main, capsys, str(finished / "vecaf"), "--export", str(folder))
+    assert "already holds model.pt, and no export.json says which run it is from" in err
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == {k: v for k, v in written.items()
+                                                                 if k != "export.json"}
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,class\n0.png,three\n")
+    images = str(digit_folder / "test" / "three")
+    err = one_line_error(deploy.main, capsys, str(finished / "vecaf"), images, "--csv", str(labels))
+    assert f"--csv {labels} exists and is not a CSV of this command's predictions" in err
+    assert labels.read_text() == "path,class\n0.png,three\n"
+    monkeypatch.undo()
+    deploy.main([str(finished / "vecaf"), images, "--csv", str(tmp_path / "p.csv")])
+    deploy.main([str(finished / "vecaf"), str(digit_folder / "test" / "five"), "--csv", str(tmp_path / "p.csv")])
+    assert "/five/" in (tmp_path / "p.csv").read_text() and "/three/" not in (tmp_path / "p.csv").read_text()
 
 
 # ---- a file a run reads is data: a pickle that would run code is refused
@@ -279,7 +319,7 @@ def test_a_file_a_run_reads_that_would_run_code_is_refused_in_one_line(finished,
 def test_what_deploy_cannot_do_is_one_line_before_the_work_and_leaves_nothing_behind(finished, digit_folder, tmp_path,
                                                                                     capsys, monkeypatch):
     """--csv onto a folder and --export onto a file are refused before the run is rebuilt (no .part file
-    left); images none of which can be read exit 2, not "0 image(s) classified", and files of other
+    left); images none of which can be read exit 2, not "0 images classified", and files of other
     extensions are said to be left out; a missing or damaged stage file is named as such, with what
     to do (the run's own command with --resume); a device this machine lacks is one line."""
     images = str(digit_folder / "test")
@@ -301,8 +341,8 @@ def test_what_deploy_cannot_do_is_one_line_before_the_work_and_leaves_nothing_be
     with pytest.raises(SystemExit) as e:
         deploy.main([str(finished / "coft"), str(folder), "--csv", str(tmp_path / "p.csv")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "error: none of the 1 image file(s) could be read" in err
-    assert "in the folders given, 1 file(s) are not images by their extension and are left out (.txt;" in err
+    assert e.value.code == 2 and "error: the image file could not be read (named above)" in err
+    assert "not images by their extension, so left out: 1 file (.txt) in the folders given" in err
     assert not (tmp_path / "p.csv").exists() and not list(tmp_path.rglob("*.part"))
     run = tmp_path / "run"
     shutil.copytree(finished / "coft", run)

@@ -100,3 +100,20 @@ def test_caption_image_sends_the_image_inline_and_cleans_the_reply(chat_server):
     ChatHandler.reply = "  "
     with pytest.raises(data.DataError, match="empty caption"):
         llm.caption_image(image, chat_server, "vision-model")
+
+
+def test_a_prompt_file_naming_a_class_twice_or_an_existing_output_is_one_line(chat_server, tmp_path):
+    """--llm-prompts: a class given twice in the JSON (json.loads would keep its last prompts without a
+    word) is one line naming it. --write-llm-prompts onto an existing file (prompts a run was made
+    with, or the person's own) is refused before any request, and the file stays as it was."""
+    path = tmp_path / "p.json"
+    path.write_text('{"cat": ["a cat."], "dog": ["a dog."], "cat": ["a kitten."]}')
+    with pytest.raises(llm.DataError) as e:
+        llm.read_class_prompts(path, ["cat", "dog"])
+    assert "names the class 'cat' twice (JSON would keep only its last prompts)" in str(e.value)
+    ChatHandler.seen = []
+    ChatHandler.reply = json.dumps({"cat": ["x."], "dog": ["y."]})
+    with pytest.raises(llm.DataError) as e:
+        llm.write_class_prompts(path, ["cat", "dog"], chat_server, "m")
+    assert f"--write-llm-prompts {path} exists" in str(e.value) and "\n" not in str(e.value)
+    assert ChatHandler.seen == [] and "a kitten." in path.read_text()

@@ -16,7 +16,7 @@ import runs
 import train
 from conftest import (coft_args, coft_error, craft_args, fit_arguments, make_dtd, make_imagefolder, numbers,
                       one_line_error, randomized, run_coft, run_sh, run_vecaf, stage_of, stage_state, tiny_hf,
-                      write_image)
+                      vecaf_args, write_digit_layouts, write_image, write_labels)
 
 
 def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, pretrained_tiny):
@@ -388,7 +388,11 @@ def test_table_on_a_damaged_metrics_file_is_one_line(tmp_path, capsys):
     (tmp_path / "a" / "metrics.json").write_text('{"method": "craft", "shots": 1}')
     assert "holds a 'craft' run, not one of coft, coft+" in coft_error(capsys, "--table", str(tmp_path / "a"))
     (tmp_path / "b").mkdir()
-    assert "none of the 1 --table folder(s) holds a finished run" in coft_error(capsys, "--table", str(tmp_path / "b"))
+    err = coft_error(capsys, "--table", str(tmp_path / "b"))
+    assert f"the --table folder {tmp_path / 'b'} holds no finished run" in err
+    (tmp_path / "c").mkdir()
+    assert "none of the 2 --table folders holds a finished run" in coft_error(capsys, "--table", str(tmp_path / "b"),
+                                                                             str(tmp_path / "c"))
 
 
 def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
@@ -765,3 +769,122 @@ def test_every_image_a_run_reads_is_decoded_with_its_datasets_orientation_rule(t
             vecaf.main(vecaf_args(tmp_path, "--budget", "2", *data_flags))
     assert {rule for where, rule in seen if where == "DATA"} == {False}
     assert {rule for where, rule in seen if where == "folder"} == {True}
+# ---- what a person reads: every line of an own-images run of each CLI
+
+def without(argv, *flags):
+    """argv without these flags and their values."""
+    drop = {i + d for i, a in enumerate(argv) if a in flags for d in (0, 1)}
+    return [a for i, a in enumerate(argv) if i not in drop]
+
+
+# (what reads wrong, the pattern that finds it in a line a person sees)
+GARBLING = [("a variable's name where a word was: 'image(run)'", r"\(run\)"),
+            ("a possessive 's after a plural: 'images's'", r"\b\w+s's\b"),
+            ("a doubled word: 'the the'", r"(?i)\b([a-z]+) \1\b"),
+            ("unformatted braces: a {name} or {{ left in", r"[{}]"),
+            ("Python's None", r"\bNone\b"),
+            ("a number that is none: nan, inf", r"\b(nan|NaN|inf)\b"),
+            ("a plural left open where the count is known: 'image(s)'", r"\w\((s|es)\)")]
+
+
+def misread(line, tmp):
+    """What reads wrong in one line a person sees ([] where nothing does): GARBLING, and a line over
+    300 characters once the test's folder is spelt DIR (paths are the person's, the words are ours).
+    A template shown as such keeps its {} and the metrics line its JSON (parsed: it must be JSON)."""
+    line = line.replace(str(tmp), "DIR")
+    if line.startswith("metrics: "):
+        json.loads(line[len("metrics: "):])
+        line = "metrics: JSON"
+    text = re.sub(r"'[^']*\{\}[^']*'", "'TEMPLATE'", line)
+    return [what for what, pattern in GARBLING if re.search(pattern, text)] + \
+        ([f"{len(line)} characters"] if len(line) > 300 else [])
+
+
+def test_every_line_a_person_reads_of_an_own_images_run_reads_right(tmp_path, capsys):
+    """Own images (a flat folder, classes.txt, a check set) through every CLI as a person meets them:
+    CoFT with the labels they gave and without labels or check set, CraFT with labels (and without:
+    its one-line refusal), VeCAF with a person (the stop, the stop after loop 1, the end), deploy.py
+    classifying and exporting. Every line they print (stdout, stderr) and every line of each run's
+    log.txt reads right (misread), and the lines say what the run has: the labels file given, the
+    check set or its absence, the images VeCAF waits for and where they are listed."""
+    import craft
+    import deploy
+    import vecaf
+    root, pool, _ = write_digit_layouts(tmp_path / "own", n_train=40, n_test=20)
+    own = ["--images", str(root / "flat"), "--classes", str(root / "classes.txt"), "--no-flip"]
+    check = ["--check", str(root / "check")]
+    given = write_labels(tmp_path / "labels.csv", [(f"{i:04d}.png", c) for i, c in enumerate(pool) if i % 3 == 0])
+    person = tmp_path / "person.csv"
+    read = {}  # what each step showed: stdout and stderr lines
+
+    def step(name, main, argv, code=None):
+        if code is None:
+            main(argv)
+        else:
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+            assert e.value.code == code
+        shown = capsys.readouterr()
+        read[name] = shown.out.splitlines() + shown.err.splitlines()
+        return read[name]
+
+    capsys.readouterr()
+    coft_labels = step("coft --labels", coft.main, without(coft_args(tmp_path, out="coft"), "--dataset") + own + check
+                       + ["--labels", str(given)])
+    coft_bare = step("coft", coft.main, without(coft_args(tmp_path, out="bare"), "--dataset") + own)
+    craft_argv = without(craft_args(tmp_path, out="craft"), "--shots", "--eval-split") + own + check
+    craft_labels = step("craft --labels", craft.main, craft_argv + ["--labels", str(given)])
+    craft_none = step("craft", craft.main, craft_argv + ["--out", str(tmp_path / "none")], code=2)
+    vecaf_argv = without(vecaf_args(tmp_path, out="vecaf"), "--dataset") + own + check + ["--labels", str(person)]
+    stops = [step("vecaf, the first stop", vecaf.main, vecaf_argv, code=runs.WAITING)]
+    asked = []
+    for name in ("vecaf, the stop after loop 1", "vecaf, the end"):
+        asked += [r["path"] for r in csv.DictReader(open(tmp_path / "vecaf" / "to_label.csv"))]
+        write_labels(person, [(p, pool[int(p[:4])]) for p in asked])
+        stops.append(step(name, vecaf.main, vecaf_argv, code=runs.WAITING if "stop" in name else None))
+    classified = step("deploy", deploy.main, [str(tmp_path / "coft"), str(root / "check"), "--csv",
+                                             str(tmp_path / "p.csv")])
+    exported = step("deploy --export", deploy.main, [str(tmp_path / "coft"), "--export", str(tmp_path / "export")])
+    for run in ("coft", "bare", "craft", "vecaf"):
+        read[f"{run}/log.txt"] = [line for line in (tmp_path / run / "log.txt").read_text().splitlines()
+                                  if not line.startswith("==== ")]  # the marker: the time and the command
+    bad = [f"{name}: {line!r}: {', '.join(misread(line, tmp_path))}" for name, lines in read.items() for line in lines
+           if misread(line, tmp_path)]
+    assert not bad, "\n".join(bad)
+    # what the run has, said
+    assert any(f"labels you gave: 14 images in {given}" in line for line in coft_labels)
+    assert any("carry no labels beyond the ones you gave" in line for line in coft_labels)
+    assert not any("no labelled check set" in line for line in coft_labels + craft_labels + sum(stops, []))
+    assert coft_labels[0].startswith("your images: 10 classes, 40 unlabelled train images, 20 test images")
+    assert any(line.startswith("no labelled check set (--check): no accuracy is reported") for line in coft_bare)
+    assert not any("you gave" in line for line in coft_bare)
+    assert craft_labels[0].startswith(f"your images: 10 classes, 14 labelled images from {given}")
+    assert craft_none == ["error: --shots draws labelled images per class, and your images carry no labels: give the "
+                          "labels you have in a labels file (--labels)"]
+    assert any(f"labels from a person: none yet ({person} does not exist yet)" in line for line in stops[0])
+    for n, lines in enumerate(stops[:2]):
+        assert lines[-1] == f"waiting: loop {n + 1} selected 6 images that {person} does not label yet, listed in " \
+                            f"{tmp_path / 'vecaf' / 'to_label.csv'}: add a row path,class for each to {person}, then " \
+                            f"run the same command again"
+    assert any(f"labels from a person: 6 images labelled in {person}" in line for line in stops[1])
+    assert f"loop 1: loaded from {tmp_path / 'vecaf'}/stages" in stops[2]
+    assert classified == [f"20 images classified to {tmp_path / 'p.csv'}"]
+    assert "(and export.json: the run they came from)" in exported[-1]
+
+
+@pytest.mark.parametrize("cli", ["coft", "craft", "vecaf"])
+def test_a_template_beside_a_prompts_file_is_one_line_in_every_cli(tmp_path, capsys, cli):
+    """--template with a {class: [prompts]} --classes file would be recorded in the run's data
+    fingerprint and never read: each CLI refuses it in one line before any work."""
+    import craft
+    import vecaf
+    root, _, classes = write_digit_layouts(tmp_path / "own", n_train=12, n_test=0)
+    (tmp_path / "c.json").write_text(json.dumps({c: [f"a photo of the digit {c}."] for c in classes}))
+    main, argv = {"coft": (coft.main, without(coft_args(tmp_path), "--dataset")),
+                  "craft": (craft.main, without(craft_args(tmp_path), "--shots", "--eval-split")),
+                  "vecaf": (vecaf.main, without(vecaf_args(tmp_path), "--dataset"))}[cli]
+    labels = write_labels(tmp_path / "labels.csv", [("0000.png", classes[0]), ("0001.png", classes[1])])
+    err = one_line_error(main, capsys, *argv, "--images", str(root / "flat"), "--classes", str(tmp_path / "c.json"),
+                         "--labels", str(labels), "--template", "a photo of the number {}.")
+    assert f"--template and the prompts of --classes {tmp_path / 'c.json'} both say how to prompt" in err
+    assert not (tmp_path / "run").exists()

@@ -256,13 +256,17 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
     assert "unknown dataset 'mnist'" in one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--dataset", "mnist"))
     captions = {f"#{i}": f"a digit, number {i}" for i in range(899)}
     for change, message in ((lambda c: c.pop("#5"), "1 of 899 train images have no caption, e.g. '#5'"),
-                            (lambda c: c.update({"#899": "x"}), "1 caption(s) name images that are not in the "
-                                                               "train pool, e.g. '#899'")):
+                            (lambda c: c.update({"#899": "x"}), "captions 1 image not in the train pool, e.g. '#899'"),
+                            (lambda c: c.update({" #3": "y"}), "gives one image two captions, as '#3' and ' #3'")):
         bad = dict(captions)
         change(bad)
         (tmp_path / "c.json").write_text(json.dumps(bad))
         assert message in one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--captions",
                                                                          str(tmp_path / "c.json")))
+    # a key twice: JSON would keep its last caption without a word
+    (tmp_path / "c.json").write_text(json.dumps(captions)[:-1] + ', "#7": "another"}')
+    assert "gives '#7' two captions (JSON would keep only the last)" in one_line_error(
+        vecaf.main, capsys, *vecaf_args(tmp_path, "--captions", str(tmp_path / "c.json")))
     # flags of a part the method does not use: refused, not recorded in config.json and ignored
     for method, flag, value in (("activeft", "--ood-captions", "a bold {}."), ("full", "--captions", "c.json"),
                                 ("cea", "--ods-weights", "sigmoid"), ("random", "--ods-objective", "margin"),
@@ -415,6 +419,14 @@ def test_table_refuses_runs_it_cannot_compare(tmp_path, capsys):
     for plot, what in ((tmp_path / "nowhere" / "x.svg", "its folder does not exist"), (tmp_path, "is a folder")):
         err = one_line_error(vecaf.main, capsys, "--table", good, "--plot", str(plot))
         assert f"--plot {plot}: {what}" in err and not list(tmp_path.rglob("*.tmp"))
+    # an existing file that is not an SVG (a mistyped name) is refused, an earlier plot overwritten
+    (tmp_path / "notes.txt").write_text("mine")
+    err = one_line_error(vecaf.main, capsys, "--table", good, "--plot", str(tmp_path / "notes.txt"))
+    assert f"--plot {tmp_path / 'notes.txt'} exists and is not an SVG file" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "old.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"></svg>')
+    vecaf.main(["--table", good, "--plot", str(tmp_path / "old.svg")])
+    assert "polyline" in (tmp_path / "old.svg").read_text()
     old = json.loads((Path(good) / "metrics.json").read_text())
     del old["eval_grid"]
     (tmp_path / "old").mkdir()

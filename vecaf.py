@@ -303,7 +303,10 @@ def read_captions(path, pool, root):
     in-memory images (data.item_key); every pool image needs a caption and every key must name a
     pool image, else one line says which and how many."""
     try:
-        table = json.loads(Path(path).read_text())
+        table = json.loads(Path(path).read_text(), object_pairs_hook=data.json_object)
+    except data.DuplicateKey as e:
+        raise data.DataError(f"the captions file {path} gives {e.args[0]!r} two captions (JSON would keep only the "
+                             f"last): keep one") from None
     except (OSError, ValueError) as e:
         raise data.DataError(f"cannot read the captions file {path} ({type(e).__name__}: {str(e)[:80]}); "
                              f"give a JSON object {{image path: caption}}") from None
@@ -311,11 +314,17 @@ def read_captions(path, pool, root):
         raise data.DataError(f"{path}: expected a JSON object {{image path: caption}} whose captions are "
                              f"non-empty strings")
 
-    given = {data.key_of_written(k, root): v.strip() for k, v in table.items()}
+    given, written = {}, {}
+    for k, v in table.items():
+        key = data.key_of_written(k, root)
+        if key in given:  # two spellings of one path ("a.png", "./a.png")
+            raise data.DataError(f"the captions file {path} gives one image two captions, as {written[key]!r} and "
+                                 f"{k!r}: keep one")
+        given[key], written[key] = v.strip(), k
     keys = [data.item_key(source, i, root) for i, (source, _) in enumerate(pool)]
     unknown = sorted(set(given) - set(keys))
     if unknown:
-        raise data.DataError(f"{path}: {len(unknown)} caption(s) name images that are not in the train pool, e.g. "
+        raise data.DataError(f"{path} captions {runs.counted(len(unknown), 'image')} not in the train pool, e.g. "
                              f"{unknown[0]!r}; keys are image paths relative to --data-root ('#<index>' for "
                              f"in-memory images)")
     missing = [k for k in keys if k not in given]
@@ -606,7 +615,7 @@ def active_finetuning(run, selection, fine_tuning):
             same_labels(run, selected.cpu(), saved["labels"], loops)
         if bank is not None:
             bank[selected] = saved["bank_rows"].to(run.device)
-        print(f"loops 1-{done}: loaded from {run.out}/stages", flush=True)
+        print(f"{'loop 1' if done == 1 else f'loops 1-{done}'}: loaded from {run.out}/stages", flush=True)
     for loop in range(done + 1, selection.loops + 1):
         cost = train.StageCost(run.device)
         taken = torch.zeros(N, dtype=torch.bool, device=run.device)
@@ -658,8 +667,8 @@ def ask_for_labels(run, loop, model, idx):
     rows = ([data.item_key(run.task.train[i][0], i, run.task.root), loop, f"{score[j]:.4f}",
              run.task.classnames[suggestion[j]]] for j, i in enumerate(idx.tolist()))
     path = runs.write_csv(["path", "loop", "score", "suggestion"], rows, run.out / TO_LABEL)
-    raise runs.Waiting(f"loop {loop} selected {len(idx)} image(run) that {run.labels_file} does not label yet, listed "
-                       f"in {path}: add a row path,class for each to {run.labels_file}, then run the same command "
+    raise runs.Waiting(f"loop {loop} selected {runs.counted(len(idx), 'image')} that {run.labels_file} does not label "
+                       f"yet, listed in {path}: add a row path,class for each to {run.labels_file}, then run the same command "
                        f"again")
 
 
@@ -723,8 +732,9 @@ def check_args(args, pool_size):
     """The budget against the pool and the flag combinations, before anything is loaded."""
     total = args.budget * args.loops
     if args.method != "full" and total > pool_size:
-        raise RunError(f"{args.loops} loops of {args.budget} images select {total} but the pool ({args.dataset}'s "
-                       f"train split) has {pool_size}: lower --percent / --budget or --loops")
+        raise RunError(f"{runs.counted(args.loops, 'loop')} of {runs.counted(args.budget, 'image')} select {total} but "
+                       f"the pool ({data.train_images_of(args.dataset)}) has {pool_size}: lower --percent / --budget or "
+                       f"--loops")
     if not METHODS[args.method].cea:  # refused rather than accepted, recorded and ignored
         for flag, value in (("--ood-captions", args.ood_captions), ("--captions", args.captions)):
             if value:
@@ -795,12 +805,14 @@ def prepare(args):
                "precision": args.precision,
                "budget": args.budget, "eval_grid": args.eval_grid, "max_batches": args.max_batches,
                "loops": args.loops, "pool": len(task.train), "processes": ddp.world()[1], "time_s": {}}
-    print(f"{args.dataset}: {len(task.classnames)} classes, pool {len(task.train)}, {len(eval_items)} "
-          f"{args.eval_split} images; {args.method}: {args.loops} loop(run) of {args.budget} images; backbone "
-          f"{args.clip} on {device}, {args.precision}", flush=True)
+    print(f"{data.named(task.name)}: {len(task.classnames)} classes, pool {len(task.train)}, {len(eval_items)} "
+          f"{args.eval_split} images; {args.method}: {runs.counted(args.loops, 'loop')} of "
+          f"{runs.counted(args.budget, 'image')}; backbone {args.clip} on {device}, {args.precision}", flush=True)
     if labels is not None:
-        print(f"labels from a person: {len(labels)} image(run) labelled in {args.labels}; selection reads no other "
-              f"label (ODS by the model's margin, CEA's class captions from the picks' given labels)", flush=True)
+        so_far = f"{runs.counted(len(labels), 'image')} labelled in {args.labels}" if Path(args.labels).exists() \
+            else f"none yet ({args.labels} does not exist yet)"
+        print(f"labels from a person: {so_far}; selection reads no other label (ODS by the model's margin, CEA's "
+              f"class captions from the picks' given labels)", flush=True)
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported", flush=True)
     run = Run(**runs.fields_of(args, out, config, device, resume), task=task, clip=clip,
@@ -864,6 +876,15 @@ def on_grid(curve, grid):
     return [[b, acc] for b, acc in curve if b % grid == 0]
 
 
+def is_svg(path):
+    """Whether a file is an SVG image (--plot overwrites one, and no other file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(200).lstrip().startswith(("<svg", "<?xml"))
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def report(run_dirs, target=0.95, at_batches=None, plot=None):
     """The results table of finished runs: per run the selection size, batches, accuracy after
     loop 1 and at the end; B2A, the batches to reach `target` x the mean final accuracy of the
@@ -876,6 +897,9 @@ def report(run_dirs, target=0.95, at_batches=None, plot=None):
     if plot is not None and (not Path(plot).resolve().parent.is_dir() or Path(plot).is_dir()):  # before any work
         raise RunError(f"--plot {plot}: {'is a folder' if Path(plot).is_dir() else 'its folder does not exist'}; give "
                        f"the path of the SVG file to write")
+    if plot is not None and Path(plot).exists() and not is_svg(plot):
+        raise RunError(f"--plot {plot} exists and is not an SVG file: give a new file name (only an SVG is "
+                       f"overwritten)")
     read = runs.finished_runs(run_dirs, tuple(METHODS))
     finished = [(folder.name, m) for folder, m in read]
     for name, m in finished:
@@ -1040,7 +1064,7 @@ def parser():
       help="--table: B2A counts the batches to reach this fraction of the full-data runs' final accuracy")
     a("--at-batches", type=number_type(int, 0), default=None,
       help="--table: accuracy at this many batches (default: the fewest any selection run trained)")
-    a("--plot", default=None, metavar="FILE.svg", help="--table: write the accuracy-vs-batches curves")
+    a("--plot", default=None, metavar="FILE.svg", help="--table: write the accuracy-vs-batches curves (an existing file only if an SVG)")
     # selection (ActiveFT + ODS + ensemble)
     a("--iters", type=number_type(int, 1), default=300, help="centroid optimisation steps")
     a("--select-lr", type=number_type(float, 0, low_open=True), default=1e-3, help="Adam lr of the centroids")
