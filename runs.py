@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -691,9 +691,10 @@ class Run:
     eval_batch: int
     log_every: int
     resume: bool  # continue the stages and epoch checkpoints saved in out
-    inputs: dict  # {'--flag': path}: the files this command reads (input_files), never written or deleted
     metrics: dict  # what metrics.json will hold
     t0: float  # when the run started (metrics' total time)
+    # {'--flag': path}: the files this command reads (input_files), never written or deleted
+    inputs: dict = field(default_factory=dict, kw_only=True)
 
     def record(self, tag):
         """The settings stage `tag` depends on, stored with its files (default: the whole config)."""

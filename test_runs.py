@@ -592,15 +592,106 @@ def test_the_own_images_walkthrough_runs_as_written(tmp_path):
     mine = tmp_path / "runs" / "mine"
     rows = list(csv.DictReader(open(mine / "coft" / "pseudo_labels.csv")))
     assert len(rows) == 300 and json.loads((mine / "coft" / "metrics.json").read_text())["ensemble_acc"] > 0
-    checked = list(csv.DictReader(open(tmp_path / "my_digits" / "checked.csv")))
-    assert len(checked) == 50 and len({r["class"] for r in rows if r["path"] in {c["path"] for c in checked}}) == 10
+    checked = [row for row in rows if row["class"]]  # filled in by the person, in place
+    assert len(checked) == 50 and len({row["branch1_class"] for row in checked}) == 10
     assert json.loads((mine / "coft-checked" / "metrics.json").read_text())["labels"]["size"] == 50
     assert json.loads((mine / "craft" / "metrics.json").read_text())["shots"] == 5.0
     vecaf_run = json.loads((mine / "vecaf" / "metrics.json").read_text())
-    assert vecaf_run["selected"] == 20 and not (mine / "vecaf" / "to_label.csv").exists()
-    assert r.stderr.count("waiting: loop") == 2
+    assert vecaf_run["selected"] == 20 and not (tmp_path / "my_digits" / "labels.csv").exists()
+    for loop in (1, 2):  # each list filled in and kept, the record of what was asked
+        asked = list(csv.DictReader(open(mine / "vecaf" / f"to_label_loop{loop}.csv")))
+        assert len(asked) == 10 and all(row["class"] and row["loop"] == str(loop) for row in asked)
+    assert r.stderr.count("waiting: loop") == 2 and "stays as it is" not in r.stdout
     assert len((mine / "sevens.csv").read_text().splitlines()) == 1 + len(list((tmp_path / "my_digits" / "check" /
                                                                                 "seven").iterdir()))
+
+
+# names a spreadsheet reads as formulas, with spaces around them, a comma, a quote, a line break, a tab, an
+# apostrophe before a formula character, and café as macOS writes it (NFD; answers.csv types it NFC)
+HARD_NAMES = [" lead.png", "trail .png", "=cmd.png", "+SUM(1).png", "-x.png", "@a.png", "'q.png", "'=q.png", "a,b.png",
+              'quo"te.png', "new\nline.png", "\ttab.png", "cafe\u0301.png"]
+
+
+def the_persons_programs():
+    """The Python programs of docs/own-images.md that play the person: step 3's (fills in the most
+    doubtful rows of pseudo_labels.csv) and step 5's (fills in a VeCAF list, its path the argument)."""
+    text = (Path(__file__).parent / "docs" / "own-images.md").read_text()
+    step3, step5 = re.findall(r"python - (?:\"\$1\" )?<<'EOF'\n(.*?)\nEOF\n", text, re.S)
+    return step3, step5
+
+
+def test_the_walkthroughs_person_and_every_file_for_a_person_work_on_any_name(tmp_path, monkeypatch, capsys):
+    """On a folder of hard names (HARD_NAMES and plain ones): pseudo_labels.csv, VeCAF's list and deploy.py's
+    CSV name every image as a labels file does, a text cell starting with a formula character guarded with
+    a leading '; the walk-through's person programs fill in the forms in place; and each file reads back as
+    --labels to exactly the images and classes it names (the NFD file from an NFC row too)."""
+    import subprocess
+    import unicodedata
+    import data
+    import deploy
+    import vecaf
+    from test_coft import without_dataset
+    monkeypatch.chdir(tmp_path)
+    def nfc(text):
+        return unicodedata.normalize("NFC", text)
+    images, classes = Path("my_digits/images"), ["zero", "one"]
+    names = HARD_NAMES + [f"{n:04d}.png" for n in range(20 - len(HARD_NAMES))]
+    for k, name in enumerate(names):
+        write_image(images / name, color=[(200, 30, 30), (30, 30, 200)][k % 2])
+    Path("my_digits/classes.txt").write_text("zero\none\n")
+    truth = {nfc(name): classes[k % 2] for k, name in enumerate(names)}
+    with open("my_digits/answers.csv", "w", newline="", encoding="utf-8") as f:  # as data.write_example writes it
+        csv.writer(f).writerows([("path", "class")] + [(data.csv_text(n), c) for n, c in truth.items()])
+    task = data.images_task(images, "my_digits/classes.txt")
+    keys = [data.item_key(source, i, task.root) for i, (source, _) in enumerate(task.train)]
+    assert sorted(keys) == sorted(names)
+    guarded = sorted("'" + n for n in names if n[0] in "=+-@\t'")
+    assert len(guarded) == 7
+
+    def cells(path, column=0):  # a CSV file's column, as written (guards and all)
+        with open(path, newline="", encoding="utf-8") as f:
+            return [row[column] for row in csv.reader(f)][1:]
+
+    def read_back(path):  # the file as --labels: {pool name: class}
+        labels = data.read_labels(path, task)
+        return {keys[i]: classes[y] for i, y in zip(labels.index.tolist(), labels.y.tolist())}
+
+    assert read_back("my_digits/answers.csv") == {k: truth[nfc(k)] for k in keys}  # NFC rows, an NFD file
+    step3, step5 = the_persons_programs()
+    own = ["--images", str(images), "--classes", "my_digits/classes.txt"]
+    # CoFT's form: written guarded, filled in by step 3's person in place, read back
+    coft.main(without_dataset(coft_args(tmp_path, *own, "--phase", "1", "--K", "2", out="runs/mine/coft")))
+    form = Path("runs/mine/coft/pseudo_labels.csv")
+    assert cells(form) == [data.csv_text(k) for k in keys] and sorted(c for c in cells(form) if c[0] == "'") == guarded
+    subprocess.run([sys.executable, "-"], input=step3, text=True, check=True)
+    checked = read_back(form)
+    per_class = [cells(form, 2).count(c) for c in classes]  # model 1's classes: five rows of each filled in
+    assert len(checked) == sum(min(5, n) for n in per_class) >= 5 and all(truth[nfc(k)] == c for k, c in checked.items())
+    # VeCAF's list: written guarded, filled in by step 5's person in place, given back: the loop trains on it
+    argv = without_dataset(vecaf_args_for(tmp_path, *own, "--budget", "20", "--loops", "1", out="runs/mine/vecaf"))
+    with pytest.raises(SystemExit) as e:
+        vecaf.main(argv + ["--labels", "my_digits/labels.csv"])
+    listed = Path("runs/mine/vecaf/to_label_loop1.csv")
+    assert e.value.code == runs.WAITING and str(listed) in capsys.readouterr().err
+    assert sorted(cells(listed)) == sorted(data.csv_text(k) for k in keys)
+    assert sorted(c for c in cells(listed) if c[0] == "'") == guarded
+    subprocess.run([sys.executable, "-", str(listed)], input=step5, text=True, check=True)
+    assert read_back(listed) == {k: truth[nfc(k)] for k in keys}
+    vecaf.main(argv + ["--labels", str(listed)])
+    loop = torch.load("runs/mine/vecaf/stages/loop1.pt", weights_only=True)
+    assert {keys[i]: classes[y] for i, y in zip(loop["selected"].tolist(), loop["labels"].tolist())} == read_back(listed)
+    # deploy.py's CSV, the images named relative to where it runs: guarded, and it reads back as --labels
+    monkeypatch.chdir(images)
+    deploy.predict(str(tmp_path / "runs/mine/vecaf"), ["."], csv_path=str(tmp_path / "predicted.csv"))
+    monkeypatch.chdir(tmp_path)
+    assert sorted(cells("predicted.csv")) == sorted(data.csv_text(k) for k in keys)
+    predicted = dict(zip(map(data.csv_untext, cells("predicted.csv")), map(data.csv_untext, cells("predicted.csv", 1))))
+    assert read_back("predicted.csv") == predicted
+
+
+def vecaf_args_for(tmp_path, *extra, out):
+    from conftest import vecaf_args
+    return vecaf_args(tmp_path, *extra, out=out)
 
 
 def test_a_run_whose_numbers_are_not_finite_writes_no_result(tmp_path, capsys, monkeypatch):
