@@ -16,7 +16,7 @@ import runs
 import train
 from conftest import (coft_args, coft_error, craft_args, fit_arguments, make_dtd, make_imagefolder, numbers,
                       one_line_error, randomized, run_coft, run_sh, run_vecaf, stage_of, stage_state, tiny_hf,
-                      write_image)
+                      vecaf_args, write_image)
 
 
 def test_resume_after_interruption_gives_the_same_result(tmp_path, monkeypatch, pretrained_tiny):
@@ -550,6 +550,63 @@ def test_restart_keeps_the_run_until_every_check_passed(tmp_path, capsys):
                                                                                     str(2 ** 64))
 
 
+def test_a_file_given_is_never_one_a_run_writes_or_deletes_and_restart_deletes_only_unchanged_forms(tmp_path, capsys):
+    """A file given as input that is one the run writes or deletes in --out (its log, config, a stage)
+    is one line, before any work, as is an output flag naming an input (deploy.py's --csv an image).
+    --restart deletes a form written for a person only while it is as the run wrote it: one a person
+    changed is kept (said), and the new form goes to the next free name (said)."""
+    import deploy
+    import vecaf
+    argv = vecaf_args(tmp_path, "--method", "random", "--loops", "1", "--labels", str(tmp_path / "labels.csv"))
+    with pytest.raises(SystemExit) as e:
+        vecaf.main(argv)
+    run = tmp_path / "run"
+    listed = run / "to_label_loop1.csv"
+    first = listed.read_bytes()
+    assert e.value.code == runs.WAITING and json.loads((run / runs.PERSON_FILES).read_text())["waiting"] == 1
+    capsys.readouterr()
+    (tmp_path / "classes.txt").write_text("zero\none\n")
+    os.link(tmp_path / "classes.txt", run / "stages" / "linked.txt")
+    for flag, given, said in (("--labels", run / "log.txt", f"--labels {run / 'log.txt'} is {run / 'log.txt'}"),
+                              ("--labels", run / "config.json", "config.json, a file the run in --out"),
+                              ("--captions", tmp_path / "classes.txt", f"is {run / 'stages' / 'linked.txt'}, a file"),
+                              ("--labels", run / "stages" / "x.csv", f"is inside {run / 'stages'}")):
+        kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        err = one_line_error(vecaf.main, capsys, *argv, flag, str(given), "--restart")
+        assert said in err and "writes or --restart deletes: give a copy kept elsewhere" in err, err
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
+    (run / "stages" / "linked.txt").unlink()
+    write_image(tmp_path / "a.png")
+    err = one_line_error(deploy.main, capsys, str(run), str(tmp_path / "a.png"), "--csv", str(tmp_path / "a.png"))
+    assert "--csv" in err and "is one of the images to classify" in err and (tmp_path / "a.png").stat().st_size > 0
+    # --restart: the list as the run wrote it is deleted (another seed picks other images: a new list, same name)
+    with pytest.raises(SystemExit):
+        vecaf.main(argv + ["--restart", "--seed", "1"])
+    second = listed.read_bytes()
+    assert second != first and not (run / "to_label_loop1-2.csv").exists()
+    # ... a list a person changed is kept, and the new one goes to the next free name
+    listed.write_bytes(second.replace(b",,1,", b",zero,1,", 1))
+    changed = listed.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        vecaf.main(argv + ["--restart", "--seed", "2"])
+    out = capsys.readouterr().out
+    assert listed.read_bytes() == changed and (run / "to_label_loop1-2.csv").exists()
+    assert f"note: --restart kept {listed} (changed since the run wrote it)" in out
+    assert f"note: {listed} (not a file this run wrote) stays as it is: loop 1's list of images to label is in " \
+           f"{run / 'to_label_loop1-2.csv'}" in out
+    assert json.loads((run / runs.PERSON_FILES).read_text())["files"].keys() == {"to_label_loop1-2.csv"}
+    # a list given back half filled in is the list the run asks about again, as it is
+    newest = run / "to_label_loop1-2.csv"
+    newest.write_bytes(newest.read_bytes().replace(b",,1,", b",zero,1,", 1))
+    half = newest.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        vecaf.main(argv + ["--seed", "2", "--labels", str(newest)])
+    assert e.value.code == runs.WAITING and newest.read_bytes() == half and not (run / "to_label_loop1-3.csv").exists()
+    assert f"5 of them not labelled yet in {newest} (--labels): fill in their class cells there" in \
+        capsys.readouterr().err
+
+
 def test_a_run_continued_with_another_cpu_thread_count_is_warned_about(tmp_path, capsys):
     """config.json keeps the CPU thread count (with the settings that change no number): a
     --resume under another count says that the numbers may then differ, and how to match it."""
@@ -668,7 +725,7 @@ def test_the_walkthroughs_person_and_every_file_for_a_person_work_on_any_name(tm
     per_class = [cells(form, 2).count(c) for c in classes]  # model 1's classes: five rows of each filled in
     assert len(checked) == sum(min(5, n) for n in per_class) >= 5 and all(truth[nfc(k)] == c for k, c in checked.items())
     # VeCAF's list: written guarded, filled in by step 5's person in place, given back: the loop trains on it
-    argv = without_dataset(vecaf_args_for(tmp_path, *own, "--budget", "20", "--loops", "1", out="runs/mine/vecaf"))
+    argv = without_dataset(vecaf_args(tmp_path, *own, "--budget", "20", "--loops", "1", out="runs/mine/vecaf"))
     with pytest.raises(SystemExit) as e:
         vecaf.main(argv + ["--labels", "my_digits/labels.csv"])
     listed = Path("runs/mine/vecaf/to_label_loop1.csv")
@@ -687,11 +744,6 @@ def test_the_walkthroughs_person_and_every_file_for_a_person_work_on_any_name(tm
     assert sorted(cells("predicted.csv")) == sorted(data.csv_text(k) for k in keys)
     predicted = dict(zip(map(data.csv_untext, cells("predicted.csv")), map(data.csv_untext, cells("predicted.csv", 1))))
     assert read_back("predicted.csv") == predicted
-
-
-def vecaf_args_for(tmp_path, *extra, out):
-    from conftest import vecaf_args
-    return vecaf_args(tmp_path, *extra, out=out)
 
 
 def test_a_run_whose_numbers_are_not_finite_writes_no_result(tmp_path, capsys, monkeypatch):
