@@ -1,9 +1,11 @@
 """Tests of data.py: the offline digits, the datasets on disk (CoOp layout, image folders, CIFAR),
 transforms and image reading."""
+import csv
 import hashlib
 import json
 import os
 import pickle
+import unicodedata
 
 import numpy as np
 import pytest
@@ -672,9 +674,9 @@ def test_labels_rows_name_files_with_spaces_formula_characters_and_other_unicode
     keys = [data.item_key(s, i, task.root) for i, (s, _) in enumerate(task.train)]
     assert sorted(keys) == sorted(names)
     truth = {k: ["cat", "dog"][i % 2] for i, k in enumerate(keys)}
-    import csv
     with open(tmp_path / "labels.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([("path", "class")] + [(data.csv_text(unicodedata_nfc(k)), c) for k, c in truth.items()])
+        csv.writer(f).writerows([("path", "class")] + [(data.csv_text(unicodedata.normalize("NFC", k)), c)
+                                                       for k, c in truth.items()])
     labels = data.read_labels(tmp_path / "labels.csv", task)
     assert {keys[i]: task.classnames[y] for i, y in zip(labels.index.tolist(), labels.y.tolist())} == truth
     write_image(tmp_path / "pool" / "  lead.png")
@@ -682,8 +684,3 @@ def test_labels_rows_name_files_with_spaces_formula_characters_and_other_unicode
     (tmp_path / "labels.csv").write_text("path,class\nlead.png,cat\n")
     msg = data_error(data.read_labels, tmp_path / "labels.csv", task)
     assert "line 2: 'lead.png' could be the pool's '  lead.png' or ' lead.png'" in msg, msg
-
-
-def unicodedata_nfc(text):
-    import unicodedata
-    return unicodedata.normalize("NFC", text)
