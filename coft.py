@@ -936,6 +936,9 @@ def end_to_end(args):
     return runs.finish_run(run.out, run.metrics, run.predictions, run.t0)
 
 
+OUTPUTS = ("pseudo_labels.pt",)  # the results of CoFT's own besides runs.RESULT_FILES (pseudo_labels.csv: a
+# person's form, runs.write_for_person)
+
 # flags config.json leaves out: CoFT's that change how a run goes, never its numbers (besides
 # runs.UNRECORDED_FLAGS), and the LLM prompt file, whose contents the config records instead
 UNRECORDED_FLAGS = ("compile", "grad_checkpointing", "eval_only", "phase", "llm_prompts", "write_llm_prompts",
@@ -963,7 +966,7 @@ def prepare(args):
     device = runs.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
     check_args(args, device)
     continuing = args.resume or args.eval_only or args.phase == "2"
-    runs.check_out(args.out, continuing, args.restart)
+    runs.check_out(args.out, continuing, args.restart, runs.input_files(args), OUTPUTS)
     if (args.eval_only or args.phase == "2") and not runs.holds_run(args.out):
         raise RunError(f"--out {args.out} holds no run for {'--eval-only' if args.eval_only else '--phase 2'} "
                        f"to use: run {'it' if args.eval_only else '--phase 1'} first")
@@ -973,7 +976,7 @@ def prepare(args):
     eval_items = data.eval_items(task, args.eval_split)
     y_true = data.train_labels(task)
     labels = data.read_labels(args.labels, task) if args.labels else None
-    check_labels(args, y_true, labels)
+    check_labels(args, y_true)
     check_prompt_flags(args, task)
     prompts = zero_shot_prompts(task, args.llm_prompts, args.template_ensemble, args.plus)
     images = data.record(task)
@@ -991,8 +994,10 @@ def prepare(args):
         ft_clip, _ = standin.load("--fft-backbone", args.fft_backbone, args.clip_act, "cpu")
         check_fft_init(args, clip, ft_clip)
     # every check passed: only now may --restart discard the run in --out
-    out = runs.open_run(args.out, config, continuing, args.restart, ["pseudo_labels.pt", "pseudo_labels.csv"],
-                        runs.settings(args, UNRECORDED_FLAGS)[1], images)
+    out = runs.open_run(args.out, config, continuing, args.restart, OUTPUTS, runs.settings(args, UNRECORDED_FLAGS)[1],
+                        inputs=runs.input_files(args), images=images)
+    if labels is not None:
+        print(labels.summary(), flush=True)
     test = data.make_transform("test", clip.visual, task)
     if labels is not None:  # the paper's few-labels setting (Sec. 4.4) from the labels a person gave
         labelled, y_labelled = labels.index, labels.y
@@ -1067,16 +1072,15 @@ def check_args(args, device):
         standin.check_backbone(flag, name, args.clip_act)
 
 
-def check_labels(args, y_true, labels):
-    """What needs labels the data do not have, refused before any work."""
+def check_labels(args, y_true):
+    """What needs labels the data do not have, refused before any work (a labels file that labels
+    no image is refused by data.read_labels)."""
     if y_true is None and args.method == "probe":
         raise RunError("--method probe fits the TRUE label of every train image (a ceiling for reference), and "
                        "these images carry none: use another --method")
     if y_true is None and args.labelled_shots:
         raise RunError("--labelled-shots N draws labelled images from the dataset's labels, and these images carry "
                        "none: label some yourself and give them with --labels FILE")
-    if labels is not None and not len(labels):
-        raise RunError(f"--labels {args.labels} labels no image: add rows path,class, or leave --labels out")
 
 
 def check_prompt_flags(args, task):
@@ -1117,27 +1121,33 @@ def check_fft_init(args, clip, ft_clip):
             f"{args.fft_backbone}'s {b.embed_dim}-d embedding: use --fft-init pretrained with --fft-backbone")
 
 
+PSEUDO_LABELS_COLUMNS = ("path", "class", "branch1_class", "branch1_kept", "branch1_peer_margin", "branch2_class",
+                         "branch2_kept", "branch2_peer_margin", "zero_shot_class", "zero_shot_confidence", "labelled")
+
+
 def write_pseudo_labels(run, zero_shot, review):
     """pseudo_labels.csv: every unlabelled image's labels, for a person to review (sort by a
-    margin to see the doubtful first). Columns: path (as a labels file names it), class (model
-    1's label: branch 1 trains on it where branch1_kept is 1), branch1_kept, branch1_peer_margin
-    (model 2's s+ - s- at that label: the filter keeps a label iff it is > 0; a given label is
-    always kept), branch2_class,
-    branch2_kept, branch2_peer_margin (the other direction), zero_shot_class,
-    zero_shot_confidence (its softmax probability, Eq. 1), labelled (1: a label given by
-    --labels / --labelled-shots). Its path and class columns make it a labels file: keep the rows
-    you checked, correct their class, and give it to a new run as --labels."""
+    margin to see the doubtful first), as a form to fill in. Columns: path (as a labels file
+    names it), class (empty for the person to fill in; the given label where the run had one),
+    branch1_class (model 1's label: branch 1 trains on it where branch1_kept is 1), branch1_kept,
+    branch1_peer_margin (model 2's s+ - s- at that label: the filter keeps a label iff it is > 0;
+    a given label is always kept), branch2_class, branch2_kept, branch2_peer_margin (the other
+    direction), zero_shot_class, zero_shot_confidence (its softmax probability, Eq. 1), labelled
+    (1: a label given by --labels / --labelled-shots). Text cells are data.csv_text guarded. Filled
+    in, the file is a labels file: give it (in place) to a new run as --labels. Written by
+    runs.write_for_person: a pseudo_labels.csv that is this command's input or that a person changed
+    stays as it is, and the new one goes to the next free name."""
     names, root = run.task.classnames, run.task.root
-    given = torch.zeros(len(zero_shot[0]), dtype=torch.bool)
-    given[run.labelled] = True
+    given = dict(zip(run.labelled.tolist(), run.y_labelled.tolist()))
     conf, zs = (t.tolist() for t in zero_shot)
     (y1, keep1, m1), (y2, keep2, m2) = ((y.tolist(), keep.int().tolist(), m.tolist()) for y, keep, m in review)
-    rows = ([data.item_key(source, i, root), names[y1[i]], keep1[i], f"{m1[i]:.6g}", names[y2[i]], keep2[i],
-             f"{m2[i]:.6g}", names[zs[i]], f"{conf[i]:.6g}", int(given[i])]
+    text = data.csv_text
+    rows = ([text(data.item_key(source, i, root)), text(names[given[i]]) if i in given else "", text(names[y1[i]]),
+             keep1[i], f"{m1[i]:.6g}", text(names[y2[i]]), keep2[i], f"{m2[i]:.6g}", text(names[zs[i]]),
+             f"{conf[i]:.6g}", int(i in given)]
             for i, (source, _) in enumerate(run.task.train))
-    runs.write_csv(["path", "class", "branch1_kept", "branch1_peer_margin", "branch2_class", "branch2_kept",
-                    "branch2_peer_margin", "zero_shot_class", "zero_shot_confidence", "labelled"], rows,
-                   run.out / "pseudo_labels.csv")
+    runs.write_for_person(run.out, "pseudo_labels.csv", PSEUDO_LABELS_COLUMNS, rows, run.inputs,
+                          "this run's pseudo_labels.csv")
 
 
 def set_grad_checkpointing(clip, on):
@@ -1323,6 +1333,7 @@ def main(argv=None):
         if args.write_llm_prompts:
             args.dataset = data.dataset_name(args)
             task = data.task_of(args)
+            runs.check_not_input(args.write_llm_prompts, "--write-llm-prompts", runs.input_files(args))
             path = llm.write_class_prompts(args.write_llm_prompts, task.classnames, args.api_base, args.llm,
                                            os.environ.get("OPENAI_API_KEY"), args.prompts_per_class)
             print(f"wrote prompts for {len(task.classnames)} classes to {path}")

@@ -619,7 +619,7 @@ def prepare(args):
     the defaults that follow a labels file's shot count resolved."""
     check_args(args)
     standin.check_backbone("--clip", args.clip, args.clip_act)
-    runs.check_out(args.out, args.resume, args.restart)
+    runs.check_out(args.out, args.resume, args.restart, runs.input_files(args))
     device = runs.check_device(args.device)
     args = runs.with_precision(args, device)
     t0 = time.time()
@@ -661,7 +661,8 @@ def prepare(args):
         raise RunError(f"a prompt of --ctx-init {args.ctx_init!r} ({len(p0)} tokens) and the longest class name "
                        f"needs {1 + len(p0) + longest} tokens, more than the backbone's {clip.context_length}: "
                        f"use a shorter --ctx-init")
-    out = runs.open_run(args.out, config, args.resume, args.restart, how=how, images=images)  # checks passed
+    # every check passed: now --restart
+    out = runs.open_run(args.out, config, args.resume, args.restart, how=how, inputs=runs.input_files(args), images=images)
     items = [task.train[i] for i in picked.tolist()]
     crop = data.make_transform("test" if args.aug == "none" else args.aug, clip.visual, task)
     test = data.make_transform("test", clip.visual, task)
@@ -678,6 +679,7 @@ def prepare(args):
               f"{args.eval_split} images; backbone {args.clip} on {device}, {args.precision}; method {args.method}",
               flush=True)
     else:
+        print(labels.summary(), flush=True)
         counts = labels.per_class(len(task.classnames))
         print(f"{data.named(task.name)}: {len(task.classnames)} classes, {len(labels)} labelled images from "
               f"{args.labels} ({min(counts)}-{max(counts)} per class), {len(eval_items)} {args.eval_split} images; "

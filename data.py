@@ -15,6 +15,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import clip_model
+import runs
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -1067,7 +1069,8 @@ def images_task(images, classes, template=None, check=None, flip=True):
               flush=True)
     if listing.repeats:
         path, first = listing.repeats[0]
-        print(f"note: --images {images}: {len(listing.repeats)} file(s) or folder(s) are reached again through links "
+        print(f"note: --images {images}: {runs.counted(len(listing.repeats), 'file or folder', 'files or folders')} "
+              f"reached again through links "
               f"(first: {os.path.relpath(path, images)} is {os.path.relpath(first, images)}); each counts once",
               flush=True)
     task = Task(name="images", classnames=classnames, templates=templates, train=[(p, None) for p in listing.files],
@@ -1107,12 +1110,78 @@ def item_key(source, index, root):
     return os.path.relpath(source, root) if root else os.path.normpath(source)
 
 
-def key_of_written(key, root):
-    """A path as a person wrote it -> item_key's spelling (an absolute path under root is relative)."""
-    key = key.strip()
-    if key.startswith("#"):
-        return key
-    return os.path.relpath(key, root) if root and os.path.isabs(key) else os.path.normpath(key)
+# A text cell (a path, a class name) of a CSV file a person opens in a spreadsheet that starts with one of
+# these is read there as a formula (= + - @, and a tab or CR before one), or is the guard itself (')
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_text(cell):
+    """A text cell of a CSV file written for a person (pseudo_labels.csv, VeCAF's lists, deploy.py's
+    CSV): one that starts with a FORMULA_START character gets a leading ', which a spreadsheet
+    shows as text instead of running it; csv_untext gives the cell back exactly. Numbers are never
+    passed through it."""
+    return "'" + cell if cell.startswith(FORMULA_START) else cell
+
+
+def csv_untext(cell):
+    """csv_text undone: exactly one leading ' is removed where the rest starts with a FORMULA_START
+    character; any other cell (one a person wrote without the guard) is read as written."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_START) else cell
+
+
+def _nfc(text):
+    return unicodedata.normalize("NFC", text)
+
+
+# How a path a person wrote is compared with the pool's names, in this order; the first that finds
+# an image decides: as written; without spaces around it, on both sides (a spreadsheet or a person
+# drops them, and a name may have them); and in Unicode's composed form too (macOS names files in the
+# decomposed form, NFD, a keyboard types the composed one, NFC)
+READINGS = (lambda s: s, str.strip, lambda s: _nfc(s.strip()))
+
+
+class NameIsAmbiguous(ValueError):
+    """A written path that reads as two pool images (args: the two pool names)."""
+
+
+class PoolNames:
+    """The pool's images by the names files a person reads or writes use (item_key), and `find`,
+    which gives the image a written path names (labels, captions)."""
+
+    def __init__(self, pool, root):
+        self.root = root
+        self.keys = [item_key(source, i, root) for i, (source, _) in enumerate(pool)]
+        self.tables = [{} for _ in READINGS]  # per reading: read(name) -> [pool index]
+        for i, key in enumerate(self.keys):
+            for table, read in zip(self.tables, READINGS):
+                table.setdefault(read(key), []).append(i)
+
+    def spellings(self, written):
+        """item_key's spellings of a written path: as it is (normalised; '#<index>' as it is), an
+        absolute path under root relative to it, and a relative path that names a file from the
+        current folder (deploy.py's CSV names files as they were given) relative to root."""
+        if written.startswith("#"):
+            return [written]
+        if not self.root:
+            return [os.path.normpath(written)]
+        if os.path.isabs(written):
+            return [os.path.relpath(written, self.root)]
+        return [os.path.normpath(written), os.path.relpath(os.path.abspath(written), self.root)]
+
+    def find(self, written, guarded=False):
+        """The pool index of the image `written` names (None: none), trying READINGS in order and,
+        where `guarded` (a CSV cell), the cell with csv_untext first; two pool images that read
+        the same under the reading that finds them raise NameIsAmbiguous(first, second)."""
+        cells = dict.fromkeys([csv_untext(written), written] if guarded else [written])
+        for table, read in zip(self.tables, READINGS):
+            for cell in cells:
+                for spelled in self.spellings(read(cell)):
+                    hits = table.get(read(spelled), [])
+                    if len(hits) > 1:
+                        raise NameIsAmbiguous(self.keys[hits[0]], self.keys[hits[1]])
+                    if hits:
+                        return hits[0]
+        return None
 
 
 LABELS_COLUMNS = ("path", "class")
@@ -1126,12 +1195,17 @@ def labels_digest(index, y):
 @dataclass
 class Labels:
     """A person's labels of pool images from a labels file: pool indices [n] and their classes [n],
-    class by class in the file's order within a class (the order shots are used in), and the
-    line of the file that gave each."""
+    class by class in the file's order within a class (the order shots are used in), the line of
+    the file that gave each, and what the file held besides: its labelled rows (a path given twice
+    counts twice) and its rows with a path and an empty class cell (no label: a list not filled in
+    yet); `exists`: False for a labels file that does not exist yet (missing_ok)."""
     file: str
     index: torch.Tensor
     y: torch.Tensor
     line: dict  # pool index -> line number in the file
+    labelled_rows: int = 0
+    no_class_rows: int = 0
+    exists: bool = True
 
     def __len__(self):
         return len(self.index)
@@ -1143,18 +1217,28 @@ class Labels:
     def per_class(self, C):
         return torch.bincount(self.y, minlength=C).tolist()
 
+    def summary(self, flag="--labels"):
+        """The CLIs' line on what the labels file gave."""
+        if not self.exists:
+            return f"{flag} {self.file} does not exist yet: no label so far"
+        return (f"{flag} {self.file}: {runs.counted(self.labelled_rows, 'labelled row')} read "
+                f"({runs.counted(len(self), 'image')}), {runs.counted(self.no_class_rows, 'row')} with an empty class "
+                f"cell (no label)")
+
 
 def read_labels(path, task, missing_ok=False):
     """A labels file: CSV with a header naming the columns `path` and `class` (others, e.g. a
     pseudo-labels file's, are ignored); one row per image, its path relative to task.root
-    (item_key), its class one of task.classnames (case and "_" for " " aside). A path that is
-    not a pool image, a class that is not in the list, a path given two classes, an empty cell:
-    one line naming the row. The same path twice with one class counts once. A file that does
-    not exist is an error, or no labels yet where `missing_ok` (a person has not started)."""
+    (item_key; found as PoolNames.find reads it, a cell csv_text guarded read back exactly), its
+    class one of task.classnames (case, "_" for " ", Unicode form and a csv_text guard aside). A
+    row with an empty class cell is no label (a list a person has not filled in yet), and counted.
+    A path that is not a pool image or reads as two, a class that is not in the list, a class
+    without a path, a path given two classes: one line naming the row. The same path twice with
+    one class counts once. A file that labels no image is an error, unless `missing_ok` (a person
+    has not started: a file that does not exist yet, or without a filled-in class, is no label)."""
     path = Path(path)
-    empty = Labels(str(path), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), {})
     if not path.exists() and missing_ok:
-        return empty
+        return Labels(str(path), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), {}, exists=False)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -1169,35 +1253,48 @@ def read_labels(path, task, missing_ok=False):
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"labels file {path} cannot be read as a UTF-8 CSV ({type(e).__name__}: "
                         f"{str(e)[:60]})") from None
-    index_of = {item_key(source, i, task.root): i for i, (source, _) in enumerate(task.train)}
+    names = PoolNames(task.train, task.root)
     label_of = {prompt_name(c): k for k, c in enumerate(task.classnames)}
+    label_of_nfc = {_nfc(name): k for name, k in label_of.items()}
     where = f"relative to {task.root}" if task.root else "'#<index>' for in-memory images"
-    given, line = {}, {}
+    given, line, labelled_rows, no_class_rows = {}, {}, 0, 0
     for lineno, row in rows:
-        if not any(cell.strip() for cell in row):
+        written, name = (row[j] if j < len(row) else "" for j in at)
+        name = csv_untext(name.strip()).strip()
+        if not name:  # no label: a row not filled in (or a blank line)
+            no_class_rows += bool(written.strip())
             continue
-        cells = [row[j].strip() if j < len(row) else "" for j in at]
-        if not all(cells):
-            raise DataError(f"labels file {path} line {lineno}: an empty {LABELS_COLUMNS[cells.index('')]} cell; "
-                            f"every row needs a path and a class")
-        key, name = key_of_written(cells[0], task.root), cells[1]
-        if key not in index_of:
-            raise DataError(f"labels file {path} line {lineno}: {cells[0]!r} is not an image of the pool (paths are "
+        if not written:
+            raise DataError(f"labels file {path} line {lineno}: the class {name!r} has no path; every row with a "
+                            f"class needs the path of its image")
+        try:
+            i = names.find(written, guarded=True)
+        except NameIsAmbiguous as e:
+            raise DataError(f"labels file {path} line {lineno}: {written!r} could be the pool's {e.args[0]!r} or "
+                            f"{e.args[1]!r} (they differ only in spaces around them or in Unicode form): write the "
+                            f"path exactly as its file is named") from None
+        if i is None:
+            raise DataError(f"labels file {path} line {lineno}: {written!r} is not an image of the pool (paths are "
                             f"{where}); fix the path or remove the row")
-        if prompt_name(name) not in label_of:
+        k = label_of.get(prompt_name(name), label_of_nfc.get(_nfc(prompt_name(name))))
+        if k is None:
             shown = ", ".join(task.classnames[:4]) + (", ..." if len(task.classnames) > 4 else "")
             raise DataError(f"labels file {path} line {lineno}: class {name!r} is not one of the "
                             f"{len(task.classnames)} classes ({shown}); fix the class or add it to the class list")
-        i, k = index_of[key], label_of[prompt_name(name)]
+        labelled_rows += 1
         if i in given and given[i] != k:
-            raise DataError(f"labels file {path} line {lineno} labels {cells[0]!r} {task.classnames[k]!r}, but line "
+            raise DataError(f"labels file {path} line {lineno} labels {written!r} {task.classnames[k]!r}, but line "
                             f"{line[i]} labelled it {task.classnames[given[i]]!r}: keep one of the two rows")
         if i not in given:
             given[i], line[i] = k, lineno
-    if not given:
-        return empty
+    if not given and not missing_ok:
+        raise DataError(f"labels file {path} labels no image" + (
+            f": every row of it ({no_class_rows}) has an empty class cell; fill in the class of the images you labelled"
+            if no_class_rows else ": add rows path,class") + ", or leave --labels out")
     order = sorted(given, key=lambda i: given[i])  # stable: class by class, file order within a class
-    return Labels(str(path), torch.tensor(order), torch.tensor([given[i] for i in order]), line)
+    return Labels(str(path), torch.tensor(order, dtype=torch.long), torch.tensor([given[i] for i in order],
+                                                                                dtype=torch.long),
+                  line, labelled_rows, no_class_rows)
 
 
 def write_example(folder, size=None, seed=0):
@@ -1219,8 +1316,8 @@ def write_example(folder, size=None, seed=0):
     for n, (image, label) in enumerate(task.test[i] for i in checked.tolist()):
         _save_png(image, folder / "check" / task.classnames[label] / f"{n:04d}.png")
     (folder / "classes.txt").write_text("\n".join(task.classnames) + "\n")
-    with open(folder / "answers.csv", "w", newline="") as f:
-        csv.writer(f).writerows([LABELS_COLUMNS, *answers])
+    with open(folder / "answers.csv", "w", newline="", encoding="utf-8") as f:  # csv_text: as every CSV for a person
+        csv.writer(f).writerows([LABELS_COLUMNS, *([csv_text(p), csv_text(c)] for p, c in answers)])
     return folder
 
 
@@ -1606,7 +1703,6 @@ def check_same_images(out, images):
     """Before a run in `out` is continued (--resume, --phase 2, --eval-only, a VeCAF step): the
     data must be what it was made with (its images.pt), else one line saying what changed. A run
     folder made before runs recorded their data by content cannot be checked: refused, saying so."""
-    import runs
     path = Path(out) / runs.IMAGES
     if not runs.holds_run(out):
         return

@@ -201,7 +201,8 @@ def is_predictions_csv(path):
 
 def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, workers=0, clip=None, clip_act=None):
     """The CLI: every image's top classes as CSV (path, class, probability[, class_2, probability_2,
-    ...]) to csv_path (written whole at the end) or stdout; progress on stderr for large sets;
+    ...]; text cells data.csv_text guarded, so a spreadsheet runs none, and the file reads back as
+    --labels) to csv_path (written whole at the end) or stdout; progress on stderr for large sets;
     unreadable images named on stderr and counted, the others classified."""
     files, other = image_files(paths)  # the cheap checks first
     if csv_path is not None and not Path(csv_path).resolve().parent.is_dir():
@@ -211,6 +212,9 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
     if csv_path is not None and Path(csv_path).exists() and not is_predictions_csv(csv_path):
         raise RunError(f"--csv {csv_path} exists and is not a CSV of this command's predictions (its first line is not "
                        f"{','.join(PREDICTIONS_HEADER)}...): give a new file name; only such a CSV is overwritten")
+    if csv_path is not None and any(runs.same_file(csv_path, f) for f in files
+                                    if Path(f).name == Path(csv_path).name or Path(f).is_symlink()):
+        raise RunError(f"--csv {csv_path} is one of the images to classify: give another path for the CSV file")
     if other:
         print(f"note: not images by their extension, so left out: {data.left_out(other)} in the folders given",
               file=sys.stderr, flush=True)
@@ -230,7 +234,8 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
                 failed += 1
                 print(f"warning: {err}", file=sys.stderr, flush=True)
             else:
-                writer.writerow([path] + [v for k, p in top for v in (classnames[k], f"{p:.4f}")])
+                writer.writerow([data.csv_text(path)] + [v for k, p in top for v in (data.csv_text(classnames[k]),
+                                                                                     f"{p:.4f}")])
             if len(files) >= 1000 and (n % (10 * batch) == 0 or n == len(files)):
                 print(f"{n}/{len(files)} images", file=sys.stderr, flush=True)
         if failed == len(files):  # nothing classified is a failure, not "0 images classified"

@@ -18,6 +18,8 @@ The rule for run folders (docs/runs.md):
 """
 import argparse
 import csv
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -28,7 +30,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -330,17 +332,150 @@ def holds_run(out):
         ((out / "stages").is_dir() and any((out / "stages").iterdir()))
 
 
-def check_out(out, resume, restart):
+def check_out(out, resume, restart, inputs=None, outputs=()):
     """The cheap checks on --out, made before anything is loaded: it must be a folder (or not
-    exist), and a folder holding a run is only continued (--resume) or discarded (--restart)."""
+    exist), a folder holding a run is only continued (--resume) or discarded (--restart), and no
+    file given as input (`inputs`, input_files) is one the run writes or deletes there
+    (check_inputs_apart)."""
     out = Path(out)
     if resume and restart:
         raise RunError("--resume continues the run in --out and --restart discards it: give one of them")
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder: give a folder path")
+    check_inputs_apart(out, inputs or {}, outputs)
     if holds_run(out) and not (resume or restart):
         raise RunError(f"--out {out} holds a run already: add --resume to continue it (same flags), --restart to "
                        f"discard it and start over, or choose another --out")
+
+
+# -----------------------------------------------------------------------------
+# The files a person gives a run, and those it writes for a person: a file given is never written,
+# replaced or deleted; a file written for a person (a fill-in form: pseudo_labels.csv, VeCAF's lists)
+# is replaced or deleted only while it is still exactly what the run wrote (its sha256 in
+# PERSON_FILES) and is not an input of the command
+
+PERSON_FILES = "person_files.json"  # in --out: {"files": {name: sha256}, "waiting": a VeCAF run's loop or None}
+INPUT_FLAGS = ("labels", "classes", "captions", "llm_prompts", "clip", "fft_backbone")  # the flags naming a file read
+
+
+def input_files(args, flags=INPUT_FLAGS):
+    """{'--flag': path} for the CLI flags among `flags` that are given: the files a command reads."""
+    return {"--" + f.replace("_", "-"): str(getattr(args, f)) for f in flags if getattr(args, f, None)}
+
+
+def same_file(a, b):
+    """Whether two paths name one file: the same real path (links followed), or, both existing, the
+    same file (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def input_named(path, inputs):
+    """The flag of `inputs` ({'--flag': path}) that names the file `path`, or None."""
+    return next((flag for flag, given in inputs.items() if same_file(path, given)), None)
+
+
+def check_not_input(path, flag, inputs):
+    """A file a command writes at a path it was given (`flag`) is none of the files it reads: one line."""
+    named = input_named(path, {k: v for k, v in inputs.items() if k != flag})
+    if named:
+        raise RunError(f"{flag} {path} is the file given as {named}, which this command reads and never writes: "
+                       f"give another path")
+
+
+def check_inputs_apart(out, inputs, outputs=()):
+    """No file given as input is one the run in `out` writes or deletes itself (config.json, log.txt,
+    the results, `outputs`, PERSON_FILES, anything under stages/): one line naming it. (Files
+    written for a person may be inputs: write_for_person and open_run keep them.)"""
+    stages = out / "stages"
+    own = [out / name for name in ("config.json", "log.txt", PERSON_FILES, *RESULT_FILES, *outputs)]
+    own += sorted(f for f in stages.rglob("*") if f.is_file()) if stages.is_dir() else []
+    inside = os.path.realpath(stages) + os.sep
+    for flag, given in inputs.items():
+        hit = next((f for f in own if same_file(f, given)), None)
+        if hit is not None or os.path.realpath(given).startswith(inside):
+            raise RunError(f"{flag} {given} is {hit or 'inside ' + str(stages)}, a file the run in --out {out} writes "
+                           f"or --restart deletes: give a copy kept elsewhere, or another --out")
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def person_record(out):
+    """PERSON_FILES of a run folder ({"files": {}, "waiting": None} where it is absent or unreadable:
+    then no file counts as the run's, so none is replaced or deleted)."""
+    try:
+        record = json.loads((Path(out) / PERSON_FILES).read_text())
+        if isinstance(record, dict) and isinstance(record.get("files"), dict):
+            return {"files": record["files"], "waiting": record.get("waiting")}
+    except (OSError, ValueError):
+        pass
+    return {"files": {}, "waiting": None}
+
+
+def write_person_record(out, record):
+    if world()[0] == 0:
+        write_json(record, Path(out) / PERSON_FILES)
+
+
+def set_waiting(out, loop):
+    """Record in PERSON_FILES that the run in `out` waits for a person's labels at `loop` (None: it
+    does not wait): such a run goes on with the same command, without --resume."""
+    record = person_record(out)
+    if record["waiting"] != loop:
+        record["waiting"] = loop
+        write_person_record(out, record)
+
+
+def why_kept(path, record, inputs):
+    """Why the file at `path` may not be replaced or deleted by the run (None: it may): it is an
+    input of this command, a person changed it, or the run did not write it."""
+    flag = input_named(path, inputs)
+    if flag:
+        return f"this command's {flag}"
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.name not in record["files"]:
+        return "not a file this run wrote"
+    return None if sha256_file(path) == record["files"][path.name] else "changed since the run wrote it"
+
+
+def write_for_person(out, name, header, rows, inputs, what, keep=None):
+    """A CSV file for a person (header, rows; text cells already csv_text guarded) in the run folder
+    `out`, at `name` or, where a file there must be kept (why_kept), at the next free name
+    (stem-2.csv, stem-3.csv, ...), said in one note line; a file that `keep(path)` accepts (a list
+    already there that lists the same images: a person may be filling it in) is left as it is and
+    used. Records the sha256 of what it wrote in PERSON_FILES. Returns the path. Under torchrun
+    only rank 0 writes (and the path it returns to the others is `name`'s)."""
+    out = Path(out)
+    if world()[0] != 0:
+        return out / name
+    record = person_record(out)
+    stem, suffix = os.path.splitext(name)
+    passed = []
+    for n in itertools.count(1):
+        path = out / (name if n == 1 else f"{stem}-{n}{suffix}")
+        if keep is not None and path.is_file() and keep(path):
+            return path
+        why = why_kept(path, record, inputs)
+        if why is None:
+            break
+        passed.append(f"{path} ({why})")
+    write_csv(header, rows, path)
+    record["files"][path.name] = sha256_file(path)
+    write_person_record(out, record)
+    if passed:
+        print(f"note: {'; '.join(passed)} stays as it is: {what} is in {path}", flush=True)
+    return path
 
 
 def differences(saved, now):
@@ -395,14 +530,15 @@ def fields_of(args, out, config, device, resume):
     """The fields every method's Run has (runs.Run), from a CLI's flags."""
     return dict(out=out, config=config, device=device, precision=args.precision,
                 amp=train.amp_settings(device, args.precision)[0], seed=args.seed, workers=args.workers,
-                eval_batch=args.eval_batch, log_every=args.log_every, resume=resume)
+                eval_batch=args.eval_batch, log_every=args.log_every, resume=resume, inputs=input_files(args))
 
 
-def open_run(out, config, resume, restart, outputs=(), how=None, images=None):
+def open_run(out, config, resume, restart, outputs=(), how=None, inputs=None, images=None):
     """Make --out the folder of the run `config` (a JSON-able dict of every setting that can
     change a number), after the cheap checks of check_out:
       --restart: delete config.json, stages/, RESULT_FILES and `outputs` (the method's own result
-        files), start over;
+        files), and the files written for a person that are still exactly what the run wrote and
+        are not one of `inputs` (the others are kept, said in one note line), start over;
       --resume of a folder holding a run: its config.json must equal `config`, else one line
         lists what differs;
     then write `images` (the record of the data by content, data.record: images.pt, written before
@@ -425,9 +561,18 @@ def open_run(out, config, resume, restart, outputs=(), how=None, images=None):
                            f"(see its config.json), choose another --out, or add --restart to discard it")
         was = saved.get("how", {}).get("cpu_threads")
     barrier()  # torchrun: every process has checked the folder before rank 0 changes it
+    check_inputs_apart(out, inputs or {}, outputs)  # (again: the folder may have changed since check_out)
+    kept = []
     if world()[0] == 0:
         if restart:
-            for name in ("config.json", "log.txt", IMAGES, *RESULT_FILES, *outputs):
+            record = person_record(out)
+            for name in record["files"]:
+                why = why_kept(out / name, record, inputs or {})
+                if why is None:
+                    (out / name).unlink(missing_ok=True)
+                elif (out / name).exists():
+                    kept.append(f"{out / name} ({why})")
+            for name in ("config.json", "log.txt", IMAGES, PERSON_FILES, *RESULT_FILES, *outputs):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "stages", ignore_errors=True)
         (out / "stages").mkdir(parents=True, exist_ok=True)
@@ -436,6 +581,9 @@ def open_run(out, config, resume, restart, outputs=(), how=None, images=None):
         write_json({"config": config, "how": {**(how or {}), "cpu_threads": torch.get_num_threads()}},
                    out / "config.json")
         start_log(out, continued)
+        if kept:
+            print(f"note: --restart kept {'; '.join(kept)}: a file a person was given or changed is never deleted",
+                  flush=True)
         if was is not None and was != torch.get_num_threads():
             print(f"warning: {out} was started with {was} CPU threads, continued with {torch.get_num_threads()}: on "
                   f"a CPU, float sums (and so the numbers) may then differ from an uninterrupted run's; set "
@@ -550,6 +698,8 @@ class Run:
     resume: bool  # continue the stages and epoch checkpoints saved in out
     metrics: dict  # what metrics.json will hold
     t0: float  # when the run started (metrics' total time)
+    # {'--flag': path}: the files this command reads (input_files), never written or deleted
+    inputs: dict = field(default_factory=dict, kw_only=True)
 
     def record(self, tag):
         """The settings stage `tag` depends on, stored with its files (default: the whole config)."""

@@ -1053,17 +1053,19 @@ def test_without_a_check_set_a_run_reports_what_needs_no_label_and_deploys(tmp_p
 
 def test_pseudo_labels_csv_is_what_each_branch_trained_on_and_reads_back_as_labels(tmp_path, pretrained_tiny,
                                                                                   digit_layouts):
-    """pseudo_labels.csv: a row per image; where branchA_kept is 1 its class is in clean set A with that
-    label, kept iff the peer's margin is > 0; the zero-shot class and confidence are the zero-shot
-    pass's. The file, rows checked and corrected, is a labels file: those rows become the next run's
-    labelled images."""
+    """pseudo_labels.csv: a row per image; where branchA_kept is 1 its branchA_class is in clean set A
+    with that label, kept iff the peer's margin is > 0; the zero-shot class and confidence are the
+    zero-shot pass's; the class column is empty, a form for a person. The file, some class cells
+    filled in, is a labels file: those rows become the next run's labelled images, and its class
+    column then holds them."""
     root = digit_layouts[0]
     m = coft.main(without_dataset(coft_args(tmp_path, *own(root), "--phase", "1", out="p1", ckpt=pretrained_tiny[0])))
     rows = list(csv.DictReader(open(tmp_path / "p1" / "pseudo_labels.csv")))
     pl = torch.load(tmp_path / "p1" / "pseudo_labels.pt")
     names = m["classnames"]
     assert [r["path"] for r in rows] == [f"{i:04d}.png" for i in range(400)]
-    for a, (cls, kept, margin) in enumerate([("class", "branch1_kept", "branch1_peer_margin"),
+    assert all(r["class"] == "" for r in rows)
+    for a, (cls, kept, margin) in enumerate([("branch1_class", "branch1_kept", "branch1_peer_margin"),
                                             ("branch2_class", "branch2_kept", "branch2_peer_margin")]):
         assert [names.index(r[cls]) for r in rows] == pl["generated"][a].tolist()
         keep = [i for i, r in enumerate(rows) if r[kept] == "1"]
@@ -1072,21 +1074,67 @@ def test_pseudo_labels_csv_is_what_each_branch_trained_on_and_reads_back_as_labe
     assert sum(float(r["zero_shot_confidence"]) for r in rows) / len(rows) == pytest.approx(
         m["zero_shot_mean_confidence"] / 100, abs=1e-4)
     assert all(r["labelled"] == "0" for r in rows)
-    # a person checks five rows, corrects one, and gives the file back (other columns and all) as --labels
+    # a person checks five rows, fills in their class (one other than model 1's), and gives the file (other
+    # columns, unchecked rows and all) as --labels
     checked = tmp_path / "checked.csv"
     with open(checked, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        fixed = [dict(r) for r in rows[:5]]
-        fixed[0]["class"] = names[(names.index(fixed[0]["class"]) + 1) % 10]
-        w.writerows(fixed)
+        fixed = [dict(r, **{"class": r["branch1_class"]}) for r in rows[:5]]
+        fixed[0]["class"] = names[(names.index(fixed[0]["branch1_class"]) + 1) % 10]
+        w.writerows(fixed + rows[5:])
     coft.main(without_dataset(coft_args(tmp_path, *own(root), "--phase", "1", "--labels", str(checked), out="again",
                                         ckpt=pretrained_tiny[0])))
     again = list(csv.DictReader(open(tmp_path / "again" / "pseudo_labels.csv")))
     given = [(r["path"], r["class"]) for r in again if r["labelled"] == "1"]
     assert sorted(given) == sorted((r["path"], r["class"]) for r in fixed)
-    assert all(r["branch1_kept"] == r["branch2_kept"] == "1" and r["branch2_class"] == r["class"]
+    assert all(r["branch1_kept"] == r["branch2_kept"] == "1" and r["branch1_class"] == r["branch2_class"] == r["class"]
                for r in again if r["labelled"] == "1")
+    assert all(r["class"] == "" for r in again if r["labelled"] == "0")
+
+
+def test_a_person_who_fills_in_pseudo_labels_csv_in_place_and_gives_it_back_to_its_run_loses_nothing(tmp_path,
+                                                                                                   capsys):
+    """The natural action (issue 45): a person fills in the class of the 15 most doubtful rows of
+    OUT/pseudo_labels.csv in place and reruns with --labels OUT/pseudo_labels.csv --out OUT --restart.
+    The file stays byte for byte as the person left it, the run trains on exactly those 15 labels,
+    and its own pseudo-labels go to the next free name, pseudo_labels-2.csv, as it says."""
+    task = data.digits_task()
+    run_coft(tmp_path, "--phase", "1")
+    form = tmp_path / "run" / "pseudo_labels.csv"
+    with open(form, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    doubtful = sorted(range(len(rows)), key=lambda i: float(rows[i]["branch1_peer_margin"]))[:15]
+    for i in doubtful:  # what the person sees in image #i
+        rows[i]["class"] = task.classnames[task.train[int(rows[i]["path"][1:])][1]]
+    with open(form, "w", newline="", encoding="utf-8") as f:  # saved in place, as a spreadsheet or a script does
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    filled = form.read_bytes()
+    capsys.readouterr()
+    m = run_coft(tmp_path, "--phase", "1", "--labels", str(form), "--restart")
+    out = capsys.readouterr().out
+    assert form.read_bytes() == filled
+    given = sorted((rows[i]["path"], rows[i]["class"]) for i in doubtful)
+    counts = [sum(c == name for _, c in given) for name in task.classnames]
+    assert m["labels"] == {"file": str(form), "size": 15, "per_class": counts}
+    with open(tmp_path / "run" / "pseudo_labels-2.csv", newline="", encoding="utf-8") as f:
+        again = list(csv.DictReader(f))
+    assert sorted((r["path"], r["class"]) for r in again if r["labelled"] == "1") == given
+    assert sorted(torch.load(tmp_path / "run" / "pseudo_labels.pt")["labelled"].tolist()) == sorted(doubtful)
+    assert f"--labels {form}: 15 labelled row(s) read (15 image(s)), {len(rows) - 15} row(s) with an empty class" in out
+    assert f"note: --restart kept {form} (this command's --labels)" in out
+    assert f"note: {form} (this command's --labels) stays as it is: this run's pseudo_labels.csv is in {form.parent}/" \
+           f"pseudo_labels-2.csv" in out
+    # given back untouched, a form labels nothing: said in one line, before any work
+    with open(tmp_path / "blank.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([dict(r, **{"class": ""}) for r in rows])
+    err = coft_error(capsys, *coft_args(tmp_path, "--phase", "1", "--labels", str(tmp_path / "blank.csv"), out="b"))
+    assert f"labels no image: its {len(rows)} row(s) have an empty class cell; fill in the class" in err, err
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_labels_file_is_the_few_labels_setting(tmp_path, pretrained_tiny):

@@ -1,9 +1,11 @@
 """Tests of data.py: the offline digits, the datasets on disk (CoOp layout, image folders, CIFAR),
 transforms and image reading."""
+import csv
 import hashlib
 import json
 import os
 import pickle
+import unicodedata
 
 import numpy as np
 import pytest
@@ -601,10 +603,19 @@ def test_labels_file_is_read_class_by_class_and_every_bad_row_is_one_line_naming
             ("path,class\nb.png,tabby cat\nc.jpeg,cow\n", "line 3: class 'cow' is not one of the 2 classes"),
             ("path,class\nb.png,tabby cat\nc.jpeg,golden retriever\nb.png,golden retriever\n",
              "line 4 labels 'b.png' 'golden retriever', but line 2 labelled it 'Tabby cat'"),
-            ("path,class\nb.png,\n", "line 2: an empty class cell")]:
+            ("path,class\n,tabby cat\n", "line 2: the class 'tabby cat' has no path"),
+            ("path,class\nb.png,\n c.jpeg , \n", "labels no image: its 2 row(s) have an empty class cell"),
+            ("path,class\n", "labels no image: add rows path,class")]:
         path.write_text(content)
         msg = data_error(data.read_labels, path, task)
         assert expect in msg, msg
+    # a row with an empty class cell is no label (a form not filled in yet), counted
+    path.write_text("path,class,score\nb.png,,1\nc.jpeg,tabby cat,2\na/z.JPG, ,3\n,,\n")
+    labels = data.read_labels(path, task)
+    assert labels.index.tolist() == [1] and (labels.labelled_rows, labels.no_class_rows) == (1, 2)
+    assert "1 labelled row(s) read (1 image(s)), 2 row(s) with an empty class cell (no label)" in labels.summary()
+    path.write_text("path,class\nb.png,\n")
+    assert len(data.read_labels(path, task, missing_ok=True)) == 0  # a list nobody has filled in yet
     assert "no such file" in data_error(data.read_labels, tmp_path / "none.csv", task)
     assert len(data.read_labels(tmp_path / "none.csv", task, missing_ok=True)) == 0  # a person has not started
     # a check-set image is not a pool image
@@ -924,3 +935,77 @@ def test_the_example_is_never_written_over_a_folder_that_holds_files(tmp_path):
     assert f"--write-example {tmp_path / 'mine'} is not empty" in r.stderr
     assert os.listdir(tmp_path / "mine") == ["classes.txt"] and (tmp_path / "mine" / "classes.txt").read_text() == \
         "cat\ndog\n"
+# -----------------------------------------------------------------------------
+# Names in the files a person reads and writes: formula guards, spaces, Unicode forms
+
+NFD_CAFE = "cafe\u0301.png"  # café as macOS names files (decomposed); "caf\u00e9.png" is how a keyboard types it
+
+
+def test_csv_text_guards_every_cell_a_spreadsheet_reads_as_a_formula_and_csv_untext_gives_it_back_exactly():
+    """Every text cell that starts with = + - @ tab CR or ' gets one leading ', no other does; csv_untext
+    is its exact inverse on any string (an apostrophe before one of those characters included), and
+    leaves a cell a person wrote without the guard as written."""
+    starts = ["=", "+", "-", "@", "\t", "\r", "'"]
+    for cell in ["=cmd.png", "+SUM(1).png", "-x.png", "@a.png", "\tt.png", "\rr.png", "'q.png", "'=q.png", "''",
+                 "'", "", "a.png", " lead.png", "a,b.png", 'quo"te.png', "new\nline.png", NFD_CAFE, "#5", "x=1"]:
+        written = data.csv_text(cell)
+        assert written == ("'" + cell if cell[:1] in starts else cell), cell
+        assert data.csv_untext(written) == cell, cell
+    assert data.csv_untext("'q.png") == "'q.png" and data.csv_untext("'=x") == "=x" and data.csv_untext("=x") == "=x"
+    every = "".join(chr(c) for c in range(1, 200))  # every two-character start, round trip
+    assert all(data.csv_untext(data.csv_text(a + b + "x")) == a + b + "x" for a in every for b in every[:60])
+
+
+def test_a_written_path_finds_its_file_as_written_then_without_spaces_then_composed_and_two_files_are_refused():
+    """PoolNames.find: the name as written wins; then without spaces around it (on both sides); then in
+    Unicode's composed form (a row typed in NFC finds a file named in NFD); then an absolute path or
+    one relative to the current folder. Where two pool files read the same at the step that finds
+    one, the path is ambiguous: both are named."""
+    root = os.path.abspath("pool")
+    names = [" lead.png", "trail .png", NFD_CAFE, "a.png", " a.png", "sub/b.png", "=x.png", "'=x.png"]
+    pool = data.PoolNames([(os.path.join(root, n), None) for n in names], root)
+    find = pool.find
+    assert [find(n) for n in names] == list(range(len(names)))  # as written: each its own file
+    assert find("lead.png") == 0 and find("trail .png ") == 1 and find("  trail .png") == 1 and find("trail.png") is None
+    assert find("caf\u00e9.png") == 2 and find(" caf\u00e9.png") == 2
+    assert find(os.path.join(root, "sub", "b.png")) == 5 and find("sub//b.png") == 5 and find("pool/sub/b.png") == 5
+    with pytest.raises(data.NameIsAmbiguous) as e:  # without its spaces, "a.png " reads as "a.png" and " a.png"
+        find("a.png ")
+    assert e.value.args == ("a.png", " a.png")
+    assert find("nope.png") is None
+    assert find("'=x.png", guarded=True) == 6 and find("''=x.png", guarded=True) == 7  # csv_text's spellings
+    assert find("'=x.png") == 7  # not a CSV cell (a captions key): as written
+    two = data.PoolNames([(os.path.join(root, n), None) for n in (" b.png", "b.png ")], root)
+    with pytest.raises(data.NameIsAmbiguous) as e:
+        two.find("b.png")
+    assert e.value.args == (" b.png", "b.png ")
+    nfc_and_nfd = data.PoolNames([(os.path.join(root, n), None) for n in (NFD_CAFE, "caf\u00e9.png")], root)
+    assert nfc_and_nfd.find("caf\u00e9.png") == 1 and nfc_and_nfd.find(NFD_CAFE) == 0
+    assert nfc_and_nfd.find(" caf\u00e9.png ") == 1  # found without its spaces, as written
+    angstrom = data.PoolNames([(os.path.join(root, n), None) for n in ("A\u030a.png", "\u00c5.png")], root)
+    with pytest.raises(data.NameIsAmbiguous):  # the Angstrom sign: neither file as written, both composed
+        angstrom.find("\u212b.png")
+
+
+def test_labels_rows_name_files_with_spaces_formula_characters_and_other_unicode_forms(tmp_path):
+    """read_labels on a pool of hard names: the labels file data.csv_text writes reads back exactly, a
+    row typed in NFC finds the NFD file, and a row that reads as two pool files is one line naming both."""
+    names = [" lead.png", "trail .png", "=cmd.png", "'=cmd.png", "-x.png", "a,b.png", 'quo"te.png', "new\nline.png",
+             NFD_CAFE]
+    for n in names:
+        write_image(tmp_path / "pool" / n)
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    task = data.images_task(tmp_path / "pool", tmp_path / "classes.txt")
+    keys = [data.item_key(s, i, task.root) for i, (s, _) in enumerate(task.train)]
+    assert sorted(keys) == sorted(names)
+    truth = {k: ["cat", "dog"][i % 2] for i, k in enumerate(keys)}
+    with open(tmp_path / "labels.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("path", "class")] + [(data.csv_text(unicodedata.normalize("NFC", k)), c)
+                                                       for k, c in truth.items()])
+    labels = data.read_labels(tmp_path / "labels.csv", task)
+    assert {keys[i]: task.classnames[y] for i, y in zip(labels.index.tolist(), labels.y.tolist())} == truth
+    write_image(tmp_path / "pool" / "  lead.png")
+    task = data.images_task(tmp_path / "pool", tmp_path / "classes.txt")
+    (tmp_path / "labels.csv").write_text("path,class\nlead.png,cat\n")
+    msg = data_error(data.read_labels, tmp_path / "labels.csv", task)
+    assert "line 2: 'lead.png' could be the pool's '  lead.png' or ' lead.png'" in msg, msg

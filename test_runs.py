@@ -554,6 +554,63 @@ def test_restart_keeps_the_run_until_every_check_passed(tmp_path, capsys):
                                                                                     str(2 ** 64))
 
 
+def test_a_file_given_is_never_one_a_run_writes_or_deletes_and_restart_deletes_only_unchanged_forms(tmp_path, capsys):
+    """A file given as input that is one the run writes or deletes in --out (its log, config, a stage)
+    is one line, before any work, as is an output flag naming an input (deploy.py's --csv an image).
+    --restart deletes a form written for a person only while it is as the run wrote it: one a person
+    changed is kept (said), and the new form goes to the next free name (said)."""
+    import deploy
+    import vecaf
+    argv = vecaf_args(tmp_path, "--method", "random", "--loops", "1", "--labels", str(tmp_path / "labels.csv"))
+    with pytest.raises(SystemExit) as e:
+        vecaf.main(argv)
+    run = tmp_path / "run"
+    listed = run / "to_label_loop1.csv"
+    first = listed.read_bytes()
+    assert e.value.code == runs.WAITING and json.loads((run / runs.PERSON_FILES).read_text())["waiting"] == 1
+    capsys.readouterr()
+    (tmp_path / "classes.txt").write_text("zero\none\n")
+    os.link(tmp_path / "classes.txt", run / "stages" / "linked.txt")
+    for flag, given, said in (("--labels", run / "log.txt", f"--labels {run / 'log.txt'} is {run / 'log.txt'}"),
+                              ("--labels", run / "config.json", "config.json, a file the run in --out"),
+                              ("--captions", tmp_path / "classes.txt", f"is {run / 'stages' / 'linked.txt'}, a file"),
+                              ("--labels", run / "stages" / "x.csv", f"is inside {run / 'stages'}")):
+        kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        err = one_line_error(vecaf.main, capsys, *argv, flag, str(given), "--restart")
+        assert said in err and "writes or --restart deletes: give a copy kept elsewhere" in err, err
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
+    (run / "stages" / "linked.txt").unlink()
+    write_image(tmp_path / "a.png")
+    err = one_line_error(deploy.main, capsys, str(run), str(tmp_path / "a.png"), "--csv", str(tmp_path / "a.png"))
+    assert "--csv" in err and "is one of the images to classify" in err and (tmp_path / "a.png").stat().st_size > 0
+    # --restart: the list as the run wrote it is deleted (another seed picks other images: a new list, same name)
+    with pytest.raises(SystemExit):
+        vecaf.main(argv + ["--restart", "--seed", "1"])
+    second = listed.read_bytes()
+    assert second != first and not (run / "to_label_loop1-2.csv").exists()
+    # ... a list a person changed is kept, and the new one goes to the next free name
+    listed.write_bytes(second.replace(b",,1,", b",zero,1,", 1))
+    changed = listed.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        vecaf.main(argv + ["--restart", "--seed", "2"])
+    out = capsys.readouterr().out
+    assert listed.read_bytes() == changed and (run / "to_label_loop1-2.csv").exists()
+    assert f"note: --restart kept {listed} (changed since the run wrote it)" in out
+    assert f"note: {listed} (not a file this run wrote) stays as it is: loop 1's list of images to label is in " \
+           f"{run / 'to_label_loop1-2.csv'}" in out
+    assert json.loads((run / runs.PERSON_FILES).read_text())["files"].keys() == {"to_label_loop1-2.csv"}
+    # a list given back half filled in is the list the run asks about again, as it is
+    newest = run / "to_label_loop1-2.csv"
+    newest.write_bytes(newest.read_bytes().replace(b",,1,", b",zero,1,", 1))
+    half = newest.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        vecaf.main(argv + ["--seed", "2", "--labels", str(newest)])
+    assert e.value.code == runs.WAITING and newest.read_bytes() == half and not (run / "to_label_loop1-3.csv").exists()
+    assert f"5 of them not labelled yet in {newest} (--labels): fill in their class cells there" in \
+        capsys.readouterr().err
+
+
 def test_a_run_continued_with_another_cpu_thread_count_is_warned_about(tmp_path, capsys):
     """config.json keeps the CPU thread count (with the settings that change no number): a
     --resume under another count says that the numbers may then differ, and how to match it."""
@@ -596,15 +653,101 @@ def test_the_own_images_walkthrough_runs_as_written(tmp_path):
     mine = tmp_path / "runs" / "mine"
     rows = list(csv.DictReader(open(mine / "coft" / "pseudo_labels.csv")))
     assert len(rows) == 300 and json.loads((mine / "coft" / "metrics.json").read_text())["ensemble_acc"] > 0
-    checked = list(csv.DictReader(open(tmp_path / "my_digits" / "checked.csv")))
-    assert len(checked) == 50 and len({r["class"] for r in rows if r["path"] in {c["path"] for c in checked}}) == 10
+    checked = [row for row in rows if row["class"]]  # filled in by the person, in place
+    assert len(checked) == 50 and len({row["branch1_class"] for row in checked}) == 10
     assert json.loads((mine / "coft-checked" / "metrics.json").read_text())["labels"]["size"] == 50
     assert json.loads((mine / "craft" / "metrics.json").read_text())["shots"] == 5.0
     vecaf_run = json.loads((mine / "vecaf" / "metrics.json").read_text())
-    assert vecaf_run["selected"] == 20 and not (mine / "vecaf" / "to_label.csv").exists()
-    assert r.stderr.count("waiting: loop") == 2
+    assert vecaf_run["selected"] == 20 and not (tmp_path / "my_digits" / "labels.csv").exists()
+    for loop in (1, 2):  # each list filled in and kept, the record of what was asked
+        asked = list(csv.DictReader(open(mine / "vecaf" / f"to_label_loop{loop}.csv")))
+        assert len(asked) == 10 and all(row["class"] and row["loop"] == str(loop) for row in asked)
+    assert r.stderr.count("waiting: loop") == 2 and "stays as it is" not in r.stdout
     assert len((mine / "sevens.csv").read_text().splitlines()) == 1 + len(list((tmp_path / "my_digits" / "check" /
                                                                                 "seven").iterdir()))
+
+
+# names a spreadsheet reads as formulas, with spaces around them, a comma, a quote, a line break, a tab, an
+# apostrophe before a formula character, and café as macOS writes it (NFD; answers.csv types it NFC)
+HARD_NAMES = [" lead.png", "trail .png", "=cmd.png", "+SUM(1).png", "-x.png", "@a.png", "'q.png", "'=q.png", "a,b.png",
+              'quo"te.png', "new\nline.png", "\ttab.png", "cafe\u0301.png"]
+
+
+def the_persons_programs():
+    """The Python programs of docs/own-images.md that play the person: step 3's (fills in the most
+    doubtful rows of pseudo_labels.csv) and step 5's (fills in a VeCAF list, its path the argument)."""
+    text = (Path(__file__).parent / "docs" / "own-images.md").read_text()
+    step3, step5 = re.findall(r"python - (?:\"\$1\" )?<<'EOF'\n(.*?)\nEOF\n", text, re.S)
+    return step3, step5
+
+
+def test_the_walkthroughs_person_and_every_file_for_a_person_work_on_any_name(tmp_path, monkeypatch, capsys):
+    """On a folder of hard names (HARD_NAMES and plain ones): pseudo_labels.csv, VeCAF's list and deploy.py's
+    CSV name every image as a labels file does, a text cell starting with a formula character guarded with
+    a leading '; the walk-through's person programs fill in the forms in place; and each file reads back as
+    --labels to exactly the images and classes it names (the NFD file from an NFC row too)."""
+    import subprocess
+    import unicodedata
+    import data
+    import deploy
+    import vecaf
+    from test_coft import without_dataset
+    monkeypatch.chdir(tmp_path)
+    def nfc(text):
+        return unicodedata.normalize("NFC", text)
+    images, classes = Path("my_digits/images"), ["zero", "one"]
+    names = HARD_NAMES + [f"{n:04d}.png" for n in range(20 - len(HARD_NAMES))]
+    for k, name in enumerate(names):
+        write_image(images / name, color=[(200, 30, 30), (30, 30, 200)][k % 2])
+    Path("my_digits/classes.txt").write_text("zero\none\n")
+    truth = {nfc(name): classes[k % 2] for k, name in enumerate(names)}
+    with open("my_digits/answers.csv", "w", newline="", encoding="utf-8") as f:  # as data.write_example writes it
+        csv.writer(f).writerows([("path", "class")] + [(data.csv_text(n), c) for n, c in truth.items()])
+    task = data.images_task(images, "my_digits/classes.txt")
+    keys = [data.item_key(source, i, task.root) for i, (source, _) in enumerate(task.train)]
+    assert sorted(keys) == sorted(names)
+    guarded = sorted("'" + n for n in names if n[0] in "=+-@\t'")
+    assert len(guarded) == 7
+
+    def cells(path, column=0):  # a CSV file's column, as written (guards and all)
+        with open(path, newline="", encoding="utf-8") as f:
+            return [row[column] for row in csv.reader(f)][1:]
+
+    def read_back(path):  # the file as --labels: {pool name: class}
+        labels = data.read_labels(path, task)
+        return {keys[i]: classes[y] for i, y in zip(labels.index.tolist(), labels.y.tolist())}
+
+    assert read_back("my_digits/answers.csv") == {k: truth[nfc(k)] for k in keys}  # NFC rows, an NFD file
+    step3, step5 = the_persons_programs()
+    own = ["--images", str(images), "--classes", "my_digits/classes.txt"]
+    # CoFT's form: written guarded, filled in by step 3's person in place, read back
+    coft.main(without_dataset(coft_args(tmp_path, *own, "--phase", "1", "--K", "2", out="runs/mine/coft")))
+    form = Path("runs/mine/coft/pseudo_labels.csv")
+    assert cells(form) == [data.csv_text(k) for k in keys] and sorted(c for c in cells(form) if c[0] == "'") == guarded
+    subprocess.run([sys.executable, "-"], input=step3, text=True, check=True)
+    checked = read_back(form)
+    per_class = [cells(form, 2).count(c) for c in classes]  # model 1's classes: five rows of each filled in
+    assert len(checked) == sum(min(5, n) for n in per_class) >= 5 and all(truth[nfc(k)] == c for k, c in checked.items())
+    # VeCAF's list: written guarded, filled in by step 5's person in place, given back: the loop trains on it
+    argv = without_dataset(vecaf_args(tmp_path, *own, "--budget", "20", "--loops", "1", out="runs/mine/vecaf"))
+    with pytest.raises(SystemExit) as e:
+        vecaf.main(argv + ["--labels", "my_digits/labels.csv"])
+    listed = Path("runs/mine/vecaf/to_label_loop1.csv")
+    assert e.value.code == runs.WAITING and str(listed) in capsys.readouterr().err
+    assert sorted(cells(listed)) == sorted(data.csv_text(k) for k in keys)
+    assert sorted(c for c in cells(listed) if c[0] == "'") == guarded
+    subprocess.run([sys.executable, "-", str(listed)], input=step5, text=True, check=True)
+    assert read_back(listed) == {k: truth[nfc(k)] for k in keys}
+    vecaf.main(argv + ["--labels", str(listed)])
+    loop = torch.load("runs/mine/vecaf/stages/loop1.pt", weights_only=True)
+    assert {keys[i]: classes[y] for i, y in zip(loop["selected"].tolist(), loop["labels"].tolist())} == read_back(listed)
+    # deploy.py's CSV, the images named relative to where it runs: guarded, and it reads back as --labels
+    monkeypatch.chdir(images)
+    deploy.predict(str(tmp_path / "runs/mine/vecaf"), ["."], csv_path=str(tmp_path / "predicted.csv"))
+    monkeypatch.chdir(tmp_path)
+    assert sorted(cells("predicted.csv")) == sorted(data.csv_text(k) for k in keys)
+    predicted = dict(zip(map(data.csv_untext, cells("predicted.csv")), map(data.csv_untext, cells("predicted.csv", 1))))
+    assert read_back("predicted.csv") == predicted
 
 
 def test_a_run_whose_numbers_are_not_finite_writes_no_result(tmp_path, capsys, monkeypatch):

@@ -528,7 +528,8 @@ def test_the_fine_tuning_recipe_is_every_term_of_its_flags(tmp_path, monkeypatch
 
 def play_the_person(tmp_path, argv, labels, truth, edit=None):
     """Run the CLI until it finishes, labelling between stops exactly the images it asks for (their
-    true classes appended to the labels file). Returns (metrics, the requests: [(loop, [path])])."""
+    true classes appended to the labels file, a file of the person's own). Returns (metrics, the
+    requests: [(loop, [path])])."""
     requests = []
     labels.write_text("path,class\n")
     while True:
@@ -536,9 +537,11 @@ def play_the_person(tmp_path, argv, labels, truth, edit=None):
             return vecaf.main(argv), requests
         except SystemExit as e:
             assert e.code == runs.WAITING
-        asked = list(csv.DictReader(open(tmp_path / "run" / "to_label.csv")))
-        assert len({r["loop"] for r in asked}) == 1 and all(r["suggestion"] for r in asked)
-        requests.append((int(asked[0]["loop"]), [r["path"] for r in asked]))
+        loop = len(requests) + 1
+        asked = list(csv.DictReader(open(tmp_path / "run" / f"to_label_loop{loop}.csv")))
+        assert {r["loop"] for r in asked} == {str(loop)} and all(r["suggestion"] for r in asked)
+        assert all(r["class"] == "" for r in asked)  # a form: the class is the person's to fill in
+        requests.append((loop, [r["path"] for r in asked]))
         with open(labels, "a") as f:
             f.writelines(f"{r['path']},{truth[r['path']]}\n" for r in asked)
 
@@ -548,7 +551,7 @@ def test_a_person_in_the_loop_trains_what_the_simulation_trains(tmp_path, capsys
     those rows (here: their true classes) and reruns the same command gets the picks and weights of
     the simulated run with the same label-free selection (ODS by margin), which reads the dataset's
     labels instead. Every stop is one line on what to do next, the run is exact across stops, and
-    to_label.csv is gone at the end."""
+    each loop's list stays, as the run wrote it (the record of what was asked)."""
     task = data.load_task("digits")
     truth = {f"#{i}": task.classnames[y] for i, (_, y) in enumerate(task.train)}
     simulated = run_vecaf(tmp_path, "--ods-objective", "margin", out="simulated")
@@ -562,15 +565,19 @@ def test_a_person_in_the_loop_trains_what_the_simulation_trains(tmp_path, capsys
                                                                  for k in a["model"])
     assert person["curve"] == simulated["curve"] and person["ods_objective"] == "margin"
     assert all(loop["loss_new"] is None for loop in person["loops"])  # the person never labelled the pool
-    assert not (tmp_path / "run" / "to_label.csv").exists()
+    record = json.loads((tmp_path / "run" / runs.PERSON_FILES).read_text())
+    assert record["waiting"] is None and sorted(record["files"]) == ["to_label_loop1.csv", "to_label_loop2.csv"]
+    assert all(runs.sha256_file(tmp_path / "run" / name) == sha for name, sha in record["files"].items())
     err = capsys.readouterr().err
-    assert err.count("waiting: loop") == 2 and "add a row path,class for each to" in err and "same command" in err
+    assert err.count("waiting: loop") == 2 and "fill in the class column of" in err and "then run again" in err
+    assert f"or add rows path,class for them to {labels}" in err
 
 
 def test_a_labels_file_that_changes_what_a_finished_loop_trained_on_is_one_line_and_nothing_is_lost(tmp_path,
                                                                                                    capsys):
-    """After loop 1 trained: a row changed or removed is refused, naming it; put back, the run goes on
-    from loop 2 (loop 1 is not redone). A labels file with a bad row is one line before any work."""
+    """After loop 1 trained: a row changed is refused, naming it; put back, the run goes on from loop 2
+    (loop 1 is not redone); a row removed is no change (the run keeps the labels each finished loop
+    trained on). A labels file with a bad row is one line before any work."""
     task = data.load_task("digits")
     truth = {f"#{i}": task.classnames[y] for i, (_, y) in enumerate(task.train)}
     labels = tmp_path / "labels.csv"
@@ -578,7 +585,7 @@ def test_a_labels_file_that_changes_what_a_finished_loop_trained_on_is_one_line_
     labels.write_text("path,class\n")
     with pytest.raises(SystemExit):
         vecaf.main(argv)
-    asked = [r["path"] for r in csv.DictReader(open(tmp_path / "run" / "to_label.csv"))]
+    asked = [r["path"] for r in csv.DictReader(open(tmp_path / "run" / "to_label_loop1.csv"))]
     good = "path,class\n" + "".join(f"{p},{truth[p]}\n" for p in asked)
     labels.write_text(good)
     with pytest.raises(SystemExit):  # loop 1 trains, loop 2 asks
@@ -589,19 +596,17 @@ def test_a_labels_file_that_changes_what_a_finished_loop_trained_on_is_one_line_
     labels.write_text(good.replace(f"{asked[2]},{truth[asked[2]]}", f"{asked[2]},{wrong}"))
     err = one_line_error(vecaf.main, capsys, *argv)
     assert f"line 4 gives '{asked[2]}' the class '{wrong}', but loop 1 trained on '{truth[asked[2]]}'" in err
-    labels.write_text(good.replace(f"{asked[2]},{truth[asked[2]]}\n", ""))
-    err = one_line_error(vecaf.main, capsys, *argv)
-    assert f"no longer labels '{asked[2]}', which loop 1 trained on as '{truth[asked[2]]}'" in err
     other = wrong if truth[asked[0]] != wrong else "one"
     for row, expect in ((f"{asked[0]},cow\n", "class 'cow' is not one of"),
                         ("#99999,one\n", "is not an image of the pool"),
                         (f"{asked[0]},{other}\n", "but line 2 labelled it")):
         labels.write_text(good + row)
         assert expect in one_line_error(vecaf.main, capsys, *argv)
-    labels.write_text(good)
-    with pytest.raises(SystemExit) as e:  # put back: loop 2 asks again, loop 1 untouched
-        vecaf.main(argv)
-    assert e.value.code == runs.WAITING and (tmp_path / "run" / "stages" / "loop1.pt").stat().st_mtime_ns == loop1
+    for content in (good, good.replace(f"{asked[2]},{truth[asked[2]]}\n", ""), "path,class\n"):
+        labels.write_text(content)  # put back, or rows of loop 1 removed: loop 2 asks again, loop 1 untouched
+        with pytest.raises(SystemExit) as e:
+            vecaf.main(argv)
+        assert e.value.code == runs.WAITING and (tmp_path / "run" / "stages" / "loop1.pt").stat().st_mtime_ns == loop1
     capsys.readouterr()
     # what needs labels a person has not given: refused, or only the labels given are used
     assert "use --ods-objective margin" in one_line_error(vecaf.main, capsys, *vecaf_args(
@@ -610,6 +615,66 @@ def test_a_labels_file_that_changes_what_a_finished_loop_trained_on_is_one_line_
     own = ["--images", str(root / "flat"), "--classes", str(root / "classes.txt")]
     assert "give --labels FILE" in one_line_error(vecaf.main, capsys, *without_dataset(vecaf_args(tmp_path, *own,
                                                                                                   out="own")))
+
+
+def fill_in_the_list_it_names(err, truth):
+    """The person at a stop: reads the waiting line, opens the list it names, fills in the class of
+    every row without one (adding the column where the list has none) and saves it in place, as a
+    spreadsheet or a script does. Returns (the list's path, its bytes as the person left it)."""
+    import re
+    line = [l for l in err.splitlines() if l.startswith("waiting: ")][-1]
+    listed = Path(re.search(r"(?:class column of|not labelled yet in|listed in) (\S+?\.csv)", line).group(1))
+    with open(listed, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header, rows = list(reader.fieldnames), list(reader)
+    if "class" not in header:
+        header.insert(1, "class")
+    for r in rows:
+        r["class"] = r.get("class") or truth[data.csv_untext(r["path"])]
+    with open(listed, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(rows)
+    return listed, listed.read_bytes()
+
+
+def test_a_person_who_fills_in_each_list_in_place_and_gives_it_back_loses_nothing(tmp_path, capsys):
+    """The natural action (issue 45) on your own images: at each stop the person fills in the class
+    column of the list the run names, in place, and gives that very file as --labels (the first run's
+    labels file does not exist). Three loops later: every list the person wrote is byte for byte as
+    they left it, no file was deleted, and the weights, picks and predictions are those of the
+    simulated person (--dataset imagefolder on the same images in the same order, reading their labels:
+    the same label-free selection)."""
+    root, classes_of, _ = write_digit_layouts(tmp_path / "own", n_train=60, n_test=20)
+    truth = {f"{n:04d}.png": name for n, name in enumerate(classes_of)}
+    flags = ["--budget", "5", "--loops", "3", "--ods-objective", "margin"]
+    simulated = vecaf.main(vecaf_args(tmp_path, *flags, "--data-root", str(root / "labelled"), out="simulated")
+                           [2:] + ["--dataset", "imagefolder"])
+    own = ["--images", str(root / "flat"), "--classes", str(root / "classes.txt"), "--check", str(root / "check")]
+    argv = without_dataset(vecaf_args(tmp_path, *flags, *own, out="run"))
+    labels, written, asked = tmp_path / "labels.csv", {}, []
+    while True:
+        try:
+            person = vecaf.main(argv + ["--labels", str(labels)])
+            break
+        except SystemExit as e:
+            assert e.code == runs.WAITING
+        labels, content = fill_in_the_list_it_names(capsys.readouterr().err, truth)
+        written[labels] = content
+        asked.append(labels.name)
+        assert len(asked) <= 3
+    assert asked == ["to_label_loop1.csv", "to_label_loop2.csv", "to_label_loop3.csv"]
+    assert all(path.read_bytes() == content for path, content in written.items())
+    assert not (tmp_path / "labels.csv").exists()
+    for loop in (1, 2, 3):
+        a, b = vecaf_stage(tmp_path / "simulated", f"loop{loop}"), vecaf_stage(tmp_path / "run", f"loop{loop}")
+        assert torch.equal(a["selected"], b["selected"]) and all(torch.equal(a["model"][k], b["model"][k])
+                                                                 for k in a["model"]), loop
+        classes = (root / "classes.txt").read_text().split()  # the loop trained on the person's classes
+        assert [classes[y] for y in b["labels"].tolist()] == [classes_of[i] for i in b["selected"].tolist()]
+    pa, pb = torch.load(tmp_path / "simulated" / "predictions.pt"), torch.load(tmp_path / "run" / "predictions.pt")
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert numbers(person)["curve"] == numbers(simulated)["curve"] and person["selected"] == 15
 
 
 def without_dataset(argv):

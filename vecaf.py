@@ -27,6 +27,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly (130); from
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -314,19 +315,27 @@ def read_captions(path, pool, root):
         raise data.DataError(f"{path}: expected a JSON object {{image path: caption}} whose captions are "
                              f"non-empty strings")
 
-    given, written = {}, {}
+    names = data.PoolNames(pool, root)
+    given, written, unknown = {}, {}, []
     for k, v in table.items():
-        key = data.key_of_written(k, root)
-        if key in given:  # two spellings of one path ("a.png", "./a.png")
-            raise data.DataError(f"the captions file {path} gives one image two captions, as {written[key]!r} and "
-                                 f"{k!r}: keep one")
-        given[key], written[key] = v.strip(), k
-    keys = [data.item_key(source, i, root) for i, (source, _) in enumerate(pool)]
-    unknown = sorted(set(given) - set(keys))
+        try:
+            i = names.find(k)
+        except data.NameIsAmbiguous as e:
+            raise data.DataError(f"{path}: the key {k!r} could be the pool's {e.args[0]!r} or {e.args[1]!r} (they "
+                                 f"differ only in spaces around them or in Unicode form): write it exactly as its file "
+                                 f"is named") from None
+        if i is None:
+            unknown.append(k)
+        elif names.keys[i] in given:  # two spellings of one path ("a.png", "./a.png")
+            raise data.DataError(f"the captions file {path} gives one image two captions, as {written[names.keys[i]]!r} "
+                                 f"and {k!r}: keep one")
+        else:
+            given[names.keys[i]], written[names.keys[i]] = v.strip(), k
     if unknown:
-        raise data.DataError(f"{path} captions {runs.counted(len(unknown), 'image')} not in the train pool, e.g. "
-                             f"{unknown[0]!r}; keys are image paths relative to --data-root ('#<index>' for "
+        raise data.DataError(f"{path}: {runs.counted(len(unknown), 'caption key')} not in the train pool, e.g. "
+                             f"{sorted(unknown)[0]!r}; keys are image paths relative to --data-root ('#<index>' for "
                              f"in-memory images)")
+    keys = names.keys
     missing = [k for k in keys if k not in given]
     if missing:
         raise data.DataError(f"{path}: {len(missing)} of {len(keys)} train images have no caption, e.g. "
@@ -612,7 +621,7 @@ def active_finetuning(run, selection, fine_tuning):
         saved = runs.load_stage(run.out, f"loop{done}", run.record(f"loop{done}"), model)
         selected, curve, loops = saved["selected"].to(run.device), saved["curve"], saved["loops"]
         if run.person:
-            same_labels(run, selected.cpu(), saved["labels"], loops)
+            labels_of_finished_loops(run, selected.cpu(), saved["labels"], loops)
         if bank is not None:
             bank[selected] = saved["bank_rows"].to(run.device)
         print(f"{'loop 1' if done == 1 else f'loops 1-{done}'}: loaded from {run.out}/stages", flush=True)
@@ -624,10 +633,10 @@ def active_finetuning(run, selection, fine_tuning):
             new, diagnostics = torch.arange(N, device=run.device), {}
         else:
             new, diagnostics = select(run, selection, loop, model, bank, taken)
-        unlabelled = new[run.y_pool[new.cpu()].to(new.device) < 0]
-        if len(unlabelled):  # a person labels the picks before the loop goes on
-            ask_for_labels(run, loop, model, unlabelled.cpu())
-        (run.out / TO_LABEL).unlink(missing_ok=True)  # every pick so far is labelled: nothing is asked now
+        if (run.y_pool[new.cpu()] < 0).any():  # a person labels the picks before the loop goes on
+            ask_for_labels(run, loop, model, new.cpu())
+        if run.person:
+            runs.set_waiting(run.out, None)  # every pick so far is labelled: nothing is asked now
         if selection.method != "full":
             if run.captions is not None:  # CEA on this loop's picks, their captions the attention's keys
                 t_all, caption_of = run.captions
@@ -652,43 +661,69 @@ def active_finetuning(run, selection, fine_tuning):
     return model, selected
 
 
-TO_LABEL = "to_label.csv"  # in the run folder: the images a person is asked to label
+TO_LABEL_COLUMNS = ("path", "class", "loop", "score", "suggestion")
 
 
-def ask_for_labels(run, loop, model, idx):
-    """Stop the run for a person: write the picks idx that the labels file does not label yet to
-    to_label.csv (path as a labels file names it, loop, score: the current model's margin on it,
-    top-1 minus top-2 logit, low where it is unsure; suggestion: its top-1 class) and say what to
-    do next. The selection is saved (stages/select<loop>.pt), so the same command, once the labels
-    are in the file, goes on from here exactly."""
+def to_label_name(loop):
+    """The list of loop `loop`'s picks a person is asked to label, in the run folder."""
+    return f"to_label_loop{loop}.csv"
+
+
+def lists(path, keys):
+    """Whether the CSV file at `path` lists exactly the images `keys` (item_key spellings) in its
+    path column: a list of this loop's picks a person may be filling in."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return {data.csv_untext(r.get("path") or "") for r in csv.DictReader(f)} == set(keys)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
+def ask_for_labels(run, loop, model, new):
+    """Stop the run for a person: write this loop's picks `new` to OUT/to_label_loop<loop>.csv, a
+    form to fill in (path as a labels file names it; class: empty for the person, the label where
+    the labels file gives one already; loop; score: the current model's margin on it, top-1 minus
+    top-2 logit, low where it is unsure; suggestion: its top-1 class), and say what to do next in
+    one line. A list there that is an input of this command or that a person changed stays as it
+    is (the form goes to the next free name), and one that lists these very picks is used as it
+    is (runs.write_for_person); the run never deletes a list. The selection is saved
+    (stages/select<loop>.pt), so the run, once the labels are given, goes on from here exactly."""
     with torch.no_grad():
-        logits = run.outputs(model, torch.utils.data.Subset(run.pool, idx.tolist()))  # [n, C]
+        logits = run.outputs(model, torch.utils.data.Subset(run.pool, new.tolist()))  # [n, C]
     score, suggestion = margins(logits).tolist(), logits.argmax(1).tolist()
-    rows = ([data.item_key(run.task.train[i][0], i, run.task.root), loop, f"{score[j]:.4f}",
-             run.task.classnames[suggestion[j]]] for j, i in enumerate(idx.tolist()))
-    path = runs.write_csv(["path", "loop", "score", "suggestion"], rows, run.out / TO_LABEL)
-    raise runs.Waiting(f"loop {loop} selected {runs.counted(len(idx), 'image')} that {run.labels_file} does not label "
-                       f"yet, listed in {path}: add a row path,class for each to {run.labels_file}, then run the same command "
-                       f"again")
+    keys = [data.item_key(run.task.train[i][0], i, run.task.root) for i in new.tolist()]
+    y = run.y_pool[new].tolist()
+    names, text = run.task.classnames, data.csv_text
+    rows = [[text(key), text(names[y[j]]) if y[j] >= 0 else "", loop, f"{score[j]:.4f}", text(names[suggestion[j]])]
+            for j, key in enumerate(keys)]
+    path = runs.write_for_person(run.out, to_label_name(loop), TO_LABEL_COLUMNS, rows, run.inputs,
+                                 f"loop {loop}'s list of images to label", keep=lambda p: lists(p, keys))
+    runs.set_waiting(run.out, loop)
+    todo = sum(label < 0 for label in y)
+    if runs.same_file(path, run.labels_file):
+        raise runs.Waiting(f"loop {loop} selected {runs.counted(len(new), 'image')}, {todo} of them not labelled yet in {path} "
+                           f"(--labels): fill in their class cells there, then run the same command again")
+    raise runs.Waiting(f"loop {loop} selected {runs.counted(len(new), 'image')}, {todo} of them not labelled yet: fill in the "
+                       f"class column of {path} and give that file as --labels (or add rows path,class for them to "
+                       f"{run.labels_file}), then run again")
 
 
-def same_labels(run, selected, trained_on, loops):
-    """The labels file still gives every image the finished loops trained on the label it had
-    then (a finished loop cannot change), else one line naming the image and the row."""
+def labels_of_finished_loops(run, selected, trained_on, loops):
+    """The labels the finished loops trained on (`trained_on`, their record, for the pool indices
+    `selected`) into run.y_pool: a labels file need not repeat them (a person may give back only the
+    latest list); a row that gives one of those images another class is refused in one line naming
+    it (a finished loop cannot change)."""
     now = run.y_pool[selected]
-    changed = (now != trained_on).nonzero().squeeze(1)
-    if not len(changed):
-        return
-    p = int(changed[0])
-    i = int(selected[p])
-    loop = next(l["loop"] for l in loops if p < l["selected"])
-    key, was = data.item_key(run.task.train[i][0], i, run.task.root), run.task.classnames[int(trained_on[p])]
-    if now[p] < 0:
-        raise RunError(f"{run.labels_file} no longer labels {key!r}, which loop {loop} trained on as {was!r}: put the "
-                       f"row back (a finished loop cannot change), or --restart")
-    raise RunError(f"{run.labels_file} line {run.line[i]} gives {key!r} the class "
-                   f"{run.task.classnames[int(now[p])]!r}, but loop {loop} trained on {was!r}: put the label back (a "
-                   f"finished loop cannot change), or --restart")
+    changed = ((now >= 0) & (now != trained_on)).nonzero().squeeze(1)
+    if len(changed):
+        p = int(changed[0])
+        i = int(selected[p])
+        loop = next(l["loop"] for l in loops if p < l["selected"])
+        key, was = data.item_key(run.task.train[i][0], i, run.task.root), run.task.classnames[int(trained_on[p])]
+        raise RunError(f"{run.labels_file} line {run.line[i]} gives {key!r} the class "
+                       f"{run.task.classnames[int(now[p])]!r}, but loop {loop} trained on {was!r}: put the label "
+                       f"back or remove the row (a finished loop cannot change), or --restart")
+    run.y_pool[selected] = trained_on
 
 
 def loops_batches(loops):
@@ -772,9 +807,9 @@ def prepare(args):
     device = runs.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
     standin.check_backbone("--clip", args.clip, args.clip_act)
     # a run stopped to wait for a person's labels goes on with the same command, no --resume needed
-    waiting = (Path(args.out) / TO_LABEL).exists() and not (Path(args.out) / "metrics.json").exists()
+    waiting = runs.person_record(args.out)["waiting"] is not None and not (Path(args.out) / "metrics.json").exists()
     resume = args.resume or (waiting and not args.restart)
-    runs.check_out(args.out, resume, args.restart)
+    runs.check_out(args.out, resume, args.restart, runs.input_files(args))
     t0 = time.time()
     task = ddp.rank0_first(lambda: data.task_of(args))  # rank 0 fills the digest cache the others then read
     eval_items = data.eval_items(task, args.eval_split)
@@ -796,7 +831,8 @@ def prepare(args):
     torch.manual_seed(args.seed)
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
-    out = runs.open_run(args.out, config, resume, args.restart, how=how, images=images)  # checks passed: now --restart
+    # every check passed: now --restart
+    out = runs.open_run(args.out, config, resume, args.restart, how=how, inputs=runs.input_files(args), images=images)
     test = data.make_transform("test", clip.visual, task)
     captions = caption_table(clip, task, y_pool, device, args.caption_template, args.ood_captions,
                              pool_captions) if METHODS[args.method].cea else None
@@ -809,10 +845,9 @@ def prepare(args):
           f"{args.eval_split} images; {args.method}: {runs.counted(args.loops, 'loop')} of "
           f"{runs.counted(args.budget, 'image')}; backbone {args.clip} on {device}, {args.precision}", flush=True)
     if labels is not None:
-        so_far = f"{runs.counted(len(labels), 'image')} labelled in {args.labels}" if Path(args.labels).exists() \
-            else f"none yet ({args.labels} does not exist yet)"
-        print(f"labels from a person: {so_far}; selection reads no other label (ODS by the model's margin, CEA's "
-              f"class captions from the picks' given labels)", flush=True)
+        print(labels.summary(), flush=True)
+        print(f"labels from a person: selection reads no other label (ODS by the model's margin, CEA's class captions "
+              f"from the picks' given labels)", flush=True)
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported", flush=True)
     run = Run(**runs.fields_of(args, out, config, device, resume), task=task, clip=clip,
@@ -1037,8 +1072,9 @@ def parser():
                    "imagefolder, cifar10, cifar100")
     a("--labels", default=None, metavar="FILE",
       help="a person labels the picks: a CSV path,class (paths relative to --images / --data-root; the file need "
-           "not exist yet). Each loop writes the images to label to OUT/to_label.csv and stops (exit status 3) "
-           "until FILE labels them; the same command then goes on. Without it: the dataset's own labels")
+           "not exist yet). Each loop writes the images to label to OUT/to_label_loop<N>.csv, a form with an "
+           "empty class column, and stops (exit status 3); fill it in and give it as --labels (or add its rows "
+           "to FILE), and the run goes on. Without it: the dataset's own labels")
     a("--clip", default="demo", help="demo (the offline stand-in), an OpenAI release (RN50 ... ViT-L/14@336px), "
       "open_clip:ARCH/TAG[=FILE], a Hugging Face CLIPModel folder or hf:ORG/NAME, or a checkpoint file "
       "(with --clip-act)")
@@ -1152,6 +1188,7 @@ def main(argv=None):
                 print(f"{sum(h is None for h in hints)} of {len(hints)} images have no label"
                       f"{' in ' + args.labels if args.labels else ''}: they are captioned without a class hint",
                       flush=True)
+            runs.check_not_input(args.write_captions, "--write-captions", runs.input_files(args))
             path = write_captions(args.write_captions, task.train, hints, task.root, args.api_base,
                                   args.caption_model, os.environ.get("OPENAI_API_KEY"),
                                   exif_orientation=task.exif_orientation)
