@@ -982,7 +982,7 @@ def prepare(args):
     images = data.record(task)
     config = run_config(args, images, prompts, labels)
     if continuing:  # the images must be those the run was made with: said in words, before the backbone loads
-        data.check_same_images(args.out, images)
+        data.check_same_images(runs.saved_images(args.out), images, args.out)
     torch.manual_seed(args.seed)  # building a model draws random numbers (then overwritten): seeded too
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
@@ -996,8 +996,6 @@ def prepare(args):
     # every check passed: only now may --restart discard the run in --out
     out = runs.open_run(args.out, config, continuing, args.restart, OUTPUTS, runs.settings(args, UNRECORDED_FLAGS)[1],
                         inputs=runs.input_files(args), images=images)
-    if labels is not None:
-        print(labels.summary(), flush=True)
     test = data.make_transform("test", clip.visual, task)
     if labels is not None:  # the paper's few-labels setting (Sec. 4.4) from the labels a person gave
         labelled, y_labelled = labels.index, labels.y
@@ -1030,6 +1028,7 @@ def prepare(args):
           f"{len(eval_items)} {args.eval_split} images; backbone {args.clip} ({clip.visual.resolution}px) on "
           f"{device}, {args.precision}", flush=True)
     if labels is not None:
+        print(labels.summary(), flush=True)
         counts = labels.per_class(len(task.classnames))
         print(f"labels you gave: {runs.counted(len(labels), 'image')} in {args.labels} ({min(counts)}-{max(counts)} "
               f"per class, {sum(n > 0 for n in counts)} of {len(counts)} classes); {LABELS_USE[args.method]}", flush=True)

@@ -647,7 +647,7 @@ def prepare(args):
     images = data.record(task)
     config.update(data=data.fingerprint(images), clip=standin.backbone_id("--clip", args.clip, args.clip_act))
     if args.resume:  # the images must be those the run was made with: said in words, before the backbone loads
-        data.check_same_images(args.out, images)
+        data.check_same_images(runs.saved_images(args.out), images, args.out)
     torch.manual_seed(args.seed)
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
@@ -679,11 +679,11 @@ def prepare(args):
               f"{args.eval_split} images; backbone {args.clip} on {device}, {args.precision}; method {args.method}",
               flush=True)
     else:
-        print(labels.summary(), flush=True)
         counts = labels.per_class(len(task.classnames))
         print(f"{data.named(task.name)}: {len(task.classnames)} classes, {len(labels)} labelled images from "
               f"{args.labels} ({min(counts)}-{max(counts)} per class), {len(eval_items)} {args.eval_split} images; "
               f"backbone {args.clip} on {device}, {args.precision}; method {args.method}", flush=True)
+        print(labels.summary(), flush=True)
         if min(counts) == 0:
             absent = [c for c, n in zip(task.classnames, counts) if n == 0]
             print(f"warning: {runs.counted(len(absent), 'class', 'classes')} {'has' if len(absent) == 1 else 'have'} "

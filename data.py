@@ -25,7 +25,6 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import clip_model
-import runs
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -706,16 +705,17 @@ def list_images(folder, seen=None):
     return Listing(files, problems, repeats, others)
 
 
-def _read_class_folders(split_dir, class_folders, what):
+def _read_class_folders(split_dir, class_folders, what, empty_ok=False):
     """[(path, label)] for the images in split_dir/<class_folders[label]>/ (list_images: each file
     once, every problem in one line); every class must have images, and a file that two class
-    folders reach (through links) is refused: it would carry two labels."""
+    folders reach (through links) is refused: it would carry two labels. `empty_ok`: a class folder
+    may hold none (a test set of some classes)."""
     items, seen, label_of = [], {}, {}
     for label, c in enumerate(class_folders):
         folder = os.path.join(split_dir, c)
         listing = list_images(folder, seen)
         listing.refuse_problems(what)
-        if not listing.files:
+        if not listing.files and not empty_ok:
             raise DataError(f"{what}: {folder} has no images (looked for {' '.join(IMAGE_EXTENSIONS)}); every class "
                             f"needs at least one")
         for path, first in listing.repeats:
@@ -819,9 +819,13 @@ def imagenet_shift(name, root):
         raise DataError(f"{name}: {image_dir} has class folders that are not ImageNet "
                         f"{'class indices' if named_by == 'index' else 'wnids'} of {names_path}, e.g. {unknown[0]!r}")
     classes = sorted(label_of[f] for f in folders)
-    items = [(p, label_of[f]) for f in folders for p in _list_class_folder(os.path.join(image_dir, f))]
+    items = _read_class_folders(image_dir, folders, name, empty_ok=True)
+    items = [(p, label_of[folders[k]]) for p, k in items]
     if not items:
         raise DataError(f"{name}: {image_dir} has no images")
+    problems = contents([p for p, _ in items])[1]  # its images checked before any work, as a task's are
+    if problems:
+        raise DataError(f"{name}: {problems_line([(_shown(p, image_dir), why) for p, why in problems], len(items))}")
     return items, classes
 
 
@@ -1069,7 +1073,8 @@ def images_task(images, classes, template=None, check=None, flip=True):
               flush=True)
     if listing.repeats:
         path, first = listing.repeats[0]
-        print(f"note: --images {images}: {runs.counted(len(listing.repeats), 'file or folder', 'files or folders')} "
+        n = len(listing.repeats)
+        print(f"note: --images {images}: {n} {'file or folder' if n == 1 else 'files or folders'} "
               f"reached again through links "
               f"(first: {os.path.relpath(path, images)} is {os.path.relpath(first, images)}); each counts once",
               flush=True)
@@ -1221,9 +1226,10 @@ class Labels:
         """The CLIs' line on what the labels file gave."""
         if not self.exists:
             return f"{flag} {self.file} does not exist yet: no label so far"
-        return (f"{flag} {self.file}: {runs.counted(self.labelled_rows, 'labelled row')} read "
-                f"({runs.counted(len(self), 'image')}), {runs.counted(self.no_class_rows, 'row')} with an empty class "
-                f"cell (no label)")
+        def counted(n, noun):
+            return f"{n} {noun}{'s' if n != 1 else ''}"
+        return (f"{flag} {self.file}: {counted(self.labelled_rows, 'labelled row')} read ({counted(len(self), 'image')}), "
+                f"{counted(self.no_class_rows, 'row')} with an empty class cell (no label)")
 
 
 def read_labels(path, task, missing_ok=False):
@@ -1670,7 +1676,8 @@ def changes(saved, now):
     for key, what in (("name", "dataset"), ("classnames", "class names"), ("templates", "templates"),
                       ("prompts", "class prompts"), ("flip", "flip setting"), ("exif_orientation", "decoding")):
         if saved["task"].get(key) != now["task"].get(key):
-            words.append(f"the {what} changed")
+            words.append(f"the {what} changed" + (f" ({saved['task']['name']} -> {now['task']['name']})"
+                                                   if key == "name" else ""))
     for split in SPLITS:
         old, new = _by_path(saved["splits"][split]), _by_path(now["splits"][split])
         added, removed = [p for p in new if p not in old], [p for p in old if p not in new]
@@ -1699,22 +1706,17 @@ def _by_path(split):
             for k, (p, y) in enumerate(zip(split["paths"], split["labels"].tolist()))}
 
 
-def check_same_images(out, images):
-    """Before a run in `out` is continued (--resume, --phase 2, --eval-only, a VeCAF step): the
-    data must be what it was made with (its images.pt), else one line saying what changed. A run
-    folder made before runs recorded their data by content cannot be checked: refused, saying so."""
-    path = Path(out) / runs.IMAGES
-    if not runs.holds_run(out):
+def check_same_images(saved, images, out):
+    """Before the run in `out` is continued (--resume, --phase 2, --eval-only, a VeCAF step): the
+    data `images` (record) must be those it was made with (`saved`, its images.pt as
+    runs.saved_images reads it; None: no run there yet), else one line saying what changed."""
+    if saved is None:
         return
-    if not path.exists():
-        raise DataError(f"{out} holds a run made before runs recorded their images by content (it has no {runs.IMAGES}), "
-                        f"so the images it was made with cannot be checked: start it over with --restart or use "
-                        f"another --out (deploy.py still uses it as it is)")
-    saved = runs.read_torch(path, "--restart starts the run over")
     try:
         what = changes(saved, images)
     except (KeyError, TypeError, AttributeError, IndexError) as e:
-        raise DataError(f"{path} is not a record of this code ({type(e).__name__}): --restart starts the run over")
+        raise DataError(f"{out}'s record of its images is not one of this code ({type(e).__name__}): --restart starts "
+                        f"the run over") from None
     if what:
         raise DataError(f"the data differ from those the run in {out} was made with ({'; '.join(what[:3])}"
                         f"{'; ...' if len(what) > 3 else ''}): put the images back as they were, or start a new "

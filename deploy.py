@@ -137,7 +137,7 @@ def image_files(paths):
                 raise RunError(f"{p} holds no images (looked for {' '.join(data.IMAGE_EXTENSIONS)} in it and below)")
             for path, why in listing.problems:
                 print(f"warning: {path}: {why}", file=sys.stderr, flush=True)
-            found += listing.files
+            found += [os.path.normpath(f) for f in listing.files]  # './a.png' as 'a.png'
             other += listing.others
         elif os.path.isfile(p):
             key = data.identity(os.stat(p))
@@ -209,12 +209,12 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
         raise RunError(f"--csv {csv_path}: its folder does not exist")
     if csv_path is not None and Path(csv_path).is_dir():
         raise RunError(f"--csv {csv_path} is a folder: give the path of the CSV file to write")
-    if csv_path is not None and Path(csv_path).exists() and not is_predictions_csv(csv_path):
-        raise RunError(f"--csv {csv_path} exists and is not a CSV of this command's predictions (its first line is not "
-                       f"{','.join(PREDICTIONS_HEADER)}...): give a new file name; only such a CSV is overwritten")
     if csv_path is not None and any(runs.same_file(csv_path, f) for f in files
                                     if Path(f).name == Path(csv_path).name or Path(f).is_symlink()):
         raise RunError(f"--csv {csv_path} is one of the images to classify: give another path for the CSV file")
+    if csv_path is not None and Path(csv_path).exists() and not is_predictions_csv(csv_path):
+        raise RunError(f"--csv {csv_path} exists and is not a CSV of this command's predictions (its first line is not "
+                       f"{','.join(PREDICTIONS_HEADER)}...): give a new file name; only such a CSV is overwritten")
     if other:
         print(f"note: not images by their extension, so left out: {data.left_out(other)} in the folders given",
               file=sys.stderr, flush=True)

@@ -592,6 +592,20 @@ def open_run(out, config, resume, restart, outputs=(), how=None, inputs=None, im
     return out
 
 
+def saved_images(out):
+    """The record of the data the run in `out` was made with (images.pt, data.record), for
+    data.check_same_images; None where `out` holds no run. A run folder made before runs kept it
+    cannot be checked: refused in one line, saying so and what to do."""
+    out = Path(out)
+    if not holds_run(out):
+        return None
+    if not (out / IMAGES).exists():
+        raise RunError(f"{out} holds a run made before runs recorded their images by content (it has no {IMAGES}), so "
+                       f"the images it was made with cannot be checked: start it over with --restart or use another "
+                       f"--out (deploy.py still uses it as it is)")
+    return read_torch(out / IMAGES, "--restart starts the run over")
+
+
 # how a missing (or deleted) file of a *finished* run is made again (deploy.py reads these)
 REDO_STAGE = "the run's own command with --resume redoes that stage"
 

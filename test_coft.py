@@ -1123,7 +1123,7 @@ def test_a_person_who_fills_in_pseudo_labels_csv_in_place_and_gives_it_back_to_i
         again = list(csv.DictReader(f))
     assert sorted((r["path"], r["class"]) for r in again if r["labelled"] == "1") == given
     assert sorted(torch.load(tmp_path / "run" / "pseudo_labels.pt")["labelled"].tolist()) == sorted(doubtful)
-    assert f"--labels {form}: 15 labelled row(s) read (15 image(s)), {len(rows) - 15} row(s) with an empty class" in out
+    assert f"--labels {form}: 15 labelled rows read (15 images), {len(rows) - 15} rows with an empty class" in out
     assert f"note: --restart kept {form} (this command's --labels)" in out
     assert f"note: {form} (this command's --labels) stays as it is: this run's pseudo_labels.csv is in {form.parent}/" \
            f"pseudo_labels-2.csv" in out
@@ -1133,7 +1133,7 @@ def test_a_person_who_fills_in_pseudo_labels_csv_in_place_and_gives_it_back_to_i
         w.writeheader()
         w.writerows([dict(r, **{"class": ""}) for r in rows])
     err = coft_error(capsys, *coft_args(tmp_path, "--phase", "1", "--labels", str(tmp_path / "blank.csv"), out="b"))
-    assert f"labels no image: its {len(rows)} row(s) have an empty class cell; fill in the class" in err, err
+    assert f"labels no image: every row of it ({len(rows)}) has an empty class cell; fill in the class" in err, err
     assert not (tmp_path / "b").exists()
 
 

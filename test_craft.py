@@ -292,12 +292,12 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
     assert "--shots 3: class" in cli_error(capsys, *craft_args(tmp_path, "--dataset", "dtd", "--data-root",
                                                                 str(tmp_path / "DATA"), "--shots", "3"))
     assert "unknown model 'ViT-X'" in cli_error(capsys, "--clip", "ViT-X", "--out", str(tmp_path / "x"))
-    # an unreadable shot: named before any pass over the eval split (nothing is written)
+    # an unreadable image: named before any work (nothing is written)
     make_imagefolder(tmp_path / "IF")
     (tmp_path / "IF" / "train" / "cat" / "0.png").write_bytes(b"not a png")
     err = cli_error(capsys, *craft_args(tmp_path, "--dataset", "imagefolder", "--data-root", str(tmp_path / "IF"),
                                         "--eval-split", "test", "--shots", "2", out="if"))
-    assert "the shots: 1 of 4 images cannot be read (train/cat/0.png: not an image" in err
+    assert "imagefolder: 1 of 8 images cannot be read (train/cat/0.png: not an image" in err
     assert not (tmp_path / "if").exists()
     assert not (tmp_path / "run").exists()  # nothing was written by a refused run
     craft.main(craft_args(tmp_path, "--budget", "16"))

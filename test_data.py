@@ -604,7 +604,7 @@ def test_labels_file_is_read_class_by_class_and_every_bad_row_is_one_line_naming
             ("path,class\nb.png,tabby cat\nc.jpeg,golden retriever\nb.png,golden retriever\n",
              "line 4 labels 'b.png' 'golden retriever', but line 2 labelled it 'Tabby cat'"),
             ("path,class\n,tabby cat\n", "line 2: the class 'tabby cat' has no path"),
-            ("path,class\nb.png,\n c.jpeg , \n", "labels no image: its 2 row(s) have an empty class cell"),
+            ("path,class\nb.png,\n c.jpeg , \n", "labels no image: every row of it (2) has an empty class cell"),
             ("path,class\n", "labels no image: add rows path,class")]:
         path.write_text(content)
         msg = data_error(data.read_labels, path, task)
@@ -613,7 +613,7 @@ def test_labels_file_is_read_class_by_class_and_every_bad_row_is_one_line_naming
     path.write_text("path,class,score\nb.png,,1\nc.jpeg,tabby cat,2\na/z.JPG, ,3\n,,\n")
     labels = data.read_labels(path, task)
     assert labels.index.tolist() == [1] and (labels.labelled_rows, labels.no_class_rows) == (1, 2)
-    assert "1 labelled row(s) read (1 image(s)), 2 row(s) with an empty class cell (no label)" in labels.summary()
+    assert "1 labelled row read (1 image), 2 rows with an empty class cell (no label)" in labels.summary()
     path.write_text("path,class\nb.png,\n")
     assert len(data.read_labels(path, task, missing_ok=True)) == 0  # a list nobody has filled in yet
     assert "no such file" in data_error(data.read_labels, tmp_path / "none.csv", task)
@@ -674,7 +674,7 @@ def test_a_file_reached_by_many_links_counts_once_and_a_link_loop_is_no_loop(tmp
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
     task = data.images_task(pool, tmp_path / "classes.txt")
     assert rel([p for p, _ in task.train], pool) == ["a.png", "b.png", "sub/c.png", "sub/deeper/d.png"]
-    assert "4 file(s) or folder(s) are reached again through links (first: " in capsys.readouterr().out
+    assert "4 files or folders reached again through links (first: " in capsys.readouterr().out
     # deploy.py lists a folder as --images does
     import deploy
     assert deploy.image_files([str(pool)])[0] == listing.files

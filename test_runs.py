@@ -202,7 +202,7 @@ def test_a_folder_holding_a_run_is_only_continued_with_its_own_config(tmp_path, 
     make_imagefolder(tmp_path / "IF")
     err = coft_error(capsys, *coft_args(tmp_path, *SHORT, "--eval-only", "--dataset", "imagefolder",
                                       "--data-root", str(tmp_path / "IF")))
-    assert "dataset: 'digits' -> 'imagefolder'" in err
+    assert "the dataset changed (digits -> imagefolder)" in err
     assert "fft_lr" in coft_error(capsys, *coft_args(tmp_path, "--p1-epochs", "1", "--fft-epochs", "1", "--phase", "2",
                                                    "--fft-lr", "0.05"))
     # bad input on --resume / --restart fails before anything is written or deleted
@@ -478,7 +478,8 @@ def test_unreadable_image_names_the_file(tmp_path, capsys, workers):
     torch.save(randomized("tiny-vit").state_dict(), tmp_path / "tiny.pt")
     err = coft_error(capsys, "--dataset", "imagefolder", "--data-root", str(root), "--clip", str(tmp_path / "tiny.pt"),
                     "--clip-act", "quick_gelu", "--M", "4", "--out", str(tmp_path / "run"), "--workers", str(workers))
-    assert "cannot read image" in err and "broken.png" in err
+    assert "imagefolder: 1 of 5 images cannot be read (train/dotted/broken.png: not an image" in err
+    assert not runs.holds_run(tmp_path / "run")  # found before any work
 
 
 def test_precision_is_part_of_a_runs_config(tmp_path, capsys):
@@ -981,8 +982,8 @@ def test_every_line_a_person_reads_of_an_own_images_run_reads_right(tmp_path, ca
     vecaf_argv = without(vecaf_args(tmp_path, out="vecaf"), "--dataset") + own + check + ["--labels", str(person)]
     stops = [step("vecaf, the first stop", vecaf.main, vecaf_argv, code=runs.WAITING)]
     asked = []
-    for name in ("vecaf, the stop after loop 1", "vecaf, the end"):
-        asked += [r["path"] for r in csv.DictReader(open(tmp_path / "vecaf" / "to_label.csv"))]
+    for loop, name in enumerate(("vecaf, the stop after loop 1", "vecaf, the end"), 1):
+        asked += [r["path"] for r in csv.DictReader(open(tmp_path / "vecaf" / f"to_label_loop{loop}.csv"))]
         write_labels(person, [(p, pool[int(p[:4])]) for p in asked])
         stops.append(step(name, vecaf.main, vecaf_argv, code=runs.WAITING if "stop" in name else None))
     classified = step("deploy", deploy.main, [str(tmp_path / "coft"), str(root / "check"), "--csv",
@@ -1004,12 +1005,13 @@ def test_every_line_a_person_reads_of_an_own_images_run_reads_right(tmp_path, ca
     assert craft_labels[0].startswith(f"your images: 10 classes, 14 labelled images from {given}")
     assert craft_none == ["error: --shots draws labelled images per class, and your images carry no labels: give the "
                           "labels you have in a labels file (--labels)"]
-    assert any(f"labels from a person: none yet ({person} does not exist yet)" in line for line in stops[0])
+    assert any(f"--labels {person} does not exist yet: no label so far" in line for line in stops[0])
     for n, lines in enumerate(stops[:2]):
-        assert lines[-1] == f"waiting: loop {n + 1} selected 6 images that {person} does not label yet, listed in " \
-                            f"{tmp_path / 'vecaf' / 'to_label.csv'}: add a row path,class for each to {person}, then " \
-                            f"run the same command again"
-    assert any(f"labels from a person: 6 images labelled in {person}" in line for line in stops[1])
+        assert lines[-1] == f"waiting: loop {n + 1} selected 6 images, 6 of them not labelled yet: fill in the class " \
+                            f"column of {tmp_path / 'vecaf' / f'to_label_loop{n + 1}.csv'} and give that file as " \
+                            f"--labels (or add rows path,class for them to {person}), then run again"
+    assert any(f"--labels {person}: 6 labelled rows read (6 images), 0 rows with an empty class cell" in line
+               for line in stops[1])
     assert f"loop 1: loaded from {tmp_path / 'vecaf'}/stages" in stops[2]
     assert classified == [f"20 images classified to {tmp_path / 'p.csv'}"]
     assert "(and export.json: the run they came from)" in exported[-1]

@@ -130,7 +130,7 @@ def test_imports_run_one_way():
 # the functions of each method file that may read the parsed flags: its CLI layer
 CLI_LAYER = {
     "coft": {"end_to_end", "prepare", "run_config", "settings_of", "check_args", "check_labels", "check_fft_init",
-             "resolve_defaults", "main"},
+             "check_prompt_flags", "resolve_defaults", "main"},
     "craft": {"end_to_end", "prepare", "check_args", "settings_of", "with_shot_defaults", "resolve_defaults", "main"},
     "vecaf": {"end_to_end", "prepare", "settings_of", "check_args", "resolve_task_defaults", "resolve_defaults", "main"},
 }

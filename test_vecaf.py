@@ -256,7 +256,7 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
     assert "unknown dataset 'mnist'" in one_line_error(vecaf.main, capsys, *vecaf_args(tmp_path, "--dataset", "mnist"))
     captions = {f"#{i}": f"a digit, number {i}" for i in range(899)}
     for change, message in ((lambda c: c.pop("#5"), "1 of 899 train images have no caption, e.g. '#5'"),
-                            (lambda c: c.update({"#899": "x"}), "captions 1 image not in the train pool, e.g. '#899'"),
+                            (lambda c: c.update({"#899": "x"}), "1 caption key not in the train pool, e.g. '#899'"),
                             (lambda c: c.update({" #3": "y"}), "gives one image two captions, as '#3' and ' #3'")):
         bad = dict(captions)
         change(bad)

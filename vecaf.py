@@ -827,7 +827,7 @@ def prepare(args):
     if labels is not None:  # it grows between loops: each loop records the labels it trained on
         config["labels"] = "a person's (--labels), checked per loop"
     if resume:  # the images must be those the run was made with (also between two steps with a person)
-        data.check_same_images(args.out, images)
+        data.check_same_images(runs.saved_images(args.out), images, args.out)
     torch.manual_seed(args.seed)
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
