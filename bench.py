@@ -31,7 +31,7 @@ Sections:
           computes them (a few numbers per image, blocks of rows) beside the full N x C score matrices of
           the way before (at --reference-pool images, where they fit), each in a fresh process: time and
           peak resident memory, and whether the two give the same picks and figures
-  pool    knowing a folder of your own images by content (data.list_images, data.contents): --pool-files
+  pool    knowing a folder of your own images by content (imagefiles.list_images, imagefiles.contents): --pool-files
           small generated PNGs in folders of 1,000; the listing, the first pass (every file read, hashed and
           checked), a repeat pass (the digest cache: only files whose size or times changed are read) and one
           after 1 % of the files changed, each in a fresh process (time, files read, peak resident memory),
@@ -42,7 +42,7 @@ Sections:
   ref     needs open-clip-torch (a test-only dependency)
   decode  checking image files before training: per image, on generated JPEGs of ImageNet's typical size
           (500 x 375, about 110 KB), a header read (Image.open), a full decode, Pillow's draft-mode JPEG
-          decode (1/8 scale), data.image_problem (the check every pool image gets) and the sha256 of the
+          decode (1/8 scale), imagefiles.image_problem (the check every pool image gets) and the sha256 of the
           bytes; the full decode and image_problem in a pool of threads; each extrapolated to ImageNet's
           1.28 M images; then which problem files (truncated JPEG, PNG, GIF, WebP, TIFF, BMP, empty, text
           named .jpg, 16-bit, float outside [0, 1], ...) each check refuses
@@ -698,24 +698,28 @@ def label_costs(N, reference_N, C=1000, D=512):
 
 
 def pool_pass(folder, cache, queue):
-    """One pass over a folder as a run makes it (section pool), in this fresh process: the listing,
+    """One pass over a folder as a run makes it (section pool), in this (fresh) process: the listing,
     then every file's digest and check -> the queue: (files, listing s, pass s, files read, peak GiB)."""
-    os.environ["COFT_CACHE"] = cache
-    import data
-    reads, read = [], data._read_file
-    data._read_file = lambda p: reads.append(1) or read(p)
-    t0 = time.perf_counter()
-    files = data.list_images(folder).files
-    t1 = time.perf_counter()
-    _, problems = data.contents(files)
-    t2 = time.perf_counter()
+    import imagefiles
+    was, reads, read = os.environ.get("COFT_CACHE"), [], imagefiles._read_file
+    os.environ["COFT_CACHE"], imagefiles._read_file = cache, lambda p: reads.append(1) or read(p)
+    try:
+        t0 = time.perf_counter()
+        files = imagefiles.list_images(folder).files
+        t1 = time.perf_counter()
+        _, problems = imagefiles.contents(files)
+        t2 = time.perf_counter()
+    finally:
+        imagefiles._read_file = read
+        os.environ.pop("COFT_CACHE") if was is None else os.environ.update(COFT_CACHE=was)
     assert not problems, problems[:3]
     queue.put((len(files), t1 - t0, t2 - t1, len(reads), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20))
 
 
-def pool_costs(N, imagenet=1281167):
+def pool_costs(N, imagenet=1281167, fresh=True):
     """Section pool: N generated PNGs (16 x 16 px, about 1 KB: what is measured is the per-file cost
-    of listing, stat, cache and reading, not the disk's bandwidth), four passes each in a fresh process."""
+    of listing, stat, cache and reading, not the disk's bandwidth), three passes, each in a fresh
+    process (its peak memory its own; fresh=False: in this one, for the tests)."""
     import multiprocessing
     import shutil
     import tempfile
@@ -736,11 +740,16 @@ def pool_costs(N, imagenet=1281167):
         ctx = multiprocessing.get_context("spawn")
 
         def measure(what):
-            q = ctx.Queue()
-            p = ctx.Process(target=pool_pass, args=(str(folder), cache, q))
-            p.start()
+            import queue
+            q = ctx.Queue() if fresh else queue.Queue()
+            if fresh:
+                p = ctx.Process(target=pool_pass, args=(str(folder), cache, q))
+                p.start()
+            else:
+                pool_pass(str(folder), cache, q)
             files, listing, seconds, reads, peak = q.get()
-            p.join()
+            if fresh:
+                p.join()
             print(f"  {what:34s} listing {listing:6.1f} s, pass {seconds:6.1f} s ({1e6 * seconds / files:6.1f} us a "
                   f"file), {reads:>7} files read, peak RSS {peak:5.2f} GiB", flush=True)
             return listing, seconds
@@ -850,9 +859,9 @@ def file_sha256(path):
 
 
 def refused(check, path):
-    """Whether a check refuses the file: data.image_problem names a problem, the others raise."""
-    import data
-    if check is data.image_problem:
+    """Whether a check refuses the file: imagefiles.image_problem names a problem, the others raise."""
+    import imagefiles
+    if check is imagefiles.image_problem:
         return check(str(path)) is not None
     try:
         check(str(path))
@@ -871,10 +880,11 @@ def decode_costs(n, threads, repeats=3):
     among problem_files."""
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
-    import data
+    import imagefiles
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     checks = {"header (Image.open)": header_check, "full decode (Image.open + load)": full_decode,
-              "draft decode (JPEG at 1/8 scale)": draft_decode, "data.image_problem (the check)": data.image_problem,
+              "draft decode (JPEG at 1/8 scale)": draft_decode,
+              "imagefiles.image_problem (the check)": imagefiles.image_problem,
               "sha256 of the bytes (for comparison)": file_sha256}
 
     def per_image(fn, paths, t):
@@ -908,17 +918,17 @@ def decode_costs(n, threads, repeats=3):
             file_sha256(p)
         for what, fn in checks.items():
             line(what, *per_image(fn, paths, 1))
-            for t in (t for t in threads if t > 1 and fn in (full_decode, data.image_problem)):
+            for t in (t for t in threads if t > 1 and fn in (full_decode, imagefiles.image_problem)):
                 wall, cpu = per_image(fn, paths, t)
                 line(f"  {t} threads", wall, cpu)
-                if fn is data.image_problem and t == max(threads):
+                if fn is imagefiles.image_problem and t == max(threads):
                     line("  16 threads on 16 free cores (CPU time / 16)", cpu / 16)
         files = problem_files(folder, natural_image(0))
         print("  which files each check refuses (header / full decode / draft / image_problem):", flush=True)
         for kind, path in files.items():
             marks = " / ".join("refused" if refused(fn, path) else "passes" for what, fn in checks.items()
                                if fn is not file_sha256)
-            why = data.image_problem(str(path))
+            why = imagefiles.image_problem(str(path))
             print(f"    {kind:32s} {marks}" + (f"   ({why})" if why else ""), flush=True)
 
 

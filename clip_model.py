@@ -625,12 +625,13 @@ def rgb(image):
     LA, PA, or a palette, grey or RGB image's transparency key) are laid over white, where
     Pillow's convert("RGB") would show whatever colour they hide; grey, palette, CMYK and the
     other 8-bit modes go through Pillow's conversion. A 16-bit or float image is refused: it needs
-    scaling to 8 bits (read files with data.load_image, which does it)."""
+    scaling to 8 bits (read files with imagefiles.load_image, which does it)."""
     if not hasattr(image, "convert") or (image.mode == "RGB" and "transparency" not in image.info):
         return image
     if image.mode.startswith("I") or image.mode == "F":
         raise CLIPError(f"a PIL image in mode {image.mode} ({'float' if image.mode == 'F' else 'over 8 bits'}) is "
-                        f"not scaled to 8 bits here: read image files with data.load_image(path), which scales them")
+                        f"not scaled to 8 bits here: read image files with imagefiles.load_image(path), which "
+                        f"scales them")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         from PIL import Image  # torchvision's dependency; only this step needs it
         rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")  # Pillow has no La -> RGBA

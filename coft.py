@@ -1031,7 +1031,8 @@ def prepare(args):
         print(labels.summary(), flush=True)
         counts = labels.per_class(len(task.classnames))
         print(f"labels you gave: {runs.counted(len(labels), 'image')} in {args.labels} ({min(counts)}-{max(counts)} "
-              f"per class, {sum(n > 0 for n in counts)} of {len(counts)} classes); {LABELS_USE[args.method]}", flush=True)
+              f"per class, {sum(n > 0 for n in counts)} of {len(counts)} classes); {LABELS_USE[args.method]}",
+              flush=True)
     if y_true is None:
         given = "" if labels is None else " beyond the ones you gave"
         print(f"the train images carry no labels{given}: every figure that needs the true label of every train image "

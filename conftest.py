@@ -36,7 +36,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def digest_cache(tmp_path_factory):
-    """The image digest caches (data.cache_folder) of the whole session in a folder of its own, not
+    """The image digest caches (imagefiles.cache_folder) of the whole session in a folder of its own, not
     in the home folder; the CLIs the tests start as processes inherit it."""
     os.environ["COFT_CACHE"] = str(tmp_path_factory.mktemp("coft-cache"))
     return Path(os.environ["COFT_CACHE"])
@@ -452,7 +452,7 @@ def craft_args(tmp_path, *extra, out="run", ckpt=None):
             "dev", *extra]
 
 
-# ---- one set of images written in every form a file can hold them (data.decode_image's tests)
+# ---- one set of images written in every form a file can hold them (imagefiles.decode_image's tests)
 
 # EXIF orientation o -> what a viewer does to the stored pixels [H, W, ...] to show them upright, written from the
 # tag's definition (row 0 / column 0 of the stored image is the shown image's ...), not from Pillow's table
@@ -495,7 +495,7 @@ def over_white(c, a):
 
 
 def write_image_forms(folder, n=10):
-    """The images of form_images written in every form data.decode_image reads, each beside a
+    """The images of form_images written in every form imagefiles.decode_image reads, each beside a
     reference: the 8-bit RGB PNG of what a viewer shows, stored upright, which every decode
     reads alike. Returns [(form, file, reference file)]. Orientation: JPEG with EXIF orientation
     2..8 (the reference: its decoded stored pixels turned as the tag says), PNG, TIFF and

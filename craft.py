@@ -662,7 +662,8 @@ def prepare(args):
                        f"needs {1 + len(p0) + longest} tokens, more than the backbone's {clip.context_length}: "
                        f"use a shorter --ctx-init")
     # every check passed: now --restart
-    out = runs.open_run(args.out, config, args.resume, args.restart, how=how, inputs=runs.input_files(args), images=images)
+    out = runs.open_run(args.out, config, args.resume, args.restart, how=how, inputs=runs.input_files(args),
+                        images=images)
     items = [task.train[i] for i in picked.tolist()]
     crop = data.make_transform("test" if args.aug == "none" else args.aug, clip.visual, task)
     test = data.make_transform("test", clip.visual, task)

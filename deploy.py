@@ -7,13 +7,13 @@ in your own code, and new images classified by it.
 
 In your own code (a plain nn.Module: no argparse, run folder or torchrun in the way):
 
-    import data, deploy
+    import deploy, imagefiles
     model, classnames, transform = deploy.load("runs/dtd")
-    x = torch.stack([transform(data.load_image(p)) for p in paths])   # [B, 3, R, R]
+    x = torch.stack([transform(imagefiles.load_image(p)) for p in paths])   # [B, 3, R, R]
     probs = model(x).softmax(-1)                                     # [B, C]
 
-data.load_image reads a file as a viewer shows it (EXIF orientation, 16-bit, transparency:
-data.decode_image), as the CLI does; Image.open(p).convert("RGB") would not.
+imagefiles.load_image reads a file as a viewer shows it (EXIF orientation, 16-bit, transparency:
+imagefiles.decode_image), as the CLI does; Image.open(p).convert("RGB") would not.
 
 The classifier is exactly the one the run reports: CoFT / CoFT+ the ensemble of its Phase-II
 branches (Sec. 3.2.2), top-K / labelled shots their model, self-training its last round; CraFT the
@@ -42,6 +42,7 @@ import clip_model
 import coft
 import craft
 import data
+import imagefiles
 import runs
 import standin
 import train
@@ -125,22 +126,23 @@ def vecaf_classifier(out, clip, config, metrics, classnames):
 
 def image_files(paths):
     """Files and folders -> (image paths, the files of folders that were passed over: not images
-    by their extension): a folder lists as --images does (data.list_images: recursively, sorted,
+    by their extension): a folder lists as --images does (imagefiles.list_images: recursively, sorted,
     hidden files left out, links followed, each file once); a file given by name is taken as it
     is. A missing path or a folder without images is one line; what a folder holds that cannot be
     read (a folder without permission, a link to nothing) is warned about, the rest classified."""
     found, other, seen = [], [], {}
     for p in paths:
         if os.path.isdir(p):
-            listing = data.list_images(p, seen)
+            listing = imagefiles.list_images(p, seen)
             if not listing.files and not listing.problems:
-                raise RunError(f"{p} holds no images (looked for {' '.join(data.IMAGE_EXTENSIONS)} in it and below)")
+                raise RunError(f"{p} holds no images (looked for {' '.join(imagefiles.IMAGE_EXTENSIONS)} in it and "
+                               f"below)")
             for path, why in listing.problems:
                 print(f"warning: {path}: {why}", file=sys.stderr, flush=True)
             found += [os.path.normpath(f) for f in listing.files]  # './a.png' as 'a.png'
             other += listing.others
         elif os.path.isfile(p):
-            key = data.identity(os.stat(p))
+            key = imagefiles.identity(os.stat(p))
             if key not in seen:
                 seen[key] = p
                 found.append(p)
@@ -152,7 +154,7 @@ def image_files(paths):
 class Images(torch.utils.data.Dataset):
     """(index, transformed image or None, error line or None) per path: an unreadable file is
     reported, not fatal. New images are read as a viewer shows them, EXIF orientation included
-    (data.decode_image), whatever data the run was trained on."""
+    (imagefiles.decode_image), whatever data the run was trained on."""
 
     def __init__(self, paths, transform):
         self.paths, self.transform = paths, transform
@@ -162,7 +164,7 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, self.transform(data.decode_image(self.paths[i], exif_orientation=True)), None
+            return i, self.transform(imagefiles.decode_image(self.paths[i], exif_orientation=True)), None
         except data.DataError as e:
             return i, None, str(e)
 
@@ -216,7 +218,7 @@ def predict(run_dir, paths, topk=1, csv_path=None, device="cpu", batch=64, worke
         raise RunError(f"--csv {csv_path} exists and is not a CSV of this command's predictions (its first line is not "
                        f"{','.join(PREDICTIONS_HEADER)}...): give a new file name; only such a CSV is overwritten")
     if other:
-        print(f"note: not images by their extension, so left out: {data.left_out(other)} in the folders given",
+        print(f"note: not images by their extension, so left out: {imagefiles.left_out(other)} in the folders given",
               file=sys.stderr, flush=True)
     device = runs.check_device(str(device))
     model, classnames, transform = load(run_dir, device, clip, clip_act)

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torchvision.transforms.functional import to_pil_image
 
-from data import DataError, DuplicateKey, json_object, load_image
+from data import DataError, DuplicateKey, json_object
+from imagefiles import load_image
 
 
 def chat(messages, api_base, model, api_key=None, retries=3, timeout=120, temperature=0.7):
@@ -131,7 +132,7 @@ def read_class_prompts(path, classnames):
 
 def image_url(source, exif_orientation=True):
     """An image (path or uint8 tensor [3, H, W]) as a PNG data URL, the form chat endpoints take;
-    a file as data.decode_image shows it (turned by its EXIF orientation where `exif_orientation`)."""
+    a file as imagefiles.decode_image shows it (turned by its EXIF orientation where `exif_orientation`)."""
     image = load_image(source, exif_orientation=exif_orientation)
     if torch.is_tensor(image):
         image = to_pil_image(image)

@@ -101,8 +101,8 @@ def test_bench_label_steps_blockwise_beside_the_full_matrices(capsys):
 
 def test_bench_pool_first_repeat_and_changed_passes(capsys):
     """Section pool: the first pass reads every file, a repeat reads none but the files written within
-    the last moments (data.SETTLE_NS), the pass after 1 % changed reads those again."""
-    bench.main(["--sections", "pool", "--pool-files", "300", "--device", "cpu"])
+    the last moments (imagefiles.SETTLE_NS), the pass after 1 % changed reads those again."""
+    bench.pool_costs(300, fresh=False)  # as --sections pool --pool-files 300, without its fresh processes
     out = capsys.readouterr().out
     reads = [int(n) for n in re.findall(r"s a file\), +(\d+) files read", out)]
     assert "300 PNG files in 1 folders" in out and len(reads) == 3 and reads[0] == 300
@@ -111,12 +111,12 @@ def test_bench_pool_first_repeat_and_changed_passes(capsys):
 def test_bench_decode_costs_and_what_each_check_refuses(capsys):
     """Section decode prints each check's cost on generated ImageNet-size JPEGs, its extrapolation
     to 1.28 M images, and which problem files each check refuses: a header read passes truncated
-    files that data.image_problem (the check every pool image gets) refuses, and image_problem
+    files that imagefiles.image_problem (the check every pool image gets) refuses, and image_problem
     refuses no usable file."""
     bench.main(["--sections", "decode", "--decode-images", "3", "--decode-threads", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     for what in ("header (Image.open)", "full decode (Image.open + load)", "draft decode (JPEG at 1/8 scale)",
-                 "data.image_problem (the check)", "2 threads", "16 threads on 16 free cores",
+                 "imagefiles.image_problem (the check)", "2 threads", "16 threads on 16 free cores",
                  "sha256 of the bytes"):
         assert re.search(rf"{re.escape(what)} .* ms/image .* images/s   1\.28 M images: +[\d.]+ min", out), what
     table = dict(re.findall(r"^    (.+?) {2,}(\w+ / \w+ / \w+ / \w+)", out, re.M))

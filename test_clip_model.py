@@ -239,7 +239,7 @@ def test_preprocess_transform():
 def test_the_test_transform_lays_transparency_over_white_and_refuses_unscaled_wide_images():
     """A PIL image a user passes: transparent pixels become white (convert("RGB") would show the
     red they hide), half-transparent ones half way, a transparency key too; 16-bit and float images
-    are refused in one line, as they need data.load_image's scaling."""
+    are refused in one line, as they need imagefiles.load_image's scaling."""
     from PIL import Image
     rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 0))
     rgba.putpixel((1, 0), (0, 0, 255, 128))
@@ -250,7 +250,7 @@ def test_the_test_transform_lays_transparency_over_white_and_refuses_unscaled_wi
     plain = Image.new("RGB", (1, 1), (9, 9, 9))
     assert cm.rgb(plain) is plain and torch.equal(cm.rgb(torch.zeros(3, 1, 1)), torch.zeros(3, 1, 1))
     for mode in ("I;16", "I", "F"):
-        with pytest.raises(cm.CLIPError, match="data.load_image") as e:
+        with pytest.raises(cm.CLIPError, match="imagefiles.load_image") as e:
             cm.preprocess(32)(Image.new(mode, (4, 4)))
         assert "\n" not in str(e.value)
 

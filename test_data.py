@@ -15,6 +15,7 @@ from PIL import Image
 
 import clip_model
 import data
+import imagefiles
 import standin
 from conftest import DTD_CLASSES, form_images, make_dtd, make_imagefolder, write_image, write_image_forms, tower
 
@@ -49,7 +50,7 @@ def test_every_transform_normalises_with_the_mean_and_std_its_tower_was_trained_
 def test_image_over_pillows_size_limit_is_one_line(tmp_path, monkeypatch):
     write_image(str(tmp_path / "big.png"), size=(40, 30))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1200 pixels > 2 x 100: Pillow refuses to open it
-    assert "over Pillow's size limit" in data_error(data.load_image, str(tmp_path / "big.png"))
+    assert "over Pillow's size limit" in data_error(imagefiles.load_image, str(tmp_path / "big.png"))
 
 
 def test_uci_digits_load():
@@ -667,7 +668,7 @@ def test_a_file_reached_by_many_links_counts_once_and_a_link_loop_is_no_loop(tmp
     os.link(pool / "b.png", pool / "sub" / "hard.png")
     write_image(pool / ".thumbnails" / "t.png")
     write_image(pool / ".hidden.png")
-    listing = data.list_images(pool)
+    listing = imagefiles.list_images(pool)
     assert rel(listing.files, pool) == ["a.png", "b.png", "sub/c.png", "sub/deeper/d.png"]
     assert sorted(rel([p for p, _ in listing.repeats], pool)) == ["sub/hard.png", "sub/up", "z-link.png", "zz-again"]
     assert listing.problems == [] and listing.others == []
@@ -733,7 +734,7 @@ def test_whatever_cannot_be_read_is_named_in_one_line_all_at_once(tmp_path, monk
         if str(path) == locked:
             raise PermissionError(13, "Permission denied")
         return scandir(path)
-    monkeypatch.setattr(data.os, "scandir", no_permission)
+    monkeypatch.setattr(imagefiles.os, "scandir", no_permission)
     msg = data_error(data.images_task, pool, tmp_path / "classes.txt", None, check)
     assert "4 of 9 images cannot be read, 1 folder cannot be listed (" in msg
     for name in ("empty.png: ", "link.png: a link to nothing", "locked: cannot be listed (Permission denied)"):
@@ -745,23 +746,23 @@ def test_digests_are_read_again_only_where_a_file_may_have_changed(tmp_path, mon
     were within SETTLE_NS of the pass that read it: a change within a clock tick can keep them."""
     folder = distinct_images(tmp_path / "images", [f"{n}.png" for n in range(5)])
     paths = [str(folder / f"{n}.png") for n in range(5)]
-    reads, real_read = [], data._read_file
-    monkeypatch.setattr(data, "_read_file", lambda p: reads.append(os.path.basename(p)) or real_read(p))
-    first, problems = data.contents(paths)
+    reads, real_read = [], imagefiles._read_file
+    monkeypatch.setattr(imagefiles, "_read_file", lambda p: reads.append(os.path.basename(p)) or real_read(p))
+    first, problems = imagefiles.contents(paths)
     assert problems == [] and len(reads) == 5
     assert [bytes(d) for d in first.numpy()] == [hashlib.sha256(open(p, "rb").read()).digest()[:16] for p in paths]
     reads.clear()
-    data.contents(paths)
+    imagefiles.contents(paths)
     assert len(reads) == 5  # written moments ago: not trusted yet
-    later = data.time.time_ns() + 10 * data.SETTLE_NS
-    monkeypatch.setattr(data.time, "time_ns", lambda: later)
+    later = imagefiles.time.time_ns() + 10 * imagefiles.SETTLE_NS
+    monkeypatch.setattr(imagefiles.time, "time_ns", lambda: later)
     reads.clear()
-    data.contents(paths)
-    data.contents(paths)
+    imagefiles.contents(paths)
+    imagefiles.contents(paths)
     assert len(reads) == 5  # the first of the two passes: settled from then on, the second reads nothing
     (folder / "3.png").write_bytes((folder / "0.png").read_bytes() + b"x")
     reads.clear()
-    again, _ = data.contents(paths)
+    again, _ = imagefiles.contents(paths)
     assert reads == ["3.png"] and torch.equal(again[[0, 1, 2, 4]], first[[0, 1, 2, 4]])
     assert bytes(again[3].numpy()) == hashlib.sha256((folder / "3.png").read_bytes()).digest()[:16]
 
@@ -771,12 +772,12 @@ def test_a_change_that_keeps_a_files_size_and_times_is_found_while_they_are_rece
     SETTLE_NS of the file's times is read again, so the change is found."""
     folder = distinct_images(tmp_path / "images", ["a.bmp", "b.bmp"])  # BMP: the same size for the same shape
     a = str(folder / "a.bmp")
-    data.contents([a])
+    imagefiles.contents([a])
     st, stat = os.stat(a), os.stat
     (folder / "a.bmp").write_bytes((folder / "b.bmp").read_bytes())
     assert os.path.getsize(a) == st.st_size
-    monkeypatch.setattr(data.os, "stat", lambda p, *k, **kw: st if str(p) == a else stat(p, *k, **kw))
-    digest, _ = data.contents([a])
+    monkeypatch.setattr(imagefiles.os, "stat", lambda p, *k, **kw: st if str(p) == a else stat(p, *k, **kw))
+    digest, _ = imagefiles.contents([a])
     assert bytes(digest[0].numpy()) == hashlib.sha256((folder / "b.bmp").read_bytes()).digest()[:16]
 
 
@@ -826,7 +827,7 @@ def test_every_form_of_an_image_decodes_to_what_a_viewer_shows_and_predicts_as_t
     forms = sorted({form for form, _, _ in image_forms})
     assert len(forms) == 43 and len(image_forms) == 430
     wrong = sorted({form for form, path, ref in image_forms
-                    if not np.array_equal(np.asarray(data.decode_image(path)), np.asarray(Image.open(ref).convert("RGB")))})
+                    if not np.array_equal(np.asarray(imagefiles.decode_image(path)), np.asarray(Image.open(ref).convert("RGB")))})
     assert wrong == [], wrong
     clip, _ = standin.load("--clip", "demo", None, "cpu")
     task = data.digits_task()
@@ -860,9 +861,9 @@ def test_without_orientation_the_stored_pixels_are_read_as_the_papers_pipelines_
     ds = data.ImageDataset([(p, 0) for _, p in turned], lambda im: np.asarray(im), exif_orientation=False)
     for i, (form, path) in enumerate(turned):
         stored = np.asarray(Image.open(path).convert("RGB"))
-        assert np.array_equal(np.asarray(data.decode_image(path, exif_orientation=False)), stored), form
+        assert np.array_equal(np.asarray(imagefiles.decode_image(path, exif_orientation=False)), stored), form
         assert np.array_equal(ds[i][0], stored), form
-        assert not np.array_equal(np.asarray(data.decode_image(path)), stored) or stored.shape[0] == stored.shape[1]
+        assert not np.array_equal(np.asarray(imagefiles.decode_image(path)), stored) or stored.shape[0] == stored.shape[1]
 
 
 def test_every_kind_of_unusable_file_is_named_and_all_of_them_in_one_line_before_any_work(tmp_path, monkeypatch):
@@ -909,11 +910,11 @@ def test_every_kind_of_unusable_file_is_named_and_all_of_them_in_one_line_before
         return real_open(file, *a, **k)
     monkeypatch.setattr("builtins.open", locked_open)
     for path, why in expected.items():
-        assert why in (data.image_problem(str(path)) or ""), (path.name, data.image_problem(str(path)))
-        assert why in data_error(data.decode_image, str(path)) and str(path) in data_error(data.decode_image, str(path))
-    assert data.image_problem(str(folder / "floats.tif")).endswith(": convert it to 8- or 16-bit")
+        assert why in (imagefiles.image_problem(str(path)) or ""), (path.name, imagefiles.image_problem(str(path)))
+        assert why in data_error(imagefiles.decode_image, str(path)) and str(path) in data_error(imagefiles.decode_image, str(path))
+    assert imagefiles.image_problem(str(folder / "floats.tif")).endswith(": convert it to 8- or 16-bit")
     for path in good:
-        assert data.image_problem(str(path)) is None and data.decode_image(str(path)).mode == "RGB"
+        assert imagefiles.image_problem(str(path)) is None and imagefiles.decode_image(str(path)).mode == "RGB"
     items = [(str(p), None) for p in sorted(good + list(expected))]
     msg = data_error(data.know_contents, data.Task("images", ["a", "b"], ["{}"], items, [], root=str(folder)))
     assert msg.startswith(f"--images {folder}: 14 of 18 images cannot be read (album.jpg: a folder, not a file; "
@@ -922,19 +923,20 @@ def test_every_kind_of_unusable_file_is_named_and_all_of_them_in_one_line_before
     assert msg.count(": ") == 6  # the folder, the three files named (and counts.tif's advice), the advice: no more
     data.know_contents(data.Task("x", ["a", "b"], ["{}"], [(str(p), None) for p in good] +
                                  [(torch.zeros(3, 2, 2, dtype=torch.uint8), 0)], []))
-def test_the_example_is_never_written_over_a_folder_that_holds_files(tmp_path):
+def test_the_example_is_never_written_over_a_folder_that_holds_files(tmp_path, capsys):
     """python data.py --write-example FOLDER: a folder that holds anything (a classes.txt of yours) is
     refused in one line, and nothing in it changes."""
-    import subprocess
-    import sys
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "classes.txt").write_text("cat\ndog\n")
-    r = subprocess.run([sys.executable, "data.py", "--write-example", str(tmp_path / "mine"), "--size", "2"],
-                       cwd=os.path.dirname(os.path.abspath(data.__file__)), capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert f"--write-example {tmp_path / 'mine'} is not empty" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        data.main(["--write-example", str(tmp_path / "mine"), "--size", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().count("\n") == 0
+    assert f"--write-example {tmp_path / 'mine'} is not empty" in err
     assert os.listdir(tmp_path / "mine") == ["classes.txt"] and (tmp_path / "mine" / "classes.txt").read_text() == \
         "cat\ndog\n"
+
+
 # -----------------------------------------------------------------------------
 # Names in the files a person reads and writes: formula guards, spaces, Unicode forms
 

@@ -12,6 +12,7 @@ import clip_model
 import coft
 import craft
 import data
+import imagefiles
 import deploy
 import standin
 import vecaf
@@ -30,7 +31,7 @@ def digit_folder(tmp_path_factory):
             name = data.DIGIT_NAMES[label]
             if count.get(name, 0) < n:
                 (root / split / name).mkdir(parents=True, exist_ok=True)
-                to_pil_image(data.load_image(image) if not torch.is_tensor(image) else image).save(
+                to_pil_image(imagefiles.load_image(image) if not torch.is_tensor(image) else image).save(
                     root / split / name / f"{count.get(name, 0)}.png")
                 count[name] = count.get(name, 0) + 1
     return root
@@ -88,7 +89,7 @@ def test_predicting_a_runs_own_test_images_gives_what_the_run_recorded(finished,
     model, classnames, transform = deploy.load(finished / run)
     path = str(task.test[0][0])
     with torch.no_grad():
-        p = model(transform(data.load_image(path))[None]).softmax(-1)[0]
+        p = model(transform(imagefiles.load_image(path))[None]).softmax(-1)[0]
     top = [(classnames[k], f"{v:.4f}") for v, k in zip(*p.topk(3))]
     r = rows[path]
     assert top == [(r["class"], r["probability"]), (r["class_2"], r["probability_2"]),
@@ -100,7 +101,7 @@ def test_coft_is_the_mean_of_its_branches_probabilities(finished, digit_folder):
     """CoFT's loaded classifier: softmax of its output = the mean of the two branches' softmax
     outputs (Sec. 3.2.2), each branch computed by hand from its stage file."""
     model, classnames, transform = deploy.load(finished / "coft")
-    x = torch.stack([transform(data.load_image(p)) for p, _ in data.load_task("imagefolder", str(digit_folder)).test])
+    x = torch.stack([transform(imagefiles.load_image(p)) for p, _ in data.load_task("imagefolder", str(digit_folder)).test])
     clip, _ = standin.load("--clip", "demo", None, "cpu")
     probs = []
     for tag in ("branch1", "branch2"):
@@ -163,7 +164,7 @@ def test_the_export_gives_the_runs_image_features_in_open_clip_and_here(finished
     deploy.main([str(finished / "coft"), "--export", str(tmp_path / "coft")])
     assert "ensemble of its 2 branches" in capsys.readouterr().out
     model, classnames, transform = deploy.load(finished / "coft")
-    x = torch.stack([transform(data.load_image(p)) for p, _ in data.load_task("imagefolder", str(digit_folder)).test])
+    x = torch.stack([transform(imagefiles.load_image(p)) for p, _ in data.load_task("imagefolder", str(digit_folder)).test])
     demo, _ = standin.load("--clip", "demo", None, "cpu")
     for a, branch in enumerate(model.branches, 1):
         state = torch.load(tmp_path / "coft" / f"branch{a}.pt", weights_only=True)

@@ -886,23 +886,25 @@ def test_an_unreadable_image_stops_a_run_before_its_folder_holds_one_and_the_sam
     (root / "flat" / "0004.png").write_bytes(good)
     (root / "flat" / "0100.png").unlink()
     assert coft.main(argv)["phase1_agreement"] is not None
+
+
 @pytest.mark.parametrize("cli", ["coft", "craft", "vecaf"])
 def test_every_image_a_run_reads_is_decoded_with_its_datasets_orientation_rule(tmp_path, monkeypatch, cli):
-    """Every image file a CLI reads goes through data.decode_image, without the EXIF orientation for
+    """Every image file a CLI reads goes through imagefiles.decode_image, without the EXIF orientation for
     a benchmark dataset (DTD: the papers' decode) and with it for an image folder: a place that
     built its ImageDataset without the task's rule would read a benchmark's files turned."""
     import craft
-    import data
+    import imagefiles
     import vecaf
     from conftest import vecaf_args
     make_dtd(str(tmp_path / "DATA"))
     make_imagefolder(str(tmp_path / "folder"), splits=("train", "test", "val"))
-    seen, decode = [], data.decode_image
+    seen, decode = [], imagefiles.decode_image
 
     def recording(path, exif_orientation=True):
         seen.append((os.path.relpath(path, tmp_path).split(os.sep)[0], exif_orientation))
         return decode(path, exif_orientation)
-    monkeypatch.setattr(data, "decode_image", recording)
+    monkeypatch.setattr(imagefiles, "decode_image", recording)
     for dataset, root in (("dtd", "DATA"), ("imagefolder", "folder")):
         data_flags = ["--dataset", dataset, "--data-root", str(tmp_path / root), "--out", str(tmp_path / dataset)]
         if cli == "coft":

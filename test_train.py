@@ -104,7 +104,9 @@ def test_precision_settings():
 
 def test_imports_run_one_way():
     """clip_model and ddp import nothing from the project, train only ddp, runs only these two;
-    data and checkpoints only clip_model, llm only data; no library imports a method (coft, craft, vecaf, bench), nor a method another method."""
+    imagefiles and checkpoints only clip_model, data only clip_model and imagefiles, llm only data
+    and imagefiles; no library imports a method (coft, craft, vecaf, bench), nor a method another
+    method."""
     import ast
     from pathlib import Path
     root = Path(train.__file__).parent
@@ -118,10 +120,11 @@ def test_imports_run_one_way():
 
     assert imports("clip_model") == imports("ddp") == set() and imports("train") == {"ddp"}
     assert imports("runs") == {"ddp", "train"}  # the data's and the backbone's errors: each CLI names them
-    assert imports("data") == imports("checkpoints") == {"clip_model"}
+    assert imports("imagefiles") == {"clip_model"} and imports("checkpoints") == {"clip_model"}
+    assert imports("data") == {"clip_model", "imagefiles"}
     assert imports("standin") <= {"checkpoints", "clip_model", "data", "ddp", "runs", "train"}
-    assert imports("llm") == {"data"}
-    libraries = ("clip_model", "checkpoints", "data", "standin", "train", "ddp", "runs", "llm")
+    assert imports("llm") == {"data", "imagefiles"}
+    libraries = ("clip_model", "checkpoints", "imagefiles", "data", "standin", "train", "ddp", "runs", "llm")
     assert not {"coft", "craft", "vecaf", "bench"} & set().union(*(imports(m) for m in libraries))
     methods = {"coft", "craft", "vecaf"}
     assert all(not (methods - {m}) & imports(m) for m in methods)  # a sibling method depends on no other

@@ -327,7 +327,8 @@ def read_captions(path, pool, root):
         if i is None:
             unknown.append(k)
         elif names.keys[i] in given:  # two spellings of one path ("a.png", "./a.png")
-            raise data.DataError(f"the captions file {path} gives one image two captions, as {written[names.keys[i]]!r} "
+            raise data.DataError(f"the captions file {path} gives one image two captions, as "
+                                 f"{written[names.keys[i]]!r} "
                                  f"and {k!r}: keep one")
         else:
             given[names.keys[i]], written[names.keys[i]] = v.strip(), k
@@ -701,9 +702,11 @@ def ask_for_labels(run, loop, model, new):
     runs.set_waiting(run.out, loop)
     todo = sum(label < 0 for label in y)
     if runs.same_file(path, run.labels_file):
-        raise runs.Waiting(f"loop {loop} selected {runs.counted(len(new), 'image')}, {todo} of them not labelled yet in {path} "
+        raise runs.Waiting(f"loop {loop} selected {runs.counted(len(new), 'image')}, {todo} of them not labelled yet "
+                           f"in {path} "
                            f"(--labels): fill in their class cells there, then run the same command again")
-    raise runs.Waiting(f"loop {loop} selected {runs.counted(len(new), 'image')}, {todo} of them not labelled yet: fill in the "
+    raise runs.Waiting(f"loop {loop} selected {runs.counted(len(new), 'image')}, {todo} of them not labelled yet: "
+                       f"fill in the "
                        f"class column of {path} and give that file as --labels (or add rows path,class for them to "
                        f"{run.labels_file}), then run again")
 
@@ -846,8 +849,8 @@ def prepare(args):
           f"{runs.counted(args.budget, 'image')}; backbone {args.clip} on {device}, {args.precision}", flush=True)
     if labels is not None:
         print(labels.summary(), flush=True)
-        print(f"labels from a person: selection reads no other label (ODS by the model's margin, CEA's class captions "
-              f"from the picks' given labels)", flush=True)
+        print("labels from a person: selection reads no other label (ODS by the model's margin, CEA's class captions "
+              "from the picks' given labels)", flush=True)
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported", flush=True)
     run = Run(**runs.fields_of(args, out, config, device, resume), task=task, clip=clip,
@@ -1100,7 +1103,8 @@ def parser():
       help="--table: B2A counts the batches to reach this fraction of the full-data runs' final accuracy")
     a("--at-batches", type=number_type(int, 0), default=None,
       help="--table: accuracy at this many batches (default: the fewest any selection run trained)")
-    a("--plot", default=None, metavar="FILE.svg", help="--table: write the accuracy-vs-batches curves (an existing file only if an SVG)")
+    a("--plot", default=None, metavar="FILE.svg",
+      help="--table: write the accuracy-vs-batches curves (an existing file only if an SVG)")
     # selection (ActiveFT + ODS + ensemble)
     a("--iters", type=number_type(int, 1), default=300, help="centroid optimisation steps")
     a("--select-lr", type=number_type(float, 0, low_open=True), default=1e-3, help="Adam lr of the centroids")
