@@ -699,8 +699,10 @@ def label_costs(N, reference_N, C=1000, D=512):
 
 def pool_pass(folder, cache, queue):
     """One pass over a folder as a run makes it (section pool), in this (fresh) process: the listing,
-    then every file's digest and check -> the queue: (files, listing s, pass s, files read, peak GiB)."""
+    then every file's digest and check -> the queue: (files, listing s, pass s, files read, peak GiB,
+    GiB before the pass: the libraries' own)."""
     import imagefiles
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     was, reads, read = os.environ.get("COFT_CACHE"), [], imagefiles._read_file
     os.environ["COFT_CACHE"], imagefiles._read_file = cache, lambda p: reads.append(1) or read(p)
     try:
@@ -713,7 +715,8 @@ def pool_pass(folder, cache, queue):
         imagefiles._read_file = read
         os.environ.pop("COFT_CACHE") if was is None else os.environ.update(COFT_CACHE=was)
     assert not problems, problems[:3]
-    queue.put((len(files), t1 - t0, t2 - t1, len(reads), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    queue.put((len(files), t1 - t0, t2 - t1, len(reads), peak, before))
 
 
 def pool_costs(N, imagenet=1281167, fresh=True):
@@ -747,11 +750,11 @@ def pool_costs(N, imagenet=1281167, fresh=True):
                 p.start()
             else:
                 pool_pass(str(folder), cache, q)
-            files, listing, seconds, reads, peak = q.get()
+            files, listing, seconds, reads, peak, before = q.get()
             if fresh:
                 p.join()
             print(f"  {what:34s} listing {listing:6.1f} s, pass {seconds:6.1f} s ({1e6 * seconds / files:6.1f} us a "
-                  f"file), {reads:>7} files read, peak RSS {peak:5.2f} GiB", flush=True)
+                  f"file), {reads:>7} files read, peak RSS {peak:5.2f} GiB ({before:.2f} before the listing)", flush=True)
             return listing, seconds
         first = measure("first pass (no cache)")
         repeat = measure("repeat pass")

@@ -274,7 +274,7 @@ if os.environ.get("RANK") == "1":  # rank 1 alone cannot decode {name!r}, as if 
 """
 
 
-def torchrun(script, argv, cwd, late_rank=None, delay=3.0, unreadable_in_rank1=None):
+def torchrun(script, argv, cwd, late_rank=None, delay=2.0, unreadable_in_rank1=None):
     """`torchrun --nproc_per_node 2 script ...` (the real launcher), 1 thread per process.
     late_rank: that process is held back `delay` s at start-up and again right after joining the
     job (a sitecustomize on the processes' PYTHONPATH), so the other one meets first every check

@@ -73,7 +73,7 @@ def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("late_rank", [None, 0])
 def test_under_torchrun_an_error_on_any_process_ends_the_job_with_one_line(tmp_path, late_rank):
     """Every process meets the error (a flag, the run folder, a flag only GPUs take, an unreadable
-    image found before any work): rank 0 says it once, also when it meets it last (held back 3 s
+    image found before any work): rank 0 says it once, also when it meets it last (held back 2 s
     at start-up and after the job forms, so process 1 has long met it). One process meets it (a
     test image in rank 1's shard of the evaluation pass that it alone cannot read): that process
     says it, named, and rank 0, whose gather then breaks, stays silent. No traceback from a
