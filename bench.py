@@ -191,7 +191,7 @@ def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_
         # (b) Phase-I step per class count: text side, image side, loss, optimizer
         for C in classes:
             names = [f"class number {i}" for i in range(C)]
-            model = coft.DualPromptModel(clip, names, M, None, 20, True).to(device)
+            model = coft.DualPromptModel(clip, coft.tokenize_for(clip), names, M, None, 20, True).to(device)
             y = torch.randint(0, C, (B,), device=device)
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
             tokens, _ = model.prompts.prompt_embeddings()
@@ -269,7 +269,8 @@ def coft_stages(names, batch, classes, images, steps, device, amp, report, grad_
                 del ft, mc, opt
 
         # (d) generation pass: two Phase-I models' image features over N images (inference mode)
-        models = [coft.DualPromptModel(clip, ["a", "b"], M, None, 20, True).to(device) for _ in range(2)]
+        models = [coft.DualPromptModel(clip, coft.tokenize_for(clip), ["a", "b"], M, None, 20, True).to(device)
+                  for _ in range(2)]
         n_batches = max(images // B, 1)
 
         def generation():
@@ -513,7 +514,8 @@ def reference(names, batch, classes, steps, device, amp):
         ref.requires_grad_(False)
         M = 16 if ours.context_length >= 32 else 4
         for C in classes:
-            pl = coft.PromptLearner(ours, [f"class number {i}" for i in range(C)], M).to(device)
+            names = [f"class number {i}" for i in range(C)]
+            pl = coft.PromptLearner(ours, coft.tokenize_for(ours), names, M).to(device)
 
             def ours_text():
                 tok, emb = pl.prompt_embeddings()

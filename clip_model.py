@@ -5,12 +5,17 @@ the project: data.py and the methods build on it, never the other way round.
 - Image towers: ModifiedResNet (RN50, RN101, RN50x4/x16/x64) and ViT (B/32, B/16, L/14,
   L/14@336px); causal text tower. Every size is inferred from a state dict, so any OpenAI
   checkpoint loads unchanged and strictly.
-- The two hooks CoFT needs (and CraFT's black box wraps):
+- OpenAI's module layout (`token_embedding`, `transformer.resblocks`, `ln_final`,
+  `text_projection`, `visual.conv1`, ...), with open_clip's conventions where OpenAI's code has
+  none (`batch_first` towers, the text tower's causal `attn_mask` beside its blocks, the towers'
+  `output_dim`): the methods' modules read a CLIP through that layout, so they run on OpenAI's
+  `clip` package and on open_clip's CLIP too. What CoFT's prompts and VPT do with it is coft.py's.
+- Two fast paths prompt methods use (CraFT's black box wraps them; CoFT takes the second where a
+  model has it):
   * `encode_text(tokens, embeddings=...)` takes token *embeddings* (learnable contexts placed
     before each class name, CoOp style) and runs only up to the longest EOT in the batch;
-    `encode_text_shared(prefix, suffix_tokens)` encodes every (context, class) pair computing each
-    context's prefix once (exact, by causality);
-  * `encode_image(images, vpt=...)` takes visual prompt tokens (VPT shallow or deep).
+  * `encode_text_shared(prefix, suffix_tokens)` encodes every (context, class) pair computing each
+    context's prefix once (exact, by causality).
 - Byte-level BPE tokenizer on the vendored `assets/bpe_simple_vocab_16e6.txt.gz`.
 - `build_model(state_dict, act=...)`: a CLIP from OpenAI-layout tensors, given what they do not
   reveal (the MLP activation, ...). Finding and reading checkpoints (OpenAI's releases, open_clip's
@@ -74,11 +79,13 @@ class MultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x, causal=False):
+    def forward(self, x, causal=False, attn_mask=None):
+        """x [B, L, W]; causal, or an additive attn_mask [L, L] (open_clip's form of the causal mask)."""
         B, L, W = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (t.view(B, L, self.heads, W // self.heads).transpose(1, 2) for t in (q, k, v))  # [B, H, L, W/H]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        mask = None if attn_mask is None else attn_mask.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, L, W)  # [B, L, W]
         return self.out_proj(y)
 
@@ -119,8 +126,8 @@ class ResidualAttentionBlock(nn.Module):
         ]))
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x, causal=False, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), causal=causal, attn_mask=attn_mask)
         return x + self.mlp(self.ln_2(x))
 
     def forward_shared(self, xp, xs):
@@ -131,6 +138,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    batch_first = True  # [B, L, W], as open_clip's; OpenAI's towers run [L, B, W]
+
     def __init__(self, width, layers, heads, act="quick_gelu"):
         super().__init__()
         self.width, self.layers = width, layers
@@ -143,12 +152,9 @@ class Transformer(nn.Module):
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def run_block(self, i, x, causal):
-        return self.maybe_checkpoint(self.resblocks[i], x, causal)
-
-    def forward(self, x, causal=False):
-        for i in range(self.layers):
-            x = self.run_block(i, x, causal)
+    def forward(self, x, causal=False, attn_mask=None):
+        for block in self.resblocks:
+            x = self.maybe_checkpoint(block, x, causal, attn_mask)
         return x
 
     def forward_shared(self, xp, xs):
@@ -162,17 +168,11 @@ class Transformer(nn.Module):
 # Image towers
 
 class VisionTransformer(nn.Module):
-    """ViT image tower with visual prompt tuning (VPT, Jia et al. 2022).
-
-    Token order inside the transformer: [CLS, P prompt tokens, patches]. Prompts are inserted
-    after ln_pre (they are free parameters, so there is nothing to normalise) and carry no
-    positional embedding. VPT-shallow inserts one set before block 0; VPT-deep replaces the
-    previous block's prompt outputs with a fresh set before every block 0..D-1. The image
-    feature is still read at CLS, so with P = 0 the tower is exactly the plain ViT.
-    """
+    """ViT image tower: patches and a class token, the image feature read at the class token
+    (CoFT's visual prompt tokens enter this layout block by block: coft.encode_image_with_prompts)."""
     def __init__(self, resolution, patch_size, width, layers, heads, output_dim, act="quick_gelu"):
         super().__init__()
-        self.resolution, self.patch_size = resolution, patch_size
+        self.resolution, self.patch_size, self.output_dim = resolution, patch_size, output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -182,21 +182,13 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x, vpt=None):
-        """x: [B, 3, R, R]; vpt: None or [D, P, width] prompt tokens (D = 1: shallow, D > 1: deep,
-        D <= layers). Returns the projected CLS feature [B, output_dim]."""
+    def forward(self, x):
+        """x: [B, 3, R, R] -> the projected CLS feature [B, output_dim]."""
         x = self.conv1(x)  # [B, width, R/p, R/p]
         x = x.flatten(2).transpose(1, 2)  # [B, N, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, width]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+N, width]
-        x = self.ln_pre(x)
-        P = 0 if vpt is None else vpt.shape[1]
-        for i in range(self.transformer.layers):
-            if P and i < vpt.shape[0]:
-                prompts = vpt[i].to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, width]
-                rest = x[:, 1:] if i == 0 else x[:, 1 + P:]  # drop the previous block's prompts
-                x = torch.cat([x[:, :1], prompts, rest], dim=1)  # [B, 1+P+N, width]
-            x = self.transformer.run_block(i, x, False)
+        x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj
 
 
@@ -263,7 +255,7 @@ class ModifiedResNet(nn.Module):
     """CLIP's ResNet: 3-conv stem + avgpool, anti-aliased bottleneck stages, attention pooling."""
     def __init__(self, layers, output_dim, heads, resolution, width):
         super().__init__()
-        self.resolution = resolution
+        self.resolution, self.output_dim = resolution, output_dim
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
         self.relu1 = nn.ReLU(inplace=True)
@@ -283,9 +275,7 @@ class ModifiedResNet(nn.Module):
             inplanes = planes * 4
         self.attnpool = AttentionPool2d(resolution // 32, width * 32, heads, output_dim)
 
-    def forward(self, x, vpt=None):
-        if vpt is not None and vpt.shape[1] > 0:
-            raise CLIPError("visual prompt tokens need a ViT backbone; ResNets take no VPT")
+    def forward(self, x):
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
@@ -366,6 +356,10 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm(cfg.transformer_width)
         self.text_projection = nn.Parameter(torch.empty(cfg.transformer_width, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # the causal mask in open_clip's form, for code that runs the text tower's blocks itself over
+        # the whole context (coft.encode_text_embeddings); encode_text runs causal attention directly
+        L = cfg.context_length
+        self.register_buffer("attn_mask", torch.full((L, L), float("-inf")).triu(1), persistent=False)
         self.init_weights()
 
     def init_weights(self):
@@ -395,9 +389,9 @@ class CLIP(nn.Module):
     def context_length(self):
         return self.positional_embedding.shape[0]
 
-    def encode_image(self, images, vpt=None):
-        """images: [B, 3, R, R] normalised; vpt: optional [D, P, width] visual prompts (ViT)."""
-        return self.visual(images.to(self.visual.conv1.weight.dtype), vpt)
+    def encode_image(self, images):
+        """images: [B, 3, R, R] normalised -> [B, embed_dim]."""
+        return self.visual(images.to(self.visual.conv1.weight.dtype))
 
     def encode_text(self, tokens, embeddings=None, full_length=False):
         """tokens: [N, L] ids (EOT = the largest id, found by argmax). embeddings: optional
@@ -701,29 +695,23 @@ def zero_shot_logits(clip, W, x, tau):
 
 
 class ImageClassifier(nn.Module):
-    """A CLIP image tower fine-tuned as a classifier (CoFT's Phase II, Sec. 3.2.2; VeCAF's
-    fine-tuning): a fully trainable copy of the tower plus a linear head on its normalised
-    projected embedding. With text_weights t [C, D] (rows: class text embeddings) the head is
-    logit_scale * t, so step 0 reproduces the prompt classifier logit_scale * cos(v, t_k).
-    `vpt` / `adapter` (CoFT's Phase-I visual prompts or ResNet adapter) are copied and trained too."""
+    """A CLIP image tower fine-tuned as a classifier (VeCAF's fine-tuning; CoFT's Phase II adds its
+    visual prompts: coft.Phase2Classifier): a fully trainable copy of the tower plus a linear head
+    on its normalised projected embedding. With text_weights t [C, D] (rows: class text
+    embeddings) the head is logit_scale * t, so step 0 reproduces the prompt classifier
+    logit_scale * cos(v, t_k)."""
 
-    def __init__(self, visual, num_classes, text_weights=None, logit_scale=100.0, vpt=None, adapter=None):
+    def __init__(self, visual, num_classes, text_weights=None, logit_scale=100.0):
         super().__init__()
-        self.visual = copy.deepcopy(visual).requires_grad_(True)  # a copy: the frozen Phase-I backbone stays frozen
-        self.vpt = None if vpt is None else nn.Parameter(vpt.detach().clone())
-        self.adapter = None if adapter is None else copy.deepcopy(adapter).requires_grad_(True)
-        D = self.visual.proj.shape[1] if hasattr(self.visual, "proj") else self.visual.attnpool.c_proj.out_features
-        self.head = nn.Linear(D, num_classes)
+        self.visual = copy.deepcopy(visual).requires_grad_(True)  # a copy: a frozen backbone stays frozen
+        self.head = nn.Linear(visual.output_dim, num_classes)
         if text_weights is not None:
             with torch.no_grad():
                 self.head.weight.copy_(logit_scale * text_weights)
                 self.head.bias.zero_()
 
     def features(self, x):
-        v = self.visual(x, self.vpt)
-        if self.adapter is not None:
-            v = self.adapter(v)
-        return unit(v)  # [B, D] fp32
+        return unit(self.visual(x))  # [B, D] fp32
 
     def forward(self, x):
         f = self.features(x)

@@ -28,13 +28,84 @@ if __name__ == "__main__":  # Ctrl-C while torch loads exits quietly (130); from
 
 import copy
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import clip_model
-from clip_model import similarity, unit
+
+# -----------------------------------------------------------------------------
+# CLIP as the method reads it: any model with OpenAI's module layout (this project's clip_model,
+# OpenAI's clip package, open_clip's CLIP): token_embedding, positional_embedding, transformer
+# (.resblocks), ln_final, text_projection; visual with conv1, class_embedding, positional_embedding,
+# ln_pre, transformer, ln_post, proj (a ViT) and output_dim. Where the prompts enter the text tower
+# and the visual prompts the image tower is the method's, written here over that layout.
+
+
+def unit(x):
+    """Rows scaled to unit norm, in fp32 (features leave a bf16 tower in bf16)."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def similarity(v, t):
+    """v @ t.T in fp32, also under autocast: logits of ~100 x a cosine lose an argmax or a top-K
+    near a tie in bf16, and the product is tiny next to the towers."""
+    with torch.autocast(v.device.type, enabled=False):
+        return v.float() @ t.float().t()
+
+
+def is_vit(visual):
+    return hasattr(visual, "class_embedding")
+
+
+def run_block(transformer, block, x, attn_mask=None):
+    """One residual block of a tower on x [B, L, W]: OpenAI's blocks take [L, B, W] and hold their
+    text mask themselves, open_clip's and clip_model's say batch_first and take it as attn_mask;
+    recomputed in backward where the tower asks for it (grad_checkpointing)."""
+    batch_first = getattr(transformer, "batch_first", False)
+
+    def forward(x):
+        x = x if batch_first else x.transpose(0, 1)
+        x = block(x) if attn_mask is None else block(x, attn_mask=attn_mask)
+        return x if batch_first else x.transpose(0, 1)
+    if getattr(transformer, "grad_checkpointing", False) and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
+    return forward(x)
+
+
+def encode_text_embeddings(clip, x, eot):
+    """The text tower on input embeddings x [N, L, width] over the whole context (OpenAI's blocks
+    hold a mask of that length), read at positions eot [N] -> [N, D]."""
+    x = x + clip.positional_embedding.to(x.dtype)
+    mask = getattr(clip, "attn_mask", None)  # open_clip keeps the causal mask beside its blocks
+    for block in clip.transformer.resblocks:
+        x = run_block(clip.transformer, block, x, mask)
+    x = clip.ln_final(x)[torch.arange(len(x), device=x.device), eot]  # [N, width]
+    proj = clip.text_projection
+    return proj(x) if isinstance(proj, nn.Module) else x @ proj
+
+
+def encode_image_with_prompts(visual, x, vpt):
+    """A ViT's image feature [B, D] of images x [B, 3, R, R] with visual prompt tokens vpt
+    [depth, P, width] (VPT, Jia et al. 2022): the token order is [CLS, P prompts, patches];
+    prompts enter after ln_pre (free parameters: nothing to normalise) with no positional
+    embedding; VPT-shallow (depth 1) inserts one set before the first block, VPT-deep replaces
+    the previous block's prompt outputs with a fresh set before each of the first `depth`
+    blocks. The feature is still read at CLS, so with P = 0 this is the plain ViT."""
+    x = visual.conv1(x.to(visual.conv1.weight.dtype))  # [B, width, R/p, R/p]
+    x = x.flatten(2).transpose(1, 2)  # [B, N, width]
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, width]
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # [B, 1+N, width]
+    x = visual.ln_pre(x)
+    P = vpt.shape[1]
+    for i, block in enumerate(visual.transformer.resblocks):
+        if P and i < len(vpt):
+            prompts = vpt[i].to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, width]
+            rest = x[:, 1:] if i == 0 else x[:, 1 + P:]  # drop the previous block's prompts
+            x = torch.cat([x[:, :1], prompts, rest], dim=1)  # [B, 1+P+N, width]
+        x = run_block(visual.transformer, block, x)
+    return visual.ln_post(x[:, 0]) @ visual.proj
 
 
 # -----------------------------------------------------------------------------
@@ -44,20 +115,21 @@ from clip_model import similarity, unit
 class PromptLearner(nn.Module):
     """CoOp-style learnable contexts, class token at the end (paper Eq. 2-3):
         positive  [V+_1 .. V+_M] [CLASS_k] .      negative  [V-_1 .. V-_M] [CLASS_k] .
-    Both context sets are shared by all classes, so the text tower runs each context's
-    [SOT, V_1 .. V_M] once and only the C class suffixes per context, attending to it
-    (clip_model.CLIP.encode_text_shared; exact, as attention is causal), up to the longest EOT.
-    `prompt_embeddings()` gives the same 2C prompts whole, for encode_text."""
+    Both context sets are shared by all classes. `tokenize`: texts -> ids [N, L] at the model's
+    context length L (SOT, ids, EOT, zeros: OpenAI's clip.tokenize, open_clip's tokenizer, or
+    clip_model.tokenize); a prompt that fills the context may have been cut, and is refused.
+    On a model with encode_text_shared (clip_model's) the text tower runs each context's
+    [SOT, V_1 .. V_M] once and only the C class suffixes per context (exact: attention is causal);
+    elsewhere the 2C prompts whole (`prompt_embeddings`)."""
 
-    def __init__(self, clip, classnames, M=16, ctx_init=None, std=0.02):
+    def __init__(self, clip, tokenize, classnames, M=16, ctx_init=None, std=0.02):
         super().__init__()
-        width = clip.cfg.transformer_width
-        tok = clip_model.tokenizer()
+        width = clip.token_embedding.weight.shape[1]
         if ctx_init:  # e.g. "a photo of a": both contexts start from these words' embeddings
-            init_ids = tok.encode(ctx_init)
-            M = len(init_ids)
+            init_ids = tokenize([ctx_init])[0]  # [L]: SOT, the words, EOT (the largest id), zeros
+            M = int(init_ids.argmax()) - 1
             with torch.no_grad():
-                init = clip.token_embedding.weight[init_ids].clone()  # [M, width]
+                init = clip.token_embedding.weight[init_ids[1:1 + M]].clone()  # [M, width]
             ctx_pos, ctx_neg = init.clone(), init.clone()
         else:
             ctx_pos, ctx_neg = std * torch.randn(M, width), std * torch.randn(M, width)
@@ -65,17 +137,13 @@ class PromptLearner(nn.Module):
         self.ctx_pos, self.ctx_neg = nn.Parameter(ctx_pos), nn.Parameter(ctx_neg)
         # "X X ... X classname." : the M placeholder embeddings are replaced by the contexts
         texts = [" ".join(["X"] * M) + " " + name.replace("_", " ") + "." for name in classnames]
-        try:
-            tokens = clip_model.tokenize(texts, clip.context_length)  # [C, L]
-        except clip_model.CLIPError:  # say which prompt and which flags make it shorter
-            n_tokens = {t: len(tok.encode(t)) + 2 for t in texts}  # + SOT and EOT
-            longest = max(texts, key=n_tokens.get)
-            raise clip_model.CLIPError(
-                f"the prompt {longest!r} ({M} context tokens + class name) is {n_tokens[longest]} tokens, longer "
-                f"than the backbone's context of {clip.context_length}: use a smaller --M (or --ctx-init with fewer "
-                f"words) or a shorter class name") from None
+        tokens = tokenize(texts)  # [C, L]
+        full = (tokens[:, -1] != 0).nonzero()
+        if len(full):
+            raise ValueError(f"the prompt {texts[int(full[0])]!r} ({M} context tokens + class name) does not fit the "
+                             f"text tower's context of {tokens.shape[1]} tokens (or fills it, and may have been cut)")
         with torch.no_grad():
-            emb = clip.token_embedding(tokens)  # [C, L, width]
+            emb = clip.token_embedding(tokens.to(clip.token_embedding.weight.device))  # [C, L, width]
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # SOT
         self.register_buffer("suffix", emb[:, 1 + M:].clone(), persistent=False)  # class name, ".", EOT, pad
@@ -89,8 +157,11 @@ class PromptLearner(nn.Module):
         return self.tokens.repeat(2, 1), emb
 
     def forward(self, clip):
-        """-> (t_pos, t_neg): normalised text embeddings [C, D] of the two prompt sets; equal to
-        encode_text of prompt_embeddings() (to float rounding)."""
+        """-> (t_pos, t_neg): normalised text embeddings [C, D] of the two prompt sets."""
+        if not hasattr(clip, "encode_text_shared"):
+            tokens, emb = self.prompt_embeddings()
+            t = encode_text_embeddings(clip, emb, tokens.argmax(-1)).unflatten(0, (2, -1))  # [2, C, D]
+            return unit(t[0]), unit(t[1])
         ctx = torch.stack([self.ctx_pos, self.ctx_neg]).to(self.prefix.dtype)  # [2, M, width]
         prefix = torch.cat([self.prefix[:1].expand(2, -1, -1), ctx], dim=1)  # [2, 1+M, width]: SOT, context
         t = unit(clip.encode_text_shared(prefix, self.tokens[:, 1 + self.M:], self.suffix))  # [2, C, D]
@@ -99,16 +170,15 @@ class PromptLearner(nn.Module):
 
 class VPT(nn.Module):
     """Visual prompt tuning (Jia et al. 2022): P learnable tokens per block (deep) or before the
-    first block only (shallow), inserted by clip_model.VisionTransformer after the class token.
-    Initialised uniformly with VPT's xavier bound over the patch embedding's fan-in."""
+    first block only (shallow) of a ViT tower (encode_image_with_prompts). Initialised uniformly
+    with VPT's xavier bound over the patch embedding's fan-in."""
 
-    def __init__(self, clip, P=20, deep=True):
+    def __init__(self, visual, P=20, deep=True):
         super().__init__()
-        v = clip.visual
-        width, patch = v.conv1.out_channels, v.patch_size
+        width, patch = visual.conv1.out_channels, visual.conv1.kernel_size[0]
         bound = math.sqrt(6.0 / (3 * patch * patch + width))
-        depth = v.transformer.layers if deep else 1
-        self.prompts = nn.Parameter(torch.empty(depth, P, width).uniform_(-bound, bound))  # [D, P, width]
+        depth = len(visual.transformer.resblocks) if deep else 1
+        self.prompts = nn.Parameter(torch.empty(depth, P, width).uniform_(-bound, bound))  # [depth, P, width]
 
 
 class Adapter(nn.Module):
@@ -128,19 +198,20 @@ class Adapter(nn.Module):
 
 class DualPromptModel(nn.Module):
     """One of CoFT's two Phase-I models: a frozen CLIP shared with its peer (not part of this
-    module's state: it is never trained and never saved here) plus its own prompts and VPT."""
+    module's state: it is never trained and never saved here) plus its own prompts and VPT (a
+    ViT) or adapter (a ResNet)."""
 
-    def __init__(self, clip, classnames, M=16, ctx_init=None, vpt_tokens=20, vpt_deep=True):
+    def __init__(self, clip, tokenize, classnames, M=16, ctx_init=None, vpt_tokens=20, vpt_deep=True):
         super().__init__()
         object.__setattr__(self, "clip", clip)  # a plain attribute: excluded from parameters()/state_dict()
-        self.prompts = PromptLearner(clip, classnames, M, ctx_init)
-        is_vit = clip.cfg.is_vit
-        self.vpt = VPT(clip, vpt_tokens, vpt_deep) if is_vit and vpt_tokens > 0 else None
-        self.adapter = None if is_vit else Adapter(clip.cfg.embed_dim)
+        self.prompts = PromptLearner(clip, tokenize, classnames, M, ctx_init)
+        vit = is_vit(clip.visual)
+        self.vpt = VPT(clip.visual, vpt_tokens, vpt_deep) if vit and vpt_tokens > 0 else None
+        self.adapter = None if vit else Adapter(clip.visual.output_dim)
 
     def image_features(self, x):
         if self.vpt is not None:
-            v = self.clip.encode_image(x, vpt=self.vpt.prompts)
+            v = encode_image_with_prompts(self.clip.visual, x, self.vpt.prompts)
         else:  # nothing trainable inside the tower (ResNet + adapter): no graph through it
             with torch.no_grad():
                 v = self.clip.encode_image(x)
@@ -200,6 +271,14 @@ def phase1_losses(model, x, y, y_comp, tau, detach_neg=False):
     else:
         s_pos_l2, s_neg = s_pos, similarity(v, t_neg)
     return loss_l1(s_pos, y, tau), loss_l2(s_pos_l2, s_neg, y, y_comp, tau)
+
+
+def phase1_terms(model, x, y, u, tau, lam, detach_neg=False):
+    """A Phase-I step's loss L_Phase1 = L1 + lambda * L2 (Eq. 4-6) on a batch (x, y) of S*, the
+    complement labels drawn from u [B] (uniform on {1, ..., C-1}) -> {term: (batch mean, batch size)}:
+    the loss is the sum of the means."""
+    l1, l2 = phase1_losses(model, x, y, complement_labels(y, model.prompts.tokens.shape[0], u), tau, detach_neg)
+    return {"L1": (l1, len(y)), "lam*L2": (lam * l2, len(y))}
 
 
 # -----------------------------------------------------------------------------
@@ -270,9 +349,97 @@ def collaborative_filter(s_pos_b, s_neg_b):
     return s_pos_b > s_neg_b
 
 
+class Phase1Scores(NamedTuple):
+    """A Phase-I model on a dataset: what its scores s+ = similarity(v, t_pos), s- = similarity(v,
+    t_neg) are made of (the images' unit features v [N, D]; the positive and negative prompts' text
+    embeddings t_pos, t_neg [C, D], t_pos also Phase II's head) and its own labels: y = argmax s+,
+    conf = max softmax(s+ / tau) and y_conf its label (labels_of). No N x C matrix."""
+    v: torch.Tensor
+    t_pos: torch.Tensor
+    t_neg: torch.Tensor
+    y: torch.Tensor
+    conf: torch.Tensor
+    y_conf: torch.Tensor
+
+
+def phase1_scores(v, t_pos, t_neg, tau):
+    """Phase1Scores of a model from its image features v [N, D] and prompt embeddings [C, D]."""
+    return Phase1Scores(v, t_pos, t_neg, *labels_of(v, t_pos, tau))
+
+
+class Validated(NamedTuple):
+    """Model a's labels as model b validated them (Sec. 3.2.1), per image [N]."""
+    y_a: torch.Tensor  # model a's label, argmax s+ (its pseudo-label)
+    peer_margin: torch.Tensor  # model b's s+ - s- at y_a: the filter keeps y_a iff it is > 0
+    peer_prob: torch.Tensor  # model b's softmax probability of y_a, its positive prompts alone (a diagnosis)
+    labels: torch.Tensor  # y_a, or the given label of a labelled image
+    keep: torch.Tensor  # bool: in the clean set (kept by b, or labelled)
+    margin: torch.Tensor  # model b's s+ - s- at `labels`
+
+    def clean_set(self):
+        """(indices, labels) of the clean set."""
+        idx = self.keep.nonzero().squeeze(1)
+        return idx, self.labels[idx]
+
+
+def validate(A, B, tau, labelled, y_labelled):
+    """One direction of the collaborative filter (Sec. 3.2.1): model a (Phase1Scores A) labels
+    every image, model b (B) keeps a label iff its s+ beats its s- there (collaborative_filter).
+    Labelled images (indices [L]) are kept with their given labels y_labelled [L]. -> Validated."""
+    (s_pos_b, p_b), s_neg_b = scores_at(B.v, B.t_pos, A.y, tau), scores_at(B.v, B.t_neg, A.y)
+    keep = collaborative_filter(s_pos_b, s_neg_b)
+    labels, margin = A.y.clone(), s_pos_b - s_neg_b
+    keep[labelled], labels[labelled] = True, y_labelled
+    if len(labelled):  # the peer's margin at the given labels
+        margin = scores_at(B.v, B.t_pos, labels) - scores_at(B.v, B.t_neg, labels)
+    return Validated(A.y, s_pos_b - s_neg_b, p_b, labels, keep, margin)
+
+
+def filter_both_ways(scores, tau, labelled, y_labelled):
+    """The filter both ways (Sec. 3.2.1): model 1's labels validated by model 2 (branch 1's clean
+    set) and model 2's by model 1 (branch 2's). scores: the two models' Phase1Scores."""
+    return [validate(scores[a], scores[b], tau, labelled, y_labelled) for a, b in ((0, 1), (1, 0))]
+
+
 # -----------------------------------------------------------------------------
-# Phase II: full fine-tuning of the visual encoder + linear head (Sec. 3.2.2) trains a
-# clip_model.ImageClassifier (shared with VeCAF) with cross-entropy on the clean set (Eq. 7)
+# Phase II: full fine-tuning of the visual encoder + linear head (Sec. 3.2.2)
+
+
+class Phase2Classifier(nn.Module):
+    """A branch of Phase II (Sec. 3.2.2), trained with cross-entropy on its clean set (Eq. 7): a
+    fully trainable copy of CLIP's image tower plus a linear head on its normalised embedding.
+    With text_weights t [C, D] (Phase I's positive prompts, or zero-shot weights) the head is
+    logit_scale * t, so step 0 is the prompt classifier logit_scale * cos(v, t_k). Phase I's
+    visual prompts `vpt` [depth, P, width] or ResNet `adapter`, where given (--fft-init phase1),
+    are copied and trained too."""
+
+    def __init__(self, visual, num_classes, text_weights=None, logit_scale=100.0, vpt=None, adapter=None):
+        super().__init__()
+        self.visual = copy.deepcopy(visual).requires_grad_(True)  # a copy: the frozen Phase-I backbone stays frozen
+        self.vpt = None if vpt is None else nn.Parameter(vpt.detach().clone())
+        self.adapter = None if adapter is None else copy.deepcopy(adapter).requires_grad_(True)
+        self.head = nn.Linear(visual.output_dim, num_classes)
+        if text_weights is not None:
+            with torch.no_grad():
+                self.head.weight.copy_(logit_scale * text_weights)
+                self.head.bias.zero_()
+
+    def features(self, x):
+        v = self.visual(x) if self.vpt is None else encode_image_with_prompts(self.visual, x, self.vpt)
+        if self.adapter is not None:
+            v = self.adapter(v)
+        return unit(v)  # [B, D] fp32
+
+    def forward(self, x):
+        f = self.features(x)
+        with torch.autocast(f.device.type, enabled=False):  # fp32 logits, see similarity()
+            return self.head(f)
+
+
+def phase2_terms(model, x, y):
+    """A Phase-II step's loss L_FFT (Eq. 7): cross-entropy of a branch on a batch (x, y) of its
+    clean set -> {term: (batch mean, batch size)}."""
+    return {"L_FFT": (F.cross_entropy(model(x), y), len(y))}
 
 
 # -----------------------------------------------------------------------------
@@ -293,7 +460,7 @@ class MomentumContrast(nn.Module):
 
     def __init__(self, model, size, mu=0.999, tau=0.07, gather=None):
         super().__init__()
-        self.model = model  # the online ImageClassifier (trained)
+        self.model = model  # the online Phase2Classifier (trained)
         # under data parallelism, (keys, indices) of this process -> those of the whole batch, in
         # order (MoCo's concat_all_gather; coft.py passes ddp.gather_batch); one process: the identity
         self.gather = gather or (lambda *parts: parts)
@@ -376,6 +543,24 @@ class CleanAndUnlabelled:
             yield x, y, i, xq, xk, j
 
 
+def phase2_contrast_terms(mc, x, y, x_q, x_k, j, gamma):
+    """CoFT+'s Phase-II step (Eq. 10): L_FFT (Eq. 7) on a clean batch (x, y) + gamma * L_Cont
+    (Eq. 9) on two views (x_q, x_k) of the unlabelled images j, mc a MomentumContrast."""
+    return {**phase2_terms(mc.model, x, y), "gamma*L_Cont": (gamma * mc(x_q, x_k, j), len(j))}
+
+
+class Ensemble(nn.Module):
+    """The test-time ensemble (Sec. 3.2.2) as one module: images -> the log of the mean of the
+    branches' softmax outputs, so its softmax is that mean and its argmax the ensemble's label."""
+
+    def __init__(self, branches):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x):
+        return torch.stack([b(x).softmax(-1) for b in self.branches]).mean(0).log()
+
+
 def add_labelled(idx, y, labelled, y_labelled):
     """A pseudo-labelled set (idx, y) joined with the labelled images `labelled` [L], which carry
     their given labels y_labelled [L] (replacing a pseudo-label where a labelled image was already
@@ -412,13 +597,14 @@ def auroc(score, positive):
 # (runs.py), and the CLI.
 
 import argparse
+import functools
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
 
+import clip_model
 import data
 import ddp
 import llm
@@ -596,10 +782,8 @@ def phase1(run, settings, seed_set):
 
     C = len(run.task.classnames)
 
-    def loss(model, batch, draws):  # L_Phase1 = L1 + lambda * L2 (Eq. 4-6) on a batch of S*
-        x, y, _ = batch
-        l1, l2 = phase1_losses(model, x, y, complement_labels(y, C, draws(1, C)), run.tau, settings.detach_neg)
-        return {"L1": (l1, len(y)), "lam*L2": (settings.lam * l2, len(y))}
+    def loss(model, batch, draws):  # L_Phase1 (Eq. 4-6) on a batch (x, y, index) of S*
+        return phase1_terms(model, batch[0], batch[1], draws(1, C), run.tau, settings.lam, settings.detach_neg)
 
     for r in range(1, settings.rounds + 1):
         models, scores, log = [], [], {}
@@ -608,8 +792,8 @@ def phase1(run, settings, seed_set):
             idx, y = sets[m - 1]
             log[f"model{m}_seed_set"] = {"size": len(idx), "precision": label_precision(y, run.truth(idx))}
             torch.manual_seed(seed_of(run.seed, "init", r, m))  # fresh prompts / VPT every round
-            model = DualPromptModel(run.clip, run.task.classnames, settings.M, settings.ctx_init, settings.vpt_tokens,
-                                    settings.vpt_deep).to(run.device)
+            model = DualPromptModel(run.clip, tokenize_for(run.clip), run.task.classnames, settings.M,
+                                    settings.ctx_init, settings.vpt_tokens, settings.vpt_deep).to(run.device)
             tag = f"phase1_round{r}_model{m}"
             seed_images = data.ImageDataset([run.task.train[i] for i in idx.tolist()], weak, labels=y.tolist(),
                                              exif_orientation=run.task.exif_orientation)
@@ -620,10 +804,10 @@ def phase1(run, settings, seed_set):
                       what=f"phase I round {r} model {m}")
             # each model's scores on all unlabelled images, computed once and used for relabelling
             # (next round) or for both directions of the collaborative filter (last round)
-            on_train = phase1_scores(run, model, run.unlabelled)
+            on_train = scores_on(run, model, run.unlabelled)
             log[f"model{m}_acc"] = None
             if run.y_eval is not None:
-                predicted = phase1_scores(run, model, run.evaluated).y
+                predicted = scores_on(run, model, run.evaluated).y
                 log[f"model{m}_acc"] = train.accuracy(predicted, run.y_eval)
                 run.predictions[f"round{r}_model{m}"] = predicted
             # label-free: how sure the model is of its own labels on the unlabelled images
@@ -643,61 +827,35 @@ def phase1(run, settings, seed_set):
     return models, scores, seed_sets
 
 
-class Phase1Scores(NamedTuple):
-    """A Phase-I model on a dataset: what its scores s+ = similarity(v, t_pos), s- = similarity(v,
-    t_neg) are made of (the images' unit features v [N, D]; the positive and negative prompts' text
-    embeddings t_pos, t_neg [C, D], t_pos also Phase II's head) and its own labels: y = argmax s+,
-    conf = max softmax(s+ / tau) and y_conf its label (labels_of). No N x C matrix."""
-    v: torch.Tensor
-    t_pos: torch.Tensor
-    t_neg: torch.Tensor
-    y: torch.Tensor
-    conf: torch.Tensor
-    y_conf: torch.Tensor
-
-
 @torch.no_grad()
-def phase1_scores(run, model, dataset):
+def scores_on(run, model, dataset):
     """A Phase-I model over a dataset -> Phase1Scores, image features computed once."""
     v = run.outputs(model.image_features, dataset)  # [N, D]
     with torch.autocast(**run.amp):
         t_pos, t_neg = model.prompts(run.clip)
-    t_pos, t_neg = t_pos.float().cpu(), t_neg.float().cpu()
-    return Phase1Scores(v, t_pos, t_neg, *labels_of(v, t_pos, run.tau))
+    return phase1_scores(v, t_pos.float().cpu(), t_neg.float().cpu(), run.tau)
 
 
 def generate_and_validate(run, scores):
-    """Sec. 3.2.1, both directions: model a labels every unlabelled image (argmax of s+), model b
-    keeps a label iff its s+ beats its s- for that class (collaborative_filter). Labelled images
-    are kept, with their given labels, in both clean sets. Returns [(indices, labels)] x 2, the
-    generated labels, and per direction what a person reviewing the labels needs (every image's
-    label, whether it was kept, the peer's margin s+_b - s-_b at it)."""
+    """Sec. 3.2.1, both directions (filter_both_ways), with the labelled images kept under their
+    given labels, and what it says of the labels when the true ones are known (filter_diagnosis).
+    Returns the two directions (Validated)."""
     cost = train.StageCost(run.device)
-    y_gen = [s.y for s in scores]
-    run.metrics["phase1_agreement"] = 100.0 * (y_gen[0] == y_gen[1]).float().mean().item()
-    clean, review = [], []
-    for a, b in ((0, 1), (1, 0)):
-        A, B = scores[a], scores[b]
-        (s_pos_b, p_b), s_neg_b = scores_at(B.v, B.t_pos, y_gen[a], run.tau), scores_at(B.v, B.t_neg, y_gen[a])
-        keep = collaborative_filter(s_pos_b, s_neg_b)
-        labels, margin = y_gen[a].clone(), s_pos_b - s_neg_b
-        keep[run.labelled], labels[run.labelled] = True, run.y_labelled
-        if len(run.labelled):  # the peer's margin at the given labels
-            margin = scores_at(B.v, B.t_pos, labels) - scores_at(B.v, B.t_neg, labels)
-        idx = keep.nonzero().squeeze(1)
-        clean.append((idx, labels[idx]))
-        review.append((labels, keep, margin))
-        # model a's own confidence in its label y = argmax s+ is its top softmax probability, A.conf
-        diagnosis = filter_diagnosis(y_gen[a], keep, s_pos_b - s_neg_b, p_b, A.conf, run.truth())
+    validated = filter_both_ways(scores, run.tau, run.labelled, run.y_labelled)
+    run.metrics["phase1_agreement"] = 100.0 * (scores[0].y == scores[1].y).float().mean().item()
+    for a, (d, own) in enumerate(zip(validated, scores)):
+        idx, labels = d.clean_set()
+        # model a's own confidence in its label y = argmax s+ is its top softmax probability, own.conf
+        diagnosis = filter_diagnosis(d.y_a, d.keep, d.peer_margin, d.peer_prob, own.conf, run.truth())
         c = run.metrics[f"clean_set_{a + 1}"] = {
-            "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(keep),
-            "precision": label_precision(labels[idx], run.truth(idx)),
-            "all_labels_precision": label_precision(y_gen[a], run.truth()), **diagnosis}
-        print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {b + 1}): {len(idx)}/{len(keep)} "
+            "size": len(idx), "kept_fraction": 100.0 * len(idx) / len(d.keep),
+            "precision": label_precision(labels, run.truth(idx)),
+            "all_labels_precision": label_precision(d.y_a, run.truth()), **diagnosis}
+        print(f"clean set {a + 1} (labels of model {a + 1}, validated by model {2 - a}): {len(idx)}/{len(d.keep)} "
               f"kept, precision {cell(c['precision'])} (all labels {cell(c['all_labels_precision'])})", flush=True)
     print(f"the two Phase-I models agree on {run.metrics['phase1_agreement']:.1f} % of the labels", flush=True)
     cost.record(run.metrics, "filter")
-    return clean, y_gen, review
+    return validated
 
 
 def filter_diagnosis(y_a, keep, peer_margin, peer_confidence, own_confidence, y_true):
@@ -726,9 +884,9 @@ def fine_tune(run, settings, tag, clip, head, idx, y, vpt=None, adapter=None):
     also the top-K and labelled-shots baselines' trainer. CoFT+
     (--contrast, Eq. 10): + gamma * InfoNCE (Eq. 9) on two views of *all* unlabelled images, an
     epoch being one pass over them (CleanAndUnlabelled). Every stream is keyed by `tag`, so the two
-    branches never share one. Returns the trained ImageClassifier in eval mode."""
-    model = clip_model.ImageClassifier(clip.visual, len(run.task.classnames), head, clip.logit_scale.exp().item(),
-                                       vpt, adapter).to(run.device)
+    branches never share one. Returns the trained Phase2Classifier in eval mode."""
+    model = Phase2Classifier(clip.visual, len(run.task.classnames), head, clip.logit_scale.exp().item(), vpt,
+                             adapter).to(run.device)
     if settings.sync_bn:  # ResNet towers under torchrun: BatchNorm statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     augment = data.make_transform(settings.aug, clip.visual, run.task)
@@ -744,7 +902,7 @@ def fine_tune(run, settings, tag, clip, head, idx, y, vpt=None, adapter=None):
 
     if not settings.contrast:
         def loss(model, b, _):  # Eq. 7 on a batch (x, y, index) of the clean set
-            return {"L_FFT": (F.cross_entropy(model(b[0]), b[1]), len(b[1]))}
+            return phase2_terms(model, b[0], b[1])
         run.stage(tag, model, loss, clean_batches, epochs=settings.epochs, lr=settings.lr, recipe=run.sgd,
                   what=f"phase II {tag}", compiled=[model.visual] if settings.compile else [])
         return model
@@ -760,8 +918,7 @@ def fine_tune(run, settings, tag, clip, head, idx, y, vpt=None, adapter=None):
 
     def loss(mc, b, _):  # Eq. 10: L_FFT (Eq. 7) on the clean batch + gamma * L_Cont (Eq. 9) on the unlabelled one
         x, y, _, x_q, x_k, j = b
-        return {"L_FFT": (F.cross_entropy(mc.model(x), y), len(y)),
-                "gamma*L_Cont": (settings.gamma * mc(x_q, x_k, j), len(j))}
+        return phase2_contrast_terms(mc, x, y, x_q, x_k, j, settings.gamma)
     run.stage(tag, model, loss, batches, epochs=settings.epochs, lr=settings.lr, recipe=run.sgd,
               what=f"phase II {tag}", trained=mc,
               compiled=[mc.model.visual, mc.key_model.visual] if settings.compile else [])
@@ -869,24 +1026,12 @@ def self_training(run, settings, rounds, threshold, W, labeller):
 # A finished run's classifier, rebuilt from its stages (deploy.py)
 
 
-class Ensemble(nn.Module):
-    """The test-time ensemble (Sec. 3.2.2) as one module: images -> the log of the mean of the
-    branches' softmax outputs, so its softmax is that mean and its argmax the ensemble's label."""
-
-    def __init__(self, branches):
-        super().__init__()
-        self.branches = nn.ModuleList(branches)
-
-    def forward(self, x):
-        return torch.stack([b(x).softmax(-1) for b in self.branches]).mean(0).log()
-
-
 def branch_from_stage(state, visual, classes):
-    """A Phase-II branch (ImageClassifier) from its stage file's state dict; the Phase-I VPT or
+    """A Phase-II branch (Phase2Classifier) from its stage file's state dict; the Phase-I VPT or
     adapter it carries with --fft-init phase1 is read off the keys."""
     vpt = state.get("vpt")
     adapter = Adapter(state["adapter.down.weight"].shape[1]) if "adapter.down.weight" in state else None
-    model = clip_model.ImageClassifier(visual, classes, vpt=vpt, adapter=adapter)
+    model = Phase2Classifier(visual, classes, vpt=vpt, adapter=adapter)
     model.load_state_dict(state)
     return model.eval()
 
@@ -926,11 +1071,12 @@ def end_to_end(args):
         self_training(run, phase2_settings, args.rounds, args.threshold, W, zero_shot)
     else:
         peft, scores, seed_sets = phase1(run, phase1_settings, seed_set)
-        clean, y_gen, review = generate_and_validate(run, scores)
-        runs.atomic_save({"labelled": run.labelled, "seed_sets": seed_sets, "generated": y_gen,
+        validated = generate_and_validate(run, scores)
+        clean = [d.clean_set() for d in validated]
+        runs.atomic_save({"labelled": run.labelled, "seed_sets": seed_sets, "generated": [d.y_a for d in validated],
                           "clean": [idx for idx, _ in clean], "clean_labels": [y for _, y in clean]},
                          run.out / "pseudo_labels.pt")
-        write_pseudo_labels(run, zero_shot, review)
+        write_pseudo_labels(run, zero_shot, validated)
         if args.phase != "1":
             ensemble(run, phase2(run, phase2_settings, scores, peft, clean))
     return runs.finish_run(run.out, run.metrics, run.predictions, run.t0)
@@ -987,7 +1133,10 @@ def prepare(args):
     clip, _ = standin.load("--clip", args.clip, args.clip_act, device)
     clip.requires_grad_(False)
     if args.method == "coft":  # Phase I's prompts must fit the context: said now, not after the zero-shot pass
-        PromptLearner(clip, task.classnames, args.M, args.ctx_init)
+        try:
+            PromptLearner(clip, tokenize_for(clip), task.classnames, args.M, args.ctx_init)
+        except ValueError as e:
+            raise RunError(f"{e}: use a smaller --M (or --ctx-init with fewer words) or a shorter class name") from None
     set_grad_checkpointing(clip, args.grad_checkpointing)
     ft_clip = None  # loaded and checked now, used in Phase II
     if args.fft_backbone and args.method == "coft":  # Phase II on another backbone (distillation)
@@ -1125,7 +1274,7 @@ PSEUDO_LABELS_COLUMNS = ("path", "class", "branch1_class", "branch1_kept", "bran
                          "branch2_kept", "branch2_peer_margin", "zero_shot_class", "zero_shot_confidence", "labelled")
 
 
-def write_pseudo_labels(run, zero_shot, review):
+def write_pseudo_labels(run, zero_shot, validated):
     """pseudo_labels.csv: every unlabelled image's labels, for a person to review (sort by a
     margin to see the doubtful first), as a form to fill in. Columns: path (as a labels file
     names it), class (empty for the person to fill in; the given label where the run had one),
@@ -1140,7 +1289,7 @@ def write_pseudo_labels(run, zero_shot, review):
     names, root = run.task.classnames, run.task.root
     given = dict(zip(run.labelled.tolist(), run.y_labelled.tolist()))
     conf, zs = (t.tolist() for t in zero_shot)
-    (y1, keep1, m1), (y2, keep2, m2) = ((y.tolist(), keep.int().tolist(), m.tolist()) for y, keep, m in review)
+    (y1, keep1, m1), (y2, keep2, m2) = ((d.labels.tolist(), d.keep.int().tolist(), d.margin.tolist()) for d in validated)
     text = data.csv_text
     rows = ([text(data.item_key(source, i, root)), text(names[given[i]]) if i in given else "", text(names[y1[i]]),
              keep1[i], f"{m1[i]:.6g}", text(names[y2[i]]), keep2[i], f"{m2[i]:.6g}", text(names[zs[i]]),
@@ -1148,6 +1297,12 @@ def write_pseudo_labels(run, zero_shot, review):
             for i, (source, _) in enumerate(run.task.train))
     runs.write_for_person(run.out, "pseudo_labels.csv", PSEUDO_LABELS_COLUMNS, rows, run.inputs,
                           "this run's pseudo_labels.csv")
+
+
+def tokenize_for(clip):
+    """clip_model's tokenizer at the backbone's context length, cutting what does not fit (the
+    prompt learner refuses a prompt that fills the context)."""
+    return functools.partial(clip_model.tokenize, context_length=clip.context_length, truncate=True)
 
 
 def set_grad_checkpointing(clip, on):

@@ -285,7 +285,7 @@ def export(run_dir, folder, clip=None, clip_act=None):
     base = backbone.state_dict()
     branches = list(model.branches) if isinstance(model, coft.Ensemble) else [model]
     names = [f"branch{a}" if len(branches) > 1 else "model" for a in range(1, len(branches) + 1)]
-    extras = [{k: v for k, v in (("vpt", b.vpt), ("adapter", b.adapter)) if v is not None} for b in branches]
+    extras = [{k: getattr(b, k) for k in ("vpt", "adapter") if getattr(b, k, None) is not None} for b in branches]
     beside = [out / f"{name}_{'_'.join(extra)}.pt" if extra else None for name, extra in zip(names, extras)]
     write_manifest(out, identity, [f for name, side in zip(names, beside)
                                    for f in (out / f"{name}.pt", out / f"{name}_head.pt", side) if f is not None])

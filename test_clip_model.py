@@ -187,47 +187,6 @@ def test_shared_prefix_text_encoding_under_bf16_autocast():
     assert F.cosine_similarity(shared.float(), plain, dim=-1).min() > 0.99
 
 
-def test_zero_vpt_tokens_equal_plain_vit_and_prompts_act():
-    m = randomized("tiny-vit", vision_layers=3)
-    x, _ = inputs(m)
-    W = m.visual.conv1.out_channels
-    with torch.no_grad():
-        plain = m.encode_image(x)
-        for depth in (1, 3):
-            assert torch.equal(m.encode_image(x, vpt=torch.zeros(depth, 0, W)), plain)
-        shallow = torch.randn(1, 5, W)
-        deep = torch.cat([shallow, torch.randn(2, 5, W)])
-        out_s, out_d = m.encode_image(x, vpt=shallow), m.encode_image(x, vpt=deep)
-        assert not torch.allclose(out_s, plain) and not torch.allclose(out_s, out_d)
-        # shallow prompts are exactly extra tokens after CLS: recompute them by hand
-        v = m.visual
-        h = v.conv1(x).flatten(2).transpose(1, 2)
-        h = torch.cat([v.class_embedding.expand(len(x), 1, -1), h], 1) + v.positional_embedding
-        h = v.ln_pre(h)
-        h = torch.cat([h[:, :1], shallow.expand(len(x), -1, -1), h[:, 1:]], 1)
-        h = v.transformer(h)
-        assert (v.ln_post(h[:, 0]) @ v.proj - out_s).abs().max() < 1e-5
-        # deep prompts by hand: before block i < D, block i-1's prompt outputs are *replaced* by set i
-        h = v.conv1(x).flatten(2).transpose(1, 2)
-        h = v.ln_pre(torch.cat([v.class_embedding.expand(len(x), 1, -1), h], 1) + v.positional_embedding)
-        for i, block in enumerate(v.transformer.resblocks):
-            patches = h[:, 1:] if i == 0 else h[:, 1 + 5:]
-            h = block(torch.cat([h[:, :1], deep[i].expand(len(x), -1, -1), patches], 1))
-        assert (v.ln_post(h[:, 0]) @ v.proj - out_d).abs().max() < 1e-5
-    # deep prompts: every layer's set receives a gradient
-    deep.requires_grad_(True)
-    m.encode_image(x, vpt=deep).sum().backward()
-    assert (deep.grad.flatten(1).abs().sum(1) > 0).all()
-
-
-def test_resnet_refuses_vpt():
-    m = randomized("tiny-rn")
-    x, _ = inputs(m)
-    assert torch.equal(m.encode_image(x, vpt=torch.zeros(1, 0, 8)), m.encode_image(x))
-    with pytest.raises(cm.CLIPError):
-        m.encode_image(x, vpt=torch.zeros(1, 2, 8))
-
-
 def test_preprocess_transform():
     from PIL import Image
     img = Image.new("L", (50, 40), color=255)

@@ -122,66 +122,120 @@ def test_sec321_filter_keeps_a_label_iff_the_peers_positive_prompt_beats_its_neg
     assert mask.tolist() == expected and 0 < sum(expected) < 50
 
 
-COPY_CHECK = """
+# The method's steps as research code would run them on any CLIP of OpenAI's layout: a Phase-I step
+# of two models (with VPT, or a ResNet's adapter), the filter both ways (one image labelled), and
+# two CoFT+ Phase-II steps with the queue, the branch carrying model 1's VPT or adapter.
+METHOD_STEPS = """
+import torch
+import coft_method as m
+
+
+def steps(clip, tokenize, out):
+    tau = 1 / clip.logit_scale.exp().item()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    res, models = {}, []
+    for k in (1, 2):
+        torch.manual_seed(k)
+        model = m.DualPromptModel(clip, tokenize, ["cat", "dog", "bird"], M=4, vpt_tokens=2)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+        terms = m.phase1_terms(model, x, y, torch.randint(1, 3, (8,), generator=g), tau, lam=1.0)
+        loss = sum(value for value, _ in terms.values())
+        loss.backward()
+        res[f"phase1 loss {k}"] = loss.detach()
+        res.update({f"phase1 grad {k} {n}": p.grad for n, p in model.named_parameters() if p.requires_grad})
+        opt.step()
+        models.append(model)
+    with torch.no_grad():
+        scores = [m.phase1_scores(*model(x), tau) for model in models]
+    for a, d in enumerate(m.filter_both_ways(scores, tau, torch.tensor([5]), torch.tensor([0]))):
+        res.update({f"filter {a} {k}": v for k, v in d._asdict().items()})
+    peft = models[0]
+    ft = m.Phase2Classifier(clip.visual, 3, scores[0].t_pos, 1 / tau, None if peft.vpt is None else peft.vpt.prompts,
+                            peft.adapter)
+    mc = m.MomentumContrast(ft, size=6, mu=0.9).train()
+    opt = torch.optim.SGD([p for p in mc.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    for step in range(2):
+        terms = m.phase2_contrast_terms(mc, x[:4], y[:4], x[4:], x[4:].flip(-1), torch.arange(4) + 4 * step, 1.0)
+        loss = sum(value for value, _ in terms.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        res[f"phase2 loss {step}"] = loss.detach()
+    res.update(queue=mc.queue, queue_idx=mc.queue_idx, head=ft.head.weight.detach(), logits=ft.eval()(x).detach())
+    torch.save(res, out)
+"""
+
+# Run in a folder holding nothing but the copied method: a tiny open_clip CLIP (open_clip's own
+# code, every tensor random; the ViT with 4 heads of 16) and open_clip's tokenizer.
+ON_OPEN_CLIP = """
 import sys
 import torch
-import torch.nn.functional as F
-import clip_model
-import coft_method as m
-assert not {"data", "train", "runs", "ddp", "standin", "llm", "coft"} & set(sys.modules)
+import open_clip
+from steps import steps
+assert not {"clip_model", "data", "train", "runs", "ddp", "standin", "llm", "coft", "checkpoints"} & set(sys.modules)
 torch.manual_seed(0)
-clip = clip_model.tiny_clip("tiny-vit", seed=0).eval()
-model = m.DualPromptModel(clip, ["cat", "dog", "bird"], M=4, vpt_tokens=2)
-x, y = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2])
-y_c = m.complement_labels(y, 3, torch.randint(1, 3, y.shape, generator=torch.Generator().manual_seed(2)))
-l1, l2 = m.phase1_losses(model, x, y, y_c, 0.01)
-(l1 + l2).backward()
-v, t_pos, t_neg = model(x)
-s_pos, s_neg = clip_model.similarity(v, t_pos), clip_model.similarity(v, t_neg)
-y_own, conf, y_conf = m.labels_of(v.detach(), t_pos.detach(), 0.01)
-idx, y_star = m.topk_per_class(conf, y_conf, 1)
-keep = m.collaborative_filter(m.scores_at(v.detach(), t_pos.detach(), y_own), m.scores_at(v.detach(), t_neg.detach(), y_own))
-ft = clip_model.ImageClassifier(clip.visual, 3, t_pos.detach(), 100.0)
-mc = m.MomentumContrast(ft, size=4)
-nce = [mc(x[:3], x[3:], torch.arange(3)), mc(x[3:], x[:3], torch.arange(3, 6))]
-torch.save({"l1": l1, "l2": l2, "grad": model.prompts.ctx_neg.grad, "idx": idx, "y_star": y_star, "keep": keep,
-            "logits": ft(x), "nce": torch.stack(nce), "queue": mc.queue}, sys.argv[1])
+resnet = sys.argv[1] == "resnet"
+vision = dict(image_size=32, layers=(1, 1, 1, 1), width=8) if resnet else \
+    dict(image_size=32, layers=2, width=64, patch_size=8, head_width=16)
+clip = open_clip.model.CLIP(32, vision, dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=2))
+g = torch.Generator().manual_seed(2)
+with torch.no_grad():
+    for p in clip.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+    for n, b in clip.named_buffers():
+        if "running_var" in n:
+            b.copy_(0.5 + torch.rand(b.shape, generator=g))
+clip.eval().requires_grad_(False)
+torch.save(clip.state_dict(), "weights.pt")
+steps(clip, lambda texts: open_clip.tokenize(texts, context_length=16), "open_clip.pt")
 """
 
 
-def test_the_method_runs_with_torch_and_clip_model_alone(tmp_path):
-    """The top of coft.py (down to its "Everything above is the method" line: prompt learner,
-    VPT, losses, filter, Phase-II classifier, queue) copied beside clip_model.py into an empty
-    folder runs one Phase-I step, the filter, the classifier and two CoFT+ contrast steps with
-    no other module of this project importable, and gives the numbers the repository's coft.py
-    gives."""
+@pytest.mark.parametrize("tower", ["vit", "resnet"])
+def test_the_method_copied_alone_runs_on_open_clip_and_equals_this_projects_clip(tmp_path, tower):
+    """The top of coft.py (down to its "Everything above is the method" line), copied alone into an
+    empty folder, runs on open_clip's CLIP with open_clip's tokenizer: a Phase-I step of two models,
+    the filter both ways and CoFT+'s Phase-II steps with the queue. The same steps on this
+    project's CLIP loaded with the same weights (its shared-prefix text path, its own attention)
+    give the same losses, gradients, labels, masks, margins, queue and logits."""
+    open_clip = pytest.importorskip("open_clip")
     import subprocess
     import sys
     source = Path(coft.__file__).read_text()
     core = source[:source.index("# ====")]
     assert "Everything above is the method" in source[source.index("# ===="):][:200]
     (tmp_path / "coft_method.py").write_text(core)
-    shutil.copy(cm.__file__, tmp_path / "clip_model.py")
-    shutil.copytree(Path(cm.__file__).parent / "assets", tmp_path / "assets")
-    (tmp_path / "check.py").write_text(COPY_CHECK)
-    # the thread count of this process: float sums may depend on it
-    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    r = subprocess.run([sys.executable, "check.py", str(tmp_path / "copied.pt")], cwd=tmp_path, env=env,
-                       capture_output=True, text=True)
+    (tmp_path / "steps.py").write_text(METHOD_STEPS)
+    (tmp_path / "check.py").write_text(ON_OPEN_CLIP)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "check.py", tower], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    copied = torch.load(tmp_path / "copied.pt")
-    # the same steps with the repository's own modules
+    theirs = torch.load(tmp_path / "open_clip.pt")
+    sd = torch.load(tmp_path / "weights.pt")
+    ours_clip = cm.build_model(sd, act="gelu", **({} if tower == "resnet" else {"vision_heads": 4}))
+    ours_clip.requires_grad_(False)
+    assert open_clip.__name__ and not hasattr(ours_clip.visual, "patch_dropout")  # two implementations
+    here = {"__name__": "steps_here"}
     sys.modules["coft_method"] = coft
     try:
-        here = {}
-        exec(COPY_CHECK.replace("sys.argv[1]", "'" + str(tmp_path / "here.pt") + "'").replace(
-            'assert not {"data", "train", "runs", "ddp", "standin", "llm", "coft"} & set(sys.modules)', ""), here)
+        exec(METHOD_STEPS, here)
     finally:
         del sys.modules["coft_method"]
-    ours = torch.load(tmp_path / "here.pt")
-    assert copied.keys() == ours.keys()
-    for k in ours:
-        assert torch.equal(copied[k], ours[k]), k
+    here["steps"](ours_clip, coft.tokenize_for(ours_clip), tmp_path / "ours.pt")
+    ours = torch.load(tmp_path / "ours.pt")
+    assert ours.keys() == theirs.keys()
+    assert any(k.startswith("phase1 grad 1 vpt" if tower == "vit" else "phase1 grad 1 adapter") for k in ours)
+    for k, a in ours.items():
+        b = theirs[k]
+        if a.dtype in (torch.bool, torch.long):
+            assert torch.equal(a, b), k
+        else:  # (the adapter's `down` has no gradient at its first step: `up` starts at zero)
+            assert (a - b).abs().max() <= 1e-4 * a.abs().max(), k
+    zero = [k for k, a in ours.items() if a.is_floating_point() and not a.abs().max() > 0]
+    assert zero == [] if tower == "vit" else all(" adapter.down." in k for k in zero)
+    assert 0 < ours["filter 0 keep"].sum() < 8 or 0 < ours["filter 1 keep"].sum() < 8  # the filter decides
 
 
 def tiny_backbone(name="tiny-vit", seed=0):
@@ -265,7 +319,7 @@ def test_phase1_trains_only_prompts_and_vpt(name):
     clip = tiny_backbone(name)
     before = {k: v.clone() for k, v in clip.state_dict().items()}
     torch.manual_seed(0)
-    model = coft.DualPromptModel(clip, CLASSES, M=4, vpt_tokens=3)
+    model = coft.DualPromptModel(clip, coft.tokenize_for(clip), CLASSES, M=4, vpt_tokens=3)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {"prompts.ctx_pos", "prompts.ctx_neg"} | (
         {"vpt.prompts"} if name == "tiny-vit" else {"adapter.down.weight", "adapter.down.bias",
@@ -291,7 +345,7 @@ def test_eq6_l2_reaches_the_visual_prompts_unless_detached_as_in_deft():
     context, so the positive context and the VPT get exactly L1's gradient. The loss value is the
     same either way."""
     clip = tiny_backbone()
-    model = coft.DualPromptModel(clip, CLASSES, M=4, vpt_tokens=3)
+    model = coft.DualPromptModel(clip, coft.tokenize_for(clip), CLASSES, M=4, vpt_tokens=3)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))
 
     def grads(lam, detach):
@@ -313,10 +367,45 @@ def test_eq6_l2_reaches_the_visual_prompts_unless_detached_as_in_deft():
     assert det["prompts.ctx_neg"].abs().sum() > 0 and torch.allclose(det["prompts.ctx_neg"], both["prompts.ctx_neg"])
 
 
+def test_vpt_zero_tokens_equal_the_plain_vit_and_prompts_enter_as_written():
+    """VPT (encode_image_with_prompts) over the ViT layout: no tokens give the tower's own
+    features; shallow and deep prompts equal the token sequences built by hand."""
+    m = randomized("tiny-vit", vision_layers=3)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    W = m.visual.conv1.out_channels
+    with torch.no_grad():
+        plain = m.encode_image(x)
+        for depth in (1, 3):
+            assert torch.equal(coft.encode_image_with_prompts(m.visual, x, torch.zeros(depth, 0, W)), plain)
+        shallow = torch.randn(1, 5, W)
+        deep = torch.cat([shallow, torch.randn(2, 5, W)])
+        out_s, out_d = coft.encode_image_with_prompts(m.visual, x, shallow), coft.encode_image_with_prompts(m.visual, x, deep)
+        assert not torch.allclose(out_s, plain) and not torch.allclose(out_s, out_d)
+        # shallow prompts are exactly extra tokens after CLS: recompute them by hand
+        v = m.visual
+        h = v.conv1(x).flatten(2).transpose(1, 2)
+        h = torch.cat([v.class_embedding.expand(len(x), 1, -1), h], 1) + v.positional_embedding
+        h = v.ln_pre(h)
+        h = torch.cat([h[:, :1], shallow.expand(len(x), -1, -1), h[:, 1:]], 1)
+        h = v.transformer(h)
+        assert (v.ln_post(h[:, 0]) @ v.proj - out_s).abs().max() < 1e-5
+        # deep prompts by hand: before block i < D, block i-1's prompt outputs are *replaced* by set i
+        h = v.conv1(x).flatten(2).transpose(1, 2)
+        h = v.ln_pre(torch.cat([v.class_embedding.expand(len(x), 1, -1), h], 1) + v.positional_embedding)
+        for i, block in enumerate(v.transformer.resblocks):
+            patches = h[:, 1:] if i == 0 else h[:, 1 + 5:]
+            h = block(torch.cat([h[:, :1], deep[i].expand(len(x), -1, -1), patches], 1))
+        assert (v.ln_post(h[:, 0]) @ v.proj - out_d).abs().max() < 1e-5
+    # deep prompts: every layer's set receives a gradient
+    deep.requires_grad_(True)
+    coft.encode_image_with_prompts(m.visual, x, deep).sum().backward()
+    assert (deep.grad.flatten(1).abs().sum(1) > 0).all()
+
+
 def test_eq2_eq3_prompts_equal_hand_built_token_sequences():
     """The learner's 2C prompts equal encoding 'X X X X name.' with X's embedding swapped out."""
     clip = tiny_backbone()
-    pl = coft.PromptLearner(clip, CLASSES, M=4)
+    pl = coft.PromptLearner(clip, coft.tokenize_for(clip), CLASSES, M=4)
     with torch.no_grad():
         t_pos, t_neg = pl(clip)
         tokens = cm.tokenize([f"X X X X {c}." for c in CLASSES], clip.context_length)
@@ -324,16 +413,18 @@ def test_eq2_eq3_prompts_equal_hand_built_token_sequences():
         emb[:, 1:5] = pl.ctx_neg
         ref = F.normalize(clip.encode_text(tokens, embeddings=emb), dim=-1)
     assert (t_neg - ref).abs().max() < 1e-5 and not torch.allclose(t_pos, t_neg)
-    pl2 = coft.PromptLearner(clip, CLASSES, ctx_init="a photo of a")
+    pl2 = coft.PromptLearner(clip, coft.tokenize_for(clip), CLASSES, ctx_init="a photo of a")
     assert pl2.M == 4 and torch.equal(pl2.ctx_pos, pl2.ctx_neg)
 
 
 def test_prompt_learner_shared_prefix_equals_plain_encoding():
     """forward (each context's prefix computed once, clip_model.CLIP.encode_text_shared) equals
-    encode_text of prompt_embeddings(), the 2C prompts whole: features and context gradients, with
-    class names of different lengths."""
+    encode_text of prompt_embeddings(), the 2C prompts whole, and the method's path over OpenAI's
+    layout (encode_text_embeddings): features and context gradients, with class names of
+    different lengths."""
     clip = tiny_backbone()
-    pl = coft.PromptLearner(clip, ["zero", "one hundred", "a much longer class name here"], M=4)
+    names = ["zero", "one hundred", "a much longer class name here"]
+    pl = coft.PromptLearner(clip, coft.tokenize_for(clip), names, M=4)
     with torch.no_grad():
         pl.ctx_pos.normal_(generator=torch.Generator().manual_seed(0))
         pl.ctx_neg.normal_(generator=torch.Generator().manual_seed(1))
@@ -342,6 +433,9 @@ def test_prompt_learner_shared_prefix_equals_plain_encoding():
     ref = F.normalize(clip.encode_text(tokens, embeddings=emb), dim=-1)  # [2C, D]
     shared = torch.cat([t_pos, t_neg])
     assert (shared - ref).abs().max() < 1e-5 and not torch.allclose(t_pos, t_neg)
+    # the method's own path for models without encode_text_shared: whole prompts, whole context, open_clip's mask
+    layout = F.normalize(coft.encode_text_embeddings(clip, emb, tokens.argmax(-1)), dim=-1)
+    assert (layout - ref).abs().max() < 1e-5
     w = torch.randn(shared.shape, generator=torch.Generator().manual_seed(2))
     ctx = [pl.ctx_pos, pl.ctx_neg]
     for a, b in zip(torch.autograd.grad((shared * w).sum(), ctx), torch.autograd.grad((ref * w).sum(), ctx)):
@@ -367,7 +461,7 @@ def test_similarity_logits_are_fp32_under_bf16_autocast():
     assert f.dtype == torch.bfloat16  # the tower itself does run in bf16 here
     assert close(zs, F.normalize(f.double(), dim=-1) @ W.double().t() / tau)
 
-    model = coft.DualPromptModel(clip, CLASSES, M=4, vpt_tokens=2)
+    model = coft.DualPromptModel(clip, coft.tokenize_for(clip), CLASSES, M=4, vpt_tokens=2)
     y = torch.tensor([0, 1, 2, 0] * 4)
     with torch.autocast(**bf16):
         v, t_pos, t_neg = model(x)
@@ -378,7 +472,7 @@ def test_similarity_logits_are_fp32_under_bf16_autocast():
     ref = F.cross_entropy(s_pos / tau, y) + coft.loss_l2(s_pos, s_neg, y, yc, tau)
     assert close(loss, ref)
 
-    ft = cm.ImageClassifier(clip.visual, 3, W, 1 / tau)
+    ft = coft.Phase2Classifier(clip.visual, 3, W, 1 / tau)
     mc = coft.MomentumContrast(ft, size=8)
     mc.enqueue(F.normalize(torch.randn(8, clip.cfg.embed_dim), dim=-1), torch.arange(8) + 100)
     with torch.no_grad(), torch.autocast(**bf16):
@@ -393,7 +487,7 @@ def test_similarity_logits_are_fp32_under_bf16_autocast():
 def test_eq7_head_starts_as_the_prompt_classifier():
     clip = tiny_backbone()
     text = F.normalize(torch.randn(3, clip.cfg.embed_dim), dim=-1)
-    ft = cm.ImageClassifier(clip.visual, 3, text, clip.logit_scale.exp().item())
+    ft = coft.Phase2Classifier(clip.visual, 3, text, clip.logit_scale.exp().item())
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         ref = clip.logit_scale.exp() * F.normalize(clip.encode_image(x), dim=-1) @ text.t()
@@ -404,7 +498,7 @@ def test_eq7_head_starts_as_the_prompt_classifier():
 def test_phase2_changes_the_encoder_not_the_frozen_backbone(name):
     clip = tiny_backbone(name)
     before = {k: v.clone() for k, v in clip.state_dict().items()}
-    ft = cm.ImageClassifier(clip.visual, 3, None).train()
+    ft = coft.Phase2Classifier(clip.visual, 3, None).train()
     enc0 = {k: v.clone() for k, v in ft.visual.state_dict().items()}
     opt = torch.optim.SGD(ft.parameters(), lr=0.1)
     F.cross_entropy(ft(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
@@ -521,7 +615,7 @@ def audited_run(tmp_path_factory, pretrained_tiny):
     heads, real_fit = [], train.fit
 
     def recording_fit(model, *a, **kw):
-        if isinstance(model, cm.ImageClassifier):
+        if isinstance(model, coft.Phase2Classifier):
             heads.append(model.head.weight.detach().clone())
         return real_fit(model, *a, **kw)
 
@@ -532,7 +626,7 @@ def audited_run(tmp_path_factory, pretrained_tiny):
 
 
 def phase1_scores_by_hand(run_dir, clip, r, m, X):
-    model = coft.DualPromptModel(clip, data.DIGIT_NAMES, 4, None, 2, True)
+    model = coft.DualPromptModel(clip, coft.tokenize_for(clip), data.DIGIT_NAMES, 4, None, 2, True)
     model.load_state_dict(stage_state(run_dir, f"phase1_round{r}_model{m}"))
     with torch.no_grad():
         t_pos, t_neg = model.prompts(clip)
@@ -604,7 +698,7 @@ def test_audit_rounds_filter_heads_and_ensemble(audited_run):
         assert m[f"phase1_model{mm}_acc"] == pytest.approx(acc(s_test.argmax(1), y_test))
     probs = []
     for a in (1, 2):
-        ft = cm.ImageClassifier(clip.visual, 10)
+        ft = coft.Phase2Classifier(clip.visual, 10)
         ft.load_state_dict(stage_state(run_dir, f"branch{a}"))
         with torch.no_grad():
             logits = ft.eval()(X_test)
@@ -623,7 +717,7 @@ def test_branches_draw_their_own_batches_and_augmentations(tmp_path, pretrained_
     first, real_fit = [], train.fit
 
     def recording_fit(model, step_fn, *a, **kw):
-        if not isinstance(model, cm.ImageClassifier):
+        if not isinstance(model, coft.Phase2Classifier):
             return real_fit(model, step_fn, *a, **kw)
         seen = []
         first.append(seen)
@@ -648,7 +742,7 @@ def test_topk_baseline_and_resnet_backbone(tmp_path):
     assert "phase1_model1_acc" not in m
     # the baseline's number is its saved model's accuracy on the test images, fine-tuned on S*
     clip = checkpoints.load(str(tmp_path / "tiny-rn.pt"), act="quick_gelu")[0]
-    ft = cm.ImageClassifier(clip.visual, 10)
+    ft = coft.Phase2Classifier(clip.visual, 10)
     ft.load_state_dict(stage_state(tmp_path / "run", "topk"))
     _, _, _, X_test, y_test = digit_tensors()
     with torch.no_grad():
@@ -695,7 +789,7 @@ def test_self_training_relabels_with_its_own_model_above_the_threshold(tmp_path,
         labellers = [(clip.logit_scale.exp() * F.normalize(clip.encode_image(X_train), dim=-1) @ T.t()).softmax(1)]
     models = []
     for r in (1, 2):
-        ft = cm.ImageClassifier(clip.visual, 10)
+        ft = coft.Phase2Classifier(clip.visual, 10)
         ft.load_state_dict(stage_state(tmp_path / "run", f"selftrain_round{r}"))
         with torch.no_grad():
             labellers.append(ft.eval()(X_train).softmax(1))
@@ -779,7 +873,7 @@ def test_fft_init_phase1_needs_a_backbone_its_vpt_fits(tmp_path, capsys):
 
 def tiny_finetuned(seed=0):
     clip = tiny_backbone(seed=seed)
-    return cm.ImageClassifier(clip.visual, 3, F.normalize(torch.randn(3, clip.cfg.embed_dim), dim=-1))
+    return coft.Phase2Classifier(clip.visual, 3, F.normalize(torch.randn(3, clip.cfg.embed_dim), dim=-1))
 
 
 def test_queue_wraps_around_and_overwrites_the_oldest():
@@ -917,7 +1011,7 @@ def test_rounds_restart_from_pretrained_weights(tmp_path, pretrained_tiny, monke
     # round 2's start is a fresh draw: re-creating the model under round 2's seed gives it exactly
     clip = checkpoints.load(str(pretrained_tiny[0]), act="quick_gelu")[0]  # (building a model draws random numbers: before seeding)
     torch.manual_seed(coft.seed_of(0, "init", 2, 1))
-    fresh = coft.DualPromptModel(clip, data.DIGIT_NAMES, 4, None, 2, True)
+    fresh = coft.DualPromptModel(clip, coft.tokenize_for(clip), data.DIGIT_NAMES, 4, None, 2, True)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in r2m1_start.items())
     assert m["rounds"][1]["model1_seed_set"]["size"] > 0
 

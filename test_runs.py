@@ -360,7 +360,7 @@ def test_more_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     # a prompt longer than the context (tiny-vit: 16 tokens): names the flag that shortens it
     err = coft_error(capsys, *coft_args(tmp_path, "--M", "14", out="long"))
-    assert "use a smaller --M" in err and "longer than the backbone's context of 16" in err
+    assert "use a smaller --M" in err and "does not fit the text tower's context of 16 tokens" in err
     assert not (tmp_path / "long").exists()  # before the run folder, so before the zero-shot pass
     # --restart with --eval-only; --eval-only in an empty folder
     assert "--restart discards" in coft_error(capsys, *coft_args(tmp_path, "--restart", "--eval-only"))
