@@ -302,6 +302,26 @@ def confidence_and_label(logits):
     return logits.float().softmax(1).max(1)
 
 
+def zero_shot_weights(clip, tokenize, prompts):
+    """Zero-shot weights W [C, D] from per-class prompt lists: the mean of each class's normalised
+    prompt embeddings, renormalised (Radford et al. 2021's prompt ensembling; one prompt = its own
+    normalised embedding)."""
+    W = []
+    with torch.no_grad():
+        for texts in prompts:
+            tokens = tokenize(texts).to(clip.token_embedding.weight.device)
+            W.append(F.normalize(F.normalize(clip.encode_text(tokens).float(), dim=-1).mean(0), dim=0))
+    return torch.stack(W)
+
+
+def zero_shot_labels(clip, W, x, tau):
+    """Eq. 1 on a batch of images x: the zero-shot logits cos(v(x), W_k) / tau reduced per image to
+    [B, 3]: the softmax confidence, its label and the logits' argmax (no row of scores leaves)."""
+    logits = similarity(unit(clip.encode_image(x)), W) / tau
+    conf, y = confidence_and_label(logits)
+    return torch.stack([conf, y.float(), logits.argmax(1).float()], 1)
+
+
 def labels_of(v, t, tau):
     """A model's own labels of the images v [N, D] (unit features) with class embeddings t [C, D],
     s = similarity(v, t): per image [N], argmax_k s, and the softmax confidence max_k softmax(s/tau)
@@ -514,6 +534,16 @@ class MomentumContrast(nn.Module):
         return loss
 
 
+class TwoViews:
+    """Two independent draws of transforms t1, t2 of an image: a query and a key view (Eq. 9)."""
+
+    def __init__(self, t1, t2):
+        self.t1, self.t2 = t1, t2
+
+    def __call__(self, img):
+        return self.t1(img), self.t2(img)
+
+
 class CleanAndUnlabelled:
     """Phase II batches for CoFT+ (paper Eq. 10: L_FFT on the clean set, L_Cont on *all*
     unlabelled images). An epoch is one pass over all unlabelled images, in batches of two views
@@ -569,6 +599,12 @@ def add_labelled(idx, y, labelled, y_labelled):
     return torch.cat([idx[keep], labelled]), torch.cat([y[keep], y_labelled])
 
 
+def seed_set(conf, y, K, labelled, y_labelled):
+    """S* (Sec. 3.1.1): per class the K images most confidently labelled so (topk_per_class of the
+    confidences conf [N] of labels y [N]), joined by the labelled images with their given labels."""
+    return add_labelled(*topk_per_class(conf, y, K), labelled, y_labelled)
+
+
 def label_precision(pseudo, true):
     """% of pseudo-labels that are right; None for an empty set or without true labels (JSON has
     no NaN)."""
@@ -591,10 +627,10 @@ def auroc(score, positive):
 
 
 # =============================================================================
-# Everything above is the method, and needs torch and clip_model alone: copy it into your own
-# code (test_coft.py checks that it runs with nothing else of this project importable). Below:
-# CoFT's run, its stages on the project's data, training loop (train.py) and run folders
-# (runs.py), and the CLI.
+# Everything above is the method and needs torch alone: copy it into your own code (test_coft.py
+# runs it, copied alone into an empty folder, on open_clip's CLIP). Below: the whole algorithm in
+# one call (`adapt`, with a plain training loop and train.py's seeded loaders), then the CLI's run
+# of the same steps, which adds run folders, resume, torchrun, metrics, logs and your own images.
 
 import argparse
 import functools
@@ -611,9 +647,232 @@ import llm
 import runs
 import standin
 import train
-from clip_model import class_prompts, text_classifier, zero_shot_logits
+from clip_model import class_prompts, zero_shot_logits
 from runs import cell, number_type, shown
 from train import RunError, seed_of
+
+
+# -----------------------------------------------------------------------------
+# The whole algorithm in one call
+
+
+@dataclass(frozen=True)
+class Settings:
+    """CoFT's hyperparameters; the defaults are the paper's (ViT-B/16). CoFT+: rounds=3,
+    contrast=True and LLM-written prompts."""
+    # the seed set and Phase I (Sec. 3.1; CoFT+'s rounds: Sec. 3.3.1)
+    K: int = 16  # seed-set images per class (Sec. 3.1.1)
+    rounds: int = 1  # R
+    M: int = 16  # context tokens per prompt
+    ctx_init: str | None = None  # words to initialise both contexts from (None: random)
+    vpt_tokens: int = 20  # visual prompt tokens per block (0: none; a ResNet takes an adapter instead)
+    vpt_deep: bool = True
+    lam: float = 1.0  # lambda, the weight of L2 (Eq. 6)
+    detach_neg: bool = False  # DeFT's variant: L2 trains the negative context only
+    p1_epochs: int = 20
+    p1_lr: float = 0.03
+    # Phase II (Sec. 3.2.2; CoFT+'s momentum contrast: Sec. 3.3.2, Eq. 8-10)
+    branches: int = 2
+    fft_epochs: int = 10
+    fft_lr: float = 5e-4
+    fft_aug: str = "strong"  # the clean set's augmentation: "strong" or "weak"
+    fft_init: str = "pretrained"  # or "phase1": Phase I's VPT / adapter carried into the tower, trained too
+    head_init: str = "text"  # Phase I's positive prompts (another backbone: its zero-shot weights), or "random"
+    contrast: bool = False  # + gamma * L_Cont (Eq. 10)
+    gamma: float = 1.0
+    mu: float = 0.999  # the key encoder's EMA momentum
+    tau_c: float = 0.07  # InfoNCE temperature tau'
+    queue: int = 4096
+    # both phases: SGD with momentum on batches of `batch`, a linear warm-up of warmup_epochs then a
+    # cosine decay per step, gradient norms clipped at clip_grad (0: off)
+    batch: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    clip_grad: float = 0.0
+    seed: int = 0  # every random stream is drawn from (seed, what it is for): train.seed_of
+    precision: str = "fp32"  # or bf16 / fp16 autocast (train.amp_settings)
+    eval_batch: int = 256
+
+    def sgd(self):
+        return train.SGDRecipe(self.batch, self.momentum, self.weight_decay, self.warmup_epochs, self.clip_grad)
+
+
+class Images(torch.utils.data.Dataset):
+    """The batches every step reads: (transform(images[idx[j]]), y[j], j) for j < len(idx); idx
+    None: all images, y None: no labels (-1). `images` is any sequence of what `transform` takes
+    (PIL images, or a dataset decoding files on demand)."""
+
+    def __init__(self, images, transform, idx=None, y=None):
+        self.images, self.transform = images, transform
+        self.idx = list(range(len(images))) if idx is None else idx.tolist()
+        self.y = [-1] * len(self.idx) if y is None else y.tolist()
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, j):
+        return self.transform(self.images[self.idx[j]]), self.y[j], j
+
+
+def shuffled(dataset, s, key, workers=0, pin_memory=False, drop_last=False):
+    """dataset's batches in an order, and with augmentations, drawn from (s.seed, *key) alone
+    (train.loader: whatever the workers or processes)."""
+    return train.loader(dataset, s.batch, seed_of(s.seed, *key), True, workers, pin_memory, drop_last)
+
+
+def phase1_model(clip, tokenize, classnames, s, r, m):
+    """Model m (1 or 2) of Phase-I round r (Sec. 3.1): fresh prompts and VPT (or adapter) drawn
+    from (seed, r, m), so the two models differ only by seed and every round restarts."""
+    torch.manual_seed(seed_of(s.seed, "init", r, m))
+    return DualPromptModel(clip, tokenize, classnames, s.M, s.ctx_init, s.vpt_tokens, s.vpt_deep)
+
+
+def phase1_loss(s, tau, C):
+    """Phase I's loss on a batch (x, y, index) of S* (phase1_terms), as a training loop calls it."""
+    def loss(model, batch, draws):
+        return phase1_terms(model, batch[0], batch[1], draws(1, C), tau, s.lam, s.detach_neg)
+    return loss
+
+
+@torch.no_grad()
+def scores_of(model, v, tau, amp):
+    """A Phase-I model's Phase1Scores from its image features v [N, D] of a dataset."""
+    with torch.autocast(**amp):
+        t_pos, t_neg = model.prompts(model.clip)
+    return phase1_scores(v, t_pos.float().cpu(), t_neg.float().cpu(), tau)
+
+
+def new_branch(visual, classes, head, logit_scale, peft, s, tag):
+    """A Phase-II branch (Sec. 3.2.2) before training: a copy of the image tower `visual` and a
+    linear head, from `head` [C, D] (s.head_init "text") or drawn from (seed, tag); with
+    s.fft_init "phase1" the Phase-I model `peft`'s VPT or adapter comes along."""
+    torch.manual_seed(seed_of(s.seed, "init", tag))
+    carried = {} if s.fft_init != "phase1" or peft is None else \
+        dict(vpt=None if peft.vpt is None else peft.vpt.prompts, adapter=peft.adapter)
+    return Phase2Classifier(visual, classes, head if s.head_init == "text" else None, logit_scale, **carried)
+
+
+def branch_training(model, clean, views, s, tag, workers=0, pin_memory=False, gather=None):
+    """How a branch trains: -> (the module a training loop trains, its loss, batches(epoch)).
+    clean: the branch's clean set (x, y, index) under its augmentation, in shuffled batches (the last
+    dropped when smaller, unless the only one); Eq. 7 on each. With s.contrast (CoFT+, Eq. 10): an
+    epoch is one pass over `views`, every unlabelled image as two views, each batch joined by one of
+    the clean loader's (CleanAndUnlabelled), and a MomentumContrast around the branch (gather: how
+    keys of the other processes join its queue under torchrun). Streams are keyed by `tag`."""
+    def clean_batches(epoch, cycle=0):
+        return shuffled(clean, s, (tag, epoch, "clean", cycle), workers, pin_memory, len(clean) > s.batch)
+
+    if not s.contrast:
+        def loss(model, b, _):  # Eq. 7 on a batch (x, y, index) of the clean set
+            return phase2_terms(model, b[0], b[1])
+        return model, loss, clean_batches
+    mc = MomentumContrast(model, min(s.queue, len(views)), s.mu, s.tau_c, gather)
+
+    def batches(epoch):
+        return CleanAndUnlabelled(lambda cycle: clean_batches(epoch, cycle),
+                                  shuffled(views, s, (tag, epoch, "unlabelled"), workers, pin_memory))
+
+    def loss(mc, b, _):
+        x, y, _, x_q, x_k, j = b
+        return phase2_contrast_terms(mc, x, y, x_q, x_k, j, s.gamma)
+    return mc, loss, batches
+
+
+def fit(model, loss, batches, epochs, lr, s, seed, device="cpu"):
+    """The plain training loop: SGD with momentum over model's trainable parameters, a linear
+    warm-up of s.warmup_epochs then a cosine decay per step, autocast at s.precision (fp16 with a
+    loss scaler), gradient norms clipped at s.clip_grad. loss(model, batch, draws) -> {term:
+    (batch mean, batch size)}, the step's loss their sum; draws(low, high): one integer per sample
+    from the epoch's stream. Every epoch's randomness comes from (seed, epoch), as in train.fit
+    (which adds resume, torchrun and logging), so both train the same weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    per_epoch = len(batches(0))
+    total, warmup = epochs * per_epoch, s.warmup_epochs * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: train.cosine_with_warmup(step, total, warmup))
+    amp, scaler = train.amp_settings(device, s.precision)
+    model.train()
+    for epoch in range(epochs):
+        torch.manual_seed(seed_of(seed, epoch))
+        stream = torch.Generator().manual_seed(seed_of(seed, epoch, "step"))
+        for batch in batches(epoch):
+            batch = [b.to(device) if torch.is_tensor(b) else b for b in batch]
+            n = len(batch[0])
+            with torch.autocast(**amp):
+                terms = loss(model, batch, lambda low, high: torch.randint(low, high, (n,), generator=stream))
+            step_loss = train.add(mean for mean, _ in terms.values())
+            opt.zero_grad(set_to_none=True)
+            (scaler.scale(step_loss) if scaler else step_loss).backward()
+            if scaler:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, s.clip_grad or float("inf"))
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+    return model.eval()
+
+
+class Adapted(NamedTuple):
+    """What `adapt` returns."""
+    classifier: nn.Module  # the ensemble of the branches (images -> log of their mean softmax)
+    phase1: list  # the last round's two Phase-I models
+    seed_sets: list  # every round's two seed sets, [(indices, labels)] x 2 each
+    validated: list  # both directions of the filter (Validated)
+
+
+def adapt(clip, tokenize, images, classnames, prompts, transforms, s=Settings(), labelled=None, device="cpu"):
+    """CoFT (Sec. 3; CoFT+ with s.rounds > 1 and s.contrast, Sec. 3.3) on unlabelled images, in one
+    call: zero-shot labels and S*, Phase I's two models (CoFT+: R rounds), the filter both ways,
+    Phase II's branches and their ensemble. The CLI's end_to_end runs these same steps.
+    clip: a CLIP with OpenAI's module layout, frozen; tokenize: texts -> ids [N, L] at its context
+    length; images: a sequence of images (what the transforms take); classnames [C]; prompts: per
+    class its zero-shot prompts ([str]); transforms: {"test", "weak", "strong"}, each image -> a
+    normalised tensor at the tower's resolution; labelled: optional (indices [L], labels [L]) that
+    join S* and both clean sets (Sec. 4.4)."""
+    amp, _ = train.amp_settings(device, s.precision)
+    tau, C = 1.0 / clip.logit_scale.exp().item(), len(classnames)
+    labelled, y_labelled = labelled if labelled is not None else (torch.zeros(0, dtype=torch.long),) * 2
+
+    def evaluate(fn, dataset):  # fn over every image, in order, in evaluation batches -> [N, ...]
+        return train.predict(fn, train.loader(dataset, s.eval_batch, seed_of(s.seed)), device, amp)[0]
+
+    unlabelled = Images(images, transforms["test"])
+    # zero-shot pseudo-labels (Eq. 1) and the seed set S* (Sec. 3.1.1)
+    W = zero_shot_weights(clip, tokenize, prompts)
+    conf, y_conf, _ = evaluate(lambda x: zero_shot_labels(clip, W, x, tau), unlabelled).T.contiguous()
+    sets, seed_sets = [seed_set(conf, y_conf.long(), s.K, labelled, y_labelled)] * 2, []
+    # Phase I (Sec. 3.1): two models differing only by seed; CoFT+ (Sec. 3.3.1): each round relabels
+    for r in range(1, s.rounds + 1):
+        seed_sets.append(list(sets))
+        models, scores = [], []
+        for m in (1, 2):
+            model = phase1_model(clip, tokenize, classnames, s, r, m).to(device)
+            tag = f"phase1_round{r}_model{m}"
+            seed_images = Images(images, transforms["weak"], *sets[m - 1])
+            fit(model, phase1_loss(s, tau, C), lambda epoch: shuffled(seed_images, s, (tag, epoch)), s.p1_epochs,
+                s.p1_lr, s, seed_of(s.seed, tag), device)
+            models.append(model)
+            scores.append(scores_of(model, evaluate(model.image_features, unlabelled), tau, amp))
+            if r < s.rounds:  # the model's own top-K is its next seed set
+                sets[m - 1] = seed_set(scores[-1].conf, scores[-1].y_conf, s.K, labelled, y_labelled)
+    # the collaborative filter both ways (Sec. 3.2.1), then Phase II per branch (Sec. 3.2.2)
+    validated = filter_both_ways(scores, tau, labelled, y_labelled)
+    branches = []
+    for a in range(s.branches):
+        tag = f"branch{a + 1}"
+        branch = new_branch(clip.visual, C, scores[a].t_pos.to(device), clip.logit_scale.exp().item(), models[a], s,
+                            tag).to(device)
+        clean = Images(images, transforms[s.fft_aug], *validated[a].clean_set())
+        views = Images(images, TwoViews(transforms[s.fft_aug], transforms["strong"]))
+        if len(clean):  # the peer may reject every label: then the branch stays as it starts
+            trained, loss, batches = branch_training(branch, clean, views, s, tag)
+            fit(trained.to(device), loss, batches, s.fft_epochs, s.fft_lr, s, seed_of(s.seed, tag), device)
+        branches.append(branch.eval())
+    return Adapted(Ensemble(branches), models, seed_sets, validated)
 
 
 # -----------------------------------------------------------------------------
@@ -638,51 +897,10 @@ def stage_record(config, tag):
     return {"stage": tag, **{k: config[k] for k in dict.fromkeys(keys + ("labels",)) if k in config}}
 
 
-@dataclass(frozen=True)
-class Phase1Settings:
-    """Stage 0 and Phase I's hyperparameters (Sec. 3.1; CoFT+'s rounds: Sec. 3.3.1)."""
-    K: int  # seed-set images per class (Sec. 3.1.1)
-    rounds: int  # R (1: CoFT)
-    M: int  # context tokens per prompt
-    ctx_init: str | None  # words to initialise both contexts from (None: random)
-    vpt_tokens: int  # visual prompt tokens per block (0: no VPT; ResNets: an adapter instead)
-    vpt_deep: bool
-    lam: float  # lambda, the weight of L2 (Eq. 6)
-    detach_neg: bool  # DeFT's variant: L2 trains the negative context only
-    epochs: int
-    lr: float
-
-
-@dataclass(frozen=True)
-class Phase2Settings:
-    """Phase II's hyperparameters (Sec. 3.2.2; CoFT+'s momentum contrast: Sec. 3.3.2, Eq. 9-10),
-    also the fine-tuning recipe of the top-K, labelled-shots and self-training baselines."""
-    branches: int
-    epochs: int
-    lr: float
-    aug: str  # the clean set's augmentation: "strong" or "weak"
-    init: str  # "pretrained", or "phase1": the Phase-I VPT / adapter carried into the tower
-    head_init: str  # "text" (Phase-I positive prompts / zero-shot weights) or "random"
-    contrast: bool  # CoFT+: + gamma * L_Cont (Eq. 10)
-    gamma: float
-    mu: float  # the key encoder's EMA momentum
-    tau_c: float  # InfoNCE temperature tau'
-    queue: int
-    sync_bn: bool
-    compile: bool
-    grad_checkpointing: bool
-
-
 def settings_of(args):
-    """The CLI's (resolved) flags -> (Phase1Settings, Phase2Settings)."""
-    phase1 = Phase1Settings(K=args.K, rounds=args.rounds, M=args.M, ctx_init=args.ctx_init,
-                            vpt_tokens=args.vpt_tokens, vpt_deep=args.vpt == "deep", lam=args.lam,
-                            detach_neg=args.detach_neg, epochs=args.p1_epochs, lr=args.p1_lr)
-    phase2 = Phase2Settings(branches=args.branches, epochs=args.fft_epochs, lr=args.fft_lr, aug=args.fft_aug,
-                            init=args.fft_init, head_init=args.head_init, contrast=args.contrast, gamma=args.gamma,
-                            mu=args.mu, tau_c=args.tau_c, queue=args.queue, sync_bn=args.sync_bn, compile=args.compile,
-                            grad_checkpointing=args.grad_checkpointing)
-    return phase1, phase2
+    """The CLI's (resolved) flags -> Settings."""
+    return Settings(**{f: getattr(args, f) for f in Settings.__dataclass_fields__ if f != "vpt_deep"},
+                    vpt_deep=args.vpt == "deep")
 
 
 @dataclass
@@ -706,6 +924,9 @@ class Run(runs.Run):
     predictions: dict  # eval-split predictions (argmax) of every model, for per-image analysis
     prompts: dict  # the zero-shot prompts per class
     ft_clip: clip_model.CLIP | None  # --fft-backbone's model (Phase II on another backbone), or None
+    sync_bn: bool  # how Phase II computes, flags of the CLI alone (--sync-bn, --compile, --grad-checkpointing)
+    compile: bool
+    grad_checkpointing: bool
 
     def record(self, tag):
         return stage_record(self.config, tag)
@@ -741,24 +962,16 @@ def zero_shot_and_seed_set(run, prompts, K):
     zero-shot weights W [C, D], S* as (indices, labels) and the unlabelled images' zero-shot
     confidence and label [N] (each image's logits reduced in its batch: no N x C matrix)."""
     cost = train.StageCost(run.device)
-    W = text_classifier(run.clip, prompts, run.device)
-
-    def zero_shot(x):
-        return zero_shot_logits(run.clip, W, x, run.tau)
-
-    def labels(x):  # [B, 3]: the softmax confidence, its label, the logits' argmax
-        logits = zero_shot(x)
-        conf, y = confidence_and_label(logits)
-        return torch.stack([conf, y.float(), logits.argmax(1).float()], 1)
-    zs = run.outputs(labels, run.unlabelled)  # [N, 3]
+    W = zero_shot_weights(run.clip, tokenize_for(run.clip), prompts)
+    zs = run.outputs(lambda x: zero_shot_labels(run.clip, W, x, run.tau), run.unlabelled)  # [N, 3]
     conf, y_conf, y_logit = zs.T.contiguous()  # contiguous: a mean over a strided column sums in another order
     y_conf, y_logit = y_conf.long(), y_logit.long()
     if run.y_eval is not None:
         run.predictions["y"] = run.y_eval
-    run.metrics["zero_shot_acc"] = run.score("zero_shot", zero_shot)
+    run.metrics["zero_shot_acc"] = run.score("zero_shot", lambda x: zero_shot_logits(run.clip, W, x, run.tau))
     run.metrics["zero_shot_train_label_precision"] = label_precision(y_logit, run.truth())
     run.metrics["zero_shot_mean_confidence"] = 100.0 * conf.mean().item()
-    idx, y = add_labelled(*topk_per_class(conf, y_conf, K), run.labelled, run.y_labelled)
+    idx, y = seed_set(conf, y_conf, K, run.labelled, run.y_labelled)
     run.metrics["seed_set"] = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(conf),
                                "precision": label_precision(y, run.truth(idx))}
     cost.record(run.metrics, "zero_shot")
@@ -768,7 +981,7 @@ def zero_shot_and_seed_set(run, prompts, K):
     return W, (idx, y), (conf, y_conf)
 
 
-def phase1(run, settings, seed_set):
+def phase1(run, s, s_star):
     """Phase I (Sec. 3.1): two dual-prompt models differing only by seed, trained on their seed
     set with L1 + lambda * L2 (Eq. 4-6). CoFT+ (Sec. 3.3.1) runs R rounds: after round r each
     model relabels every image with its positive prompts and takes its own top-K as its next
@@ -777,46 +990,38 @@ def phase1(run, settings, seed_set):
     made of and what it reads of them (Phase1Scores), plus every round's seed sets."""
     cost = train.StageCost(run.device)
     weak = data.make_transform("weak", run.clip.visual, run.task)
-    sets, seed_sets = [seed_set, seed_set], []
+    sets, seed_sets = [s_star, s_star], []
     run.metrics["rounds"] = []
-
-    C = len(run.task.classnames)
-
-    def loss(model, batch, draws):  # L_Phase1 (Eq. 4-6) on a batch (x, y, index) of S*
-        return phase1_terms(model, batch[0], batch[1], draws(1, C), run.tau, settings.lam, settings.detach_neg)
-
-    for r in range(1, settings.rounds + 1):
+    loss = phase1_loss(s, run.tau, len(run.task.classnames))
+    for r in range(1, s.rounds + 1):
         models, scores, log = [], [], {}
         seed_sets.append(list(sets))
         for m in (1, 2):
             idx, y = sets[m - 1]
             log[f"model{m}_seed_set"] = {"size": len(idx), "precision": label_precision(y, run.truth(idx))}
-            torch.manual_seed(seed_of(run.seed, "init", r, m))  # fresh prompts / VPT every round
-            model = DualPromptModel(run.clip, tokenize_for(run.clip), run.task.classnames, settings.M,
-                                    settings.ctx_init, settings.vpt_tokens, settings.vpt_deep).to(run.device)
+            model = phase1_model(run.clip, tokenize_for(run.clip), run.task.classnames, s, r, m).to(run.device)
             tag = f"phase1_round{r}_model{m}"
             seed_images = data.ImageDataset([run.task.train[i] for i in idx.tolist()], weak, labels=y.tolist(),
                                              exif_orientation=run.task.exif_orientation)
 
             def batches(epoch, ds=seed_images, tag=tag):
-                return run.loader(ds, run.sgd.batch, (tag, epoch), shuffle=True)
-            run.stage(tag, model, loss, batches, epochs=settings.epochs, lr=settings.lr, recipe=run.sgd,
+                return run.loader(ds, s.batch, (tag, epoch), shuffle=True)
+            run.stage(tag, model, loss, batches, epochs=s.p1_epochs, lr=s.p1_lr, recipe=run.sgd,
                       what=f"phase I round {r} model {m}")
             # each model's scores on all unlabelled images, computed once and used for relabelling
             # (next round) or for both directions of the collaborative filter (last round)
-            on_train = scores_on(run, model, run.unlabelled)
+            on_train = scores_of(model, run.outputs(model.image_features, run.unlabelled), run.tau, run.amp)
             log[f"model{m}_acc"] = None
             if run.y_eval is not None:
-                predicted = scores_on(run, model, run.evaluated).y
+                predicted = scores_of(model, run.outputs(model.image_features, run.evaluated), run.tau, run.amp).y
                 log[f"model{m}_acc"] = train.accuracy(predicted, run.y_eval)
                 run.predictions[f"round{r}_model{m}"] = predicted
             # label-free: how sure the model is of its own labels on the unlabelled images
             log[f"model{m}_mean_confidence"] = 100.0 * on_train.conf.mean().item()
             models.append(model)
             scores.append(on_train)
-            if r < settings.rounds:  # this model's own top-K by its positive-prompt softmax
-                sets[m - 1] = add_labelled(*topk_per_class(on_train.conf, on_train.y_conf, settings.K), run.labelled,
-                                           run.y_labelled)
+            if r < s.rounds:  # this model's own top-K by its positive-prompt softmax
+                sets[m - 1] = seed_set(on_train.conf, on_train.y_conf, s.K, run.labelled, run.y_labelled)
         run.metrics["rounds"].append(log)
         print(f"phase I round {r}: " + "; ".join(
             f"model {m}: seed set {log[f'model{m}_seed_set']['size']} (precision "
@@ -825,15 +1030,6 @@ def phase1(run, settings, seed_set):
     run.metrics["phase1_model1_acc"], run.metrics["phase1_model2_acc"] = log["model1_acc"], log["model2_acc"]
     cost.record(run.metrics, "phase1")
     return models, scores, seed_sets
-
-
-@torch.no_grad()
-def scores_on(run, model, dataset):
-    """A Phase-I model over a dataset -> Phase1Scores, image features computed once."""
-    v = run.outputs(model.image_features, dataset)  # [N, D]
-    with torch.autocast(**run.amp):
-        t_pos, t_neg = model.prompts(run.clip)
-    return phase1_scores(v, t_pos.float().cpu(), t_neg.float().cpu(), run.tau)
 
 
 def generate_and_validate(run, scores):
@@ -877,55 +1073,34 @@ def filter_diagnosis(y_a, keep, peer_margin, peer_confidence, own_confidence, y_
             "auroc_own_confidence": auroc(own_confidence, right)}
 
 
-def fine_tune(run, settings, tag, clip, head, idx, y, vpt=None, adapter=None):
-    """Phase II for one branch (Sec. 3.2.2): fine-tune a copy of clip's image tower and a linear
-    head (initialised from `head` [C, D], or at random) with cross-entropy on (x, y_a(x)) for the
-    train images idx with labels y, its clean set (Eq. 7), under settings.aug at clip's resolution;
-    also the top-K and labelled-shots baselines' trainer. CoFT+
-    (--contrast, Eq. 10): + gamma * InfoNCE (Eq. 9) on two views of *all* unlabelled images, an
-    epoch being one pass over them (CleanAndUnlabelled). Every stream is keyed by `tag`, so the two
-    branches never share one. Returns the trained Phase2Classifier in eval mode."""
-    model = Phase2Classifier(clip.visual, len(run.task.classnames), head, clip.logit_scale.exp().item(), vpt,
-                             adapter).to(run.device)
-    if settings.sync_bn:  # ResNet towers under torchrun: BatchNorm statistics over the global batch
+def fine_tune(run, s, tag, clip, head, idx, y, peft=None):
+    """Phase II for one branch (Sec. 3.2.2): a copy of clip's image tower and a linear head
+    (new_branch: from `head` [C, D], or at random; `peft`'s VPT or adapter with --fft-init phase1)
+    fine-tuned on the train images idx with labels y, its clean set, under s.fft_aug at clip's
+    resolution (branch_training: Eq. 7; CoFT+: Eq. 10 with every unlabelled image as two views);
+    also the top-K, labelled-shots and self-training baselines' trainer. Every stream is keyed by
+    `tag`, so no two branches share one. Returns the trained Phase2Classifier in eval mode."""
+    model = new_branch(clip.visual, len(run.task.classnames), head, clip.logit_scale.exp().item(), peft, s,
+                       tag).to(run.device)
+    if run.sync_bn:  # ResNet towers under torchrun: BatchNorm statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    augment = data.make_transform(settings.aug, clip.visual, run.task)
-    train_set = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist(),
-                                   exif_orientation=run.task.exif_orientation)
-    if len(train_set) == 0:  # the validator rejected every label: nothing to fine-tune on
+    augment = data.make_transform(s.fft_aug, clip.visual, run.task)
+    clean = data.ImageDataset([run.task.train[i] for i in idx.tolist()], augment, labels=y.tolist(),
+                              exif_orientation=run.task.exif_orientation)
+    if len(clean) == 0:  # the validator rejected every label: nothing to fine-tune on
         run.stage(tag, model, None, None, epochs=0, lr=0, recipe=run.sgd)
         return model
-    batch = run.sgd.batch
-
-    def clean_batches(epoch, cycle=0):
-        return run.train_loader(train_set, batch, (tag, epoch, "clean", cycle))
-
-    if not settings.contrast:
-        def loss(model, b, _):  # Eq. 7 on a batch (x, y, index) of the clean set
-            return phase2_terms(model, b[0], b[1])
-        run.stage(tag, model, loss, clean_batches, epochs=settings.epochs, lr=settings.lr, recipe=run.sgd,
-                  what=f"phase II {tag}", compiled=[model.visual] if settings.compile else [])
-        return model
-
-    views = data.ImageDataset(run.task.train, data.TwoViews(
-        augment, data.make_transform("strong", clip.visual, run.task)), exif_orientation=run.task.exif_orientation)
-    mc = MomentumContrast(model, min(settings.queue, len(views)), settings.mu, settings.tau_c,
-                          ddp.gather_batch).to(run.device)
-
-    def batches(epoch):
-        return CleanAndUnlabelled(lambda cycle: clean_batches(epoch, cycle),
-                                  run.loader(views, batch, (tag, epoch, "unlabelled"), shuffle=True))
-
-    def loss(mc, b, _):  # Eq. 10: L_FFT (Eq. 7) on the clean batch + gamma * L_Cont (Eq. 9) on the unlabelled one
-        x, y, _, x_q, x_k, j = b
-        return phase2_contrast_terms(mc, x, y, x_q, x_k, j, settings.gamma)
-    run.stage(tag, model, loss, batches, epochs=settings.epochs, lr=settings.lr, recipe=run.sgd,
-              what=f"phase II {tag}", trained=mc,
-              compiled=[mc.model.visual, mc.key_model.visual] if settings.compile else [])
+    views = data.ImageDataset(run.task.train, TwoViews(augment, data.make_transform("strong", clip.visual, run.task)),
+                              exif_orientation=run.task.exif_orientation) if s.contrast else None
+    trained, loss, batches = branch_training(model, clean, views, s, tag, run.workers, run.device.type == "cuda",
+                                             ddp.gather_batch)
+    towers = [trained.model.visual, trained.key_model.visual] if s.contrast else [model.visual]
+    run.stage(tag, model, loss, batches, epochs=s.fft_epochs, lr=s.fft_lr, recipe=run.sgd, what=f"phase II {tag}",
+              trained=trained.to(run.device), compiled=towers if run.compile else [])
     return model
 
 
-def phase2(run, settings, scores, peft, clean):
+def phase2(run, s, scores, peft, clean):
     """Phase II (Sec. 3.2.2) per branch a: a fresh copy of the pre-trained image tower (or of
     --fft-backbone's, the paper's distillation setting) fine-tuned on clean set a, its head
     initialised from Phase-I model a's positive prompts (another backbone: its zero-shot
@@ -933,19 +1108,16 @@ def phase2(run, settings, scores, peft, clean):
     cost = train.StageCost(run.device)
     if run.ft_clip is None:
         clip, evaluated = run.clip, run.evaluated
-        heads = [s.t_pos.to(run.device) for s in scores]  # each Phase-I model's own positive prompts
+        heads = [p.t_pos.to(run.device) for p in scores]  # each Phase-I model's own positive prompts
     else:
         clip = run.ft_clip.to(run.device)
-        set_grad_checkpointing(clip, settings.grad_checkpointing)
+        set_grad_checkpointing(clip, run.grad_checkpointing)
         evaluated = data.ImageDataset(run.evaluated.items, data.make_transform("test", clip.visual, run.task),
                                       exif_orientation=run.evaluated.exif_orientation)
-        heads = [text_classifier(clip, run.prompts, run.device)] * 2  # the new backbone's zero-shot weights
+        heads = [zero_shot_weights(clip, tokenize_for(clip), run.prompts)] * 2  # the new backbone's zero-shot weights
     probs = []
-    for a in range(settings.branches):
-        init = dict(vpt=None if peft[a].vpt is None else peft[a].vpt.prompts, adapter=peft[a].adapter) \
-            if settings.init == "phase1" else {}
-        branch = fine_tune(run, settings, f"branch{a + 1}", clip, heads[a] if settings.head_init == "text" else None,
-                           *clean[a], **init)
+    for a in range(s.branches):
+        branch = fine_tune(run, s, f"branch{a + 1}", clip, heads[a], *clean[a], peft=peft[a])
         run.metrics[f"branch{a + 1}_acc"] = None
         if run.y_eval is not None:
             logits = run.outputs(branch, evaluated)
@@ -978,18 +1150,18 @@ def linear_probe(run):
           f"not a label-free method): {run.metrics['probe_acc']:.2f}", flush=True)
 
 
-def fine_tune_baseline(run, method, settings, W, seed_set):
+def fine_tune_baseline(run, method, s, W, s_star):
     """--method topk: the UPL-like self-training baseline, Phase II's recipe on S* with its
     zero-shot labels (and any labelled shots); --method shots: the same on the labelled shots
     alone. One branch, its head initialised from the zero-shot weights W."""
     cost = train.StageCost(run.device)
-    idx, y = seed_set if method == "topk" else (run.labelled, run.y_labelled)
-    branch = fine_tune(run, settings, method, run.clip, W if settings.head_init == "text" else None, idx, y)
+    idx, y = s_star if method == "topk" else (run.labelled, run.y_labelled)
+    branch = fine_tune(run, s, method, run.clip, W, idx, y)
     run.metrics[f"{method}_acc"] = run.score(method, branch)
     cost.record(run.metrics, "fine_tune")
 
 
-def self_training(run, settings, rounds, threshold, W, labeller):
+def self_training(run, s, rounds, threshold, W, labeller):
     """--method selftrain: the self-training reference a reader tries first, iterative
     pseudo-labelling with a confidence threshold (Lee, 2013; in rounds, as noisy-student
     training). Round r: every unlabelled image whose label from the current labeller has
@@ -1005,8 +1177,7 @@ def self_training(run, settings, rounds, threshold, W, labeller):
         conf, y = labeller
         idx = (conf >= threshold).nonzero().squeeze(1)
         idx, labels = add_labelled(idx, y[idx], run.labelled, run.y_labelled)
-        model = fine_tune(run, settings, f"selftrain_round{r}", run.clip, W if settings.head_init == "text" else None,
-                          idx, labels)
+        model = fine_tune(run, s, f"selftrain_round{r}", run.clip, W, idx, labels)
         log = {"size": len(idx), "kept_fraction": 100.0 * len(idx) / len(conf),
                "precision": label_precision(labels, run.truth(idx)), "acc": run.score("selftrain", model)}
         run.metrics["selftrain_rounds"].append(log)
@@ -1061,16 +1232,16 @@ def end_to_end(args):
     pseudo_labels.pt (every seed set and clean set), pseudo_labels.csv (every image's labels, for
     a person to review) and predictions.pt (eval-split predictions of every model); stages/ holds
     each finished stage (docs/runs.md)."""
-    run, (phase1_settings, phase2_settings) = prepare(args)  # the stages see these, never the flags
-    W, seed_set, zero_shot = zero_shot_and_seed_set(run, run.prompts, phase1_settings.K)
+    run, s = prepare(args)  # the stages see the Settings, never the flags
+    W, s_star, zero_shot = zero_shot_and_seed_set(run, run.prompts, s.K)
     if args.method == "probe":
         linear_probe(run)
     elif args.method in ("topk", "shots"):
-        fine_tune_baseline(run, args.method, phase2_settings, W, seed_set)
+        fine_tune_baseline(run, args.method, s, W, s_star)
     elif args.method == "selftrain":
-        self_training(run, phase2_settings, args.rounds, args.threshold, W, zero_shot)
+        self_training(run, s, args.rounds, args.threshold, W, zero_shot)
     else:
-        peft, scores, seed_sets = phase1(run, phase1_settings, seed_set)
+        peft, scores, seed_sets = phase1(run, s, s_star)
         validated = generate_and_validate(run, scores)
         clean = [d.clean_set() for d in validated]
         runs.atomic_save({"labelled": run.labelled, "seed_sets": seed_sets, "generated": [d.y_a for d in validated],
@@ -1078,7 +1249,7 @@ def end_to_end(args):
                          run.out / "pseudo_labels.pt")
         write_pseudo_labels(run, zero_shot, validated)
         if args.phase != "1":
-            ensemble(run, phase2(run, phase2_settings, scores, peft, clean))
+            ensemble(run, phase2(run, s, scores, peft, clean))
     return runs.finish_run(run.out, run.metrics, run.predictions, run.t0)
 
 
@@ -1107,8 +1278,7 @@ def run_config(args, images, prompts, labels=None):
 def prepare(args):
     """Everything a run checks and loads before its first stage, in the order that keeps a
     mistake cheap: the flags, --out, the data and prompts, the backbones, and only then the run
-    folder (config.json; --restart discards the old run there). Returns (Run, (Phase1Settings,
-    Phase2Settings))."""
+    folder (config.json; --restart discards the old run there). Returns (Run, Settings)."""
     device = runs.start_processes(args.device)  # torchrun: join the job (plain python: nothing to join)
     check_args(args, device)
     continuing = args.resume or args.eval_only or args.phase == "2"
@@ -1172,7 +1342,8 @@ def prepare(args):
               unlabelled=data.ImageDataset(task.train, test, exif_orientation=task.exif_orientation),
               evaluated=data.ImageDataset(eval_items, test, exif_orientation=task.exif_orientation), y_true=y_true,
               y_eval=torch.tensor([label for _, label in eval_items]) if eval_items else None, labelled=labelled,
-              y_labelled=y_labelled, metrics=metrics, predictions={}, t0=t0, prompts=prompts, ft_clip=ft_clip)
+              y_labelled=y_labelled, metrics=metrics, predictions={}, t0=t0, prompts=prompts, ft_clip=ft_clip,
+              sync_bn=args.sync_bn, compile=args.compile, grad_checkpointing=args.grad_checkpointing)
     print(f"{data.named(task.name)}: {len(task.classnames)} classes, {len(task.train)} unlabelled train images, "
           f"{len(eval_items)} {args.eval_split} images; backbone {args.clip} ({clip.visual.resolution}px) on "
           f"{device}, {args.precision}", flush=True)
@@ -1289,7 +1460,8 @@ def write_pseudo_labels(run, zero_shot, validated):
     names, root = run.task.classnames, run.task.root
     given = dict(zip(run.labelled.tolist(), run.y_labelled.tolist()))
     conf, zs = (t.tolist() for t in zero_shot)
-    (y1, keep1, m1), (y2, keep2, m2) = ((d.labels.tolist(), d.keep.int().tolist(), d.margin.tolist()) for d in validated)
+    (y1, keep1, m1), (y2, keep2, m2) = ((d.labels.tolist(), d.keep.int().tolist(), d.margin.tolist())
+                                        for d in validated)
     text = data.csv_text
     rows = ([text(data.item_key(source, i, root)), text(names[given[i]]) if i in given else "", text(names[y1[i]]),
              keep1[i], f"{m1[i]:.6g}", text(names[y2[i]]), keep2[i], f"{m2[i]:.6g}", text(names[zs[i]]),

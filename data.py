@@ -160,16 +160,6 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(image), self.labels[i], i
 
 
-class TwoViews:
-    """Two independent draws of a transform (e.g. a query and a key view)."""
-
-    def __init__(self, t1, t2):
-        self.t1, self.t2 = t1, t2
-
-    def __call__(self, img):
-        return self.t1(img), self.t2(img)
-
-
 def make_transform(kind, visual, task):
     """The transforms for an image tower `visual` (its resolution, and the mean/std and test
     resize its weights were trained with):

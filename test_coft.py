@@ -6,7 +6,6 @@ import csv
 import functools
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import checkpoints
 import clip_model as cm
 import coft
 import data
+import imagefiles
 import runs
 import train
 from conftest import (coft_args, coft_error, numbers, randomized, run_coft, stage_state, tower, write_digit_layouts,
@@ -379,7 +379,8 @@ def test_vpt_zero_tokens_equal_the_plain_vit_and_prompts_enter_as_written():
             assert torch.equal(coft.encode_image_with_prompts(m.visual, x, torch.zeros(depth, 0, W)), plain)
         shallow = torch.randn(1, 5, W)
         deep = torch.cat([shallow, torch.randn(2, 5, W)])
-        out_s, out_d = coft.encode_image_with_prompts(m.visual, x, shallow), coft.encode_image_with_prompts(m.visual, x, deep)
+        out_s = coft.encode_image_with_prompts(m.visual, x, shallow)
+        out_d = coft.encode_image_with_prompts(m.visual, x, deep)
         assert not torch.allclose(out_s, plain) and not torch.allclose(out_s, out_d)
         # shallow prompts are exactly extra tokens after CLS: recompute them by hand
         v = m.visual
@@ -1300,3 +1301,56 @@ def test_own_images_mistakes_are_one_line(tmp_path, capsys, digit_layouts, argv,
                                                     str(tmp_path / "r"))
     assert "--check goes with --images" in coft_error(capsys, "--check", str(root / "check"), "--out",
                                                       str(tmp_path / "r"))
+
+
+class Decoded:
+    """The train images as research code would hand them to coft.adapt: a sequence of images,
+    each decoded from its file on demand as the CLI decodes it."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __len__(self):
+        return len(self.task.train)
+
+    def __getitem__(self, i):
+        return imagefiles.load_image(self.task.train[i][0], exif_orientation=self.task.exif_orientation)
+
+
+@pytest.mark.parametrize("variant", [("--fft-init", "phase1"), ("--plus", "--rounds", "2", "--queue", "100")],
+                         ids=["coft-vpt-carried", "coft+"])
+def test_adapt_in_one_call_with_its_plain_loop_trains_what_the_cli_trains(tmp_path, pretrained_tiny, variant):
+    """coft.adapt (the whole algorithm as one function, with its own training loop) and the CLI on
+    the same settings and seed: the same seed sets, clean sets, Phase-I models, branch weights and
+    ensemble predictions, bit for bit. CoFT with the Phase-I VPT carried into Phase II, and CoFT+
+    (two rounds, the momentum queue, the template ensemble)."""
+    ckpt = pretrained_tiny[0]
+    argv = coft_args(tmp_path, *variant, "--p1-epochs", "1", "--fft-epochs", "1", ckpt=ckpt)
+    coft.main(argv)
+    args = coft.resolve_defaults(coft.parser().parse_args(argv))
+    s = coft.settings_of(args)
+    task = data.task_of(args)
+    clip = checkpoints.load(str(ckpt), act="quick_gelu")[0].requires_grad_(False)
+    transforms = {kind: data.make_transform(kind, clip.visual, task) for kind in ("test", "weak", "strong")}
+    prompts = coft.zero_shot_prompts(task, None, args.template_ensemble, args.plus)
+    adapted = coft.adapt(clip, coft.tokenize_for(clip), Decoded(task), task.classnames, prompts, transforms, s)
+
+    run = tmp_path / "run"
+    saved = torch.load(run / "pseudo_labels.pt")
+    for theirs, ours in zip(saved["seed_sets"], adapted.seed_sets, strict=True):
+        for (ia, ya), (ib, yb) in zip(theirs, ours, strict=True):
+            assert torch.equal(ia, ib) and torch.equal(ya, yb)
+    for a, d in enumerate(adapted.validated):
+        idx, y = d.clean_set()
+        assert torch.equal(saved["clean"][a], idx) and torch.equal(saved["clean_labels"][a], y)
+    R = s.rounds
+    trained = {f"phase1_round{R}_model{m + 1}": model for m, model in enumerate(adapted.phase1)}
+    trained.update({f"branch{a + 1}": b for a, b in enumerate(adapted.classifier.branches)})
+    for tag, model in trained.items():
+        theirs, ours = stage_state(run, tag), model.state_dict()
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours), tag
+    evaluated = data.ImageDataset(data.eval_items(task, "test"), transforms["test"], exif_orientation=task.exif_orientation)
+    fp32 = {"device_type": "cpu", "enabled": False}
+    scores = train.predict(adapted.classifier, train.loader(evaluated, s.eval_batch, 0), "cpu", fp32)[0]
+    assert torch.equal(scores.argmax(1), torch.load(run / "predictions.pt")["ensemble"])
+    assert 0 < len(saved["clean"][0]) < len(task.train)  # the filter decided something

@@ -117,15 +117,18 @@ def test_phase_flag_runs_phases_separately(tmp_path, pretrained_tiny):
 
 
 def test_every_stage_reaches_its_loss_through_run_stage_and_train_fit_alone(tmp_path, monkeypatch):
-    """The reader's path (docs/files.md): from the stage function that defines a loss to that loss
-    being called, the only frames are Run.stage and train.fit (CoFT's Phase I, Phase II with Eq. 7
-    and with Eq. 10, VeCAF's fine-tuning) or train.fit alone (CraFT's refiner epoch, CoOp): nothing
-    else wraps a plain run's step. Seen from inside every loss of tiny runs of each stage."""
+    """The reader's path (docs/files.md): from the stage function that defines a loss (CoFT's: that
+    takes it from the step it shares with coft.adapt) to that loss being called, the only frames are
+    Run.stage and train.fit (CoFT's Phase I, Phase II with Eq. 7 and with Eq. 10, VeCAF's
+    fine-tuning) or train.fit alone (CraFT's refiner epoch, CoOp): nothing else wraps a plain run's
+    step. Seen from inside every loss of tiny runs of each stage."""
     import craft
     chains, losses, real_fit = {}, set(), train.fit
+    stage_of = {"phase1_loss": "phase1", "branch_training": "fine_tune"}  # CoFT's CLI stage of each shared step
 
     def watching_fit(model, loss, *a, **k):
-        stage = loss.__qualname__.split(".<locals>.")[0]  # the function that defined the loss
+        definer = loss.__qualname__.split(".<locals>.")[0]  # the function that defined the loss
+        stage = stage_of.get(definer, definer)
 
         def watched(*la, **lk):
             frame, chain = sys._getframe(1), []
@@ -146,7 +149,7 @@ def test_every_stage_reaches_its_loss_through_run_stage_and_train_fit_alone(tmp_
     for method in ("craft", "coop"):
         craft.main(craft_args(tmp_path, "--method", method, "--budget", "16", out=method))
     through_stage, through_fit = {("Run.stage", "fit")}, {("fit",)}
-    assert chains == {"coft.phase1.<locals>.loss": through_stage, "coft.fine_tune.<locals>.loss": through_stage,
+    assert chains == {"coft.phase1_loss.<locals>.loss": through_stage, "coft.branch_training.<locals>.loss": through_stage,
                       "vecaf.fine_tune.<locals>.loss": through_stage,
                       "craft.refiner_epoch.<locals>.loss": through_fit, "craft.coop.<locals>.loss": through_fit}
     assert len(losses) == 6  # fine_tune's two losses: Eq. 7 alone, and Eq. 10

@@ -119,7 +119,7 @@ def test_sync_bn_converts_phase2_batchnorm_and_changes_nothing_in_a_plain_run(tm
     monkeypatch.setattr(train, "fit", recording_fit)
     plain = run_coft(tmp_path, "--method", "topk", name="tiny-rn", out="plain")
     synced = run_coft(tmp_path, "--method", "topk", "--sync-bn", name="tiny-rn", out="sync")
-    assert "SyncBatchNorm" not in towers[0] and {"SyncBatchNorm", "ImageClassifier"} <= towers[1]
+    assert "SyncBatchNorm" not in towers[0] and {"SyncBatchNorm", "Phase2Classifier"} <= towers[1]
     assert "BatchNorm2d" not in towers[1]
     assert numbers(synced) == numbers(plain)
 
