@@ -107,12 +107,15 @@ def test_every_epoch_draws_anew_and_a_resumed_epoch_draws_as_uninterrupted(tmp_p
     assert all(map(same_draws, resumed["branch1"], full["branch1"][n:]))
 
 
-def test_phase_flag_runs_phases_separately(tmp_path, pretrained_tiny):
+@pytest.mark.parametrize("head", ["text", "random"])
+def test_phase_flag_runs_phases_separately(tmp_path, pretrained_tiny, head):
+    """--phase 1 then --phase 2 gives the whole run's numbers, also with a random Phase-II head:
+    each branch is drawn from (seed, branch), whatever ran in the process before it."""
     ckpt = pretrained_tiny[0]
-    full = run_coft(tmp_path, out="full", ckpt=ckpt)
-    p1 = run_coft(tmp_path, "--phase", "1", out="split", ckpt=ckpt)
+    full = run_coft(tmp_path, "--head-init", head, out="full", ckpt=ckpt)
+    p1 = run_coft(tmp_path, "--head-init", head, "--phase", "1", out="split", ckpt=ckpt)
     assert "branch1_acc" not in p1 and p1["phase1_model1_acc"] == full["phase1_model1_acc"]
-    p2 = run_coft(tmp_path, "--phase", "2", out="split", ckpt=ckpt)
+    p2 = run_coft(tmp_path, "--head-init", head, "--phase", "2", out="split", ckpt=ckpt)
     assert numbers(p2) == numbers(full)
 
 
