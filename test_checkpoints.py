@@ -12,7 +12,7 @@ import torch
 
 import checkpoints
 import clip_model as cm
-from conftest import hub_file, inputs, randomized, tiny_hf
+from conftest import hub_file, inputs, randomized, tiny_hf, tiny_open_clip
 
 
 # --------------------------------------------------------------------------- OpenAI-layout files
@@ -185,26 +185,6 @@ def test_open_clip_table_matches_open_clips_pretrained_configs():
         assert text["width"] // text["heads"] == 64 and text["vocab_size"] == 49408, arch
         assert text["context_length"] == 77 and set(text) <= {"context_length", "vocab_size", "width", "heads",
                                                                "layers"}, arch
-
-
-def tiny_open_clip(open_clip, resnet, quick_gelu, seed=0):
-    """A tiny open_clip CLIP (open_clip's own code) with every tensor random: a ViT whose head
-    width is 16 (4 heads, so the heads must come from the table), or a ModifiedResNet."""
-    torch.manual_seed(seed)
-    vision = dict(image_size=32, layers=(1, 1, 1, 1), width=8) if resnet else \
-        dict(image_size=32, layers=2, width=64, patch_size=8, head_width=16)
-    model = open_clip.model.CLIP(32, vision, dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=2),
-                                 quick_gelu=quick_gelu)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-        for n, b in model.named_buffers():
-            if "running_var" in n:
-                b.copy_(0.5 + torch.rand(b.shape, generator=g))
-            elif "running_mean" in n:
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
-    return model.eval()
 
 
 def assert_same_features(ours, theirs_image, theirs_text, act_differs=None):

@@ -20,8 +20,8 @@ import data
 import imagefiles
 import runs
 import train
-from conftest import (coft_args, coft_error, numbers, randomized, run_coft, stage_state, tower, write_digit_layouts,
-                      write_labels)
+from conftest import (coft_args, coft_error, numbers, randomized, run_coft, stage_state, tiny_open_clip, tower,
+                      write_digit_layouts, write_labels)
 
 
 # --------------------------------------------------------------------------- CoFT: building blocks
@@ -167,29 +167,19 @@ def steps(clip, tokenize, out):
     torch.save(res, out)
 """
 
-# Run in a folder holding nothing but the copied method: a tiny open_clip CLIP (open_clip's own
-# code, every tensor random; the ViT with 4 heads of 16) and open_clip's tokenizer.
+# Run in a folder holding nothing but the copied method: open_clip's CLIP (conftest.tiny_open_clip's
+# architecture, its weights from weights.pt) and open_clip's tokenizer.
 ON_OPEN_CLIP = """
 import sys
 import torch
 import open_clip
 from steps import steps
 assert not {"clip_model", "data", "train", "runs", "ddp", "standin", "llm", "coft", "checkpoints"} & set(sys.modules)
-torch.manual_seed(0)
-resnet = sys.argv[1] == "resnet"
-vision = dict(image_size=32, layers=(1, 1, 1, 1), width=8) if resnet else \
+vision = dict(image_size=32, layers=(1, 1, 1, 1), width=8) if sys.argv[1] == "resnet" else \\
     dict(image_size=32, layers=2, width=64, patch_size=8, head_width=16)
 clip = open_clip.model.CLIP(32, vision, dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=2))
-g = torch.Generator().manual_seed(2)
-with torch.no_grad():
-    for p in clip.parameters():
-        p.add_(0.05 * torch.randn(p.shape, generator=g))
-    for n, b in clip.named_buffers():
-        if "running_var" in n:
-            b.copy_(0.5 + torch.rand(b.shape, generator=g))
-clip.eval().requires_grad_(False)
-torch.save(clip.state_dict(), "weights.pt")
-steps(clip, lambda texts: open_clip.tokenize(texts, context_length=16), "open_clip.pt")
+clip.load_state_dict(torch.load("weights.pt"))
+steps(clip.eval().requires_grad_(False), lambda texts: open_clip.tokenize(texts, context_length=16), "open_clip.pt")
 """
 
 
@@ -209,11 +199,12 @@ def test_the_method_copied_alone_runs_on_open_clip_and_equals_this_projects_clip
     (tmp_path / "coft_method.py").write_text(core)
     (tmp_path / "steps.py").write_text(METHOD_STEPS)
     (tmp_path / "check.py").write_text(ON_OPEN_CLIP)
+    sd = tiny_open_clip(open_clip, tower == "resnet", quick_gelu=False).state_dict()
+    torch.save(sd, tmp_path / "weights.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "check.py", tower], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     theirs = torch.load(tmp_path / "open_clip.pt")
-    sd = torch.load(tmp_path / "weights.pt")
     ours_clip = cm.build_model(sd, act="gelu", **({} if tower == "resnet" else {"vision_heads": 4}))
     ours_clip.requires_grad_(False)
     assert open_clip.__name__ and not hasattr(ours_clip.visual, "patch_dropout")  # two implementations
