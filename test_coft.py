@@ -167,47 +167,68 @@ def steps(clip, tokenize, out):
     torch.save(res, out)
 """
 
-# Run in a folder holding nothing but the copied method: open_clip's CLIP (conftest.tiny_open_clip's
-# architecture, its weights from weights.pt) and open_clip's tokenizer.
-ON_OPEN_CLIP = """
+# Run in a folder holding nothing but the copied method, on another implementation of CLIP whose
+# weights come as weights.pt: open_clip's CLIP (conftest.tiny_open_clip's architecture), or OpenAI's
+# (its package's clip/model.py, loaded from its file: the package's __init__ needs pkg_resources),
+# each with open_clip's tokenizer (OpenAI's BPE and format).
+ON_ANOTHER_CLIP = """
+import importlib.metadata
+import importlib.util
 import sys
 import torch
 import open_clip
 from steps import steps
 assert not {"clip_model", "data", "train", "runs", "ddp", "standin", "llm", "coft", "checkpoints"} & set(sys.modules)
-vision = dict(image_size=32, layers=(1, 1, 1, 1), width=8) if sys.argv[1] == "resnet" else \\
-    dict(image_size=32, layers=2, width=64, patch_size=8, head_width=16)
-clip = open_clip.model.CLIP(32, vision, dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=2))
+impl, vit = sys.argv[1], sys.argv[2] == "vit"
+if impl == "open_clip":
+    vision = dict(image_size=32, layers=2, width=64, patch_size=8, head_width=16) if vit else \\
+        dict(image_size=32, layers=(1, 1, 1, 1), width=8)
+    clip = open_clip.model.CLIP(32, vision, dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=2))
+else:
+    spec = importlib.util.spec_from_file_location(
+        "openai_clip_model", importlib.metadata.distribution("openai-clip").locate_file("clip/model.py"))
+    openai = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(openai)
+    clip = openai.CLIP(64, 32, 2 if vit else (1, 1, 1, 1), 64 if vit else 8, 8, 16, 49408, 64, 1, 2)
 clip.load_state_dict(torch.load("weights.pt"))
-steps(clip.eval().requires_grad_(False), lambda texts: open_clip.tokenize(texts, context_length=16), "open_clip.pt")
+steps(clip.eval().requires_grad_(False), lambda texts: open_clip.tokenize(texts, context_length=16), "theirs.pt")
 """
 
 
+@pytest.mark.parametrize("impl", ["open_clip", "openai"])
 @pytest.mark.parametrize("tower", ["vit", "resnet"])
-def test_the_method_copied_alone_runs_on_open_clip_and_equals_this_projects_clip(tmp_path, tower):
+def test_the_method_copied_alone_runs_on_open_clip_and_openais_clip_equal_to_this_projects(tmp_path, tower, impl):
     """The top of coft.py (down to its "Everything above is the method" line), copied alone into an
-    empty folder, runs on open_clip's CLIP with open_clip's tokenizer: a Phase-I step of two models,
-    the filter both ways and CoFT+'s Phase-II steps with the queue. The same steps on this
-    project's CLIP loaded with the same weights (its shared-prefix text path, its own attention)
-    give the same losses, gradients, labels, masks, margins, queue and logits."""
+    empty folder, runs unedited on open_clip's CLIP (batch-first blocks, the causal mask beside
+    them) and on OpenAI's (sequence-first blocks holding their mask), ViT and ResNet: a Phase-I
+    step of two models, the filter both ways and CoFT+'s Phase-II steps with the queue. The same
+    steps on this project's CLIP loaded with the same weights (its shared-prefix text path, its own
+    attention) give the same losses, gradients, labels, masks, margins, queue and logits."""
     open_clip = pytest.importorskip("open_clip")
+    import importlib.metadata
     import subprocess
     import sys
+    if impl == "openai":
+        try:
+            importlib.metadata.distribution("openai-clip")
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip("OpenAI's clip package (openai-clip) is not installed")
+        sd, known = randomized(f"tiny-{'vit' if tower == 'vit' else 'rn'}").state_dict(), dict(act="quick_gelu")
+    else:  # the ViT's 4 heads of 16 are a count its weights do not give
+        sd = tiny_open_clip(open_clip, tower == "resnet", quick_gelu=False).state_dict()
+        known = dict(act="gelu", **({"vision_heads": 4} if tower == "vit" else {}))
     source = Path(coft.__file__).read_text()
     core = source[:source.index("# ====")]
     assert "Everything above is the method" in source[source.index("# ===="):][:200]
     (tmp_path / "coft_method.py").write_text(core)
     (tmp_path / "steps.py").write_text(METHOD_STEPS)
-    (tmp_path / "check.py").write_text(ON_OPEN_CLIP)
-    sd = tiny_open_clip(open_clip, tower == "resnet", quick_gelu=False).state_dict()
+    (tmp_path / "check.py").write_text(ON_ANOTHER_CLIP)
     torch.save(sd, tmp_path / "weights.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "check.py", tower], cwd=tmp_path, env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "check.py", impl, tower], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    theirs = torch.load(tmp_path / "open_clip.pt")
-    ours_clip = cm.build_model(sd, act="gelu", **({} if tower == "resnet" else {"vision_heads": 4}))
-    ours_clip.requires_grad_(False)
-    assert open_clip.__name__ and not hasattr(ours_clip.visual, "patch_dropout")  # two implementations
+    theirs = torch.load(tmp_path / "theirs.pt")
+    ours_clip = cm.build_model(sd, **known).requires_grad_(False)
     here = {"__name__": "steps_here"}
     sys.modules["coft_method"] = coft
     try:
