@@ -14,11 +14,16 @@ are flags, listed in the README ("Differences from the paper") and in full in do
     CoFT+ (Sec. 3.3): R rounds of Phase I, each relabelling with the previous round's models;
        momentum contrast on all unlabelled images in Phase II (Eq. 8-10); LLM-written prompts.
 
-The file reads in that order: the modules and losses, the pseudo-label steps, Phase II, then the
-run (one function per stage; the baselines beside them) and the CLI:
-
-    python coft.py --dataset digits --clip demo --out runs/digits
-    python coft.py --dataset dtd --data-root DATA --clip ViT-B/16 --out runs/dtd
+The file reads in that order, in three parts (docs/your-code.md):
+  - the method, on any CLIP with OpenAI's module layout, needing torch alone: where prompts and
+    VPT enter the towers, the modules and losses, the pseudo-label steps and the filter, Phase II;
+  - the whole algorithm in one call, `adapt`, with a plain training loop `fit`, built from the
+    steps the CLI shares:
+        result = adapt(clip, tokenize, images, classnames, prompts, transforms, Settings())
+  - the CLI's run of the same steps (one function per stage, the baselines beside them), which
+    adds run folders, resume, torchrun, metrics, logs and your own images, and the CLI:
+        python coft.py --dataset digits --clip demo --out runs/digits
+        python coft.py --dataset dtd --data-root DATA --clip ViT-B/16 --out runs/dtd
 """
 import signal
 import sys
@@ -1335,9 +1340,10 @@ def prepare(args):
     if labels is not None:
         metrics["labels"] = {"file": args.labels, "size": len(labels),
                              "per_class": labels.per_class(len(task.classnames))}
+    s = settings_of(args)
     run = Run(**runs.fields_of(args, out, config, device, continuing),
               must_load="all" if args.eval_only else "phase1" if args.phase == "2" else "none",
-              sgd=train.SGDRecipe(**{k: getattr(args, k) for k in SGD_KEYS}), task=task, clip=clip,
+              sgd=s.sgd(), task=task, clip=clip,
               tau=1.0 / clip.logit_scale.exp().item(),
               unlabelled=data.ImageDataset(task.train, test, exif_orientation=task.exif_orientation),
               evaluated=data.ImageDataset(eval_items, test, exif_orientation=task.exif_orientation), y_true=y_true,
@@ -1361,7 +1367,7 @@ def prepare(args):
     if not eval_items:
         print("no labelled check set (--check): no accuracy is reported; what can be known without labels is: the "
               "mean confidences, the Phase-I models' agreement and the filter's kept fractions", flush=True)
-    return run, settings_of(args)
+    return run, s
 
 
 # what each method does with the labels a person gave (--labels), as the run says it
