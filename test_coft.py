@@ -1366,3 +1366,40 @@ def test_adapt_in_one_call_with_its_plain_loop_trains_what_the_cli_trains(tmp_pa
     scores = train.predict(adapted.classifier, train.loader(evaluated, s.eval_batch, 0), "cpu", fp32)[0]
     assert torch.equal(scores.argmax(1), torch.load(run / "predictions.pt")["ensemble"])
     assert 0 < len(saved["clean"][0]) < len(task.train)  # the filter decided something
+
+
+def test_adapt_runs_on_open_clip_as_on_this_projects_clip_with_the_same_weights():
+    """coft.adapt on open_clip's CLIP (and its tokenizer) and on this project's CLIP loaded with
+    the same weights, CoFT+ with VPT: the same seed sets and clean sets, and Phase-I and branch
+    weights equal to float rounding (two implementations of the towers)."""
+    open_clip = pytest.importorskip("open_clip")
+    from PIL import Image
+    from torchvision.transforms import v2
+    theirs = tiny_open_clip(open_clip, resnet=False, quick_gelu=False).requires_grad_(False)
+    ours = cm.build_model(theirs.state_dict(), act="gelu", vision_heads=4).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy())
+              for _ in range(24)]
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cm.CLIP_MEAN, cm.CLIP_STD)]
+    transforms = {"test": v2.Compose(tail), "weak": v2.Compose([v2.RandomCrop(32, padding=2)] + tail),
+                  "strong": v2.Compose([v2.RandomResizedCrop(32, (0.5, 1.0)), v2.RandomHorizontalFlip()] + tail)}
+    names = ["cat", "dog", "bird"]
+    prompts = [[f"a photo of a {c}.", f"a {c}."] for c in names]
+    s = coft.Settings(K=3, rounds=2, M=4, vpt_tokens=2, p1_epochs=2, fft_epochs=1, fft_lr=1e-3, contrast=True,
+                      queue=16, batch=8, eval_batch=10)
+    a = coft.adapt(theirs, lambda texts: open_clip.tokenize(texts, context_length=16), images, names, prompts,
+                   transforms, s)
+    b = coft.adapt(ours, coft.tokenize_for(ours), images, names, prompts, transforms, s)
+    for sets_a, sets_b in zip(a.seed_sets, b.seed_sets, strict=True):
+        for (ia, ya), (ib, yb) in zip(sets_a, sets_b, strict=True):
+            assert torch.equal(ia, ib) and torch.equal(ya, yb)
+    for da, db in zip(a.validated, b.validated):
+        assert torch.equal(da.keep, db.keep) and torch.equal(da.labels, db.labels)
+    for ma, mb in [*zip(a.phase1, b.phase1), *zip(a.classifier.branches, b.classifier.branches)]:
+        sa, sb = ma.state_dict(), mb.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert (sa[k].float() - sb[k].float()).abs().max() <= 1e-4 * max(sa[k].float().abs().max(), 1e-6), k
+    trained = [k for k, d in enumerate(a.validated) if d.keep.any()]  # a branch with an empty clean set stays
+    moved = a.classifier.branches[trained[0]].visual.conv1.weight if trained else theirs.visual.conv1.weight
+    assert not torch.equal(moved, theirs.visual.conv1.weight)
