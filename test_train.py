@@ -105,7 +105,7 @@ def test_precision_settings():
 def test_imports_run_one_way():
     """clip_model and ddp import nothing from the project, train only ddp, runs only these two;
     imagefiles and checkpoints only clip_model, data only clip_model and imagefiles, llm only data
-    and imagefiles; no library imports a method (coft, craft, vecaf, bench), nor a method another
+    and imagefiles, page only data, imagefiles and runs; no library imports a method (coft, craft, vecaf, bench), nor a method another
     method."""
     import ast
     from pathlib import Path
@@ -124,7 +124,8 @@ def test_imports_run_one_way():
     assert imports("data") == {"clip_model", "imagefiles"}
     assert imports("standin") <= {"checkpoints", "clip_model", "data", "ddp", "runs", "train"}
     assert imports("llm") == {"data", "imagefiles"}
-    libraries = ("clip_model", "checkpoints", "imagefiles", "data", "standin", "train", "ddp", "runs", "llm")
+    assert imports("page") == {"data", "imagefiles", "runs"}  # the labelling page: a library the methods may use
+    libraries = ("clip_model", "checkpoints", "imagefiles", "data", "standin", "train", "ddp", "runs", "llm", "page")
     assert not {"coft", "craft", "vecaf", "bench"} & set().union(*(imports(m) for m in libraries))
     methods = {"coft", "craft", "vecaf"}
     assert all(not (methods - {m}) & imports(m) for m in methods)  # a sibling method depends on no other

@@ -1,0 +1,183 @@
+"""Tests of page.py: the labelling page, its server and its labels file; driven over HTTP and in a
+real browser (headless Chromium through Selenium, skipped only where neither can be started)."""
+import csv
+import json
+import shutil
+import urllib.error
+import urllib.request
+from urllib.parse import urlencode
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import page
+
+CLASSES = ["cat", "dog", "bird"]
+
+
+def make_items(tmp_path, n=5):
+    """n generated images, each with the model's suggestion, as a waiting run lists them."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    items = []
+    for i in range(n):
+        name = f"img {i}.png" if i != 3 else "=cmd.png"  # a name a spreadsheet would read as a formula
+        Image.new("RGB", (40 + i, 30), (40 * i, 100, 200 - 30 * i)).save(folder / name)
+        items.append(page.Item(name, str(folder / name), CLASSES[i % 3], 0.1 * i))
+    return items
+
+
+def rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def request(url, body=None):
+    """(status, body) of a GET, or of a POST of the JSON `body`."""
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def base(server):
+    return server.url.split("/?")[0]
+
+
+def test_requests_without_the_token_a_path_or_an_unknown_class_are_refused(tmp_path):
+    """Every route refuses a request without the page's token, or with another, and says nothing;
+    images are reached by index only (a path, or an index outside the list, finds nothing); an
+    answer must name a listed image and a class of the task; a refused request writes nothing."""
+    items = make_items(tmp_path)
+    labels = tmp_path / "labels.csv"
+    session = page.Session(items, CLASSES, labels)
+    with page.Server(session) as server:
+        root, token = base(server), session.token
+        assert server.url.startswith("http://127.0.0.1:")  # this machine only, unless asked
+        for route in ("/", "/state", "/items", "/image?index=0", "/answer"):
+            sep = "&" if "?" in route else "?"
+            for q in ("", f"{sep}token=wrong", f"{sep}token={token[:-1]}"):
+                body = {"index": 0, "class": "cat"} if route == "/answer" else None
+                assert request(root + route + q, body) == (403, b""), route + q
+        assert request(f"{root}/image?index=0&token={token}")[0] == 200
+        for bad in ("5", "-1", "../../etc/passwd", str(tmp_path / "images" / "img 0.png")):
+            assert request(f"{root}/image?{urlencode({'index': bad, 'token': token})}")[0] == 404, bad
+        assert request(f"{root}/../../etc/passwd?token={token}")[0] == 404
+        assert request(f"{root}/answer?token={token}", {"index": 0, "class": "horse"})[0] == 400
+        assert request(f"{root}/answer?token={token}", {"index": 9, "class": "cat"})[0] == 404
+        assert request(f"{root}/answer?token={token}", {"path": str(tmp_path / "x.png"), "class": "cat"})[0] == 404
+        assert not labels.exists()
+        status, body = request(f"{root}/answer?token={token}", {"index": 3, "class": "dog"})
+        assert status == 200 and json.loads(body)["labelled"] == 1
+    assert rows(labels) == [["path", "class"], ["'=cmd.png", "dog"]]  # the formula guard, read back as the name
+    assert page.answers(labels, ["=cmd.png"]) == {"=cmd.png": "dog"}
+
+
+def test_an_answer_changes_one_cell_and_keeps_every_other_row_and_column(tmp_path):
+    """A labels file a person wrote (other images, a column of their own, the very list the run
+    wrote, filled in half): an answer sets that image's class cell, or adds a row; taking it back
+    empties the cell; nothing else changes."""
+    items = make_items(tmp_path)
+    labels = tmp_path / "mine.csv"
+    labels.write_text("path,class,note\nother.png,cat,seen twice\nimg 1.png,,\nimg 2.png,bird,sure\n", encoding="utf-8")
+    session = page.Session(items, CLASSES, labels)
+    assert session.state()["labelled"] == 1  # img 2.png is labelled already
+    session.give(1, "dog")
+    session.give(0, "cat")
+    assert rows(labels) == [["path", "class", "note"], ["other.png", "cat", "seen twice"], ["img 1.png", "dog", ""],
+                            ["img 2.png", "bird", "sure"], ["img 0.png", "cat", ""]]
+    session.give(1, "")  # undo
+    assert rows(labels)[2] == ["img 1.png", "", ""] and session.state()["labelled"] == 2
+    assert not session.done.is_set()
+    for i in (1, 3, 4):
+        session.give(i, "bird")
+    assert session.done.is_set() and session.state() == {"title": "", "classes": CLASSES, "total": 5, "labelled": 5}
+
+
+def test_a_file_that_is_not_a_labels_file_is_refused_before_the_page_opens(tmp_path):
+    bad = tmp_path / "notes.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(page.runs.RunError, match="no path and class columns"):
+        page.Session(make_items(tmp_path), CLASSES, bad)
+    assert bad.read_text() == "a,b\n1,2\n"
+
+
+# --------------------------------------------------------------------------- in a browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Selenium (Debian's chromium and chromium-driver)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    driver_path = shutil.which("chromedriver")
+    chrome = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not driver_path or not chrome:
+        pytest.skip("no Chromium and chromedriver here (Debian: apt install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chrome
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition):
+    """Until the page shows what `condition(driver)` looks for (Selenium's wait; a page that never
+    does fails the test when the wait gives up)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, 20).until(condition)
+
+
+def progress_is(text):
+    from selenium.webdriver.common.by import By
+    return lambda d: d.find_element(By.ID, "progress").text == text and d
+
+
+def test_a_person_labels_by_clicks_and_keys_with_a_reload_and_an_undo(tmp_path, browser):
+    """In the browser: the suggestion is the first button; a click, the Enter key, a digit key
+    each give a class; a reload in the middle keeps every answer (each was written at once) and
+    goes on at the next image without one; undo takes the last answer back; when every image is
+    labelled the page says so, and the session's `done` is set. The labels file holds exactly
+    the answers given."""
+    from selenium.webdriver.common.by import By
+    items = make_items(tmp_path)
+    labels = tmp_path / "labels.csv"
+    session = page.Session(items, CLASSES, labels, title="loop 1: label 5 images")
+    with page.Server(session) as server:
+        browser.get(server.url)
+        wait_for(browser, progress_is("0 / 5"))
+        buttons = browser.find_elements(By.CSS_SELECTOR, "#classes button")
+        assert [b.get_attribute("data-class") for b in buttons] == ["cat", "dog", "bird"]  # item 0 suggests cat
+        assert "suggested" in buttons[0].get_attribute("class")
+        buttons[1].click()  # image 0: dog, by a click
+        wait_for(browser, progress_is("1 / 5"))
+        body = browser.find_element(By.TAG_NAME, "body")
+        body.send_keys("\n")  # image 1: its suggestion (dog), by Enter
+        wait_for(browser, progress_is("2 / 5"))
+        browser.refresh()  # a reload: nothing is lost, and the page goes on at image 2
+        wait_for(browser, progress_is("2 / 5"))
+        assert "img 2.png" in browser.find_element(By.ID, "caption").text
+        body = browser.find_element(By.TAG_NAME, "body")
+        body.send_keys("3")  # image 2 suggests bird: [bird, cat, dog], key 3 = dog
+        wait_for(browser, progress_is("3 / 5"))
+        body.send_keys("u")  # undo: image 2 has no answer again, and is shown
+        wait_for(browser, progress_is("2 / 5"))
+        assert "img 2.png" in browser.find_element(By.ID, "caption").text
+        body.send_keys("1")  # image 2: bird
+        wait_for(browser, progress_is("3 / 5"))
+        body.send_keys("2")  # image 3 (=cmd.png) suggests cat: [cat, dog, bird], key 2 = dog
+        wait_for(browser, progress_is("4 / 5"))
+        body.send_keys("\n")  # image 4 suggests dog
+        wait_for(browser, progress_is("5 / 5"))
+        assert browser.find_element(By.ID, "done").is_displayed()
+        assert session.done.is_set()
+        loaded = browser.execute_script("return document.getElementById('image').naturalWidth")
+        assert loaded > 0  # the image itself came through
+    assert page.answers(labels, [it.key for it in items]) == {"img 0.png": "dog", "img 1.png": "dog",
+                                                              "img 2.png": "bird", "=cmd.png": "dog", "img 4.png": "dog"}
+    assert len(rows(labels)) == 6  # a header and one row per image: the undo emptied a cell, added none
