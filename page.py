@@ -16,7 +16,6 @@ library. What it guards:
     answered (every other row, column and cell stays as it was), under one lock, so two tabs
     answering at once cannot lose a write.
 """
-import argparse
 import csv
 import io
 import json

@@ -6,7 +6,6 @@ import shutil
 import urllib.error
 import urllib.request
 from urllib.parse import urlencode
-from pathlib import Path
 
 import pytest
 from PIL import Image
