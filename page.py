@@ -110,7 +110,8 @@ class Session:
     has a class (a run waiting on the page goes on then)."""
 
     def __init__(self, items, classnames, labels_path, title=""):
-        self.items, self.classnames, self.labels_path, self.title = list(items), list(classnames), Path(labels_path), title
+        self.items, self.classnames, self.title = list(items), list(classnames), title
+        self.labels_path = Path(labels_path)
         self.token = secrets.token_urlsafe(24)
         self.lock = threading.Lock()
         self.done = threading.Event()
@@ -291,6 +292,21 @@ def asked(out):
     return items, classnames, how["labels"], loop
 
 
+def label_until_done(out, host="127.0.0.1", port=0):
+    """Serve the page for what the waiting run in `out` asks for, and return once every image asked
+    for is labelled in its labels file."""
+    items, classnames, labels, loop = asked(out)
+    session = Session(items, classnames, labels, title=f"loop {loop}: label {runs.counted(len(items), 'image')}")
+    if session.done.is_set():
+        return
+    with Server(session, host, port) as server:
+        print(f"open {server.url} to label loop {loop}'s {runs.counted(len(items), 'image')} (each answer goes "
+              f"to {labels} at once); this waits until every one is labelled (Ctrl-C stops it, and nothing is "
+              f"lost)", flush=True)
+        session.done.wait()
+    print(f"every image of loop {loop} is labelled in {labels}", flush=True)
+
+
 def main(argv=None):
     p = runs.Parser(description="label in a browser what a waiting VeCAF run asks for")
     p.add_argument("what", choices=["label"])
@@ -301,13 +317,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     def body():
-        items, classnames, labels, loop = asked(args.out)
-        session = Session(items, classnames, labels, title=f"loop {loop}: label {len(items)} images")
-        with Server(session, args.host, args.port) as server:
-            print(f"open {server.url} to label loop {loop}'s {runs.counted(len(items), 'image')} (answers go to "
-                  f"{labels}); this ends when every one is labelled, or with Ctrl-C", flush=True)
-            session.done.wait()
-        print(f"every image of loop {loop} is labelled in {labels}: run the same command again to go on", flush=True)
+        label_until_done(args.out, args.host, args.port)
+        print("run the same command again to go on", flush=True)
     return runs.run_cli(body, "", errors=data.USER_ERRORS)
 
 

@@ -1,6 +1,7 @@
 """Tests of page.py: the labelling page, its server and its labels file; driven over HTTP and in a
 real browser (headless Chromium through Selenium, skipped only where neither can be started)."""
 import csv
+import os
 import json
 import shutil
 import urllib.error
@@ -180,3 +181,64 @@ def test_a_person_labels_by_clicks_and_keys_with_a_reload_and_an_undo(tmp_path, 
     assert page.answers(labels, [it.key for it in items]) == {"img 0.png": "dog", "img 1.png": "dog",
                                                               "img 2.png": "bird", "=cmd.png": "dog", "img 4.png": "dog"}
     assert len(rows(labels)) == 6  # a header and one row per image: the undo emptied a cell, added none
+
+
+def test_vecafs_loop_in_one_command_through_the_page_trains_what_labels_given_up_front_train(tmp_path, browser):
+    """python vecaf.py ... --labels FILE --browser: at each loop the run serves the page and waits;
+    a person labels there (by clicks and by keys, with a reload in the middle), and the run goes on
+    by itself. It makes the picks and weights of the same run with every label given up front,
+    and the labels file holds exactly the answers given."""
+    import re
+    import subprocess
+    import sys
+
+    import torch
+    from selenium.webdriver.common.by import By
+
+    import data
+    import vecaf
+    from conftest import vecaf_stage
+    example = data.write_example(tmp_path / "example", size=60)
+    truth = dict(list(csv.reader(open(example / "answers.csv", newline="")))[1:])
+    common = ["--images", str(example / "images"), "--classes", str(example / "classes.txt"), "--check",
+              str(example / "check"), "--template", "a photo of the number {}.", "--no-flip", "--clip", "demo",
+              "--seed", "0", "--log-every", "0", "--budget", "4", "--loops", "2", "--epochs", "2", "--batch", "4",
+              "--iters", "20", "--ensemble", "2", "--warmup-epochs", "1", "--lr", "0.01"]
+    vecaf.main(common + ["--labels", str(example / "answers.csv"), "--out", str(tmp_path / "up-front")])
+    labels = tmp_path / "labels.csv"
+    run = subprocess.Popen([sys.executable, vecaf.__file__, *common, "--labels", str(labels), "--browser", "--out",
+                            str(tmp_path / "page")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for loop in (1, 2):
+            for line in run.stdout:  # the run says where its page is, then waits
+                if "open http" in line:
+                    break
+            else:
+                pytest.fail(f"the run ended without a page (exit {run.wait()})")
+            browser.get(re.search(r"http://\S+", line).group())
+            wait_for(browser, progress_is("0 / 4"))
+            for n in range(4):
+                if loop == 1 and n == 2:
+                    browser.refresh()
+                    wait_for(browser, progress_is("2 / 4"))
+                key = browser.find_element(By.ID, "caption").get_attribute("data-key")
+                names = [b.get_attribute("data-class") for b in browser.find_elements(By.CSS_SELECTOR, "#classes button")]
+                if n % 2:  # by its key
+                    browser.find_element(By.TAG_NAME, "body").send_keys(str(names.index(truth[key]) + 1))
+                else:  # by a click
+                    browser.find_element(By.CSS_SELECTOR, f'#classes button[data-class="{truth[key]}"]').click()
+                wait_for(browser, progress_is(f"{n + 1} / 4"))
+        rest = run.stdout.read()
+        assert run.wait() == 0, rest
+    finally:
+        run.kill()
+    for tag in ("select1", "select2", "loop1", "loop2"):
+        a, b = vecaf_stage(tmp_path / "up-front", tag), vecaf_stage(tmp_path / "page", tag)
+        for k in ("new", "selected", "model"):
+            if k in a:
+                same = a[k].keys() == b[k].keys() and all(torch.equal(a[k][p], b[k][p]) for p in a[k]) \
+                    if isinstance(a[k], dict) else torch.equal(a[k], b[k])
+                assert same, (tag, k)
+    picked = vecaf_stage(tmp_path / "page", "loop2")["selected"].tolist()
+    names = sorted(os.listdir(example / "images"))
+    assert page.answers(labels, truth) == {names[i]: truth[names[i]] for i in picked}

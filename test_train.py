@@ -124,7 +124,7 @@ def test_imports_run_one_way():
     assert imports("data") == {"clip_model", "imagefiles"}
     assert imports("standin") <= {"checkpoints", "clip_model", "data", "ddp", "runs", "train"}
     assert imports("llm") == {"data", "imagefiles"}
-    assert imports("page") == {"data", "imagefiles", "runs"}  # the labelling page: a library the methods may use
+    assert imports("page") == {"data", "imagefiles", "runs"}  # the labelling page: a library VeCAF's CLI uses
     libraries = ("clip_model", "checkpoints", "imagefiles", "data", "standin", "train", "ddp", "runs", "llm", "page")
     assert not {"coft", "craft", "vecaf", "bench"} & set().union(*(imports(m) for m in libraries))
     methods = {"coft", "craft", "vecaf"}
@@ -136,7 +136,8 @@ CLI_LAYER = {
     "coft": {"end_to_end", "prepare", "run_config", "settings_of", "check_args", "check_labels", "check_fft_init",
              "check_prompt_flags", "resolve_defaults", "main"},
     "craft": {"end_to_end", "prepare", "check_args", "settings_of", "with_shot_defaults", "resolve_defaults", "main"},
-    "vecaf": {"end_to_end", "prepare", "settings_of", "check_args", "resolve_task_defaults", "resolve_defaults", "main"},
+    "vecaf": {"end_to_end", "prepare", "settings_of", "check_args", "resolve_task_defaults", "resolve_defaults", "main",
+              "with_the_page"},
 }
 
 

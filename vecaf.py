@@ -45,6 +45,7 @@ import data
 import llm
 import standin
 import ddp
+import page
 import runs
 import train
 from clip_model import unit
@@ -751,7 +752,7 @@ def final_classifier(out, clip, metrics, classnames):
 
 # flags config.json leaves out: they change how a run goes, never its numbers (besides
 # runs.UNRECORDED_FLAGS); the captions file is recorded by content
-UNRECORDED_FLAGS = ("plot", "target", "at_batches", "write_captions", "api_base", "caption_model")
+UNRECORDED_FLAGS = ("plot", "target", "at_batches", "write_captions", "api_base", "caption_model", "browser", "host")
 
 
 def end_to_end(args):
@@ -764,6 +765,18 @@ def end_to_end(args):
     print(f"{selection.method}: {shown(run.metrics['final_acc'])} on {run.metrics['eval_split']} after "
           f"{run.metrics['batches']} batches on {run.metrics['selected']} of {len(run.y_pool)} pool images", flush=True)
     return runs.finish_run(run.out, run.metrics, predictions, run.t0)
+
+
+def with_the_page(args):
+    """--browser: the loop with a person in one command. Where the run stops for labels (runs.Waiting,
+    the script's exit status 3), the page serves what it asks for (page.label_until_done) and, once
+    every image asked for is labelled, the same command runs again in this process: the run goes on
+    exactly as a person rerunning it would make it go on."""
+    while True:
+        try:
+            return end_to_end(resolve_defaults(args))
+        except runs.Waiting:
+            page.label_until_done(args.out, args.host)
 
 
 def check_args(args, pool_size):
@@ -796,6 +809,11 @@ def check_args(args, pool_size):
     for t in args.ood_captions or []:  # str.format would fail later, after the features are computed
         data.check_template(t, "--ood-captions")
     data.check_template(args.caption_template, "--caption-template")
+    if args.browser and not args.labels:
+        raise RunError("--browser shows a person the images to label: give the labels file they go to, --labels FILE")
+    if args.browser and ddp.world()[1] > 1:
+        raise RunError("--browser runs in one process: under torchrun the run stops for labels (exit status 3); "
+                       "label with python page.py label OUT, then run the same command again")
     if args.labels and args.ods_objective == "loss":
         raise RunError("--ods-objective loss reads the label of every pool image, and a person labels only the "
                        "picks (--labels): use --ods-objective margin (the default with --labels)")
@@ -1078,6 +1096,11 @@ def parser():
            "not exist yet). Each loop writes the images to label to OUT/to_label_loop<N>.csv, a form with an "
            "empty class column, and stops (exit status 3); fill it in and give it as --labels (or add its rows "
            "to FILE), and the run goes on. Without it: the dataset's own labels")
+    a("--browser", action="store_true",
+      help="with --labels: where a loop needs labels, serve a page to label its picks on (this machine's browser, "
+           "the address printed), wait until every one is labelled, and go on: the loop in one command")
+    a("--host", default="127.0.0.1", help="where --browser's page listens (another address: other machines reach it, "
+      "with its token)")
     a("--clip", default="demo", help="demo (the offline stand-in), an OpenAI release (RN50 ... ViT-L/14@336px), "
       "open_clip:ARCH/TAG[=FILE], a Hugging Face CLIPModel folder or hf:ORG/NAME, or a checkpoint file "
       "(with --clip-act)")
@@ -1198,7 +1221,7 @@ def main(argv=None):
                                   exif_orientation=task.exif_orientation)
             print(f"wrote captions for {len(task.train)} images to {path}")
             return None
-        return end_to_end(resolve_defaults(args))
+        return with_the_page(args) if args.browser else end_to_end(resolve_defaults(args))
     def where():
         if args.write_captions:
             return f" (the captions so far are in {args.write_captions}; the same command continues)" \
