@@ -178,8 +178,8 @@ def test_a_person_labels_by_clicks_and_keys_with_a_reload_and_an_undo(tmp_path, 
         assert session.done.is_set()
         loaded = browser.execute_script("return document.getElementById('image').naturalWidth")
         assert loaded > 0  # the image itself came through
-    assert page.answers(labels, [it.key for it in items]) == {"img 0.png": "dog", "img 1.png": "dog",
-                                                              "img 2.png": "bird", "=cmd.png": "dog", "img 4.png": "dog"}
+    given = {"img 0.png": "dog", "img 1.png": "dog", "img 2.png": "bird", "=cmd.png": "dog", "img 4.png": "dog"}
+    assert page.answers(labels, [it.key for it in items]) == given
     assert len(rows(labels)) == 6  # a header and one row per image: the undo emptied a cell, added none
 
 
@@ -222,7 +222,8 @@ def test_vecafs_loop_in_one_command_through_the_page_trains_what_labels_given_up
                     browser.refresh()
                     wait_for(browser, progress_is("2 / 4"))
                 key = browser.find_element(By.ID, "caption").get_attribute("data-key")
-                names = [b.get_attribute("data-class") for b in browser.find_elements(By.CSS_SELECTOR, "#classes button")]
+                buttons = browser.find_elements(By.CSS_SELECTOR, "#classes button")
+                names = [b.get_attribute("data-class") for b in buttons]
                 if n % 2:  # by its key
                     browser.find_element(By.TAG_NAME, "body").send_keys(str(names.index(truth[key]) + 1))
                 else:  # by a click
