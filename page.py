@@ -1,7 +1,8 @@
 """
 A person in the loop, in a browser: the page a person labels images on, served by this machine.
 
-    python page.py label runs/mine-vecaf        # label the images a waiting VeCAF run asks for
+    python page.py label runs/mine-vecaf                      # label what a waiting VeCAF run asks for
+    python page.py review runs/mine --labels checked.csv      # review CoFT's pseudo-labels
 
 The page (assets/page.html: one HTML, CSS and JS file, nothing fetched from elsewhere) shows the
 images one at a time, large, with the model's suggestion first: one click or one key gives a
@@ -40,7 +41,8 @@ SIZES = (160, 640)  # the thumbnail a list shows, the image a person judges
 
 @dataclass(frozen=True)
 class Item:
-    """One image asked for: its name as a labels file gives it, its file, and the model's view."""
+    """One image on the page: its name as a labels file gives it, its file, and the model's view
+    (its suggested class, and a score: VeCAF's margin of the model, CoFT's peer margin)."""
     key: str
     path: str
     suggestion: str | None = None
@@ -109,8 +111,9 @@ class Session:
     """What the page shows and where its answers go. `done` is set when every image asked for
     has a class (a run waiting on the page goes on then)."""
 
-    def __init__(self, items, classnames, labels_path, title=""):
+    def __init__(self, items, classnames, labels_path, title="", views=None):
         self.items, self.classnames, self.title = list(items), list(classnames), title
+        self.views = views or {}  # review: {name: item indices, the most doubtful first}
         self.labels_path = Path(labels_path)
         self.token = secrets.token_urlsafe(24)
         self.lock = threading.Lock()
@@ -125,12 +128,14 @@ class Session:
 
     def state(self):
         return {"title": self.title, "classes": self.classnames, "total": len(self.items),
-                "labelled": sum(it.key in self.labels for it in self.items)}
+                "labelled": len(self.labels), "views": {name: len(idx) for name, idx in self.views.items()}}
 
-    def page_of(self, offset, limit):
-        """A screen of items: index, suggestion, score, the class given (None: none yet)."""
-        return [{"index": i, "key": it.key, "suggestion": it.suggestion, "score": it.score,
-                 "label": self.labels.get(it.key)} for i, it in enumerate(self.items[offset:offset + limit], offset)]
+    def page_of(self, offset, limit, view=None):
+        """A screen of items (of one view, in its order): index, suggestion, score, the class given
+        (None: none yet)."""
+        order = self.views[view][offset:offset + limit] if view else range(offset, min(offset + limit, len(self.items)))
+        return [{"index": i, "key": self.items[i].key, "suggestion": self.items[i].suggestion,
+                 "score": self.items[i].score, "label": self.labels.get(self.items[i].key)} for i in order]
 
     def give(self, index, name):
         """The person's answer for item `index` ('' takes it back), written at once."""
@@ -208,7 +213,10 @@ def handler_for(session):
                     offset, limit = int(query.get("offset", 0)), min(int(query.get("limit", 50)), 500)
                 except ValueError:
                     return self.refuse(HTTPStatus.BAD_REQUEST, "offset and limit are numbers")
-                return self.json({**session.state(), "items": session.page_of(max(offset, 0), max(limit, 0))})
+                view = query.get("view") or None
+                if view is not None and view not in session.views:
+                    return self.refuse(HTTPStatus.NOT_FOUND, "no such view")
+                return self.json({"items": session.page_of(max(offset, 0), max(limit, 0), view)})
             if route == "/image":
                 i = self.index(query)
                 size = int(query.get("size", SIZES[1])) if query.get("size", "").isdigit() else SIZES[1]
@@ -292,6 +300,35 @@ def asked(out):
     return items, classnames, how["labels"], loop
 
 
+def reviewed(out):
+    """CoFT's pseudo-labels in the run folder `out` for a person to review: (items, class names,
+    views). Every pool image is an item, its suggestion the label the run gave it; a view is
+    "b<branch>:<class>:kept" or ":removed", the images branch b's model labelled so, kept in or
+    removed from that branch's clean set by the peer, the most doubtful first (the peer's margin
+    s+ - s- nearest to 0)."""
+    out = Path(out)
+    how = runs.read_config(out)["how"]
+    if not how.get("images"):
+        raise runs.RunError(f"{out} was not run on your own images (--images): its images have no files to show")
+    path = out / "pseudo_labels.csv"
+    if not path.is_file():
+        raise runs.RunError(f"{out} holds no pseudo_labels.csv: run CoFT (--method coft) there first")
+    classnames, _ = data.read_classes(how["classes"])
+    known = set(classnames)
+    items, views = [], {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            key = data.csv_untext(row["path"])
+            items.append(Item(key, os.path.join(how["images"], key), data.csv_untext(row["branch1_class"]),
+                              float(row["branch1_peer_margin"])))
+            for b in (1, 2):
+                name = data.csv_untext(row[f"branch{b}_class"])
+                if name in known:
+                    group = "kept" if row[f"branch{b}_kept"] == "1" else "removed"
+                    views.setdefault(f"b{b}:{name}:{group}", []).append((abs(float(row[f"branch{b}_peer_margin"])), i))
+    return items, classnames, {name: [i for _, i in sorted(pairs)] for name, pairs in views.items()}
+
+
 def label_until_done(out, host="127.0.0.1", port=0):
     """Serve the page for what the waiting run in `out` asks for, and return once every image asked
     for is labelled in its labels file."""
@@ -308,17 +345,31 @@ def label_until_done(out, host="127.0.0.1", port=0):
 
 
 def main(argv=None):
-    p = runs.Parser(description="label in a browser what a waiting VeCAF run asks for")
-    p.add_argument("what", choices=["label"])
-    p.add_argument("out", help="the run folder (--out) of a VeCAF run waiting for labels")
+    p = runs.Parser(description="label in a browser what a waiting VeCAF run asks for, or review CoFT's "
+                                "pseudo-labels")
+    p.add_argument("what", choices=["label", "review"])
+    p.add_argument("out", help="the run folder (--out): a VeCAF run waiting for labels, or a CoFT run")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="review: the labels file your answers go to (a new file, or one of yours: only the class "
+                        "cells of the images you answer change); give it to a new run as --labels")
     p.add_argument("--host", default="127.0.0.1", help="where the page listens (another host: the page is reachable "
                                                        "from other machines, with its token)")
     p.add_argument("--port", type=int, default=0, help="0: a free port")
     args = p.parse_args(argv)
 
     def body():
-        label_until_done(args.out, args.host, args.port)
-        print("run the same command again to go on", flush=True)
+        if args.what == "label":
+            label_until_done(args.out, args.host, args.port)
+            print("run the same command again to go on", flush=True)
+            return
+        if not args.labels:
+            raise runs.RunError("review needs the labels file your answers go to: --labels FILE")
+        items, classnames, views = reviewed(args.out)
+        session = Session(items, classnames, args.labels, title=f"review CoFT's labels of {args.out}", views=views)
+        with Server(session, args.host, args.port) as server:
+            print(f"open {server.url} to review the labels of {runs.counted(len(items), 'image')}, class by class; "
+                  f"your answers go to {args.labels}; Ctrl-C ends it (nothing is lost)", flush=True)
+            threading.Event().wait()
     return runs.run_cli(body, "", errors=data.USER_ERRORS)
 
 

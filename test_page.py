@@ -243,3 +243,54 @@ def test_vecafs_loop_in_one_command_through_the_page_trains_what_labels_given_up
     picked = vecaf_stage(tmp_path / "page", "loop2")["selected"].tolist()
     names = sorted(os.listdir(example / "images"))
     assert page.answers(labels, truth) == {names[i]: truth[names[i]] for i in picked}
+
+
+def test_a_person_reviews_cofts_labels_class_by_class_and_the_next_run_reads_them(tmp_path, browser):
+    """python page.py review OUT --labels FILE: the views are each branch's classes, kept or
+    removed by the peer, the most doubtful first (the smallest |peer margin|); confirming a tile
+    writes the run's label, correcting it writes the person's, undo takes the last back; the file
+    is a labels file a new CoFT run takes as --labels."""
+    import coft
+    import data
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    example = data.write_example(tmp_path / "example", size=40)
+    common = ["--images", str(example / "images"), "--classes", str(example / "classes.txt"), "--template",
+              "a photo of the number {}.", "--no-flip", "--clip", "demo", "--seed", "0", "--log-every", "0", "--M", "4",
+              "--K", "4", "--p1-epochs", "1", "--fft-epochs", "1", "--batch", "32"]
+    coft.main(common + ["--out", str(tmp_path / "run")])
+    items, classnames, views = page.reviewed(tmp_path / "run")
+    table = {r["path"]: r for r in csv.DictReader(open(tmp_path / "run" / "pseudo_labels.csv", newline=""))}
+    for name, idx in views.items():  # each view: its branch's label, its group, the most doubtful first
+        b, label, group = name.split(":")
+        rows_ = [table[items[i].key] for i in idx]
+        assert all(r[f"branch{b[1]}_class"] == label and (r[f"branch{b[1]}_kept"] == "1") == (group == "kept")
+                   for r in rows_)
+        margins = [abs(float(r[f"branch{b[1]}_peer_margin"])) for r in rows_]
+        assert margins == sorted(margins)
+    assert sum(len(idx) for idx in views.values()) == 2 * len(items)
+    labels = tmp_path / "checked.csv"
+    session = page.Session(items, classnames, labels, title="review", views=views)
+    with page.Server(session) as server:
+        browser.get(server.url)
+        wait_for(browser, progress_is(f"0 / {len(items)}"))
+        first = Select(browser.find_element(By.ID, "views")).options[0].get_attribute("value")
+        assert first == sorted(views)[0]
+        tiles = browser.find_elements(By.CSS_SELECTOR, "#grid .tile")
+        assert [t.get_attribute("data-key") for t in tiles] == [items[i].key for i in views[first]][:50]
+        shown = [items[i] for i in views[first]]
+        tiles[0].find_element(By.CSS_SELECTOR, "button.confirm").click()  # the run's label is right
+        wait_for(browser, progress_is(f"1 / {len(items)}"))
+        other = next(c for c in classnames if c != shown[-1].suggestion)
+        tile = browser.find_elements(By.CSS_SELECTOR, "#grid .tile")[len(shown) - 1]
+        Select(tile.find_element(By.CSS_SELECTOR, "select.correct")).select_by_visible_text(other)  # corrected
+        wait_for(browser, progress_is(f"2 / {len(items)}"))
+        browser.find_element(By.ID, "review-undo").click()  # the correction taken back
+        wait_for(browser, progress_is(f"1 / {len(items)}"))
+        tile = browser.find_elements(By.CSS_SELECTOR, "#grid .tile")[len(shown) - 1]
+        Select(tile.find_element(By.CSS_SELECTOR, "select.correct")).select_by_visible_text(other)
+        wait_for(browser, progress_is(f"2 / {len(items)}"))
+    given = page.answers(labels, [it.key for it in items])
+    assert given == {shown[0].key: shown[0].suggestion, shown[-1].key: other}
+    again = coft.main(common + ["--labels", str(labels), "--out", str(tmp_path / "checked")])
+    assert again["labels"]["size"] == 2
