@@ -6,6 +6,7 @@ import json
 import shutil
 import urllib.error
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
@@ -95,7 +96,8 @@ def test_an_answer_changes_one_cell_and_keeps_every_other_row_and_column(tmp_pat
     assert not session.done.is_set()
     for i in (1, 3, 4):
         session.give(i, "bird")
-    assert session.done.is_set() and session.state() == {"title": "", "classes": CLASSES, "total": 5, "labelled": 5}
+    assert session.done.is_set() and session.state() == {"title": "", "classes": CLASSES, "total": 5, "labelled": 5,
+                                                         "views": {}}
 
 
 def test_a_file_that_is_not_a_labels_file_is_refused_before_the_page_opens(tmp_path):
@@ -131,6 +133,14 @@ def wait_for(driver, condition):
     does fails the test when the wait gives up)."""
     from selenium.webdriver.support.ui import WebDriverWait
     return WebDriverWait(driver, 20).until(condition)
+
+
+def screenshot(driver, name):
+    """With PAGE_SCREENSHOTS=DIR, the page as the test browser shows it, saved as DIR/name (how the
+    screenshots in docs/ are taken: PAGE_SCREENSHOTS=docs python -m pytest test_page.py)."""
+    folder = os.environ.get("PAGE_SCREENSHOTS")
+    if folder:
+        driver.save_screenshot(str(Path(folder) / name))
 
 
 def progress_is(text):
@@ -221,6 +231,8 @@ def test_vecafs_loop_in_one_command_through_the_page_trains_what_labels_given_up
                 if loop == 1 and n == 2:
                     browser.refresh()
                     wait_for(browser, progress_is("2 / 4"))
+                    wait_for(browser, lambda d: d.execute_script("return document.getElementById('image').complete"))
+                    screenshot(browser, "page-label.png")
                 key = browser.find_element(By.ID, "caption").get_attribute("data-key")
                 buttons = browser.find_elements(By.CSS_SELECTOR, "#classes button")
                 names = [b.get_attribute("data-class") for b in buttons]
@@ -290,6 +302,8 @@ def test_a_person_reviews_cofts_labels_class_by_class_and_the_next_run_reads_the
         tile = browser.find_elements(By.CSS_SELECTOR, "#grid .tile")[len(shown) - 1]
         Select(tile.find_element(By.CSS_SELECTOR, "select.correct")).select_by_visible_text(other)
         wait_for(browser, progress_is(f"2 / {len(items)}"))
+        wait_for(browser, lambda d: d.execute_script("return [...document.images].every(i => i.complete)"))
+        screenshot(browser, "page-review.png")
     given = page.answers(labels, [it.key for it in items])
     assert given == {shown[0].key: shown[0].suggestion, shown[-1].key: other}
     again = coft.main(common + ["--labels", str(labels), "--out", str(tmp_path / "checked")])
