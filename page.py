@@ -111,8 +111,9 @@ class Session:
     """What the page shows and where its answers go. `done` is set when every image asked for
     has a class (a run waiting on the page goes on then)."""
 
-    def __init__(self, items, classnames, labels_path, title="", views=None):
+    def __init__(self, items, classnames, labels_path, title="", views=None, accuracy=()):
         self.items, self.classnames, self.title = list(items), list(classnames), title
+        self.accuracy = [list(a) for a in accuracy]  # [[loop, eval accuracy]] so far (VeCAF with a check set)
         self.views = views or {}  # review: {name: item indices, the most doubtful first}
         self.labels_path = Path(labels_path)
         self.token = secrets.token_urlsafe(24)
@@ -128,7 +129,8 @@ class Session:
 
     def state(self):
         return {"title": self.title, "classes": self.classnames, "total": len(self.items),
-                "labelled": len(self.labels), "views": {name: len(idx) for name, idx in self.views.items()}}
+                "labelled": len(self.labels), "views": {name: len(idx) for name, idx in self.views.items()},
+                "accuracy": self.accuracy}
 
     def page_of(self, offset, limit, view=None):
         """A screen of items (of one view, in its order): index, suggestion, score, the class given
@@ -278,10 +280,12 @@ class Server:
 
 def asked(out):
     """The images a waiting VeCAF run in `out` asks a person to label: (items, class names, the
-    labels file its command reads, the loop), from its config.json and its list to_label_loop<N>.csv."""
+    labels file its command reads, the loop, the accuracy after each loop so far), from its
+    config.json, its person record and its list to_label_loop<N>.csv."""
     out = Path(out)
     how = runs.read_config(out)["how"]
-    loop = runs.person_record(out).get("waiting")
+    record = runs.person_record(out)
+    loop = record["waiting"]
     if not loop:
         raise runs.RunError(f"{out} does not wait for labels (it holds no VeCAF run stopped for a person)")
     if not how.get("images") or not how.get("labels"):
@@ -297,7 +301,7 @@ def asked(out):
         items.append(Item(key, os.path.join(root, key), data.csv_untext(row.get("suggestion") or "") or None,
                           float(score) if score else None))
     classnames, _ = data.read_classes(how["classes"])
-    return items, classnames, how["labels"], loop
+    return items, classnames, how["labels"], loop, record["accuracy"]
 
 
 def reviewed(out):
@@ -332,8 +336,9 @@ def reviewed(out):
 def label_until_done(out, host="127.0.0.1", port=0):
     """Serve the page for what the waiting run in `out` asks for, and return once every image asked
     for is labelled in its labels file."""
-    items, classnames, labels, loop = asked(out)
-    session = Session(items, classnames, labels, title=f"loop {loop}: label {runs.counted(len(items), 'image')}")
+    items, classnames, labels, loop, accuracy = asked(out)
+    session = Session(items, classnames, labels, title=f"loop {loop}: label {runs.counted(len(items), 'image')}",
+                      accuracy=accuracy)
     if session.done.is_set():
         return
     with Server(session, host, port) as server:

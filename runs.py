@@ -412,14 +412,15 @@ def sha256_file(path):
 
 def person_record(out):
     """PERSON_FILES of a run folder ({"files": {}, "waiting": None} where it is absent or unreadable:
-    then no file counts as the run's, so none is replaced or deleted)."""
+    then no file counts as the run's, so none is replaced or deleted); "accuracy": the eval
+    accuracy after each finished loop where the run waits ([[loop, acc]], for the labelling page)."""
     try:
         record = json.loads((Path(out) / PERSON_FILES).read_text())
         if isinstance(record, dict) and isinstance(record.get("files"), dict):
-            return {"files": record["files"], "waiting": record.get("waiting")}
+            return {"files": record["files"], "waiting": record.get("waiting"), "accuracy": record.get("accuracy", [])}
     except (OSError, ValueError):
         pass
-    return {"files": {}, "waiting": None}
+    return {"files": {}, "waiting": None, "accuracy": []}
 
 
 def write_person_record(out, record):
@@ -427,12 +428,14 @@ def write_person_record(out, record):
         write_json(record, Path(out) / PERSON_FILES)
 
 
-def set_waiting(out, loop):
+def set_waiting(out, loop, accuracy=()):
     """Record in PERSON_FILES that the run in `out` waits for a person's labels at `loop` (None: it
-    does not wait): such a run goes on with the same command, without --resume."""
+    does not wait), with the accuracy after each loop so far: such a run goes on with the same
+    command, without --resume."""
     record = person_record(out)
-    if record["waiting"] != loop:
-        record["waiting"] = loop
+    accuracy = [list(a) for a in accuracy]
+    if record["waiting"] != loop or record["accuracy"] != accuracy:
+        record["waiting"], record["accuracy"] = loop, accuracy
         write_person_record(out, record)
 
 

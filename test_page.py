@@ -97,7 +97,7 @@ def test_an_answer_changes_one_cell_and_keeps_every_other_row_and_column(tmp_pat
     for i in (1, 3, 4):
         session.give(i, "bird")
     assert session.done.is_set() and session.state() == {"title": "", "classes": CLASSES, "total": 5, "labelled": 5,
-                                                         "views": {}}
+                                                         "views": {}, "accuracy": []}
 
 
 def test_a_file_that_is_not_a_labels_file_is_refused_before_the_page_opens(tmp_path):
@@ -197,7 +197,8 @@ def test_vecafs_loop_in_one_command_through_the_page_trains_what_labels_given_up
     """python vecaf.py ... --labels FILE --browser: at each loop the run serves the page and waits;
     a person labels there (by clicks and by keys, with a reload in the middle), and the run goes on
     by itself. It makes the picks and weights of the same run with every label given up front,
-    and the labels file holds exactly the answers given."""
+    and the labels file holds exactly the answers given. From loop 2 on the page shows the
+    check-set accuracy after each loop so far."""
     import re
     import subprocess
     import sys
@@ -214,7 +215,7 @@ def test_vecafs_loop_in_one_command_through_the_page_trains_what_labels_given_up
               str(example / "check"), "--template", "a photo of the number {}.", "--no-flip", "--clip", "demo",
               "--seed", "0", "--log-every", "0", "--budget", "4", "--loops", "2", "--epochs", "2", "--batch", "4",
               "--iters", "20", "--ensemble", "2", "--warmup-epochs", "1", "--lr", "0.01"]
-    vecaf.main(common + ["--labels", str(example / "answers.csv"), "--out", str(tmp_path / "up-front")])
+    up_front = vecaf.main(common + ["--labels", str(example / "answers.csv"), "--out", str(tmp_path / "up-front")])
     labels = tmp_path / "labels.csv"
     run = subprocess.Popen([sys.executable, vecaf.__file__, *common, "--labels", str(labels), "--browser", "--out",
                             str(tmp_path / "page")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -227,6 +228,9 @@ def test_vecafs_loop_in_one_command_through_the_page_trains_what_labels_given_up
                 pytest.fail(f"the run ended without a page (exit {run.wait()})")
             browser.get(re.search(r"http://\S+", line).group())
             wait_for(browser, progress_is("0 / 4"))
+            shown = browser.find_element(By.ID, "accuracy").text  # with a check set: the accuracy so far
+            after = up_front["loops"][0]["acc"]
+            assert shown == ("" if loop == 1 else f"check-set accuracy after loop 1: {after:.1f} %")
             for n in range(4):
                 if loop == 1 and n == 2:
                     browser.refresh()

@@ -636,7 +636,7 @@ def active_finetuning(run, selection, fine_tuning):
         else:
             new, diagnostics = select(run, selection, loop, model, bank, taken)
         if (run.y_pool[new.cpu()] < 0).any():  # a person labels the picks before the loop goes on
-            ask_for_labels(run, loop, model, new.cpu())
+            ask_for_labels(run, loop, model, new.cpu(), [(x["loop"], x["acc"]) for x in loops if x["acc"] is not None])
         if run.person:
             runs.set_waiting(run.out, None)  # every pick so far is labelled: nothing is asked now
         if selection.method != "full":
@@ -681,7 +681,7 @@ def lists(path, keys):
         return False
 
 
-def ask_for_labels(run, loop, model, new):
+def ask_for_labels(run, loop, model, new, accuracy=()):
     """Stop the run for a person: write this loop's picks `new` to OUT/to_label_loop<loop>.csv, a
     form to fill in (path as a labels file names it; class: empty for the person, the label where
     the labels file gives one already; loop; score: the current model's margin on it, top-1 minus
@@ -700,7 +700,7 @@ def ask_for_labels(run, loop, model, new):
             for j, key in enumerate(keys)]
     path = runs.write_for_person(run.out, to_label_name(loop), TO_LABEL_COLUMNS, rows, run.inputs,
                                  f"loop {loop}'s list of images to label", keep=lambda p: lists(p, keys))
-    runs.set_waiting(run.out, loop)
+    runs.set_waiting(run.out, loop, accuracy)  # the page shows the accuracy so far: when more labels stop helping
     todo = sum(label < 0 for label in y)
     if runs.same_file(path, run.labels_file):
         raise runs.Waiting(f"loop {loop} selected {runs.counted(len(new), 'image')}, {todo} of them not labelled yet "
