@@ -312,3 +312,36 @@ def test_a_person_reviews_cofts_labels_class_by_class_and_the_next_run_reads_the
     assert given == {shown[0].key: shown[0].suggestion, shown[-1].key: other}
     again = coft.main(common + ["--labels", str(labels), "--out", str(tmp_path / "checked")])
     assert again["labels"]["size"] == 2
+
+
+def test_two_tabs_answering_at_once_lose_no_write(tmp_path, monkeypatch):
+    """Every answer reads, changes and writes the labels file while holding the session's one lock,
+    so answers from two tabs never interleave (a read of one between the read and the write of the
+    other would lose a write); two threads answering every image, one forwards and one backwards,
+    leave every image's last answer in the file."""
+    import threading
+    items = make_items(tmp_path)
+    labels = tmp_path / "labels.csv"
+    session = page.Session(items, CLASSES, labels)
+    held = []
+    real_read, real_write = page.read_rows, page.runs.write_csv
+
+    def read(path):
+        held.append(session.lock.locked())
+        return real_read(path)
+
+    def write(*a):
+        held.append(session.lock.locked())
+        return real_write(*a)
+    monkeypatch.setattr(page, "read_rows", read)
+    monkeypatch.setattr(page.runs, "write_csv", write)
+    tabs = [threading.Thread(target=lambda order=order, name=name: [session.give(i, name) for i in order])
+            for order, name in ((range(5), "cat"), (range(4, -1, -1), "dog"))]
+    for t in tabs:
+        t.start()
+    for t in tabs:
+        t.join()
+    assert len(held) == 20 and all(held)  # 10 answers, each a read and a write under the lock
+    given = page.answers(labels, [it.key for it in items])
+    assert set(given) == {it.key for it in items} and set(given.values()) <= {"cat", "dog"}
+    assert len(rows(labels)) == 6  # one row per image: no answer added a second row for an image
