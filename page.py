@@ -335,18 +335,20 @@ def reviewed(out):
 
 def label_until_done(out, host="127.0.0.1", port=0):
     """Serve the page for what the waiting run in `out` asks for, and return once every image asked
-    for is labelled in its labels file."""
+    for is labelled in its labels file: True, or False where the file labels them all already
+    (nothing to ask)."""
     items, classnames, labels, loop, accuracy = asked(out)
     session = Session(items, classnames, labels, title=f"loop {loop}: label {runs.counted(len(items), 'image')}",
                       accuracy=accuracy)
     if session.done.is_set():
-        return
+        return False
     with Server(session, host, port) as server:
         print(f"open {server.url} to label loop {loop}'s {runs.counted(len(items), 'image')} (each answer goes "
               f"to {labels} at once); this waits until every one is labelled (Ctrl-C stops it, and nothing is "
               f"lost)", flush=True)
         session.done.wait()
     print(f"every image of loop {loop} is labelled in {labels}", flush=True)
+    return True
 
 
 def main(argv=None):

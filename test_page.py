@@ -345,3 +345,22 @@ def test_two_tabs_answering_at_once_lose_no_write(tmp_path, monkeypatch):
     given = page.answers(labels, [it.key for it in items])
     assert set(given) == {it.key for it in items} and set(given.values()) <= {"cat", "dog"}
     assert len(rows(labels)) == 6  # one row per image: no answer added a second row for an image
+
+
+def test_a_page_with_nothing_to_ask_ends_the_one_command_loop_in_one_line(monkeypatch):
+    """Where the run waits for labels but the page finds every image asked for labelled (the two
+    reading the file differently), --browser stops with one line rather than loop for ever."""
+    import vecaf
+    calls = []
+
+    def waits(args):
+        calls.append(1)
+        assert len(calls) == 1, "the run was started again with nothing labelled: a loop without end"
+        raise page.runs.Waiting("loop 1 selected 4 images")
+    monkeypatch.setattr(vecaf, "end_to_end", waits)
+    monkeypatch.setattr(vecaf, "resolve_defaults", lambda args: args)
+    monkeypatch.setattr(page, "label_until_done", lambda out, host: False)
+    args = vecaf.parser().parse_args(["--labels", "labels.csv", "--browser", "--out", "x"])
+    with pytest.raises(page.runs.RunError, match="gives every image it asks for"):
+        vecaf.with_the_page(args)
+    assert calls == [1]

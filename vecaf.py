@@ -776,7 +776,9 @@ def with_the_page(args):
         try:
             return end_to_end(resolve_defaults(args))
         except runs.Waiting:
-            page.label_until_done(args.out, args.host)
+            if not page.label_until_done(args.out, args.host):  # a page with nothing to ask would loop forever
+                raise RunError(f"the run waits for labels that {args.labels} gives every image it asks for, as the "
+                               f"page reads it: check that file's rows for these images (OUT/to_label_loop<N>.csv)")
 
 
 def check_args(args, pool_size):
