@@ -319,10 +319,15 @@ def zero_shot_weights(clip, tokenize, prompts):
     return torch.stack(W)
 
 
+def zero_shot_logits(clip, W, x, tau):
+    """The zero-shot logits cos(v(x), W_k) / tau [B, C] of images x (Eq. 1's scores), fp32."""
+    return similarity(unit(clip.encode_image(x)), W) / tau
+
+
 def zero_shot_labels(clip, W, x, tau):
-    """Eq. 1 on a batch of images x: the zero-shot logits cos(v(x), W_k) / tau reduced per image to
+    """Eq. 1 on a batch of images x: the zero-shot logits (zero_shot_logits) reduced per image to
     [B, 3]: the softmax confidence, its label and the logits' argmax (no row of scores leaves)."""
-    logits = similarity(unit(clip.encode_image(x)), W) / tau
+    logits = zero_shot_logits(clip, W, x, tau)
     conf, y = confidence_and_label(logits)
     return torch.stack([conf, y.float(), logits.argmax(1).float()], 1)
 
@@ -652,7 +657,7 @@ import llm
 import runs
 import standin
 import train
-from clip_model import class_prompts, zero_shot_logits
+from clip_model import class_prompts
 from runs import cell, number_type, shown
 from train import RunError, seed_of
 

@@ -54,28 +54,27 @@ class Item:
 
 
 def read_rows(path):
-    """The labels file as (header, rows); a file that is not there yet: the labels format's header."""
+    """The labels file as (header, rows, the path column, the class column); a file that is not
+    there yet: the labels format's header and no rows."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             table = list(csv.reader(f))
     except FileNotFoundError:
-        return ["path", "class"], []
+        table = []
     if not table:
-        return ["path", "class"], []
+        return ["path", "class"], [], 0, 1
     header = [h.strip().lower() for h in table[0]]
     if "path" not in header or "class" not in header:
         raise runs.RunError(f"{path} has no path and class columns (its header: {','.join(table[0])}): give a labels "
                             f"file (a CSV path,class) or a new file's name")
-    return table[0], table[1:]
+    return table[0], table[1:], header.index("path"), header.index("class")
 
 
 def answer(path, key, name):
     """Set the class of image `key` in the labels file at `path` to `name` ('' takes the answer
     back): that row's class cell changes, or a row path,class is added; every other row stays as
     it is. Written to a temporary file and renamed."""
-    header, rows = read_rows(path)
-    lower = [h.strip().lower() for h in header]
-    at_path, at_class = lower.index("path"), lower.index("class")
+    header, rows, at_path, at_class = read_rows(path)
     width = len(header)
     for row in rows:
         if len(row) > at_path and data.csv_untext(row[at_path]) == key:
@@ -91,9 +90,7 @@ def answer(path, key, name):
 
 def answers(path, keys):
     """{key: class} of the images `keys` that the labels file at `path` gives a class."""
-    header, rows = read_rows(path)
-    lower = [h.strip().lower() for h in header]
-    at_path, at_class = lower.index("path"), lower.index("class")
+    _, rows, at_path, at_class = read_rows(path)
     wanted, found = set(keys), {}
     for row in rows:
         if len(row) > max(at_path, at_class):
@@ -119,7 +116,7 @@ class Session:
         self.token = secrets.token_urlsafe(24)
         self.lock = threading.Lock()
         self.done = threading.Event()
-        read_rows(self.labels_path)  # a file that is not a labels file is refused before the page opens
+        # a file that is not a labels file is refused (read_rows) before the page opens
         self.labels = answers(self.labels_path, [it.key for it in self.items])
         self._update_done()
 
