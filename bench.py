@@ -46,6 +46,11 @@ Sections:
           bytes; the full decode and image_problem in a pool of threads; each extrapolated to ImageNet's
           1.28 M images; then which problem files (truncated JPEG, PNG, GIF, WebP, TIFF, BMP, empty, text
           named .jpg, 16-bit, float outside [0, 1], ...) each check refuses
+  page    opening CoFT's review page (page.py review) on a generated run of --page-pool images
+          (default ImageNet's 1,281,167, 1000 classes) beside one of 300, each in a fresh process: the
+          run's writing of review.pt, then the page's opening (the index, a labels file of 300
+          answers, the state and the first screen), a screen deep in the largest view, and one answer,
+          with peak resident memory and the ratio of the two openings
 Each line: ms per step, images/s or prompts/s, peak memory (GPU allocator, or the process's RSS
 on a CPU) and, on GPUs with a known dense bf16 peak, MFU.
 """
@@ -68,7 +73,7 @@ import train
 import vecaf
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense
-SECTIONS = ("towers", "coft", "craft", "vecaf", "labels", "pool", "decode", "ddp", "ref")
+SECTIONS = ("towers", "coft", "craft", "vecaf", "labels", "pool", "decode", "page", "ddp", "ref")
 
 
 def device_peak_tflops(device):
@@ -772,6 +777,96 @@ def pool_costs(N, imagenet=1281167, fresh=True):
               f"(section decode)", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+# ---- opening CoFT's review page: what a pool of 1.28 M images costs beside one of 300
+
+def generated_review(root, N, C=1000, answered=300):
+    """A run folder under `root` as CoFT leaves it for the review page: config.json and review.pt of N
+    pool images with random labels, filter decisions and margins (page.write_review, timed), and a
+    labels file answering `answered` of them. Returns (the folder, the labels file, seconds to write)."""
+    import csv
+    import page
+    g = torch.Generator().manual_seed(0)
+    keys = [f"n{i % C:08d}/n{i % C:08d}_{i}.JPEG" for i in range(N)]
+    labels, kept = torch.randint(0, C, (2, N), generator=g), torch.rand(2, N, generator=g) < 0.7
+    margin, digests = torch.randn(2, N, generator=g), torch.randint(0, 256, (N, 16), generator=g, dtype=torch.uint8)
+    out = Path(root) / f"run{N}"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text('{"config": {}, "how": {"images": "%s"}}' % (Path(root) / "images"))
+    t0 = time.perf_counter()
+    page.write_review(out, keys, [f"class {c}" for c in range(C)], labels, kept, margin, digests)
+    seconds = time.perf_counter() - t0
+    with open(out / "checked.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "class")] + [(keys[i], f"class {i % C}")
+                                                      for i in torch.randperm(N, generator=g)[:answered].tolist()])
+    return out, out / "checked.csv", seconds
+
+
+def high_water_gib():
+    """This process's peak resident memory in GiB: Linux's VmHWM, which starts anew in a spawned process
+    (ru_maxrss can carry the parent's peak over), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2 ** 20
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def review_open(out, labels, queue):
+    """page.py review on the run folder `out` in this (fresh) process, without the server: the index,
+    the session (its labels file read, each row found in the pool), the state and the first screen
+    as JSON -> the queue: (seconds to open, seconds of a screen deep in the largest view, seconds of
+    an answer, images answered, peak GiB, GiB before opening: the libraries' own)."""
+    import json
+    import page
+    before = high_water_gib()
+    t0 = time.perf_counter()
+    review = page.Review(out)
+    session = page.Session(review, review.classnames, labels)
+    first = min(session.views)
+    json.dumps(session.state()), json.dumps(session.page_of(0, 50, first))
+    t1, found = time.perf_counter(), len(session.labels)
+    largest = max(session.views, key=session.views.get)
+    screen = session.page_of(session.views[largest] // 2, 50, largest)
+    t2 = time.perf_counter()
+    session.give(screen[0]["index"], screen[0]["suggestion"])
+    t3 = time.perf_counter()
+    queue.put((t1 - t0, t2 - t1, t3 - t2, found, high_water_gib(), before))
+
+
+def page_costs(N, reference_N=300, fresh=True):
+    """Section page: a generated run of reference_N and of N pool images, each opened in a fresh
+    process (fresh=False: in this one, for the tests)."""
+    import multiprocessing
+    import queue
+    import shutil
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="bench-page-"))
+    ctx = multiprocessing.get_context("spawn")
+    opened = {}
+    try:
+        print(f"CoFT's review page (page.py review): 1000 classes (4000 views), a labels file of {reference_N} answers",
+              flush=True)
+        for n in (reference_N, N):
+            out, labels, written = generated_review(root, n, answered=reference_N)  # the same file size at both
+            q = ctx.Queue() if fresh else queue.Queue()
+            if fresh:
+                p = ctx.Process(target=review_open, args=(str(out), str(labels), q))
+                p.start()
+            else:
+                review_open(str(out), str(labels), q)
+            opened[n], deep, answer, answered, peak, before = q.get()
+            if fresh:
+                p.join()
+            print(f"  N = {n:>9}: the run writes review.pt ({(out / 'review.pt').stat().st_size / 2 ** 20:.1f} MiB) "
+                  f"in {written:5.1f} s; the page opens in {1000 * opened[n]:7.1f} ms ({answered} answers found), "
+                  f"a screen deep in a view {1000 * deep:5.1f} ms, an answer {1000 * answer:5.1f} ms, "
+                  f"peak RSS {peak:5.2f} GiB ({before:.2f} before opening)", flush=True)
+        print(f"  opening at N = {N} takes x{opened[N] / opened[reference_N]:.2f} the time at N = {reference_N}",
+              flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # ---- checking image files before training: what each check costs and what it finds
 
 IMAGENET_TRAIN = 1281167
@@ -961,6 +1056,7 @@ def main(argv=None):
     a("--pool-files", type=runs.number_type(int, 100), default=100000, help="pool: image files generated")
     a("--official-candidates", type=runs.number_type(int, 1), default=None,
       help="craft: candidates of the official loop actually timed (then x40/k; default 40 GPU, 2 CPU)")
+    a("--page-pool", type=runs.number_type(int, 300), default=1281167, help="page: the pool N of the generated run")
     a("--decode-images", type=runs.number_type(int, 1), default=200, help="decode: generated JPEGs timed")
     a("--decode-threads", default="2,16", help="decode: thread pool sizes timed besides one thread")
     args = p.parse_args(argv)
@@ -1001,6 +1097,8 @@ def main(argv=None):
             label_costs(args.label_pool, args.reference_pool)
         if "pool" in sections and precision == precisions[0]:
             pool_costs(args.pool_files)
+        if "page" in sections and precision == precisions[0]:
+            page_costs(args.page_pool)
         if "ddp" in sections:
             ddp_scaling(names, batch, steps, device, amp, report)
         if "ref" in sections:

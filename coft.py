@@ -654,6 +654,7 @@ import clip_model
 import data
 import ddp
 import llm
+import page
 import runs
 import standin
 import train
@@ -1240,8 +1241,8 @@ def end_to_end(args):
     """Zero-shot -> S* -> Phase I (two models; CoFT+: R rounds) -> collaborative filter ->
     Phase II (CoFT+: + momentum contrast) -> ensemble. Writes metrics.json, config.json,
     pseudo_labels.pt (every seed set and clean set), pseudo_labels.csv (every image's labels, for
-    a person to review) and predictions.pt (eval-split predictions of every model); stages/ holds
-    each finished stage (docs/runs.md)."""
+    a person to review; review.pt, its index for the review page) and predictions.pt (eval-split
+    predictions of every model); stages/ holds each finished stage (docs/runs.md)."""
     run, s = prepare(args)  # the stages see the Settings, never the flags
     W, s_star, zero_shot = zero_shot_and_seed_set(run, run.prompts, s.K)
     if args.method == "probe":
@@ -1263,7 +1264,7 @@ def end_to_end(args):
     return runs.finish_run(run.out, run.metrics, run.predictions, run.t0)
 
 
-OUTPUTS = ("pseudo_labels.pt",)  # the results of CoFT's own besides runs.RESULT_FILES (pseudo_labels.csv: a
+OUTPUTS = ("pseudo_labels.pt", page.REVIEW)  # the results of CoFT's own besides runs.RESULT_FILES (pseudo_labels.csv: a
 # person's form, runs.write_for_person)
 
 # flags config.json leaves out: CoFT's that change how a run goes, never its numbers (besides
@@ -1474,12 +1475,16 @@ def write_pseudo_labels(run, zero_shot, validated):
     (y1, keep1, m1), (y2, keep2, m2) = ((d.labels.tolist(), d.keep.int().tolist(), d.margin.tolist())
                                         for d in validated)
     text = data.csv_text
-    rows = ([text(data.item_key(source, i, root)), text(names[given[i]]) if i in given else "", text(names[y1[i]]),
-             keep1[i], f"{m1[i]:.6g}", text(names[y2[i]]), keep2[i], f"{m2[i]:.6g}", text(names[zs[i]]),
-             f"{conf[i]:.6g}", int(i in given)]
-            for i, (source, _) in enumerate(run.task.train))
+    keys = [data.item_key(source, i, root) for i, (source, _) in enumerate(run.task.train)]
+    rows = ([text(key), text(names[given[i]]) if i in given else "", text(names[y1[i]]), keep1[i], f"{m1[i]:.6g}",
+             text(names[y2[i]]), keep2[i], f"{m2[i]:.6g}", text(names[zs[i]]), f"{conf[i]:.6g}", int(i in given)]
+            for i, key in enumerate(keys))
     runs.write_for_person(run.out, "pseudo_labels.csv", PSEUDO_LABELS_COLUMNS, rows, run.inputs,
                           "this run's pseudo_labels.csv")
+    if run.task.name == "images":  # the review page's index of the same labels (python page.py review)
+        page.write_review(run.out, keys, names, torch.stack([d.labels for d in validated]),
+                          torch.stack([d.keep for d in validated]), torch.stack([d.margin for d in validated]),
+                          run.task.digests["train"])
 
 
 def tokenize_for(clip):

@@ -123,16 +123,17 @@ def _read(path, exif_orientation):
     return rgb.transpose(turn) if turn is not None else rgb
 
 
-def decode_image(path, exif_orientation=True):
+def decode_image(path, exif_orientation=True, name=None):
     """The image file at `path` as a viewer shows it, a PIL RGB image: turned as its EXIF
     Orientation tag says (unless exif_orientation=False: the papers' benchmark datasets, read as
     their pipelines read them), 16-bit and float grey scaled to 8 bits, transparent pixels over
     white, other modes by Pillow's conversion, a multi-frame file's first frame. A file that
-    cannot be used (image_problem) is a one-line DataError naming it."""
+    cannot be used (image_problem) is a one-line DataError naming it (`name`: what to call an open
+    file, `path` as a file object)."""
     try:
         return _read(path, exif_orientation)
     except Unusable as e:
-        raise DataError(f"cannot read image {path}: {e.why}; {e.todo}") from None
+        raise DataError(f"cannot read image {name or path}: {e.why}; {e.todo}") from None
 
 
 def image_problem(path):

@@ -18,7 +18,9 @@ library. What it guards:
     answering at once cannot lose a write.
 """
 import csv
+import hashlib
 import io
+import itertools
 import json
 import os
 import secrets
@@ -30,6 +32,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
+
+import torch
 
 import data
 import imagefiles
@@ -88,16 +92,154 @@ def answer(path, key, name):
     runs.write_csv(header, rows, path)
 
 
+def given(path):
+    """[(key, class)] of every row of the labels file at `path` that gives a class."""
+    _, rows, at_path, at_class = read_rows(path)
+    pairs = ((data.csv_untext(row[at_path]), data.csv_untext(row[at_class]).strip())
+             for row in rows if len(row) > max(at_path, at_class))
+    return [(key, name) for key, name in pairs if name]
+
+
 def answers(path, keys):
     """{key: class} of the images `keys` that the labels file at `path` gives a class."""
-    _, rows, at_path, at_class = read_rows(path)
-    wanted, found = set(keys), {}
-    for row in rows:
-        if len(row) > max(at_path, at_class):
-            key, name = data.csv_untext(row[at_path]), data.csv_untext(row[at_class]).strip()
-            if key in wanted and name:
-                found[key] = name
-    return found
+    wanted = set(keys)
+    return {key: name for key, name in given(path) if key in wanted}
+
+
+# -----------------------------------------------------------------------------
+# What a page lists: a short list in memory (the images a VeCAF loop asks for), or a CoFT run's
+# every pool image, read a screen at a time from the index the run wrote (review.pt)
+
+
+class Listed:
+    """Items in memory, in their order; no views."""
+
+    views = {}
+
+    def __init__(self, items):
+        self.items = list(items)
+        self.at = {it.key: i for i, it in enumerate(self.items)}
+
+    def __len__(self):
+        return len(self.items)
+
+    def item(self, i, view=None):
+        return self.items[i]
+
+    def order(self, view, offset, limit):
+        return list(range(offset, min(offset + limit, len(self.items))))
+
+    def find_all(self, keys):
+        return [self.at.get(key) for key in keys]
+
+    def digest(self, i):
+        return None
+
+
+REVIEW = "review.pt"  # the index of a CoFT run's pseudo-labels the review page reads (write_review)
+GROUPS = ("kept", "removed")
+
+
+def key_hash(encoded):
+    """A key's 64-bit hash (blake2b: the same in every process, unlike Python's hash of a str)."""
+    return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little", signed=True)
+
+
+def write_review(out, keys, classnames, labels, kept, margin, digests):
+    """review.pt in the run folder `out`: CoFT's pseudo-labels as the review page reads them, a
+    screen at a time, without reading every row (a pool of 1.28 M images opens as fast as one of
+    300: bench.py --sections page). `keys` name the N pool images as a labels file does; labels
+    [2, N] each branch's class index, kept [2, N] whether the peer's filter kept it, margin [2, N]
+    the peer's margin s+ - s- at that label (Sec. 3.2), digests [N, 16] each file's content
+    (imagefiles.contents), so that the page never shows a changed file under the run's label.
+    Held as tensors only: the page opens it memory-mapped and reads what a screen needs."""
+    encoded = [key.encode("utf-8", "surrogateescape") for key in keys]
+    hashes = torch.tensor([key_hash(e) for e in encoded], dtype=torch.int64)
+    hashes, by_hash = hashes.sort(stable=True)
+    kept, C = kept.bool(), len(classnames)
+    group = (~kept).long()  # 0: kept, 1: removed
+    order = []
+    for b in range(2):  # a view is one branch's (class, group), the most doubtful (smallest |margin|) first
+        o = margin[b].abs().argsort(stable=True)
+        o = o[group[b][o].argsort(stable=True)]
+        order.append(o[labels[b][o].argsort(stable=True)])
+    counts = torch.stack([torch.bincount(labels[b].long() * 2 + group[b], minlength=2 * C) for b in range(2)])
+    runs.atomic_save({"classnames": list(classnames),
+                      "keys": torch.frombuffer(bytearray(b"".join(encoded)) or bytearray(1), dtype=torch.uint8),
+                      "ends": torch.tensor(list(itertools.accumulate(map(len, encoded))), dtype=torch.int64),
+                      "hashes": hashes, "by_hash": by_hash.int(),
+                      "labels": labels.int(), "kept": kept, "margin": margin.float(),
+                      "order": torch.stack(order).int(), "counts": counts.view(2, C, 2),  # [2, C, 2]
+                      "digests": digests}, Path(out) / REVIEW)
+
+
+class Review:
+    """CoFT's pseudo-labels in the run folder `out` for a person to review, from review.pt. Item i
+    is pool image i, its suggestion the label a branch gave it and its score that branch's peer
+    margin. A view is "b<branch>:<class>:kept" or ":removed": the images branch b's model labelled
+    so, kept in or removed from that branch's clean set by the peer, the most doubtful first (the
+    peer's margin nearest to 0); in a view, an item's suggestion and score are that branch's."""
+
+    def __init__(self, out):
+        out = Path(out)
+        how = runs.read_config(out)["how"]
+        if not how.get("images"):
+            raise runs.RunError(f"{out} was not run on your own images (--images): its images have no files to show")
+        path = out / REVIEW
+        if not path.is_file():
+            made = (out / "pseudo_labels.csv").is_file()
+            raise runs.RunError(f"{out} holds no {REVIEW}, the index of its pseudo-labels the page reads: "
+                                + ("the run was made before the page existed; run its command again with --restart"
+                                   if made else "run CoFT (--method coft) there first"))
+        t = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        self.root, self.classnames = how["images"], t["classnames"]
+        self.keys, self.ends, self.hashes, self.by_hash = t["keys"], t["ends"], t["hashes"], t["by_hash"]
+        self.labels, self.margin, self.ranked, self.digests = t["labels"], t["margin"], t["order"], t["digests"]
+        self.views, self.where = {}, {}  # {name: count}, {name: (branch, start in its order)}
+        for b, per_class in enumerate(t["counts"].tolist()):
+            start = 0
+            for name, per_group in zip(self.classnames, per_class):
+                for group, n in zip(GROUPS, per_group):
+                    if n:
+                        view = f"b{b + 1}:{name}:{group}"
+                        self.views[view], self.where[view] = n, (b, start)
+                    start += n
+
+    def __len__(self):
+        return len(self.ends)
+
+    def key(self, i):
+        start, end = (int(self.ends[i - 1]) if i else 0), int(self.ends[i])
+        return bytes(self.keys[start:end].numpy()).decode("utf-8", "surrogateescape")
+
+    def item(self, i, view=None):
+        b = self.where[view][0] if view else 0
+        key = self.key(i)
+        return Item(key, os.path.join(self.root, key), self.classnames[int(self.labels[b, i])],
+                    float(self.margin[b, i]))
+
+    def order(self, view, offset, limit):
+        if view is None:
+            return list(range(offset, min(offset + limit, len(self))))
+        b, start = self.where[view]
+        end = start + self.views[view]
+        return self.ranked[b, min(start + offset, end):min(start + offset + limit, end)].tolist()
+
+    def find_all(self, keys):
+        """Each key's item index, or None: its hash found by one sorted search, then the key itself
+        compared (two keys may share a hash)."""
+        encoded = [key.encode("utf-8", "surrogateescape") for key in keys]
+        wanted = torch.tensor([key_hash(e) for e in encoded], dtype=torch.int64)
+        found = []
+        for e, h, j in zip(encoded, wanted.tolist(), torch.searchsorted(self.hashes, wanted).tolist()):
+            while j < len(self) and int(self.hashes[j]) == h and self.key(int(self.by_hash[j])).encode(
+                    "utf-8", "surrogateescape") != e:
+                j += 1
+            found.append(int(self.by_hash[j]) if j < len(self) and int(self.hashes[j]) == h else None)
+        return found
+
+    def digest(self, i):
+        return bytes(self.digests[i].numpy())
 
 
 # -----------------------------------------------------------------------------
@@ -105,40 +247,43 @@ def answers(path, keys):
 
 
 class Session:
-    """What the page shows and where its answers go. `done` is set when every image asked for
-    has a class (a run waiting on the page goes on then)."""
+    """What the page shows and where its answers go: `items` (a list of Item, or a Review),
+    `classnames`, the labels file. `done` is set when every item has a class (a run waiting on the
+    page goes on then)."""
 
-    def __init__(self, items, classnames, labels_path, title="", views=None, accuracy=()):
-        self.items, self.classnames, self.title = list(items), list(classnames), title
+    def __init__(self, items, classnames, labels_path, title="", accuracy=()):
+        self.items = items if isinstance(items, Review) else Listed(items)
+        self.classnames, self.title, self.views = list(classnames), title, self.items.views
         self.accuracy = [list(a) for a in accuracy]  # [[loop, eval accuracy]] so far (VeCAF with a check set)
-        self.views = views or {}  # review: {name: item indices, the most doubtful first}
         self.labels_path = Path(labels_path)
         self.token = secrets.token_urlsafe(24)
         self.lock = threading.Lock()
         self.done = threading.Event()
+        self.finished = threading.Event()  # the person said they are done (the review's "done" button)
         # a file that is not a labels file is refused (read_rows) before the page opens
-        self.labels = answers(self.labels_path, [it.key for it in self.items])
+        pairs = given(self.labels_path)
+        found = self.items.find_all([key for key, _ in pairs])
+        self.labels = {key: name for (key, name), i in zip(pairs, found) if i is not None}  # the items' classes
         self._update_done()
 
     def _update_done(self):
-        if all(it.key in self.labels for it in self.items):
+        if len(self.labels) == len(self.items):
             self.done.set()
 
     def state(self):
         return {"title": self.title, "classes": self.classnames, "total": len(self.items),
-                "labelled": len(self.labels), "views": {name: len(idx) for name, idx in self.views.items()},
-                "accuracy": self.accuracy}
+                "labelled": len(self.labels), "views": self.views, "accuracy": self.accuracy}
 
     def page_of(self, offset, limit, view=None):
-        """A screen of items (of one view, in its order): index, suggestion, score, the class given
-        (None: none yet)."""
-        order = self.views[view][offset:offset + limit] if view else range(offset, min(offset + limit, len(self.items)))
-        return [{"index": i, "key": self.items[i].key, "suggestion": self.items[i].suggestion,
-                 "score": self.items[i].score, "label": self.labels.get(self.items[i].key)} for i in order]
+        """A screen of items (of one view, in its order): index, key, suggestion, score, the class
+        given (None: none yet)."""
+        shown = ((i, self.items.item(i, view)) for i in self.items.order(view, offset, limit))
+        return [{"index": i, "key": it.key, "suggestion": it.suggestion, "score": it.score,
+                 "label": self.labels.get(it.key)} for i, it in shown]
 
     def give(self, index, name):
         """The person's answer for item `index` ('' takes it back), written at once."""
-        key = self.items[index].key
+        key = self.items.item(index).key
         with self.lock:
             answer(self.labels_path, key, name)
             if name:
@@ -149,11 +294,23 @@ class Session:
         return self.state()
 
 
+class Changed(Exception):
+    """An image file whose content is not the one the run saw."""
+
+
 @lru_cache(maxsize=4096)
-def thumbnail(path, size):
-    """The image at `path` as a viewer shows it (imagefiles.load_image: EXIF orientation, bit depth),
-    fitted into size x size, as JPEG bytes; made on demand, the most recent kept in memory."""
-    image = imagefiles.load_image(path)
+def thumbnail(path, size, digest=None):
+    """The image at `path` as a viewer shows it (imagefiles.decode_image: EXIF orientation, bit
+    depth), fitted into size x size, as JPEG bytes; made on demand, the most recent kept in
+    memory. With `digest` (imagefiles.contents' of the file the run saw), a file whose bytes no
+    longer have it is Changed: the page never shows another image under the run's label."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        raw = None  # decode_image says why, in the words the project uses for each case
+    if raw is not None and digest is not None and hashlib.sha256(raw).digest()[:imagefiles.DIGEST_BYTES] != digest:
+        raise Changed(f"{path} changed since the run: it is not the image the run labelled")
+    image = imagefiles.decode_image(io.BytesIO(raw), name=path) if raw is not None else imagefiles.decode_image(path)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, "JPEG", quality=90)
@@ -164,12 +321,41 @@ def thumbnail(path, size):
 # The server
 
 
-def handler_for(session):
+class InFlight:
+    """The requests being answered: the server, shutting down, waits until none is (the last
+    answer's reply reaches its tab before the command serving the page goes on or ends)."""
+
+    def __init__(self):
+        self.count, self.changed = 0, threading.Condition()
+
+    def __enter__(self):
+        with self.changed:
+            self.count += 1
+
+    def __exit__(self, *exc):
+        with self.changed:
+            self.count -= 1
+            self.changed.notify_all()
+
+    def wait_idle(self):
+        with self.changed:
+            self.changed.wait_for(lambda: self.count == 0)
+
+
+def handler_for(session, in_flight):
     """The request handler of one session: the token checked on every request before anything."""
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # the console is the run's
             pass
+
+        def do_GET(self):
+            with in_flight:
+                self.get()
+
+        def do_POST(self):
+            with in_flight:
+                self.post()
 
         def reply(self, status, body=b"", kind="application/json"):
             self.send_response(status)
@@ -199,7 +385,7 @@ def handler_for(session):
                 return None
             return i if 0 <= i < len(session.items) else None
 
-        def do_GET(self):
+        def get(self):
             route, query = self.parsed()
             if route is None:
                 return self.refuse(HTTPStatus.FORBIDDEN)
@@ -222,16 +408,21 @@ def handler_for(session):
                 if i is None:
                     return self.refuse(HTTPStatus.NOT_FOUND, "no such image")
                 try:
-                    body = thumbnail(session.items[i].path, min(size, 2048))
+                    body = thumbnail(session.items.item(i).path, min(size, 2048), session.items.digest(i))
+                except Changed as e:
+                    return self.refuse(HTTPStatus.CONFLICT, str(e))
                 except imagefiles.DataError as e:
                     return self.refuse(HTTPStatus.UNPROCESSABLE_ENTITY, str(e))
                 return self.reply(HTTPStatus.OK, body, "image/jpeg")
             return self.refuse(HTTPStatus.NOT_FOUND)
 
-        def do_POST(self):
+        def post(self):
             route, query = self.parsed()
             if route is None:
                 return self.refuse(HTTPStatus.FORBIDDEN)
+            if route == "/finish":
+                session.finished.set()
+                return self.json(session.state())
             if route != "/answer":
                 return self.refuse(HTTPStatus.NOT_FOUND)
             try:
@@ -252,8 +443,8 @@ class Server:
     """The page of `session` served at http://host:port/?token=... in a thread of its own."""
 
     def __init__(self, session, host="127.0.0.1", port=0):
-        self.session = session
-        self.httpd = ThreadingHTTPServer((host, port), handler_for(session))
+        self.session, self.in_flight = session, InFlight()
+        self.httpd = ThreadingHTTPServer((host, port), handler_for(session, self.in_flight))
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -267,7 +458,8 @@ class Server:
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
+        self.httpd.shutdown()  # no new connection is taken
+        self.in_flight.wait_idle()
         self.httpd.server_close()
 
 
@@ -299,35 +491,6 @@ def asked(out):
                           float(score) if score else None))
     classnames, _ = data.read_classes(how["classes"])
     return items, classnames, how["labels"], loop, record["accuracy"]
-
-
-def reviewed(out):
-    """CoFT's pseudo-labels in the run folder `out` for a person to review: (items, class names,
-    views). Every pool image is an item, its suggestion the label the run gave it; a view is
-    "b<branch>:<class>:kept" or ":removed", the images branch b's model labelled so, kept in or
-    removed from that branch's clean set by the peer, the most doubtful first (the peer's margin
-    s+ - s- nearest to 0)."""
-    out = Path(out)
-    how = runs.read_config(out)["how"]
-    if not how.get("images"):
-        raise runs.RunError(f"{out} was not run on your own images (--images): its images have no files to show")
-    path = out / "pseudo_labels.csv"
-    if not path.is_file():
-        raise runs.RunError(f"{out} holds no pseudo_labels.csv: run CoFT (--method coft) there first")
-    classnames, _ = data.read_classes(how["classes"])
-    known = set(classnames)
-    items, views = [], {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for i, row in enumerate(csv.DictReader(f)):
-            key = data.csv_untext(row["path"])
-            items.append(Item(key, os.path.join(how["images"], key), data.csv_untext(row["branch1_class"]),
-                              float(row["branch1_peer_margin"])))
-            for b in (1, 2):
-                name = data.csv_untext(row[f"branch{b}_class"])
-                if name in known:
-                    group = "kept" if row[f"branch{b}_kept"] == "1" else "removed"
-                    views.setdefault(f"b{b}:{name}:{group}", []).append((abs(float(row[f"branch{b}_peer_margin"])), i))
-    return items, classnames, {name: [i for _, i in sorted(pairs)] for name, pairs in views.items()}
 
 
 def label_until_done(out, host="127.0.0.1", port=0):
@@ -368,12 +531,15 @@ def main(argv=None):
             return
         if not args.labels:
             raise runs.RunError("review needs the labels file your answers go to: --labels FILE")
-        items, classnames, views = reviewed(args.out)
-        session = Session(items, classnames, args.labels, title=f"review CoFT's labels of {args.out}", views=views)
+        review = Review(args.out)
+        session = Session(review, review.classnames, args.labels, title=f"review CoFT's labels of {args.out}")
         with Server(session, args.host, args.port) as server:
-            print(f"open {server.url} to review the labels of {runs.counted(len(items), 'image')}, class by class; "
-                  f"your answers go to {args.labels}; Ctrl-C ends it (nothing is lost)", flush=True)
-            threading.Event().wait()
+            print(f"open {server.url} to review the labels of {runs.counted(len(review), 'image')}, class by class; "
+                  f"your answers go to {args.labels} at once; the page's done button ends this (Ctrl-C too: nothing "
+                  f"is lost)", flush=True)
+            session.finished.wait()
+        print(f"review done: {args.labels} gives {runs.counted(len(session.labels), 'image')} a class; give it to a "
+              f"new run as --labels", flush=True)
     return runs.run_cli(body, "", errors=data.USER_ERRORS)
 
 

@@ -125,3 +125,15 @@ def test_bench_decode_costs_and_what_each_check_refuses(capsys):
         header, full, draft, check = marks.split(" / ")
         assert check == ("passes" if "usable" in kind else "refused"), kind
     assert table["truncated JPEG"].startswith("passes / refused / refused")  # the header alone misses it
+
+
+def test_bench_page_opens_a_large_pool_beside_a_small_one(capsys):
+    """Section page: a generated run of N and one of 300 images, each opened as page.py review opens
+    it, with the same labels file size; each line says the time to write the index and to open it,
+    and every answer of the labels file is found in both pools."""
+    bench.page_costs(5000, fresh=False)  # as --sections page --page-pool 5000, without its fresh processes
+    out = capsys.readouterr().out
+    for n in (300, 5000):
+        assert re.search(rf"N = +{n}: the run writes review.pt \([\d.]+ MiB\) in +[\d.]+ s; the page opens in +[\d.]+ "
+                         rf"ms \(300 answers found\)", out), n
+    assert re.search(r"opening at N = 5000 takes x[\d.]+ the time at N = 300", out)

@@ -275,26 +275,33 @@ def test_a_person_reviews_cofts_labels_class_by_class_and_the_next_run_reads_the
               "a photo of the number {}.", "--no-flip", "--clip", "demo", "--seed", "0", "--log-every", "0", "--M", "4",
               "--K", "4", "--p1-epochs", "1", "--fft-epochs", "1", "--batch", "32"]
     coft.main(common + ["--out", str(tmp_path / "run")])
-    items, classnames, views = page.reviewed(tmp_path / "run")
-    table = {r["path"]: r for r in csv.DictReader(open(tmp_path / "run" / "pseudo_labels.csv", newline=""))}
-    for name, idx in views.items():  # each view: its branch's label, its group, the most doubtful first
+    items = page.Review(tmp_path / "run")
+    classnames, views = items.classnames, items.views
+    table = list(csv.DictReader(open(tmp_path / "run" / "pseudo_labels.csv", newline="")))
+    assert [items.key(i) for i in range(len(items))] == [r["path"] for r in table]
+    assert items.find_all([r["path"] for r in table] + ["not-in-the-pool.png"]) == list(range(len(table))) + [None]
+    session = page.Session(items, classnames, tmp_path / "nothing-yet.csv")
+    for name in views:  # each view: its branch's label and margin, its group, the most doubtful first
         b, label, group = name.split(":")
-        rows_ = [table[items[i].key] for i in idx]
-        assert all(r[f"branch{b[1]}_class"] == label and (r[f"branch{b[1]}_kept"] == "1") == (group == "kept")
-                   for r in rows_)
-        margins = [abs(float(r[f"branch{b[1]}_peer_margin"])) for r in rows_]
-        assert margins == sorted(margins)
-    assert sum(len(idx) for idx in views.values()) == 2 * len(items)
+        shown = session.page_of(0, len(table), name)
+        rows_ = [table[it["index"]] for it in shown]
+        assert all(r[f"branch{b[1]}_class"] == label == it["suggestion"] and (r[f"branch{b[1]}_kept"] == "1") ==
+                   (group == "kept") and float(r[f"branch{b[1]}_peer_margin"]) == pytest.approx(it["score"], rel=1e-5)
+                   for r, it in zip(rows_, shown))
+        margins = [abs(it["score"]) for it in shown]
+        assert margins == sorted(margins) and len(shown) == views[name]
+    assert sum(views.values()) == 2 * len(items)
+    assert any(r["branch1_peer_margin"] != r["branch2_peer_margin"] for r in table)  # a branch-2 view: branch 2's
     labels = tmp_path / "checked.csv"
-    session = page.Session(items, classnames, labels, title="review", views=views)
+    session = page.Session(items, classnames, labels, title="review")
     with page.Server(session) as server:
         browser.get(server.url)
         wait_for(browser, progress_is(f"0 / {len(items)}"))
         first = Select(browser.find_element(By.ID, "views")).options[0].get_attribute("value")
         assert first == sorted(views)[0]
         tiles = browser.find_elements(By.CSS_SELECTOR, "#grid .tile")
-        assert [t.get_attribute("data-key") for t in tiles] == [items[i].key for i in views[first]][:50]
-        shown = [items[i] for i in views[first]]
+        shown = [items.item(i, first) for i in items.order(first, 0, views[first])]
+        assert [t.get_attribute("data-key") for t in tiles] == [it.key for it in shown][:50]
         tiles[0].find_element(By.CSS_SELECTOR, "button.confirm").click()  # the run's label is right
         wait_for(browser, progress_is(f"1 / {len(items)}"))
         other = next(c for c in classnames if c != shown[-1].suggestion)
@@ -308,10 +315,115 @@ def test_a_person_reviews_cofts_labels_class_by_class_and_the_next_run_reads_the
         wait_for(browser, progress_is(f"2 / {len(items)}"))
         wait_for(browser, lambda d: d.execute_script("return [...document.images].every(i => i.complete)"))
         screenshot(browser, "page-review.png")
-    given = page.answers(labels, [it.key for it in items])
+    given = page.answers(labels, [items.key(i) for i in range(len(items))])
     assert given == {shown[0].key: shown[0].suggestion, shown[-1].key: other}
     again = coft.main(common + ["--labels", str(labels), "--out", str(tmp_path / "checked")])
     assert again["labels"]["size"] == 2
+
+
+def hand_made_review(tmp_path):
+    """A run folder holding review.pt of five generated images whose two branches disagree: (the
+    folder, its images' folder, keys, labels [2, N], kept [2, N], margins [2, N])."""
+    import torch
+    import imagefiles
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    keys = ["a.png", "sub/ü.png", "=b.png", "sub/c d.png", "e.png"]
+    for i, key in enumerate(keys):
+        Image.new("RGB", (30, 20 + i), (50 * i, 80, 90)).save(folder / key)
+    labels = torch.tensor([[0, 1, 0, 0, 2], [1, 1, 2, 0, 0]])  # branch 1's and branch 2's class of each image
+    kept = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    margin = torch.tensor([[0.5, 0.2, -0.1, -0.3, 0.4], [-0.2, 0.6, 0.1, 0.05, -0.7]])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"config": {}, "how": {"images": str(folder)}}))
+    digests, _ = imagefiles.contents([str(folder / key) for key in keys])
+    page.write_review(out, keys, CLASSES, labels, kept, margin, digests)
+    return out, folder, keys, labels, kept, margin
+
+
+def test_the_review_index_gives_each_view_its_branchs_labels_the_most_doubtful_first(tmp_path, monkeypatch):
+    """review.pt read a screen at a time, against hand-made labels whose branches disagree: a view
+    b<branch>:<class>:<kept|removed> lists exactly the images that branch labelled so, by |margin|,
+    each with that branch's label and margin (confirming in a branch-2 view gives branch 2's
+    label); every key is found, by its hash and then itself, even where every hash collides."""
+    out, folder, keys, labels, kept, margin = hand_made_review(tmp_path)
+    review = page.Review(out)
+    assert len(review) == 5 and [review.key(i) for i in range(5)] == keys and review.classnames == CLASSES
+    expected = {}
+    for b in range(2):
+        for i in sorted(range(5), key=lambda i: abs(float(margin[b, i]))):
+            group = "kept" if kept[b, i] else "removed"
+            expected.setdefault(f"b{b + 1}:{CLASSES[labels[b, i]]}:{group}", []).append(i)
+    assert review.views == {name: len(idx) for name, idx in expected.items()}
+    session = page.Session(review, CLASSES, tmp_path / "checked.csv")
+    for name, idx in expected.items():
+        b = int(name[1]) - 1
+        shown = session.page_of(0, 50, name)
+        assert [it["index"] for it in shown] == idx
+        assert [(it["suggestion"], it["score"]) for it in shown] == \
+            [(CLASSES[labels[b, i]], pytest.approx(float(margin[b, i]))) for i in idx]
+    assert [it["index"] for it in session.page_of(1, 1, "b1:cat:kept")] == [0]  # a screen: offset, limit
+    assert review.find_all(keys[::-1] + ["f.png", "A.png"]) == [4, 3, 2, 1, 0, None, None]
+    monkeypatch.setattr(page, "key_hash", lambda encoded: 7)  # every key the same hash: the keys decide
+    page.write_review(out, keys, CLASSES, labels, kept, margin, page.Review(out).digests)
+    assert page.Review(out).find_all(keys[::-1] + ["f.png"]) == [4, 3, 2, 1, 0, None]
+
+
+def test_opening_the_review_reads_a_screen_not_the_pool(tmp_path, monkeypatch):
+    """page.py review on a pool of 20,000 images decodes the names of the first screen and of the
+    labels file's rows, never every pool image's (what made a pool of 1.28 M slow to open: bench.py
+    --sections page measures it)."""
+    import torch
+    N, C = 20000, 100
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"config": {}, "how": {"images": str(tmp_path)}}))
+    keys = [f"c{i % C}/{i}.jpg" for i in range(N)]
+    g = torch.Generator().manual_seed(0)
+    page.write_review(out, keys, [f"class {c}" for c in range(C)], torch.randint(0, C, (2, N), generator=g),
+                      torch.rand(2, N, generator=g) < 0.5, torch.randn(2, N, generator=g),
+                      torch.zeros(N, 16, dtype=torch.uint8))
+    labels = tmp_path / "checked.csv"
+    labels.write_text("path,class\nc3/103.jpg,class 3\nnot/in-the-pool.jpg,class 1\n")
+    decoded, key = [], page.Review.key
+    monkeypatch.setattr(page.Review, "key", lambda self, i: decoded.append(i) or key(self, i))
+    review = page.Review(out)
+    session = page.Session(review, review.classnames, labels)
+    state = session.state()
+    screen = session.page_of(0, 50, min(state["views"]))
+    assert state["total"] == N and state["labelled"] == 1 and sum(state["views"].values()) == 2 * N
+    assert len(screen) == min(50, state["views"][min(state["views"])])
+    assert len(decoded) <= len(screen) + 2, len(decoded)
+
+
+def test_the_review_never_shows_a_changed_image_under_the_runs_label(tmp_path, browser):
+    """The review page serves an image only while its bytes are those the run saw (review.pt keeps
+    each file's digest): a file changed since gets a 409 that says so, not the new picture, and its
+    tile says so, with nothing to confirm or correct."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    out, folder, keys, *_ = hand_made_review(tmp_path)
+    session = page.Session(page.Review(out), CLASSES, tmp_path / "checked.csv")
+    Image.new("RGB", (30, 21), (0, 0, 0)).save(folder / keys[1])  # another picture under the same name
+    with page.Server(session) as server:
+        url = f"{base(server)}/image?token={session.token}&size=160&index="
+        status, body = request(url + "0")
+        assert status == 200 and body[:2] == b"\xff\xd8"  # a JPEG
+        status, body = request(url + "1")
+        assert status == 409 and b"changed since the run" in body
+        browser.get(server.url)
+        wait_for(browser, progress_is("0 / 5"))
+        Select(browser.find_element(By.ID, "views")).select_by_value("b1:dog:kept")  # image 1, changed
+        tile = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'.tile[data-key="{keys[1]}"].unseen'))
+        assert "changed since the run" in tile.text
+        assert not tile.find_element(By.CSS_SELECTOR, "button.confirm").is_enabled()
+        assert not tile.find_element(By.CSS_SELECTOR, "select.correct").is_enabled()
+        Select(browser.find_element(By.ID, "views")).select_by_value("b1:cat:kept")  # images 3 and 0, as they were
+        wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .tile")) == 2 and d.execute_script(
+            "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+        assert not browser.find_elements(By.CSS_SELECTOR, ".tile.unseen")
+        assert all(b.is_enabled() for b in browser.find_elements(By.CSS_SELECTOR, "button.confirm"))
 
 
 def test_two_tabs_answering_at_once_lose_no_write(tmp_path, monkeypatch):
@@ -345,6 +457,42 @@ def test_two_tabs_answering_at_once_lose_no_write(tmp_path, monkeypatch):
     given = page.answers(labels, [it.key for it in items])
     assert set(given) == {it.key for it in items} and set(given.values()) <= {"cat", "dog"}
     assert len(rows(labels)) == 6  # one row per image: no answer added a second row for an image
+
+
+def test_the_server_ends_only_after_the_reply_in_flight_is_sent(tmp_path, monkeypatch):
+    """The last answer (or the review's done) ends the command serving the page: its server waits
+    for the requests being answered, so the tab gets its reply rather than a closed connection.
+    A reply held back while the server is told to end: the end waits for it."""
+    import threading
+    session = page.Session(make_items(tmp_path), CLASSES, tmp_path / "labels.csv")
+    release, progress, seen = threading.Event(), threading.Event(), []
+    state = page.Session.state
+
+    def held_state(self):  # the reply of /finish, held until released
+        if self.finished.is_set() and threading.current_thread() is not threading.main_thread():
+            release.wait()
+        return state(self)
+    monkeypatch.setattr(page.Session, "state", held_state)
+    wait_idle = page.InFlight.wait_idle
+    monkeypatch.setattr(page.InFlight, "wait_idle", lambda self: (seen.append("waits"), progress.set(),
+                                                                  wait_idle(self)))
+    server = page.Server(session).__enter__()
+    replies = []
+    tab = threading.Thread(target=lambda: replies.append(request(f"{base(server)}/finish?token={session.token}", {})),
+                           daemon=True)
+    tab.start()
+    session.finished.wait()
+    ending = threading.Thread(target=lambda: (server.__exit__(None, None, None), seen.append("ended"), progress.set()),
+                              daemon=True)
+    ending.start()
+    progress.wait()
+    try:
+        assert seen == ["waits"], "the server ended while a reply was still being answered"
+    finally:
+        release.set()
+    ending.join()
+    tab.join()
+    assert seen == ["waits", "ended"] and replies[0][0] == 200 and json.loads(replies[0][1])["total"] == 5
 
 
 def test_a_page_with_nothing_to_ask_ends_the_one_command_loop_in_one_line(monkeypatch):
