@@ -3,6 +3,7 @@ tensor is random, and (once per session) a tiny backbone pretrained on rendered 
 import inspect
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,6 +52,24 @@ def pytest_collection_modifyitems(config, items):
             for item in items:
                 if name in item.keywords:
                     item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Selenium (Debian's chromium and chromium-driver), for the tests of the
+    page (test_page.py) and the walk-through's browser route (test_runs.py)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    driver_path = shutil.which("chromedriver")
+    chrome = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not driver_path or not chrome:
+        pytest.skip("no Chromium and chromedriver here (Debian: apt install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chrome
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    yield driver
+    driver.quit()
 
 
 def randomized(name, seed=0, **overrides):

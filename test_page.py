@@ -3,7 +3,6 @@ real browser (headless Chromium through Selenium, skipped only where neither can
 import csv
 import os
 import json
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -109,23 +108,6 @@ def test_a_file_that_is_not_a_labels_file_is_refused_before_the_page_opens(tmp_p
 
 
 # --------------------------------------------------------------------------- in a browser
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium through Selenium (Debian's chromium and chromium-driver)."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    driver_path = shutil.which("chromedriver")
-    chrome = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if not driver_path or not chrome:
-        pytest.skip("no Chromium and chromedriver here (Debian: apt install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chrome
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
-    yield driver
-    driver.quit()
 
 
 def wait_for(driver, condition):

@@ -5,7 +5,9 @@ import csv
 import json
 import os
 import re
+import signal
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -639,37 +641,124 @@ def test_a_run_continued_with_another_cpu_thread_count_is_warned_about(tmp_path,
 
 # ---- the own-images walk-through (docs/own-images.md), run as written
 
+def the_person_in_the_browser(browser, url, what, answers, review_of=None):
+    """The walk-through's person on the page at `url`, with the true classes `answers` {name: class}
+    (NFC names): what = "label": every image a VeCAF loop asks for, by clicks; "review": on each of
+    branch 1's views (review_of: its run folder's page.Review), the first five tiles, confirmed where
+    the run's label is right and corrected where not, then the done button."""
+    import unicodedata
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def wait(condition):
+        return WebDriverWait(browser, 60).until(condition)
+
+    def progress():
+        return browser.find_element(By.ID, "progress").text.split(" / ")
+    browser.get(url)
+    wait(lambda d: progress()[1] != "0")
+    if what == "label":
+        while browser.find_element(By.ID, "done").is_displayed() is False:
+            n, total = map(int, progress())
+            key = browser.find_element(By.ID, "caption").get_attribute("data-key")
+            browser.find_element(By.CSS_SELECTOR, f'#classes button[data-class="{answers[unicodedata.normalize("NFC", key)]}"]').click()
+            wait(lambda d, n=n: int(progress()[0]) == n + 1)
+        return
+    answered = 0
+    for view in sorted(v for v in review_of.views if v.startswith("b1:")):
+        Select(browser.find_element(By.ID, "views")).select_by_value(view)
+        keys = [review_of.key(i) for i in review_of.order(view, 0, 5)]
+        wait(lambda d: d.execute_script("return [...document.querySelectorAll('#grid .tile')].map(t => t.dataset.key)")[
+            :5] == keys)  # read at once: the grid is drawn anew after each answer
+        for k in range(len(keys)):
+            tile = browser.find_elements(By.CSS_SELECTOR, "#grid .tile")[k]
+            truth = answers[unicodedata.normalize("NFC", keys[k])]
+            if tile.find_element(By.CSS_SELECTOR, "button.confirm").text == "\u2713 " + truth:
+                tile.find_element(By.CSS_SELECTOR, "button.confirm").click()
+            else:
+                Select(tile.find_element(By.CSS_SELECTOR, "select.correct")).select_by_visible_text(truth)
+            answered += 1
+            wait(lambda d: int(progress()[0]) == answered)
+    browser.find_element(By.ID, "review-done").click()
+
+
 @pytest.mark.walkthrough
-def test_the_own_images_walkthrough_runs_as_written(tmp_path):
+def test_the_own_images_walkthrough_runs_as_written(tmp_path, browser):
     """Every ```bash block of docs/own-images.md, in order, as one bash script that stops at the first
     failing command, in a folder that holds the repository's code (and nothing else of it): the
-    generated folder, CoFT without labels, the pseudo-labels checked and given back, CraFT on them,
-    VeCAF with the person answering each stop, the table and deploy.py. Then what each step says
-    it writes is there."""
+    generated folder, CoFT without labels, the pseudo-labels checked and given back, then reviewed
+    in the browser, CraFT on them, VeCAF with the person answering each stop, then in the browser,
+    the table and deploy.py. A headless browser plays the person wherever a command prints a page's
+    address (the_person_in_the_browser). Then what each step says it writes is there, and VeCAF's
+    two routes give the same run."""
     import subprocess
     import sys
+    import page
     repo = Path(__file__).parent
     for f in [*repo.glob("*.py"), repo / "assets"]:
         (tmp_path / f.name).symlink_to(f)
     blocks = re.findall(r"```bash\n(.*?)```", (repo / "docs" / "own-images.md").read_text(), re.S)
-    assert len(blocks) >= 6
+    assert len(blocks) >= 8
     env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
-    r = subprocess.run(["bash", "-c", "set -e\n" + "\n".join(blocks)], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     mine = tmp_path / "runs" / "mine"
+    pages, stdout = [], []
+    with open(tmp_path / "stderr.txt", "w+") as stderr:
+        script = subprocess.Popen(["bash", "-c", "set -e\n" + "\n".join(blocks)], cwd=tmp_path, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+        try:
+            for line in script.stdout:
+                stdout.append(line)
+                address = re.search(r"open (http://\S+) to (label|review)", line)
+                if address:
+                    pages.append(address[2])
+                    answers = {unicodedata.normalize("NFC", row["path"]): row["class"] for row in
+                               csv.DictReader(open(tmp_path / "my_digits" / "answers.csv", newline="", encoding="utf-8"))}
+                    the_person_in_the_browser(browser, address[1], address[2], answers,
+                                              page.Review(mine / "coft") if address[2] == "review" else None)
+        except BaseException:  # the script and the command it runs (a page waiting for its person) end with the test
+            os.killpg(script.pid, signal.SIGKILL)
+            raise
+        finally:
+            script.wait()
+        stderr.seek(0)
+        r = subprocess.CompletedProcess(script.args, script.returncode, "".join(stdout), stderr.read())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert pages == ["review", "label", "label"]
     rows = list(csv.DictReader(open(mine / "coft" / "pseudo_labels.csv")))
     assert len(rows) == 300 and json.loads((mine / "coft" / "metrics.json").read_text())["ensemble_acc"] > 0
     checked = [row for row in rows if row["class"]]  # filled in by the person, in place
     assert len(checked) == 50 and len({row["branch1_class"] for row in checked}) == 10
     assert json.loads((mine / "coft-checked" / "metrics.json").read_text())["labels"]["size"] == 50
+    reviewed = list(csv.DictReader(open(mine / "reviewed.csv", newline="", encoding="utf-8")))
+    views = [v for v in page.Review(mine / "coft").views.items() if v[0].startswith("b1:")]
+    assert len(reviewed) == sum(min(5, n) for _, n in views) == \
+        json.loads((mine / "coft-reviewed" / "metrics.json").read_text())["labels"]["size"]
     assert json.loads((mine / "craft" / "metrics.json").read_text())["shots"] == 5.0
     vecaf_run = json.loads((mine / "vecaf" / "metrics.json").read_text())
     assert vecaf_run["selected"] == 20 and not (tmp_path / "my_digits" / "labels.csv").exists()
     for loop in (1, 2):  # each list filled in and kept, the record of what was asked
         asked = list(csv.DictReader(open(mine / "vecaf" / f"to_label_loop{loop}.csv")))
         assert len(asked) == 10 and all(row["class"] and row["loop"] == str(loop) for row in asked)
-    assert r.stderr.count("waiting: loop") == 2 and "stays as it is" not in r.stdout
+    # the browser route: the same picks, the same accuracies, the same weights as the scriptable one
+    def without_times(x):  # metrics.json without times and memory
+        if isinstance(x, dict):
+            return {k: without_times(v) for k, v in x.items() if not k.endswith(("_s", "_mib"))}
+        return [without_times(v) for v in x] if isinstance(x, list) else x
+    browser_run = json.loads((mine / "vecaf-browser" / "metrics.json").read_text())
+    assert without_times(browser_run) == without_times(vecaf_run) and browser_run["loops"][1]["acc"] > 0
+    assert len(list(csv.DictReader(open(mine / "vecaf-labels.csv")))) == 20
+
+    def tensors(x, at=""):  # every tensor of a stage file, by where it is
+        if torch.is_tensor(x):
+            return {at: x}
+        items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()
+        return {k: v for key, value in items for k, v in tensors(value, f"{at}/{key}").items()}
+    stages = sorted(os.listdir(mine / "vecaf" / "stages"))
+    assert stages == sorted(os.listdir(mine / "vecaf-browser" / "stages")) and len(stages) >= 4
+    for stage in stages:
+        a, b = (tensors(torch.load(mine / run / "stages" / stage, weights_only=True)) for run in ("vecaf", "vecaf-browser"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+    assert r.stderr.count("waiting: loop") == 2 and "stays as it is" not in r.stdout  # the scriptable route's stops
     assert len((mine / "sevens.csv").read_text().splitlines()) == 1 + len(list((tmp_path / "my_digits" / "check" /
                                                                                 "seven").iterdir()))
 
