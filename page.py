@@ -164,8 +164,9 @@ def write_review(out, keys, classnames, labels, kept, margin, digests):
         o = o[group[b][o].argsort(stable=True)]
         order.append(o[labels[b][o].argsort(stable=True)])
     counts = torch.stack([torch.bincount(labels[b].long() * 2 + group[b], minlength=2 * C) for b in range(2)])
+    blob = bytearray(b"".join(encoded)) or bytearray(1)  # every key's bytes (frombuffer refuses an empty buffer)
     runs.atomic_save({"classnames": list(classnames),
-                      "keys": torch.frombuffer(bytearray(b"".join(encoded)) or bytearray(1), dtype=torch.uint8),
+                      "keys": torch.frombuffer(blob, dtype=torch.uint8),
                       "ends": torch.tensor(list(itertools.accumulate(map(len, encoded))), dtype=torch.int64),
                       "hashes": hashes, "by_hash": by_hash.int(),
                       "labels": labels.int(), "kept": kept, "margin": margin.float(),
@@ -282,7 +283,9 @@ class Session:
                  "label": self.labels.get(it.key)} for i, it in shown]
 
     def give(self, index, name):
-        """The person's answer for item `index` ('' takes it back), written at once."""
+        """The person's answer for item `index` ('' takes it back), written at once. Returns the
+        progress (labelled, total): what the page's reply needs, not the whole state (a thousand
+        classes are four thousand views)."""
         key = self.items.item(index).key
         with self.lock:
             answer(self.labels_path, key, name)
@@ -291,7 +294,7 @@ class Session:
             else:
                 self.labels.pop(key, None)
             self._update_done()
-        return self.state()
+            return {"labelled": len(self.labels), "total": len(self.items)}
 
 
 class Changed(Exception):
@@ -422,7 +425,7 @@ def handler_for(session, in_flight):
                 return self.refuse(HTTPStatus.FORBIDDEN)
             if route == "/finish":
                 session.finished.set()
-                return self.json(session.state())
+                return self.json({"labelled": len(session.labels), "total": len(session.items)})
             if route != "/answer":
                 return self.refuse(HTTPStatus.NOT_FOUND)
             try:

@@ -646,7 +646,6 @@ def the_person_in_the_browser(browser, url, what, answers, review_of=None):
     (NFC names): what = "label": every image a VeCAF loop asks for, by clicks; "review": on each of
     branch 1's views (review_of: its run folder's page.Review), the first five tiles, confirmed where
     the run's label is right and corrected where not, then the done button."""
-    import unicodedata
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -658,10 +657,10 @@ def the_person_in_the_browser(browser, url, what, answers, review_of=None):
     browser.get(url)
     wait(lambda d: progress()[1] != "0")
     if what == "label":
-        while browser.find_element(By.ID, "done").is_displayed() is False:
-            n, total = map(int, progress())
-            key = browser.find_element(By.ID, "caption").get_attribute("data-key")
-            browser.find_element(By.CSS_SELECTOR, f'#classes button[data-class="{answers[unicodedata.normalize("NFC", key)]}"]').click()
+        while not browser.find_element(By.ID, "done").is_displayed():
+            n = int(progress()[0])
+            key = unicodedata.normalize("NFC", browser.find_element(By.ID, "caption").get_attribute("data-key"))
+            browser.find_element(By.CSS_SELECTOR, f'#classes button[data-class="{answers[key]}"]').click()
             wait(lambda d, n=n: int(progress()[0]) == n + 1)
         return
     answered = 0
@@ -711,8 +710,8 @@ def test_the_own_images_walkthrough_runs_as_written(tmp_path, browser):
                 address = re.search(r"open (http://\S+) to (label|review)", line)
                 if address:
                     pages.append(address[2])
-                    answers = {unicodedata.normalize("NFC", row["path"]): row["class"] for row in
-                               csv.DictReader(open(tmp_path / "my_digits" / "answers.csv", newline="", encoding="utf-8"))}
+                    with open(tmp_path / "my_digits" / "answers.csv", newline="", encoding="utf-8") as f:
+                        answers = {unicodedata.normalize("NFC", row["path"]): row["class"] for row in csv.DictReader(f)}
                     the_person_in_the_browser(browser, address[1], address[2], answers,
                                               page.Review(mine / "coft") if address[2] == "review" else None)
         except BaseException:  # the script and the command it runs (a page waiting for its person) end with the test
@@ -756,7 +755,8 @@ def test_the_own_images_walkthrough_runs_as_written(tmp_path, browser):
     stages = sorted(os.listdir(mine / "vecaf" / "stages"))
     assert stages == sorted(os.listdir(mine / "vecaf-browser" / "stages")) and len(stages) >= 4
     for stage in stages:
-        a, b = (tensors(torch.load(mine / run / "stages" / stage, weights_only=True)) for run in ("vecaf", "vecaf-browser"))
+        a, b = (tensors(torch.load(mine / run / "stages" / stage, weights_only=True))
+                for run in ("vecaf", "vecaf-browser"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
     assert r.stderr.count("waiting: loop") == 2 and "stays as it is" not in r.stdout  # the scriptable route's stops
     assert len((mine / "sevens.csv").read_text().splitlines()) == 1 + len(list((tmp_path / "my_digits" / "check" /
