@@ -1264,8 +1264,9 @@ def end_to_end(args):
     return runs.finish_run(run.out, run.metrics, run.predictions, run.t0)
 
 
-OUTPUTS = ("pseudo_labels.pt", page.REVIEW)  # the results of CoFT's own besides runs.RESULT_FILES (pseudo_labels.csv: a
-# person's form, runs.write_for_person)
+# the results of CoFT's own besides runs.RESULT_FILES (pseudo_labels.csv: a person's form, runs.write_for_person);
+# review.pt: the review page's index of the pseudo-labels
+OUTPUTS = ("pseudo_labels.pt", page.REVIEW)
 
 # flags config.json leaves out: CoFT's that change how a run goes, never its numbers (besides
 # runs.UNRECORDED_FLAGS), and the LLM prompt file, whose contents the config records instead

@@ -5,13 +5,15 @@ A person in the loop, in a browser: the page a person labels images on, served b
     python page.py review runs/mine --labels checked.csv      # review CoFT's pseudo-labels
 
 The page (assets/page.html: one HTML, CSS and JS file, nothing fetched from elsewhere) shows the
-images one at a time, large, with the model's suggestion first: one click or one key gives a
-class, and each answer is written at once, atomically, into the labels file (the one labels
-format, path,class), so a closed tab or a crash loses nothing. The server is Python's standard
-library. What it guards:
+images asked for one at a time, large, with the model's suggestion first (one click or one key
+gives a class), or CoFT's labels as tiles, a view and a screen at a time (read from review.pt, the
+index the run writes, so a pool of 1.28 M images opens as fast as one of 300). Each answer is
+written at once, atomically, into the labels file (the one labels format, path,class), so a
+closed tab or a crash loses nothing. The server is Python's standard library. What it guards:
   - it listens on 127.0.0.1 unless --host says otherwise;
   - every request carries the page's random token, and one without it gets nothing;
-  - images are addressed by their index in the list asked for, never by a path from the request;
+  - images are addressed by their index in the list asked for, never by a path from the request,
+    and a review never shows a file changed since the run (its digest, kept in review.pt);
   - only the listed images and the known classes are accepted;
   - it writes only the labels file it was given, changing only the class cell of the image
     answered (every other row, column and cell stays as it was), under one lock, so two tabs
