@@ -296,7 +296,10 @@ class Session:
             else:
                 self.labels.pop(key, None)
             self._update_done()
-            return {"labelled": len(self.labels), "total": len(self.items)}
+            return self.progress()
+
+    def progress(self):
+        return {"labelled": len(self.labels), "total": len(self.items)}
 
 
 class Changed(Exception):
@@ -427,7 +430,7 @@ def handler_for(session, in_flight):
                 return self.refuse(HTTPStatus.FORBIDDEN)
             if route == "/finish":
                 session.finished.set()
-                return self.json({"labelled": len(session.labels), "total": len(session.items)})
+                return self.json(session.progress())
             if route != "/answer":
                 return self.refuse(HTTPStatus.NOT_FOUND)
             try:

@@ -447,14 +447,15 @@ def test_the_server_ends_only_after_the_reply_in_flight_is_sent(tmp_path, monkey
     A reply held back while the server is told to end: the end waits for it."""
     import threading
     session = page.Session(make_items(tmp_path), CLASSES, tmp_path / "labels.csv")
-    release, progress, seen = threading.Event(), threading.Event(), []
-    state = page.Session.state
+    release, progress, seen, holding = threading.Event(), threading.Event(), [], []
+    progress_of = page.Session.progress
 
-    def held_state(self):  # the reply of /finish, held until released
+    def held(self):  # the reply of /finish, held until released
         if self.finished.is_set() and threading.current_thread() is not threading.main_thread():
+            holding.append(1)
             release.wait()
-        return state(self)
-    monkeypatch.setattr(page.Session, "state", held_state)
+        return progress_of(self)
+    monkeypatch.setattr(page.Session, "progress", held)
     wait_idle = page.InFlight.wait_idle
     monkeypatch.setattr(page.InFlight, "wait_idle", lambda self: (seen.append("waits"), progress.set(),
                                                                   wait_idle(self)))
@@ -475,6 +476,7 @@ def test_the_server_ends_only_after_the_reply_in_flight_is_sent(tmp_path, monkey
     ending.join()
     tab.join()
     assert seen == ["waits", "ended"] and replies[0][0] == 200 and json.loads(replies[0][1])["total"] == 5
+    assert holding == [1]  # the reply was held back: what this test stands on
 
 
 def test_a_page_with_nothing_to_ask_ends_the_one_command_loop_in_one_line(monkeypatch):
