@@ -325,6 +325,12 @@ def _write_cache(folder, files):
                   f"is read again by the next command (set COFT_CACHE to a writable folder)", flush=True)
 
 
+def bytes_digest(data):
+    """The digest of bytes held in memory (an image file's, an in-memory image's): their sha256 cut
+    to DIGEST_BYTES, as a pass over files gives it (_read_file reads a file in blocks)."""
+    return hashlib.sha256(data).digest()[:DIGEST_BYTES]
+
+
 def _read_file(path):
     """(the file's digest, why it cannot be used as an image or None): its bytes read once."""
     try:
@@ -350,8 +356,7 @@ def contents(sources):
     folders = {}  # folder -> [index of each of its files], in order of first appearance
     for i, source in enumerate(sources):
         if torch.is_tensor(source):
-            blob[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES] = \
-                hashlib.sha256(source.contiguous().numpy().tobytes()).digest()[:DIGEST_BYTES]
+            blob[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES] = bytes_digest(source.contiguous().numpy().tobytes())
         else:
             folders.setdefault(os.path.dirname(source), []).append(i)
     steps, step = [], []

@@ -256,7 +256,7 @@ class Session:
 
     def __init__(self, items, classnames, labels_path, title="", accuracy=()):
         self.items = items if isinstance(items, Review) else Listed(items)
-        self.classnames, self.title, self.views = list(classnames), title, self.items.views
+        self.classnames, self.title = list(classnames), title
         self.accuracy = [list(a) for a in accuracy]  # [[loop, eval accuracy]] so far (VeCAF with a check set)
         self.labels_path = Path(labels_path)
         self.token = secrets.token_urlsafe(24)
@@ -274,8 +274,8 @@ class Session:
             self.done.set()
 
     def state(self):
-        return {"title": self.title, "classes": self.classnames, "total": len(self.items),
-                "labelled": len(self.labels), "views": self.views, "accuracy": self.accuracy}
+        return {"title": self.title, "classes": self.classnames, **self.progress(), "views": self.items.views,
+                "accuracy": self.accuracy}
 
     def page_of(self, offset, limit, view=None):
         """A screen of items (of one view, in its order): index, key, suggestion, score, the class
@@ -316,7 +316,7 @@ def thumbnail(path, size, digest=None):
         raw = Path(path).read_bytes()
     except OSError:
         raw = None  # decode_image says why, in the words the project uses for each case
-    if raw is not None and digest is not None and hashlib.sha256(raw).digest()[:imagefiles.DIGEST_BYTES] != digest:
+    if raw is not None and digest is not None and imagefiles.bytes_digest(raw) != digest:
         raise Changed(f"{path} changed since the run: it is not the image the run labelled")
     image = imagefiles.decode_image(io.BytesIO(raw), name=path) if raw is not None else imagefiles.decode_image(path)
     image.thumbnail((size, size))
@@ -407,7 +407,7 @@ def handler_for(session, in_flight):
                 except ValueError:
                     return self.refuse(HTTPStatus.BAD_REQUEST, "offset and limit are numbers")
                 view = query.get("view") or None
-                if view is not None and view not in session.views:
+                if view is not None and view not in session.items.views:
                     return self.refuse(HTTPStatus.NOT_FOUND, "no such view")
                 return self.json({"items": session.page_of(max(offset, 0), max(limit, 0), view)})
             if route == "/image":
